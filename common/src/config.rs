@@ -1,0 +1,353 @@
+//! Layered configuration: built-in defaults, then an optional TOML file, then environment
+//! variables, with the deployment documents' variable names (`PORT`, `REDIS_HOST`, …).
+//!
+//! Every service has one typed config struct that implements [`Settings`]. The struct's
+//! `Default` holds the built-in defaults; a TOML file named by `--config PATH` or
+//! `ENSEMBLE_CONFIG` comes next; the environment variables the service lists in
+//! [`Settings::env_vars`] come last. `REDIS_*` variables land in the `[redis]` table
+//! (`REDIS_PORT` → `redis.port`); every other variable maps to the top-level key of the same
+//! name in lower case (`MAX_CONCURRENCY` → `max_concurrency`). A bad value stops the service
+//! at start with an error that names the variable.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::{self, DeserializeOwned, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The environment variable that names a TOML configuration file.
+pub const CONFIG_FILE_ENV: &str = "ENSEMBLE_CONFIG";
+
+/// A typed service configuration.
+pub trait Settings: Serialize + DeserializeOwned + Default {
+    /// Every environment variable the service reads, upper case, as operators write them.
+    /// The compose and Terraform checks hold the deployment files against this list.
+    fn env_vars() -> Vec<&'static str>;
+
+    /// Checks that cannot be expressed in types (for example "one of A or B must be set").
+    /// The error names the setting.
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+/// A configuration error, naming the setting that caused it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    /// An invalid value for the named setting.
+    pub fn invalid(setting: &str, why: impl fmt::Display) -> Self {
+        Self(format!("invalid setting {setting}: {why}"))
+    }
+}
+
+/// Loads `T` from defaults, the TOML file named by `--config` or `ENSEMBLE_CONFIG`, and the
+/// process environment.
+pub fn load<T: Settings>() -> Result<T, ConfigError> {
+    let file = config_file_from_args(std::env::args()).or_else(|| {
+        std::env::var_os(CONFIG_FILE_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    load_from(file.as_deref())
+}
+
+/// Loads `T` from defaults, an optional TOML file and the process environment.
+pub fn load_from<T: Settings>(file: Option<&Path>) -> Result<T, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError(format!(
+                "configuration file {} (from --config or {CONFIG_FILE_ENV}) does not exist",
+                path.display()
+            )));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment = figment.merge(env_provider(T::env_vars()));
+    extract(figment)
+}
+
+/// The environment provider for a list of variable names.
+pub fn env_provider(vars: Vec<&'static str>) -> Env {
+    Env::raw()
+        .filter(move |key| vars.iter().any(|v| v.eq_ignore_ascii_case(key.as_str())))
+        .map(|key| env_to_key(key.as_str()).into())
+}
+
+/// Extracts and validates `T`, turning figment's errors into ones that name the variable.
+pub fn extract<T: Settings>(figment: Figment) -> Result<T, ConfigError> {
+    let config: T = figment.extract().map_err(|errors| {
+        let lines: Vec<String> = errors.into_iter().map(|e| describe(&e)).collect();
+        ConfigError(lines.join("; "))
+    })?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// `REDIS_PORT` → `redis.port`, `MAX_CONCURRENCY` → `max_concurrency`.
+fn env_to_key(var: &str) -> String {
+    let lower = var.to_ascii_lowercase();
+    match lower.strip_prefix("redis_") {
+        Some(rest) => format!("redis.{rest}"),
+        None => lower,
+    }
+}
+
+/// `redis.port` → `REDIS_PORT`: the inverse of [`env_to_key`].
+fn key_to_env(path: &[String]) -> String {
+    path.join("_").to_ascii_uppercase()
+}
+
+fn describe(error: &figment::Error) -> String {
+    let from_env = error
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name.contains("environment"));
+    let key = error.path.join(".");
+    let setting = if error.path.is_empty() {
+        "configuration".to_string()
+    } else if from_env {
+        key_to_env(&error.path)
+    } else {
+        format!("{} (`{key}` in the config file)", key_to_env(&error.path))
+    };
+    format!("invalid setting {setting}: {}", error.kind)
+}
+
+/// `--config PATH` or `--config=PATH` among the process arguments.
+fn config_file_from_args(args: impl Iterator<Item = String>) -> Option<PathBuf> {
+    let mut args = args.skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--config" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(PathBuf::from(path));
+        }
+    }
+    None
+}
+
+/// A secret setting (password, token, API key). `Debug` and `Display` print `[redacted]`,
+/// so a config struct can be logged whole. Serializing yields the real value: that is only
+/// used to hand defaults to figment, never for output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it (a header, an AUTH command).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether no secret was configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        lenient_string(d).map(Secret)
+    }
+}
+
+/// Deserializes a string, also accepting a number or a boolean as its text. Figment parses
+/// `REDIS_PASSWORD=12345` as a number; a password is still a string.
+pub fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// Like [`lenient_string`] for an optional value.
+pub fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(deserialize_with = "lenient_string")] String);
+    Ok(Option::<Wrap>::deserialize(d)?
+        .map(|w| w.0)
+        .filter(|s| !s.is_empty()))
+}
+
+/// A list setting given either as a list (TOML, `CAPABILITIES=["plan","retrieve"]`) or as
+/// one comma-separated string (`CAPABILITIES=plan,retrieve`).
+pub fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(list) => list,
+        Either::One(text) => {
+            let text = text.trim();
+            if text.starts_with('[') {
+                serde_json::from_str::<Vec<String>>(text).map_err(|e| {
+                    de::Error::custom(format!("not a JSON list of strings ({e}): {text}"))
+                })?
+            } else {
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+        }
+    }
+    .into_iter()
+    .map(|s| s.trim().to_string())
+    .collect())
+}
+
+/// A duration in milliseconds, for settings like `HEARTBEAT_INTERVAL_MS`, accepted as a
+/// number or as text with a unit (`500ms`, `2s`, `1m`).
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer, de};
+
+    /// Serializes as whole milliseconds.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// A number is milliseconds; text may carry a unit `ms`, `s`, `m` or `h`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = super::lenient_string(d)?;
+        parse(&text).map_err(de::Error::custom)
+    }
+
+    /// Parses `250`, `250ms`, `2s`, `1.5s`, `1m`, `1h`.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration (like 500ms, 2s, 1m)"))?;
+        let millis = match unit.trim() {
+            "" | "ms" => value,
+            "s" => value * 1e3,
+            "m" => value * 60e3,
+            "h" => value * 3600e3,
+            other => return Err(format!("unknown duration unit `{other}` in `{text}`")),
+        };
+        if !millis.is_finite() || millis < 0.0 {
+            return Err(format!("`{text}` is not a valid duration"));
+        }
+        Ok(Duration::from_micros((millis * 1e3) as u64))
+    }
+
+    /// Whole seconds as a duration, for the `*_SECS`-style settings.
+    pub fn from_secs_f64(secs: f64) -> Duration {
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names_map_to_keys_and_back() {
+        assert_eq!(env_to_key("REDIS_PORT"), "redis.port");
+        assert_eq!(env_to_key("REDIS_CA_FILE"), "redis.ca_file");
+        assert_eq!(env_to_key("MAX_CONCURRENCY"), "max_concurrency");
+        assert_eq!(
+            key_to_env(&["redis".into(), "ca_file".into()]),
+            "REDIS_CA_FILE"
+        );
+    }
+
+    #[test]
+    fn config_flag_is_found() {
+        let args = ["bin", "--config", "a.toml"].map(String::from);
+        assert_eq!(
+            config_file_from_args(args.into_iter()),
+            Some(PathBuf::from("a.toml"))
+        );
+        let args = ["bin", "--config=b.toml"].map(String::from);
+        assert_eq!(
+            config_file_from_args(args.into_iter()),
+            Some(PathBuf::from("b.toml"))
+        );
+        let args = ["bin", "up"].map(String::from);
+        assert_eq!(config_file_from_args(args.into_iter()), None);
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        use std::time::Duration;
+        assert_eq!(duration::parse("250").unwrap(), Duration::from_millis(250));
+        assert_eq!(duration::parse("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(
+            duration::parse("1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(duration::parse("1m").unwrap(), Duration::from_secs(60));
+        assert!(duration::parse("soon").is_err());
+        assert!(duration::parse("3 fortnights").is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "[redacted]");
+        assert_eq!(format!("{s}"), "[redacted]");
+        assert_eq!(s.expose(), "hunter2");
+    }
+}

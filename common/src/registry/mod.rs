@@ -1,0 +1,117 @@
+//! The worker registry in Redis: workers write their record with a TTL on every heartbeat;
+//! the master reads the live ones to dispatch and to extend leases.
+//!
+//! Layout (all under one hash tag, so the scripts stay in one cluster slot):
+//! - `{prefix}:{registry}:worker:{id}`: the [`WorkerRecord`] as JSON, expiring after the TTL;
+//! - `{prefix}:{registry}:workers`: sorted set of worker ids scored by expiry (ms);
+//! - `{prefix}:events`: pub/sub channel; `worker:{id}` when a worker appears, `gone:{id}` when
+//!   one deregisters.
+
+use std::time::Duration;
+
+use redis::Script;
+
+use crate::redis::{RedisPool, Unavailable};
+use crate::wire::{WorkerId, WorkerRecord};
+
+/// Key names of the registry.
+pub mod keys {
+    /// A worker's record.
+    pub fn worker(prefix: &str, id: &str) -> String {
+        format!("{}{id}", worker_prefix(prefix))
+    }
+
+    /// What every worker record key starts with.
+    pub fn worker_prefix(prefix: &str) -> String {
+        format!("{prefix}:{{registry}}:worker:")
+    }
+
+    /// The sorted set of live workers.
+    pub fn workers(prefix: &str) -> String {
+        format!("{prefix}:{{registry}}:workers")
+    }
+
+    /// The pub/sub channel for registry and queue events.
+    pub fn events(prefix: &str) -> String {
+        format!("{prefix}:events")
+    }
+}
+
+static HEARTBEAT: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
+static LIVE: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("lua/live.lua")));
+static DEREGISTER: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("lua/deregister.lua")));
+
+/// Reads and writes worker records.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    pool: RedisPool,
+}
+
+impl Registry {
+    /// A registry on a pool (keys under the pool's prefix).
+    pub fn new(pool: RedisPool) -> Self {
+        Self { pool }
+    }
+
+    /// Writes (or refreshes) a worker's record. Returns whether the worker was new.
+    pub async fn heartbeat(
+        &self,
+        record: &WorkerRecord,
+        ttl: Duration,
+    ) -> Result<bool, Unavailable> {
+        let prefix = self.pool.prefix();
+        let json = serde_json::to_string(record).map_err(|e| Unavailable {
+            message: format!("could not encode worker record: {e}"),
+        })?;
+        let mut conn = self.pool.get().await?;
+        let new: i64 = HEARTBEAT
+            .key(keys::worker(prefix, record.id.as_str()))
+            .key(keys::workers(prefix))
+            .arg(json)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg(record.id.as_str())
+            .arg(keys::events(prefix))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(new == 1)
+    }
+
+    /// Removes a worker now.
+    pub async fn deregister(&self, id: &WorkerId) -> Result<(), Unavailable> {
+        let prefix = self.pool.prefix();
+        let mut conn = self.pool.get().await?;
+        let _: i64 = DEREGISTER
+            .key(keys::worker(prefix, id.as_str()))
+            .key(keys::workers(prefix))
+            .arg(id.as_str())
+            .arg(keys::events(prefix))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The live workers' records. A record that does not parse is skipped with a warning
+    /// (a worker of a newer version, or another language's worker with a bug).
+    pub async fn live(&self) -> Result<Vec<WorkerRecord>, Unavailable> {
+        let prefix = self.pool.prefix();
+        let mut conn = self.pool.get().await?;
+        let raw: Vec<String> = LIVE
+            .key(keys::workers(prefix))
+            .arg(keys::worker_prefix(prefix))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(raw
+            .iter()
+            .filter_map(|r| match serde_json::from_str::<WorkerRecord>(r) {
+                Ok(rec) => Some(rec),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a worker record that does not parse");
+                    None
+                }
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,138 @@
+//! Logs and metrics: `tracing` (JSON when `LOG_FORMAT=json`, readable otherwise, filtered by
+//! `RUST_LOG`), one Prometheus recorder per process rendered on `/metrics`, and the HTTP
+//! middleware that gives every request an `x-request-id`, a log span and request metrics.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The header that carries a request id from client to master to worker to gateway.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Initializes logging once per process. `LOG_FORMAT=json` gives one JSON object a line
+/// (for CloudWatch); anything else gives readable lines. `RUST_LOG` filters (default
+/// `info`).
+pub fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+        let registry = tracing_subscriber::registry().with(filter);
+        // A second subscriber (tests, the all-in-one launcher) is not an error.
+        let _ = if json {
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(true)
+                        .with_span_list(false),
+                )
+                .try_init()
+        } else {
+            registry.with(tracing_subscriber::fmt::layer()).try_init()
+        };
+    });
+}
+
+/// Latency buckets in seconds, from 100 µs (a queue hop) to 2 minutes (an LLM call).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// The process's Prometheus handle, installing the recorder on first use. Services started
+/// in one process (the all-in-one launcher, tests) share it, and their series carry a
+/// `service` label where it matters.
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Suffix("_tokens".into()),
+                    &[16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0],
+                )
+            });
+        let recorder = match builder {
+            Ok(b) => b.build_recorder(),
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        // Fails only if another recorder is installed; then this handle renders nothing,
+        // which is visible in /metrics rather than fatal.
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+        }
+        handle
+    })
+}
+
+/// Renders the Prometheus text for `/metrics`.
+pub fn render_metrics() -> String {
+    let handle = metrics();
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// A request's id, in the request's extensions for handlers that pass it on.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// Middleware: takes `x-request-id` from the request (or makes one), echoes it in the
+/// response, and runs the request inside a span that carries it.
+pub async fn request_context(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(String::from)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!(
+        "http",
+        method = %req.method(),
+        path = %req.uri().path(),
+        request_id = %id,
+    );
+    let mut response = next.run(req).instrument(span).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID.clone(), value);
+    }
+    response
+}
+
+/// Middleware (as a route layer, so the matched route is known): counts requests by
+/// service, method, route and status, and records their latency.
+pub async fn track_http(State(service): State<&'static str>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [
+        ("service", service.to_owned()),
+        ("method", method),
+        ("route", route),
+        ("status", status),
+    ];
+    metrics::counter!("ensemble_http_requests_total", &labels).increment(1);
+    metrics::histogram!("ensemble_http_request_duration_seconds", &labels)
+        .record(start.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,214 @@
+//! The master ↔ worker protocol: `POST {worker}/work` carries a [`WorkRequest`]; the worker
+//! answers `202` at once and later `POST {master}/result` with a [`ResultReport`]; workers
+//! keep a [`WorkerRecord`] in Redis (see `registry`).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Capability, TaskId, WorkerId};
+
+/// One step, leased to one worker for one attempt. Sent as the body of `POST /work` with
+/// `Authorization: Bearer <WORKER_TOKEN>` and `x-request-id`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkRequest {
+    /// The task.
+    pub task_id: TaskId,
+    /// The step's index in the task, from 0.
+    pub step: u32,
+    /// The attempt number, from 1. The report must carry it back: it is the fencing token.
+    pub attempt: u32,
+    /// The capability the step needs.
+    pub capability: Capability,
+    /// The step's input: the previous step's output, or the task input for step 0.
+    pub input: Value,
+    /// What the step may also look at.
+    pub context: StepContext,
+    /// When the step must be finished (ms since the epoch); the worker's timeout.
+    pub deadline_ms: u64,
+}
+
+impl WorkRequest {
+    /// The step this request is about.
+    pub fn step_ref(&self) -> StepRef {
+        StepRef {
+            task_id: self.task_id.clone(),
+            step: self.step,
+            attempt: self.attempt,
+        }
+    }
+}
+
+/// Everything a step may look at besides its input.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StepContext {
+    /// The task's original input.
+    pub task_input: Value,
+    /// The outputs of every earlier step, in order.
+    pub previous: Vec<PriorOutput>,
+    /// The pipeline's name, when it has one.
+    #[serde(default)]
+    pub pipeline: Option<String>,
+    /// How many steps the task has.
+    pub total_steps: u32,
+}
+
+/// An earlier step's output, in a [`StepContext`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PriorOutput {
+    /// The step's index.
+    pub step: u32,
+    /// Its capability.
+    pub capability: Capability,
+    /// Its output.
+    pub output: Value,
+}
+
+/// A step's outcome, as a worker reports it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportStatus {
+    /// The agent returned an output.
+    Succeeded,
+    /// The agent failed; `error` says why and whether to retry.
+    Failed,
+}
+
+/// Why a step failed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepError {
+    /// What went wrong.
+    pub message: String,
+    /// Whether another attempt may succeed (a gateway 429/5xx, a timeout) or not (a 4xx, a
+    /// bad template). The master retries only retryable failures.
+    #[serde(default)]
+    pub retryable: bool,
+    /// A short machine-readable kind (`timeout`, `agent`, `upstream`, `lease_expired`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+impl StepError {
+    /// A failure another attempt may fix.
+    pub fn retryable(kind: &str, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+            kind: Some(kind.to_string()),
+        }
+    }
+
+    /// A failure another attempt would repeat.
+    pub fn permanent(kind: &str, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+            kind: Some(kind.to_string()),
+        }
+    }
+}
+
+/// `POST /result`: a worker reports one attempt's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResultReport {
+    /// The task.
+    pub task_id: TaskId,
+    /// The step's index.
+    pub step: u32,
+    /// The attempt from the [`WorkRequest`]; a report for an attempt that is no longer
+    /// current is acknowledged and discarded.
+    pub attempt: u32,
+    /// The reporting worker.
+    pub worker_id: WorkerId,
+    /// Succeeded or failed.
+    pub status: ReportStatus,
+    /// The output, when succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// The error, when failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StepError>,
+    /// How long the agent ran, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+impl ResultReport {
+    /// Checks that the report is consistent (an output with success, an error with failure).
+    pub fn validate(&self) -> Result<(), String> {
+        match self.status {
+            ReportStatus::Succeeded if self.error.is_some() => {
+                Err("`error` must be absent when `status` is `succeeded`".into())
+            }
+            ReportStatus::Failed if self.error.is_none() => {
+                Err("`error` is required when `status` is `failed`".into())
+            }
+            _ if self.attempt == 0 => Err("`attempt` starts at 1".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The master's answer to `POST /result` (always `200` for a well-formed report).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResultAck {
+    /// Recorded, or discarded because the attempt was not current.
+    pub status: AckStatus,
+}
+
+/// What the master did with a report.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AckStatus {
+    /// The outcome was recorded.
+    Recorded,
+    /// The attempt was not current (a newer attempt exists, or the task finished or was
+    /// cancelled): acknowledged and discarded. The worker must not retry.
+    Discarded,
+}
+
+/// One step attempt, as a worker lists it in flight.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct StepRef {
+    /// The task.
+    pub task_id: TaskId,
+    /// The step's index.
+    pub step: u32,
+    /// The attempt.
+    pub attempt: u32,
+}
+
+/// A worker's record in Redis, refreshed by its heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerRecord {
+    /// The worker's id.
+    pub id: WorkerId,
+    /// The base URL the master calls (`{url}/work`).
+    pub url: String,
+    /// The capabilities it serves.
+    pub capabilities: Vec<Capability>,
+    /// How many steps it runs at once.
+    pub max_concurrency: u32,
+    /// The steps it is running now; the master extends their leases.
+    #[serde(default)]
+    pub in_flight: Vec<StepRef>,
+    /// Its software version.
+    pub version: String,
+    /// When it started (ms since the epoch).
+    pub started_at_ms: u64,
+    /// Whether it is draining (finishing in-flight work, taking none).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+impl WorkerRecord {
+    /// Free slots by its own count.
+    pub fn free_slots(&self) -> u32 {
+        self.max_concurrency
+            .saturating_sub(u32::try_from(self.in_flight.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Whether it serves a capability.
+    pub fn serves(&self, capability: &Capability) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
+    }
+}

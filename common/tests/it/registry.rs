@@ -1,0 +1,98 @@
+//! The worker registry against real Redis: records expire with their TTL, deregistering
+//! removes them at once, new workers are announced.
+
+use std::time::Duration;
+
+use common::redis::RedisPool;
+use common::registry::{Registry, keys};
+use common::testing::{RedisServer, eventually};
+use common::wire::{Capability, StepRef, TaskId, WorkerId, WorkerRecord};
+
+fn record(id: &str) -> WorkerRecord {
+    WorkerRecord {
+        id: WorkerId::new(id).unwrap(),
+        url: "http://127.0.0.1:5001".into(),
+        capabilities: vec![Capability::new("plan").unwrap()],
+        max_concurrency: 4,
+        in_flight: vec![StepRef {
+            task_id: TaskId::generate(),
+            step: 0,
+            attempt: 1,
+        }],
+        version: common::VERSION.into(),
+        started_at_ms: common::wire::now_ms(),
+        draining: false,
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_register_and_expire() {
+    let server = RedisServer::start();
+    let pool = RedisPool::new(&server.settings()).unwrap();
+    let registry = Registry::new(pool.clone());
+
+    let rec = record("w-1");
+    assert!(
+        registry
+            .heartbeat(&rec, Duration::from_millis(400))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !registry
+            .heartbeat(&rec, Duration::from_millis(400))
+            .await
+            .unwrap()
+    );
+    let live = registry.live().await.unwrap();
+    assert_eq!(live, vec![rec.clone()]);
+    assert_eq!(live[0].free_slots(), 3);
+
+    let gone = eventually(Duration::from_secs(3), || async {
+        registry.live().await.unwrap().is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "a worker whose heartbeat stopped must expire"
+    );
+
+    let mut conn = pool.get().await.unwrap();
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys::workers(pool.prefix()))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        members.is_empty(),
+        "expired ids are pruned from the live set"
+    );
+}
+
+#[tokio::test]
+async fn deregister_removes_at_once() {
+    let server = RedisServer::start();
+    let registry = Registry::new(RedisPool::new(&server.settings()).unwrap());
+    registry
+        .heartbeat(&record("w-a"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    registry
+        .heartbeat(&record("w-b"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    registry
+        .deregister(&WorkerId::new("w-a").unwrap())
+        .await
+        .unwrap();
+    let ids: Vec<String> = registry
+        .live()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    assert_eq!(ids, ["w-b"]);
+}

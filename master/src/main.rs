@@ -1,0 +1,13 @@
+//! The `master` binary: loads its settings and serves until SIGTERM or ctrl-c.
+
+use anyhow::Context;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    common::telemetry::init_tracing();
+    let config: master::Config =
+        common::config::load().context("the master's configuration is invalid")?;
+    let listener = common::http::bind(&format!("{}:{}", config.host, config.port)).await?;
+    let shutdown = common::shutdown::on_signal();
+    master::serve(config, listener, shutdown).await
+}

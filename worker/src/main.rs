@@ -1,0 +1,13 @@
+//! The `worker` binary: loads its settings and serves until SIGTERM or ctrl-c.
+
+use anyhow::Context;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    common::telemetry::init_tracing();
+    let config: worker::Config =
+        common::config::load().context("the worker's configuration is invalid")?;
+    let listener = common::http::bind(&format!("{}:{}", config.host, config.port)).await?;
+    let shutdown = common::shutdown::on_signal();
+    worker::serve(config, listener, shutdown).await
+}
