@@ -26,6 +26,12 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
     /// The compose and Terraform checks hold the deployment files against this list.
     fn env_vars() -> Vec<&'static str>;
 
+    /// The variables a production deployment must set (the compose and Terraform checks
+    /// require them in every container definition of the service).
+    fn required_env_vars() -> Vec<&'static str> {
+        Vec::new()
+    }
+
     /// Checks that cannot be expressed in types (for example "one of A or B must be set").
     /// The error names the setting.
     fn validate(&self) -> Result<(), ConfigError> {
