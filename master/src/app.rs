@@ -1,29 +1,197 @@
-//! Builds the master's router and serves it.
+//! Builds the master: store, worker source, dispatcher, router; serves until shutdown.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use common::redis::RedisPool;
+use common::redis::{RedisPool, RedisSettings};
+use common::registry::Registry;
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::Config;
+use crate::auth::Auth;
+use crate::config::PipelineConfig;
+use crate::dispatch::{Dispatcher, WorkerSource};
+use crate::hub::Hub;
+use crate::store::{RedisStore, TaskStore};
+use crate::{Config, routes};
 
-/// Serves the master on `listener` until `shutdown` is cancelled.
+/// Everything a handler needs.
+pub struct AppState {
+    /// The settings.
+    pub config: Arc<Config>,
+    /// Where tasks live.
+    pub store: Arc<dyn TaskStore>,
+    /// Where live workers are listed.
+    pub workers: Arc<dyn WorkerSource>,
+    /// Credentials.
+    pub auth: Auth,
+    /// Named pipelines (with `default`).
+    pub pipelines: BTreeMap<String, PipelineConfig>,
+    /// In-process wake-ups.
+    pub hub: Arc<Hub>,
+    /// The dispatcher.
+    pub dispatcher: Arc<Dispatcher>,
+    /// Client for completion callbacks.
+    pub callbacks: reqwest::Client,
+    /// Background work that must finish at shutdown.
+    pub tracker: TaskTracker,
+    /// Cancelled at shutdown (long polls answer early).
+    pub shutdown: CancellationToken,
+}
+
+/// Where the master keeps its state.
+pub struct Backends {
+    /// The task store.
+    pub store: Arc<dyn TaskStore>,
+    /// The worker registry.
+    pub workers: Arc<dyn WorkerSource>,
+    /// Redis settings for the events subscription (other replicas' completions and new
+    /// workers); `None` with the in-memory store.
+    pub events: Option<RedisSettings>,
+}
+
+impl Backends {
+    /// Redis for everything.
+    pub fn redis(settings: &RedisSettings) -> anyhow::Result<Self> {
+        let pool = RedisPool::new(settings)?;
+        Ok(Self {
+            store: Arc::new(RedisStore::new(pool.clone())),
+            workers: Arc::new(Registry::new(pool)),
+            events: Some(settings.clone()),
+        })
+    }
+}
+
+/// Serves the master on `listener` with Redis, until `shutdown` is cancelled.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let pool = RedisPool::new(&config.redis)?;
-    tracing::info!(
-        addr = %listener.local_addr()?,
-        redis = %pool.target(),
-        "master listening"
+    let backends = Backends::redis(&config.redis)?;
+    serve_with(config, listener, shutdown, backends).await
+}
+
+/// Serves the master with the given backends.
+pub async fn serve_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    backends: Backends,
+) -> anyhow::Result<()> {
+    use common::config::Settings;
+    config.validate()?;
+    let auth = Auth::from_config(&config)?;
+    if auth.disabled() {
+        tracing::warn!(
+            "AUTH_DISABLED=true: every caller is accepted as client `anonymous`; never do this outside a laptop"
+        );
+    }
+    let config = Arc::new(config);
+    let tracker = TaskTracker::new();
+    let hub = Arc::new(Hub::default());
+    let dispatcher = Dispatcher::new(
+        config.clone(),
+        backends.store.clone(),
+        backends.workers.clone(),
+        hub.clone(),
+        tracker.clone(),
+        shutdown.clone(),
     );
-    let router = Router::new().merge(common::http::ops_routes(
-        "master",
-        common::http::redis_ready(pool.clone()),
-    ));
+    dispatcher.start();
+    if let Some(settings) = backends.events.clone() {
+        let hub = hub.clone();
+        let stop = shutdown.clone();
+        tracker.spawn(async move { listen_events(settings, hub, stop).await });
+    }
+    let state = Arc::new(AppState {
+        pipelines: config.all_pipelines(),
+        callbacks: common::http::client(Duration::from_secs(10)),
+        config: config.clone(),
+        store: backends.store.clone(),
+        workers: backends.workers,
+        auth,
+        hub,
+        dispatcher,
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let store = backends.store;
+    let ready: common::http::ReadyCheck = Arc::new(move || {
+        let store = store.clone();
+        Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+    });
+    let router = Router::new()
+        .merge(routes::router().with_state(state))
+        .merge(common::http::ops_routes("master", ready));
     let router = common::http::finish_router(router, "master", config.body_limit_bytes);
-    common::http::serve(listener, router, shutdown).await?;
+    tracing::info!(addr = %listener.local_addr()?, redis = %config.redis.target(), "master listening");
+    common::http::serve(listener, router, shutdown.clone()).await?;
+    shutdown.cancel();
+    tracker.close();
+    // Dispatches in progress finish (bounded by the dispatch timeout).
+    let _ = tokio::time::timeout(Duration::from_secs(15), tracker.wait()).await;
+    tracing::info!("master stopped");
     Ok(())
+}
+
+/// Subscribes to the events channel: `done:{task}` wakes long-polls on this replica,
+/// `worker:{id}` wakes the dispatchers. Reconnects on its own; after a reconnect everyone
+/// re-reads, since messages may have been missed.
+async fn listen_events(settings: RedisSettings, hub: Arc<Hub>, shutdown: CancellationToken) {
+    let channel = common::registry::keys::events(&settings.key_prefix);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let client = match common::redis::dedicated_client(&settings).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "events subscription cannot be configured");
+                return;
+            }
+        };
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(5), subscribed) => r,
+            () = shutdown.cancelled() => return,
+        };
+        match pubsub {
+            Ok(Ok(pubsub)) => {
+                backoff = Duration::from_millis(100);
+                hub.wake_all_waiters();
+                hub.wake_all_dispatchers();
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    let msg = tokio::select! {
+                        m = messages.next() => m,
+                        () = shutdown.cancelled() => return,
+                    };
+                    let Some(msg) = msg else { break };
+                    let Ok(payload) = msg.get_payload::<String>() else {
+                        continue;
+                    };
+                    if let Some(task) = payload.strip_prefix("done:") {
+                        hub.task_finished(task);
+                    } else if payload.starts_with("worker:") {
+                        hub.wake_all_dispatchers();
+                    }
+                }
+                tracing::warn!("events subscription lost; reconnecting");
+            }
+            Ok(Err(e)) => tracing::debug!(error = %common::redis::describe(&e), "events subscription failed"),
+            Err(_) => tracing::debug!("events subscription timed out"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }

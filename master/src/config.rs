@@ -1,7 +1,13 @@
-//! The master's settings.
+//! The master's settings: listen address, Redis, auth, pipelines, leases and retries,
+//! limits, metrics.
 
-use common::config::{ConfigError, Settings};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::auth::KeyRing;
+use common::config::{ConfigError, Secret, Settings};
 use common::redis::{REDIS_ENV_VARS, RedisSettings};
+use common::wire::Capability;
 use serde::{Deserialize, Serialize};
 
 /// The master's configuration: defaults, then `--config`/`ENSEMBLE_CONFIG` TOML, then the
@@ -18,6 +24,101 @@ pub struct Config {
     pub redis: RedisSettings,
     /// `BODY_LIMIT_BYTES`: largest request body accepted (`413` above it).
     pub body_limit_bytes: usize,
+
+    /// `API_KEYS`: client API keys, `client_id:key,client_id:key`.
+    pub api_keys: Secret,
+    /// `OPERATOR_API_KEYS`: keys for `/dispatch`, `/workers`, `/queues`, same format.
+    pub operator_api_keys: Secret,
+    /// `WORKER_TOKEN`: the shared token on master ↔ worker traffic.
+    pub worker_token: Secret,
+    /// `JWT_SECRET`: accept HS256 bearer JWTs signed with this secret (`sub` = client id).
+    pub jwt_secret: Secret,
+    /// `JWT_PUBLIC_KEY_FILE`: accept RS256 bearer JWTs verified with this PEM public key.
+    pub jwt_public_key_file: Option<String>,
+    /// `JWT_ISSUER`: required `iss`, when set.
+    #[serde(deserialize_with = "common::config::lenient_opt_string")]
+    pub jwt_issuer: Option<String>,
+    /// `JWT_AUDIENCE`: required `aud`, when set.
+    #[serde(deserialize_with = "common::config::lenient_opt_string")]
+    pub jwt_audience: Option<String>,
+    /// `AUTH_DISABLED`: accept every caller (local use only; logged loudly).
+    pub auth_disabled: bool,
+
+    /// `[pipelines.NAME]` in TOML: named pipelines. `default` is built in.
+    pub pipelines: BTreeMap<String, PipelineConfig>,
+    /// `MAX_ATTEMPTS`: attempts per step unless its pipeline says otherwise.
+    pub max_attempts: u32,
+    /// `STEP_TIMEOUT_MS`: how long a step may run unless its pipeline says otherwise.
+    pub step_timeout_ms: u64,
+    /// `LEASE_MS`: a dispatched step's lease; extended while its worker's heartbeat lists
+    /// it, re-queued within this long after that stops.
+    pub lease_ms: u64,
+    /// `RETRY_BASE_MS`: first retry backoff; doubles per attempt, with jitter.
+    pub retry_base_ms: u64,
+    /// `RETRY_MAX_MS`: the longest retry backoff.
+    pub retry_max_ms: u64,
+    /// `TASK_RETENTION_SECS`: finished tasks (and idempotency keys) expire after this.
+    pub task_retention_secs: u64,
+    /// `RATE_LIMIT_PER_SEC`: sustained `/task` submissions per client (0 = unlimited).
+    pub rate_limit_per_sec: f64,
+    /// `RATE_LIMIT_BURST`: submissions a client may make at once above the rate.
+    pub rate_limit_burst: u32,
+    /// `DISPATCH_TIMEOUT_MS`: how long `POST {worker}/work` may take to be answered.
+    pub dispatch_timeout_ms: u64,
+    /// `DISPATCH_POLL_MS`: how often a dispatcher looks for work it was not told about
+    /// (steps queued through another master replica).
+    pub dispatch_poll_ms: u64,
+    /// `METRICS_INTERVAL_MS`: how often queue gauges are refreshed.
+    pub metrics_interval_ms: u64,
+    /// `METRICS_EMF`: also print queue metrics as CloudWatch Embedded Metric Format lines.
+    pub metrics_emf: bool,
+}
+
+/// A named pipeline: an ordered list of steps.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The steps, in order.
+    pub steps: Vec<StepConfig>,
+}
+
+/// One step of a pipeline: a capability, or a table with per-step limits.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum StepConfig {
+    /// Just the capability.
+    Name(Capability),
+    /// A capability with limits.
+    Detailed {
+        /// The capability.
+        capability: Capability,
+        /// Attempts before the step fails for good.
+        #[serde(default)]
+        max_attempts: Option<u32>,
+        /// How long one attempt may run, in milliseconds.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+impl StepConfig {
+    /// The step's capability.
+    pub fn capability(&self) -> &Capability {
+        match self {
+            Self::Name(c) | Self::Detailed { capability: c, .. } => c,
+        }
+    }
+}
+
+/// The built-in `default` pipeline: `plan → retrieve → evaluate → finalize`.
+pub fn default_pipeline() -> PipelineConfig {
+    PipelineConfig {
+        steps: ["plan", "retrieve", "evaluate", "finalize"]
+            .into_iter()
+            .filter_map(|c| Capability::new(c).ok())
+            .map(StepConfig::Name)
+            .collect(),
+    }
 }
 
 impl Default for Config {
@@ -27,25 +128,140 @@ impl Default for Config {
             port: 8000,
             redis: RedisSettings::default(),
             body_limit_bytes: common::http::DEFAULT_BODY_LIMIT,
+            api_keys: Secret::default(),
+            operator_api_keys: Secret::default(),
+            worker_token: Secret::default(),
+            jwt_secret: Secret::default(),
+            jwt_public_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            auth_disabled: false,
+            pipelines: BTreeMap::new(),
+            max_attempts: 3,
+            step_timeout_ms: 300_000,
+            lease_ms: 10_000,
+            retry_base_ms: 500,
+            retry_max_ms: 60_000,
+            task_retention_secs: 7 * 24 * 3600,
+            rate_limit_per_sec: 200.0,
+            rate_limit_burst: 400,
+            dispatch_timeout_ms: 5_000,
+            dispatch_poll_ms: 50,
+            metrics_interval_ms: 1_000,
+            metrics_emf: false,
         }
     }
 }
 
 impl Settings for Config {
     fn env_vars() -> Vec<&'static str> {
-        let mut vars = vec!["HOST", "PORT", "BODY_LIMIT_BYTES"];
+        let mut vars = vec![
+            "HOST",
+            "PORT",
+            "BODY_LIMIT_BYTES",
+            "API_KEYS",
+            "OPERATOR_API_KEYS",
+            "WORKER_TOKEN",
+            "JWT_SECRET",
+            "JWT_PUBLIC_KEY_FILE",
+            "JWT_ISSUER",
+            "JWT_AUDIENCE",
+            "AUTH_DISABLED",
+            "MAX_ATTEMPTS",
+            "STEP_TIMEOUT_MS",
+            "LEASE_MS",
+            "RETRY_BASE_MS",
+            "RETRY_MAX_MS",
+            "TASK_RETENTION_SECS",
+            "RATE_LIMIT_PER_SEC",
+            "RATE_LIMIT_BURST",
+            "DISPATCH_TIMEOUT_MS",
+            "DISPATCH_POLL_MS",
+            "METRICS_INTERVAL_MS",
+            "METRICS_EMF",
+        ];
         vars.extend_from_slice(REDIS_ENV_VARS);
         vars
+    }
+
+    fn required_env_vars() -> Vec<&'static str> {
+        vec!["WORKER_TOKEN"]
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.redis.validate()?;
         if self.body_limit_bytes < 1024 {
+            return Err(ConfigError::invalid("BODY_LIMIT_BYTES", "must be at least 1024"));
+        }
+        KeyRing::parse("API_KEYS", self.api_keys.expose())?;
+        KeyRing::parse("OPERATOR_API_KEYS", self.operator_api_keys.expose())?;
+        if self.max_attempts == 0 {
+            return Err(ConfigError::invalid("MAX_ATTEMPTS", "must be at least 1"));
+        }
+        if self.lease_ms < 500 {
+            return Err(ConfigError::invalid("LEASE_MS", "must be at least 500"));
+        }
+        if self.step_timeout_ms == 0 {
+            return Err(ConfigError::invalid("STEP_TIMEOUT_MS", "must be above 0"));
+        }
+        if self.retry_max_ms < self.retry_base_ms {
+            return Err(ConfigError::invalid("RETRY_MAX_MS", "must be at least RETRY_BASE_MS"));
+        }
+        if !(self.rate_limit_per_sec >= 0.0 && self.rate_limit_per_sec.is_finite()) {
+            return Err(ConfigError::invalid("RATE_LIMIT_PER_SEC", "must be 0 or more"));
+        }
+        if self.dispatch_poll_ms == 0 || self.metrics_interval_ms == 0 {
             return Err(ConfigError::invalid(
-                "BODY_LIMIT_BYTES",
-                "must be at least 1024",
+                "DISPATCH_POLL_MS",
+                "DISPATCH_POLL_MS and METRICS_INTERVAL_MS must be above 0",
+            ));
+        }
+        for (name, pipeline) in &self.pipelines {
+            if pipeline.steps.is_empty() {
+                return Err(ConfigError::invalid(
+                    &format!("pipelines.{name}"),
+                    "a pipeline needs at least one step",
+                ));
+            }
+            if pipeline.steps.len() > MAX_STEPS {
+                return Err(ConfigError::invalid(
+                    &format!("pipelines.{name}"),
+                    format!("a pipeline has at most {MAX_STEPS} steps"),
+                ));
+            }
+        }
+        let has_keys = !self.api_keys.is_empty()
+            || !self.jwt_secret.is_empty()
+            || self.jwt_public_key_file.is_some();
+        if !self.auth_disabled && (!has_keys || self.worker_token.is_empty()) {
+            return Err(ConfigError(
+                "no credentials configured: set API_KEYS (or JWT_SECRET / JWT_PUBLIC_KEY_FILE) \
+                 and WORKER_TOKEN, or AUTH_DISABLED=true for local use"
+                    .into(),
             ));
         }
         Ok(())
+    }
+}
+
+/// Most steps a task may have.
+pub const MAX_STEPS: usize = 64;
+
+impl Config {
+    /// The named pipelines, with the built-in `default` unless configured otherwise.
+    pub fn all_pipelines(&self) -> BTreeMap<String, PipelineConfig> {
+        let mut all = self.pipelines.clone();
+        all.entry("default".into()).or_insert_with(default_pipeline);
+        all
+    }
+
+    /// The lease as a duration.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
+    /// Finished-task retention as a duration.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.task_retention_secs)
     }
 }

@@ -1,7 +1,16 @@
-//! The Ensemble master: task intake, the task store, dispatch and results.
+//! The Ensemble master: task intake, the task store, capability dispatch, leases, retries,
+//! dead letters and results.
 
 pub mod app;
+pub mod auth;
 pub mod config;
+pub mod dispatch;
+pub mod emf;
+pub mod hub;
+pub mod metrics;
+pub mod routes;
+pub mod store;
+pub mod tasks;
 
-pub use app::serve;
+pub use app::{Backends, serve, serve_with};
 pub use config::Config;

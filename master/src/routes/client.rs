@@ -1,0 +1,106 @@
+//! Client routes: submit, status, result (long-poll), cancel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use common::http::{ApiError, JsonBody};
+use common::telemetry::RequestId;
+use common::wire::{SubmitResponse, SubmitTask, TaskView};
+use serde::Deserialize;
+
+use crate::app::AppState;
+use crate::tasks;
+
+/// `POST /task`.
+pub async fn submit(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    request_id: Option<axum::Extension<RequestId>>,
+    body: Result<JsonBody<SubmitTask>, ApiError>,
+) -> Result<Response, ApiError> {
+    // Authenticate before looking at the body: a stranger learns nothing from our errors.
+    let client = state.auth.client(&headers)?;
+    let JsonBody(body) = body?;
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .map(String::from)
+                .map_err(|_| ApiError::invalid("`Idempotency-Key` must be visible ASCII"))
+        })
+        .transpose()?;
+    let request_id = request_id.map(|r| r.0.0).unwrap_or_default();
+    let done = tasks::submit(&state, &client, body, key, request_id).await?;
+    let location = format!("/task/{}", done.task_id);
+    Ok((
+        done.status,
+        [(header::LOCATION, location)],
+        Json(SubmitResponse {
+            task_id: done.task_id,
+            status: done.task_status,
+        }),
+    )
+        .into_response())
+}
+
+/// `GET /task/{id}`.
+pub async fn status(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let client = state.auth.client(&headers)?;
+    Ok(Json(tasks::owned(&state, &client, &id).await?.view))
+}
+
+/// `?wait=SECONDS` on `GET /result/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct WaitQuery {
+    wait: Option<String>,
+}
+
+/// `GET /result/{id}`: `200` once finished (succeeded, failed or cancelled: `status` says
+/// which), `202` with the state while running.
+pub async fn result(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let client = state.auth.client(&headers)?;
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let wait = match query.wait.as_deref() {
+        None | Some("") => 0.0,
+        Some(text) => text
+            .parse::<f64>()
+            .ok()
+            .filter(|w| w.is_finite() && (0.0..=tasks::MAX_WAIT_SECS as f64).contains(w))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "`wait` must be a number of seconds from 0 to {}",
+                    tasks::MAX_WAIT_SECS
+                ))
+            })?,
+    };
+    let result = tasks::result(&state, &client, &id, Duration::from_secs_f64(wait)).await?;
+    let status = if result.status.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(result)).into_response())
+}
+
+/// `DELETE /task/{id}`.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let client = state.auth.client(&headers)?;
+    Ok(Json(tasks::cancel(&state, &client, &id).await?))
+}

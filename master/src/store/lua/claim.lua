@@ -1,0 +1,45 @@
+-- Claims queued steps of one capability for workers, highest priority first: raises each
+-- step's attempt (the fencing token), leases it and counts it against its worker.
+-- KEYS[1] the capability's queue   KEYS[2] its lease set   KEYS[3] worker load hash
+-- ARGV[1] prefix   ARGV[2] lease ms   ARGV[3 ..] worker ids, one per step wanted
+-- Returns one row per claimed step:
+--   {task_id, step, attempt, worker, timeout_ms, pipeline, total_steps, caps, request_id,
+--    input, output_0, ..., output_(step-1)}
+local now = now_ms()
+local lease_until = int(now + tonumber(ARGV[2]))
+local wanted = #ARGV - 2
+local claimed = {}
+local next_worker = 3
+while #claimed < wanted do
+  local popped = redis.call('ZPOPMIN', KEYS[1], wanted - #claimed)
+  if #popped == 0 then break end
+  for i = 1, #popped, 2 do
+    local member = popped[i]
+    local id, step = split_member(member)
+    local tkey = task_key(ARGV[1], id)
+    local fields = {'st', step .. ':s', step .. ':a', step .. ':t', step .. ':to', 'pl', 'n',
+      'caps', 'rq', 'in'}
+    for j = 0, tonumber(step) - 1 do fields[#fields + 1] = j .. ':o' end
+    local v = redis.call('HMGET', tkey, unpack(fields))
+    if (v[1] == 'queued' or v[1] == 'running') and v[2] == 'queued' then
+      local worker = ARGV[next_worker]
+      next_worker = next_worker + 1
+      local attempt = tostring(tonumber(v[3] or '0') + 1)
+      local update = {'st', 'running', step .. ':s', 'dispatched', step .. ':a', attempt,
+        step .. ':t', tostring(tonumber(v[4] or '0') + 1), step .. ':w', worker,
+        step .. ':d', int(now)}
+      if v[1] == 'queued' then
+        update[#update + 1] = 'sa'
+        update[#update + 1] = int(now)
+      end
+      redis.call('HSET', tkey, unpack(update))
+      redis.call('ZADD', KEYS[2], lease_until, member)
+      redis.call('HINCRBY', KEYS[3], worker, 1)
+      local row = {id, step, attempt, worker, v[5] or '0', v[6] or '', v[7] or '1', v[8] or '',
+        v[9] or '', v[10] or 'null'}
+      for j = 11, #v do row[#row + 1] = v[j] or 'null' end
+      claimed[#claimed + 1] = row
+    end
+  end
+end
+return claimed

@@ -1,0 +1,340 @@
+//! The task store: every state transition of tasks and steps, behind one trait with a
+//! Redis implementation (Lua scripts, one round trip per transition) and an in-memory one
+//! (the all-in-one launcher without Redis, and a reference for the conformance tests).
+
+pub mod keys;
+pub mod memory;
+pub mod redis;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::wire::{
+    Capability, ResultReport, StepError, StepRef, TaskId, TaskStatus, TaskView, WorkRequest,
+    WorkerId,
+};
+
+pub use memory::MemoryStore;
+pub use redis::RedisStore;
+
+/// The store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing store is unreachable or timed out; the client should retry (`503`).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data did not have the expected shape.
+    #[error("corrupt task data: {0}")]
+    Corrupt(String),
+}
+
+impl From<common::redis::Unavailable> for StoreError {
+    fn from(e: common::redis::Unavailable) -> Self {
+        Self::Unavailable(e.message)
+    }
+}
+
+impl From<::redis::RedisError> for StoreError {
+    fn from(e: ::redis::RedisError) -> Self {
+        Self::Unavailable(common::redis::describe(&e))
+    }
+}
+
+/// One step of a task about to be submitted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedStep {
+    /// What it needs.
+    pub capability: Capability,
+    /// Attempts before it fails for good.
+    pub max_attempts: u32,
+    /// How long one attempt may run.
+    pub timeout_ms: u64,
+}
+
+/// A task about to be submitted (already validated).
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// Its id.
+    pub id: TaskId,
+    /// The client that owns it.
+    pub client: String,
+    /// Its pipeline's name, if any.
+    pub pipeline: Option<String>,
+    /// Its steps (at least one).
+    pub steps: Vec<PlannedStep>,
+    /// The input, as JSON text.
+    pub input: String,
+    /// Higher first.
+    pub priority: i32,
+    /// The client's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Where to POST the final view.
+    pub callback_url: Option<String>,
+    /// The submitting request's id, passed on to workers.
+    pub request_id: String,
+}
+
+/// Per-client submission rate limit (GCRA).
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    /// Sustained submissions per second; 0 turns the limit off.
+    pub per_sec: f64,
+    /// Submissions allowed at once above the rate.
+    pub burst: u32,
+}
+
+/// What `submit` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubmitOutcome {
+    /// A new task was stored and its first step queued.
+    Created,
+    /// The idempotency key was used before: this is that task.
+    Existing(TaskId),
+    /// Over the client's rate: retry after this long.
+    RateLimited(Duration),
+}
+
+/// A stored task with what only the master sees.
+#[derive(Debug, Clone)]
+pub struct TaskRecord {
+    /// The client view.
+    pub view: TaskView,
+    /// The owner.
+    pub client: String,
+    /// The callback URL.
+    pub callback_url: Option<String>,
+    /// The submitting request's id.
+    pub request_id: String,
+}
+
+/// A step claimed for a worker.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// What to send to the worker.
+    pub work: WorkRequest,
+    /// The worker it was claimed for.
+    pub worker: WorkerId,
+    /// The task's request id.
+    pub request_id: String,
+}
+
+/// Retry timing.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// The first backoff.
+    pub base: Duration,
+    /// The longest backoff.
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// The backoff before attempt `tries + 1`: doubling from `base`, capped, with "equal
+    /// jitter" (half fixed, half random) so retries of many steps spread out. `jitter` is
+    /// a random number in `[0, 1)`.
+    pub fn delay(&self, tries: u32, jitter: f64) -> Duration {
+        let exp = tries.saturating_sub(1).min(30);
+        let full = self
+            .base
+            .saturating_mul(1u32 << exp)
+            .min(self.max)
+            .as_secs_f64();
+        Duration::from_secs_f64(full / 2.0 + full / 2.0 * jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// What recording a report (or a lapsed lease) did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportOutcome {
+    /// The attempt was not current (or the task is finished or unknown): ignored.
+    Discarded,
+    /// Recorded; the next step was queued.
+    Next {
+        /// The reported step's capability and when its attempt was dispatched.
+        finished: FinishedStep,
+        /// The next step's capability.
+        next: Capability,
+    },
+    /// Recorded a retryable failure; the step will be queued again after `delay`.
+    Retry {
+        /// The reported step.
+        finished: FinishedStep,
+        /// The backoff.
+        delay: Duration,
+    },
+    /// Recorded; the task finished (succeeded, or failed into the dead-letter set).
+    Done {
+        /// The reported step.
+        finished: FinishedStep,
+        /// The task's final status.
+        status: TaskStatus,
+    },
+}
+
+/// The step a report was about, for metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedStep {
+    /// Its capability.
+    pub capability: Capability,
+    /// When the attempt was dispatched (ms since the epoch).
+    pub dispatched_at_ms: u64,
+}
+
+/// A lease that has run out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpiredLease {
+    /// The step attempt.
+    pub step: StepRef,
+    /// The worker it was leased to.
+    pub worker: WorkerId,
+    /// When the attempt was dispatched.
+    pub dispatched_at_ms: u64,
+    /// The step's timeout.
+    pub timeout_ms: u64,
+}
+
+/// What `cancel` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The task is now cancelled.
+    Cancelled,
+    /// It had already finished with this status.
+    AlreadyFinished(TaskStatus),
+    /// No such task.
+    NotFound,
+}
+
+/// What `redrive` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedriveOutcome {
+    /// The failed step is queued again (attempts reset).
+    Redriven(Capability),
+    /// The task is not failed.
+    NotFailed(TaskStatus),
+    /// No such task.
+    NotFound,
+}
+
+/// A capability's queue figures.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct QueueStats {
+    /// Steps ready to dispatch.
+    pub queued: u64,
+    /// Steps waiting out a retry backoff.
+    pub delayed: u64,
+    /// Steps leased to workers.
+    pub in_flight: u64,
+    /// Dead-lettered tasks whose failed step has this capability.
+    pub dead_lettered: u64,
+    /// When the step at the head of the queue was queued (ms since the epoch). With mixed
+    /// priorities this is the next step to run, not necessarily the oldest.
+    pub head_queued_at_ms: Option<u64>,
+}
+
+/// Every task and step transition.
+#[async_trait]
+pub trait TaskStore: Send + Sync + 'static {
+    /// Stores a task and queues its first step, unless the client is over its rate or the
+    /// idempotency key was used before.
+    async fn submit(
+        &self,
+        task: NewTask,
+        limit: RateLimit,
+        retention: Duration,
+    ) -> Result<SubmitOutcome, StoreError>;
+
+    /// A task, if it exists.
+    async fn get(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Claims up to `workers.len()` queued steps of a capability, highest priority first,
+    /// leasing the i-th to `workers[i]` for `lease`. A claimed step's attempt number goes
+    /// up by one: it is the fencing token.
+    async fn claim(
+        &self,
+        capability: &Capability,
+        workers: &[WorkerId],
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Puts a claimed step back in its queue without spending an attempt (the worker never
+    /// took it: `429`, connection error). False if the attempt is no longer current.
+    async fn release(&self, step: &StepRef) -> Result<bool, StoreError>;
+
+    /// Records a worker's report, if its attempt is current.
+    async fn report(
+        &self,
+        report: &ResultReport,
+        retry: RetryPolicy,
+        jitter: f64,
+        retention: Duration,
+    ) -> Result<ReportOutcome, StoreError>;
+
+    /// Leases of a capability that have run out (at most `limit`).
+    async fn expired_leases(
+        &self,
+        capability: &Capability,
+        limit: usize,
+    ) -> Result<Vec<ExpiredLease>, StoreError>;
+
+    /// Extends leases whose workers are still running them.
+    async fn extend_leases(
+        &self,
+        capability: &Capability,
+        steps: &[StepRef],
+        lease: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Moves steps of a capability whose retry backoff is over into its queue. Returns how
+    /// many moved.
+    async fn promote_due(&self, capability: &Capability) -> Result<usize, StoreError>;
+
+    /// Cancels a task.
+    async fn cancel(&self, id: &TaskId, retention: Duration) -> Result<CancelOutcome, StoreError>;
+
+    /// Queues a failed task's failed step again, with its attempts reset.
+    async fn redrive(&self, id: &TaskId) -> Result<RedriveOutcome, StoreError>;
+
+    /// Dead-lettered tasks whose failed step has this capability.
+    async fn dead_letters(
+        &self,
+        capability: &Capability,
+        limit: usize,
+    ) -> Result<Vec<TaskId>, StoreError>;
+
+    /// Queue figures per capability (dead letters older than `retention` are pruned: their
+    /// tasks have expired).
+    async fn stats(
+        &self,
+        capabilities: &[Capability],
+        retention: Duration,
+    ) -> Result<Vec<(Capability, QueueStats)>, StoreError>;
+
+    /// Steps in flight per worker id.
+    async fn worker_loads(&self) -> Result<HashMap<String, u32>, StoreError>;
+
+    /// Capabilities that tasks were submitted with (for inline steps).
+    async fn capabilities(&self) -> Result<Vec<Capability>, StoreError>;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The error recorded when a lease lapses.
+pub fn lease_expired_error(worker: &WorkerId) -> StepError {
+    StepError::retryable(
+        "lease_expired",
+        format!("worker {worker} stopped reporting the step (lease expired)"),
+    )
+}
+
+/// Queue order: higher priority first, then first queued first. Priorities are limited to
+/// ±[`MAX_PRIORITY`] so the score stays exact in a double.
+pub fn queue_score(priority: i32, queued_at_ms: u64) -> f64 {
+    -(f64::from(priority)) * 1e13 + (queued_at_ms as f64 - SCORE_EPOCH_MS)
+}
+
+/// Largest absolute priority.
+pub const MAX_PRIORITY: i32 = 100;
+
+/// 2025-01-01, subtracted from queue times to keep scores small.
+pub const SCORE_EPOCH_MS: f64 = 1_735_689_600_000.0;

@@ -1,0 +1,348 @@
+//! Task intake and the client-facing operations: turning a `POST /task` body into a stored
+//! task, reading, waiting for, cancelling and redriving tasks, recording worker reports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::http::ApiError;
+use common::wire::{
+    ResultReport, SubmitTask, TaskId, TaskResult, TaskStatus, TaskView,
+};
+
+use crate::app::AppState;
+use crate::config::StepConfig;
+use crate::store::{
+    CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, RateLimit, RedriveOutcome, ReportOutcome,
+    StoreError, SubmitOutcome, TaskRecord,
+};
+
+/// Longest `?wait=` on `GET /result/{id}`, in seconds.
+pub const MAX_WAIT_SECS: u64 = 60;
+/// Longest idempotency key.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(msg) => {
+                tracing::warn!(error = %msg, "task store unavailable");
+                ApiError::unavailable("storage is unavailable; retry shortly")
+            }
+            StoreError::Corrupt(msg) => ApiError::internal(msg),
+        }
+    }
+}
+
+/// The answer to `POST /task`.
+pub struct Submitted {
+    /// The task (new, or the one the idempotency key names).
+    pub task_id: TaskId,
+    /// `202` for a new task, `200` for an idempotent repeat.
+    pub status: StatusCode,
+    /// The task's status now.
+    pub task_status: TaskStatus,
+}
+
+/// Validates and stores a new task, and wakes the dispatcher of its first step.
+pub async fn submit(
+    state: &AppState,
+    client: &str,
+    mut body: SubmitTask,
+    header_key: Option<String>,
+    request_id: String,
+) -> Result<Submitted, ApiError> {
+    let key = match (header_key, body.idempotency_key.take()) {
+        (Some(h), Some(b)) if h != b => {
+            return Err(ApiError::invalid(
+                "`idempotency_key` and the `Idempotency-Key` header differ",
+            ));
+        }
+        (h, b) => h.or(b),
+    };
+    if let Some(k) = &key
+        && (k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY)
+    {
+        return Err(ApiError::invalid(format!(
+            "`idempotency_key` must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
+        )));
+    }
+    if body.priority.abs() > MAX_PRIORITY {
+        return Err(ApiError::invalid(format!(
+            "`priority` must be between -{MAX_PRIORITY} and {MAX_PRIORITY}"
+        )));
+    }
+    if let Some(url) = &body.callback_url {
+        let ok = reqwest::Url::parse(url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !ok {
+            return Err(ApiError::invalid("`callback_url` must be an http(s) URL"));
+        }
+    }
+    let (pipeline, steps) = plan(state, &body)?;
+    let input = serde_json::to_string(&body.input).map_err(ApiError::internal)?;
+    let id = TaskId::generate();
+    let first = steps[0].capability.clone();
+    let task = NewTask {
+        id: id.clone(),
+        client: client.to_string(),
+        pipeline,
+        steps,
+        input,
+        priority: body.priority,
+        idempotency_key: key,
+        callback_url: body.callback_url,
+        request_id,
+    };
+    let limit = RateLimit {
+        per_sec: state.config.rate_limit_per_sec,
+        burst: state.config.rate_limit_burst,
+    };
+    match state.store.submit(task, limit, state.config.retention()).await? {
+        SubmitOutcome::Created => {
+            crate::metrics::task_submitted();
+            state.dispatcher.ensure_loop(&first);
+            state.hub.work_queued(first.as_str());
+            tracing::info!(task_id = %id, client, "task accepted");
+            Ok(Submitted {
+                task_id: id,
+                status: StatusCode::ACCEPTED,
+                task_status: TaskStatus::Queued,
+            })
+        }
+        SubmitOutcome::Existing(existing) => {
+            let status = state
+                .store
+                .get(&existing)
+                .await?
+                .map_or(TaskStatus::Queued, |r| r.view.status);
+            Ok(Submitted {
+                task_id: existing,
+                status: StatusCode::OK,
+                task_status: status,
+            })
+        }
+        SubmitOutcome::RateLimited(wait) => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many tasks submitted; slow down",
+        )
+        .retry_after(wait.as_secs_f64().ceil() as u64)),
+    }
+}
+
+/// The pipeline name and steps of a submission.
+fn plan(
+    state: &AppState,
+    body: &SubmitTask,
+) -> Result<(Option<String>, Vec<PlannedStep>), ApiError> {
+    let config = &state.config;
+    let planned = |s: &StepConfig| match s {
+        StepConfig::Name(c) => PlannedStep {
+            capability: c.clone(),
+            max_attempts: config.max_attempts,
+            timeout_ms: config.step_timeout_ms,
+        },
+        StepConfig::Detailed {
+            capability,
+            max_attempts,
+            timeout_ms,
+        } => PlannedStep {
+            capability: capability.clone(),
+            max_attempts: max_attempts.unwrap_or(config.max_attempts).max(1),
+            timeout_ms: timeout_ms.unwrap_or(config.step_timeout_ms).max(1),
+        },
+    };
+    match (&body.pipeline, &body.steps) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "give either `pipeline` or `steps`, not both",
+        )),
+        (None, Some(steps)) => {
+            if steps.is_empty() {
+                return Err(ApiError::invalid("`steps` must not be empty"));
+            }
+            if steps.len() > crate::config::MAX_STEPS {
+                return Err(ApiError::invalid(format!(
+                    "`steps` has at most {} entries",
+                    crate::config::MAX_STEPS
+                )));
+            }
+            if let Some(unknown) = steps.iter().find(|c| !state.dispatcher.knows(c)) {
+                return Err(ApiError::invalid(format!(
+                    "`steps`: unknown capability `{unknown}` (no pipeline uses it and no live worker serves it)"
+                )));
+            }
+            Ok((
+                None,
+                steps.iter().cloned().map(StepConfig::Name).map(|s| planned(&s)).collect(),
+            ))
+        }
+        (name, None) => {
+            // Neither given: the `default` pipeline, like a queue's default task.
+            let name = name.clone().unwrap_or_else(|| "default".to_string());
+            let pipeline = state.pipelines.get(&name).ok_or_else(|| {
+                ApiError::invalid(format!("`pipeline`: unknown pipeline `{name}`"))
+            })?;
+            Ok((Some(name), pipeline.steps.iter().map(planned).collect()))
+        }
+    }
+}
+
+/// A task the client owns (another client's task is `404`, as if it did not exist).
+pub async fn owned(state: &AppState, client: &str, id: &str) -> Result<TaskRecord, ApiError> {
+    let not_found = || ApiError::not_found(format!("no task `{id}`"));
+    let id = TaskId::new(id).map_err(|_| not_found())?;
+    let record = state.store.get(&id).await?.ok_or_else(not_found)?;
+    if record.client != client && !state.auth.disabled() {
+        return Err(not_found());
+    }
+    Ok(record)
+}
+
+/// The result of a task, waiting up to `wait` for it to finish.
+pub async fn result(
+    state: &AppState,
+    client: &str,
+    id: &str,
+    wait: Duration,
+) -> Result<TaskResult, ApiError> {
+    let mut record = owned(state, client, id).await?;
+    if !record.view.status.is_terminal() && !wait.is_zero() {
+        let deadline = tokio::time::Instant::now() + wait;
+        let waiter = state.hub.task_waiter(id);
+        loop {
+            let notified = waiter.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            record = owned(state, client, id).await?;
+            if record.view.status.is_terminal() {
+                break;
+            }
+            // Re-read at least every second in case a pub/sub message was missed.
+            let next = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(next) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                record = owned(state, client, id).await?;
+                break;
+            }
+        }
+        state.hub.release_waiter(id, waiter);
+    }
+    let v = record.view;
+    Ok(TaskResult {
+        task_id: v.task_id,
+        status: v.status,
+        result: v.result,
+        error: v.error,
+    })
+}
+
+/// Cancels a task the client owns.
+pub async fn cancel(state: &AppState, client: &str, id: &str) -> Result<TaskView, ApiError> {
+    let record = owned(state, client, id).await?;
+    let task_id = record.view.task_id.clone();
+    match state.store.cancel(&task_id, state.config.retention()).await? {
+        CancelOutcome::Cancelled => {
+            crate::metrics::task_finished(TaskStatus::Cancelled);
+            state.hub.task_finished(id);
+            tracing::info!(task_id = %task_id, "task cancelled");
+        }
+        CancelOutcome::AlreadyFinished(status) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("task already finished ({})", status.as_str()),
+            ));
+        }
+        CancelOutcome::NotFound => return Err(ApiError::not_found(format!("no task `{id}`"))),
+    }
+    Ok(owned(state, client, id).await?.view)
+}
+
+/// Records a worker's report.
+pub async fn record_report(
+    state: &Arc<AppState>,
+    report: ResultReport,
+) -> Result<bool, ApiError> {
+    report.validate().map_err(ApiError::invalid)?;
+    let outcome = state
+        .store
+        .report(
+            &report,
+            state.dispatcher.retry_policy(),
+            rand::random(),
+            state.config.retention(),
+        )
+        .await?;
+    let recorded = outcome != ReportOutcome::Discarded;
+    if recorded {
+        state.dispatcher.step_done(&report.worker_id);
+    }
+    state.dispatcher.after_report(&report.task_id, &outcome);
+    match &outcome {
+        ReportOutcome::Discarded => tracing::info!(task_id = %report.task_id, step = report.step,
+            attempt = report.attempt, worker = %report.worker_id,
+            "stale report discarded (attempt not current)"),
+        ReportOutcome::Retry { delay, .. } => tracing::info!(task_id = %report.task_id,
+            step = report.step, delay_ms = delay.as_millis() as u64, "step will be retried"),
+        ReportOutcome::Done { status, .. } => {
+            tracing::info!(task_id = %report.task_id, status = status.as_str(), "task finished");
+            spawn_callback(state, &report.task_id);
+        }
+        ReportOutcome::Next { .. } => {}
+    }
+    Ok(recorded)
+}
+
+/// POSTs the final task view to the task's callback URL, if it has one (best effort: three
+/// tries, then logged).
+fn spawn_callback(state: &Arc<AppState>, id: &TaskId) {
+    let state = state.clone();
+    let id = id.clone();
+    state.tracker.clone().spawn(async move {
+        let Ok(Some(record)) = state.store.get(&id).await else {
+            return;
+        };
+        let Some(url) = record.callback_url else {
+            return;
+        };
+        for attempt in 0..3u32 {
+            let sent = state
+                .callbacks
+                .post(&url)
+                .header(&common::telemetry::REQUEST_ID, &record.request_id)
+                .json(&record.view)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => return,
+                Ok(r) => tracing::warn!(task_id = %id, status = %r.status(), "callback refused"),
+                Err(e) => tracing::warn!(task_id = %id, error = %e, "callback failed"),
+            }
+            tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+        }
+        tracing::warn!(task_id = %id, "giving up on the callback");
+    });
+}
+
+/// Redrives one failed task.
+pub async fn redrive_task(state: &AppState, id: &str) -> Result<TaskId, ApiError> {
+    let task_id = TaskId::new(id).map_err(|e| ApiError::invalid(format!("`task_id`: {e}")))?;
+    match state.store.redrive(&task_id).await? {
+        RedriveOutcome::Redriven(cap) => {
+            state.dispatcher.ensure_loop(&cap);
+            state.hub.work_queued(cap.as_str());
+            tracing::info!(task_id = %task_id, capability = %cap, "task redriven");
+            Ok(task_id)
+        }
+        RedriveOutcome::NotFailed(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("task `{id}` is {}, not failed", status.as_str()),
+        )),
+        RedriveOutcome::NotFound => Err(ApiError::not_found(format!("no task `{id}`"))),
+    }
+}
