@@ -246,6 +246,8 @@ pub fn ops_routes<S: Clone + Send + Sync + 'static>(
     service: &'static str,
     ready: ReadyCheck,
 ) -> Router<S> {
+    // Install the recorder now: counters recorded before the first scrape must not be lost.
+    crate::telemetry::metrics();
     Router::new()
         .route(
             "/health",

@@ -1,0 +1,11 @@
+//! Integration tests of the master: real redis-server, real HTTP, an in-crate test worker
+//! that follows the worker protocol.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+
+mod conformance;
+mod e2e;
+mod errors;
+mod ops;
