@@ -18,7 +18,7 @@ pub struct SubmitTask {
     /// The task's input: any JSON. It is step 0's input and every step's context.
     #[serde(default)]
     pub input: Value,
-    /// Higher runs first within a capability's queue. Default 0; range -1000..=1000.
+    /// Higher runs first within a capability's queue. Default 0; range -100..=100.
     #[serde(default)]
     pub priority: i32,
     /// A client-chosen key: submitting the same key again returns the first task.
