@@ -185,7 +185,9 @@ async fn listen_events(settings: RedisSettings, hub: Arc<Hub>, shutdown: Cancell
                 }
                 tracing::warn!("events subscription lost; reconnecting");
             }
-            Ok(Err(e)) => tracing::debug!(error = %common::redis::describe(&e), "events subscription failed"),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %common::redis::describe(&e), "events subscription failed")
+            }
             Err(_) => tracing::debug!("events subscription timed out"),
         }
         tokio::select! {

@@ -27,7 +27,9 @@ pub struct Auth {
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auth").field("disabled", &self.disabled).finish()
+        f.debug_struct("Auth")
+            .field("disabled", &self.disabled)
+            .finish()
     }
 }
 
@@ -62,10 +64,14 @@ impl Auth {
         });
         let rs256 = match &config.jwt_public_key_file {
             Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| ConfigError::invalid("JWT_PUBLIC_KEY_FILE", format!("{path}: {e}")))?;
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError::invalid("JWT_PUBLIC_KEY_FILE", format!("{path}: {e}"))
+                })?;
                 let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
-                    ConfigError::invalid("JWT_PUBLIC_KEY_FILE", format!("not an RSA public key PEM: {e}"))
+                    ConfigError::invalid(
+                        "JWT_PUBLIC_KEY_FILE",
+                        format!("not an RSA public key PEM: {e}"),
+                    )
                 })?;
                 Some((key, validation(Algorithm::RS256, config)))
             }
@@ -94,7 +100,9 @@ impl Auth {
         let token = bearer(headers)
             .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .ok_or_else(|| {
-                ApiError::unauthorized("missing credentials: send `Authorization: Bearer <API key or JWT>`")
+                ApiError::unauthorized(
+                    "missing credentials: send `Authorization: Bearer <API key or JWT>`",
+                )
             })?;
         if let Some(client) = self.clients.client_for(token) {
             return Ok(client.to_string());
@@ -140,7 +148,9 @@ impl Auth {
             return Ok(());
         }
         let token = bearer(headers).ok_or_else(|| {
-            ApiError::unauthorized("missing credentials: send `Authorization: Bearer <operator key>`")
+            ApiError::unauthorized(
+                "missing credentials: send `Authorization: Bearer <operator key>`",
+            )
         })?;
         if self.operators.client_for(token).is_some() {
             Ok(())

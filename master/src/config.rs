@@ -191,7 +191,10 @@ impl Settings for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.redis.validate()?;
         if self.body_limit_bytes < 1024 {
-            return Err(ConfigError::invalid("BODY_LIMIT_BYTES", "must be at least 1024"));
+            return Err(ConfigError::invalid(
+                "BODY_LIMIT_BYTES",
+                "must be at least 1024",
+            ));
         }
         KeyRing::parse("API_KEYS", self.api_keys.expose())?;
         KeyRing::parse("OPERATOR_API_KEYS", self.operator_api_keys.expose())?;
@@ -205,10 +208,16 @@ impl Settings for Config {
             return Err(ConfigError::invalid("STEP_TIMEOUT_MS", "must be above 0"));
         }
         if self.retry_max_ms < self.retry_base_ms {
-            return Err(ConfigError::invalid("RETRY_MAX_MS", "must be at least RETRY_BASE_MS"));
+            return Err(ConfigError::invalid(
+                "RETRY_MAX_MS",
+                "must be at least RETRY_BASE_MS",
+            ));
         }
         if !(self.rate_limit_per_sec >= 0.0 && self.rate_limit_per_sec.is_finite()) {
-            return Err(ConfigError::invalid("RATE_LIMIT_PER_SEC", "must be 0 or more"));
+            return Err(ConfigError::invalid(
+                "RATE_LIMIT_PER_SEC",
+                "must be 0 or more",
+            ));
         }
         if self.dispatch_poll_ms == 0 || self.metrics_interval_ms == 0 {
             return Err(ConfigError::invalid(

@@ -55,8 +55,7 @@ pub fn step_finished(step: &FinishedStep, succeeded: bool) {
 
 /// A failed step will be retried.
 pub fn step_retried(cap: &Capability) {
-    metrics::counter!("ensemble_step_retries_total", "capability" => cap.to_string())
-        .increment(1);
+    metrics::counter!("ensemble_step_retries_total", "capability" => cap.to_string()).increment(1);
 }
 
 /// A step's lease lapsed.
@@ -123,8 +122,7 @@ pub fn publish_queue_gauges(
     for r in &rows {
         let cap = r.capability.to_string();
         metrics::gauge!("ensemble_queue_depth", "capability" => cap.clone()).set(r.queued as f64);
-        metrics::gauge!("ensemble_in_flight", "capability" => cap.clone())
-            .set(r.in_flight as f64);
+        metrics::gauge!("ensemble_in_flight", "capability" => cap.clone()).set(r.in_flight as f64);
         metrics::gauge!("ensemble_dead_letters", "capability" => cap.clone())
             .set(r.dead_lettered as f64);
         metrics::gauge!("ensemble_live_workers", "capability" => cap.clone())

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::http::ApiError;
-use common::wire::{
-    ResultReport, SubmitTask, TaskId, TaskResult, TaskStatus, TaskView,
-};
+use common::wire::{ResultReport, SubmitTask, TaskId, TaskResult, TaskStatus, TaskView};
 
 use crate::app::AppState;
 use crate::config::StepConfig;
@@ -98,7 +96,11 @@ pub async fn submit(
         per_sec: state.config.rate_limit_per_sec,
         burst: state.config.rate_limit_burst,
     };
-    match state.store.submit(task, limit, state.config.retention()).await? {
+    match state
+        .store
+        .submit(task, limit, state.config.retention())
+        .await?
+    {
         SubmitOutcome::Created => {
             crate::metrics::task_submitted();
             state.dispatcher.ensure_loop(&first);
@@ -174,7 +176,12 @@ fn plan(
             }
             Ok((
                 None,
-                steps.iter().cloned().map(StepConfig::Name).map(|s| planned(&s)).collect(),
+                steps
+                    .iter()
+                    .cloned()
+                    .map(StepConfig::Name)
+                    .map(|s| planned(&s))
+                    .collect(),
             ))
         }
         (name, None) => {
@@ -244,7 +251,11 @@ pub async fn result(
 pub async fn cancel(state: &AppState, client: &str, id: &str) -> Result<TaskView, ApiError> {
     let record = owned(state, client, id).await?;
     let task_id = record.view.task_id.clone();
-    match state.store.cancel(&task_id, state.config.retention()).await? {
+    match state
+        .store
+        .cancel(&task_id, state.config.retention())
+        .await?
+    {
         CancelOutcome::Cancelled => {
             crate::metrics::task_finished(TaskStatus::Cancelled);
             state.hub.task_finished(id);
@@ -263,10 +274,7 @@ pub async fn cancel(state: &AppState, client: &str, id: &str) -> Result<TaskView
 }
 
 /// Records a worker's report.
-pub async fn record_report(
-    state: &Arc<AppState>,
-    report: ResultReport,
-) -> Result<bool, ApiError> {
+pub async fn record_report(state: &Arc<AppState>, report: ResultReport) -> Result<bool, ApiError> {
     report.validate().map_err(ApiError::invalid)?;
     let outcome = state
         .store

@@ -1,4 +1,4 @@
-//! The `worker` binary: loads its settings and serves until SIGTERM or ctrl-c.
+//! The `worker` binary: loads its settings, serves until SIGTERM or ctrl-c, then drains.
 
 use anyhow::Context;
 

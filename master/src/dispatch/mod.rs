@@ -134,8 +134,7 @@ impl Dispatcher {
 
     /// Whether a capability is known (configured, served by a live worker, or seen before).
     pub fn knows(&self, capability: &Capability) -> bool {
-        self.configured.contains(capability)
-            || self.read_view().capabilities.contains(capability)
+        self.configured.contains(capability) || self.read_view().capabilities.contains(capability)
     }
 
     /// Starts a dispatch loop for a capability if it has none.
@@ -148,7 +147,8 @@ impl Dispatcher {
         if new {
             let me = self.clone();
             let cap = capability.clone();
-            self.tracker.spawn(async move { me.dispatch_loop(cap).await });
+            self.tracker
+                .spawn(async move { me.dispatch_loop(cap).await });
         }
     }
 
@@ -397,7 +397,10 @@ impl Dispatcher {
             })
         };
         let steps: Vec<StepRef> = extend.into_iter().map(|l| l.step).collect();
-        let extended = self.store.extend_leases(cap, &steps, self.config.lease()).await;
+        let extended = self
+            .store
+            .extend_leases(cap, &steps, self.config.lease())
+            .await;
         self.store_result("extending leases", extended);
         for l in lapse {
             let report = ResultReport {
@@ -412,7 +415,12 @@ impl Dispatcher {
             };
             let recorded = self
                 .store
-                .report(&report, self.retry_policy(), rand::random(), self.config.retention())
+                .report(
+                    &report,
+                    self.retry_policy(),
+                    rand::random(),
+                    self.config.retention(),
+                )
                 .await;
             if let Some(outcome) = self.store_result("re-queueing a lapsed step", recorded) {
                 if outcome != ReportOutcome::Discarded {

@@ -91,7 +91,11 @@ mod tests {
             .into_iter()
             .map(|w| w.to_string())
             .collect();
-        assert_eq!(got, ["b", "a", "b", "b"], "b first (idle), never more than capacity");
+        assert_eq!(
+            got,
+            ["b", "a", "b", "b"],
+            "b first (idle), never more than capacity"
+        );
         assert_eq!(free_slots(&plan, &workers, &load, &none), 4);
     }
 
@@ -100,7 +104,11 @@ mod tests {
         let plan = Capability::new("plan").unwrap();
         let mut draining = worker("d", &["plan"], 4);
         draining.draining = true;
-        let workers = vec![draining, worker("s", &["plan"], 4), worker("r", &["retrieve"], 4)];
+        let workers = vec![
+            draining,
+            worker("s", &["plan"], 4),
+            worker("r", &["retrieve"], 4),
+        ];
         let skip = |w: &WorkerId| w.as_str() == "s";
         assert!(assign(&plan, &workers, &HashMap::new(), &skip, 3).is_empty());
         assert_eq!(free_slots(&plan, &workers, &HashMap::new(), &skip), 0);

@@ -98,7 +98,9 @@ pub async fn workers(
             record,
         })
         .collect();
-    Ok(Json(json!({ "workers": workers, "by_capability": by_capability })))
+    Ok(Json(
+        json!({ "workers": workers, "by_capability": by_capability }),
+    ))
 }
 
 /// `GET /queues`: per capability: queued, delayed, in flight, dead-lettered, live

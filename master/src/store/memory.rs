@@ -131,10 +131,11 @@ impl State {
     }
 
     fn enqueue(&mut self, cap: &Capability, priority: i32, queued: u64, id: &str, step: u32) {
-        self.queues
-            .entry(cap.to_string())
-            .or_default()
-            .insert((score(priority, queued), id.to_string(), step));
+        self.queues.entry(cap.to_string()).or_default().insert((
+            score(priority, queued),
+            id.to_string(),
+            step,
+        ));
     }
 
     fn remove_lease(&mut self, cap: &Capability, id: &str, step: u32) -> bool {
@@ -655,13 +656,9 @@ impl TaskStore for MemoryStore {
                     if let Some(d) = s.dead.get_mut(c) {
                         d.retain(|_, at| *at + ms(retention) > now);
                     }
-                    let head = s
-                        .queues
-                        .get(c)
-                        .and_then(|q| q.first().cloned())
-                        .and_then(|(_, id, step)| {
-                            s.tasks.get(&id)?.steps.get(step as usize)?.queued
-                        });
+                    let head = s.queues.get(c).and_then(|q| q.first().cloned()).and_then(
+                        |(_, id, step)| s.tasks.get(&id)?.steps.get(step as usize)?.queued,
+                    );
                     let stats = QueueStats {
                         queued: s.queues.get(c).map_or(0, |q| q.len() as u64),
                         delayed: s.delayed.get(c).map_or(0, |q| q.len() as u64),

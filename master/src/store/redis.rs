@@ -109,7 +109,11 @@ impl TaskStore for RedisStore {
             .key(keys::capabilities(p))
             .arg(p)
             .arg(id)
-            .arg(if limit.per_sec > 0.0 { limit.per_sec } else { 0.0 })
+            .arg(if limit.per_sec > 0.0 {
+                limit.per_sec
+            } else {
+                0.0
+            })
             .arg(limit.burst.max(1))
             .arg(ms(retention))
             .arg(if idem.is_some() { "1" } else { "0" })
@@ -167,7 +171,11 @@ impl TaskStore for RedisStore {
                 TaskId::new(reply.get(1).cloned().unwrap_or_default()).map_err(corrupt)?,
             )),
             Some("limited") => Ok(SubmitOutcome::RateLimited(Duration::from_millis(
-                reply.get(1).map(|s| parse_num(s)).transpose()?.unwrap_or(1000),
+                reply
+                    .get(1)
+                    .map(|s| parse_num(s))
+                    .transpose()?
+                    .unwrap_or(1000),
             ))),
             other => Err(corrupt(format!("submit script answered {other:?}"))),
         }
@@ -520,10 +528,7 @@ fn claimed_from_row(capability: &Capability, row: &[String]) -> Result<Claimed, 
     })
 }
 
-fn record_from_fields(
-    id: &TaskId,
-    f: &HashMap<String, String>,
-) -> Result<TaskRecord, StoreError> {
+fn record_from_fields(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRecord, StoreError> {
     let get = |k: &str| f.get(k).map(String::as_str);
     let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
     let json = |k: &str| get(k).map(parse_json).transpose();

@@ -10,8 +10,8 @@ use common::wire::{
     Capability, ReportStatus, ResultReport, StepError, StepStatus, TaskId, TaskStatus, WorkerId,
 };
 use master::store::{
-    CancelOutcome, NewTask, PlannedStep, RateLimit, RedisStore, RedriveOutcome,
-    ReportOutcome, RetryPolicy, SubmitOutcome, TaskStore,
+    CancelOutcome, NewTask, PlannedStep, RateLimit, RedisStore, RedriveOutcome, ReportOutcome,
+    RetryPolicy, SubmitOutcome, TaskStore,
 };
 use serde_json::json;
 
@@ -140,8 +140,20 @@ async fn pipeline_passes_outputs_and_context(store: Arc<dyn TaskStore>) {
     assert_eq!(view.steps[0].status, StepStatus::Queued);
     assert_eq!(view.steps[1].status, StepStatus::Pending);
 
-    assert!(s.claim(&cap("retrieve"), &[worker("w1")], Duration::from_secs(10)).await.unwrap().is_empty());
-    let c = s.claim(&cap("plan"), &[worker("w1"), worker("w2")], Duration::from_secs(10)).await.unwrap();
+    assert!(
+        s.claim(&cap("retrieve"), &[worker("w1")], Duration::from_secs(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let c = s
+        .claim(
+            &cap("plan"),
+            &[worker("w1"), worker("w2")],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     assert_eq!(c.len(), 1, "one step queued");
     let w = &c[0].work;
     assert_eq!((w.step, w.attempt), (0, 1));
@@ -158,19 +170,46 @@ async fn pipeline_passes_outputs_and_context(store: Arc<dyn TaskStore>) {
     assert_eq!(s.worker_loads().await.unwrap().get("w1"), Some(&1));
 
     let out = report(s, ok(&id, 0, 1, json!({"plan": ["a"]}))).await;
-    assert!(matches!(out, ReportOutcome::Next { ref next, .. } if next == &cap("retrieve")), "{out:?}");
-    assert_eq!(s.worker_loads().await.unwrap().get("w1").copied().unwrap_or(0), 0);
+    assert!(
+        matches!(out, ReportOutcome::Next { ref next, .. } if next == &cap("retrieve")),
+        "{out:?}"
+    );
+    assert_eq!(
+        s.worker_loads()
+            .await
+            .unwrap()
+            .get("w1")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
 
-    let c = s.claim(&cap("retrieve"), &[worker("w2")], Duration::from_secs(10)).await.unwrap();
+    let c = s
+        .claim(&cap("retrieve"), &[worker("w2")], Duration::from_secs(10))
+        .await
+        .unwrap();
     let w = &c[0].work;
     assert_eq!(w.step, 1);
-    assert_eq!(w.input, json!({"plan": ["a"]}), "step 1's input is step 0's output");
+    assert_eq!(
+        w.input,
+        json!({"plan": ["a"]}),
+        "step 1's input is step 0's output"
+    );
     assert_eq!(w.context.previous.len(), 1);
     assert_eq!(w.context.previous[0].capability, cap("plan"));
     assert_eq!(w.context.previous[0].output, json!({"plan": ["a"]}));
 
     let out = report(s, ok(&id, 1, 1, json!("final"))).await;
-    assert!(matches!(out, ReportOutcome::Done { status: TaskStatus::Succeeded, .. }), "{out:?}");
+    assert!(
+        matches!(
+            out,
+            ReportOutcome::Done {
+                status: TaskStatus::Succeeded,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
     let view = s.get(&id).await.unwrap().unwrap().view;
     assert_eq!(view.status, TaskStatus::Succeeded);
     assert_eq!(view.result, Some(json!("final")));
@@ -181,63 +220,138 @@ async fn pipeline_passes_outputs_and_context(store: Arc<dyn TaskStore>) {
 async fn stale_attempts_are_discarded(store: Arc<dyn TaskStore>) {
     let s = store.as_ref();
     let id = submit(s, task(&["plan"], 0, 3)).await;
-    s.claim(&cap("plan"), &[worker("w1")], Duration::from_secs(10)).await.unwrap();
+    s.claim(&cap("plan"), &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
     // The attempt lapses (as the reaper does) and is dispatched again.
     let lapsed = report(s, failed(&id, 0, 1, true)).await;
     assert!(matches!(lapsed, ReportOutcome::Retry { .. }));
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert_eq!(s.promote_due(&cap("plan")).await.unwrap(), 1);
-    let c = s.claim(&cap("plan"), &[worker("w2")], Duration::from_secs(10)).await.unwrap();
+    let c = s
+        .claim(&cap("plan"), &[worker("w2")], Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(c[0].work.attempt, 2);
     // The first worker reports late: discarded; the second's report counts.
-    assert_eq!(report(s, ok(&id, 0, 1, json!("late"))).await, ReportOutcome::Discarded);
-    assert!(matches!(report(s, ok(&id, 0, 2, json!("on time"))).await, ReportOutcome::Done { .. }));
-    assert_eq!(report(s, ok(&id, 0, 2, json!("twice"))).await, ReportOutcome::Discarded);
+    assert_eq!(
+        report(s, ok(&id, 0, 1, json!("late"))).await,
+        ReportOutcome::Discarded
+    );
+    assert!(matches!(
+        report(s, ok(&id, 0, 2, json!("on time"))).await,
+        ReportOutcome::Done { .. }
+    ));
+    assert_eq!(
+        report(s, ok(&id, 0, 2, json!("twice"))).await,
+        ReportOutcome::Discarded
+    );
     let view = s.get(&id).await.unwrap().unwrap().view;
     assert_eq!(view.result, Some(json!("on time")));
     // Unknown task and out-of-range step: discarded, not an error.
-    assert_eq!(report(s, ok(&TaskId::generate(), 0, 1, json!(1))).await, ReportOutcome::Discarded);
-    assert_eq!(report(s, ok(&id, 7, 1, json!(1))).await, ReportOutcome::Discarded);
+    assert_eq!(
+        report(s, ok(&TaskId::generate(), 0, 1, json!(1))).await,
+        ReportOutcome::Discarded
+    );
+    assert_eq!(
+        report(s, ok(&id, 7, 1, json!(1))).await,
+        ReportOutcome::Discarded
+    );
 }
 
 async fn retries_then_dead_letter_then_redrive(store: Arc<dyn TaskStore>) {
     let s = store.as_ref();
     let plan = cap("plan");
     let id = submit(s, task(&["plan"], 0, 2)).await;
-    s.claim(&plan, &[worker("w1")], Duration::from_secs(10)).await.unwrap();
+    s.claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
     let out = report(s, failed(&id, 0, 1, true)).await;
-    let ReportOutcome::Retry { delay, .. } = out else { panic!("{out:?}") };
-    assert!(delay >= Duration::from_millis(10) && delay <= Duration::from_millis(20), "{delay:?}");
-    assert!(s.claim(&plan, &[worker("w1")], Duration::from_secs(10)).await.unwrap().is_empty(),
-        "a retry waits out its backoff");
-    let stats = s.stats(&[plan.clone()], RETENTION).await.unwrap();
+    let ReportOutcome::Retry { delay, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        delay >= Duration::from_millis(10) && delay <= Duration::from_millis(20),
+        "{delay:?}"
+    );
+    assert!(
+        s.claim(&plan, &[worker("w1")], Duration::from_secs(10))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a retry waits out its backoff"
+    );
+    let stats = s
+        .stats(std::slice::from_ref(&plan), RETENTION)
+        .await
+        .unwrap();
     assert_eq!((stats[0].1.queued, stats[0].1.delayed), (0, 1));
     tokio::time::sleep(Duration::from_millis(40)).await;
     s.promote_due(&plan).await.unwrap();
-    let c = s.claim(&plan, &[worker("w1")], Duration::from_secs(10)).await.unwrap();
+    let c = s
+        .claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(c[0].work.attempt, 2);
     let out = report(s, failed(&id, 0, 2, true)).await;
-    assert!(matches!(out, ReportOutcome::Done { status: TaskStatus::Failed, .. }), "max attempts reached: {out:?}");
+    assert!(
+        matches!(
+            out,
+            ReportOutcome::Done {
+                status: TaskStatus::Failed,
+                ..
+            }
+        ),
+        "max attempts reached: {out:?}"
+    );
     let view = s.get(&id).await.unwrap().unwrap().view;
     assert_eq!(view.status, TaskStatus::Failed);
     assert_eq!(view.error.as_ref().unwrap().message, "boom");
     assert_eq!(s.dead_letters(&plan, 10).await.unwrap(), vec![id.clone()]);
 
-    assert_eq!(s.redrive(&id).await.unwrap(), RedriveOutcome::Redriven(plan.clone()));
+    assert_eq!(
+        s.redrive(&id).await.unwrap(),
+        RedriveOutcome::Redriven(plan.clone())
+    );
     assert!(s.dead_letters(&plan, 10).await.unwrap().is_empty());
-    assert!(matches!(s.redrive(&id).await.unwrap(), RedriveOutcome::NotFailed(_)));
-    let c = s.claim(&plan, &[worker("w1")], Duration::from_secs(10)).await.unwrap();
+    assert!(matches!(
+        s.redrive(&id).await.unwrap(),
+        RedriveOutcome::NotFailed(_)
+    ));
+    let c = s
+        .claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(c.len(), 1);
-    assert_eq!(s.get(&id).await.unwrap().unwrap().view.steps[0].attempts, 1, "attempts reset");
-    assert!(matches!(report(s, ok(&id, 0, c[0].work.attempt, json!(1))).await,
-        ReportOutcome::Done { status: TaskStatus::Succeeded, .. }));
+    assert_eq!(
+        s.get(&id).await.unwrap().unwrap().view.steps[0].attempts,
+        1,
+        "attempts reset"
+    );
+    assert!(matches!(
+        report(s, ok(&id, 0, c[0].work.attempt, json!(1))).await,
+        ReportOutcome::Done {
+            status: TaskStatus::Succeeded,
+            ..
+        }
+    ));
 
     // A permanent failure dead-letters at once.
     let id2 = submit(s, task(&["plan"], 0, 5)).await;
-    s.claim(&plan, &[worker("w1")], Duration::from_secs(10)).await.unwrap();
-    assert!(matches!(report(s, failed(&id2, 0, 1, false)).await,
-        ReportOutcome::Done { status: TaskStatus::Failed, .. }));
-    assert_eq!(s.redrive(&TaskId::generate()).await.unwrap(), RedriveOutcome::NotFound);
+    s.claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(matches!(
+        report(s, failed(&id2, 0, 1, false)).await,
+        ReportOutcome::Done {
+            status: TaskStatus::Failed,
+            ..
+        }
+    ));
+    assert_eq!(
+        s.redrive(&TaskId::generate()).await.unwrap(),
+        RedriveOutcome::NotFound
+    );
 }
 
 async fn release_spends_no_attempt(store: Arc<dyn TaskStore>) {
@@ -245,20 +359,49 @@ async fn release_spends_no_attempt(store: Arc<dyn TaskStore>) {
     let plan = cap("plan");
     let first = submit(s, task(&["plan"], 0, 1)).await;
     let second = submit(s, task(&["plan"], 0, 1)).await;
-    let c = s.claim(&plan, &[worker("w1")], Duration::from_secs(10)).await.unwrap();
+    let c = s
+        .claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(c[0].work.task_id, first);
     assert!(s.release(&c[0].work.step_ref()).await.unwrap());
-    assert!(!s.release(&c[0].work.step_ref()).await.unwrap(), "released once");
+    assert!(
+        !s.release(&c[0].work.step_ref()).await.unwrap(),
+        "released once"
+    );
     let view = s.get(&first).await.unwrap().unwrap().view;
-    assert_eq!((view.steps[0].status, view.steps[0].attempts), (StepStatus::Queued, 0));
-    assert_eq!(s.worker_loads().await.unwrap().get("w1").copied().unwrap_or(0), 0);
+    assert_eq!(
+        (view.steps[0].status, view.steps[0].attempts),
+        (StepStatus::Queued, 0)
+    );
+    assert_eq!(
+        s.worker_loads()
+            .await
+            .unwrap()
+            .get("w1")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
     // It keeps its place in the queue, and its next attempt has a new fencing number.
-    let c = s.claim(&plan, &[worker("w2")], Duration::from_secs(10)).await.unwrap();
+    let c = s
+        .claim(&plan, &[worker("w2")], Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(c[0].work.task_id, first);
     assert_eq!(c[0].work.attempt, 2);
-    assert_eq!(report(s, ok(&first, 0, 1, json!(1))).await, ReportOutcome::Discarded);
-    assert!(matches!(report(s, ok(&first, 0, 2, json!(1))).await, ReportOutcome::Done { .. }));
-    let c = s.claim(&plan, &[worker("w2")], Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        report(s, ok(&first, 0, 1, json!(1))).await,
+        ReportOutcome::Discarded
+    );
+    assert!(matches!(
+        report(s, ok(&first, 0, 2, json!(1))).await,
+        ReportOutcome::Done { .. }
+    ));
+    let c = s
+        .claim(&plan, &[worker("w2")], Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(c[0].work.task_id, second);
 }
 
@@ -286,17 +429,50 @@ async fn cancel_removes_queued_and_dispatched_steps(store: Arc<dyn TaskStore>) {
     let s = store.as_ref();
     let plan = cap("plan");
     let queued = submit(s, task(&["plan"], 0, 1)).await;
-    assert_eq!(s.cancel(&queued, RETENTION).await.unwrap(), CancelOutcome::Cancelled);
-    assert!(s.claim(&plan, &[worker("w1")], Duration::from_secs(10)).await.unwrap().is_empty());
-    assert_eq!(s.get(&queued).await.unwrap().unwrap().view.status, TaskStatus::Cancelled);
+    assert_eq!(
+        s.cancel(&queued, RETENTION).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert!(
+        s.claim(&plan, &[worker("w1")], Duration::from_secs(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.get(&queued).await.unwrap().unwrap().view.status,
+        TaskStatus::Cancelled
+    );
 
     let running = submit(s, task(&["plan"], 0, 1)).await;
-    s.claim(&plan, &[worker("w1")], Duration::from_secs(10)).await.unwrap();
-    assert_eq!(s.cancel(&running, RETENTION).await.unwrap(), CancelOutcome::Cancelled);
-    assert_eq!(s.worker_loads().await.unwrap().get("w1").copied().unwrap_or(0), 0);
-    assert_eq!(report(s, ok(&running, 0, 1, json!(1))).await, ReportOutcome::Discarded);
-    assert_eq!(s.cancel(&running, RETENTION).await.unwrap(), CancelOutcome::AlreadyFinished(TaskStatus::Cancelled));
-    assert_eq!(s.cancel(&TaskId::generate(), RETENTION).await.unwrap(), CancelOutcome::NotFound);
+    s.claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.cancel(&running, RETENTION).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(
+        s.worker_loads()
+            .await
+            .unwrap()
+            .get("w1")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    assert_eq!(
+        report(s, ok(&running, 0, 1, json!(1))).await,
+        ReportOutcome::Discarded
+    );
+    assert_eq!(
+        s.cancel(&running, RETENTION).await.unwrap(),
+        CancelOutcome::AlreadyFinished(TaskStatus::Cancelled)
+    );
+    assert_eq!(
+        s.cancel(&TaskId::generate(), RETENTION).await.unwrap(),
+        CancelOutcome::NotFound
+    );
     let stats = s.stats(&[plan], RETENTION).await.unwrap();
     assert_eq!((stats[0].1.queued, stats[0].1.in_flight), (0, 0));
 }
@@ -308,44 +484,83 @@ async fn idempotency_returns_the_first_task(store: Arc<dyn TaskStore>) {
     let first = submit(s, t.clone()).await;
     let mut again = t.clone();
     again.id = TaskId::generate();
-    assert_eq!(s.submit(again, NO_LIMIT, RETENTION).await.unwrap(), SubmitOutcome::Existing(first.clone()));
+    assert_eq!(
+        s.submit(again, NO_LIMIT, RETENTION).await.unwrap(),
+        SubmitOutcome::Existing(first.clone())
+    );
     let mut other_client = t.clone();
     other_client.id = TaskId::generate();
     other_client.client = "bob".into();
-    assert_eq!(s.submit(other_client, NO_LIMIT, RETENTION).await.unwrap(), SubmitOutcome::Created,
-        "keys are per client");
-    let c = s.claim(&cap("plan"), &[worker("a"), worker("b"), worker("c")], Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        s.submit(other_client, NO_LIMIT, RETENTION).await.unwrap(),
+        SubmitOutcome::Created,
+        "keys are per client"
+    );
+    let c = s
+        .claim(
+            &cap("plan"),
+            &[worker("a"), worker("b"), worker("c")],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     assert_eq!(c.len(), 2, "the repeat queued nothing");
 }
 
 async fn rate_limit_per_client(store: Arc<dyn TaskStore>) {
     let s = store.as_ref();
-    let limit = RateLimit { per_sec: 1.0, burst: 3 };
+    let limit = RateLimit {
+        per_sec: 1.0,
+        burst: 3,
+    };
     for _ in 0..3 {
-        assert_eq!(s.submit(task(&["plan"], 0, 1), limit, RETENTION).await.unwrap(), SubmitOutcome::Created);
+        assert_eq!(
+            s.submit(task(&["plan"], 0, 1), limit, RETENTION)
+                .await
+                .unwrap(),
+            SubmitOutcome::Created
+        );
     }
-    match s.submit(task(&["plan"], 0, 1), limit, RETENTION).await.unwrap() {
-        SubmitOutcome::RateLimited(wait) => assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}"),
+    match s
+        .submit(task(&["plan"], 0, 1), limit, RETENTION)
+        .await
+        .unwrap()
+    {
+        SubmitOutcome::RateLimited(wait) => assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        ),
         other => panic!("expected a rate limit, got {other:?}"),
     }
     let mut bob = task(&["plan"], 0, 1);
     bob.client = "bob".into();
-    assert_eq!(s.submit(bob, limit, RETENTION).await.unwrap(), SubmitOutcome::Created, "limits are per client");
+    assert_eq!(
+        s.submit(bob, limit, RETENTION).await.unwrap(),
+        SubmitOutcome::Created,
+        "limits are per client"
+    );
 }
 
 async fn expired_leases_are_listed_extended_and_lapsed(store: Arc<dyn TaskStore>) {
     let s = store.as_ref();
     let plan = cap("plan");
     let id = submit(s, task(&["plan"], 0, 3)).await;
-    s.claim(&plan, &[worker("w1")], Duration::from_millis(30)).await.unwrap();
+    s.claim(&plan, &[worker("w1")], Duration::from_millis(30))
+        .await
+        .unwrap();
     assert!(s.expired_leases(&plan, 10).await.unwrap().is_empty());
     tokio::time::sleep(Duration::from_millis(50)).await;
     let expired = s.expired_leases(&plan, 10).await.unwrap();
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].worker, worker("w1"));
     assert_eq!((expired[0].step.step, expired[0].step.attempt), (0, 1));
-    s.extend_leases(&plan, &[expired[0].step.clone()], Duration::from_secs(10)).await.unwrap();
-    assert!(s.expired_leases(&plan, 10).await.unwrap().is_empty(), "extended");
+    s.extend_leases(&plan, &[expired[0].step.clone()], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        s.expired_leases(&plan, 10).await.unwrap().is_empty(),
+        "extended"
+    );
     // A finished step's lease entry is dropped, never listed.
     report(s, ok(&id, 0, 1, json!(1))).await;
     assert!(s.expired_leases(&plan, 10).await.unwrap().is_empty());
@@ -357,13 +572,28 @@ async fn stats_and_worker_loads(store: Arc<dyn TaskStore>) {
     for _ in 0..3 {
         submit(s, task(&["plan"], 0, 1)).await;
     }
-    s.claim(&plan, &[worker("w1")], Duration::from_secs(10)).await.unwrap();
-    let stats = s.stats(&[plan.clone(), cap("retrieve")], RETENTION).await.unwrap();
+    s.claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let stats = s
+        .stats(&[plan.clone(), cap("retrieve")], RETENTION)
+        .await
+        .unwrap();
     assert_eq!(stats[0].0, plan);
-    assert_eq!((stats[0].1.queued, stats[0].1.in_flight, stats[0].1.dead_lettered), (2, 1, 0));
+    assert_eq!(
+        (
+            stats[0].1.queued,
+            stats[0].1.in_flight,
+            stats[0].1.dead_lettered
+        ),
+        (2, 1, 0)
+    );
     assert!(stats[0].1.head_queued_at_ms.is_some());
     assert_eq!(stats[1].1, master::store::QueueStats::default());
     assert_eq!(s.worker_loads().await.unwrap().get("w1"), Some(&1));
-    assert!(s.capabilities().await.unwrap().contains(&plan), "inline capabilities are remembered");
+    assert!(
+        s.capabilities().await.unwrap().contains(&plan),
+        "inline capabilities are remembered"
+    );
     s.ping().await.unwrap();
 }

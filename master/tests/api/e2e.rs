@@ -16,7 +16,9 @@ async fn default_pipeline_runs_through_four_workers_with_context() {
     let master = TestMaster::start(test_config(&settings)).await;
     let _workers = default_workers(&settings, &master.url).await;
 
-    let id = master.submit(json!({"pipeline": "default", "input": {"question": "why?"}})).await;
+    let id = master
+        .submit(json!({"pipeline": "default", "input": {"question": "why?"}}))
+        .await;
     let view = master.wait(&id, Duration::from_secs(20)).await;
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:?}");
     assert_eq!(view.pipeline.as_deref(), Some("default"));
@@ -26,17 +28,32 @@ async fn default_pipeline_runs_through_four_workers_with_context() {
         assert_eq!(step.status, StepStatus::Succeeded);
         assert_eq!(step.attempts, 1);
         let out = step.output.as_ref().unwrap();
-        assert_eq!(out["previous"], json!(i), "step {i} sees every earlier output");
+        assert_eq!(
+            out["previous"],
+            json!(i),
+            "step {i} sees every earlier output"
+        );
         assert_eq!(out["task_input"], json!({"question": "why?"}));
-        assert_eq!(step.worker_id.as_ref().unwrap().as_str(), format!("w-{}", step.capability));
+        assert_eq!(
+            step.worker_id.as_ref().unwrap().as_str(),
+            format!("w-{}", step.capability)
+        );
         if i > 0 {
-            assert_eq!(&out["input"], view.steps[i - 1].output.as_ref().unwrap(),
-                "step {i}'s input is step {}'s output", i - 1);
+            assert_eq!(
+                &out["input"],
+                view.steps[i - 1].output.as_ref().unwrap(),
+                "step {i}'s input is step {}'s output",
+                i - 1
+            );
         }
     }
     assert_eq!(view.result, view.steps[3].output);
 
-    let r = master.get(&format!("/result/{id}"), ALICE).send().await.unwrap();
+    let r = master
+        .get(&format!("/result/{id}"), ALICE)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "succeeded");
@@ -49,7 +66,15 @@ async fn killed_worker_step_is_redispatched_to_another() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
-    let mut doomed = TestWorker::start("doomed", &["plan"], 4, Behavior::Hang, &settings, &master.url).await;
+    let mut doomed = TestWorker::start(
+        "doomed",
+        &["plan"],
+        4,
+        Behavior::Hang,
+        &settings,
+        &master.url,
+    )
+    .await;
     let id = master.submit(json!({"steps": ["plan"], "input": 1})).await;
     // Wait until the doomed worker holds the step, then kill it.
     let held = common::testing::eventually(Duration::from_secs(5), || async {
@@ -58,12 +83,27 @@ async fn killed_worker_step_is_redispatched_to_another() {
     .await;
     assert!(held.is_some(), "the step never reached the first worker");
     doomed.kill();
-    let healthy = TestWorker::start("healthy", &["plan"], 4,
-        Behavior::Succeed { delay: Duration::ZERO }, &settings, &master.url).await;
+    let healthy = TestWorker::start(
+        "healthy",
+        &["plan"],
+        4,
+        Behavior::Succeed {
+            delay: Duration::ZERO,
+        },
+        &settings,
+        &master.url,
+    )
+    .await;
     let view = master.wait(&id, Duration::from_secs(20)).await;
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:?}");
-    assert_eq!(view.steps[0].attempts, 2, "the lapsed lease counted as an attempt");
-    assert_eq!(view.steps[0].worker_id.as_ref().unwrap().as_str(), "healthy");
+    assert_eq!(
+        view.steps[0].attempts, 2,
+        "the lapsed lease counted as an attempt"
+    );
+    assert_eq!(
+        view.steps[0].worker_id.as_ref().unwrap().as_str(),
+        "healthy"
+    );
     assert_eq!(healthy.received()[0].attempt, 2);
     master.stop().await;
 }
@@ -73,15 +113,25 @@ async fn busy_worker_costs_no_attempt() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
-    let busy = TestWorker::start("busy", &["plan"], 8, Behavior::Busy, &settings, &master.url).await;
+    let busy =
+        TestWorker::start("busy", &["plan"], 8, Behavior::Busy, &settings, &master.url).await;
     let id = master.submit(json!({"steps": ["plan"]})).await;
     common::testing::eventually(Duration::from_secs(5), || async {
         (busy.received().len() >= 2).then_some(())
     })
     .await
     .expect("the busy worker was offered the step, and again after its 429");
-    let _ok = TestWorker::start("ok", &["plan"], 8,
-        Behavior::Succeed { delay: Duration::ZERO }, &settings, &master.url).await;
+    let _ok = TestWorker::start(
+        "ok",
+        &["plan"],
+        8,
+        Behavior::Succeed {
+            delay: Duration::ZERO,
+        },
+        &settings,
+        &master.url,
+    )
+    .await;
     let view = master.wait(&id, Duration::from_secs(10)).await;
     assert_eq!(view.status, TaskStatus::Succeeded);
     assert_eq!(view.steps[0].attempts, 1, "429s spent no attempt");
@@ -94,8 +144,11 @@ async fn stale_result_from_an_old_attempt_is_discarded() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
-    let slow = TestWorker::start("slow", &["plan"], 4, Behavior::Hang, &settings, &master.url).await;
-    let id = master.submit(json!({"steps": ["plan"], "input": "x"})).await;
+    let slow =
+        TestWorker::start("slow", &["plan"], 4, Behavior::Hang, &settings, &master.url).await;
+    let id = master
+        .submit(json!({"steps": ["plan"], "input": "x"}))
+        .await;
     common::testing::eventually(Duration::from_secs(5), || async {
         (!slow.received().is_empty()).then_some(())
     })
@@ -105,7 +158,8 @@ async fn stale_result_from_an_old_attempt_is_discarded() {
     // attempt 2 goes to another worker. Then the slow one comes back and reports.
     let mut slow = slow;
     slow.kill();
-    let fast = TestWorker::start("fast", &["plan"], 4, Behavior::Hang, &settings, &master.url).await;
+    let fast =
+        TestWorker::start("fast", &["plan"], 4, Behavior::Hang, &settings, &master.url).await;
     common::testing::eventually(Duration::from_secs(10), || async {
         fast.received().iter().any(|s| s.attempt == 2).then_some(())
     })
@@ -113,15 +167,34 @@ async fn stale_result_from_an_old_attempt_is_discarded() {
     .expect("attempt 2 dispatched after the lease lapsed");
     let late = json!({"task_id": id, "step": 0, "attempt": 1, "worker_id": "slow",
         "status": "succeeded", "output": "late"});
-    let r = master.post("/result", WORKER_TOKEN).json(&late).send().await.unwrap();
+    let r = master
+        .post("/result", WORKER_TOKEN)
+        .json(&late)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "discarded");
     let current = json!({"task_id": id, "step": 0, "attempt": 2, "worker_id": "fast",
         "status": "succeeded", "output": "current"});
-    let r = master.post("/result", WORKER_TOKEN).json(&current).send().await.unwrap();
+    let r = master
+        .post("/result", WORKER_TOKEN)
+        .json(&current)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "recorded");
-    let r = master.post("/result", WORKER_TOKEN).json(&current).send().await.unwrap();
-    assert_eq!(r.json::<Value>().await.unwrap()["status"], "discarded", "a second report is ignored");
+    let r = master
+        .post("/result", WORKER_TOKEN)
+        .json(&current)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["status"],
+        "discarded",
+        "a second report is ignored"
+    );
     let view = master.wait(&id, Duration::from_secs(5)).await;
     assert_eq!(view.result, Some(json!("current")));
     master.stop().await;
@@ -132,22 +205,57 @@ async fn retries_then_dead_letter_then_redrive_succeeds() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
-    let mut failing = TestWorker::start("failing", &["evaluate"], 4,
-        Behavior::Fail { retryable: true }, &settings, &master.url).await;
-    let id = master.submit(json!({"steps": ["evaluate"], "input": 1})).await;
+    let mut failing = TestWorker::start(
+        "failing",
+        &["evaluate"],
+        4,
+        Behavior::Fail { retryable: true },
+        &settings,
+        &master.url,
+    )
+    .await;
+    let id = master
+        .submit(json!({"steps": ["evaluate"], "input": 1}))
+        .await;
     let view = master.wait(&id, Duration::from_secs(20)).await;
     assert_eq!(view.status, TaskStatus::Failed);
     assert_eq!(view.steps[0].attempts, 3, "MAX_ATTEMPTS defaults to 3");
     assert_eq!(failing.received().len(), 3);
-    let queues: Value = master.get("/queues", OPERATOR).send().await.unwrap().json().await.unwrap();
-    let evaluate = queues["queues"].as_array().unwrap().iter()
-        .find(|q| q["capability"] == "evaluate").unwrap().clone();
+    let queues: Value = master
+        .get("/queues", OPERATOR)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let evaluate = queues["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["capability"] == "evaluate")
+        .unwrap()
+        .clone();
     assert_eq!(evaluate["dead_lettered"], 1);
 
     failing.kill();
-    let _good = TestWorker::start("good", &["evaluate"], 4,
-        Behavior::Succeed { delay: Duration::ZERO }, &settings, &master.url).await;
-    let r = master.post("/dispatch", OPERATOR).json(&json!({"capability": "evaluate"})).send().await.unwrap();
+    let _good = TestWorker::start(
+        "good",
+        &["evaluate"],
+        4,
+        Behavior::Succeed {
+            delay: Duration::ZERO,
+        },
+        &settings,
+        &master.url,
+    )
+    .await;
+    let r = master
+        .post("/dispatch", OPERATOR)
+        .json(&json!({"capability": "evaluate"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["redriven"], json!([id]));
@@ -155,7 +263,12 @@ async fn retries_then_dead_letter_then_redrive_succeeds() {
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:?}");
 
     // A single task redrive of a task that is not failed is a conflict.
-    let r = master.post("/dispatch", OPERATOR).json(&json!({"task_id": id})).send().await.unwrap();
+    let r = master
+        .post("/dispatch", OPERATOR)
+        .json(&json!({"task_id": id}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 409);
     master.stop().await;
 }
@@ -166,20 +279,46 @@ async fn idempotency_key_returns_the_first_task() {
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
     let body = json!({"steps": ["plan"], "input": 1, "idempotency_key": "k-1"});
-    let first = master.post("/task", ALICE).json(&body).send().await.unwrap();
+    let first = master
+        .post("/task", ALICE)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(first.status(), 202);
     let first: Value = first.json().await.unwrap();
-    let again = master.post("/task", ALICE).json(&body).send().await.unwrap();
+    let again = master
+        .post("/task", ALICE)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), 200);
-    assert_eq!(again.json::<Value>().await.unwrap()["task_id"], first["task_id"]);
-    let header = master.post("/task", ALICE).header("Idempotency-Key", "k-1")
-        .json(&json!({"steps": ["plan"]})).send().await.unwrap();
+    assert_eq!(
+        again.json::<Value>().await.unwrap()["task_id"],
+        first["task_id"]
+    );
+    let header = master
+        .post("/task", ALICE)
+        .header("Idempotency-Key", "k-1")
+        .json(&json!({"steps": ["plan"]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(header.status(), 200);
-    assert_eq!(header.json::<Value>().await.unwrap()["task_id"], first["task_id"]);
+    assert_eq!(
+        header.json::<Value>().await.unwrap()["task_id"],
+        first["task_id"]
+    );
     let bob = master.post("/task", BOB).json(&body).send().await.unwrap();
     assert_eq!(bob.status(), 202, "another client's key space");
-    let clash = master.post("/task", ALICE).header("Idempotency-Key", "k-2")
-        .json(&body).send().await.unwrap();
+    let clash = master
+        .post("/task", ALICE)
+        .header("Idempotency-Key", "k-2")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(clash.status(), 422);
     master.stop().await;
 }
@@ -189,28 +328,56 @@ async fn cancel_stops_a_task() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
-    let hanging = TestWorker::start("h", &["plan"], 4, Behavior::Hang, &settings, &master.url).await;
+    let hanging =
+        TestWorker::start("h", &["plan"], 4, Behavior::Hang, &settings, &master.url).await;
     let id = master.submit(json!({"steps": ["plan", "finalize"]})).await;
     common::testing::eventually(Duration::from_secs(5), || async {
         (!hanging.received().is_empty()).then_some(())
     })
     .await
     .unwrap();
-    let r = master.http.delete(format!("{}/task/{id}", master.url)).bearer_auth(BOB).send().await.unwrap();
+    let r = master
+        .http
+        .delete(format!("{}/task/{id}", master.url))
+        .bearer_auth(BOB)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404, "not bob's task");
-    let r = master.http.delete(format!("{}/task/{id}", master.url)).bearer_auth(ALICE).send().await.unwrap();
+    let r = master
+        .http
+        .delete(format!("{}/task/{id}", master.url))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let view: Value = r.json().await.unwrap();
     assert_eq!(view["status"], "cancelled");
-    let r = master.get(&format!("/result/{id}"), ALICE).send().await.unwrap();
+    let r = master
+        .get(&format!("/result/{id}"), ALICE)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "cancelled");
-    let r = master.http.delete(format!("{}/task/{id}", master.url)).bearer_auth(ALICE).send().await.unwrap();
+    let r = master
+        .http
+        .delete(format!("{}/task/{id}", master.url))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 409);
     let step = hanging.received()[0].clone();
     let late = json!({"task_id": id, "step": 0, "attempt": step.attempt, "worker_id": "h",
         "status": "succeeded", "output": 1});
-    let r = master.post("/result", WORKER_TOKEN).json(&late).send().await.unwrap();
+    let r = master
+        .post("/result", WORKER_TOKEN)
+        .json(&late)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "discarded");
     master.stop().await;
 }
@@ -225,8 +392,19 @@ async fn two_masters_never_dispatch_an_attempt_twice() {
     for i in 0..4 {
         // Half the workers report to each master, as behind a load balancer.
         let url = if i % 2 == 0 { &a.url } else { &b.url };
-        workers.push(TestWorker::start(&format!("w{i}"), &["plan"], 16,
-            Behavior::Succeed { delay: Duration::ZERO }, &settings, url).await);
+        workers.push(
+            TestWorker::start(
+                &format!("w{i}"),
+                &["plan"],
+                16,
+                Behavior::Succeed {
+                    delay: Duration::ZERO,
+                },
+                &settings,
+                url,
+            )
+            .await,
+        );
     }
     let total = 2000;
     let mut ids = Vec::with_capacity(total);
@@ -246,7 +424,8 @@ async fn two_masters_never_dispatch_an_attempt_twice() {
     }
     let received: Vec<_> = workers.iter().flat_map(|w| w.received()).collect();
     assert_eq!(duplicates(&received), 0, "an attempt was dispatched twice");
-    let distinct: std::collections::HashSet<_> = received.iter().map(|s| s.task_id.clone()).collect();
+    let distinct: std::collections::HashSet<_> =
+        received.iter().map(|s| s.task_id.clone()).collect();
     assert_eq!(distinct.len(), total);
     a.stop().await;
     b.stop().await;

@@ -11,7 +11,11 @@ async fn expect(r: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(r.status().as_u16(), status, "{:?}", r.text().await);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
     body
 }
 
@@ -27,60 +31,319 @@ async fn client_mistakes_get_clear_errors() {
     let http = &master.http;
 
     // 401: no key, wrong key, worker token as a client key.
-    expect(http.post(format!("{url}/task")).json(&json!({})).send().await.unwrap(), 401, "unauthorized").await;
-    expect(master.post("/task", "nope-nope-nope").json(&json!({})).send().await.unwrap(), 401, "unauthorized").await;
-    expect(master.post("/task", WORKER_TOKEN).json(&json!({})).send().await.unwrap(), 401, "unauthorized").await;
+    expect(
+        http.post(format!("{url}/task"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    expect(
+        master
+            .post("/task", "nope-nope-nope")
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    expect(
+        master
+            .post("/task", WORKER_TOKEN)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
     // ... and a client key as the worker token, or as an operator key.
-    expect(master.post("/result", ALICE).json(&json!({})).send().await.unwrap(), 401, "unauthorized").await;
-    expect(master.get("/queues", ALICE).send().await.unwrap(), 403, "forbidden").await;
+    expect(
+        master
+            .post("/result", ALICE)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    expect(
+        master.get("/queues", ALICE).send().await.unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
 
     // 400 malformed JSON; 415 no JSON content type.
-    let r = master.post("/task", ALICE).header("content-type", "application/json").body("{\"steps\": [").send().await.unwrap();
+    let r = master
+        .post("/task", ALICE)
+        .header("content-type", "application/json")
+        .body("{\"steps\": [")
+        .send()
+        .await
+        .unwrap();
     expect(r, 400, "invalid_json").await;
-    let r = master.post("/task", ALICE).body("steps=plan").send().await.unwrap();
+    let r = master
+        .post("/task", ALICE)
+        .body("steps=plan")
+        .send()
+        .await
+        .unwrap();
     expect(r, 415, "unsupported_media_type").await;
 
     // 422: wrong types, unknown pipeline/capability, empty steps, both, unknown field.
-    let body = expect(master.post("/task", ALICE).json(&json!({"steps": "plan"})).send().await.unwrap(), 422, "invalid").await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("steps"), "{body}");
-    let body = expect(master.post("/task", ALICE).json(&json!({"pipeline": "nope"})).send().await.unwrap(), 422, "invalid").await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("pipeline"), "{body}");
-    let body = expect(master.post("/task", ALICE).json(&json!({"steps": ["teleport"]})).send().await.unwrap(), 422, "invalid").await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("teleport"), "{body}");
-    expect(master.post("/task", ALICE).json(&json!({"steps": []})).send().await.unwrap(), 422, "invalid").await;
-    expect(master.post("/task", ALICE).json(&json!({"steps": ["plan"], "pipeline": "default"})).send().await.unwrap(), 422, "invalid").await;
-    expect(master.post("/task", ALICE).json(&json!({"steps": ["Bad Cap"]})).send().await.unwrap(), 422, "invalid").await;
-    expect(master.post("/task", ALICE).json(&json!({"steps": ["plan"], "priority": 1000})).send().await.unwrap(), 422, "invalid").await;
-    expect(master.post("/task", ALICE).json(&json!({"steps": ["plan"], "callback_url": "ftp://x"})).send().await.unwrap(), 422, "invalid").await;
-    let body = expect(master.post("/task", ALICE).json(&json!({"steps": ["plan"], "inptu": 1})).send().await.unwrap(), 422, "invalid").await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("inptu"), "{body}");
+    let body = expect(
+        master
+            .post("/task", ALICE)
+            .json(&json!({"steps": "plan"}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("steps"),
+        "{body}"
+    );
+    let body = expect(
+        master
+            .post("/task", ALICE)
+            .json(&json!({"pipeline": "nope"}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pipeline"),
+        "{body}"
+    );
+    let body = expect(
+        master
+            .post("/task", ALICE)
+            .json(&json!({"steps": ["teleport"]}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("teleport"),
+        "{body}"
+    );
+    expect(
+        master
+            .post("/task", ALICE)
+            .json(&json!({"steps": []}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    expect(
+        master
+            .post("/task", ALICE)
+            .json(&json!({"steps": ["plan"], "pipeline": "default"}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    expect(
+        master
+            .post("/task", ALICE)
+            .json(&json!({"steps": ["Bad Cap"]}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    expect(
+        master
+            .post("/task", ALICE)
+            .json(&json!({"steps": ["plan"], "priority": 1000}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    expect(
+        master
+            .post("/task", ALICE)
+            .json(&json!({"steps": ["plan"], "callback_url": "ftp://x"}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    let body = expect(
+        master
+            .post("/task", ALICE)
+            .json(&json!({"steps": ["plan"], "inptu": 1}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("inptu"),
+        "{body}"
+    );
 
     // 413 over the body limit.
     let big = json!({"steps": ["plan"], "input": "x".repeat(10_000)});
-    expect(master.post("/task", ALICE).json(&big).send().await.unwrap(), 413, "payload_too_large").await;
+    expect(
+        master.post("/task", ALICE).json(&big).send().await.unwrap(),
+        413,
+        "payload_too_large",
+    )
+    .await;
 
     // 404: unknown task, malformed id, another client's task, unknown route; 405.
     let id = master.submit(json!({"steps": ["plan"]})).await;
-    expect(master.get(&format!("/task/{id}"), BOB).send().await.unwrap(), 404, "not_found").await;
-    expect(master.get(&format!("/result/{id}"), BOB).send().await.unwrap(), 404, "not_found").await;
-    expect(master.get("/task/0190a0a0-0000-7000-8000-000000000000", ALICE).send().await.unwrap(), 404, "not_found").await;
-    expect(master.get("/task/..%2Fetc", ALICE).send().await.unwrap(), 404, "not_found").await;
-    expect(master.get("/nope", ALICE).send().await.unwrap(), 404, "not_found").await;
-    expect(http.put(format!("{url}/task")).send().await.unwrap(), 405, "method_not_allowed").await;
+    expect(
+        master
+            .get(&format!("/task/{id}"), BOB)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect(
+        master
+            .get(&format!("/result/{id}"), BOB)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect(
+        master
+            .get("/task/0190a0a0-0000-7000-8000-000000000000", ALICE)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect(
+        master.get("/task/..%2Fetc", ALICE).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect(
+        master.get("/nope", ALICE).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect(
+        http.put(format!("{url}/task")).send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
 
     // 422 on a bad wait and on malformed worker reports.
-    expect(master.get(&format!("/result/{id}?wait=61"), ALICE).send().await.unwrap(), 422, "invalid").await;
-    expect(master.get(&format!("/result/{id}?wait=soon"), ALICE).send().await.unwrap(), 422, "invalid").await;
-    let r = master.post("/result", WORKER_TOKEN).json(&json!({"task_id": id, "step": 0})).send().await.unwrap();
+    expect(
+        master
+            .get(&format!("/result/{id}?wait=61"), ALICE)
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    expect(
+        master
+            .get(&format!("/result/{id}?wait=soon"), ALICE)
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
+    let r = master
+        .post("/result", WORKER_TOKEN)
+        .json(&json!({"task_id": id, "step": 0}))
+        .send()
+        .await
+        .unwrap();
     expect(r, 422, "invalid").await;
-    let r = master.post("/result", WORKER_TOKEN).json(&json!({"task_id": id, "step": 0, "attempt": 1,
-        "worker_id": "w", "status": "failed"})).send().await.unwrap();
+    let r = master
+        .post("/result", WORKER_TOKEN)
+        .json(&json!({"task_id": id, "step": 0, "attempt": 1,
+        "worker_id": "w", "status": "failed"}))
+        .send()
+        .await
+        .unwrap();
     expect(r, 422, "invalid").await;
-    expect(master.post("/dispatch", OPERATOR).json(&json!({})).send().await.unwrap(), 422, "invalid").await;
+    expect(
+        master
+            .post("/dispatch", OPERATOR)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid",
+    )
+    .await;
 
     // Still healthy, and the accepted task is intact.
-    assert_eq!(http.get(format!("{url}/ready")).send().await.unwrap().status(), 200);
-    let r = master.get(&format!("/result/{id}"), ALICE).send().await.unwrap();
+    assert_eq!(
+        http.get(format!("{url}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = master
+        .get(&format!("/result/{id}"), ALICE)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202, "still running (the worker hangs)");
     master.stop().await;
 }
@@ -96,14 +359,33 @@ async fn rate_limit_answers_429_with_retry_after() {
     for _ in 0..2 {
         master.submit(json!({"pipeline": "default"})).await;
     }
-    let r = master.post("/task", ALICE).json(&json!({"pipeline": "default"})).send().await.unwrap();
+    let r = master
+        .post("/task", ALICE)
+        .json(&json!({"pipeline": "default"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=2).contains(&retry), "{retry}");
-    let r = master.post("/task", BOB).json(&json!({"pipeline": "default"})).send().await.unwrap();
+    let r = master
+        .post("/task", BOB)
+        .json(&json!({"pipeline": "default"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202, "another client is not limited");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let r = master.post("/task", ALICE).json(&json!({"pipeline": "default"})).send().await.unwrap();
+    let r = master
+        .post("/task", ALICE)
+        .json(&json!({"pipeline": "default"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202, "the limit refills");
     master.stop().await;
 }
@@ -119,24 +401,61 @@ async fn jwt_clients_are_accepted_and_bad_tokens_refused() {
     let master = TestMaster::start(config).await;
     let now = common::wire::now_ms() / 1000;
     let token = |sub: &str, exp: u64, secret: &str| {
-        encode(&Header::default(), &json!({"sub": sub, "exp": exp, "iss": "ensemble-tests"}),
-            &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        encode(
+            &Header::default(),
+            &json!({"sub": sub, "exp": exp, "iss": "ensemble-tests"}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     };
     let good = token("carol", now + 60, "jwt-secret-for-tests");
-    let r = master.post("/task", &good).json(&json!({"pipeline": "default"})).send().await.unwrap();
+    let r = master
+        .post("/task", &good)
+        .json(&json!({"pipeline": "default"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_string();
-    assert_eq!(master.get(&format!("/task/{id}"), &good).send().await.unwrap().status(), 200);
-    assert_eq!(master.get(&format!("/task/{id}"), ALICE).send().await.unwrap().status(), 404,
-        "carol's task is not alice's");
+    let id = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        master
+            .get(&format!("/task/{id}"), &good)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        master
+            .get(&format!("/task/{id}"), ALICE)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404,
+        "carol's task is not alice's"
+    );
     for bad in [
         token("carol", now - 120, "jwt-secret-for-tests"),
         token("carol", now + 60, "some-other-secret"),
         // alg: none
-        format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&format!(r#"{{"sub":"carol","exp":{}}}"#, now + 60))),
+        format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(&format!(r#"{{"sub":"carol","exp":{}}}"#, now + 60))
+        ),
         "not.a.jwt".to_string(),
     ] {
-        let r = master.post("/task", &bad).json(&json!({"pipeline": "default"})).send().await.unwrap();
+        let r = master
+            .post("/task", &bad)
+            .json(&json!({"pipeline": "default"}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 401, "{bad}");
     }
     master.stop().await;
@@ -147,7 +466,10 @@ fn b64(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
         for i in 0..=chunk.len() {
             out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
         }

@@ -93,7 +93,9 @@ impl TestMaster {
     }
 
     pub fn get(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
-        self.http.get(format!("{}{path}", self.url)).bearer_auth(key)
+        self.http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(key)
     }
 
     /// Submits a task as alice and returns its id.
@@ -126,7 +128,11 @@ impl TestMaster {
     }
 
     pub async fn view(&self, id: &str) -> TaskView {
-        let r = self.get(&format!("/task/{id}"), ALICE).send().await.unwrap();
+        let r = self
+            .get(&format!("/task/{id}"), ALICE)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         r.json().await.unwrap()
     }
@@ -217,7 +223,9 @@ impl TestWorker {
             let mut record = record;
             loop {
                 record.in_flight = in_flight.lock().unwrap().clone();
-                let _ = registry.heartbeat(&record, Duration::from_millis(900)).await;
+                let _ = registry
+                    .heartbeat(&record, Duration::from_millis(900))
+                    .await;
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(300)) => {}
                     () = beat_stop.cancelled() => return,
@@ -272,13 +280,17 @@ async fn work(
         let report = match &st.behavior {
             Behavior::Succeed { delay } => {
                 tokio::time::sleep(*delay).await;
-                Some(report(&st.id, &step, Ok(json!({
-                    "capability": step.capability,
-                    "input": step.input,
-                    "previous": step.context.previous.len(),
-                    "task_input": step.context.task_input,
-                    "worker": st.id,
-                }))))
+                Some(report(
+                    &st.id,
+                    &step,
+                    Ok(json!({
+                        "capability": step.capability,
+                        "input": step.input,
+                        "previous": step.context.previous.len(),
+                        "task_input": step.context.task_input,
+                        "worker": st.id,
+                    })),
+                ))
             }
             Behavior::Fail { retryable } => Some(report(
                 &st.id,
@@ -293,13 +305,20 @@ async fn work(
         };
         if let Some(report) = report {
             deliver(&st, &report).await;
-            st.in_flight.lock().unwrap().retain(|s| *s != step.step_ref());
+            st.in_flight
+                .lock()
+                .unwrap()
+                .retain(|s| *s != step.step_ref());
         }
     });
     StatusCode::ACCEPTED
 }
 
-pub fn report(worker: &WorkerId, step: &WorkRequest, out: Result<Value, StepError>) -> ResultReport {
+pub fn report(
+    worker: &WorkerId,
+    step: &WorkRequest,
+    out: Result<Value, StepError>,
+) -> ResultReport {
     let (status, output, error) = match out {
         Ok(v) => (ReportStatus::Succeeded, Some(v), None),
         Err(e) => (ReportStatus::Failed, None, Some(e)),

@@ -17,27 +17,53 @@ async fn redis_restart_under_load_loses_no_accepted_task() {
     let workers = default_workers(&settings, &master.url).await;
     let mut accepted = Vec::new();
     for i in 0..50 {
-        accepted.push(master.submit(json!({"pipeline": "default", "input": i})).await);
+        accepted.push(
+            master
+                .submit(json!({"pipeline": "default", "input": i}))
+                .await,
+        );
     }
     redis.kill();
     // While Redis is down: /ready 503, writes 503 with Retry-After, nothing hangs.
-    let r = master.http.get(format!("{}/ready", master.url)).send().await.unwrap();
+    let r = master
+        .http
+        .get(format!("{}/ready", master.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     let started = std::time::Instant::now();
-    let r = master.post("/task", ALICE).json(&json!({"pipeline": "default"})).send().await.unwrap();
+    let r = master
+        .post("/task", ALICE)
+        .json(&json!({"pipeline": "default"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
-    assert!(started.elapsed() < Duration::from_secs(10), "a write must not hang");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a write must not hang"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.restart();
     let ready = eventually(Duration::from_secs(10), || async {
-        let r = master.http.get(format!("{}/ready", master.url)).send().await.ok()?;
+        let r = master
+            .http
+            .get(format!("{}/ready", master.url))
+            .send()
+            .await
+            .ok()?;
         (r.status() == 200).then_some(())
     })
     .await;
     assert!(ready.is_some(), "/ready did not recover");
     for i in 0..20 {
-        accepted.push(master.submit(json!({"pipeline": "default", "input": 100 + i})).await);
+        accepted.push(
+            master
+                .submit(json!({"pipeline": "default", "input": 100 + i}))
+                .await,
+        );
     }
     for id in &accepted {
         let v = master.wait(id, Duration::from_secs(60)).await;
@@ -62,7 +88,10 @@ async fn master_binary_on_tls_and_auth_is_ready_and_wrong_password_is_not() {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOST", "127.0.0.1")
             .env("PORT", port.to_string())
-            .env("REDIS_URL", format!("rediss://:{password}@localhost:{}", redis.port()))
+            .env(
+                "REDIS_URL",
+                format!("rediss://:{password}@localhost:{}", redis.port()),
+            )
             .env("REDIS_CA_FILE", &ca)
             .env("API_KEYS", format!("alice:{ALICE}"))
             .env("WORKER_TOKEN", WORKER_TOKEN)
@@ -72,16 +101,27 @@ async fn master_binary_on_tls_and_auth_is_ready_and_wrong_password_is_not() {
             .unwrap();
         let http = reqwest::Client::new();
         let status = eventually(Duration::from_secs(20), || async {
-            let r = http.get(format!("http://127.0.0.1:{port}/ready")).send().await.ok()?;
+            let r = http
+                .get(format!("http://127.0.0.1:{port}/ready"))
+                .send()
+                .await
+                .ok()?;
             let s = r.status().as_u16();
             (s == expect).then_some(r.json::<Value>().await.ok()?)
         })
         .await;
         let _ = child.kill();
         let _ = child.wait();
-        let body = status.unwrap_or_else(|| panic!("/ready never answered {expect} with password {password}"));
+        let body = status
+            .unwrap_or_else(|| panic!("/ready never answered {expect} with password {password}"));
         if expect == 503 {
-            assert!(body["reason"].as_str().unwrap().contains("authentication failed"), "{body}");
+            assert!(
+                body["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("authentication failed"),
+                "{body}"
+            );
         }
     }
 }
@@ -101,7 +141,10 @@ async fn bad_setting_stops_the_binary_naming_it() {
         .env_clear()
         .output()
         .unwrap();
-    assert!(!out.status.success(), "no credentials and auth not disabled: refuse to start");
+    assert!(
+        !out.status.success(),
+        "no credentials and auth not disabled: refuse to start"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("AUTH_DISABLED"));
 }
 
@@ -115,20 +158,52 @@ async fn metrics_and_queues_report_per_capability() {
         master.submit(json!({"steps": ["plan"]})).await;
     }
     let queues = eventually(Duration::from_secs(5), || async {
-        let q: Value = master.get("/queues", OPERATOR).send().await.ok()?.json().await.ok()?;
-        let plan = q["queues"].as_array()?.iter().find(|r| r["capability"] == "plan")?.clone();
+        let q: Value = master
+            .get("/queues", OPERATOR)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let plan = q["queues"]
+            .as_array()?
+            .iter()
+            .find(|r| r["capability"] == "plan")?
+            .clone();
         (plan["in_flight"] == 1 && plan["queued"] == 2).then_some(plan)
     })
     .await
     .expect("queue figures");
     assert_eq!(queues["live_workers"], 1);
     assert_eq!(queues["backlog_per_worker"], 2.0);
-    let workers: Value = master.get("/workers", OPERATOR).send().await.unwrap().json().await.unwrap();
+    let workers: Value = master
+        .get("/workers", OPERATOR)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(workers["by_capability"]["plan"], json!(["w"]));
-    let text = master.http.get(format!("{}/metrics", master.url)).send().await.unwrap().text().await.unwrap();
-    for name in ["ensemble_tasks_submitted_total", "ensemble_queue_depth{capability=\"plan\"}",
-        "ensemble_in_flight{capability=\"plan\"}", "ensemble_live_workers{capability=\"plan\"}",
-        "ensemble_backlog_per_worker", "ensemble_oldest_queued_age_seconds", "ensemble_http_requests_total"] {
+    let text = master
+        .http
+        .get(format!("{}/metrics", master.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "ensemble_tasks_submitted_total",
+        "ensemble_queue_depth{capability=\"plan\"}",
+        "ensemble_in_flight{capability=\"plan\"}",
+        "ensemble_live_workers{capability=\"plan\"}",
+        "ensemble_backlog_per_worker",
+        "ensemble_oldest_queued_age_seconds",
+        "ensemble_http_requests_total",
+    ] {
         assert!(text.contains(name), "missing {name} in /metrics");
     }
     master.stop().await;
@@ -159,18 +234,29 @@ fn emf_lines_follow_the_specification() {
             // Every dimension and every metric named must be a member of the root object.
             for set in d["Dimensions"].as_array().unwrap() {
                 for dim in set.as_array().unwrap() {
-                    assert!(v[dim.as_str().unwrap()].is_string(), "dimension {dim} missing");
+                    assert!(
+                        v[dim.as_str().unwrap()].is_string(),
+                        "dimension {dim} missing"
+                    );
                 }
             }
             for m in d["Metrics"].as_array().unwrap() {
                 let name = m["Name"].as_str().unwrap();
-                assert!(v[name].is_number(), "metric {name} missing or not a number in {line}");
+                assert!(
+                    v[name].is_number(),
+                    "metric {name} missing or not a number in {line}"
+                );
             }
         }
     }
     let first: Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(first["Capability"], "plan");
-    for m in ["QueueDepth", "InFlight", "LiveWorkers", "OldestQueuedAgeSeconds"] {
+    for m in [
+        "QueueDepth",
+        "InFlight",
+        "LiveWorkers",
+        "OldestQueuedAgeSeconds",
+    ] {
         assert_eq!(first[m].as_f64(), Some(0.0), "explicit zero for {m}");
     }
 }
@@ -179,12 +265,33 @@ fn emf_lines_follow_the_specification() {
 async fn openapi_describes_every_route() {
     let redis = RedisServer::start();
     let master = TestMaster::start(test_config(&redis.settings())).await;
-    let spec: Value = master.http.get(format!("{}/openapi.json", master.url)).send().await.unwrap().json().await.unwrap();
+    let spec: Value = master
+        .http
+        .get(format!("{}/openapi.json", master.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
-    for (path, method) in [("/task", "post"), ("/task/{id}", "get"), ("/task/{id}", "delete"),
-        ("/result/{id}", "get"), ("/result", "post"), ("/dispatch", "post"), ("/workers", "get"),
-        ("/queues", "get"), ("/health", "get"), ("/ready", "get"), ("/metrics", "get")] {
-        assert!(spec["paths"][path][method].is_object(), "{method} {path} missing from openapi.json");
+    for (path, method) in [
+        ("/task", "post"),
+        ("/task/{id}", "get"),
+        ("/task/{id}", "delete"),
+        ("/result/{id}", "get"),
+        ("/result", "post"),
+        ("/dispatch", "post"),
+        ("/workers", "get"),
+        ("/queues", "get"),
+        ("/health", "get"),
+        ("/ready", "get"),
+        ("/metrics", "get"),
+    ] {
+        assert!(
+            spec["paths"][path][method].is_object(),
+            "{method} {path} missing from openapi.json"
+        );
     }
     master.stop().await;
 }

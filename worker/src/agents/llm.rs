@@ -1,0 +1,239 @@
+//! The `llm` agent: renders the capability's prompt template with the step and sends it to
+//! the llm-gateway's OpenAI-compatible `POST /v1/chat/completions`. Output:
+//! `{"text", "model", "usage"}`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::config::Secret;
+use common::wire::{StepError, WorkRequest};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::prompt;
+use crate::agent::{Agent, current_request_id};
+use crate::config::Config;
+
+/// What the `llm` agent needs to know.
+#[derive(Clone, Debug)]
+pub struct LlmSettings {
+    /// The gateway's base URL (`LLM_GATEWAY_URL`).
+    pub gateway_url: String,
+    /// Its bearer token (`GATEWAY_TOKEN`); empty sends none.
+    pub token: Secret,
+    /// The model alias to ask for (`LLM_MODEL`).
+    pub model: String,
+    /// Sampling temperature, when set.
+    pub temperature: Option<f64>,
+    /// Completion length cap, when set.
+    pub max_tokens: Option<u32>,
+    /// Capability → template, over the built-in ones.
+    pub prompts: BTreeMap<String, String>,
+}
+
+/// Calls the llm-gateway with a prompt rendered per capability.
+#[derive(Clone, Debug)]
+pub struct LlmAgent {
+    /// Pooled connections to the gateway, shared by every step.
+    client: reqwest::Client,
+    /// `{gateway}/v1/chat/completions`, computed once.
+    endpoint: String,
+    settings: LlmSettings,
+}
+
+/// An upper bound per gateway call; the step's deadline normally ends it sooner.
+const GATEWAY_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl LlmAgent {
+    /// An agent with these settings; fails if a configured template does not parse.
+    pub fn new(settings: LlmSettings) -> anyhow::Result<Self> {
+        for (capability, template) in &settings.prompts {
+            prompt::check(template)
+                .map_err(|e| anyhow::anyhow!("the prompt template for `{capability}`: {e}"))?;
+        }
+        Ok(Self {
+            client: common::http::client(GATEWAY_TIMEOUT),
+            endpoint: format!(
+                "{}/v1/chat/completions",
+                settings.gateway_url.trim_end_matches('/')
+            ),
+            settings,
+        })
+    }
+
+    /// The agent a worker's configuration describes.
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        Self::new(LlmSettings {
+            gateway_url: config.llm_gateway_url.clone(),
+            token: config.gateway_token.clone(),
+            model: config.llm_model.clone(),
+            temperature: config.llm_temperature,
+            max_tokens: config.llm_max_tokens,
+            prompts: config.prompts.clone(),
+        })
+    }
+
+    /// The template for a capability: the configured one, else the built-in one.
+    pub fn template(&self, capability: &str) -> &str {
+        self.settings
+            .prompts
+            .get(capability)
+            .map_or_else(|| prompt::default_template(capability), String::as_str)
+    }
+}
+
+#[async_trait]
+impl Agent for LlmAgent {
+    async fn handle(&self, step: &WorkRequest) -> Result<Value, StepError> {
+        let content = prompt::render(self.template(step.capability.as_str()), step)
+            .map_err(|e| StepError::permanent("template", format!("bad prompt template: {e}")))?;
+        let body = ChatRequest {
+            model: &self.settings.model,
+            messages: vec![Message {
+                role: "user",
+                content: &content,
+            }],
+            temperature: self.settings.temperature,
+            max_tokens: self.settings.max_tokens,
+            stream: false,
+        };
+        let mut request = self.client.post(&self.endpoint).json(&body);
+        if !self.settings.token.is_empty() {
+            request = request.bearer_auth(self.settings.token.expose());
+        }
+        if let Some(id) = current_request_id() {
+            request = request.header(&common::telemetry::REQUEST_ID, id);
+        }
+        let response = request.send().await.map_err(|e| {
+            StepError::retryable(
+                "upstream",
+                format!("llm-gateway unreachable: {}", without_url(e)),
+            )
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(handle_gateway_error(status, &text));
+        }
+        let reply: ChatResponse = response.json().await.map_err(|e| {
+            StepError::retryable(
+                "upstream",
+                format!(
+                    "llm-gateway sent an unreadable completion: {}",
+                    without_url(e)
+                ),
+            )
+        })?;
+        let text = reply
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| StepError::retryable("upstream", "llm-gateway sent no choices"))?
+            .message
+            .content
+            .unwrap_or_default();
+        Ok(json!({
+            "text": text,
+            "model": reply.model,
+            "usage": reply.usage.unwrap_or(Value::Null),
+        }))
+    }
+}
+
+/// Sorts a gateway error into retryable (429, 408, 5xx: the gateway already retried and
+/// fell back, but a later attempt may find the provider healthy) or permanent (any other
+/// 4xx: the same request would fail again).
+fn handle_gateway_error(status: StatusCode, body: &str) -> StepError {
+    let detail = serde_json::from_str::<ErrorBody>(body)
+        .map(|e| e.error.message)
+        .unwrap_or_else(|_| body.chars().take(300).collect());
+    let message = format!("llm-gateway answered {}: {detail}", status.as_u16());
+    let retryable = status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status.is_server_error();
+    if retryable {
+        StepError::retryable("upstream", message)
+    } else {
+        StepError::permanent("upstream", message)
+    }
+}
+
+/// reqwest's errors include the URL; the gateway's URL is configuration, not a secret,
+/// but it is noise in a step's error.
+fn without_url(e: reqwest::Error) -> String {
+    e.without_url().to_string()
+}
+
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<Message<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: ReplyMessage,
+}
+
+#[derive(Deserialize)]
+struct ReplyMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// OpenAI's error shape, which the gateway answers with.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_statuses_sort_into_retryable_and_permanent() {
+        for status in [429, 408, 500, 502, 503, 504] {
+            let e = handle_gateway_error(StatusCode::from_u16(status).unwrap_or_default(), "");
+            assert!(e.retryable, "{status} should be retryable");
+        }
+        for status in [400, 401, 403, 404, 413, 422] {
+            let e = handle_gateway_error(StatusCode::from_u16(status).unwrap_or_default(), "");
+            assert!(!e.retryable, "{status} should be permanent");
+        }
+        let e = handle_gateway_error(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":{"message":"unknown model `x`","type":"invalid_request_error"}}"#,
+        );
+        assert_eq!(e.message, "llm-gateway answered 400: unknown model `x`");
+        assert_eq!(e.kind.as_deref(), Some("upstream"));
+    }
+}

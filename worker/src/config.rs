@@ -1,0 +1,381 @@
+//! The worker's settings: which capabilities it serves and with which agents, where the
+//! master and the gateway are, its tokens, its concurrency, and its timings.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::config::{ConfigError, Secret, Settings};
+use common::redis::{REDIS_ENV_VARS, RedisSettings};
+use common::wire::{Capability, WorkerId};
+use serde::{Deserialize, Serialize};
+
+/// Which built-in agent serves a capability.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentKind {
+    /// Renders the capability's prompt template and calls the llm-gateway.
+    #[default]
+    Llm,
+    /// Returns the step's input as its output (tests, benchmarks).
+    Echo,
+}
+
+/// The worker's configuration: defaults, then `--config`/`ENSEMBLE_CONFIG` TOML, then the
+/// environment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// `HOST`: address to listen on.
+    #[serde(deserialize_with = "common::config::lenient_string")]
+    pub host: String,
+    /// `PORT`: port to listen on (`0` picks a free one, for tests).
+    pub port: u16,
+    /// `[redis]` / `REDIS_*`: where the registry lives.
+    pub redis: RedisSettings,
+    /// `AGENT_ID`: this worker's id in the registry. Unset, each process makes its own, so
+    /// two replicas of one ECS service never share a record.
+    #[serde(deserialize_with = "common::config::lenient_opt_string")]
+    pub agent_id: Option<String>,
+    /// `CAPABILITIES`: what this worker serves, a JSON list (`["retrieve"]`) or a comma
+    /// list. The default, `["plan"]`, is the deployment guide's worker-a, which sets none.
+    #[serde(deserialize_with = "common::config::string_list")]
+    pub capabilities: Vec<String>,
+    /// `MASTER_URL`: where results go (`{MASTER_URL}/result`), the master's load balancer.
+    #[serde(deserialize_with = "common::config::lenient_string")]
+    pub master_url: String,
+    /// `LLM_GATEWAY_URL`: the gateway the `llm` agent calls.
+    #[serde(deserialize_with = "common::config::lenient_string")]
+    pub llm_gateway_url: String,
+    /// `WORKER_TOKEN`: the shared master ↔ worker token, required on `/work` and sent with
+    /// results. Required unless `AUTH_DISABLED=true`.
+    pub worker_token: Secret,
+    /// `GATEWAY_TOKEN`: the bearer token for the llm-gateway (empty: none sent).
+    pub gateway_token: Secret,
+    /// `AUTH_DISABLED`: accept `/work` from anyone (local development only; logged loudly).
+    pub auth_disabled: bool,
+    /// `MAX_CONCURRENCY`: steps held at once (running or delivering); more get `429`.
+    pub max_concurrency: u32,
+    /// `ADVERTISE_URL`: the base URL the master should call. Unset, the worker asks the ECS
+    /// task metadata endpoint for its private IP, else uses its bound address.
+    #[serde(deserialize_with = "common::config::lenient_opt_string")]
+    pub advertise_url: Option<String>,
+    /// `ECS_CONTAINER_METADATA_URI_V4`: set by ECS in every container; read only when
+    /// `ADVERTISE_URL` is not set.
+    #[serde(deserialize_with = "common::config::lenient_opt_string")]
+    pub ecs_container_metadata_uri_v4: Option<String>,
+    /// `AGENT_KIND`: `llm` (default) or `echo`; `echo` serves every capability with the echo
+    /// agent, whatever `[agents]` says.
+    pub agent_kind: AgentKind,
+    /// `[agents]` (TOML): capability → `llm` | `echo`, for a worker that mixes them.
+    /// Capabilities not listed use `llm`.
+    pub agents: BTreeMap<String, AgentKind>,
+    /// `[prompts]` (TOML): capability → prompt template for the `llm` agent, overriding the
+    /// built-in ones. Placeholders: see `agents::prompt`.
+    pub prompts: BTreeMap<String, String>,
+    /// `LLM_MODEL`: the model alias the `llm` agent asks the gateway for.
+    #[serde(deserialize_with = "common::config::lenient_string")]
+    pub llm_model: String,
+    /// `LLM_TEMPERATURE`: sent to the gateway when set.
+    pub llm_temperature: Option<f64>,
+    /// `LLM_MAX_TOKENS`: sent to the gateway when set.
+    pub llm_max_tokens: Option<u32>,
+    /// `HEARTBEAT_INTERVAL`: how often the registry record is refreshed (`2s`; a bare number
+    /// is milliseconds). The record's TTL is three intervals.
+    #[serde(with = "common::config::duration")]
+    pub heartbeat_interval: Duration,
+    /// `HEARTBEAT_INTERVAL_MS`: the same in milliseconds; wins when set.
+    pub heartbeat_interval_ms: Option<u64>,
+    /// `SHUTDOWN_GRACE`: how long a SIGTERM drain may take (`25s`, below ECS's 30 s stop
+    /// timeout). Steps still running then are left to lease expiry.
+    #[serde(with = "common::config::duration")]
+    pub shutdown_grace: Duration,
+    /// `RESULT_DELIVERY_TIMEOUT`: how long a result is retried while the master is
+    /// unreachable (`120s`), about as long as its lease can stay current.
+    #[serde(with = "common::config::duration")]
+    pub result_delivery_timeout: Duration,
+    /// `BODY_LIMIT_BYTES`: largest `/work` body (a step carries every earlier output).
+    pub body_limit_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 5000,
+            redis: RedisSettings::default(),
+            agent_id: None,
+            capabilities: vec!["plan".into()],
+            master_url: "http://127.0.0.1:8000".into(),
+            llm_gateway_url: "http://127.0.0.1:7000".into(),
+            worker_token: Secret::default(),
+            gateway_token: Secret::default(),
+            auth_disabled: false,
+            max_concurrency: 8,
+            advertise_url: None,
+            ecs_container_metadata_uri_v4: None,
+            agent_kind: AgentKind::Llm,
+            agents: BTreeMap::new(),
+            prompts: BTreeMap::new(),
+            llm_model: "default".into(),
+            llm_temperature: None,
+            llm_max_tokens: None,
+            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_interval_ms: None,
+            shutdown_grace: Duration::from_secs(25),
+            result_delivery_timeout: Duration::from_secs(120),
+            body_limit_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// The heartbeat interval in effect (`HEARTBEAT_INTERVAL_MS` wins over
+    /// `HEARTBEAT_INTERVAL`).
+    pub fn heartbeat_every(&self) -> Duration {
+        self.heartbeat_interval_ms
+            .map_or(self.heartbeat_interval, Duration::from_millis)
+    }
+
+    /// The registry record's TTL: three heartbeat intervals, so one late beat is not death.
+    pub fn heartbeat_ttl(&self) -> Duration {
+        self.heartbeat_every() * 3
+    }
+
+    /// The configured capabilities, checked.
+    pub fn capability_list(&self) -> Result<Vec<Capability>, ConfigError> {
+        self.capabilities
+            .iter()
+            .map(|c| {
+                Capability::new(c.as_str()).map_err(|e| ConfigError::invalid("CAPABILITIES", e))
+            })
+            .collect()
+    }
+
+    /// This worker's id: `AGENT_ID`, or a fresh one per process.
+    pub fn worker_id(&self) -> Result<WorkerId, ConfigError> {
+        match &self.agent_id {
+            Some(id) => WorkerId::new(id.as_str()).map_err(|e| ConfigError::invalid("AGENT_ID", e)),
+            None => Ok(WorkerId::generate("worker")),
+        }
+    }
+
+    /// The built-in agent that serves `capability`.
+    pub fn agent_kind_for(&self, capability: &str) -> AgentKind {
+        match self.agent_kind {
+            AgentKind::Echo => AgentKind::Echo,
+            AgentKind::Llm => self
+                .agents
+                .get(capability)
+                .copied()
+                .unwrap_or(AgentKind::Llm),
+        }
+    }
+}
+
+fn check_url(setting: &str, url: &str) -> Result<(), ConfigError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ConfigError::invalid(setting, format!("`{url}` is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("`{url}` must be an http:// or https:// URL"),
+        ));
+    }
+    Ok(())
+}
+
+impl Settings for Config {
+    fn env_vars() -> Vec<&'static str> {
+        let mut vars = vec![
+            "HOST",
+            "PORT",
+            "AGENT_ID",
+            "CAPABILITIES",
+            "MASTER_URL",
+            "LLM_GATEWAY_URL",
+            "WORKER_TOKEN",
+            "GATEWAY_TOKEN",
+            "AUTH_DISABLED",
+            "MAX_CONCURRENCY",
+            "ADVERTISE_URL",
+            "ECS_CONTAINER_METADATA_URI_V4",
+            "AGENT_KIND",
+            "LLM_MODEL",
+            "LLM_TEMPERATURE",
+            "LLM_MAX_TOKENS",
+            "HEARTBEAT_INTERVAL",
+            "HEARTBEAT_INTERVAL_MS",
+            "SHUTDOWN_GRACE",
+            "RESULT_DELIVERY_TIMEOUT",
+            "BODY_LIMIT_BYTES",
+        ];
+        vars.extend_from_slice(REDIS_ENV_VARS);
+        vars
+    }
+
+    fn required_env_vars() -> Vec<&'static str> {
+        vec!["MASTER_URL", "WORKER_TOKEN", "CAPABILITIES", "REDIS_HOST"]
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.redis.validate()?;
+        self.worker_id()?;
+        if self.capability_list()?.is_empty() {
+            return Err(ConfigError::invalid(
+                "CAPABILITIES",
+                "must list at least one capability",
+            ));
+        }
+        check_url("MASTER_URL", &self.master_url)?;
+        check_url("LLM_GATEWAY_URL", &self.llm_gateway_url)?;
+        if let Some(url) = &self.advertise_url {
+            check_url("ADVERTISE_URL", url)?;
+        }
+        if self.worker_token.is_empty() && !self.auth_disabled {
+            return Err(ConfigError::invalid(
+                "WORKER_TOKEN",
+                "is required (set AUTH_DISABLED=true to run without one, for local development only)",
+            ));
+        }
+        if self.max_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "MAX_CONCURRENCY",
+                "must be at least 1",
+            ));
+        }
+        if self.heartbeat_every() < Duration::from_millis(50) {
+            return Err(ConfigError::invalid(
+                "HEARTBEAT_INTERVAL",
+                "must be at least 50ms",
+            ));
+        }
+        if self.result_delivery_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "RESULT_DELIVERY_TIMEOUT",
+                "must be more than zero",
+            ));
+        }
+        if self.body_limit_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "BODY_LIMIT_BYTES",
+                "must be at least 1024",
+            ));
+        }
+        if self.llm_model.trim().is_empty() {
+            return Err(ConfigError::invalid("LLM_MODEL", "must not be empty"));
+        }
+        for capability in self.agents.keys() {
+            Capability::new(capability.as_str())
+                .map_err(|e| ConfigError::invalid(&format!("agents.{capability}"), e))?;
+        }
+        for (capability, template) in &self.prompts {
+            Capability::new(capability.as_str())
+                .map_err(|e| ConfigError::invalid(&format!("prompts.{capability}"), e))?;
+            crate::agents::prompt::check(template)
+                .map_err(|e| ConfigError::invalid(&format!("prompts.{capability}"), e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // `figment::Jail` closures return figment's (large) error type.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
+
+    use figment::Figment;
+    use figment::providers::{Format, Serialized, Toml};
+
+    use super::*;
+
+    fn load(toml: &str) -> Result<Config, ConfigError> {
+        let figment = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(toml))
+            .merge(common::config::env_provider(Config::env_vars()));
+        common::config::extract(figment)
+    }
+
+    #[test]
+    fn deployment_names_work_as_they_are() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AGENT_ID", "worker-b");
+            jail.set_env("CAPABILITIES", r#"["retrieve","evaluate"]"#);
+            jail.set_env("MASTER_URL", "http://master.internal:8000");
+            jail.set_env("WORKER_TOKEN", "s3cret-token");
+            jail.set_env("MAX_CONCURRENCY", "3");
+            jail.set_env("HEARTBEAT_INTERVAL", "500ms");
+            jail.set_env("SHUTDOWN_GRACE", "10s");
+            jail.set_env("AGENT_KIND", "echo");
+            let config = load("").unwrap();
+            assert_eq!(config.agent_id.as_deref(), Some("worker-b"));
+            assert_eq!(config.capabilities, ["retrieve", "evaluate"]);
+            assert_eq!(config.max_concurrency, 3);
+            assert_eq!(config.heartbeat_every(), Duration::from_millis(500));
+            assert_eq!(config.heartbeat_ttl(), Duration::from_millis(1500));
+            assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+            assert_eq!(config.agent_kind_for("retrieve"), AgentKind::Echo);
+            assert_eq!(format!("{:?}", config.worker_token), "[redacted]");
+            jail.set_env("HEARTBEAT_INTERVAL_MS", "250");
+            assert_eq!(
+                load("").unwrap().heartbeat_every(),
+                Duration::from_millis(250)
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_token_is_required_unless_auth_is_disabled() {
+        figment::Jail::expect_with(|jail| {
+            let err = load("").unwrap_err().to_string();
+            assert!(err.contains("WORKER_TOKEN"), "{err}");
+            jail.set_env("AUTH_DISABLED", "true");
+            assert!(load("").is_ok());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WORKER_TOKEN", "t0ken");
+            jail.set_env("CAPABILITIES", "Not A Capability");
+            let err = load("").unwrap_err().to_string();
+            assert!(err.contains("CAPABILITIES"), "{err}");
+            jail.set_env("CAPABILITIES", "plan");
+            jail.set_env("AGENT_ID", "has spaces");
+            let err = load("").unwrap_err().to_string();
+            assert!(err.contains("AGENT_ID"), "{err}");
+            jail.set_env("AGENT_ID", "w1");
+            jail.set_env("MAX_CONCURRENCY", "0");
+            let err = load("").unwrap_err().to_string();
+            assert!(err.contains("MAX_CONCURRENCY"), "{err}");
+            jail.set_env("MAX_CONCURRENCY", "2");
+            jail.set_env("MASTER_URL", "master:8000");
+            let err = load("").unwrap_err().to_string();
+            assert!(err.contains("MASTER_URL"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn prompts_and_agents_come_from_toml_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WORKER_TOKEN", "t0ken");
+            let config = load(
+                "capabilities = [\"plan\", \"summarize\"]\n\
+                 [agents]\nsummarize = \"echo\"\n\
+                 [prompts]\nplan = \"Plan this: {{ task_input }}\"\n",
+            )
+            .unwrap();
+            assert_eq!(config.agent_kind_for("summarize"), AgentKind::Echo);
+            assert_eq!(config.agent_kind_for("plan"), AgentKind::Llm);
+            assert_eq!(config.prompts["plan"], "Plan this: {{ task_input }}");
+            let err = load("[prompts]\nplan = \"{{ nonsense }}\"\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("prompts.plan"), "{err}");
+            Ok(())
+        });
+    }
+}

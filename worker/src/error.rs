@@ -1,0 +1,62 @@
+//! The worker's error answers on `POST /work`, in the JSON error body of DESIGN.md §3.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use common::http::ApiError;
+use common::wire::Capability;
+
+/// Why `POST /work` refused a step.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkError {
+    /// No worker token, or the wrong one.
+    #[error("missing or wrong worker token (`Authorization: Bearer <WORKER_TOKEN>`)")]
+    Unauthorized,
+    /// The step is well-formed JSON but not a valid step; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// This worker does not serve the step's capability.
+    #[error("capability `{0}` is not served by this worker")]
+    CapabilityNotServed(Capability),
+    /// `MAX_CONCURRENCY` steps are held.
+    #[error("the worker is at capacity; retry later or elsewhere")]
+    AtCapacity,
+    /// The worker is shutting down.
+    #[error("the worker is draining and takes no new work")]
+    Draining,
+}
+
+impl WorkError {
+    /// The `reason` label of the rejected-steps counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::Invalid(_) => "invalid",
+            Self::CapabilityNotServed(_) => "capability_not_served",
+            Self::AtCapacity => "at_capacity",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+impl IntoResponse for WorkError {
+    fn into_response(self) -> Response {
+        ::metrics::counter!(crate::metrics::STEPS_REJECTED, "reason" => self.reason()).increment(1);
+        let message = self.to_string();
+        let error = match self {
+            Self::Unauthorized => ApiError::unauthorized(message),
+            Self::Invalid(_) => ApiError::invalid(message),
+            Self::CapabilityNotServed(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "capability_not_served",
+                message,
+            ),
+            Self::AtCapacity => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "at_capacity", message).retry_after(1)
+            }
+            Self::Draining => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", message).retry_after(1)
+            }
+        };
+        error.into_response()
+    }
+}

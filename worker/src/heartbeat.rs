@@ -1,0 +1,115 @@
+//! Registration and heartbeat: the worker's record in the Redis registry (through
+//! `common::registry`), rewritten every `HEARTBEAT_INTERVAL` with a TTL of three intervals
+//! and the steps it holds, so the master can dispatch to it and extend their leases.
+//!
+//! Redis being down does not stop the worker: it keeps serving what it holds and keeps
+//! trying, logging once when the outage starts and once when it ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::registry::Registry;
+use common::wire::WorkerRecord;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::inflight::InFlight;
+use crate::metrics;
+
+/// Keeps the worker's registry record alive.
+#[derive(Clone)]
+pub struct Heartbeat {
+    registry: Registry,
+    /// The record's fixed part (id, URL, capabilities, …); `in_flight` and `draining` are
+    /// filled in on every beat.
+    record: WorkerRecord,
+    /// The steps to list.
+    in_flight: Arc<InFlight>,
+    /// Time between beats.
+    interval: Duration,
+    /// How long a record outlives its last beat.
+    ttl: Duration,
+    /// Wakes the loop for a beat now (the drain publishes `draining: true` at once).
+    wake: Arc<Notify>,
+}
+
+impl Heartbeat {
+    /// A heartbeat for `record`.
+    pub fn new(
+        registry: Registry,
+        record: WorkerRecord,
+        in_flight: Arc<InFlight>,
+        interval: Duration,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            registry,
+            record,
+            in_flight,
+            interval,
+            ttl,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Asks the loop for a beat now.
+    pub fn beat_now(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Beats until `stop` fires. Does not deregister: the caller decides when.
+    pub async fn run(self, stop: CancellationToken) {
+        // `None` until the first beat, so the first success and the first failure both log.
+        let mut healthy: Option<bool> = None;
+        loop {
+            let record = WorkerRecord {
+                in_flight: self.in_flight.snapshot(),
+                draining: self.in_flight.is_draining(),
+                ..self.record.clone()
+            };
+            match self.registry.heartbeat(&record, self.ttl).await {
+                Ok(new) => {
+                    if healthy != Some(true) {
+                        tracing::info!(
+                            worker_id = %record.id,
+                            url = %record.url,
+                            "registered with the registry"
+                        );
+                    } else if new {
+                        tracing::warn!(
+                            worker_id = %record.id,
+                            "registry record had expired (a slow beat?); registered again"
+                        );
+                    }
+                    healthy = Some(true);
+                }
+                Err(e) => {
+                    ::metrics::counter!(metrics::HEARTBEAT_FAILURES).increment(1);
+                    if healthy != Some(false) {
+                        tracing::warn!(
+                            error = %e.message,
+                            "cannot reach Redis for the heartbeat; serving held steps and retrying"
+                        );
+                    }
+                    healthy = Some(false);
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(self.interval) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Removes the record now. A failure is logged: the record then lapses with its TTL.
+    pub async fn deregister(&self) {
+        match self.registry.deregister(&self.record.id).await {
+            Ok(()) => tracing::info!(worker_id = %self.record.id, "deregistered"),
+            Err(e) => tracing::warn!(
+                error = %e.message,
+                "could not deregister; the record will expire with its TTL"
+            ),
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The steps this worker holds: admitted on `POST /work`, released once their result is
+//! delivered or given up. The heartbeat lists them, so the master keeps their leases alive;
+//! admission enforces `MAX_CONCURRENCY`, drops duplicates, and refuses work while draining.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use common::wire::StepRef;
+
+/// What [`InFlight::admit`] decided.
+#[derive(Debug)]
+pub enum Admission {
+    /// A new step: run it, and drop the guard when its result is settled.
+    New(InFlightGuard),
+    /// This attempt is already held; do not run it twice.
+    Duplicate,
+    /// `MAX_CONCURRENCY` steps are held.
+    Full,
+    /// The worker is draining.
+    Draining,
+}
+
+/// The in-flight table.
+#[derive(Debug)]
+pub struct InFlight {
+    state: Mutex<State>,
+    /// The most steps held at once.
+    max: usize,
+    /// The worker's id, as the in-flight gauge's label (several workers share a process in
+    /// the all-in-one launcher and in tests).
+    worker: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    steps: HashSet<StepRef>,
+    draining: bool,
+}
+
+impl InFlight {
+    /// An empty table for at most `max` steps.
+    pub fn new(max: usize, worker: &str) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            max,
+            worker: worker.to_string(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves consistent data (every critical section
+        // is one insert, remove or copy), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a step attempt, atomically with the capacity, duplicate and drain checks.
+    pub fn admit(self: &Arc<Self>, step: StepRef) -> Admission {
+        let mut state = self.lock();
+        if state.draining {
+            return Admission::Draining;
+        }
+        if state.steps.contains(&step) {
+            return Admission::Duplicate;
+        }
+        if state.steps.len() >= self.max {
+            return Admission::Full;
+        }
+        state.steps.insert(step.clone());
+        self.set_gauge(state.steps.len());
+        Admission::New(InFlightGuard {
+            table: self.clone(),
+            step,
+        })
+    }
+
+    /// Refuses new work from now on.
+    pub fn start_draining(&self) {
+        self.lock().draining = true;
+    }
+
+    /// Whether the worker is draining.
+    pub fn is_draining(&self) -> bool {
+        self.lock().draining
+    }
+
+    /// The steps held now, for the heartbeat record.
+    pub fn snapshot(&self) -> Vec<StepRef> {
+        let mut steps: Vec<StepRef> = self.lock().steps.iter().cloned().collect();
+        steps.sort_by(|a, b| {
+            (a.task_id.as_str(), a.step, a.attempt).cmp(&(b.task_id.as_str(), b.step, b.attempt))
+        });
+        steps
+    }
+
+    /// How many steps are held.
+    pub fn len(&self) -> usize {
+        self.lock().steps.len()
+    }
+
+    /// Whether no step is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn release(&self, step: &StepRef) {
+        let len = {
+            let mut state = self.lock();
+            state.steps.remove(step);
+            state.steps.len()
+        };
+        self.set_gauge(len);
+    }
+
+    fn set_gauge(&self, len: usize) {
+        metrics::gauge!(crate::metrics::IN_FLIGHT, "worker" => self.worker.clone()).set(len as f64);
+    }
+}
+
+/// Holds a step in the table; dropping it releases the step, however the step ends
+/// (delivered, given up, aborted at the end of a drain, or a panic).
+#[derive(Debug)]
+pub struct InFlightGuard {
+    table: Arc<InFlight>,
+    step: StepRef,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.table.release(&self.step);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use common::wire::TaskId;
+
+    use super::*;
+
+    fn step(n: u32) -> StepRef {
+        StepRef {
+            task_id: TaskId::new("t").unwrap(),
+            step: n,
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn admission_checks_duplicates_capacity_and_drain() {
+        let table = InFlight::new(2, "w");
+        let a = table.admit(step(0));
+        assert!(matches!(a, Admission::New(_)));
+        assert!(matches!(table.admit(step(0)), Admission::Duplicate));
+        let b = table.admit(step(1));
+        assert!(matches!(b, Admission::New(_)));
+        assert!(matches!(table.admit(step(2)), Admission::Full));
+        drop(a);
+        assert_eq!(table.snapshot(), vec![step(1)]);
+        table.start_draining();
+        assert!(matches!(table.admit(step(3)), Admission::Draining));
+        drop(b);
+        assert!(table.is_empty());
+    }
+}

@@ -1,0 +1,22 @@
+//! The worker's metric names (all `ensemble_worker_*`), in one place.
+
+/// Counter: steps accepted by `POST /work`, by `capability`.
+pub const STEPS_RECEIVED: &str = "ensemble_worker_steps_received_total";
+/// Counter: steps whose agent returned an output, by `capability`.
+pub const STEPS_SUCCEEDED: &str = "ensemble_worker_steps_succeeded_total";
+/// Counter: steps that failed (agent error or timeout), by `capability` and `kind`.
+pub const STEPS_FAILED: &str = "ensemble_worker_steps_failed_total";
+/// Counter: `POST /work` refused, by `reason` (`at_capacity`, `draining`,
+/// `capability_not_served`, `unauthorized`, `invalid`).
+pub const STEPS_REJECTED: &str = "ensemble_worker_steps_rejected_total";
+/// Histogram: how long agents ran, by `capability`.
+pub const STEP_DURATION: &str = "ensemble_worker_step_duration_seconds";
+/// Gauge: steps held (running or delivering), by `worker`.
+pub const IN_FLIGHT: &str = "ensemble_worker_in_flight";
+/// Counter: result POSTs retried after a failed attempt.
+pub const DELIVERY_RETRIES: &str = "ensemble_worker_result_delivery_retries_total";
+/// Counter: results settled, by `outcome` (`recorded`, `discarded`, `rejected`,
+/// `gave_up`, `aborted`).
+pub const DELIVERIES: &str = "ensemble_worker_result_deliveries_total";
+/// Counter: heartbeats that could not be written.
+pub const HEARTBEAT_FAILURES: &str = "ensemble_worker_heartbeat_failures_total";
