@@ -1,0 +1,285 @@
+//! `docker-compose.yml` against the services: variables, required settings, ports, health
+//! checks, start order and the URLs services use to reach each other.
+
+use std::collections::BTreeMap;
+
+use serde_yaml::Value;
+
+use crate::helpers::{
+    Container, Problems, check_container, repo_root, services, spec_for, url_host_port,
+};
+
+const FILE: &str = "docker-compose.yml";
+
+/// The compose file with YAML merge keys (`<<: *anchor`) applied.
+fn compose() -> Value {
+    let path = repo_root().join(FILE);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut value: Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{FILE}: {e}"));
+    value
+        .apply_merge()
+        .unwrap_or_else(|e| panic!("{FILE}: {e}"));
+    value
+}
+
+fn compose_services(doc: &Value) -> BTreeMap<String, Value> {
+    doc.get("services")
+        .and_then(Value::as_mapping)
+        .expect("docker-compose.yml has a services mapping")
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().expect("service names are strings").to_string(),
+                v.clone(),
+            )
+        })
+        .collect()
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// The `SERVICE` build argument: which Ensemble image the compose service runs.
+fn image_service(def: &Value) -> Option<String> {
+    def.get("build")?
+        .get("args")?
+        .get("SERVICE")
+        .and_then(scalar)
+}
+
+/// `environment:` as a mapping or as a `KEY=value` list.
+fn environment(def: &Value) -> BTreeMap<String, String> {
+    match def.get("environment") {
+        Some(Value::Mapping(map)) => map
+            .iter()
+            .map(|(k, v)| (scalar(k).unwrap_or_default(), scalar(v).unwrap_or_default()))
+            .collect(),
+        Some(Value::Sequence(list)) => list
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|item| match item.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (item.to_string(), String::new()),
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// Container ports from `expose:` and from the container side of `ports:`.
+fn ports(def: &Value) -> Vec<u16> {
+    let mut out = Vec::new();
+    for key in ["expose", "ports"] {
+        for item in def
+            .get(key)
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let text = match item {
+                Value::Mapping(_) => item.get("target").and_then(scalar),
+                other => scalar(other),
+            };
+            let Some(text) = text else { continue };
+            let container = text.rsplit(':').next().unwrap_or(&text);
+            let container = container.split('/').next().unwrap_or(container);
+            if let Ok(port) = container.parse() {
+                out.push(port);
+            }
+        }
+    }
+    out
+}
+
+/// The health check command, one word an element (`CMD-SHELL` strings split on spaces).
+fn health(def: &Value) -> Vec<String> {
+    match def.get("healthcheck").and_then(|h| h.get("test")) {
+        Some(Value::Sequence(words)) => words
+            .iter()
+            .filter_map(scalar)
+            .flat_map(|w| w.split_whitespace().map(String::from).collect::<Vec<_>>())
+            .collect(),
+        Some(Value::String(s)) => s.split_whitespace().map(String::from).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn containers(doc: &Value) -> Vec<Container> {
+    compose_services(doc)
+        .into_iter()
+        .filter_map(|(name, def)| {
+            let service = image_service(&def)?;
+            Some(Container {
+                file: FILE.into(),
+                who: format!("service {name}"),
+                service,
+                env: environment(&def),
+                secrets: Default::default(),
+                ports: ports(&def),
+                health: health(&def),
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn every_container_sets_only_what_its_service_reads_and_all_it_requires() {
+    let specs = services();
+    let mut problems = Problems::default();
+    let containers = containers(&compose());
+    for c in &containers {
+        if let Some(spec) = spec_for(&specs, c, &mut problems) {
+            check_container(spec, c, &mut problems);
+        }
+    }
+    for spec in &specs {
+        if !containers.iter().any(|c| c.service == spec.name) {
+            problems.add(FILE, spec.name, "no compose service runs it");
+        }
+    }
+    problems.assert_none("docker-compose.yml against the services' settings");
+}
+
+#[test]
+fn a_worker_runs_for_every_capability() {
+    let containers = containers(&compose());
+    let mut problems = Problems::default();
+    for capability in ["plan", "retrieve", "evaluate", "finalize"] {
+        let wanted = format!("[\"{capability}\"]");
+        let found = containers.iter().any(|c| {
+            c.service == "worker"
+                && c.env.get("CAPABILITIES").map(|v| v.replace(' ', "")) == Some(wanted.clone())
+        });
+        if !found {
+            problems.add(
+                FILE,
+                "workers",
+                format!("no worker has CAPABILITIES={wanted}"),
+            );
+        }
+    }
+    problems.assert_none("the workers in docker-compose.yml");
+}
+
+#[test]
+fn services_start_after_their_dependencies_are_healthy() {
+    let all = compose_services(&compose());
+    let mut problems = Problems::default();
+    for (name, def) in &all {
+        let who = format!("service {name}");
+        let Some(deps) = def.get("depends_on") else {
+            continue;
+        };
+        let Some(deps) = deps.as_mapping() else {
+            problems.add(
+                FILE,
+                &who,
+                "depends_on must be a mapping with `condition: service_healthy`",
+            );
+            continue;
+        };
+        for (dep, how) in deps {
+            let dep = dep.as_str().unwrap_or_default();
+            if how.get("condition").and_then(Value::as_str) != Some("service_healthy") {
+                problems.add(
+                    FILE,
+                    &who,
+                    format!("depends on {dep} without `condition: service_healthy`"),
+                );
+            }
+            match all.get(dep) {
+                None => problems.add(
+                    FILE,
+                    &who,
+                    format!("depends on {dep}, which is not a service"),
+                ),
+                Some(d) if d.get("healthcheck").is_none() => problems.add(
+                    FILE,
+                    &who,
+                    format!("depends on {dep}, which has no healthcheck"),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    problems.assert_none("start order in docker-compose.yml");
+}
+
+#[test]
+fn urls_between_services_name_a_service_and_its_port() {
+    let specs = services();
+    let containers = containers(&compose());
+    let mut problems = Problems::default();
+    // compose service name → the port its container listens on.
+    let listening: BTreeMap<&str, u16> = containers
+        .iter()
+        .filter_map(|c| {
+            let spec = specs.iter().find(|s| s.name == c.service)?;
+            Some((c.who.strip_prefix("service ")?, c.listen_port(spec)?))
+        })
+        .collect();
+    for c in &containers {
+        for (var, value) in &c.env {
+            let Some((host, port)) = url_host_port(value) else {
+                continue;
+            };
+            match listening.get(host) {
+                None => problems.add(
+                    &c.file,
+                    &c.who,
+                    format!("{var}={value}: `{host}` is not an Ensemble compose service"),
+                ),
+                Some(&p) if p != port => problems.add(
+                    &c.file,
+                    &c.who,
+                    format!("{var}={value}: `{host}` listens on {p}, not {port}"),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    problems.assert_none("service URLs in docker-compose.yml");
+}
+
+#[test]
+fn redis_requires_a_password_and_keeps_an_append_only_file() {
+    let all = compose_services(&compose());
+    let redis = all
+        .get("redis")
+        .expect("docker-compose.yml has a redis service");
+    let command: Vec<String> = redis
+        .get("command")
+        .and_then(Value::as_sequence)
+        .expect("redis has a command list")
+        .iter()
+        .filter_map(scalar)
+        .collect();
+    let after = |flag: &str| {
+        command
+            .iter()
+            .position(|w| w == flag)
+            .and_then(|i| command.get(i + 1))
+            .cloned()
+    };
+    assert!(
+        after("--requirepass").is_some_and(|p| p.contains("REDIS_PASSWORD")),
+        "{FILE}: redis: --requirepass must take ${{REDIS_PASSWORD}}; command is {command:?}"
+    );
+    assert_eq!(
+        after("--appendonly").as_deref(),
+        Some("yes"),
+        "{FILE}: redis: --appendonly yes"
+    );
+    let health = health(redis).join(" ");
+    assert!(
+        health.contains("redis-cli") && health.contains("ping"),
+        "{FILE}: redis health check must be `redis-cli ping`, is {health}"
+    );
+}

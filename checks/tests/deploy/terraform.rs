@@ -1,0 +1,567 @@
+//! `deploy/terraform` against the services: every ECS container definition's variables and
+//! secrets, required settings, ports and health checks, and the ALB and Cloud Map wiring.
+//!
+//! Container definitions are `jsonencode([...])` expressions; [`Resolver`] evaluates the
+//! small part of HCL they use (literals, `local.*`, `concat`, `merge`, `for` expressions over known
+//! collections, `tostring`) and leaves the rest (`var.*`, resource attributes, `each.*`) as
+//! opaque `${...}` text, which is all the names and ports need.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use hcl::{Block, Body, Expression, ObjectKey, TraversalOperator};
+use serde_json::{Map, Value};
+
+use crate::helpers::{
+    Container, Problems, ServiceSpec, check_container, repo_root, services, spec_for, url_host_port,
+};
+
+const DIR: &str = "deploy/terraform";
+
+/// A Terraform file, parsed.
+struct TfFile {
+    name: String,
+    body: Body,
+}
+
+fn files() -> Vec<TfFile> {
+    let dir = repo_root().join(DIR);
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tf"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "{DIR} has no .tf files");
+    paths.iter().map(|p| parse(p)).collect()
+}
+
+fn parse(path: &Path) -> TfFile {
+    let name = format!("{DIR}/{}", path.file_name().unwrap().to_string_lossy());
+    let text = std::fs::read_to_string(path).unwrap();
+    let body: Body = hcl::from_str(&text).unwrap_or_else(|e| panic!("{name} does not parse: {e}"));
+    TfFile { name, body }
+}
+
+/// `resource "TYPE" "NAME" { ... }` blocks of one type, with their file.
+fn resources<'a>(files: &'a [TfFile], kind: &str) -> Vec<(&'a str, String, &'a Block)> {
+    files
+        .iter()
+        .flat_map(|f| f.body.blocks().map(move |b| (f.name.as_str(), b)))
+        .filter(|(_, b)| {
+            b.identifier.as_str() == "resource"
+                && b.labels.first().map(|l| l.as_str()) == Some(kind)
+        })
+        .map(|(file, b)| {
+            let name = b
+                .labels
+                .get(1)
+                .map(|l| l.as_str().to_string())
+                .unwrap_or_default();
+            (file, format!("{kind}.{name}"), b)
+        })
+        .collect()
+}
+
+fn attr<'a>(body: &'a Body, key: &str) -> Option<&'a Expression> {
+    body.attributes()
+        .find(|a| a.key.as_str() == key)
+        .map(|a| &a.expr)
+}
+
+fn block<'a>(body: &'a Body, ident: &str) -> Option<&'a Block> {
+    body.blocks().find(|b| b.identifier.as_str() == ident)
+}
+
+/// Evaluates the literal part of HCL expressions, with every `locals` block in scope.
+struct Resolver {
+    locals: BTreeMap<String, Expression>,
+}
+
+impl Resolver {
+    fn new(files: &[TfFile]) -> Self {
+        let locals = files
+            .iter()
+            .flat_map(|f| f.body.blocks())
+            .filter(|b| b.identifier.as_str() == "locals")
+            .flat_map(|b| b.body.attributes())
+            .map(|a| (a.key.to_string(), a.expr.clone()))
+            .collect();
+        Self { locals }
+    }
+
+    fn resolve(&self, expr: &Expression) -> Value {
+        self.eval(expr, &BTreeMap::new(), 0)
+    }
+
+    fn eval(&self, expr: &Expression, scope: &BTreeMap<String, Value>, depth: usize) -> Value {
+        assert!(depth < 64, "locals refer to each other in a loop");
+        let next = depth + 1;
+        match expr {
+            Expression::Null => Value::Null,
+            Expression::Bool(b) => Value::Bool(*b),
+            Expression::Number(n) => serde_json::to_value(n).unwrap_or(Value::Null),
+            Expression::String(s) => Value::String(s.clone()),
+            Expression::Array(items) => {
+                Value::Array(items.iter().map(|e| self.eval(e, scope, next)).collect())
+            }
+            Expression::Object(object) => {
+                let mut out = Map::new();
+                for (key, value) in object {
+                    let key = match key {
+                        ObjectKey::Identifier(id) => id.to_string(),
+                        ObjectKey::Expression(e) => text(&self.eval(e, scope, next)),
+                        other => format!("{other:?}"),
+                    };
+                    out.insert(key, self.eval(value, scope, next));
+                }
+                Value::Object(out)
+            }
+            Expression::Parenthesis(inner) => self.eval(inner, scope, next),
+            Expression::Variable(v) => scope
+                .get(v.as_str())
+                .cloned()
+                .unwrap_or_else(|| opaque(expr)),
+            Expression::Traversal(t) => {
+                let (mut value, rest) = match &t.expr {
+                    Expression::Variable(root) if root.as_str() == "local" => {
+                        match t.operators.first() {
+                            Some(TraversalOperator::GetAttr(name)) => {
+                                match self.locals.get(name.as_str()) {
+                                    Some(local) => (
+                                        self.eval(local, &BTreeMap::new(), next),
+                                        &t.operators[1..],
+                                    ),
+                                    None => return opaque(expr),
+                                }
+                            }
+                            _ => return opaque(expr),
+                        }
+                    }
+                    Expression::Variable(root) => match scope.get(root.as_str()) {
+                        Some(v) => (v.clone(), &t.operators[..]),
+                        None => return opaque(expr),
+                    },
+                    _ => return opaque(expr),
+                };
+                for op in rest {
+                    value = self.apply(value, op, scope, next);
+                    if value.is_null() {
+                        return opaque(expr);
+                    }
+                }
+                value
+            }
+            Expression::FuncCall(call) => {
+                let args: Vec<Value> = call
+                    .args
+                    .iter()
+                    .map(|a| self.eval(a, scope, next))
+                    .collect();
+                match (call.name.name.as_str(), args.as_slice()) {
+                    ("concat", _) if args.iter().all(Value::is_array) => Value::Array(
+                        args.into_iter()
+                            .flat_map(|a| a.as_array().cloned().unwrap_or_default())
+                            .collect(),
+                    ),
+                    ("merge", _) if args.iter().all(Value::is_object) => {
+                        let mut merged = Map::new();
+                        for arg in args {
+                            merged.extend(arg.as_object().cloned().unwrap_or_default());
+                        }
+                        Value::Object(merged)
+                    }
+                    ("toset", [Value::Array(items)]) => Value::Array(items.clone()),
+                    ("tostring", [Value::String(s)]) => Value::String(s.clone()),
+                    ("tostring", [Value::Number(n)]) => Value::String(n.to_string()),
+                    ("jsonencode", [v]) if !contains_opaque(v) => Value::String(v.to_string()),
+                    _ => opaque(expr),
+                }
+            }
+            Expression::ForExpr(f) => {
+                let collection = self.eval(&f.collection_expr, scope, next);
+                let pairs: Vec<(Value, Value)> = match collection {
+                    Value::Array(items) => items
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, v)| (Value::from(i), v))
+                        .collect(),
+                    Value::Object(map) => map
+                        .into_iter()
+                        .map(|(k, v)| (Value::String(k), v))
+                        .collect(),
+                    _ => return opaque(expr),
+                };
+                let mut array = Vec::new();
+                let mut object = Map::new();
+                for (key, value) in pairs {
+                    let mut inner = scope.clone();
+                    if let Some(k) = &f.key_var {
+                        inner.insert(k.to_string(), key);
+                    }
+                    inner.insert(f.value_var.to_string(), value);
+                    if let Some(cond) = &f.cond_expr
+                        && self.eval(cond, &inner, next) == Value::Bool(false)
+                    {
+                        continue;
+                    }
+                    let value = self.eval(&f.value_expr, &inner, next);
+                    match &f.key_expr {
+                        Some(k) => {
+                            object.insert(text(&self.eval(k, &inner, next)), value);
+                        }
+                        None => array.push(value),
+                    }
+                }
+                if f.key_expr.is_some() {
+                    Value::Object(object)
+                } else {
+                    Value::Array(array)
+                }
+            }
+            // Templates stay as their source text: `http://master.${local.namespace}:8000`.
+            Expression::TemplateExpr(t) => Value::String(t.to_string()),
+            _ => opaque(expr),
+        }
+    }
+
+    /// One `.name` or `[index]` step; `Null` when it does not apply.
+    fn apply(
+        &self,
+        value: Value,
+        op: &TraversalOperator,
+        scope: &BTreeMap<String, Value>,
+        depth: usize,
+    ) -> Value {
+        match op {
+            TraversalOperator::GetAttr(name) => {
+                value.get(name.as_str()).cloned().unwrap_or(Value::Null)
+            }
+            TraversalOperator::Index(index) => match self.eval(index, scope, depth) {
+                Value::String(key) => value.get(&key).cloned().unwrap_or(Value::Null),
+                Value::Number(n) => n
+                    .as_u64()
+                    .and_then(|i| value.get(usize::try_from(i).ok()?).cloned())
+                    .unwrap_or(Value::Null),
+                _ => Value::Null,
+            },
+            _ => Value::Null,
+        }
+    }
+}
+
+/// An expression this resolver does not evaluate, as `${source}`.
+fn opaque(expr: &Expression) -> Value {
+    let source = hcl::format::to_string(expr).unwrap_or_else(|_| "?".into());
+    Value::String(format!("${{{source}}}"))
+}
+
+fn contains_opaque(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains("${"),
+        Value::Array(a) => a.iter().any(contains_opaque),
+        Value::Object(o) => o.values().any(contains_opaque),
+        _ => false,
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A container definition, resolved, with where it comes from.
+struct Definition {
+    file: String,
+    who: String,
+    json: Value,
+}
+
+fn definitions(files: &[TfFile]) -> Vec<Definition> {
+    let resolver = Resolver::new(files);
+    let mut out = Vec::new();
+    for (file, address, block) in resources(files, "aws_ecs_task_definition") {
+        let Some(expr) = attr(&block.body, "container_definitions") else {
+            panic!("{file}: {address} has no container_definitions");
+        };
+        let Expression::FuncCall(call) = expr else {
+            panic!(
+                "{file}: {address}: container_definitions must be jsonencode([...]) so it can be checked"
+            );
+        };
+        assert_eq!(
+            call.name.name.as_str(),
+            "jsonencode",
+            "{file}: {address}: container_definitions must be jsonencode([...])"
+        );
+        let list = resolver.resolve(&call.args[0]);
+        let list = list.as_array().unwrap_or_else(|| {
+            panic!("{file}: {address}: container_definitions is not a list: {list}")
+        });
+        for json in list {
+            let name = json.get("name").and_then(Value::as_str).unwrap_or_else(|| {
+                panic!("{file}: {address}: a container has no literal name: {json}")
+            });
+            out.push(Definition {
+                file: file.to_string(),
+                who: format!("{address}, container {name}"),
+                json: json.clone(),
+            });
+        }
+    }
+    assert!(!out.is_empty(), "{DIR} defines no ECS task definitions");
+    out
+}
+
+fn named(list: Option<&Value>, value_key: &str) -> BTreeMap<String, String> {
+    list.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|item| {
+            let name = item.get("name").map(text).unwrap_or_default();
+            let value = item.get(value_key).map(text).unwrap_or_default();
+            (name, value)
+        })
+        .collect()
+}
+
+fn container(d: &Definition) -> Container {
+    let json = &d.json;
+    Container {
+        file: d.file.clone(),
+        who: d.who.clone(),
+        service: json.get("name").map(text).unwrap_or_default(),
+        env: named(json.get("environment"), "value"),
+        secrets: named(json.get("secrets"), "valueFrom")
+            .into_keys()
+            .collect(),
+        ports: json
+            .get("portMappings")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.get("containerPort")?.as_u64())
+            .filter_map(|p| u16::try_from(p).ok())
+            .collect(),
+        health: json
+            .get("healthCheck")
+            .and_then(|h| h.get("command"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(text)
+            .flat_map(|w| w.split_whitespace().map(String::from).collect::<Vec<_>>())
+            .collect(),
+    }
+}
+
+#[test]
+fn every_container_sets_only_what_its_service_reads_and_all_it_requires() {
+    let files = files();
+    let specs = services();
+    let mut problems = Problems::default();
+    let containers: Vec<Container> = definitions(&files).iter().map(container).collect();
+    for c in &containers {
+        if let Some(spec) = spec_for(&specs, c, &mut problems) {
+            check_container(spec, c, &mut problems);
+        }
+    }
+    for spec in &specs {
+        if !containers.iter().any(|c| c.service == spec.name) {
+            problems.add(DIR, spec.name, "no ECS container definition runs it");
+        }
+    }
+    problems.assert_none("the ECS container definitions against the services' settings");
+}
+
+/// Settings that hold a credential: these must come from Secrets Manager, never a plain
+/// environment value that shows in the task definition.
+fn is_credential(var: &str) -> bool {
+    ["_PASSWORD", "_TOKEN", "_KEY", "_KEYS", "_SECRET"]
+        .iter()
+        .any(|s| var.ends_with(s))
+}
+
+#[test]
+fn credentials_come_from_secrets_manager() {
+    let files = files();
+    let mut problems = Problems::default();
+    for d in definitions(&files) {
+        let c = container(&d);
+        for var in c.env.keys().filter(|v| is_credential(v)) {
+            problems.add(
+                &c.file,
+                &c.who,
+                format!("{var} is a plain environment value; inject it with `secrets`"),
+            );
+        }
+        let secrets = d
+            .json
+            .get("secrets")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for s in secrets {
+            let name = s.get("name").map(text).unwrap_or_default();
+            if s.get("valueFrom").is_none_or(|v| text(v).is_empty()) {
+                problems.add(&c.file, &c.who, format!("secret {name} has no valueFrom"));
+            }
+        }
+    }
+    problems.assert_none("credentials in the ECS container definitions");
+}
+
+#[test]
+fn containers_are_hardened_and_drain_before_sigkill() {
+    let files = files();
+    let mut problems = Problems::default();
+    for d in definitions(&files) {
+        let (j, file, who) = (&d.json, &d.file, &d.who);
+        if j.get("readonlyRootFilesystem") != Some(&Value::Bool(true)) {
+            problems.add(file, who, "readonlyRootFilesystem must be true");
+        }
+        let user = j.get("user").map(text).unwrap_or_default();
+        if user.is_empty() || user == "root" || user.starts_with("0:") || user == "0" {
+            problems.add(
+                file,
+                who,
+                format!("must run as a non-root user (user = {user:?})"),
+            );
+        }
+        if j.pointer("/linuxParameters/initProcessEnabled") != Some(&Value::Bool(true)) {
+            problems.add(file, who, "linuxParameters.initProcessEnabled must be true");
+        }
+        // Above the worker's default SHUTDOWN_GRACE of 25 s, with room to deliver results.
+        let stop = j.get("stopTimeout").and_then(Value::as_u64).unwrap_or(0);
+        if stop < 30 {
+            problems.add(
+                file,
+                who,
+                format!("stopTimeout {stop} s is not above the 25 s drain grace (use 30+)"),
+            );
+        }
+        if j.pointer("/logConfiguration/logDriver")
+            .and_then(Value::as_str)
+            != Some("awslogs")
+        {
+            problems.add(file, who, "logs must go to awslogs");
+        }
+    }
+    problems.assert_none("container hardening in the ECS task definitions");
+}
+
+fn spec<'a>(specs: &'a [ServiceSpec], name: &str) -> &'a ServiceSpec {
+    specs.iter().find(|s| s.name == name).unwrap()
+}
+
+#[test]
+fn the_alb_reaches_the_master_port_and_checks_ready() {
+    let files = files();
+    let specs = services();
+    let master_port = u64::from(spec(&specs, "master").default_port);
+    let resolver = Resolver::new(&files);
+    let mut problems = Problems::default();
+
+    let groups = resources(&files, "aws_lb_target_group");
+    assert!(!groups.is_empty(), "{DIR} has no ALB target group");
+    for (file, address, b) in groups {
+        let port = attr(&b.body, "port").map(|e| resolver.resolve(e));
+        if port.as_ref().and_then(Value::as_u64) != Some(master_port) {
+            problems.add(
+                file,
+                &address,
+                format!("port is {port:?}, the master listens on {master_port}"),
+            );
+        }
+        let path = block(&b.body, "health_check")
+            .and_then(|h| attr(&h.body, "path"))
+            .map(|e| resolver.resolve(e));
+        if path.as_ref().and_then(Value::as_str) != Some("/ready") {
+            problems.add(
+                file,
+                &address,
+                format!("health check path is {path:?}, should be /ready"),
+            );
+        }
+    }
+    for (file, address, b) in resources(&files, "aws_ecs_service") {
+        for lb in b
+            .body
+            .blocks()
+            .filter(|x| x.identifier.as_str() == "load_balancer")
+        {
+            let name = attr(&lb.body, "container_name").map(|e| text(&resolver.resolve(e)));
+            let port = attr(&lb.body, "container_port").and_then(|e| resolver.resolve(e).as_u64());
+            if name.as_deref() != Some("master") || port != Some(master_port) {
+                problems.add(
+                    file,
+                    &address,
+                    format!(
+                        "load_balancer targets {name:?}:{port:?}, should be master:{master_port}"
+                    ),
+                );
+            }
+        }
+    }
+    problems.assert_none("the ALB wiring");
+}
+
+#[test]
+fn service_urls_name_a_cloud_map_service_and_its_port() {
+    let files = files();
+    let specs = services();
+    let mut problems = Problems::default();
+    let registered: BTreeSet<String> = resources(&files, "aws_service_discovery_service")
+        .into_iter()
+        .flat_map(|(_, _, b)| {
+            let resolver = Resolver::new(&files);
+            match attr(&b.body, "for_each").map(|e| resolver.resolve(e)) {
+                Some(Value::Array(names)) => names.iter().map(text).collect::<Vec<_>>(),
+                _ => attr(&b.body, "name")
+                    .map(|e| text(&resolver.resolve(e)))
+                    .into_iter()
+                    .collect(),
+            }
+        })
+        .collect();
+    let containers: Vec<Container> = definitions(&files).iter().map(container).collect();
+    // service → the port its containers listen on.
+    let listening: BTreeMap<&str, u16> = containers
+        .iter()
+        .filter_map(|c| {
+            let spec = specs.iter().find(|s| s.name == c.service)?;
+            Some((spec.name, c.listen_port(spec)?))
+        })
+        .collect();
+    for c in &containers {
+        for (var, value) in &c.env {
+            let Some((host, port)) = url_host_port(value) else {
+                continue;
+            };
+            let name = host.split('.').next().unwrap_or(host);
+            if !registered.contains(name) {
+                problems.add(
+                    &c.file,
+                    &c.who,
+                    format!("{var}={value}: `{name}` is not a Cloud Map service ({registered:?})"),
+                );
+            }
+            match listening.get(name) {
+                Some(&p) if p != port => problems.add(
+                    &c.file,
+                    &c.who,
+                    format!("{var}={value}: {name} listens on {p}, not {port}"),
+                ),
+                Some(_) => {}
+                None => problems.add(
+                    &c.file,
+                    &c.who,
+                    format!("{var}={value}: `{name}` is not an Ensemble container here"),
+                ),
+            }
+        }
+    }
+    problems.assert_none("service URLs in the ECS container definitions");
+}
