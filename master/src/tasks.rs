@@ -230,8 +230,10 @@ pub async fn result(
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep_until(next) => {}
+                // Shutting down: answer now (202) rather than hold the drain up.
+                () = state.shutdown.cancelled() => {}
             }
-            if tokio::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline || state.shutdown.is_cancelled() {
                 record = owned(state, client, id).await?;
                 break;
             }

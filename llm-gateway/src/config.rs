@@ -1,0 +1,390 @@
+//! The gateway's settings: listen address, its token, timeouts and retries, the providers'
+//! credentials and endpoints, and the model aliases with their ordered targets.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use common::config::{ConfigError, Secret, Settings};
+use serde::{Deserialize, Serialize};
+
+/// The alias served when nothing else is configured; built from `LLM_PROVIDER`/`LLM_MODEL`
+/// unless `[models.default]` is in the TOML file.
+pub const DEFAULT_ALIAS: &str = "default";
+
+/// Google's Generative Language API.
+pub const GEMINI_DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com/v1beta";
+
+/// The gateway's configuration: defaults, then `--config`/`ENSEMBLE_CONFIG` TOML, then the
+/// environment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// `HOST`: address to listen on.
+    #[serde(deserialize_with = "common::config::lenient_string")]
+    pub host: String,
+    /// `PORT`: port to listen on.
+    pub port: u16,
+    /// `GATEWAY_TOKEN`: the bearer token every `/v1` call must present.
+    pub gateway_token: Secret,
+    /// `AUTH_DISABLED`: accept every caller (local use only; logged loudly). Without it the
+    /// gateway refuses to start with no `GATEWAY_TOKEN`.
+    pub auth_disabled: bool,
+
+    /// `LLM_PROVIDER`: the provider behind the `default` alias (`mock`, `gemini`, `bedrock`).
+    pub llm_provider: ProviderKind,
+    /// `LLM_MODEL`: the model behind the `default` alias; empty means the provider's usual
+    /// one ([`ProviderKind::default_model`]).
+    #[serde(deserialize_with = "common::config::lenient_string")]
+    pub llm_model: String,
+    /// `[models.<alias>]` in TOML: each alias's ordered fallback targets.
+    pub models: BTreeMap<String, AliasConfig>,
+
+    /// `REQUEST_TIMEOUT`: the longest one upstream attempt may take (and, when streaming,
+    /// the longest wait for the next chunk). A number is milliseconds; `60s` works too.
+    #[serde(with = "common::config::duration")]
+    pub request_timeout: Duration,
+    /// `MAX_RETRIES`: retries of one target on a retryable failure before falling back.
+    pub max_retries: u32,
+    /// `RETRY_BASE_MS`: the first retry backoff; doubles per retry, with jitter.
+    pub retry_base_ms: u64,
+    /// `RETRY_MAX_MS`: the longest backoff, also the cap on an upstream's `Retry-After`.
+    pub retry_max_ms: u64,
+    /// `MAX_CONCURRENCY_PER_PROVIDER`: upstream requests in flight per provider; excess waits.
+    pub max_concurrency_per_provider: usize,
+    /// `QUEUE_TIMEOUT_MS`: how long an excess request waits for a slot before `429`.
+    pub queue_timeout_ms: u64,
+
+    /// `GEMINI_API_KEY`: sent in the `x-goog-api-key` header, never in the URL.
+    pub gemini_api_key: Secret,
+    /// `GEMINI_BASE_URL`: the Generative Language API root (tests point it at a fake).
+    #[serde(deserialize_with = "common::config::lenient_string")]
+    pub gemini_base_url: String,
+    /// `AWS_REGION`: Bedrock's region. Credentials come from the default chain.
+    #[serde(deserialize_with = "common::config::lenient_opt_string")]
+    pub aws_region: Option<String>,
+    /// `BEDROCK_ENDPOINT_URL`: overrides Bedrock's endpoint (tests point it at a fake).
+    #[serde(deserialize_with = "common::config::lenient_opt_string")]
+    pub bedrock_endpoint_url: Option<String>,
+
+    /// `MOCK_LATENCY_MS`: the mock provider's delay before its answer (or its first chunk).
+    pub mock_latency_ms: u64,
+    /// `MOCK_FAIL_RATE`: share of mock calls (0.0–1.0) that fail with a retryable `503`.
+    pub mock_fail_rate: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 7000,
+            gateway_token: Secret::default(),
+            auth_disabled: false,
+            llm_provider: ProviderKind::Mock,
+            llm_model: String::new(),
+            models: BTreeMap::new(),
+            request_timeout: Duration::from_secs(60),
+            max_retries: 2,
+            retry_base_ms: 200,
+            retry_max_ms: 10_000,
+            max_concurrency_per_provider: 256,
+            queue_timeout_ms: 5_000,
+            gemini_api_key: Secret::default(),
+            gemini_base_url: GEMINI_DEFAULT_BASE_URL.into(),
+            aws_region: None,
+            bedrock_endpoint_url: None,
+            mock_latency_ms: 0,
+            mock_fail_rate: 0.0,
+        }
+    }
+}
+
+/// The environment variables the gateway reads.
+const ENV_VARS: &[&str] = &[
+    "HOST",
+    "PORT",
+    "GATEWAY_TOKEN",
+    "AUTH_DISABLED",
+    "LLM_PROVIDER",
+    "LLM_MODEL",
+    "REQUEST_TIMEOUT",
+    "MAX_RETRIES",
+    "RETRY_BASE_MS",
+    "RETRY_MAX_MS",
+    "MAX_CONCURRENCY_PER_PROVIDER",
+    "QUEUE_TIMEOUT_MS",
+    "GEMINI_API_KEY",
+    "GEMINI_BASE_URL",
+    "AWS_REGION",
+    "BEDROCK_ENDPOINT_URL",
+    "MOCK_LATENCY_MS",
+    "MOCK_FAIL_RATE",
+];
+
+impl Settings for Config {
+    fn env_vars() -> Vec<&'static str> {
+        ENV_VARS.to_vec()
+    }
+
+    fn required_env_vars() -> Vec<&'static str> {
+        vec!["GATEWAY_TOKEN", "LLM_PROVIDER"]
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.gateway_token.is_empty() && !self.auth_disabled {
+            return Err(ConfigError::invalid(
+                "GATEWAY_TOKEN",
+                "is required (or set AUTH_DISABLED=true for local use)",
+            ));
+        }
+        if self.host.trim().is_empty() {
+            return Err(ConfigError::invalid("HOST", "must not be empty"));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "REQUEST_TIMEOUT",
+                "must be above zero",
+            ));
+        }
+        if self.max_concurrency_per_provider == 0 {
+            return Err(ConfigError::invalid(
+                "MAX_CONCURRENCY_PER_PROVIDER",
+                "must be at least 1",
+            ));
+        }
+        if self.retry_base_ms > self.retry_max_ms {
+            return Err(ConfigError::invalid(
+                "RETRY_BASE_MS",
+                format!("must not exceed RETRY_MAX_MS ({})", self.retry_max_ms),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.mock_fail_rate) {
+            return Err(ConfigError::invalid(
+                "MOCK_FAIL_RATE",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        for (alias, config) in &self.models {
+            if alias.is_empty() {
+                return Err(ConfigError::invalid("models", "an alias name is empty"));
+            }
+            if config.targets.is_empty() {
+                return Err(ConfigError::invalid(
+                    &format!("models.{alias}.targets"),
+                    "needs at least one {provider, model} target",
+                ));
+            }
+            if let Some(t) = config.targets.iter().find(|t| t.model.trim().is_empty()) {
+                return Err(ConfigError::invalid(
+                    &format!("models.{alias}.targets"),
+                    format!("a `{}` target has an empty model", t.provider),
+                ));
+            }
+        }
+        let used = self.aliases();
+        let uses = |kind: ProviderKind| {
+            used.values()
+                .any(|targets| targets.iter().any(|t| t.provider == kind))
+        };
+        if uses(ProviderKind::Gemini) && self.gemini_api_key.is_empty() {
+            return Err(ConfigError::invalid(
+                "GEMINI_API_KEY",
+                "is required when a model alias uses the gemini provider",
+            ));
+        }
+        if uses(ProviderKind::Gemini) && !self.gemini_base_url.starts_with("http") {
+            return Err(ConfigError::invalid(
+                "GEMINI_BASE_URL",
+                "must be an http(s) URL",
+            ));
+        }
+        if uses(ProviderKind::Bedrock) && self.aws_region.is_none() {
+            return Err(ConfigError::invalid(
+                "AWS_REGION",
+                "is required when a model alias uses the bedrock provider",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Every alias the gateway serves with its targets: the `[models]` table plus
+    /// `default` from `LLM_PROVIDER`/`LLM_MODEL` when the table does not define it.
+    pub fn aliases(&self) -> BTreeMap<String, Vec<Target>> {
+        let mut aliases: BTreeMap<String, Vec<Target>> = self
+            .models
+            .iter()
+            .map(|(alias, config)| (alias.clone(), config.targets.clone()))
+            .collect();
+        aliases.entry(DEFAULT_ALIAS.to_string()).or_insert_with(|| {
+            let model = match self.llm_model.trim() {
+                "" => self.llm_provider.default_model().to_string(),
+                model => model.to_string(),
+            };
+            vec![Target {
+                provider: self.llm_provider,
+                model,
+            }]
+        });
+        aliases
+    }
+
+    /// `RETRY_BASE_MS` as a duration.
+    pub fn retry_base(&self) -> Duration {
+        Duration::from_millis(self.retry_base_ms)
+    }
+
+    /// `RETRY_MAX_MS` as a duration.
+    pub fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.retry_max_ms)
+    }
+}
+
+/// One alias in `[models.<alias>]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AliasConfig {
+    /// Tried in order: a retryable failure of one falls back to the next.
+    pub targets: Vec<Target>,
+}
+
+/// A provider and the model name it knows.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Which provider serves it.
+    pub provider: ProviderKind,
+    /// The provider's own model name (`gemini-2.5-flash`, a Bedrock model or profile id).
+    pub model: String,
+}
+
+/// The providers the gateway can call.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Deterministic, offline: the default for local runs and tests.
+    Mock,
+    /// Google Gemini over the Generative Language REST API.
+    Gemini,
+    /// AWS Bedrock through the SDK's Converse API.
+    Bedrock,
+}
+
+impl ProviderKind {
+    /// Every provider, in a stable order.
+    pub const ALL: [ProviderKind; 3] = [Self::Mock, Self::Gemini, Self::Bedrock];
+
+    /// The name used in settings, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mock => "mock",
+            Self::Gemini => "gemini",
+            Self::Bedrock => "bedrock",
+        }
+    }
+
+    /// The model used when `LLM_MODEL` is not set.
+    pub fn default_model(self) -> &'static str {
+        match self {
+            Self::Mock => "mock-1",
+            Self::Gemini => "gemini-2.5-flash",
+            Self::Bedrock => "anthropic.claude-3-5-haiku-20241022-v1:0",
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn open() -> Config {
+        Config {
+            auth_disabled: true,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn no_token_refuses_to_start_unless_auth_is_disabled() {
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert!(err.contains("GATEWAY_TOKEN"), "{err}");
+        open().validate().unwrap();
+        Config {
+            gateway_token: Secret::new("t"),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn default_alias_comes_from_llm_provider_and_model() {
+        let aliases = open().aliases();
+        assert_eq!(
+            aliases[DEFAULT_ALIAS],
+            vec![Target {
+                provider: ProviderKind::Mock,
+                model: "mock-1".into()
+            }]
+        );
+        let config = Config {
+            llm_provider: ProviderKind::Gemini,
+            llm_model: "gemini-2.0-flash".into(),
+            ..open()
+        };
+        assert_eq!(config.aliases()[DEFAULT_ALIAS][0].model, "gemini-2.0-flash");
+    }
+
+    #[test]
+    fn providers_in_use_need_their_settings() {
+        let gemini = Config {
+            llm_provider: ProviderKind::Gemini,
+            ..open()
+        };
+        let err = gemini.validate().unwrap_err().to_string();
+        assert!(err.contains("GEMINI_API_KEY"), "{err}");
+        let bedrock = Config {
+            llm_provider: ProviderKind::Bedrock,
+            ..open()
+        };
+        let err = bedrock.validate().unwrap_err().to_string();
+        assert!(err.contains("AWS_REGION"), "{err}");
+    }
+
+    #[test]
+    fn aliases_load_from_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            r#"
+auth_disabled = true
+[models.smart]
+targets = [{provider = "mock", model = "a"}, {provider = "mock", model = "b"}]
+"#,
+        )
+        .unwrap();
+        let config: Config = common::config::load_from(Some(&path)).unwrap();
+        let aliases = config.aliases();
+        assert_eq!(aliases["smart"].len(), 2);
+        assert!(aliases.contains_key(DEFAULT_ALIAS));
+
+        std::fs::write(
+            &path,
+            "auth_disabled = true\n[models.x]\ntargets = [{provider = \"openai\", model = \"a\"}]\n",
+        )
+        .unwrap();
+        let err = common::config::load_from::<Config>(Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MODELS"), "{err}");
+    }
+}

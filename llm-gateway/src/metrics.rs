@@ -1,0 +1,128 @@
+//! The gateway's Prometheus series, all named `ensemble_gateway_*`. Handles for each
+//! provider+model target are made once at start, so the hot path records without building
+//! label sets.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+
+use crate::config::ProviderKind;
+use crate::openai::Usage;
+
+/// Requests answered, by provider, model and outcome (`ok`, `error`).
+pub const REQUESTS: &str = "ensemble_gateway_requests_total";
+/// Failures by provider, model and kind (`rate_limited`, `timeout`, `invalid_json`, …);
+/// gateway-level rejections carry `provider="gateway"`.
+pub const ERRORS: &str = "ensemble_gateway_errors_total";
+/// Client-visible latency of served requests, by provider and model.
+pub const REQUEST_DURATION: &str = "ensemble_gateway_request_duration_seconds";
+/// Latency of each upstream attempt, by provider and model.
+pub const UPSTREAM_DURATION: &str = "ensemble_gateway_upstream_duration_seconds";
+/// Tokens by provider, model and direction (`in`, `out`).
+pub const TOKENS: &str = "ensemble_gateway_tokens_total";
+/// Retries of one target, by provider and model.
+pub const RETRIES: &str = "ensemble_gateway_retries_total";
+/// Fallbacks to a later target, by the provider fallen back to.
+pub const FALLBACKS: &str = "ensemble_gateway_fallbacks_total";
+/// The gateway's own time per request (total minus upstream and backoff), by mode
+/// (`unary`, `stream`).
+pub const OVERHEAD: &str = "ensemble_gateway_overhead_seconds";
+
+/// Cached handles for one provider+model target.
+#[derive(Debug)]
+pub struct TargetMetrics {
+    provider: &'static str,
+    model: String,
+    ok: Counter,
+    failed: Counter,
+    duration: Histogram,
+    upstream: Histogram,
+    tokens_in: Counter,
+    tokens_out: Counter,
+    retries: Counter,
+    fallbacks: Counter,
+}
+
+impl TargetMetrics {
+    /// Registers the series for `provider` and `model`. The Prometheus recorder must be
+    /// installed first (`common::telemetry::metrics()`), or the handles record nowhere.
+    pub fn new(provider: ProviderKind, model: &str) -> Self {
+        let p = provider.as_str();
+        let m = model.to_string();
+        Self {
+            ok: metrics::counter!(REQUESTS, "provider" => p, "model" => m.clone(), "outcome" => "ok"),
+            failed: metrics::counter!(REQUESTS, "provider" => p, "model" => m.clone(), "outcome" => "error"),
+            duration: metrics::histogram!(REQUEST_DURATION, "provider" => p, "model" => m.clone()),
+            upstream: metrics::histogram!(UPSTREAM_DURATION, "provider" => p, "model" => m.clone()),
+            tokens_in: metrics::counter!(TOKENS, "provider" => p, "model" => m.clone(), "direction" => "in"),
+            tokens_out: metrics::counter!(TOKENS, "provider" => p, "model" => m.clone(), "direction" => "out"),
+            retries: metrics::counter!(RETRIES, "provider" => p, "model" => m.clone()),
+            fallbacks: metrics::counter!(FALLBACKS, "provider" => p, "model" => m.clone()),
+            provider: p,
+            model: m,
+        }
+    }
+
+    /// One upstream attempt took `elapsed`.
+    pub fn attempt(&self, elapsed: Duration) {
+        self.upstream.record(elapsed.as_secs_f64());
+    }
+
+    /// An upstream attempt (or a stream) failed.
+    pub fn error(&self, kind: &'static str) {
+        metrics::counter!(ERRORS, "provider" => self.provider, "model" => self.model.clone(), "kind" => kind)
+            .increment(1);
+    }
+
+    /// The target is retried.
+    pub fn retry(&self) {
+        self.retries.increment(1);
+    }
+
+    /// The router fell back to this target.
+    pub fn fallback(&self) {
+        self.fallbacks.increment(1);
+    }
+
+    /// A request ended on this target, served or not.
+    pub fn finished(&self, ok: bool, total: Duration, usage: Option<Usage>) {
+        if ok {
+            self.ok.increment(1);
+            self.duration.record(total.as_secs_f64());
+        } else {
+            self.failed.increment(1);
+        }
+        if let Some(usage) = usage {
+            self.tokens_in.increment(u64::from(usage.prompt_tokens));
+            self.tokens_out
+                .increment(u64::from(usage.completion_tokens));
+        }
+    }
+}
+
+/// A request the gateway refused before any provider was involved.
+pub fn rejected(kind: &'static str) {
+    metrics::counter!(ERRORS, "provider" => "gateway", "model" => "", "kind" => kind).increment(1);
+}
+
+/// How a request was answered, for the overhead histogram.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// One JSON body.
+    Unary,
+    /// Server-Sent Events.
+    Stream,
+}
+
+/// The gateway's own share of one request. The two handles are made once (after the
+/// recorder is installed, which `app::build` ensures before any request).
+pub fn overhead(mode: Mode, total: Duration, outside: Duration) {
+    static UNARY: OnceLock<Histogram> = OnceLock::new();
+    static STREAM: OnceLock<Histogram> = OnceLock::new();
+    let histogram = match mode {
+        Mode::Unary => UNARY.get_or_init(|| metrics::histogram!(OVERHEAD, "mode" => "unary")),
+        Mode::Stream => STREAM.get_or_init(|| metrics::histogram!(OVERHEAD, "mode" => "stream")),
+    };
+    histogram.record(total.saturating_sub(outside).as_secs_f64());
+}

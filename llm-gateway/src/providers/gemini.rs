@@ -1,0 +1,605 @@
+//! Google Gemini over the Generative Language REST API: `models/{model}:generateContent`
+//! and `:streamGenerateContent?alt=sse`, the key in the `x-goog-api-key` header (never in
+//! the URL). The wire types are private and mirror Google's documentation.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Provider, ProviderError,
+    StreamEvent, TurnRole,
+};
+use crate::config::ProviderKind;
+use crate::openai::Usage;
+use common::config::Secret;
+
+const PROVIDER: ProviderKind = ProviderKind::Gemini;
+
+/// The Gemini provider: one pooled HTTP client for every request.
+#[derive(Debug, Clone)]
+pub struct GeminiProvider {
+    /// Shared keep-alive pool; no overall timeout, the router bounds each attempt.
+    client: reqwest::Client,
+    /// `GEMINI_BASE_URL` without a trailing slash.
+    base_url: String,
+    /// The key as a ready header value, marked sensitive so it never shows in debug output.
+    api_key: HeaderValue,
+}
+
+impl GeminiProvider {
+    /// A provider for `base_url` (`https://generativelanguage.googleapis.com/v1beta`).
+    pub fn new(base_url: &str, api_key: Secret) -> anyhow::Result<Self> {
+        common::install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .user_agent(concat!("ensemble-llm-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let mut api_key = HeaderValue::from_str(api_key.expose())
+            .map_err(|_| anyhow::anyhow!("GEMINI_API_KEY holds characters a header cannot"))?;
+        api_key.set_sensitive(true);
+        Ok(Self {
+            client,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key,
+        })
+    }
+
+    /// Sends `request` to `models/{model}:{method}` and checks the status.
+    async fn send(
+        &self,
+        model: &str,
+        method: &str,
+        request: &ChatRequest,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let model = model.strip_prefix("models/").unwrap_or(model);
+        let url = format!("{}/models/{model}:{method}", self.base_url);
+        let body = serde_json::to_vec(&GenerateContentRequest::from(request))
+            .map_err(|e| ProviderError::new(PROVIDER, ErrorKind::Protocol, e.to_string()))?;
+        let response = self
+            .client
+            .post(url)
+            .header("x-goog-api-key", self.api_key.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(handle_gemini_error(response).await)
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for GeminiProvider {
+    fn kind(&self) -> ProviderKind {
+        PROVIDER
+    }
+
+    async fn complete(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<Completion, ProviderError> {
+        let response = self.send(model, "generateContent", request).await?;
+        let body = response.bytes().await.map_err(transport_error)?;
+        let reply: GenerateContentResponse = serde_json::from_slice(&body).map_err(|e| {
+            ProviderError::new(
+                PROVIDER,
+                ErrorKind::Protocol,
+                format!("unreadable reply: {e}"),
+            )
+        })?;
+        if let Some(error) = reply.error {
+            return Err(error.into_provider_error(None));
+        }
+        let mut text = String::new();
+        let mut finish = FinishReason::Stop;
+        reply.collect(&mut text, &mut finish);
+        let usage = reply
+            .usage_metadata
+            .map(UsageMetadata::into_usage)
+            .unwrap_or_default();
+        Ok(Completion {
+            text,
+            finish,
+            usage,
+        })
+    }
+
+    async fn stream(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<EventStream, ProviderError> {
+        let response = self
+            .send(model, "streamGenerateContent?alt=sse", request)
+            .await?;
+        let state = SseState {
+            body: response.bytes_stream().boxed(),
+            buffer: BytesMut::new(),
+            pending: VecDeque::new(),
+            done: false,
+        };
+        Ok(futures::stream::unfold(state, SseState::next).boxed())
+    }
+}
+
+/// A streamed reply being decoded: raw body, undecoded bytes, decoded events not yet
+/// handed out.
+struct SseState {
+    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    buffer: BytesMut,
+    pending: VecDeque<Result<StreamEvent, ProviderError>>,
+    done: bool,
+}
+
+impl SseState {
+    async fn next(mut self) -> Option<(Result<StreamEvent, ProviderError>, Self)> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                if event.is_err() {
+                    // Nothing after an error: the stream ends with it.
+                    self.pending.clear();
+                    self.done = true;
+                }
+                return Some((event, self));
+            }
+            if self.done {
+                return None;
+            }
+            if let Some(data) = take_sse_data(&mut self.buffer) {
+                self.decode(&data);
+                continue;
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buffer.extend_from_slice(&chunk),
+                Some(Err(e)) => self.pending.push_back(Err(transport_error(e))),
+                None => {
+                    // A last event without its blank line still counts.
+                    self.buffer.extend_from_slice(b"\n\n");
+                    while let Some(data) = take_sse_data(&mut self.buffer) {
+                        self.decode(&data);
+                    }
+                    self.done = true;
+                }
+            }
+        }
+    }
+
+    /// Turns one `data:` payload into events.
+    fn decode(&mut self, data: &str) {
+        let chunk: GenerateContentResponse = match serde_json::from_str(data) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                self.pending.push_back(Err(ProviderError::new(
+                    PROVIDER,
+                    ErrorKind::Protocol,
+                    format!("unreadable stream event: {e}"),
+                )));
+                return;
+            }
+        };
+        if let Some(error) = chunk.error {
+            self.pending.push_back(Err(error.into_provider_error(None)));
+            return;
+        }
+        let mut text = String::new();
+        let mut finish = None;
+        for candidate in chunk.candidates.iter().take(1) {
+            candidate.append_text(&mut text);
+            finish = candidate.finish_reason.as_deref().map(map_finish_reason);
+        }
+        if chunk
+            .prompt_feedback
+            .as_ref()
+            .is_some_and(|f| f.block_reason.is_some())
+        {
+            finish = Some(FinishReason::ContentFilter);
+        }
+        if !text.is_empty() {
+            self.pending.push_back(Ok(StreamEvent::Delta(text)));
+        }
+        if let Some(finish) = finish {
+            self.pending.push_back(Ok(StreamEvent::Finish(finish)));
+        }
+        if let Some(usage) = chunk.usage_metadata {
+            self.pending
+                .push_back(Ok(StreamEvent::Usage(usage.into_usage())));
+        }
+    }
+}
+
+/// Takes the next complete event's `data:` lines (joined by newlines) out of `buffer`.
+/// Events end with a blank line (`\n\n` or `\r\n\r\n`); events without data are skipped.
+fn take_sse_data(buffer: &mut BytesMut) -> Option<String> {
+    loop {
+        let (end, gap) = find_event_end(buffer)?;
+        let event = buffer.split_to(end);
+        buffer.advance(gap);
+        let text = String::from_utf8_lossy(&event);
+        let mut data: Option<String> = None;
+        for line in text.lines() {
+            if let Some(value) = line.strip_prefix("data:") {
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match &mut data {
+                    Some(all) => {
+                        all.push('\n');
+                        all.push_str(value);
+                    }
+                    None => data = Some(value.to_string()),
+                }
+            }
+        }
+        if data.is_some() {
+            return data;
+        }
+    }
+}
+
+/// Where the first event ends and how long its blank-line terminator is.
+fn find_event_end(buffer: &[u8]) -> Option<(usize, usize)> {
+    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buffer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A transport failure: timeouts and refused connections are retryable.
+fn transport_error(e: reqwest::Error) -> ProviderError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Connection
+    };
+    ProviderError::new(PROVIDER, kind, e.to_string())
+}
+
+/// Sorts a non-2xx answer into client and upstream errors, keeping Google's `RetryInfo`.
+async fn handle_gemini_error(response: reqwest::Response) -> ProviderError {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64);
+    let body = response.bytes().await.unwrap_or_default();
+    match serde_json::from_slice::<ErrorEnvelope>(&body) {
+        Ok(envelope) => {
+            let mut error = envelope.error.into_provider_error(retry_after);
+            error.status = Some(status);
+            if error.kind != ErrorKind::Auth {
+                error.kind = ErrorKind::from_status(status);
+            }
+            error
+        }
+        Err(_) => {
+            let text = String::from_utf8_lossy(&body);
+            let text: String = text.chars().take(300).collect();
+            ProviderError::from_status(PROVIDER, status, text).with_retry_after(retry_after)
+        }
+    }
+}
+
+/// Gemini's `finishReason` in OpenAI's terms.
+fn map_finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "MAX_TOKENS" => FinishReason::Length,
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
+            FinishReason::ContentFilter
+        }
+        _ => FinishReason::Stop,
+    }
+}
+
+/// A protobuf JSON duration: `"37s"`, `"0.500s"`.
+fn parse_proto_duration(text: &str) -> Option<Duration> {
+    let secs: f64 = text.trim().strip_suffix('s')?.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+// ---- Google's wire format (https://ai.google.dev/api/generate-content) ----
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerateContentRequest<'a> {
+    contents: Vec<Content<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<SystemInstruction<'a>>,
+    generation_config: GenerationConfig<'a>,
+}
+
+#[derive(Serialize)]
+struct Content<'a> {
+    role: &'static str,
+    parts: Vec<Part<'a>>,
+}
+
+#[derive(Serialize)]
+struct SystemInstruction<'a> {
+    parts: [Part<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Part<'a> {
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_output_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_mime_type: Option<&'static str>,
+}
+
+impl<'a> From<&'a ChatRequest> for GenerateContentRequest<'a> {
+    fn from(request: &'a ChatRequest) -> Self {
+        Self {
+            contents: request
+                .turns
+                .iter()
+                .map(|turn| Content {
+                    role: match turn.role {
+                        TurnRole::User => "user",
+                        TurnRole::Assistant => "model",
+                    },
+                    parts: turn.parts.iter().map(|text| Part { text }).collect(),
+                })
+                .collect(),
+            system_instruction: request.system.as_deref().map(|text| SystemInstruction {
+                parts: [Part { text }],
+            }),
+            generation_config: GenerationConfig {
+                temperature: request.temperature,
+                top_p: request.top_p,
+                max_output_tokens: request.max_tokens,
+                stop_sequences: &request.stop,
+                response_mime_type: request.json.then_some("application/json"),
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerateContentResponse {
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+    usage_metadata: Option<UsageMetadata>,
+    prompt_feedback: Option<PromptFeedback>,
+    /// A stream may carry an error in place of a chunk.
+    error: Option<GoogleError>,
+}
+
+impl GenerateContentResponse {
+    fn collect(&self, text: &mut String, finish: &mut FinishReason) {
+        if let Some(candidate) = self.candidates.first() {
+            candidate.append_text(text);
+            if let Some(reason) = &candidate.finish_reason {
+                *finish = map_finish_reason(reason);
+            }
+        }
+        if self
+            .prompt_feedback
+            .as_ref()
+            .is_some_and(|f| f.block_reason.is_some())
+        {
+            *finish = FinishReason::ContentFilter;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Candidate {
+    content: Option<CandidateContent>,
+    finish_reason: Option<String>,
+}
+
+impl Candidate {
+    fn append_text(&self, out: &mut String) {
+        let parts = self.content.iter().flat_map(|c| &c.parts);
+        for part in parts.filter(|p| !p.thought) {
+            if let Some(text) = &part.text {
+                out.push_str(text);
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CandidateContent {
+    #[serde(default)]
+    parts: Vec<ResponsePart>,
+}
+
+#[derive(Deserialize)]
+struct ResponsePart {
+    text: Option<String>,
+    /// Thought summaries are not part of the answer.
+    #[serde(default)]
+    thought: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    block_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UsageMetadata {
+    #[serde(default)]
+    prompt_token_count: u32,
+    #[serde(default)]
+    candidates_token_count: u32,
+    /// Thinking tokens are billed as output, like OpenAI's reasoning tokens.
+    #[serde(default)]
+    thoughts_token_count: u32,
+}
+
+impl UsageMetadata {
+    fn into_usage(self) -> Usage {
+        Usage::new(
+            self.prompt_token_count,
+            self.candidates_token_count
+                .saturating_add(self.thoughts_token_count),
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: GoogleError,
+}
+
+/// `{"error": {"code", "status", "message", "details"}}`.
+#[derive(Deserialize)]
+struct GoogleError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    details: Vec<ErrorDetail>,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "@type", default)]
+    kind: String,
+    /// On `google.rpc.RetryInfo`.
+    #[serde(rename = "retryDelay")]
+    retry_delay: Option<String>,
+    /// On `google.rpc.ErrorInfo`.
+    reason: Option<String>,
+}
+
+impl GoogleError {
+    fn into_provider_error(self, retry_after: Option<Duration>) -> ProviderError {
+        let retry_delay = self
+            .details
+            .iter()
+            .filter(|d| d.kind.ends_with("google.rpc.RetryInfo"))
+            .find_map(|d| d.retry_delay.as_deref().and_then(parse_proto_duration));
+        let bad_key = self
+            .details
+            .iter()
+            .any(|d| d.reason.as_deref() == Some("API_KEY_INVALID"));
+        let status = if self.code == 0 { 500 } else { self.code };
+        let mut error = ProviderError::from_status(
+            PROVIDER,
+            status,
+            format!("{}: {}", self.status, self.message),
+        )
+        .with_retry_after(retry_delay.or(retry_after));
+        if bad_key {
+            error.kind = ErrorKind::Auth;
+        }
+        error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::providers::Turn;
+
+    #[test]
+    fn requests_are_shaped_as_google_documents() {
+        let request = ChatRequest {
+            system: Some("be brief".into()),
+            turns: vec![
+                Turn {
+                    role: TurnRole::User,
+                    parts: vec!["hi".into()],
+                },
+                Turn {
+                    role: TurnRole::Assistant,
+                    parts: vec!["hello".into()],
+                },
+            ],
+            temperature: Some(0.5),
+            max_tokens: Some(10),
+            top_p: None,
+            stop: vec!["END".into()],
+            json: true,
+        };
+        let json = serde_json::to_value(GenerateContentRequest::from(&request)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "contents": [
+                    {"role": "user", "parts": [{"text": "hi"}]},
+                    {"role": "model", "parts": [{"text": "hello"}]}
+                ],
+                "systemInstruction": {"parts": [{"text": "be brief"}]},
+                "generationConfig": {
+                    "temperature": 0.5,
+                    "maxOutputTokens": 10,
+                    "stopSequences": ["END"],
+                    "responseMimeType": "application/json"
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn sse_events_split_on_blank_lines() {
+        let mut buffer = BytesMut::from(
+            &b"data: {\"a\":1}\r\n\r\n: comment\n\ndata: x\ndata: y\n\ndata: partial"[..],
+        );
+        assert_eq!(take_sse_data(&mut buffer).as_deref(), Some("{\"a\":1}"));
+        assert_eq!(take_sse_data(&mut buffer).as_deref(), Some("x\ny"));
+        assert_eq!(take_sse_data(&mut buffer), None);
+        assert_eq!(&buffer[..], b"data: partial");
+    }
+
+    #[test]
+    fn retry_delays_parse() {
+        assert_eq!(parse_proto_duration("37s"), Some(Duration::from_secs(37)));
+        assert_eq!(
+            parse_proto_duration("0.5s"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_proto_duration("soon"), None);
+    }
+
+    #[test]
+    fn finish_reasons_map() {
+        assert_eq!(map_finish_reason("STOP"), FinishReason::Stop);
+        assert_eq!(map_finish_reason("MAX_TOKENS"), FinishReason::Length);
+        assert_eq!(map_finish_reason("SAFETY"), FinishReason::ContentFilter);
+    }
+}

@@ -1,0 +1,260 @@
+//! The mock provider: deterministic and offline. The reply derives from the prompt, so the
+//! whole system runs and tests without keys; latency and failures can be injected, by
+//! setting (`MOCK_LATENCY_MS`, `MOCK_FAIL_RATE`) or by a marker in the last user message:
+//! `[mock:fail=503]` (any status) fails the call, `[mock:fail-mid-stream]` breaks a stream
+//! after its first chunk.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+
+use super::{
+    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Provider, ProviderError,
+    StreamEvent, TurnRole, estimate_tokens,
+};
+use crate::config::ProviderKind;
+use crate::openai::Usage;
+
+/// How many words of the prompt the reply quotes.
+const QUOTED_WORDS: usize = 8;
+
+/// The deterministic provider.
+#[derive(Debug, Clone)]
+pub struct MockProvider {
+    /// Delay before answering: simulates a model's time to first token.
+    latency: Duration,
+    /// Share of calls that fail with a retryable `503`.
+    fail_rate: f64,
+}
+
+impl MockProvider {
+    /// A mock with the given latency and failure rate.
+    pub fn new(latency: Duration, fail_rate: f64) -> Self {
+        Self { latency, fail_rate }
+    }
+
+    /// Waits the configured latency, then fails when told to.
+    async fn begin(&self, request: &ChatRequest) -> Result<(), ProviderError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        if let Some(status) = injected_status(request.last_user_text()) {
+            return Err(ProviderError::from_status(
+                ProviderKind::Mock,
+                status,
+                format!("injected failure {status}"),
+            ));
+        }
+        if self.fail_rate > 0.0 && rand::random::<f64>() < self.fail_rate {
+            return Err(ProviderError::from_status(
+                ProviderKind::Mock,
+                503,
+                "injected failure (MOCK_FAIL_RATE)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Provider for MockProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Mock
+    }
+
+    async fn complete(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<Completion, ProviderError> {
+        self.begin(request).await?;
+        Ok(reply(model, request))
+    }
+
+    async fn stream(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<EventStream, ProviderError> {
+        self.begin(request).await?;
+        let break_mid_stream = request.last_user_text().contains("[mock:fail-mid-stream]");
+        let completion = reply(model, request);
+        let mut events: Vec<Result<StreamEvent, ProviderError>> = Vec::new();
+        for (i, piece) in completion.text.split_inclusive(' ').enumerate() {
+            if i == 1 && break_mid_stream {
+                events.push(Err(ProviderError::new(
+                    ProviderKind::Mock,
+                    ErrorKind::Unavailable,
+                    "injected mid-stream failure",
+                )));
+                return Ok(futures::stream::iter(events).boxed());
+            }
+            events.push(Ok(StreamEvent::Delta(piece.to_string())));
+        }
+        events.push(Ok(StreamEvent::Finish(completion.finish)));
+        events.push(Ok(StreamEvent::Usage(completion.usage)));
+        Ok(futures::stream::iter(events).boxed())
+    }
+}
+
+/// `[mock:fail=503]` in the prompt.
+fn injected_status(prompt: &str) -> Option<u16> {
+    let start = prompt.find("[mock:fail=")? + "[mock:fail=".len();
+    let end = start + prompt[start..].find(']')?;
+    prompt[start..end]
+        .trim()
+        .parse()
+        .ok()
+        .filter(|s| (400..600).contains(s))
+}
+
+/// The deterministic reply to `request`: it quotes the start of the last user message and
+/// carries a hash of the whole conversation, so different prompts get different replies.
+pub fn reply(model: &str, request: &ChatRequest) -> Completion {
+    let prompt = request.last_user_text();
+    let reference = fnv1a(request);
+    let quoted: Vec<&str> = prompt.split_whitespace().take(QUOTED_WORDS).collect();
+    let words = prompt.split_whitespace().count();
+    let mut text = if request.json {
+        serde_json::json!({
+            "reply": format!("mock answer about: {}", quoted.join(" ")),
+            "model": model,
+            "ref": format!("{reference:016x}"),
+            "prompt_words": words,
+        })
+        .to_string()
+    } else {
+        format!(
+            "Mock reply from {model} to \"{}\" ({words} words, ref {reference:016x}).",
+            quoted.join(" ")
+        )
+    };
+    let mut finish = FinishReason::Stop;
+    if let Some(cut) = request
+        .stop
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+    {
+        text.truncate(cut);
+    }
+    if let Some(max) = request.max_tokens.and_then(|m| usize::try_from(m).ok())
+        && !request.json
+        && text.split_whitespace().count() > max
+    {
+        text = text
+            .split_inclusive(' ')
+            .take(max)
+            .collect::<String>()
+            .trim_end()
+            .to_string();
+        finish = FinishReason::Length;
+    }
+    let input = request.system.as_deref().map_or(0, estimate_tokens)
+        + request
+            .turns
+            .iter()
+            .flat_map(|t| &t.parts)
+            .map(|p| estimate_tokens(p))
+            .sum::<u32>();
+    let output = estimate_tokens(&text);
+    Completion {
+        text,
+        finish,
+        usage: Usage::new(input, output),
+    }
+}
+
+/// FNV-1a over the conversation: stable across runs and platforms, unlike `DefaultHasher`.
+fn fnv1a(request: &ChatRequest) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    if let Some(system) = &request.system {
+        feed(system.as_bytes());
+    }
+    for turn in &request.turns {
+        feed(match turn.role {
+            TurnRole::User => b"\x01",
+            TurnRole::Assistant => b"\x02",
+        });
+        for part in &turn.parts {
+            feed(part.as_bytes());
+        }
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::providers::Turn;
+
+    fn ask(text: &str) -> ChatRequest {
+        ChatRequest {
+            turns: vec![Turn {
+                role: TurnRole::User,
+                parts: vec![text.into()],
+            }],
+            ..ChatRequest::default()
+        }
+    }
+
+    #[test]
+    fn replies_are_deterministic_and_differ_by_prompt() {
+        let a = reply("m", &ask("hello there"));
+        assert_eq!(a, reply("m", &ask("hello there")));
+        assert_ne!(a.text, reply("m", &ask("hello world")).text);
+        assert!(a.text.contains("hello there"), "{}", a.text);
+        assert_eq!(a.finish, FinishReason::Stop);
+        assert!(a.usage.prompt_tokens > 0 && a.usage.completion_tokens > 0);
+    }
+
+    #[test]
+    fn json_mode_answers_a_json_object() {
+        let mut r = ask("list three colours");
+        r.json = true;
+        let v: serde_json::Value = serde_json::from_str(&reply("m", &r).text).unwrap();
+        assert!(v.is_object());
+        assert_eq!(v["prompt_words"], 3);
+    }
+
+    #[test]
+    fn max_tokens_and_stop_cut_the_reply() {
+        let mut r = ask("one two three four five");
+        r.max_tokens = Some(2);
+        let c = reply("m", &r);
+        assert_eq!(c.finish, FinishReason::Length);
+        assert_eq!(c.text.split_whitespace().count(), 2);
+        let mut r = ask("one two");
+        r.stop = vec!["to".into()];
+        assert_eq!(reply("m", &r).text, "Mock reply from m ");
+    }
+
+    #[test]
+    fn failures_are_injected_by_marker() {
+        assert_eq!(injected_status("x [mock:fail=429] y"), Some(429));
+        assert_eq!(injected_status("x [mock:fail=abc]"), None);
+        assert_eq!(injected_status("plain"), None);
+    }
+
+    #[tokio::test]
+    async fn streams_break_mid_way_when_told() {
+        let mock = MockProvider::new(Duration::ZERO, 0.0);
+        let events: Vec<_> = mock
+            .stream("m", &ask("go [mock:fail-mid-stream]"))
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        assert!(matches!(events[0], Ok(StreamEvent::Delta(_))));
+        assert!(events[1].is_err());
+        assert_eq!(events.len(), 2);
+    }
+}

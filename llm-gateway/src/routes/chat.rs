@@ -1,0 +1,254 @@
+//! `POST /v1/chat/completions`: OpenAI's request in, OpenAI's answer out, as one JSON body
+//! or as `chat.completion.chunk` Server-Sent Events ending in `data: [DONE]`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+
+use crate::app::AppState;
+use crate::error::GatewayError;
+use crate::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
+    ResponseMessage, Usage,
+};
+use crate::providers::{ChatRequest, EventStream, FinishReason, StreamEvent};
+use crate::routing::Served;
+
+/// Which provider answered (the body's `model` is the alias the caller asked for).
+static PROVIDER_HEADER: HeaderName = HeaderName::from_static("x-ensemble-provider");
+/// Which provider model answered.
+static MODEL_HEADER: HeaderName = HeaderName::from_static("x-ensemble-model");
+
+/// The handler.
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    match answer(&state, body, started).await {
+        Ok(response) => response,
+        Err(error) => {
+            if !matches!(error, GatewayError::Upstream(_)) {
+                crate::metrics::rejected(error.kind_label());
+            }
+            error.into_response()
+        }
+    }
+}
+
+async fn answer(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    started: Instant,
+) -> Result<Response, GatewayError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            GatewayError::PayloadTooLarge
+        } else {
+            GatewayError::InvalidJson(e.body_text())
+        }
+    })?;
+    let request = parse(&body)?;
+    let alias = request.model.clone();
+    let stream = request.stream;
+    let chat = ChatRequest::from_openai(request)?;
+    if stream {
+        let routed = state.router.stream(&alias, &chat).await?;
+        let mut response = sse(routed.events, alias).into_response();
+        served_headers(&mut response, &routed.served);
+        Ok(response)
+    } else {
+        let (completion, served) = state.router.complete(&alias, &chat).await?;
+        let id = completion_id();
+        let body = ChatCompletion {
+            id: &id,
+            object: "chat.completion",
+            created: unix_now(),
+            model: &alias,
+            choices: [Choice {
+                index: 0,
+                message: ResponseMessage {
+                    role: "assistant",
+                    content: &completion.text,
+                },
+                finish_reason: completion.finish.as_openai(),
+            }],
+            usage: completion.usage,
+        };
+        let json = serde_json::to_vec(&body)
+            .map_err(|e| GatewayError::Internal(format!("unencodable reply: {e}")))?;
+        let mut response = ([(header::CONTENT_TYPE, "application/json")], json).into_response();
+        served_headers(&mut response, &served);
+        crate::metrics::overhead(
+            crate::metrics::Mode::Unary,
+            started.elapsed(),
+            served.outside,
+        );
+        Ok(response)
+    }
+}
+
+/// Parses the body; a syntax error is `400 invalid_json`, a wrong field is `400` naming it.
+fn parse(body: &[u8]) -> Result<ChatCompletionRequest, GatewayError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let request: ChatCompletionRequest = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                GatewayError::InvalidJson(inner.to_string())
+            } else if path == "." {
+                GatewayError::InvalidRequest {
+                    message: format!("invalid request body: {inner}"),
+                    param: None,
+                }
+            } else {
+                GatewayError::InvalidRequest {
+                    message: format!("invalid `{path}`: {inner}"),
+                    param: Some(path),
+                }
+            }
+        })?;
+    deserializer
+        .end()
+        .map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
+    Ok(request)
+}
+
+fn served_headers(response: &mut Response, served: &Served) {
+    let headers = response.headers_mut();
+    headers.insert(
+        PROVIDER_HEADER.clone(),
+        HeaderValue::from_static(served.provider.as_str()),
+    );
+    if let Ok(model) = HeaderValue::from_str(&served.model) {
+        headers.insert(MODEL_HEADER.clone(), model);
+    }
+}
+
+/// Where the SSE answer is.
+enum Phase {
+    /// The role chunk goes first.
+    Start,
+    /// Relaying upstream events.
+    Body,
+    /// The final chunk went out; `[DONE]` is next.
+    Finishing,
+    /// Nothing more.
+    Done,
+}
+
+/// The state of one SSE answer.
+struct Chunks {
+    events: EventStream,
+    id: String,
+    created: u64,
+    alias: String,
+    phase: Phase,
+    finish: FinishReason,
+    usage: Option<Usage>,
+}
+
+impl Chunks {
+    fn chunk(&self, delta: Delta<'_>, finish: Option<FinishReason>, usage: Option<Usage>) -> Event {
+        let chunk = ChatCompletionChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.alias,
+            choices: [ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: finish.map(FinishReason::as_openai),
+            }],
+            usage,
+        };
+        Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+    }
+
+    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
+        loop {
+            let event = match self.phase {
+                Phase::Start => {
+                    self.phase = Phase::Body;
+                    let delta = Delta {
+                        role: Some("assistant"),
+                        content: Some(""),
+                    };
+                    self.chunk(delta, None, None)
+                }
+                Phase::Body => match self.events.next().await {
+                    Some(Ok(StreamEvent::Delta(text))) => {
+                        let delta = Delta {
+                            role: None,
+                            content: Some(&text),
+                        };
+                        self.chunk(delta, None, None)
+                    }
+                    Some(Ok(StreamEvent::Finish(finish))) => {
+                        self.finish = finish;
+                        continue;
+                    }
+                    Some(Ok(StreamEvent::Usage(usage))) => {
+                        self.usage = Some(usage);
+                        continue;
+                    }
+                    Some(Err(error)) => {
+                        // Bytes have gone out: no fallback now, the stream ends with the error.
+                        self.phase = Phase::Done;
+                        Event::default().data(GatewayError::Upstream(error).body_json())
+                    }
+                    None => {
+                        self.phase = Phase::Finishing;
+                        let usage = Some(self.usage.unwrap_or_default());
+                        self.chunk(Delta::default(), Some(self.finish), usage)
+                    }
+                },
+                Phase::Finishing => {
+                    self.phase = Phase::Done;
+                    Event::default().data("[DONE]")
+                }
+                Phase::Done => return None,
+            };
+            return Some((Ok(event), self));
+        }
+    }
+}
+
+fn sse(
+    events: EventStream,
+    alias: String,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let chunks = Chunks {
+        events,
+        id: completion_id(),
+        created: unix_now(),
+        alias,
+        phase: Phase::Start,
+        finish: FinishReason::Stop,
+        usage: None,
+    };
+    // Comments keep idle connections (and load balancers) open while a model thinks.
+    Sse::new(futures::stream::unfold(chunks, Chunks::next))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// `chatcmpl-` and 32 random hex digits (thread-local RNG: no lock, no syscall).
+fn completion_id() -> String {
+    format!("chatcmpl-{:032x}", rand::random::<u128>())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}

@@ -1,0 +1,291 @@
+//! A local fake of the Bedrock runtime: Converse answers JSON, ConverseStream answers
+//! `application/vnd.amazon.eventstream` frames built with `aws-smithy-eventstream`, errors
+//! carry `x-amzn-errortype`. It records every request and refuses any that is not SigV4
+//! signed for service `bedrock` with the test credentials.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_bedrockruntime::config::Credentials;
+
+use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::fake::{Fake, Script};
+use crate::helpers::{AWS_ACCESS_KEY, AWS_REGION, AWS_SECRET_KEY};
+
+/// One scripted answer.
+#[derive(Clone)]
+pub enum Reply {
+    /// A Converse JSON body.
+    Converse(Value),
+    /// An error: status, `x-amzn-errortype`, message.
+    Error(u16, &'static str, &'static str),
+    /// ConverseStream frames.
+    Stream(Vec<Frame>),
+}
+
+/// One event-stream frame.
+#[derive(Clone)]
+pub enum Frame {
+    /// `:message-type: event` with an `:event-type`.
+    Event(&'static str, Value),
+    /// `:message-type: exception` with an `:exception-type`.
+    Exception(&'static str, Value),
+}
+
+/// A request as the fake saw it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub path: String,
+    pub authorization: String,
+    pub body: Value,
+}
+
+/// The running fake; `url` is what `BEDROCK_ENDPOINT_URL` should be.
+pub type FakeBedrock = Fake<Reply, Recorded>;
+
+impl FakeBedrock {
+    pub async fn start() -> Self {
+        Fake::serve("", |script, method, uri, headers, body| async move {
+            handle(&script, method, uri, headers, body)
+        })
+        .await
+    }
+}
+
+/// Checks `Authorization: AWS4-HMAC-SHA256 Credential=<key>/<date>/<region>/bedrock/aws4_request,
+/// SignedHeaders=…, Signature=…` and recomputes the signature with the test secret.
+pub fn check_sigv4(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), String> {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no Authorization header")?;
+    let amz_date = headers
+        .get("x-amz-date")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no x-amz-date header")?;
+    let rest = auth
+        .strip_prefix("AWS4-HMAC-SHA256 ")
+        .ok_or("not AWS4-HMAC-SHA256")?;
+    let mut credential = None;
+    let mut signed_headers = None;
+    let mut signature = None;
+    for part in rest.split(',').map(str::trim) {
+        if let Some(v) = part.strip_prefix("Credential=") {
+            credential = Some(v);
+        } else if let Some(v) = part.strip_prefix("SignedHeaders=") {
+            signed_headers = Some(v);
+        } else if let Some(v) = part.strip_prefix("Signature=") {
+            signature = Some(v);
+        }
+    }
+    let credential = credential.ok_or("no Credential")?;
+    let scope: Vec<&str> = credential.split('/').collect();
+    let date = amz_date.get(..8).ok_or("bad x-amz-date")?;
+    if scope != [AWS_ACCESS_KEY, date, AWS_REGION, "bedrock", "aws4_request"] {
+        return Err(format!("wrong credential scope {credential}"));
+    }
+    let signed: Vec<&str> = signed_headers
+        .ok_or("no SignedHeaders")?
+        .split(';')
+        .collect();
+    if !signed.contains(&"host") || !signed.contains(&"x-amz-date") {
+        return Err(format!("host and x-amz-date must be signed: {signed:?}"));
+    }
+    let signature = signature.ok_or("no Signature")?;
+    let expected = expected_signature(method, uri, headers, &signed, amz_date, body)?;
+    if signature != expected {
+        return Err(format!("bad signature {signature}, expected {expected}"));
+    }
+    Ok(())
+}
+
+/// Recomputes the SigV4 signature over the signed headers, the way Bedrock would.
+fn expected_signature(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    signed: &[&str],
+    amz_date: &str,
+    body: &[u8],
+) -> Result<String, String> {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    let host = headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no host header")?;
+    let url = format!(
+        "http://{host}{}",
+        uri.path_and_query().map_or("/", |p| p.as_str())
+    );
+    let mut pairs = Vec::new();
+    for name in signed {
+        let value = headers
+            .get(*name)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(format!("signed header {name} is missing"))?;
+        pairs.push((*name, value));
+    }
+    let identity = Credentials::new(AWS_ACCESS_KEY, AWS_SECRET_KEY, None, None, "fake").into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(AWS_REGION)
+        .name("bedrock")
+        .time(parse_amz_date(amz_date)?)
+        .settings(SigningSettings::default())
+        .build()
+        .map_err(|e| e.to_string())?
+        .into();
+    let request = SignableRequest::new(
+        method.as_str(),
+        url,
+        pairs.into_iter(),
+        SignableBody::Bytes(body),
+    )
+    .map_err(|e| e.to_string())?;
+    let (_, signature) = sign(request, &params)
+        .map_err(|e| e.to_string())?
+        .into_parts();
+    Ok(signature)
+}
+
+/// `20261124T032643Z` as a time.
+fn parse_amz_date(text: &str) -> Result<SystemTime, String> {
+    let bad = || format!("bad x-amz-date {text}");
+    let num = |range: std::ops::Range<usize>| -> Result<i64, String> {
+        text.get(range).and_then(|s| s.parse().ok()).ok_or_else(bad)
+    };
+    let (y, m, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hh, mm, ss) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3_600 + mm * 60 + ss;
+    Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).map_err(|_| bad())?))
+}
+
+fn handle(
+    script: &Script<Reply, Recorded>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let recorded = Recorded {
+        path: uri.path().to_string(),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+    };
+    script.record(recorded.clone());
+    if let Err(why) = check_sigv4(&method, &uri, &headers, &body) {
+        return error(403, "InvalidSignatureException", &why);
+    }
+    let streaming = recorded.path.ends_with("/converse-stream");
+    if method != Method::POST
+        || !recorded.path.starts_with("/model/")
+        || !(streaming || recorded.path.ends_with("/converse"))
+        || !recorded.body["messages"].is_array()
+    {
+        return error(404, "UnknownOperationException", "not a Converse request");
+    }
+    let reply = script
+        .next()
+        .unwrap_or_else(|| Reply::Converse(converse_json("default reply", "end_turn", 1, 2)));
+    match reply {
+        Reply::Converse(body) => {
+            ([("content-type", "application/json")], body.to_string()).into_response()
+        }
+        Reply::Error(status, kind, message) => error(status, kind, message),
+        Reply::Stream(frames) => {
+            let mut bytes = Vec::new();
+            for frame in frames {
+                let message = match frame {
+                    Frame::Event(kind, payload) => Message::new(payload.to_string().into_bytes())
+                        .add_header(header(":message-type", "event"))
+                        .add_header(header(":event-type", kind))
+                        .add_header(header(":content-type", "application/json")),
+                    Frame::Exception(kind, payload) => {
+                        Message::new(payload.to_string().into_bytes())
+                            .add_header(header(":message-type", "exception"))
+                            .add_header(header(":exception-type", kind))
+                            .add_header(header(":content-type", "application/json"))
+                    }
+                };
+                aws_smithy_eventstream::frame::write_message_to(&message, &mut bytes).unwrap();
+            }
+            Response::builder()
+                .header("content-type", "application/vnd.amazon.eventstream")
+                .body(Body::from(bytes))
+                .unwrap()
+        }
+    }
+}
+
+fn header(name: &'static str, value: &'static str) -> Header {
+    Header::new(name, HeaderValue::String(value.into()))
+}
+
+fn error(status: u16, kind: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap(),
+        [
+            ("content-type", "application/json"),
+            ("x-amzn-errortype", kind),
+        ],
+        json!({"message": message}).to_string(),
+    )
+        .into_response()
+}
+
+/// A Converse answer.
+pub fn converse_json(text: &str, stop_reason: &str, input: u32, output: u32) -> Value {
+    json!({
+        "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+        "stopReason": stop_reason,
+        "usage": {"inputTokens": input, "outputTokens": output, "totalTokens": input + output},
+        "metrics": {"latencyMs": 12}
+    })
+}
+
+/// The frames of a streamed reply of `pieces`.
+pub fn stream_frames(pieces: &[&str], stop_reason: &str, input: u32, output: u32) -> Vec<Frame> {
+    let mut frames = vec![Frame::Event("messageStart", json!({"role": "assistant"}))];
+    for piece in pieces {
+        frames.push(Frame::Event(
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": piece}}),
+        ));
+    }
+    frames.push(Frame::Event(
+        "contentBlockStop",
+        json!({"contentBlockIndex": 0}),
+    ));
+    frames.push(Frame::Event(
+        "messageStop",
+        json!({"stopReason": stop_reason}),
+    ));
+    frames.push(Frame::Event(
+        "metadata",
+        json!({
+            "usage": {"inputTokens": input, "outputTokens": output, "totalTokens": input + output},
+            "metrics": {"latencyMs": 7}
+        }),
+    ));
+    frames
+}

@@ -1,0 +1,14 @@
+//! The llm-gateway's integration tests: the real server on a free port, talked to by a real
+//! OpenAI client library and by plain HTTP, with the real Gemini and Bedrock provider code
+//! against local fakes that speak each provider's wire format.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod bedrock;
+mod errors;
+mod fake;
+mod fake_bedrock;
+mod fake_gemini;
+mod gemini;
+mod helpers;
+mod openai_client;
+mod routing;

@@ -1,0 +1,153 @@
+//! A real OpenAI client library (`async-openai`) talking to the gateway over the mock.
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    CreateChatCompletionRequestArgs, FinishReason, ResponseFormat,
+};
+use futures::StreamExt;
+use llm_gateway::config::ProviderKind;
+
+use crate::helpers::{TOKEN, TestApp, spawn_app, test_config, with_alias};
+
+fn client(app: &TestApp) -> Client<OpenAIConfig> {
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{}/v1", app.address))
+            .with_api_key(TOKEN),
+    )
+}
+
+#[tokio::test]
+async fn non_streaming_completion() {
+    let app = spawn_app(test_config()).await;
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("default")
+        .messages([
+            ChatCompletionRequestSystemMessage::from("You are terse.").into(),
+            ChatCompletionRequestUserMessage::from("What is the capital of France?").into(),
+        ])
+        .max_tokens(200u32)
+        .temperature(0.1)
+        .build()
+        .unwrap();
+    let response = client(&app).chat().create(request).await.unwrap();
+    assert_eq!(response.object, "chat.completion");
+    assert_eq!(response.model, "default");
+    let choice = &response.choices[0];
+    let content = choice.message.content.as_deref().unwrap();
+    assert!(
+        content.contains("What is the capital of France?"),
+        "{content}"
+    );
+    assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
+    let usage = response.usage.unwrap();
+    assert!(usage.prompt_tokens > 0 && usage.completion_tokens > 0);
+    assert_eq!(
+        usage.total_tokens,
+        usage.prompt_tokens + usage.completion_tokens
+    );
+
+    // The same prompt gets the same reply from the mock.
+    let again = CreateChatCompletionRequestArgs::default()
+        .model("default")
+        .messages([
+            ChatCompletionRequestSystemMessage::from("You are terse.").into(),
+            ChatCompletionRequestUserMessage::from("What is the capital of France?").into(),
+        ])
+        .build()
+        .unwrap();
+    let again = client(&app).chat().create(again).await.unwrap();
+    assert_eq!(again.choices[0].message.content.as_deref(), Some(content));
+}
+
+#[tokio::test]
+async fn json_response_format_gives_a_json_object() {
+    let app = spawn_app(test_config()).await;
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("default")
+        .messages([ChatCompletionRequestUserMessage::from("three colours").into()])
+        .response_format(ResponseFormat::JsonObject)
+        .build()
+        .unwrap();
+    let response = client(&app).chat().create(request).await.unwrap();
+    let content = response.choices[0].message.content.clone().unwrap();
+    let value: serde_json::Value = serde_json::from_str(&content).unwrap();
+    assert!(value.is_object(), "{content}");
+}
+
+#[tokio::test]
+async fn streaming_completion() {
+    let app = spawn_app(test_config()).await;
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("default")
+        .messages([ChatCompletionRequestUserMessage::from("Tell me a short story").into()])
+        .stream(true)
+        .build()
+        .unwrap();
+    let mut stream = client(&app).chat().create_stream(request).await.unwrap();
+    let mut text = String::new();
+    let mut chunks = 0;
+    let mut finish = None;
+    let mut usage = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        assert_eq!(chunk.object, "chat.completion.chunk");
+        chunks += 1;
+        if let Some(choice) = chunk.choices.first() {
+            if let Some(content) = &choice.delta.content {
+                text.push_str(content);
+            }
+            if choice.finish_reason.is_some() {
+                finish = choice.finish_reason;
+            }
+        }
+        if chunk.usage.is_some() {
+            usage = chunk.usage;
+        }
+    }
+    assert!(chunks > 3, "{chunks} chunks");
+    assert!(text.contains("Tell me a short story"), "{text}");
+    assert_eq!(finish, Some(FinishReason::Stop));
+    assert!(usage.unwrap().completion_tokens > 0);
+
+    // The streamed text is the non-streamed reply.
+    let whole = CreateChatCompletionRequestArgs::default()
+        .model("default")
+        .messages([ChatCompletionRequestUserMessage::from("Tell me a short story").into()])
+        .build()
+        .unwrap();
+    let whole = client(&app).chat().create(whole).await.unwrap();
+    assert_eq!(
+        whole.choices[0].message.content.as_deref(),
+        Some(text.as_str())
+    );
+}
+
+#[tokio::test]
+async fn models_lists_the_aliases() {
+    let config = with_alias(test_config(), "fast", &[(ProviderKind::Mock, "mock-fast")]);
+    let app = spawn_app(config).await;
+    let models = client(&app).models().list().await.unwrap();
+    let ids: Vec<&str> = models.data.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["default", "fast"]);
+    let one = client(&app).models().retrieve("fast").await.unwrap();
+    assert_eq!(one.owned_by, "mock");
+}
+
+#[tokio::test]
+async fn client_errors_surface_as_api_errors() {
+    let app = spawn_app(test_config()).await;
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("no-such-model")
+        .messages([ChatCompletionRequestUserMessage::from("hi").into()])
+        .build()
+        .unwrap();
+    match client(&app).chat().create(request).await {
+        Err(async_openai::error::OpenAIError::ApiError(e)) => {
+            assert_eq!(e.api_error.code.as_deref(), Some("model_not_found"));
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
