@@ -1,0 +1,1 @@
+//! Reliability scenarios (see tests/).
