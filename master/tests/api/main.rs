@@ -8,4 +8,6 @@ mod helpers;
 mod conformance;
 mod e2e;
 mod errors;
+mod fuzz;
+mod model;
 mod ops;
