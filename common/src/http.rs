@@ -193,20 +193,7 @@ pub fn json_rejection(rejection: JsonRejection) -> ApiError {
             "unsupported_media_type",
             "expected `Content-Type: application/json`",
         ),
-        JsonRejection::BytesRejection(e) => {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "request body is larger than the limit",
-                )
-            } else {
-                ApiError::bad_request(format!(
-                    "could not read the request body: {}",
-                    e.body_text()
-                ))
-            }
-        }
+        JsonRejection::BytesRejection(e) => body_error(e),
         other => ApiError::bad_request(other.body_text()),
     }
 }
