@@ -476,3 +476,95 @@ fn b64(text: &str) -> String {
     }
     out
 }
+
+#[tokio::test]
+async fn rs256_jwts_verified_with_the_public_key_file() {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rsa::{KeyPair, KeySize};
+    use aws_lc_rs::signature::KeyPair as _;
+    use base64::Engine;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        let body = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+    let keys = |_: ()| {
+        let pair = KeyPair::generate(KeySize::Rsa2048).unwrap();
+        let private = pem(
+            "PRIVATE KEY",
+            AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair)
+                .unwrap()
+                .as_ref(),
+        );
+        let public = pem(
+            "PUBLIC KEY",
+            AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(pair.public_key())
+                .unwrap()
+                .as_ref(),
+        );
+        (private, public)
+    };
+    let (private, public) = keys(());
+    let (other_private, _) = keys(());
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("jwt.pub.pem");
+    std::fs::write(&key_file, public).unwrap();
+
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis.settings());
+    config.jwt_public_key_file = Some(key_file.display().to_string());
+    config.jwt_audience = Some("ensemble".into());
+    let master = TestMaster::start(config).await;
+    let now = common::wire::now_ms() / 1000;
+    let sign = |key: &str, aud: &str| {
+        encode(
+            &Header::new(Algorithm::RS256),
+            &json!({"sub": "dave", "exp": now + 60, "aud": aud}),
+            &EncodingKey::from_rsa_pem(key.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    let r = master
+        .post("/task", &sign(&private, "ensemble"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    for bad in [
+        sign(&other_private, "ensemble"),
+        sign(&private, "someone-else"),
+    ] {
+        let r = master
+            .post("/task", &bad)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // An HS256 token is refused: no HMAC secret is configured, the algorithm is pinned.
+    let hs = encode(
+        &Header::default(),
+        &json!({"sub": "dave", "exp": now + 60, "aud": "ensemble"}),
+        &EncodingKey::from_secret(b"guess"),
+    )
+    .unwrap();
+    let r = master
+        .post("/task", &hs)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    master.stop().await;
+}
