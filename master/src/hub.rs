@@ -5,13 +5,34 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use common::wire::TaskResult;
 use tokio::sync::Notify;
 
 /// Per-capability and per-task notifications.
 #[derive(Default, Debug)]
 pub struct Hub {
     capabilities: Mutex<HashMap<String, Arc<Notify>>>,
-    tasks: Mutex<HashMap<String, Arc<Notify>>>,
+    tasks: Mutex<HashMap<String, Arc<TaskWaiter>>>,
+}
+
+/// Long-polls waiting for one task.
+#[derive(Default, Debug)]
+pub struct TaskWaiter {
+    /// Woken when the task finishes (or may have).
+    pub notify: Notify,
+    /// The final result, when this replica recorded it: waiters answer without reading the
+    /// store again.
+    pub outcome: Mutex<Option<TaskResult>>,
+}
+
+impl TaskWaiter {
+    /// The final result, if this replica recorded it.
+    pub fn outcome(&self) -> Option<TaskResult> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
 }
 
 impl Hub {
@@ -42,7 +63,7 @@ impl Hub {
     }
 
     /// A waiter for a task's end. Call [`Self::release_waiter`] when done with it.
-    pub fn task_waiter(&self, task_id: &str) -> Arc<Notify> {
+    pub fn task_waiter(&self, task_id: &str) -> Arc<TaskWaiter> {
         let mut map = self
             .tasks
             .lock()
@@ -51,7 +72,7 @@ impl Hub {
     }
 
     /// Drops the entry of a task nobody waits for any more.
-    pub fn release_waiter(&self, task_id: &str, waiter: Arc<Notify>) {
+    pub fn release_waiter(&self, task_id: &str, waiter: Arc<TaskWaiter>) {
         let mut map = self
             .tasks
             .lock()
@@ -64,12 +85,25 @@ impl Hub {
 
     /// A task finished (or changed in a way a waiter should look at).
     pub fn task_finished(&self, task_id: &str) {
+        self.finish(task_id, None);
+    }
+
+    /// A task finished with this result, recorded by this replica.
+    pub fn task_finished_with(&self, result: TaskResult) {
+        let id = result.task_id.to_string();
+        self.finish(&id, Some(result));
+    }
+
+    fn finish(&self, task_id: &str, result: Option<TaskResult>) {
         let map = self
             .tasks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(n) = map.get(task_id) {
-            n.notify_waiters();
+        if let Some(w) = map.get(task_id) {
+            if result.is_some() {
+                *w.outcome.lock().unwrap_or_else(|p| p.into_inner()) = result;
+            }
+            w.notify.notify_waiters();
         }
     }
 
@@ -79,8 +113,8 @@ impl Hub {
             .tasks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for n in map.values() {
-            n.notify_waiters();
+        for w in map.values() {
+            w.notify.notify_waiters();
         }
     }
 }

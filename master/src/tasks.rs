@@ -217,10 +217,16 @@ pub async fn result(
     if !record.view.status.is_terminal() && !wait.is_zero() {
         let deadline = tokio::time::Instant::now() + wait;
         let waiter = state.hub.task_waiter(id);
+        let mut recorded_here = None;
         loop {
-            let notified = waiter.notified();
+            let notified = waiter.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if let Some(done) = waiter.outcome() {
+                // Recorded by this replica: no need to read it back.
+                recorded_here = Some(done);
+                break;
+            }
             record = owned(state, client, id).await?;
             if record.view.status.is_terminal() {
                 break;
@@ -239,6 +245,9 @@ pub async fn result(
             }
         }
         state.hub.release_waiter(id, waiter);
+        if let Some(done) = recorded_here {
+            return Ok(done);
+        }
     }
     let v = record.view;
     Ok(TaskResult {
@@ -291,7 +300,7 @@ pub async fn record_report(state: &Arc<AppState>, report: ResultReport) -> Resul
     if recorded {
         state.dispatcher.step_done(&report.worker_id);
     }
-    state.dispatcher.after_report(&report.task_id, &outcome);
+    state.dispatcher.after_report(&report, &outcome);
     match &outcome {
         ReportOutcome::Discarded => tracing::info!(task_id = %report.task_id, step = report.step,
             attempt = report.attempt, worker = %report.worker_id,

@@ -430,7 +430,7 @@ impl Dispatcher {
                     metrics::lease_expired(cap);
                     self.step_done(&l.worker);
                 }
-                self.after_report(&report.task_id, &outcome);
+                self.after_report(&report, &outcome);
             }
         }
     }
@@ -444,7 +444,7 @@ impl Dispatcher {
     }
 
     /// Wake-ups and metrics after a report (or lapse) was recorded.
-    pub fn after_report(&self, task_id: &common::wire::TaskId, outcome: &ReportOutcome) {
+    pub fn after_report(&self, report: &ResultReport, outcome: &ReportOutcome) {
         match outcome {
             ReportOutcome::Discarded => {}
             ReportOutcome::Next { finished, next } => {
@@ -458,7 +458,14 @@ impl Dispatcher {
             ReportOutcome::Done { finished, status } => {
                 metrics::step_finished(finished, *status == common::wire::TaskStatus::Succeeded);
                 metrics::task_finished(*status);
-                self.hub.task_finished(task_id.as_str());
+                // The last report's outcome is the task's: hand it to local long polls.
+                let succeeded = *status == common::wire::TaskStatus::Succeeded;
+                self.hub.task_finished_with(common::wire::TaskResult {
+                    task_id: report.task_id.clone(),
+                    status: *status,
+                    result: succeeded.then(|| report.output.clone().unwrap_or_default()),
+                    error: (!succeeded).then(|| report.error.clone()).flatten(),
+                });
             }
         }
     }

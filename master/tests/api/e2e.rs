@@ -432,3 +432,63 @@ async fn two_masters_never_dispatch_an_attempt_twice() {
 }
 
 use futures::StreamExt;
+
+#[tokio::test]
+async fn long_poll_answers_when_the_task_finishes_with_the_stored_result() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let _slow = TestWorker::start(
+        "slow",
+        &["plan"],
+        4,
+        Behavior::Succeed {
+            delay: Duration::from_millis(300),
+        },
+        &settings,
+        &master.url,
+    )
+    .await;
+    let _failing = TestWorker::start(
+        "bad",
+        &["evaluate"],
+        4,
+        Behavior::Fail { retryable: false },
+        &settings,
+        &master.url,
+    )
+    .await;
+    for (steps, status) in [
+        (json!(["plan"]), "succeeded"),
+        (json!(["evaluate"]), "failed"),
+    ] {
+        let id = master
+            .submit(json!({"steps": steps, "input": {"n": 1}}))
+            .await;
+        let started = std::time::Instant::now();
+        let r = master
+            .get(&format!("/result/{id}?wait=10"), ALICE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "answered when the task finished, not at the deadline"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let polled: Value = r.json().await.unwrap();
+        assert_eq!(polled["status"], status);
+        // What the long poll said is what the store holds.
+        let stored: Value = master
+            .get(&format!("/result/{id}"), ALICE)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(polled, stored);
+    }
+    master.stop().await;
+}
