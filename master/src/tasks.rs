@@ -307,9 +307,13 @@ pub async fn record_report(state: &Arc<AppState>, report: ResultReport) -> Resul
             "stale report discarded (attempt not current)"),
         ReportOutcome::Retry { delay, .. } => tracing::info!(task_id = %report.task_id,
             step = report.step, delay_ms = delay.as_millis() as u64, "step will be retried"),
-        ReportOutcome::Done { status, .. } => {
+        ReportOutcome::Done {
+            status, callback, ..
+        } => {
             tracing::info!(task_id = %report.task_id, status = status.as_str(), "task finished");
-            spawn_callback(state, &report.task_id);
+            if *callback {
+                spawn_callback(state, &report.task_id);
+            }
         }
         ReportOutcome::Next { .. } => {}
     }

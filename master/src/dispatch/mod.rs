@@ -447,15 +447,22 @@ impl Dispatcher {
     pub fn after_report(&self, report: &ResultReport, outcome: &ReportOutcome) {
         match outcome {
             ReportOutcome::Discarded => {}
+            // Every recorded outcome frees a worker slot of the finished step's capability:
+            // wake its dispatcher so a backlog does not wait for the next poll.
             ReportOutcome::Next { finished, next } => {
                 metrics::step_finished(finished, true);
                 self.hub.work_queued(next.as_str());
+                self.hub.work_queued(finished.capability.as_str());
             }
             ReportOutcome::Retry { finished, .. } => {
                 metrics::step_finished(finished, false);
                 metrics::step_retried(&finished.capability);
+                self.hub.work_queued(finished.capability.as_str());
             }
-            ReportOutcome::Done { finished, status } => {
+            ReportOutcome::Done {
+                finished, status, ..
+            } => {
+                self.hub.work_queued(finished.capability.as_str());
                 metrics::step_finished(finished, *status == common::wire::TaskStatus::Succeeded);
                 metrics::task_finished(*status);
                 // The last report's outcome is the task's: hand it to local long polls.

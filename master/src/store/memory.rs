@@ -381,6 +381,7 @@ impl TaskStore for MemoryStore {
                 return ReportOutcome::Discarded;
             }
             let priority = task.priority;
+            let has_callback = task.callback_url.is_some();
             let total = task.steps.len();
             let st = &mut task.steps[idx];
             let finished = FinishedStep {
@@ -410,6 +411,7 @@ impl TaskStore for MemoryStore {
                         ReportOutcome::Done {
                             finished: finished.clone(),
                             status: TaskStatus::Succeeded,
+                            callback: has_callback,
                         }
                     }
                 }
@@ -446,6 +448,7 @@ impl TaskStore for MemoryStore {
                         ReportOutcome::Done {
                             finished: finished.clone(),
                             status: TaskStatus::Failed,
+                            callback: has_callback,
                         }
                     }
                 }

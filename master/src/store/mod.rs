@@ -168,6 +168,8 @@ pub enum ReportOutcome {
         finished: FinishedStep,
         /// The task's final status.
         status: TaskStatus,
+        /// Whether the task has a callback URL to notify.
+        callback: bool,
     },
 }
 

@@ -290,6 +290,7 @@ impl TaskStore for RedisStore {
                 } else {
                     TaskStatus::Failed
                 },
+                callback: get(4) == "1",
             }),
             other => Err(corrupt(format!("report script answered {other:?}"))),
         }

@@ -492,3 +492,62 @@ async fn long_poll_answers_when_the_task_finishes_with_the_stored_result() {
     }
     master.stop().await;
 }
+
+#[tokio::test]
+async fn callback_url_receives_the_final_view() {
+    use std::sync::{Arc, Mutex};
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(v);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let _w = TestWorker::start(
+        "w",
+        &["plan"],
+        4,
+        Behavior::Succeed {
+            delay: Duration::ZERO,
+        },
+        &settings,
+        &master.url,
+    )
+    .await;
+    let with_hook = master
+        .submit(json!({"steps": ["plan"], "input": 7, "callback_url": hook}))
+        .await;
+    let without = master.submit(json!({"steps": ["plan"], "input": 8})).await;
+    master.wait(&without, Duration::from_secs(10)).await;
+    let view = master.wait(&with_hook, Duration::from_secs(10)).await;
+    let called = common::testing::eventually(Duration::from_secs(5), || async {
+        let v = got.lock().unwrap().clone();
+        (!v.is_empty()).then_some(v)
+    })
+    .await
+    .expect("the callback was called");
+    assert_eq!(
+        called.len(),
+        1,
+        "only the task with a callback_url calls back"
+    );
+    assert_eq!(called[0]["task_id"], json!(with_hook));
+    assert_eq!(called[0]["status"], "succeeded");
+    assert_eq!(
+        called[0]["result"],
+        serde_json::to_value(&view.result).unwrap()
+    );
+    master.stop().await;
+}

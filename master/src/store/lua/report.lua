@@ -6,17 +6,20 @@
 -- ARGV[7] '1' when the error is retryable   ARGV[8] retry base ms   ARGV[9] retry max ms
 -- ARGV[10] jitter in [0, 1)   ARGV[11] retention ms
 -- Returns {'discarded'} | {'next', cap, dispatched_ms, next_cap}
---       | {'retry', cap, dispatched_ms, delay_ms} | {'done', cap, dispatched_ms, status}
+--       | {'retry', cap, dispatched_ms, delay_ms}
+--       | {'done', cap, dispatched_ms, status, '1' when the task has a callback URL else '0'}
 local now = now_ms()
 local prefix, id, step = ARGV[1], ARGV[2], ARGV[3]
 local v = redis.call('HMGET', KEYS[1], 'st', step .. ':s', step .. ':a', step .. ':c',
-  step .. ':w', step .. ':d', step .. ':t', step .. ':m', 'n', 'pr', 'caps')
+  step .. ':w', step .. ':d', step .. ':t', step .. ':m', 'n', 'pr', 'caps', 'cb')
 if not v[1] or terminal(v[1]) or v[2] ~= 'dispatched' or v[3] ~= ARGV[4] then
   return {'discarded'}
 end
 local member = id .. ':' .. step
 local cap = v[4]
 local dispatched = v[6] or '0'
+local callback = '0'
+if v[12] then callback = '1' end
 redis.call('ZREM', lease_key(prefix, cap), member)
 release_load(prefix, v[5])
 if ARGV[5] == 'succeeded' then
@@ -33,7 +36,7 @@ if ARGV[5] == 'succeeded' then
     step .. ':f', int(now), 'st', 'succeeded', 'fa', int(now))
   redis.call('PEXPIRE', KEYS[1], ARGV[11])
   redis.call('PUBLISH', events_channel(prefix), 'done:' .. id)
-  return {'done', cap, dispatched, 'succeeded'}
+  return {'done', cap, dispatched, 'succeeded', callback}
 end
 local tries = tonumber(v[7] or '1')
 local max = tonumber(v[8] or '1')
@@ -51,4 +54,4 @@ redis.call('HSET', KEYS[1], step .. ':s', 'failed', step .. ':e', ARGV[6], step 
 redis.call('ZADD', dead_key(prefix, cap), int(now), id)
 redis.call('PEXPIRE', KEYS[1], ARGV[11])
 redis.call('PUBLISH', events_channel(prefix), 'done:' .. id)
-return {'done', cap, dispatched, 'failed'}
+return {'done', cap, dispatched, 'failed', callback}
