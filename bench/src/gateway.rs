@@ -1,0 +1,190 @@
+//! G1: the llm-gateway's overhead. A fake Gemini upstream answers `generateContent` at
+//! once; the same chat request is timed straight against it and through the gateway.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{FAKE_GEMINI_KEY, FAKE_GEMINI_MODEL};
+use crate::stats::Percentiles;
+
+/// The prompt both ways send.
+const PROMPT: &str = "Reply with one word: hello.";
+
+/// Gemini's answer to every call, as Google formats it.
+const GEMINI_REPLY: &str = r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Hello"}]},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":7,"candidatesTokenCount":1,"totalTokenCount":8},"modelVersion":"bench-model","responseId":"bench"}"#;
+
+/// A fake Gemini API: `POST /v1beta/models/{model}:generateContent` answers
+/// [`GEMINI_REPLY`] at once (`403` without the expected `x-goog-api-key`).
+pub struct FakeUpstream {
+    /// What `GEMINI_BASE_URL` should be (`http://127.0.0.1:PORT/v1beta`).
+    pub base_url: String,
+    shutdown: CancellationToken,
+}
+
+impl FakeUpstream {
+    /// Serves on `127.0.0.1:port` (0: a free port).
+    pub async fn start(port: u16) -> anyhow::Result<Self> {
+        let listener = common::http::bind(&format!("127.0.0.1:{port}")).await?;
+        let base_url = format!("http://{}/v1beta", listener.local_addr()?);
+        let router = Router::new().route("/v1beta/models/{call}", post(generate_content));
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+        Ok(Self { base_url, shutdown })
+    }
+
+    /// Stops serving.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn generate_content(headers: HeaderMap, _body: Bytes) -> impl IntoResponse {
+    if headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) != Some(FAKE_GEMINI_KEY) {
+        return (
+            StatusCode::FORBIDDEN,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"error":{"code":403,"status":"PERMISSION_DENIED","message":"bad key"}}"#,
+        );
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        GEMINI_REPLY,
+    )
+}
+
+/// Which way a request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Straight to the fake upstream, in Gemini's format.
+    Direct,
+    /// Through the gateway, in OpenAI's format.
+    Gateway,
+}
+
+/// One request, ready to send again and again.
+#[derive(Clone)]
+pub struct Call {
+    url: String,
+    body: Bytes,
+    key: Option<&'static str>,
+}
+
+impl Call {
+    /// The Gemini request the gateway itself would send for [`Call::gateway`].
+    pub fn direct(gemini_base_url: &str) -> Self {
+        let body = serde_json::json!({
+            "contents": [{"role": "user", "parts": [{"text": PROMPT}]}],
+            "generationConfig": {"maxOutputTokens": 16},
+        });
+        Self {
+            url: format!("{gemini_base_url}/models/{FAKE_GEMINI_MODEL}:generateContent"),
+            body: Bytes::from(body.to_string()),
+            key: Some(FAKE_GEMINI_KEY),
+        }
+    }
+
+    /// The OpenAI chat-completion request to the gateway.
+    pub fn gateway(gateway_url: &str, model: &str) -> Self {
+        let body = serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 16,
+        });
+        Self {
+            url: format!("{}/v1/chat/completions", gateway_url.trim_end_matches('/')),
+            body: Bytes::from(body.to_string()),
+            key: None,
+        }
+    }
+
+    async fn send(&self, http: &reqwest::Client) -> anyhow::Result<()> {
+        let mut request = http
+            .post(&self.url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(self.body.clone());
+        if let Some(key) = self.key {
+            request = request.header("x-goog-api-key", key);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        // Read the whole body: a client of either would.
+        let body = response.bytes().await?;
+        anyhow::ensure!(
+            status.is_success(),
+            "{} answered {status}: {}",
+            self.url,
+            String::from_utf8_lossy(&body)
+        );
+        Ok(())
+    }
+}
+
+/// One G1 measurement: a closed loop on `connections` connections for a while.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadRun {
+    /// Requests answered per second.
+    pub rps: f64,
+    /// Latency percentiles.
+    pub latency: Percentiles,
+    /// Requests that failed.
+    pub errors: usize,
+}
+
+/// Sends `call` back to back on `connections` connections for `duration`.
+pub async fn load(call: &Call, connections: usize, duration: Duration) -> anyhow::Result<LoadRun> {
+    let connections = connections.max(1);
+    let http = crate::client::http_client(connections);
+    // Open the connections and warm both sides up.
+    for _ in 0..3 {
+        let warm: Vec<_> = (0..connections).map(|_| call.send(&http)).collect();
+        for r in futures::future::join_all(warm).await {
+            r.context("a warm-up request failed")?;
+        }
+    }
+    let call = Arc::new(call.clone());
+    let start = Instant::now();
+    let end = start + duration;
+    let mut loops = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let (http, call) = (http.clone(), call.clone());
+        loops.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(1 << 14);
+            let mut errors = 0usize;
+            while Instant::now() < end {
+                let sent = Instant::now();
+                match call.send(&http).await {
+                    Ok(()) => samples.push(sent.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (samples, errors)
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    for l in loops {
+        let (s, e) = l.await.context("a load loop panicked")?;
+        samples.extend(s);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(LoadRun {
+        rps: samples.len() as f64 / elapsed,
+        latency: Percentiles::of(&mut samples),
+        errors,
+    })
+}

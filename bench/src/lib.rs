@@ -1,0 +1,449 @@
+//! `ensemble-bench`: Ensemble's own benchmark. It starts what it needs (a redis-server on a
+//! free port, the master, echo workers, the llm-gateway and a fake Gemini upstream), in
+//! this process or as child processes, or targets running services by URL, and prints one
+//! table: Q1 throughput, Q2 latency, Q3 scaling, G1 gateway overhead.
+
+pub mod args;
+pub mod client;
+pub mod cluster;
+pub mod gateway;
+pub mod queue;
+pub mod report;
+pub mod stats;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+
+pub use args::{Args, Bench};
+pub use report::{Report, Target};
+
+use crate::cluster::{Gateway, Launch, QueueCluster, load_average};
+use crate::gateway::{Call, FakeUpstream, LoadRun};
+use crate::queue::ThroughputRun;
+use crate::stats::median_index;
+
+/// Runs the selected benchmarks and returns the report (print it with
+/// [`Report::render`]). Fails if any task is lost or a service does not start.
+pub async fn run(args: &Args) -> anyhow::Result<Report> {
+    common::install_crypto_provider();
+    let launch = Launch::new(
+        args.processes,
+        args.bin_dir.clone(),
+        args.service_env.clone(),
+    )?;
+    let mut report = Report {
+        header: header(args),
+        ..Report::default()
+    };
+    let mut loads = vec![format!("start: {}", load_average())];
+    if args.selected(Bench::Q1) {
+        q1(args, &launch, &mut report).await?;
+        loads.push(format!("after Q1: {}", load_average()));
+    }
+    if args.selected(Bench::Q2) {
+        q2(args, &launch, &mut report).await?;
+        loads.push(format!("after Q2: {}", load_average()));
+    }
+    if args.selected(Bench::Q3) {
+        q3(args, &launch, &mut report).await?;
+        loads.push(format!("after Q3: {}", load_average()));
+    }
+    if args.selected(Bench::G1) {
+        g1(args, &launch, &mut report).await?;
+        loads.push(format!("after G1: {}", load_average()));
+    }
+    report.note("Load average (1, 5, 15 min):", loads);
+    Ok(report)
+}
+
+fn header(args: &Args) -> Vec<String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mode = if args.master_url.is_some() {
+        "against a running master"
+    } else if args.processes {
+        "services as child processes"
+    } else {
+        "services in this process"
+    };
+    vec![
+        format!("# ensemble-bench {}", env!("CARGO_PKG_VERSION")),
+        format!(
+            "machine: {cpu}, {cores} cores, Linux {}; {mode}; {} run(s) per figure",
+            kernel.trim(),
+            args.runs()
+        ),
+    ]
+}
+
+/// A started cluster with workers, or the running one given by URL.
+async fn cluster(args: &Args, launch: &Launch, workers: usize) -> anyhow::Result<QueueCluster> {
+    if let Some(url) = &args.master_url {
+        return QueueCluster::external(url, args.redis_url.clone(), &args.pipeline);
+    }
+    let mut cluster = QueueCluster::start(launch).await?;
+    cluster.start_workers(workers, args.slots).await?;
+    Ok(cluster)
+}
+
+/// Runs Q1 `runs` times with `workers` workers, each on a fresh cluster.
+async fn throughput_runs(
+    args: &Args,
+    launch: &Launch,
+    workers: usize,
+) -> anyhow::Result<Vec<ThroughputRun>> {
+    let mut runs = Vec::new();
+    for _ in 0..args.runs() {
+        let cluster = cluster(args, launch, workers).await?;
+        let run = queue::throughput(&cluster, args.tasks(), args.clients).await;
+        cluster.stop().await;
+        let run = run?;
+        if run.drive.failed > 0 {
+            anyhow::bail!("{} of {} tasks failed", run.drive.failed, run.drive.tasks);
+        }
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+async fn q1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
+    let runs = throughput_runs(args, launch, args.workers).await?;
+    let of = |f: &dyn Fn(&ThroughputRun) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+    let per_process = runs.iter().all(|r| r.per_process);
+    report.add(
+        format!(
+            "Q1 throughput ({} tasks, {} workers, {} slots)",
+            args.tasks(),
+            args.workers,
+            args.slots
+        ),
+        "tasks/s",
+        of(&|r| r.drive.rate()),
+        Some(Target::AtLeast(10_000.0)),
+    );
+    report.add(
+        "Q1 submit rate (while results are read)",
+        "tasks/s",
+        of(&|r| r.drive.tasks as f64 / r.drive.submitting.as_secs_f64()),
+        None,
+    );
+    if runs.iter().all(|r| r.commands_per_task().is_some()) {
+        report.add(
+            "Q1 Redis commands per task",
+            "",
+            of(&|r| r.commands_per_task().unwrap_or(f64::NAN)),
+            Some(Target::AtMost(12.0)),
+        );
+    }
+    if runs.iter().all(|r| r.master.is_some()) {
+        let name = if per_process {
+            "Q1 master peak RSS"
+        } else {
+            "Q1 peak RSS of the whole bench process (in-process; use --processes)"
+        };
+        report.add(
+            name,
+            "MiB",
+            of(&|r| r.master.map_or(f64::NAN, |u| u.peak_rss_mb)),
+            per_process.then_some(Target::Below(64.0)),
+        );
+    }
+    if per_process {
+        report.add(
+            "Q1 worker peak RSS (largest)",
+            "MiB",
+            of(&|r| r.workers.iter().map(|u| u.peak_rss_mb).fold(0.0, f64::max)),
+            None,
+        );
+    }
+    let mid = &runs[median_index(&of(&|r| r.drive.rate()))];
+    report.note(
+        "Q1 Redis commands per task, by command (median run):",
+        commands_breakdown(&mid.commands, mid.drive.tasks),
+    );
+    report.note(
+        "Q1 CPU seconds during the drive (median run):",
+        cpu_split(mid),
+    );
+    Ok(())
+}
+
+fn commands_breakdown(commands: &BTreeMap<String, u64>, tasks: usize) -> Vec<String> {
+    if commands.is_empty() {
+        return vec!["(no Redis URL: pass --redis-url)".into()];
+    }
+    let mut rows: Vec<(&String, &u64)> = commands.iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(a.1));
+    rows.into_iter()
+        .map(|(name, n)| {
+            format!(
+                "{name:<14} {:>8.3} per task  ({n} calls)",
+                *n as f64 / tasks as f64
+            )
+        })
+        .collect()
+}
+
+fn cpu_split(run: &ThroughputRun) -> Vec<String> {
+    let wall = run.drive.elapsed.as_secs_f64();
+    let line = |who: &str, secs: f64| {
+        format!(
+            "{who:<28} {secs:>7.2} s  ({:>5.1} % of one core over {wall:.2} s; {:.1} µs per task)",
+            secs / wall * 100.0,
+            secs / run.drive.tasks as f64 * 1e6
+        )
+    };
+    let mut lines = Vec::new();
+    match run.service_cpu_secs {
+        Some((master, workers)) => {
+            lines.push(line("master", master));
+            lines.push(line("workers (all)", workers));
+            lines.push(line("bench client", run.bench_cpu_secs));
+        }
+        None => lines.push(line(
+            "bench process (client + services)",
+            run.bench_cpu_secs,
+        )),
+    }
+    if let Some(redis) = run.redis_cpu_secs {
+        lines.push(line("redis-server", redis));
+    }
+    lines
+}
+
+async fn q2(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
+    let mut runs = Vec::new();
+    for _ in 0..args.runs() {
+        let cluster = cluster(args, launch, args.workers).await?;
+        let run = queue::latency(&cluster, args.rate, args.latency_secs()).await;
+        cluster.stop().await;
+        let run = run?;
+        if run.failed > 0 {
+            anyhow::bail!("{} of {} tasks failed", run.failed, run.offered);
+        }
+        runs.push(run);
+    }
+    let label = format!(
+        "Q2 latency at {}/s for {} s",
+        args.rate,
+        args.latency_secs()
+    );
+    let of = |f: &dyn Fn(&queue::LatencyRun) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+    report.add(
+        format!("{label}, p50"),
+        "ms",
+        of(&|r| r.latency.p50),
+        Some(Target::AtMost(1.0)),
+    );
+    report.add(format!("{label}, p95"), "ms", of(&|r| r.latency.p95), None);
+    report.add(
+        format!("{label}, p99"),
+        "ms",
+        of(&|r| r.latency.p99),
+        Some(Target::AtMost(3.0)),
+    );
+    report.add(format!("{label}, max"), "ms", of(&|r| r.latency.max), None);
+    report.add(
+        "Q2 rate achieved",
+        "tasks/s",
+        of(&|r| r.achieved_rate),
+        None,
+    );
+    Ok(())
+}
+
+async fn q3(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
+    if args.master_url.is_some() {
+        report.note(
+            "Q3 skipped:",
+            vec!["it starts and stops workers itself, so it cannot use --master-url".into()],
+        );
+        return Ok(());
+    }
+    for &workers in &args.scale_workers {
+        let runs = throughput_runs(args, launch, workers).await?;
+        report.add(
+            format!(
+                "Q3 throughput, {workers} worker(s) × {} slots",
+                slots_each(args.slots, workers)
+            ),
+            "tasks/s",
+            runs.iter().map(|r| r.drive.rate()).collect(),
+            None,
+        );
+    }
+    let depth = args.deep_queue();
+    let mut runs = Vec::new();
+    for _ in 0..args.runs() {
+        runs.push(queue::deep_queue(launch, depth, args.workers, args.slots, args.clients).await?);
+    }
+    let (deep, shallow) = (
+        report::number(depth as f64),
+        report::number((depth / 10) as f64),
+    );
+    type Row = (
+        String,
+        &'static str,
+        fn(&queue::DeepQueueRun) -> f64,
+        Option<Target>,
+    );
+    let rows: [Row; 4] = [
+        (
+            format!("Q3 submit rate into a queue growing to {deep}"),
+            "tasks/s",
+            |r| r.submit_rate,
+            None,
+        ),
+        (
+            format!("Q3 dispatch rate, queue at 99–89 % of {deep}"),
+            "steps/s",
+            |r| r.deep_rate,
+            None,
+        ),
+        (
+            format!("Q3 dispatch rate, a {shallow} queue at 95–5 % (near empty)"),
+            "steps/s",
+            |r| r.shallow_rate,
+            None,
+        ),
+        (
+            "Q3 deep / near-empty dispatch rate".into(),
+            "",
+            queue::DeepQueueRun::flatness,
+            Some(Target::AtLeast(0.9)),
+        ),
+    ];
+    for (name, unit, value, target) in rows {
+        report.add(name, unit, runs.iter().map(value).collect(), target);
+    }
+    Ok(())
+}
+
+fn slots_each(slots: u32, workers: usize) -> String {
+    let workers = workers.max(1) as u32;
+    if slots.is_multiple_of(workers) {
+        (slots / workers).to_string()
+    } else {
+        format!("~{}", slots / workers)
+    }
+}
+
+async fn g1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
+    let upstream = FakeUpstream::start(args.upstream_port.unwrap_or(0)).await?;
+    let gateway = match &args.gateway_url {
+        Some(_) => None,
+        None => Some(Gateway::start(launch, &upstream.base_url).await?),
+    };
+    let gateway_url = args
+        .gateway_url
+        .clone()
+        .or_else(|| gateway.as_ref().map(|g| g.url.clone()))
+        .context("no gateway to measure")?;
+    let direct = Call::direct(&upstream.base_url);
+    let through = Call::gateway(&gateway_url, &args.model);
+    let secs = Duration::from_secs(args.gateway_secs());
+    let result = async {
+        for &connections in &args.connections {
+            let mut pairs: Vec<(LoadRun, LoadRun)> = Vec::new();
+            for _ in 0..args.runs() {
+                let d = gateway::load(&direct, connections, secs).await?;
+                let g = gateway::load(&through, connections, secs).await?;
+                if d.errors + g.errors > 0 {
+                    anyhow::bail!(
+                        "G1 at {connections} connection(s): {} direct and {} gateway requests failed",
+                        d.errors,
+                        g.errors
+                    );
+                }
+                pairs.push((d, g));
+            }
+            g1_rows(report, connections, &pairs, args.gateway_secs());
+        }
+        Ok(())
+    }
+    .await;
+    if let Some(g) = gateway {
+        if let Some(usage) = g.usage().filter(|_| args.processes) {
+            report.note(
+                "G1 gateway process:",
+                vec![format!(
+                    "peak RSS {:.1} MiB, CPU {:.2} s over the whole G1",
+                    usage.peak_rss_mb, usage.cpu_secs
+                )],
+            );
+        }
+        g.stop().await;
+    }
+    upstream.stop();
+    result
+}
+
+fn g1_rows(report: &mut Report, connections: usize, pairs: &[(LoadRun, LoadRun)], secs: u64) {
+    let c = format!("{connections} conn");
+    let of = |f: &dyn Fn(&(LoadRun, LoadRun)) -> f64| pairs.iter().map(f).collect::<Vec<_>>();
+    report.add(
+        format!("G1 direct, {c}, {secs} s"),
+        "req/s",
+        of(&|p| p.0.rps),
+        None,
+    );
+    report.add(
+        format!("G1 gateway, {c}, {secs} s"),
+        "req/s",
+        of(&|p| p.1.rps),
+        None,
+    );
+    report.add(
+        format!("G1 direct, {c}, p50"),
+        "ms",
+        of(&|p| p.0.latency.p50),
+        None,
+    );
+    report.add(
+        format!("G1 gateway, {c}, p50"),
+        "ms",
+        of(&|p| p.1.latency.p50),
+        None,
+    );
+    report.add(
+        format!("G1 direct, {c}, p99"),
+        "ms",
+        of(&|p| p.0.latency.p99),
+        None,
+    );
+    report.add(
+        format!("G1 gateway, {c}, p99"),
+        "ms",
+        of(&|p| p.1.latency.p99),
+        None,
+    );
+    let single = connections == 1;
+    report.add(
+        format!("G1 added by the gateway, {c}, p50"),
+        "ms",
+        of(&|p| p.1.latency.p50 - p.0.latency.p50),
+        single.then_some(Target::AtMost(0.1)),
+    );
+    report.add(
+        format!("G1 added by the gateway, {c}, p99"),
+        "ms",
+        of(&|p| p.1.latency.p99 - p.0.latency.p99),
+        single.then_some(Target::AtMost(0.5)),
+    );
+    report.add(
+        format!("G1 gateway req/s as % of direct, {c}"),
+        "%",
+        of(&|p| p.1.rps / p.0.rps * 100.0),
+        (connections >= 64).then_some(Target::AtLeast(50.0)),
+    );
+}

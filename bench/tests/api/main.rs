@@ -1,0 +1,62 @@
+//! Smoke test of `ensemble-bench`: the quick mode of Q1 with tiny numbers runs every task
+//! to completion and prints the table. It asserts behaviour only, never speed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+
+use helpers::tiny_args;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_q1_finishes_every_task_and_prints_the_table() {
+    let args = tiny_args(&["--only", "q1", "--tasks", "60", "--clients", "4"]);
+    let report = bench::run(&args).await.expect("the bench runs");
+    let text = report.render();
+    let throughput = report
+        .figures
+        .iter()
+        .find(|f| f.name.starts_with("Q1 throughput"))
+        .expect("a Q1 row");
+    assert_eq!(throughput.runs.len(), 1, "{text}");
+    assert!(throughput.runs[0] > 0.0, "{text}");
+    assert!(text.contains("| figure"), "{text}");
+    assert!(text.contains("Q1 Redis commands per task"), "{text}");
+    assert!(
+        text.contains("evalsha"),
+        "the breakdown lists Redis commands: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_q3_and_g1_run_with_tiny_numbers() {
+    let args = tiny_args(&[
+        "--only",
+        "q3,g1",
+        "--tasks",
+        "40",
+        "--scale-workers",
+        "1,2",
+        "--deep-queue",
+        "2000",
+        "--gateway-secs",
+        "1",
+        "--connections",
+        "1,4",
+        "--clients",
+        "4",
+    ]);
+    let report = bench::run(&args).await.expect("the bench runs");
+    let text = report.render();
+    for row in [
+        "Q3 throughput, 1 worker(s) × 16 slots",
+        "Q3 throughput, 2 worker(s) × 8 slots",
+        "Q3 deep / near-empty dispatch rate",
+        "G1 gateway, 1 conn, p50",
+        "G1 gateway req/s as % of direct, 4 conn",
+    ] {
+        let f = report
+            .figure(row)
+            .unwrap_or_else(|| panic!("no `{row}` row in\n{text}"));
+        assert!(f.median().is_finite(), "{row}: {text}");
+    }
+}
