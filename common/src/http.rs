@@ -293,19 +293,49 @@ pub fn ops_routes<S: Clone + Send + Sync + 'static>(
 /// route), the request id and its log span, the body limit, and JSON answers for unknown
 /// routes and methods.
 pub fn finish_router(router: Router, service: &'static str, body_limit: usize) -> Router {
+    finish_router_with(router, service, body_limit, ErrorBodies::default())
+}
+
+/// How a service answers unknown routes and methods (the gateway speaks OpenAI's error
+/// shape instead of ours).
+#[derive(Clone, Copy)]
+pub struct ErrorBodies {
+    /// The answer to a route that does not exist.
+    pub not_found: fn() -> Response,
+    /// The answer to a method a route does not take.
+    pub method_not_allowed: fn() -> Response,
+}
+
+impl Default for ErrorBodies {
+    fn default() -> Self {
+        Self {
+            not_found: || ApiError::not_found("no such route").into_response(),
+            method_not_allowed: || {
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "method not allowed on this route",
+                )
+                .into_response()
+            },
+        }
+    }
+}
+
+/// [`finish_router`] with the service's own error bodies for unknown routes and methods.
+pub fn finish_router_with(
+    router: Router,
+    service: &'static str,
+    body_limit: usize,
+    errors: ErrorBodies,
+) -> Router {
     router
         .route_layer(axum::middleware::from_fn_with_state(
             service,
             crate::telemetry::track_http,
         ))
-        .fallback(|| async { ApiError::not_found("no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed on this route",
-            )
-        })
+        .fallback(move || async move { (errors.not_found)() })
+        .method_not_allowed_fallback(move || async move { (errors.method_not_allowed)() })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(crate::telemetry::request_context))
 }

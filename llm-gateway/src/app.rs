@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -98,21 +98,19 @@ pub fn build(config: &Config, providers: &Providers) -> anyhow::Result<Router> {
         ))
         .with_state(state);
     // The configuration was validated at start, so readiness needs no further check.
-    let router = api
-        .merge(common::http::ops_routes(
-            SERVICE,
-            common::http::always_ready(),
-        ))
-        .route_layer(axum::middleware::from_fn_with_state(
-            SERVICE,
-            common::telemetry::track_http,
-        ))
-        .fallback(|| async { GatewayError::RouteNotFound })
-        .method_not_allowed_fallback(|| async { GatewayError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(
-            common::telemetry::request_context,
-        ));
+    let router = api.merge(common::http::ops_routes(
+        SERVICE,
+        common::http::always_ready(),
+    ));
+    let router = common::http::finish_router_with(
+        router,
+        SERVICE,
+        BODY_LIMIT,
+        common::http::ErrorBodies {
+            not_found: || GatewayError::RouteNotFound.into_response(),
+            method_not_allowed: || GatewayError::MethodNotAllowed.into_response(),
+        },
+    );
     Ok(router)
 }
 
