@@ -213,49 +213,56 @@ pub async fn result(
     id: &str,
     wait: Duration,
 ) -> Result<TaskResult, ApiError> {
-    let mut record = owned(state, client, id).await?;
-    if !record.view.status.is_terminal() && !wait.is_zero() {
-        let deadline = tokio::time::Instant::now() + wait;
-        let waiter = state.hub.task_waiter(id);
-        let mut recorded_here = None;
-        loop {
-            let notified = waiter.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(done) = waiter.outcome() {
-                // Recorded by this replica: no need to read it back.
-                recorded_here = Some(done);
-                break;
-            }
-            record = owned(state, client, id).await?;
-            if record.view.status.is_terminal() {
-                break;
-            }
-            // Re-read at least every second in case a pub/sub message was missed.
-            let next = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
-            tokio::select! {
-                () = &mut notified => {}
-                () = tokio::time::sleep_until(next) => {}
-                // Shutting down: answer now (202) rather than hold the drain up.
-                () = state.shutdown.cancelled() => {}
-            }
-            if tokio::time::Instant::now() >= deadline || state.shutdown.is_cancelled() {
-                record = owned(state, client, id).await?;
-                break;
-            }
-        }
-        state.hub.release_waiter(id, waiter);
-        if let Some(done) = recorded_here {
+    if wait.is_zero() {
+        return Ok(task_result(owned(state, client, id).await?.view));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let waiter = state.hub.task_waiter(id);
+    let outcome = wait_for_end(state, client, id, &waiter, deadline).await;
+    state.hub.release_waiter(id, waiter);
+    outcome
+}
+
+/// Reads the task until it has finished or the deadline passed. The wake-up is registered
+/// before each read, so a task finishing in between is never missed; a result this replica
+/// recorded is taken from the waiter instead of being read back.
+async fn wait_for_end(
+    state: &AppState,
+    client: &str,
+    id: &str,
+    waiter: &crate::hub::TaskWaiter,
+    deadline: tokio::time::Instant,
+) -> Result<TaskResult, ApiError> {
+    loop {
+        let notified = waiter.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(done) = waiter.outcome() {
             return Ok(done);
         }
+        let record = owned(state, client, id).await?;
+        let last_round = tokio::time::Instant::now() >= deadline || state.shutdown.is_cancelled();
+        if record.view.status.is_terminal() || last_round {
+            return Ok(task_result(record.view));
+        }
+        // Re-read at least every second in case a pub/sub message was missed.
+        let next = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(next) => {}
+            // Shutting down: answer now (202) rather than hold the drain up.
+            () = state.shutdown.cancelled() => {}
+        }
     }
-    let v = record.view;
-    Ok(TaskResult {
+}
+
+fn task_result(v: TaskView) -> TaskResult {
+    TaskResult {
         task_id: v.task_id,
         status: v.status,
         result: v.result,
         error: v.error,
-    })
+    }
 }
 
 /// Cancels a task the client owns.
