@@ -2,6 +2,7 @@
 //! pool, HTTP helpers, auth helpers, graceful shutdown and the worker registry.
 
 pub mod auth;
+pub mod backoff;
 pub mod config;
 pub mod http;
 pub mod redis;

@@ -297,13 +297,11 @@ impl Router {
         if let Some(hint) = hint {
             return hint.min(self.policy.retry_max);
         }
-        let exponential = self
-            .policy
-            .retry_base
-            .saturating_mul(1u32 << retry.min(16))
-            .min(self.policy.retry_max);
-        let half = exponential / 2;
-        half + half.mul_f64(rand::random::<f64>())
+        common::backoff::Backoff {
+            base: self.policy.retry_base,
+            max: self.policy.retry_max,
+        }
+        .delay(retry)
     }
 }
 

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use common::config::Secret;
 use common::wire::{AckStatus, ResultAck, ResultReport};
-use rand::Rng;
 use reqwest::StatusCode;
-use reqwest::header::RETRY_AFTER;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -87,7 +85,10 @@ impl Delivery {
         abort: &CancellationToken,
     ) -> Outcome {
         let give_up_at = Instant::now() + self.timeout;
-        let mut backoff = FIRST_BACKOFF;
+        let backoff = common::backoff::Backoff {
+            base: FIRST_BACKOFF,
+            max: MAX_BACKOFF,
+        };
         let mut failures = 0u32;
         let outcome = loop {
             let remaining = give_up_at.saturating_duration_since(Instant::now());
@@ -115,9 +116,8 @@ impl Delivery {
                 break Outcome::GaveUp;
             }
             let wait = retry_after
-                .unwrap_or_else(|| jitter(backoff))
+                .unwrap_or_else(|| backoff.delay(failures - 1))
                 .min(remaining);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = abort.cancelled() => break Outcome::Aborted,
@@ -167,12 +167,8 @@ impl Delivery {
             || status == StatusCode::TOO_MANY_REQUESTS
             || status.is_server_error()
         {
-            let retry_after = response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|secs| Duration::from_secs(secs).min(MAX_BACKOFF * 6));
+            let retry_after = common::backoff::retry_after(response.headers())
+                .map(|wait| wait.min(MAX_BACKOFF * 6));
             return Attempt::Retry {
                 why: format!("master answered {}", status.as_u16()),
                 retry_after,
@@ -185,27 +181,5 @@ impl Delivery {
             "the master refused the result; not retrying"
         );
         Attempt::Done(Outcome::Rejected(status))
-    }
-}
-
-/// A wait between half of `backoff` and all of it, so workers that failed together do not
-/// retry together.
-fn jitter(backoff: Duration) -> Duration {
-    let millis = u64::try_from(backoff.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(2);
-    Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_within_half_and_whole() {
-        for _ in 0..100 {
-            let d = jitter(Duration::from_millis(800));
-            assert!(d >= Duration::from_millis(400) && d <= Duration::from_millis(800));
-        }
     }
 }

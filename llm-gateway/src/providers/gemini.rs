@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -275,13 +275,7 @@ fn transport_error(e: reqwest::Error) -> ProviderError {
 /// Sorts a non-2xx answer into client and upstream errors, keeping Google's `RetryInfo`.
 async fn handle_gemini_error(response: reqwest::Response) -> ProviderError {
     let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64);
+    let retry_after = common::backoff::retry_after(response.headers());
     let body = response.bytes().await.unwrap_or_default();
     match serde_json::from_slice::<ErrorEnvelope>(&body) {
         Ok(envelope) => {

@@ -422,7 +422,7 @@ impl TaskStore for MemoryStore {
                     let retryable = error.retryable;
                     st.error = Some(error.clone());
                     if retryable && st.tries < st.max_attempts {
-                        let delay = retry.delay(st.tries, jitter);
+                        let delay = retry.delay_with(st.tries.saturating_sub(1), jitter);
                         let due = now + ms(delay);
                         st.status = StepStatus::Queued;
                         st.queued = Some(due);

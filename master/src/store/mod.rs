@@ -119,29 +119,9 @@ pub struct Claimed {
     pub request_id: String,
 }
 
-/// Retry timing.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// The first backoff.
-    pub base: Duration,
-    /// The longest backoff.
-    pub max: Duration,
-}
-
-impl RetryPolicy {
-    /// The backoff before attempt `tries + 1`: doubling from `base`, capped, with "equal
-    /// jitter" (half fixed, half random) so retries of many steps spread out. `jitter` is
-    /// a random number in `[0, 1)`.
-    pub fn delay(&self, tries: u32, jitter: f64) -> Duration {
-        let exp = tries.saturating_sub(1).min(30);
-        let full = self
-            .base
-            .saturating_mul(1u32 << exp)
-            .min(self.max)
-            .as_secs_f64();
-        Duration::from_secs_f64(full / 2.0 + full / 2.0 * jitter.clamp(0.0, 1.0))
-    }
-}
+/// Retry timing: doubling from `base` to `max` with equal jitter (the formula `report.lua`
+/// also computes). The backoff before attempt `tries + 1` is `delay_with(tries - 1, jitter)`.
+pub use common::backoff::Backoff as RetryPolicy;
 
 /// What recording a report (or a lapsed lease) did.
 #[derive(Debug, Clone, PartialEq)]
