@@ -46,6 +46,11 @@ async fn main() -> ExitCode {
         None => "warn".to_string(),
     };
     init_logs(&filter);
+    if launch.is_some() {
+        // `up` and `demo` run every service in this process: their connections share its
+        // open-file limit.
+        common::limits::raise_nofile();
+    }
     common::install_crypto_provider();
     let outcome = match cli.command {
         Command::Up(args) => up::run(args).await,

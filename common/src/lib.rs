@@ -5,6 +5,7 @@ pub mod auth;
 pub mod backoff;
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod redis;
 pub mod registry;
 pub mod shutdown;
