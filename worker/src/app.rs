@@ -7,12 +7,17 @@
 //! their results to be delivered; abandon whatever is left to lease expiry; deregister;
 //! close the listener. Keeping the record (marked draining) until the held steps settle,
 //! rather than deleting it first, is what keeps their leases alive during the drain.
+//!
+//! A worker whose results cannot reach the master is *degraded* (see `delivery`): its
+//! record says so, `/work` answers `503 degraded`, `/ready` answers `503` with the reason,
+//! and it probes the master until it answers again.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use common::config::{Secret, Settings};
-use common::redis::RedisPool;
+use common::http::ReadyCheck;
+use common::redis::{NotReady, RedisPool};
 use common::registry::Registry;
 use common::wire::WorkerRecord;
 use tokio::net::TcpListener;
@@ -20,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agents;
 use crate::config::Config;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, MasterLink};
 use crate::heartbeat::Heartbeat;
 use crate::inflight::InFlight;
 use crate::runner::Runner;
@@ -83,32 +88,36 @@ pub async fn serve_with_agents(
 
     let pool = RedisPool::new(&config.redis).context("the Redis settings are invalid")?;
     let in_flight = InFlight::new(config.max_concurrency as usize, worker_id.as_str());
-    let runner = Arc::new(Runner::new(
-        worker_id.clone(),
-        agents,
-        in_flight.clone(),
-        Delivery::new(
-            &config.master_url,
-            config.worker_token.clone(),
-            config.result_delivery_timeout,
-        ),
-    ));
     let heartbeat = Heartbeat::new(
         Registry::new(pool.clone()),
         WorkerRecord {
-            id: worker_id,
+            id: worker_id.clone(),
             url,
-            capabilities: runner.capabilities().iter().cloned().collect(),
+            capabilities: agents.capabilities(),
             max_concurrency: config.max_concurrency,
             in_flight: Vec::new(),
             version: common::VERSION.to_string(),
             started_at_ms: common::wire::now_ms(),
             draining: false,
+            heartbeat_at_ms: 0,
+            degraded: None,
         },
         in_flight.clone(),
         config.heartbeat_every(),
         config.heartbeat_ttl(),
     );
+    let delivery = Delivery::new(
+        &config.master_url,
+        config.worker_token.clone(),
+        config.result_delivery_timeout,
+        MasterLink::new(in_flight.clone(), heartbeat.waker()),
+    );
+    let runner = Arc::new(Runner::new(
+        worker_id,
+        agents,
+        in_flight.clone(),
+        delivery.clone(),
+    ));
 
     let state = AppState {
         runner: runner.clone(),
@@ -117,7 +126,7 @@ pub async fn serve_with_agents(
     };
     let router = crate::routes::router(state).merge(common::http::ops_routes(
         "worker",
-        common::http::redis_ready(pool),
+        ready_check(in_flight.clone(), pool),
     ));
     let router = common::http::finish_router(router, "worker", config.body_limit_bytes);
     let server_stop = CancellationToken::new();
@@ -125,6 +134,7 @@ pub async fn serve_with_agents(
     // The listener is bound and serving: now the master may learn about us.
     let beats_stop = CancellationToken::new();
     let beats = tokio::spawn(heartbeat.clone().run(beats_stop.clone()));
+    let probe = tokio::spawn(delivery.probe_while_degraded(beats_stop.clone()));
 
     let server_failed = tokio::select! {
         () = shutdown.cancelled() => None,
@@ -134,6 +144,7 @@ pub async fn serve_with_agents(
     drain(&config, &in_flight, &runner, &heartbeat).await;
     beats_stop.cancel();
     let _ = beats.await;
+    let _ = probe.await;
     heartbeat.deregister().await;
     server_stop.cancel();
     let served = match server_failed {
@@ -145,6 +156,25 @@ pub async fn serve_with_agents(
         .context("the HTTP server failed")?;
     tracing::info!("drained; stopping");
     Ok(())
+}
+
+/// `/ready`: `503 degraded` (with the reason as the message) while results cannot reach
+/// the master, else Redis's verdict.
+fn ready_check(in_flight: Arc<InFlight>, pool: RedisPool) -> ReadyCheck {
+    let redis = common::http::redis_ready(pool);
+    Arc::new(move || {
+        let degraded = in_flight.degraded();
+        let redis = redis.clone();
+        Box::pin(async move {
+            match degraded {
+                Some(message) => Err(NotReady {
+                    reason: "degraded",
+                    message,
+                }),
+                None => redis().await,
+            }
+        })
+    })
 }
 
 /// Stops admitting, publishes the draining record, and waits up to `SHUTDOWN_GRACE` for

@@ -23,6 +23,10 @@ pub enum WorkError {
     /// The worker is shutting down.
     #[error("the worker is draining and takes no new work")]
     Draining,
+    /// The worker cannot deliver results to the master (the reason), so a step given to it
+    /// now would only wait for its lease to lapse.
+    #[error("the worker is degraded and takes no new work: {0}")]
+    Degraded(String),
 }
 
 impl WorkError {
@@ -34,6 +38,7 @@ impl WorkError {
             Self::CapabilityNotServed(_) => "capability_not_served",
             Self::AtCapacity => "at_capacity",
             Self::Draining => "draining",
+            Self::Degraded(_) => "degraded",
         }
     }
 }
@@ -55,6 +60,10 @@ impl IntoResponse for WorkError {
             }
             Self::Draining => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", message).retry_after(1)
+            }
+            // Retry after about one probe of the master: by then it may be reachable again.
+            Self::Degraded(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "degraded", message).retry_after(1)
             }
         };
         error.into_response()

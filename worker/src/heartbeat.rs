@@ -20,8 +20,8 @@ use crate::metrics;
 #[derive(Clone)]
 pub struct Heartbeat {
     registry: Registry,
-    /// The record's fixed part (id, URL, capabilities, …); `in_flight` and `draining` are
-    /// filled in on every beat.
+    /// The record's fixed part (id, URL, capabilities, …); `in_flight`, `draining` and
+    /// `degraded` are filled in on every beat.
     record: WorkerRecord,
     /// The steps to list.
     in_flight: Arc<InFlight>,
@@ -29,7 +29,8 @@ pub struct Heartbeat {
     interval: Duration,
     /// How long a record outlives its last beat.
     ttl: Duration,
-    /// Wakes the loop for a beat now (the drain publishes `draining: true` at once).
+    /// Wakes the loop for a beat now (the drain publishes `draining: true` at once, and a
+    /// failed delivery `degraded`).
     wake: Arc<Notify>,
 }
 
@@ -57,6 +58,12 @@ impl Heartbeat {
         self.wake.notify_one();
     }
 
+    /// What [`Self::beat_now`] notifies, for parts that must publish a change at once
+    /// without holding the whole heartbeat (result delivery marking the worker degraded).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
     /// Beats until `stop` fires. Does not deregister: the caller decides when.
     pub async fn run(self, stop: CancellationToken) {
         // `None` until the first beat, so the first success and the first failure both log.
@@ -65,6 +72,7 @@ impl Heartbeat {
             let record = WorkerRecord {
                 in_flight: self.in_flight.snapshot(),
                 draining: self.in_flight.is_draining(),
+                degraded: self.in_flight.degraded(),
                 ..self.record.clone()
             };
             match self.registry.heartbeat(&record, self.ttl).await {

@@ -1,6 +1,7 @@
 //! The steps this worker holds: admitted on `POST /work`, released once their result is
 //! delivered or given up. The heartbeat lists them, so the master keeps their leases alive;
-//! admission enforces `MAX_CONCURRENCY`, drops duplicates, and refuses work while draining.
+//! admission enforces `MAX_CONCURRENCY`, drops duplicates, and refuses work while draining
+//! or degraded (results cannot reach the master).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +19,9 @@ pub enum Admission {
     Full,
     /// The worker is draining.
     Draining,
+    /// The worker cannot deliver results (the reason): a step taken now would only sit
+    /// here until its lease lapsed.
+    Degraded(String),
 }
 
 /// The in-flight table.
@@ -35,6 +39,9 @@ pub struct InFlight {
 struct State {
     steps: HashSet<StepRef>,
     draining: bool,
+    /// Why results cannot reach the master, while they cannot. Kept here, beside
+    /// `draining`, so that admission checks it under the same lock.
+    degraded: Option<String>,
 }
 
 impl InFlight {
@@ -62,6 +69,9 @@ impl InFlight {
         if state.steps.contains(&step) {
             return Admission::Duplicate;
         }
+        if let Some(reason) = &state.degraded {
+            return Admission::Degraded(reason.clone());
+        }
         if state.steps.len() >= self.max {
             return Admission::Full;
         }
@@ -81,6 +91,26 @@ impl InFlight {
     /// Whether the worker is draining.
     pub fn is_draining(&self) -> bool {
         self.lock().draining
+    }
+
+    /// Marks the worker degraded (`Some(reason)`: it takes no new steps) or healthy again
+    /// (`None`). Returns whether that changed anything.
+    pub fn set_degraded(&self, reason: Option<String>) -> bool {
+        let healthy = reason.is_none();
+        let changed = {
+            let mut state = self.lock();
+            let changed = state.degraded.is_none() != healthy;
+            state.degraded = reason;
+            changed
+        };
+        metrics::gauge!(crate::metrics::DEGRADED, "worker" => self.worker.clone())
+            .set(if healthy { 0.0 } else { 1.0 });
+        changed
+    }
+
+    /// Why the worker is degraded, if it is.
+    pub fn degraded(&self) -> Option<String> {
+        self.lock().degraded.clone()
     }
 
     /// The steps held now, for the heartbeat record.
@@ -161,5 +191,25 @@ mod tests {
         assert!(matches!(table.admit(step(3)), Admission::Draining));
         drop(b);
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn a_degraded_worker_admits_nothing_new_until_it_recovers() {
+        let table = InFlight::new(2, "w");
+        let held = table.admit(step(0));
+        assert!(table.set_degraded(Some("cannot deliver".into())));
+        assert!(
+            !table.set_degraded(Some("still cannot".into())),
+            "only a change of state counts"
+        );
+        assert_eq!(table.degraded().as_deref(), Some("still cannot"));
+        assert!(matches!(table.admit(step(1)), Admission::Degraded(r) if r == "still cannot"));
+        assert!(
+            matches!(table.admit(step(0)), Admission::Duplicate),
+            "a step already held is still acknowledged"
+        );
+        assert!(table.set_degraded(None));
+        assert!(matches!(table.admit(step(1)), Admission::New(_)));
+        drop(held);
     }
 }

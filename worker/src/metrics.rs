@@ -6,7 +6,7 @@ pub const STEPS_RECEIVED: &str = "ensemble_worker_steps_received_total";
 pub const STEPS_SUCCEEDED: &str = "ensemble_worker_steps_succeeded_total";
 /// Counter: steps that failed (agent error or timeout), by `capability` and `kind`.
 pub const STEPS_FAILED: &str = "ensemble_worker_steps_failed_total";
-/// Counter: `POST /work` refused, by `reason` (`at_capacity`, `draining`,
+/// Counter: `POST /work` refused, by `reason` (`at_capacity`, `draining`, `degraded`,
 /// `capability_not_served`, `unauthorized`, `invalid`).
 pub const STEPS_REJECTED: &str = "ensemble_worker_steps_rejected_total";
 /// Histogram: how long agents ran, by `capability`.
@@ -18,5 +18,11 @@ pub const DELIVERY_RETRIES: &str = "ensemble_worker_result_delivery_retries_tota
 /// Counter: results settled, by `outcome` (`recorded`, `discarded`, `rejected`,
 /// `gave_up`, `aborted`).
 pub const DELIVERIES: &str = "ensemble_worker_result_deliveries_total";
+/// Gauge: 1 while the worker cannot deliver results to the master (and so takes no new
+/// steps), else 0; by `worker`.
+pub const DEGRADED: &str = "ensemble_worker_degraded";
+/// Counter: `GET {MASTER_URL}/health` probes made while degraded, by `outcome` (`ok`,
+/// `failed`).
+pub const MASTER_PROBES: &str = "ensemble_worker_master_probes_total";
 /// Counter: heartbeats that could not be written.
 pub const HEARTBEAT_FAILURES: &str = "ensemble_worker_heartbeat_failures_total";

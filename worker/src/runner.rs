@@ -87,6 +87,7 @@ impl Runner {
             Admission::Duplicate => return Ok(Accepted::Duplicate),
             Admission::Full => return Err(WorkError::AtCapacity),
             Admission::Draining => return Err(WorkError::Draining),
+            Admission::Degraded(reason) => return Err(WorkError::Degraded(reason)),
         };
         ::metrics::counter!(metrics::STEPS_RECEIVED, "capability" => step.capability.to_string())
             .increment(1);

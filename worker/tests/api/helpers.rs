@@ -16,7 +16,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use common::config::Secret;
 use common::redis::{RedisPool, RedisSettings};
 use common::registry::Registry;
@@ -251,8 +251,8 @@ struct MasterState {
     script: Script,
 }
 
-/// A fake master: records `POST /result`; can answer from a script; can be stopped and
-/// restarted on the same port.
+/// A fake master: records `POST /result` and answers `GET /health`; can answer results
+/// from a script; can be stopped and restarted on the same port.
 pub struct FakeMaster {
     addr: SocketAddr,
     state: Arc<MasterState>,
@@ -293,8 +293,10 @@ impl FakeMaster {
             }
             response
         }
+        // `/health` is what a degraded worker probes to learn that the master is back.
         let app = Router::new()
             .route("/result", post(result))
+            .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
             .with_state(self.state.clone());
         let stop = CancellationToken::new();
         let task = tokio::spawn({
