@@ -5,8 +5,19 @@ use std::collections::HashMap;
 
 use common::wire::{Capability, WorkerId, WorkerRecord};
 
-/// Assigns up to `wanted` steps of `capability` to workers that serve it, are not draining
-/// or skipped, and have free slots (`max_concurrency` minus `load`). Each step goes to the
+/// Whether `worker` may be given a new step of `capability`: it serves it, is neither
+/// draining nor degraded (its results cannot reach a master, so a step sent to it would only
+/// wait for its lease to lapse), and the caller does not skip it.
+fn available(
+    worker: &WorkerRecord,
+    capability: &Capability,
+    skip: &dyn Fn(&WorkerId) -> bool,
+) -> bool {
+    !worker.draining && worker.degraded.is_none() && worker.serves(capability) && !skip(&worker.id)
+}
+
+/// Assigns up to `wanted` steps of `capability` to workers that serve it, are not draining,
+/// degraded or skipped, and have free slots (`max_concurrency` minus `load`). Each step goes to the
 /// worker with the fewest steps in flight at that moment (ties: the order of `workers`), so
 /// a batch spreads evenly.
 pub fn assign(
@@ -18,7 +29,7 @@ pub fn assign(
 ) -> Vec<WorkerId> {
     let mut candidates: Vec<(u32, u32, &WorkerId)> = workers
         .iter()
-        .filter(|w| !w.draining && w.serves(capability) && !skip(&w.id))
+        .filter(|w| available(w, capability, skip))
         .map(|w| {
             let busy = load.get(w.id.as_str()).copied().unwrap_or(0);
             (busy, w.max_concurrency, &w.id)
@@ -40,7 +51,7 @@ pub fn assign(
     out
 }
 
-/// Free slots for a capability across its workers.
+/// Free slots for a capability across the workers [`assign`] may choose.
 pub fn free_slots(
     capability: &Capability,
     workers: &[WorkerRecord],
@@ -49,7 +60,7 @@ pub fn free_slots(
 ) -> usize {
     workers
         .iter()
-        .filter(|w| !w.draining && w.serves(capability) && !skip(&w.id))
+        .filter(|w| available(w, capability, skip))
         .map(|w| {
             w.max_concurrency
                 .saturating_sub(load.get(w.id.as_str()).copied().unwrap_or(0)) as usize
@@ -71,6 +82,8 @@ mod tests {
             version: "t".into(),
             started_at_ms: 0,
             draining: false,
+            heartbeat_at_ms: 0,
+            degraded: None,
         }
     }
 
@@ -112,5 +125,32 @@ mod tests {
         let skip = |w: &WorkerId| w.as_str() == "s";
         assert!(assign(&plan, &workers, &HashMap::new(), &skip, 3).is_empty());
         assert_eq!(free_slots(&plan, &workers, &HashMap::new(), &skip), 0);
+    }
+
+    #[test]
+    fn degraded_workers_get_no_steps_and_offer_no_slots() {
+        let plan = Capability::new("plan").unwrap();
+        let mut degraded = worker("bad", &["plan"], 8);
+        degraded.degraded = Some("cannot deliver results to http://m/result: refused".into());
+        let workers = vec![degraded.clone(), worker("good", &["plan"], 2)];
+        let load = HashMap::new();
+        let got: Vec<String> = assign(&plan, &workers, &load, &none, 5)
+            .into_iter()
+            .map(|w| w.to_string())
+            .collect();
+        assert_eq!(
+            got,
+            ["good", "good"],
+            "only the healthy worker, up to its capacity"
+        );
+        assert_eq!(free_slots(&plan, &workers, &load, &none), 2);
+
+        let alone = vec![degraded];
+        assert!(assign(&plan, &alone, &load, &none, 1).is_empty());
+        assert_eq!(
+            free_slots(&plan, &alone, &load, &none),
+            0,
+            "a degraded worker's idle slots are not capacity"
+        );
     }
 }
