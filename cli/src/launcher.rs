@@ -195,6 +195,8 @@ impl KnownWorkers {
                     version: common::VERSION.to_string(),
                     started_at_ms: common::wire::now_ms(),
                     draining: false,
+                    heartbeat_at_ms: 0,
+                    degraded: None,
                 })
             })
             .collect::<anyhow::Result<_>>()?;

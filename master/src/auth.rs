@@ -3,7 +3,11 @@
 //! algorithm pinned), operators (`OPERATOR_API_KEYS`), workers (`WORKER_TOKEN`). Keys are
 //! compared in constant time; a credential of one kind never works as another.
 
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use common::auth::{KeyRing, bearer, matches};
 use common::config::{ConfigError, Secret};
 use common::http::ApiError;
@@ -11,6 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 
 use crate::Config;
+use crate::app::AppState;
 
 /// The client id used for every caller when auth is disabled.
 pub const ANONYMOUS: &str = "anonymous";
@@ -40,16 +45,21 @@ struct Claims {
 
 fn validation(alg: Algorithm, config: &Config) -> Validation {
     let mut v = Validation::new(alg);
-    v.set_required_spec_claims(&["exp", "sub"]);
+    // jsonwebtoken checks `iss`/`aud` only when the token carries them: a configured issuer
+    // or audience must also make the claim required, or a token without it gets in.
+    let mut required = vec!["exp", "sub"];
     v.leeway = 5;
     if let Some(iss) = &config.jwt_issuer {
         v.set_issuer(&[iss]);
+        required.push("iss");
     }
     if let Some(aud) = &config.jwt_audience {
         v.set_audience(&[aud]);
+        required.push("aud");
     } else {
         v.validate_aud = false;
     }
+    v.set_required_spec_claims(&required);
     v
 }
 
@@ -173,5 +183,77 @@ impl Auth {
                 "missing credentials: send `Authorization: Bearer <WORKER_TOKEN>`",
             )),
         }
+    }
+}
+
+/// The calling client's id, checked from the headers before the body is read: a caller
+/// without credentials costs the master no body parsing and learns nothing from it.
+#[derive(Debug, Clone)]
+pub struct Client(pub String);
+
+/// An operator credential (`OPERATOR_API_KEYS`).
+#[derive(Debug, Clone, Copy)]
+pub struct Operator;
+
+/// The worker token (`WORKER_TOKEN`).
+#[derive(Debug, Clone, Copy)]
+pub struct Worker;
+
+/// A client, or an operator acting on any client's task (`DELETE /task/{id}`).
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// May act on its own tasks only.
+    Client(String),
+    /// May act on every task.
+    Operator,
+}
+
+impl FromRequestParts<Arc<AppState>> for Client {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        state.auth.client(&parts.headers).map(Self)
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        state.auth.operator(&parts.headers).map(|()| Self)
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Worker {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        state.auth.worker(&parts.headers).map(|()| Self)
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let auth = &state.auth;
+        if !auth.disabled()
+            && bearer(&parts.headers).is_some_and(|t| auth.operators.client_for(t).is_some())
+        {
+            return Ok(Self::Operator);
+        }
+        auth.client(&parts.headers).map(Self::Client)
     }
 }

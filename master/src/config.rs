@@ -72,6 +72,22 @@ pub struct Config {
     pub metrics_interval_ms: u64,
     /// `METRICS_EMF`: also print queue metrics as CloudWatch Embedded Metric Format lines.
     pub metrics_emf: bool,
+    /// `LONG_POLL_MAX_PER_CLIENT`: `GET /result/{id}?wait=S` long polls one client may
+    /// hold open at once (`429` beyond), so one client cannot take every connection.
+    pub long_poll_max_per_client: usize,
+    /// `LONG_POLL_MAX_TOTAL`: long polls this process holds open at once, all clients
+    /// together (`503` beyond). Kept to at most half the open-file limit at start, so
+    /// `/health` and `POST /task` still get a connection when it is reached.
+    pub long_poll_max_total: usize,
+
+    /// `WORK_BODY_LIMIT_BYTES`: the largest `POST {worker}/work` body the master sends.
+    /// Keep it at or below the workers' `BODY_LIMIT_BYTES`: a step whose request would be
+    /// larger fails at once (`step_too_large`) instead of being refused by every worker.
+    pub work_body_limit_bytes: usize,
+    /// `WORKER_HEARTBEAT_MS`: the workers' `HEARTBEAT_INTERVAL`, as the master expects
+    /// it. A lease is extended only by a heartbeat, so `LEASE_MS` must cover at least two
+    /// of them or every running step would lapse between beats.
+    pub worker_heartbeat_ms: u64,
 }
 
 /// A named pipeline: an ordered list of steps.
@@ -149,6 +165,10 @@ impl Default for Config {
             dispatch_poll_ms: 50,
             metrics_interval_ms: 1_000,
             metrics_emf: false,
+            long_poll_max_per_client: 100,
+            long_poll_max_total: 2_000,
+            work_body_limit_bytes: 8 * 1024 * 1024,
+            worker_heartbeat_ms: 2_000,
         }
     }
 }
@@ -179,6 +199,10 @@ impl Settings for Config {
             "DISPATCH_POLL_MS",
             "METRICS_INTERVAL_MS",
             "METRICS_EMF",
+            "LONG_POLL_MAX_PER_CLIENT",
+            "LONG_POLL_MAX_TOTAL",
+            "WORK_BODY_LIMIT_BYTES",
+            "WORKER_HEARTBEAT_MS",
         ];
         vars.extend_from_slice(REDIS_ENV_VARS);
         vars
@@ -203,6 +227,28 @@ impl Settings for Config {
         }
         if self.lease_ms < 500 {
             return Err(ConfigError::invalid("LEASE_MS", "must be at least 500"));
+        }
+        if self.worker_heartbeat_ms == 0 {
+            return Err(ConfigError::invalid(
+                "WORKER_HEARTBEAT_MS",
+                "must be above 0",
+            ));
+        }
+        if self.lease_ms < 2 * self.worker_heartbeat_ms {
+            return Err(ConfigError::invalid(
+                "LEASE_MS",
+                format!(
+                    "must be at least twice WORKER_HEARTBEAT_MS (LEASE_MS={}, WORKER_HEARTBEAT_MS={}): \
+                     leases are extended only by heartbeats, so a shorter lease lapses between beats",
+                    self.lease_ms, self.worker_heartbeat_ms
+                ),
+            ));
+        }
+        if self.work_body_limit_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "WORK_BODY_LIMIT_BYTES",
+                "must be at least 1024",
+            ));
         }
         if self.step_timeout_ms == 0 {
             return Err(ConfigError::invalid("STEP_TIMEOUT_MS", "must be above 0"));

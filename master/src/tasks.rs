@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::http::ApiError;
-use common::wire::{ResultReport, SubmitTask, TaskId, TaskResult, TaskStatus, TaskView};
+use common::wire::{
+    MAX_JSON_DEPTH, ResultReport, SubmitTask, TaskId, TaskResult, TaskStatus, TaskView, json_depth,
+};
 
 use crate::app::AppState;
+use crate::auth::Caller;
 use crate::config::StepConfig;
 use crate::store::{
     CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, RateLimit, RedriveOutcome, ReportOutcome,
@@ -65,7 +68,8 @@ pub async fn submit(
             "`idempotency_key` must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
         )));
     }
-    if body.priority.abs() > MAX_PRIORITY {
+    // A range check, not `abs()`: `i32::MIN.abs()` overflows.
+    if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&body.priority) {
         return Err(ApiError::invalid(format!(
             "`priority` must be between -{MAX_PRIORITY} and {MAX_PRIORITY}"
         )));
@@ -86,6 +90,11 @@ pub async fn submit(
         client: client.to_string(),
         pipeline,
         steps,
+    if json_depth(&body.input) > MAX_JSON_DEPTH {
+        return Err(ApiError::invalid(format!(
+            "`input` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+        )));
+    }
         input,
         priority: body.priority,
         idempotency_key: key,
@@ -200,12 +209,19 @@ pub async fn owned(state: &AppState, client: &str, id: &str) -> Result<TaskRecor
     let not_found = || ApiError::not_found(format!("no task `{id}`"));
     let id = TaskId::new(id).map_err(|_| not_found())?;
     let record = state.store.get(&id).await?.ok_or_else(not_found)?;
-    if record.client != client && !state.auth.disabled() {
-        return Err(not_found());
+    match caller {
+        Caller::Client(client) if record.client != *client && !state.auth.disabled() => {
+            Err(not_found())
+        }
+        _ => Ok(record),
     }
-    Ok(record)
 }
 
+    visible(state, &Caller::Client(client.to_string()), id).await
+}
+
+/// A task the caller may see: its client's, or any for an operator.
+async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<TaskRecord, ApiError> {
 /// The result of a task, waiting up to `wait` for it to finish.
 pub async fn result(
     state: &AppState,
@@ -225,7 +241,10 @@ pub async fn result(
 
 /// Reads the task until it has finished or the deadline passed. The wake-up is registered
 /// before each read, so a task finishing in between is never missed; a result this replica
-/// recorded is taken from the waiter instead of being read back.
+/// recorded is taken from the waiter instead of being read back — but only once a read
+/// has shown that `client` owns the task: the waiter is shared by everyone polling this
+/// id, and what it holds must reach the owner alone (ids are never reused, so one check
+/// holds for the whole poll).
 async fn wait_for_end(
     state: &AppState,
     client: &str,
@@ -237,11 +256,12 @@ async fn wait_for_end(
         let notified = waiter.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if let Some(done) = waiter.outcome() {
+        if owner_checked && let Some(done) = waiter.outcome() {
             return Ok(done);
         }
         let record = owned(state, client, id).await?;
         let last_round = tokio::time::Instant::now() >= deadline || state.shutdown.is_cancelled();
+    let mut owner_checked = false;
         if record.view.status.is_terminal() || last_round {
             return Ok(task_result(record.view));
         }
@@ -250,6 +270,7 @@ async fn wait_for_end(
         tokio::select! {
             () = &mut notified => {}
             () = tokio::time::sleep_until(next) => {}
+        owner_checked = true;
             // Shutting down: answer now (202) rather than hold the drain up.
             () = state.shutdown.cancelled() => {}
         }
@@ -265,9 +286,9 @@ fn task_result(v: TaskView) -> TaskResult {
     }
 }
 
-/// Cancels a task the client owns.
-pub async fn cancel(state: &AppState, client: &str, id: &str) -> Result<TaskView, ApiError> {
-    let record = owned(state, client, id).await?;
+/// Cancels a task: the client's own, or any task for an operator.
+pub async fn cancel(state: &AppState, caller: &Caller, id: &str) -> Result<TaskView, ApiError> {
+    let record = visible(state, caller, id).await?;
     let task_id = record.view.task_id.clone();
     match state
         .store
@@ -288,7 +309,7 @@ pub async fn cancel(state: &AppState, client: &str, id: &str) -> Result<TaskView
         }
         CancelOutcome::NotFound => return Err(ApiError::not_found(format!("no task `{id}`"))),
     }
-    Ok(owned(state, client, id).await?.view)
+    Ok(visible(state, caller, id).await?.view)
 }
 
 /// Records a worker's report.
@@ -303,15 +324,31 @@ pub async fn record_report(state: &Arc<AppState>, report: ResultReport) -> Resul
             state.config.retention(),
         )
         .await?;
+    if report
+        .output
+        .as_ref()
+        .is_some_and(|o| json_depth(o) > MAX_JSON_DEPTH)
+    {
+        // It would become the next step's input: refuse it like a task input that deep.
+        return Err(ApiError::invalid(format!(
+            "`output` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+        )));
+    }
     let recorded = outcome != ReportOutcome::Discarded;
-    if recorded {
+    if matches!(
+        outcome,
+        ReportOutcome::Next { .. } | ReportOutcome::Retry { .. } | ReportOutcome::Done { .. }
+    ) {
         state.dispatcher.step_done(&report.worker_id);
     }
     state.dispatcher.after_report(&report, &outcome);
     match &outcome {
         ReportOutcome::Discarded => tracing::info!(task_id = %report.task_id, step = report.step,
             attempt = report.attempt, worker = %report.worker_id,
-            "stale report discarded (attempt not current)"),
+            "report discarded (attempt not current, or the worker does not hold the lease)"),
+        ReportOutcome::Replayed(_) => tracing::info!(task_id = %report.task_id,
+            step = report.step, attempt = report.attempt,
+            "report repeated after its first answer was lost; answered as recorded again"),
         ReportOutcome::Retry { delay, .. } => tracing::info!(task_id = %report.task_id,
             step = report.step, delay_ms = delay.as_millis() as u64, "step will be retried"),
         ReportOutcome::Done {

@@ -63,7 +63,11 @@ impl Registry {
         ttl: Duration,
     ) -> Result<bool, Unavailable> {
         let prefix = self.pool.prefix();
-        let json = serde_json::to_string(record).map_err(|e| Unavailable {
+        let stamped = WorkerRecord {
+            heartbeat_at_ms: crate::wire::now_ms(),
+            ..record.clone()
+        };
+        let json = serde_json::to_string(&stamped).map_err(|e| Unavailable {
             message: format!("could not encode worker record: {e}"),
         })?;
         let mut conn = self.pool.get().await?;

@@ -198,6 +198,17 @@ pub struct WorkerRecord {
     /// Whether it is draining (finishing in-flight work, taking none).
     #[serde(default)]
     pub draining: bool,
+    /// When this record was written (ms since the epoch), set by [`crate::registry::Registry::heartbeat`].
+    /// A lease is extended only from the heartbeat that listed its step, so a dead worker's
+    /// steps lapse `LEASE_MS` after its last beat, not after its record expires. `0` (a
+    /// record from a worker that does not send it) means "now".
+    #[serde(default)]
+    pub heartbeat_at_ms: u64,
+    /// Why the worker takes no new steps although it is alive (for example: it cannot
+    /// deliver results to the master). Dispatchers skip it and stop extending its leases,
+    /// so its steps go to a healthy worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 impl WorkerRecord {

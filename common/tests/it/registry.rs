@@ -22,6 +22,8 @@ fn record(id: &str) -> WorkerRecord {
         version: common::VERSION.into(),
         started_at_ms: common::wire::now_ms(),
         draining: false,
+        heartbeat_at_ms: 0,
+        degraded: None,
     }
 }
 

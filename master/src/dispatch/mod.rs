@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::registry::Registry;
 use common::wire::{
-    Capability, ReportStatus, ResultReport, StepRef, WorkerId, WorkerRecord, now_ms,
+    Capability, ReportStatus, ResultReport, StepError, WorkerId, WorkerRecord, now_ms,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,7 +22,8 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics;
 use crate::store::{
-    Claimed, ReportOutcome, RetryPolicy, StoreError, TaskStore, lease_expired_error,
+    Claimed, ExpiredLease, MAX_FREE_DISPATCH_FAILURES, ReleaseOutcome, ReleaseReason,
+    ReportOutcome, RetryPolicy, StoreError, TaskStore, lease_expired_error,
 };
 
 /// Where the dispatcher learns which workers are alive.
@@ -45,6 +46,60 @@ const BATCH: usize = 64;
 const REFRESH: Duration = Duration::from_millis(250);
 /// How often leases and retry backoffs are checked.
 const REAP: Duration = Duration::from_millis(250);
+
+/// What became of one `POST {worker}/work`.
+enum Sent {
+    /// The worker took the step.
+    Taken,
+    /// Full or draining: back to the queue for free; avoid the worker this long.
+    Busy(Duration, String),
+    /// The request failed (`5xx`, connection, timeout): back to the queue, free a few times
+    /// in a row; avoid the worker this long.
+    Failed(Duration, String),
+    /// The worker will not take this step (`4xx` other than `429`), or no worker could:
+    /// the attempt is spent with this error.
+    Refused(StepError),
+}
+
+/// The first part of a refusal's body (a worker's JSON error message, or its text).
+async fn error_detail(response: reqwest::Response) -> String {
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(String::from))
+        .unwrap_or(text);
+    let message: String = message.chars().take(300).collect();
+    if message.trim().is_empty() {
+        String::new()
+    } else {
+        format!(": {}", message.trim())
+    }
+}
+
+/// Until when a lease that came due is extended, or `None` if it lapses. Only a heartbeat
+/// that lists the step extends it, to that heartbeat's time plus the lease, so a worker
+/// that died is noticed one lease after its last beat, however long its record lingers.
+/// A degraded worker (it cannot deliver results) extends nothing, so its steps go to a
+/// healthy one; and no lease outlives the step's own deadline plus one lease of grace.
+fn lease_renewal(
+    lease: &ExpiredLease,
+    holder: &WorkerRecord,
+    now: u64,
+    lease_ms: u64,
+) -> Option<u64> {
+    if holder.degraded.is_some() || !holder.in_flight.contains(&lease.step) {
+        return None;
+    }
+    // A record without a heartbeat time (an older or hand-written worker) counts as fresh.
+    let beat = if holder.heartbeat_at_ms == 0 {
+        now
+    } else {
+        holder.heartbeat_at_ms.min(now)
+    };
+    let deadline = lease.dispatched_at_ms + lease.timeout_ms + lease_ms;
+    let until = (beat + lease_ms).min(deadline);
+    (until > now).then_some(until)
+}
 
 /// What the dispatcher knows about workers, refreshed every [`REFRESH`].
 #[derive(Default)]
@@ -304,56 +359,154 @@ impl Dispatcher {
         let cap = claimed.work.capability.clone();
         let step = claimed.work.step_ref();
         let outcome = match url {
-            None => Err((Duration::from_secs(1), "worker is gone".to_string())),
-            Some(url) => {
-                let sent = self
-                    .http
-                    .post(format!("{url}/work"))
-                    .bearer_auth(self.config.worker_token.expose())
-                    .header(&common::telemetry::REQUEST_ID, &claimed.request_id)
-                    .json(&claimed.work)
-                    .send()
-                    .await;
-                match sent {
-                    Ok(r) if r.status().is_success() => Ok(()),
-                    Ok(r) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
-                        // Full: no attempt spent, try the others; its slots look taken
-                        // until the next refresh.
-                        let mut v = self.write_view();
-                        let max = v
-                            .workers
-                            .iter()
-                            .find(|w| w.id == claimed.worker)
-                            .map_or(0, |w| w.max_concurrency);
-                        v.load.insert(claimed.worker.to_string(), max);
-                        Err((Duration::ZERO, "worker at capacity (429)".into()))
-                    }
-                    Ok(r) => Err((
-                        Duration::from_secs(if r.status().is_client_error() { 10 } else { 2 }),
-                        format!("worker answered {}", r.status()),
-                    )),
-                    Err(e) => Err((Duration::from_secs(2), format!("dispatch failed: {e}"))),
-                }
-            }
+            None => Sent::Busy(Duration::from_secs(1), "worker is gone".into()),
+            Some(url) => self.post_work(&url, &claimed).await,
         };
-        match outcome {
-            Ok(()) => {
+        let (skip, why, failure) = match outcome {
+            Sent::Taken => {
                 metrics::step_dispatched(&cap);
                 tracing::debug!(task_id = %step.task_id, step = step.step, attempt = step.attempt,
                     worker = %claimed.worker, "step dispatched");
+                return;
             }
-            Err((skip, why)) => {
-                if !skip.is_zero() {
-                    tracing::warn!(task_id = %step.task_id, worker = %claimed.worker, reason = %why,
-                        "dispatch refused; step goes back to the queue");
-                    self.skip_worker(&claimed.worker, skip);
-                }
+            // The attempt is spent: the step is the problem, not the worker.
+            Sent::Refused(error) => {
+                tracing::warn!(task_id = %step.task_id, step = step.step, worker = %claimed.worker,
+                    reason = %error.message, "dispatch refused; the attempt is spent");
+                self.fail_attempt(&claimed, error).await;
+                return;
+            }
+            Sent::Busy(skip, why) => (skip, why, ReleaseReason::Capacity),
+            Sent::Failed(skip, why) => (skip, why, ReleaseReason::Failure),
+        };
+        if !skip.is_zero() {
+            tracing::warn!(task_id = %step.task_id, worker = %claimed.worker, reason = %why,
+                "dispatch failed; step goes back to the queue");
+            self.skip_worker(&claimed.worker, skip);
+        }
+        let released = self.store.release(&step, failure).await;
+        match self.store_result("releasing a step", released) {
+            Some(ReleaseOutcome::Released) => {
                 self.step_done(&claimed.worker);
-                let released = self.store.release(&step).await;
-                if self.store_result("releasing a step", released).is_some() {
-                    self.hub.work_queued(cap.as_str());
-                }
+                self.hub.work_queued(cap.as_str());
             }
+            Some(ReleaseOutcome::OverLimit) => {
+                let error = StepError::retryable(
+                    "dispatch_failed",
+                    format!(
+                        "dispatching to worker {} failed {} times in a row; last: {why}",
+                        claimed.worker,
+                        MAX_FREE_DISPATCH_FAILURES + 1
+                    ),
+                );
+                self.fail_attempt(&claimed, error).await;
+            }
+            // Stale, or the store is down: the lease lapses and the reaper re-queues it.
+            Some(ReleaseOutcome::Stale) | None => self.step_done(&claimed.worker),
+        }
+    }
+
+    /// `POST {url}/work`, sorted by what it means for the step.
+    async fn post_work(&self, url: &str, claimed: &Claimed) -> Sent {
+        let body = match serde_json::to_vec(&claimed.work) {
+            Ok(body) => body,
+            Err(e) => {
+                return Sent::Refused(StepError::permanent(
+                    "step_unencodable",
+                    format!("the step could not be encoded: {e}"),
+                ));
+            }
+        };
+        let limit = self.config.work_body_limit_bytes;
+        if body.len() > limit {
+            // No worker would take it: fail the step now rather than offer it forever.
+            return Sent::Refused(StepError::permanent(
+                "step_too_large",
+                format!(
+                    "the step's request to a worker would be {} bytes (task input plus the \
+                     previous step's output), over WORK_BODY_LIMIT_BYTES ({limit})",
+                    body.len()
+                ),
+            ));
+        }
+        let sent = self
+            .http
+            .post(format!("{url}/work"))
+            .bearer_auth(self.config.worker_token.expose())
+            .header(&common::telemetry::REQUEST_ID, &claimed.request_id)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => return Sent::Failed(Duration::from_secs(2), format!("dispatch failed: {e}")),
+        };
+        let status = response.status();
+        if status.is_success() {
+            return Sent::Taken;
+        }
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            // Full: its slots look taken until the next refresh, so others are tried.
+            let mut v = self.write_view();
+            let max = v
+                .workers
+                .iter()
+                .find(|w| w.id == claimed.worker)
+                .map_or(0, |w| w.max_concurrency);
+            v.load.insert(claimed.worker.to_string(), max);
+            return Sent::Busy(Duration::ZERO, "worker at capacity (429)".into());
+        }
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            return Sent::Busy(
+                Duration::from_secs(2),
+                "worker unavailable (503: draining or degraded)".into(),
+            );
+        }
+        if status.is_client_error() {
+            let detail = error_detail(response).await;
+            let message = format!(
+                "worker {} refused the step: {status}{detail}",
+                claimed.worker
+            );
+            if matches!(status.as_u16(), 401 | 403) {
+                // The worker's token differs from ours: the worker is the problem, not the
+                // step. Keep away from it, but the attempt is still spent, so a fleet of
+                // misconfigured workers cannot hold a step forever.
+                self.skip_worker(&claimed.worker, Duration::from_secs(10));
+            }
+            return Sent::Refused(StepError::retryable("dispatch_refused", message));
+        }
+        Sent::Failed(Duration::from_secs(2), format!("worker answered {status}"))
+    }
+
+    /// Spends the claimed attempt with `error`, as if its worker had reported it.
+    async fn fail_attempt(&self, claimed: &Claimed, error: StepError) {
+        let step = claimed.work.step_ref();
+        let report = ResultReport {
+            task_id: step.task_id.clone(),
+            step: step.step,
+            attempt: step.attempt,
+            worker_id: claimed.worker.clone(),
+            status: ReportStatus::Failed,
+            output: None,
+            error: Some(error),
+            duration_ms: None,
+        };
+        let recorded = self
+            .store
+            .report(
+                &report,
+                self.retry_policy(),
+                rand::random(),
+                self.config.retention(),
+            )
+            .await;
+        if let Some(outcome) = self.store_result("failing a refused step", recorded) {
+            if outcome != ReportOutcome::Discarded {
+                self.step_done(&claimed.worker);
+            }
+            self.after_report(&report, &outcome);
         }
     }
 
@@ -385,22 +538,19 @@ impl Dispatcher {
             return;
         }
         let now = now_ms();
-        let lease_ms = self.config.lease_ms;
-        let (extend, lapse): (Vec<_>, Vec<_>) = {
+        let mut extend = Vec::new();
+        let mut lapse = Vec::new();
+        {
             let v = self.read_view();
-            expired.into_iter().partition(|l| {
-                let overdue = now > l.dispatched_at_ms + l.timeout_ms + lease_ms;
-                !overdue
-                    && v.workers
-                        .iter()
-                        .any(|w| w.id == l.worker && w.in_flight.contains(&l.step))
-            })
-        };
-        let steps: Vec<StepRef> = extend.into_iter().map(|l| l.step).collect();
-        let extended = self
-            .store
-            .extend_leases(cap, &steps, self.config.lease())
-            .await;
+            for l in expired {
+                let holder = v.workers.iter().find(|w| w.id == l.worker);
+                match holder.and_then(|w| lease_renewal(&l, w, now, self.config.lease_ms)) {
+                    Some(until) => extend.push((l.step, until)),
+                    None => lapse.push(l),
+                }
+            }
+        }
+        let extended = self.store.extend_leases(cap, &extend).await;
         self.store_result("extending leases", extended);
         for l in lapse {
             let report = ResultReport {
@@ -423,7 +573,12 @@ impl Dispatcher {
                 )
                 .await;
             if let Some(outcome) = self.store_result("re-queueing a lapsed step", recorded) {
-                if outcome != ReportOutcome::Discarded {
+                if matches!(
+                    outcome,
+                    ReportOutcome::Next { .. }
+                        | ReportOutcome::Retry { .. }
+                        | ReportOutcome::Done { .. }
+                ) {
                     tracing::warn!(task_id = %l.step.task_id, step = l.step.step,
                         attempt = l.step.attempt, worker = %l.worker,
                         "lease lapsed; step re-queued");
@@ -443,29 +598,49 @@ impl Dispatcher {
         }
     }
 
-    /// Wake-ups and metrics after a report (or lapse) was recorded.
+    /// Wake-ups and metrics after a report (or lapse) was recorded. A replayed report
+    /// (recorded before; its first reply was lost) wakes again, which is harmless, but is
+    /// not counted again.
     pub fn after_report(&self, report: &ResultReport, outcome: &ReportOutcome) {
         match outcome {
             ReportOutcome::Discarded => {}
-            // Every recorded outcome frees a worker slot of the finished step's capability:
-            // wake its dispatcher so a backlog does not wait for the next poll.
-            ReportOutcome::Next { finished, next } => {
+            ReportOutcome::Replayed(first) => self.wake_after(report, first),
+            ReportOutcome::Next { finished, .. } => {
                 metrics::step_finished(finished, true);
-                self.hub.work_queued(next.as_str());
-                self.hub.work_queued(finished.capability.as_str());
+                self.wake_after(report, outcome);
             }
             ReportOutcome::Retry { finished, .. } => {
                 metrics::step_finished(finished, false);
                 metrics::step_retried(&finished.capability);
+                self.wake_after(report, outcome);
+            }
+            ReportOutcome::Done {
+                finished, status, ..
+            } => {
+                metrics::step_finished(finished, *status == common::wire::TaskStatus::Succeeded);
+                metrics::task_finished(*status);
+                self.wake_after(report, outcome);
+            }
+        }
+    }
+
+    /// Every recorded outcome frees a worker slot of the finished step's capability: wake
+    /// its dispatcher (and the next step's) so a backlog does not wait for the next poll;
+    /// hand a task's final outcome to this replica's long polls.
+    fn wake_after(&self, report: &ResultReport, outcome: &ReportOutcome) {
+        match outcome {
+            ReportOutcome::Discarded | ReportOutcome::Replayed(_) => {}
+            ReportOutcome::Next { finished, next } => {
+                self.hub.work_queued(next.as_str());
+                self.hub.work_queued(finished.capability.as_str());
+            }
+            ReportOutcome::Retry { finished, .. } => {
                 self.hub.work_queued(finished.capability.as_str());
             }
             ReportOutcome::Done {
                 finished, status, ..
             } => {
                 self.hub.work_queued(finished.capability.as_str());
-                metrics::step_finished(finished, *status == common::wire::TaskStatus::Succeeded);
-                metrics::task_finished(*status);
-                // The last report's outcome is the task's: hand it to local long polls.
                 let succeeded = *status == common::wire::TaskStatus::Succeeded;
                 self.hub.task_finished_with(common::wire::TaskResult {
                     task_id: report.task_id.clone(),

@@ -13,18 +13,18 @@ use common::wire::{SubmitResponse, SubmitTask, TaskView};
 use serde::Deserialize;
 
 use crate::app::AppState;
+use crate::auth::{Caller, Client};
 use crate::tasks;
 
 /// `POST /task`.
 pub async fn submit(
     State(state): State<Arc<AppState>>,
+    // Before the body: a caller without credentials never gets the body read.
+    Client(client): Client,
     headers: HeaderMap,
     request_id: Option<axum::Extension<RequestId>>,
-    body: Result<JsonBody<SubmitTask>, ApiError>,
+    JsonBody(body): JsonBody<SubmitTask>,
 ) -> Result<Response, ApiError> {
-    // Authenticate before looking at the body: a stranger learns nothing from our errors.
-    let client = state.auth.client(&headers)?;
-    let JsonBody(body) = body?;
     let key = headers
         .get("idempotency-key")
         .map(|v| {
@@ -50,10 +50,9 @@ pub async fn submit(
 /// `GET /task/{id}`.
 pub async fn status(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Client(client): Client,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let client = state.auth.client(&headers)?;
     Ok(Json(tasks::owned(&state, &client, &id).await?.view))
 }
 
@@ -67,11 +66,10 @@ pub struct WaitQuery {
 /// which), `202` with the state while running.
 pub async fn result(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Client(client): Client,
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let client = state.auth.client(&headers)?;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let wait = match query.wait.as_deref() {
         None | Some("") => 0.0,
@@ -95,12 +93,11 @@ pub async fn result(
     Ok((status, Json(result)).into_response())
 }
 
-/// `DELETE /task/{id}`.
+/// `DELETE /task/{id}`: by the task's client, or by an operator (any task).
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let client = state.auth.client(&headers)?;
-    Ok(Json(tasks::cancel(&state, &client, &id).await?))
+    Ok(Json(tasks::cancel(&state, &caller, &id).await?))
 }

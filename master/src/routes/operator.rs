@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use common::http::{ApiError, JsonBody};
 use common::wire::{Capability, TaskId, WorkerRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::AppState;
+use crate::auth::Operator;
 use crate::metrics::publish_queue_gauges;
 use crate::tasks;
 
@@ -38,11 +38,10 @@ pub struct DispatchResponse {
 /// `POST /dispatch`.
 pub async fn dispatch(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<JsonBody<DispatchRequest>, ApiError>,
+    // Before the body: a caller without an operator key never gets the body read.
+    _: Operator,
+    JsonBody(req): JsonBody<DispatchRequest>,
 ) -> Result<Json<DispatchResponse>, ApiError> {
-    state.auth.operator(&headers)?;
-    let JsonBody(req) = body?;
     let redriven = match (req.task_id, req.capability) {
         (Some(id), None) => vec![tasks::redrive_task(&state, &id).await?],
         (None, Some(cap)) => {
@@ -77,9 +76,8 @@ struct WorkerView {
 /// `GET /workers`: live workers, grouped by capability.
 pub async fn workers(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Operator,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    state.auth.operator(&headers)?;
     let records = state.workers.live().await?;
     let load = state.store.worker_loads().await?;
     let mut by_capability = std::collections::BTreeMap::<String, Vec<String>>::new();
@@ -107,9 +105,8 @@ pub async fn workers(
 /// workers, backlog per worker, age of the head of the queue.
 pub async fn queues(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Operator,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    state.auth.operator(&headers)?;
     let caps = state.dispatcher.capabilities();
     let stats = state.store.stats(&caps, state.config.retention()).await?;
     let workers = state.workers.live().await?;

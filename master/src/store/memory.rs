@@ -14,9 +14,9 @@ use common::wire::{
 use serde_json::Value;
 
 use super::{
-    CancelOutcome, Claimed, ExpiredLease, FinishedStep, NewTask, QueueStats, RateLimit,
-    RedriveOutcome, ReportOutcome, RetryPolicy, SCORE_EPOCH_MS, StoreError, SubmitOutcome,
-    TaskRecord, TaskStore,
+    CancelOutcome, Claimed, ExpiredLease, FinishedStep, MAX_FREE_DISPATCH_FAILURES, NewTask,
+    QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome,
+    RetryPolicy, SCORE_EPOCH_MS, StoreError, SubmitOutcome, TaskRecord, TaskStore, lost_on_worker,
 };
 
 /// The in-memory [`TaskStore`].
@@ -96,6 +96,13 @@ struct Step {
     queued: Option<u64>,
     dispatched: Option<u64>,
     finished: Option<u64>,
+    /// The worker the last attempt was lost on: the next claim prefers another.
+    avoid: Option<WorkerId>,
+    /// Failed dispatches in a row that cost no attempt.
+    free_failures: u32,
+    /// The last report recorded from a worker (attempt, worker, status) and its outcome,
+    /// for replays (see report.lua).
+    recorded: Option<(u32, WorkerId, ReportStatus, ReportOutcome)>,
 }
 
 fn score(priority: i32, queued: u64) -> i64 {
@@ -213,6 +220,9 @@ impl TaskStore for MemoryStore {
                     queued: (i == 0).then_some(now),
                     dispatched: None,
                     finished: None,
+                    avoid: None,
+                    free_failures: 0,
+                    recorded: None,
                 })
                 .collect();
             let first = steps[0].capability.clone();
@@ -254,8 +264,11 @@ impl TaskStore for MemoryStore {
         let now = now_ms();
         self.with(|s| {
             let mut claimed = Vec::new();
-            let mut workers = workers.iter();
-            while claimed.len() < workers.len() + claimed.len() {
+            // Like claim.lua: workers in order, except that a step whose last attempt was
+            // lost on a worker swaps in the next other worker of the batch.
+            let mut pool: Vec<WorkerId> = workers.to_vec();
+            let mut next_worker = 0;
+            while next_worker < pool.len() {
                 let Some((_, id, step)) = s
                     .queues
                     .get_mut(capability.as_str())
@@ -272,9 +285,13 @@ impl TaskStore for MemoryStore {
                 {
                     continue;
                 }
-                let Some(worker) = workers.next() else {
-                    break;
-                };
+                if let Some(avoid) = &task.steps[idx].avoid
+                    && let Some(j) = (next_worker..pool.len()).find(|&j| &pool[j] != avoid)
+                {
+                    pool.swap(next_worker, j);
+                }
+                let worker = &pool[next_worker];
+                next_worker += 1;
                 if task.status == TaskStatus::Queued {
                     task.started = Some(now);
                 }
@@ -285,14 +302,15 @@ impl TaskStore for MemoryStore {
                 st.status = StepStatus::Dispatched;
                 st.worker = Some(worker.clone());
                 st.dispatched = Some(now);
-                let previous: Vec<PriorOutput> = task.steps[..idx]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| PriorOutput {
+                // The step before only, never the whole history (see claim.lua).
+                let previous: Vec<PriorOutput> = idx
+                    .checked_sub(1)
+                    .map(|i| PriorOutput {
                         step: i as u32,
-                        capability: p.capability.clone(),
-                        output: p.output.clone().unwrap_or(Value::Null),
+                        capability: task.steps[i].capability.clone(),
+                        output: task.steps[i].output.clone().unwrap_or(Value::Null),
                     })
+                    .into_iter()
                     .collect();
                 let st = &task.steps[idx];
                 let work = WorkRequest {
@@ -328,21 +346,32 @@ impl TaskStore for MemoryStore {
         })
     }
 
-    async fn release(&self, step: &StepRef) -> Result<bool, StoreError> {
+    async fn release(
+        &self,
+        step: &StepRef,
+        why: ReleaseReason,
+    ) -> Result<ReleaseOutcome, StoreError> {
         let now = now_ms();
         self.with(|s| {
             let Some(task) = s.task(step.task_id.as_str(), now) else {
-                return false;
+                return ReleaseOutcome::Stale;
             };
             let priority = task.priority;
             let Some(st) = task.steps.get_mut(step.step as usize) else {
-                return false;
+                return ReleaseOutcome::Stale;
             };
             if task.status.is_terminal()
                 || st.status != StepStatus::Dispatched
                 || st.attempt != step.attempt
             {
-                return false;
+                return ReleaseOutcome::Stale;
+            }
+            if why == ReleaseReason::Failure {
+                st.free_failures += 1;
+                if st.free_failures > MAX_FREE_DISPATCH_FAILURES {
+                    st.free_failures = 0;
+                    return ReleaseOutcome::OverLimit;
+                }
             }
             st.status = StepStatus::Queued;
             st.tries = st.tries.saturating_sub(1);
@@ -356,7 +385,7 @@ impl TaskStore for MemoryStore {
                 step.task_id.as_str(),
                 step.step,
             );
-            true
+            ReleaseOutcome::Released
         })
     }
 
@@ -374,12 +403,25 @@ impl TaskStore for MemoryStore {
             let Some(task) = s.task(id, now) else {
                 return ReportOutcome::Discarded;
             };
-            let current = task.steps.get(idx).is_some_and(|st| {
-                st.status == StepStatus::Dispatched && st.attempt == report.attempt
-            });
-            if task.status.is_terminal() || !current {
+            let Some(st) = task.steps.get(idx) else {
                 return ReportOutcome::Discarded;
+            };
+            let current = st.status == StepStatus::Dispatched
+                && st.attempt == report.attempt
+                && st.worker.as_ref() == Some(&report.worker_id);
+            if task.status.is_terminal() || !current {
+                return match &st.recorded {
+                    Some((attempt, worker, status, outcome))
+                        if *attempt == report.attempt
+                            && *worker == report.worker_id
+                            && *status == report.status =>
+                    {
+                        ReportOutcome::Replayed(Box::new(outcome.clone()))
+                    }
+                    _ => ReportOutcome::Discarded,
+                };
             }
+            let lost = lost_on_worker(report);
             let priority = task.priority;
             let has_callback = task.callback_url.is_some();
             let total = task.steps.len();
@@ -426,6 +468,9 @@ impl TaskStore for MemoryStore {
                         let due = now + ms(delay);
                         st.status = StepStatus::Queued;
                         st.queued = Some(due);
+                        if lost {
+                            st.avoid = worker.clone();
+                        }
                         s.delayed
                             .entry(finished.capability.to_string())
                             .or_default()
@@ -453,6 +498,14 @@ impl TaskStore for MemoryStore {
                     }
                 }
             };
+            if !lost && let Some(t) = s.tasks.get_mut(id) {
+                t.steps[idx].recorded = Some((
+                    report.attempt,
+                    report.worker_id.clone(),
+                    report.status,
+                    outcome.clone(),
+                ));
+            }
             s.remove_lease(&finished.capability, id, report.step);
             s.release_load(worker.as_ref());
             outcome
@@ -508,15 +561,13 @@ impl TaskStore for MemoryStore {
     async fn extend_leases(
         &self,
         capability: &Capability,
-        steps: &[StepRef],
-        lease: Duration,
+        leases: &[(StepRef, u64)],
     ) -> Result<(), StoreError> {
-        let until = now_ms() + ms(lease);
         self.with(|s| {
-            if let Some(leases) = s.leases.get_mut(capability.as_str()) {
-                for step in steps {
-                    if let Some(t) = leases.get_mut(&(step.task_id.to_string(), step.step)) {
-                        *t = until;
+            if let Some(held) = s.leases.get_mut(capability.as_str()) {
+                for (step, until) in leases {
+                    if let Some(t) = held.get_mut(&(step.task_id.to_string(), step.step)) {
+                        *t = *until;
                     }
                 }
             }

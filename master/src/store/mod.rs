@@ -126,7 +126,8 @@ pub use common::backoff::Backoff as RetryPolicy;
 /// What recording a report (or a lapsed lease) did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReportOutcome {
-    /// The attempt was not current (or the task is finished or unknown): ignored.
+    /// The attempt was not current, the reporting worker does not hold the step's lease,
+    /// or the task is finished or unknown: ignored.
     Discarded,
     /// Recorded; the next step was queued.
     Next {
@@ -175,11 +176,49 @@ pub struct ExpiredLease {
     pub timeout_ms: u64,
 }
 
+/// Why a claimed step goes back to its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// The worker was full or draining (`429`, `503`): nobody's fault, free.
+    Capacity,
+    /// The dispatch failed (`5xx`, connection error, timeout): free a few times in a row.
+    Failure,
+}
+
+/// What `release` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// Back in the queue, no attempt spent.
+    Released,
+    /// The attempt is no longer current: nothing to do.
+    Stale,
+    /// Too many failed dispatches in a row: the step is still dispatched; report a failure
+    /// to spend the attempt.
+    OverLimit,
+}
+
+/// Failed dispatches of one step that cost no attempt, in a row (see [`TaskStore::release`]).
+pub const MAX_FREE_DISPATCH_FAILURES: u32 = 3;
+
+/// Whether a failure report says the attempt was lost on its worker rather than failed
+/// by the agent, so the retry should prefer another worker.
+pub fn lost_on_worker(report: &ResultReport) -> bool {
+    report.status == common::wire::ReportStatus::Failed
+        && report
+            .error
+            .as_ref()
+            .and_then(|e| e.kind.as_deref())
+            .is_some_and(|k| matches!(k, "lease_expired" | "dispatch_refused" | "dispatch_failed"))
+}
+
 /// What `cancel` did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CancelOutcome {
     /// The task is now cancelled.
     Cancelled,
+    /// This report (same attempt, same worker) was recorded before, and this is its
+    /// outcome. Its effects in the store happened once; the caller answers `recorded`.
+    Replayed(Box<ReportOutcome>),
     /// It had already finished with this status.
     AlreadyFinished(TaskStatus),
     /// No such task.
@@ -238,11 +277,20 @@ pub trait TaskStore: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<Vec<Claimed>, StoreError>;
 
-    /// Puts a claimed step back in its queue without spending an attempt (the worker never
-    /// took it: `429`, connection error). False if the attempt is no longer current.
-    async fn release(&self, step: &StepRef) -> Result<bool, StoreError>;
+    /// Puts a claimed step back in its queue without spending an attempt: the worker never
+    /// took it. Capacity refusals are free without limit; failed dispatches are free at
+    /// most [`MAX_FREE_DISPATCH_FAILURES`] times in a row, then the step stays dispatched
+    /// and the caller spends the attempt by reporting a failure.
+    async fn release(
+        &self,
+        step: &StepRef,
+        why: ReleaseReason,
+    ) -> Result<ReleaseOutcome, StoreError>;
 
-    /// Records a worker's report, if its attempt is current.
+    /// Records a worker's report, if its attempt is current and `report.worker_id` holds
+    /// the step's lease. A repeat of the report that was recorded answers
+    /// [`ReportOutcome::Replayed`] with the first outcome. When the attempt was lost on its
+    /// worker ([`lost_on_worker`]), the retry goes to another worker if one is free.
     async fn report(
         &self,
         report: &ResultReport,
@@ -258,12 +306,13 @@ pub trait TaskStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ExpiredLease>, StoreError>;
 
-    /// Extends leases whose workers are still running them.
+    /// Extends leases whose workers are still running them, each to its own expiry (ms
+    /// since the epoch): the time of the heartbeat that listed the step plus the lease, so
+    /// a dead worker's steps lapse one lease after its last heartbeat.
     async fn extend_leases(
         &self,
         capability: &Capability,
-        steps: &[StepRef],
-        lease: Duration,
+        leases: &[(StepRef, u64)],
     ) -> Result<(), StoreError>;
 
     /// Moves steps of a capability whose retry backoff is over into its queue. Returns how

@@ -15,9 +15,9 @@ use redis::Script;
 use serde_json::Value;
 
 use super::{
-    CancelOutcome, Claimed, ExpiredLease, FinishedStep, NewTask, QueueStats, RateLimit,
-    RedriveOutcome, ReportOutcome, RetryPolicy, StoreError, SubmitOutcome, TaskRecord, TaskStore,
-    keys,
+    CancelOutcome, Claimed, ExpiredLease, FinishedStep, MAX_FREE_DISPATCH_FAILURES, NewTask,
+    QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome,
+    RetryPolicy, StoreError, SubmitOutcome, TaskRecord, TaskStore, keys, lost_on_worker,
 };
 
 macro_rules! script {
@@ -220,7 +220,11 @@ impl TaskStore for RedisStore {
             .collect()
     }
 
-    async fn release(&self, step: &StepRef) -> Result<bool, StoreError> {
+    async fn release(
+        &self,
+        step: &StepRef,
+        why: ReleaseReason,
+    ) -> Result<ReleaseOutcome, StoreError> {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let released: i64 = RELEASE
@@ -229,9 +233,18 @@ impl TaskStore for RedisStore {
             .arg(step.task_id.as_str())
             .arg(step.step)
             .arg(step.attempt)
+            .arg(match why {
+                ReleaseReason::Capacity => "capacity",
+                ReleaseReason::Failure => "failure",
+            })
+            .arg(MAX_FREE_DISPATCH_FAILURES)
             .invoke_async(&mut conn)
             .await?;
-        Ok(released == 1)
+        Ok(match released {
+            1 => ReleaseOutcome::Released,
+            2 => ReleaseOutcome::OverLimit,
+            _ => ReleaseOutcome::Stale,
+        })
     }
 
     async fn report(
@@ -270,29 +283,15 @@ impl TaskStore for RedisStore {
             .arg(ms(retry.max))
             .arg(jitter.clamp(0.0, 0.999_999))
             .arg(ms(retention))
+            .arg(report.worker_id.as_str())
+            .arg(if lost_on_worker(report) { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
-        let get = |i: usize| reply.get(i).map(String::as_str).unwrap_or("");
-        match get(0) {
-            "discarded" => Ok(ReportOutcome::Discarded),
-            "next" => Ok(ReportOutcome::Next {
-                finished: finished(get(1), get(2))?,
-                next: parse_cap(get(3))?,
-            }),
-            "retry" => Ok(ReportOutcome::Retry {
-                finished: finished(get(1), get(2))?,
-                delay: Duration::from_millis(parse_num(get(3))?),
-            }),
-            "done" => Ok(ReportOutcome::Done {
-                finished: finished(get(1), get(2))?,
-                status: if get(3) == "succeeded" {
-                    TaskStatus::Succeeded
-                } else {
-                    TaskStatus::Failed
-                },
-                callback: get(4) == "1",
-            }),
-            other => Err(corrupt(format!("report script answered {other:?}"))),
+        match reply.split_first() {
+            Some((kind, rest)) if kind == "replayed" => {
+                Ok(ReportOutcome::Replayed(Box::new(report_outcome(rest)?)))
+            }
+            _ => report_outcome(&reply),
         }
     }
 
@@ -329,18 +328,17 @@ impl TaskStore for RedisStore {
     async fn extend_leases(
         &self,
         capability: &Capability,
-        steps: &[StepRef],
-        lease: Duration,
+        leases: &[(StepRef, u64)],
     ) -> Result<(), StoreError> {
-        if steps.is_empty() {
+        if leases.is_empty() {
             return Ok(());
         }
         let mut invocation = EXTEND.prepare_invoke();
-        invocation
-            .key(keys::leases(self.prefix(), capability.as_str()))
-            .arg(ms(lease));
-        for s in steps {
-            invocation.arg(keys::member(s.task_id.as_str(), s.step));
+        invocation.key(keys::leases(self.prefix(), capability.as_str()));
+        for (s, until) in leases {
+            invocation
+                .arg(*until)
+                .arg(keys::member(s.task_id.as_str(), s.step));
         }
         let mut conn = self.pool.get().await?;
         let _: i64 = invocation.invoke_async(&mut conn).await?;
@@ -476,6 +474,32 @@ impl TaskStore for RedisStore {
     }
 }
 
+/// Decodes `report.lua`'s reply (see its header).
+fn report_outcome(reply: &[String]) -> Result<ReportOutcome, StoreError> {
+    let get = |i: usize| reply.get(i).map(String::as_str).unwrap_or("");
+    match get(0) {
+        "discarded" => Ok(ReportOutcome::Discarded),
+        "next" => Ok(ReportOutcome::Next {
+            finished: finished(get(1), get(2))?,
+            next: parse_cap(get(3))?,
+        }),
+        "retry" => Ok(ReportOutcome::Retry {
+            finished: finished(get(1), get(2))?,
+            delay: Duration::from_millis(parse_num(get(3))?),
+        }),
+        "done" => Ok(ReportOutcome::Done {
+            finished: finished(get(1), get(2))?,
+            status: if get(3) == "succeeded" {
+                TaskStatus::Succeeded
+            } else {
+                TaskStatus::Failed
+            },
+            callback: get(4) == "1",
+        }),
+        other => Err(corrupt(format!("report script answered {other:?}"))),
+    }
+}
+
 fn task_status(text: &str) -> Result<TaskStatus, StoreError> {
     serde_json::from_value(Value::String(text.to_string())).map_err(corrupt)
 }
@@ -496,12 +520,11 @@ fn claimed_from_row(capability: &Capability, row: &[String]) -> Result<Claimed, 
     let caps: Vec<&str> = get(7).split(',').collect();
     let request_id = get(8).to_string();
     let task_input = parse_json(get(9))?;
-    let mut previous = Vec::with_capacity(step as usize);
-    for (i, text) in row.iter().skip(10).enumerate() {
-        let cap = caps.get(i).copied().unwrap_or("");
+    let mut previous = Vec::with_capacity(1);
+    if let (Some(before), Some(text)) = (step.checked_sub(1), row.get(10)) {
         previous.push(PriorOutput {
-            step: u32::try_from(i).unwrap_or(u32::MAX),
-            capability: parse_cap(cap)?,
+            step: before,
+            capability: parse_cap(caps.get(before as usize).copied().unwrap_or(""))?,
             output: parse_json(text)?,
         });
     }

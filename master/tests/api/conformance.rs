@@ -10,8 +10,8 @@ use common::wire::{
     Capability, ReportStatus, ResultReport, StepError, StepStatus, TaskId, TaskStatus, WorkerId,
 };
 use master::store::{
-    CancelOutcome, NewTask, PlannedStep, RateLimit, RedisStore, RedriveOutcome, ReportOutcome,
-    RetryPolicy, SubmitOutcome, TaskStore,
+    CancelOutcome, NewTask, PlannedStep, RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome,
+    ReleaseReason, ReportOutcome, RetryPolicy, SubmitOutcome, TaskStore,
 };
 use serde_json::json;
 
@@ -89,6 +89,12 @@ async fn submit(store: &dyn TaskStore, t: NewTask) -> TaskId {
     id
 }
 
+/// The same report, from another worker.
+fn by(mut r: ResultReport, w: &str) -> ResultReport {
+    r.worker_id = worker(w);
+    r
+}
+
 async fn report(store: &dyn TaskStore, r: ResultReport) -> ReportOutcome {
     store.report(&r, RETRY, 0.5, RETENTION).await.unwrap()
 }
@@ -130,7 +136,145 @@ both_stores!(
     rate_limit_per_client,
     expired_leases_are_listed_extended_and_lapsed,
     stats_and_worker_loads,
+    failed_dispatches_are_free_only_a_few_times_in_a_row,
+    a_lost_attempt_goes_to_another_worker,
+    a_step_carries_the_step_before_not_the_whole_history,
+    the_masters_own_report_of_a_lost_attempt_is_not_replayed,
 );
+
+async fn failed_dispatches_are_free_only_a_few_times_in_a_row(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let plan = cap("plan");
+    let id = submit(s, task(&["plan"], 0, 3)).await;
+    let mut attempt = 0;
+    for _ in 0..master::store::MAX_FREE_DISPATCH_FAILURES {
+        let c = s
+            .claim(&plan, &[worker("w1")], Duration::from_secs(10))
+            .await
+            .unwrap();
+        attempt = c[0].work.attempt;
+        assert_eq!(
+            s.release(&c[0].work.step_ref(), ReleaseReason::Failure)
+                .await
+                .unwrap(),
+            ReleaseOutcome::Released
+        );
+    }
+    // Capacity refusals never count.
+    let c = s
+        .claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.release(&c[0].work.step_ref(), ReleaseReason::Capacity)
+            .await
+            .unwrap(),
+        ReleaseOutcome::Released
+    );
+    let c = s
+        .claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(c[0].work.attempt > attempt);
+    assert_eq!(
+        s.release(&c[0].work.step_ref(), ReleaseReason::Failure)
+            .await
+            .unwrap(),
+        ReleaseOutcome::OverLimit,
+        "one failed dispatch too many: the caller must spend the attempt"
+    );
+    let view = s.get(&id).await.unwrap().unwrap().view;
+    assert_eq!(view.steps[0].status, StepStatus::Dispatched, "still leased");
+    let mut r = failed(&id, 0, c[0].work.attempt, true);
+    r.error.as_mut().unwrap().kind = Some("dispatch_failed".into());
+    assert!(matches!(report(s, r).await, ReportOutcome::Retry { .. }));
+    let view = s.get(&id).await.unwrap().unwrap().view;
+    assert_eq!(view.steps[0].attempts, 1, "the attempt was spent");
+}
+
+async fn a_lost_attempt_goes_to_another_worker(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let plan = cap("plan");
+    let id = submit(s, task(&["plan"], 0, 3)).await;
+    s.claim(&plan, &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut lapse = failed(&id, 0, 1, true);
+    lapse.error = Some(master::store::lease_expired_error(&worker("w1")));
+    assert!(matches!(
+        report(s, lapse).await,
+        ReportOutcome::Retry { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(s.promote_due(&plan).await.unwrap(), 1);
+    // w1 comes first in the batch, but the step was lost on it: w2 gets it.
+    let c = s
+        .claim(
+            &plan,
+            &[worker("w1"), worker("w2")],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].worker, worker("w2"));
+    // With no other worker in the batch, w1 still gets it (better late than never).
+    let mut lapse = by(failed(&id, 0, 2, true), "w2");
+    lapse.error = Some(master::store::lease_expired_error(&worker("w2")));
+    assert!(matches!(
+        report(s, lapse).await,
+        ReportOutcome::Retry { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(s.promote_due(&plan).await.unwrap(), 1);
+    let c = s
+        .claim(&plan, &[worker("w2")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(c[0].worker, worker("w2"));
+}
+
+async fn a_step_carries_the_step_before_not_the_whole_history(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(s, task(&["plan", "retrieve", "evaluate"], 0, 3)).await;
+    for (step, capability) in ["plan", "retrieve"].into_iter().enumerate() {
+        let c = s
+            .claim(&cap(capability), &[worker("w1")], Duration::from_secs(10))
+            .await
+            .unwrap();
+        let big = json!({"from": capability, "blob": "x".repeat(1000)});
+        report(s, ok(&id, step as u32, c[0].work.attempt, big)).await;
+    }
+    let c = s
+        .claim(&cap("evaluate"), &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let w = &c[0].work;
+    assert_eq!(w.input["from"], "retrieve");
+    assert_eq!(w.context.task_input, json!({"question": "q"}));
+    assert_eq!(w.context.previous.len(), 1, "only the step before");
+    assert_eq!(w.context.previous[0].step, 1);
+    assert_eq!(w.context.previous[0].capability, cap("retrieve"));
+}
+
+async fn the_masters_own_report_of_a_lost_attempt_is_not_replayed(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(s, task(&["plan"], 0, 3)).await;
+    s.claim(&cap("plan"), &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut lapse = failed(&id, 0, 1, true);
+    lapse.error = Some(master::store::lease_expired_error(&worker("w1")));
+    assert!(matches!(
+        report(s, lapse.clone()).await,
+        ReportOutcome::Retry { .. }
+    ));
+    // The worker's own late failure of that attempt was not what got recorded.
+    assert_eq!(
+        report(s, failed(&id, 0, 1, true)).await,
+        ReportOutcome::Discarded
+    );
+}
 
 async fn pipeline_passes_outputs_and_context(store: Arc<dyn TaskStore>) {
     let s = store.as_ref();
@@ -199,7 +343,12 @@ async fn pipeline_passes_outputs_and_context(store: Arc<dyn TaskStore>) {
     assert_eq!(w.context.previous[0].capability, cap("plan"));
     assert_eq!(w.context.previous[0].output, json!({"plan": ["a"]}));
 
-    let out = report(s, ok(&id, 1, 1, json!("final"))).await;
+    // Only the worker holding the lease can complete the step.
+    assert_eq!(
+        report(s, ok(&id, 1, 1, json!("not w1's"))).await,
+        ReportOutcome::Discarded
+    );
+    let out = report(s, by(ok(&id, 1, 1, json!("final")), "w2")).await;
     assert!(
         matches!(
             out,
@@ -238,13 +387,13 @@ async fn stale_attempts_are_discarded(store: Arc<dyn TaskStore>) {
         report(s, ok(&id, 0, 1, json!("late"))).await,
         ReportOutcome::Discarded
     );
-    assert!(matches!(
-        report(s, ok(&id, 0, 2, json!("on time"))).await,
-        ReportOutcome::Done { .. }
-    ));
+    let done = report(s, by(ok(&id, 0, 2, json!("on time")), "w2")).await;
+    assert!(matches!(done, ReportOutcome::Done { .. }));
+    // The same report again (its first answer was lost): the first outcome, replayed;
+    // nothing changes.
     assert_eq!(
-        report(s, ok(&id, 0, 2, json!("twice"))).await,
-        ReportOutcome::Discarded
+        report(s, by(ok(&id, 0, 2, json!("twice")), "w2")).await,
+        ReportOutcome::Replayed(Box::new(done))
     );
     let view = s.get(&id).await.unwrap().unwrap().view;
     assert_eq!(view.result, Some(json!("on time")));
@@ -364,9 +513,17 @@ async fn release_spends_no_attempt(store: Arc<dyn TaskStore>) {
         .await
         .unwrap();
     assert_eq!(c[0].work.task_id, first);
-    assert!(s.release(&c[0].work.step_ref()).await.unwrap());
-    assert!(
-        !s.release(&c[0].work.step_ref()).await.unwrap(),
+    assert_eq!(
+        s.release(&c[0].work.step_ref(), ReleaseReason::Capacity)
+            .await
+            .unwrap(),
+        ReleaseOutcome::Released
+    );
+    assert_eq!(
+        s.release(&c[0].work.step_ref(), ReleaseReason::Capacity)
+            .await
+            .unwrap(),
+        ReleaseOutcome::Stale,
         "released once"
     );
     let view = s.get(&first).await.unwrap().unwrap().view;
@@ -395,7 +552,7 @@ async fn release_spends_no_attempt(store: Arc<dyn TaskStore>) {
         ReportOutcome::Discarded
     );
     assert!(matches!(
-        report(s, ok(&first, 0, 2, json!(1))).await,
+        report(s, by(ok(&first, 0, 2, json!(1)), "w2")).await,
         ReportOutcome::Done { .. }
     ));
     let c = s
@@ -554,9 +711,12 @@ async fn expired_leases_are_listed_extended_and_lapsed(store: Arc<dyn TaskStore>
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].worker, worker("w1"));
     assert_eq!((expired[0].step.step, expired[0].step.attempt), (0, 1));
-    s.extend_leases(&plan, &[expired[0].step.clone()], Duration::from_secs(10))
-        .await
-        .unwrap();
+    s.extend_leases(
+        &plan,
+        &[(expired[0].step.clone(), common::wire::now_ms() + 10_000)],
+    )
+    .await
+    .unwrap();
     assert!(
         s.expired_leases(&plan, 10).await.unwrap().is_empty(),
         "extended"

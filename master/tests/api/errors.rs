@@ -408,6 +408,14 @@ async fn jwt_clients_are_accepted_and_bad_tokens_refused() {
         )
         .unwrap()
     };
+    let token_with_iss = |sub: &str, exp: u64, iss: &str| {
+        encode(
+            &Header::default(),
+            &json!({"sub": sub, "exp": exp, "iss": iss}),
+            &EncodingKey::from_secret(b"jwt-secret-for-tests"),
+        )
+        .unwrap()
+    };
     let good = token("carol", now + 60, "jwt-secret-for-tests");
     let r = master
         .post("/task", &good)
@@ -449,6 +457,14 @@ async fn jwt_clients_are_accepted_and_bad_tokens_refused() {
             b64(&format!(r#"{{"sub":"carol","exp":{}}}"#, now + 60))
         ),
         "not.a.jwt".to_string(),
+        // JWT_ISSUER is set: a token without `iss` is refused, not waved through.
+        encode(
+            &Header::default(),
+            &json!({"sub": "carol", "exp": now + 60}),
+            &EncodingKey::from_secret(b"jwt-secret-for-tests"),
+        )
+        .unwrap(),
+        token_with_iss("carol", now + 60, "someone-else"),
     ] {
         let r = master
             .post("/task", &bad)
@@ -540,9 +556,17 @@ async fn rs256_jwts_verified_with_the_public_key_file() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    // JWT_AUDIENCE is set: a token without `aud` is refused too.
+    let no_aud = encode(
+        &Header::new(Algorithm::RS256),
+        &json!({"sub": "dave", "exp": now + 60}),
+        &EncodingKey::from_rsa_pem(private.as_bytes()).unwrap(),
+    )
+    .unwrap();
     for bad in [
         sign(&other_private, "ensemble"),
         sign(&private, "someone-else"),
+        no_aud,
     ] {
         let r = master
             .post("/task", &bad)

@@ -35,6 +35,8 @@ pub fn test_config(redis: &RedisSettings) -> Config {
         operator_api_keys: common::config::Secret::new(format!("ops:{OPERATOR}")),
         worker_token: common::config::Secret::new(WORKER_TOKEN),
         lease_ms: 1_500,
+        // The test workers below beat every 300 ms.
+        worker_heartbeat_ms: 300,
         retry_base_ms: 50,
         retry_max_ms: 200,
         dispatch_poll_ms: 20,
@@ -149,6 +151,9 @@ pub enum Behavior {
     Hang,
     /// Answers 429 to everything.
     Busy,
+    /// Answers `400` to a step whose input has `"poison": true` (as a worker answers a step
+    /// it cannot parse); succeeds with the others like `Succeed` after `delay`.
+    RefusePoison { delay: Duration },
 }
 
 /// Steps a worker received: (task, step, attempt).
@@ -213,6 +218,8 @@ impl TestWorker {
             version: "test".into(),
             started_at_ms: common::wire::now_ms(),
             draining: false,
+            heartbeat_at_ms: 0,
+            degraded: None,
         };
         registry
             .heartbeat(&record, Duration::from_millis(900))
@@ -274,11 +281,14 @@ async fn work(
     if matches!(state.behavior, Behavior::Busy) {
         return StatusCode::TOO_MANY_REQUESTS;
     }
+    if matches!(state.behavior, Behavior::RefusePoison { .. }) && step.input["poison"] == true {
+        return StatusCode::BAD_REQUEST;
+    }
     state.in_flight.lock().unwrap().push(step.step_ref());
     let st = state.clone();
     tokio::spawn(async move {
         let report = match &st.behavior {
-            Behavior::Succeed { delay } => {
+            Behavior::Succeed { delay } | Behavior::RefusePoison { delay } => {
                 tokio::time::sleep(*delay).await;
                 Some(report(
                     &st.id,

@@ -90,6 +90,8 @@ impl FakeWorker {
             version: "fake".into(),
             started_at_ms: common::wire::now_ms(),
             draining: false,
+            heartbeat_at_ms: 0,
+            degraded: None,
         };
         registry
             .heartbeat(&record, Duration::from_millis(900))

@@ -320,6 +320,8 @@ impl Cluster {
                 ("OPERATOR_API_KEYS", format!("ops:{OPERATOR_KEY}")),
                 ("WORKER_TOKEN", WORKER_TOKEN.into()),
                 ("LEASE_MS", LEASE_MS.to_string()),
+                // The workers below beat every 300 ms.
+                ("WORKER_HEARTBEAT_MS", "300".into()),
                 ("RETRY_BASE_MS", "50".into()),
                 ("RETRY_MAX_MS", "500".into()),
                 // Under chaos a step may lose several attempts in a row to kills; the

@@ -1,29 +1,48 @@
 -- Claims queued steps of one capability for workers, highest priority first: raises each
--- step's attempt (the fencing token), leases it and counts it against its worker.
+-- step's attempt (the fencing token), leases it and counts it against its worker. A step
+-- whose last attempt was lost on a worker (lease lapsed, dispatch refused) goes to another
+-- worker of the batch when there is one.
 -- KEYS[1] the capability's queue   KEYS[2] its lease set   KEYS[3] worker load hash
 -- ARGV[1] prefix   ARGV[2] lease ms   ARGV[3 ..] worker ids, one per step wanted
 -- Returns one row per claimed step:
 --   {task_id, step, attempt, worker, timeout_ms, pipeline, total_steps, caps, request_id,
---    input, output_0, ..., output_(step-1)}
+--    input, output of the step before (absent for step 0)}
+-- A step carries the task input and the output of the step before it, never the whole
+-- history, so a request to a worker does not grow with the pipeline's length.
 local now = now_ms()
 local lease_until = int(now + tonumber(ARGV[2]))
-local wanted = #ARGV - 2
+local pool = {}
+for i = 3, #ARGV do pool[#pool + 1] = ARGV[i] end
+local next_worker = 1
+-- The next worker of the batch, preferring one that is not `avoid`.
+local function take(avoid)
+  if avoid then
+    for j = next_worker, #pool do
+      if pool[j] ~= avoid then
+        pool[next_worker], pool[j] = pool[j], pool[next_worker]
+        break
+      end
+    end
+  end
+  local worker = pool[next_worker]
+  next_worker = next_worker + 1
+  return worker
+end
 local claimed = {}
-local next_worker = 3
-while #claimed < wanted do
-  local popped = redis.call('ZPOPMIN', KEYS[1], wanted - #claimed)
+while #claimed < #pool do
+  local popped = redis.call('ZPOPMIN', KEYS[1], #pool - #claimed)
   if #popped == 0 then break end
   for i = 1, #popped, 2 do
     local member = popped[i]
     local id, step = split_member(member)
+    local s = tonumber(step)
     local tkey = task_key(ARGV[1], id)
     local fields = {'st', step .. ':s', step .. ':a', step .. ':t', step .. ':to', 'pl', 'n',
-      'caps', 'rq', 'in'}
-    for j = 0, tonumber(step) - 1 do fields[#fields + 1] = j .. ':o' end
+      'caps', 'rq', 'in', step .. ':av'}
+    if s > 0 then fields[#fields + 1] = (s - 1) .. ':o' end
     local v = redis.call('HMGET', tkey, unpack(fields))
     if (v[1] == 'queued' or v[1] == 'running') and v[2] == 'queued' then
-      local worker = ARGV[next_worker]
-      next_worker = next_worker + 1
+      local worker = take(v[11])
       local attempt = tostring(tonumber(v[3] or '0') + 1)
       local update = {'st', 'running', step .. ':s', 'dispatched', step .. ':a', attempt,
         step .. ':t', tostring(tonumber(v[4] or '0') + 1), step .. ':w', worker,
@@ -37,7 +56,7 @@ while #claimed < wanted do
       redis.call('HINCRBY', KEYS[3], worker, 1)
       local row = {id, step, attempt, worker, v[5] or '0', v[6] or '', v[7] or '1', v[8] or '',
         v[9] or '', v[10] or 'null'}
-      for j = 11, #v do row[#row + 1] = v[j] or 'null' end
+      if s > 0 then row[#row + 1] = v[12] or 'null' end
       claimed[#claimed + 1] = row
     end
   end

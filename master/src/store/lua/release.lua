@@ -1,19 +1,32 @@
 -- Puts a claimed step back at its place in the queue without spending an attempt: the
--- worker never took it (429, connection refused). A no-op unless the attempt is current.
+-- worker never took it. A no-op unless the attempt is current. Refusals for capacity (429,
+-- draining) are free without limit; failed dispatches (5xx, connection errors) are free at
+-- most ARGV[6] times in a row, after which the step is left dispatched and the caller
+-- spends the attempt by reporting a failure (so a step no worker can take cannot loop).
 -- KEYS[1] task hash
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] step   ARGV[4] attempt
--- Returns 1 when released, 0 otherwise.
+-- ARGV[5] 'capacity' | 'failure'   ARGV[6] most free failed dispatches in a row
+-- Returns 1 when released, 0 when the attempt is not current, 2 when over the limit.
 local step = ARGV[3]
 local v = redis.call('HMGET', KEYS[1], 'st', step .. ':s', step .. ':a', step .. ':c',
-  step .. ':w', step .. ':t', 'pr', step .. ':q')
+  step .. ':w', step .. ':t', 'pr', step .. ':q', step .. ':x')
 if not v[1] or terminal(v[1]) or v[2] ~= 'dispatched' or v[3] ~= ARGV[4] then
   return 0
+end
+local failures = tonumber(v[9] or '0')
+if ARGV[5] == 'failure' then
+  failures = failures + 1
+  if failures > tonumber(ARGV[6]) then
+    redis.call('HSET', KEYS[1], step .. ':x', '0')
+    return 2
+  end
 end
 local member = ARGV[2] .. ':' .. step
 redis.call('ZREM', lease_key(ARGV[1], v[4]), member)
 release_load(ARGV[1], v[5])
 local tries = tonumber(v[6] or '1') - 1
 if tries < 0 then tries = 0 end
-redis.call('HSET', KEYS[1], step .. ':s', 'queued', step .. ':t', tostring(tries))
+redis.call('HSET', KEYS[1], step .. ':s', 'queued', step .. ':t', tostring(tries),
+  step .. ':x', tostring(failures))
 redis.call('ZADD', queue_key(ARGV[1], v[4]), score(v[7], v[8]), member)
 return 1

@@ -1,18 +1,35 @@
--- Records a step attempt's outcome if the attempt is current (fencing): queues the next
--- step, schedules a retry after a backoff, or finishes the task (dead-lettering a failure).
+-- Records a step attempt's outcome if the attempt is current and the reporting worker holds
+-- its lease (fencing): queues the next step, schedules a retry after a backoff, or finishes
+-- the task (dead-lettering a failure). The reply is remembered with the step, so a repeat
+-- of the report that was recorded (its first reply was lost) gets the same reply again,
+-- marked `replayed`, instead of `discarded` (`:rk` who reported what, `:rr` the reply).
 -- KEYS[1] task hash
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] step   ARGV[4] attempt
 -- ARGV[5] 'succeeded' | 'failed'   ARGV[6] output JSON, or error JSON when failed
 -- ARGV[7] '1' when the error is retryable   ARGV[8] retry base ms   ARGV[9] retry max ms
--- ARGV[10] jitter in [0, 1)   ARGV[11] retention ms
--- Returns {'discarded'} | {'next', cap, dispatched_ms, next_cap}
+-- ARGV[10] jitter in [0, 1)   ARGV[11] retention ms   ARGV[12] the reporting worker
+-- ARGV[13] '1' when the next attempt should go to another worker if one is free (the
+--          attempt was lost on this one: lease lapsed, dispatch refused)
+-- Returns {'discarded'} | {'replayed', <a reply below without its first element>}
+--       | {'next', cap, dispatched_ms, next_cap}
 --       | {'retry', cap, dispatched_ms, delay_ms}
 --       | {'done', cap, dispatched_ms, status, '1' when the task has a callback URL else '0'}
 local now = now_ms()
 local prefix, id, step = ARGV[1], ARGV[2], ARGV[3]
 local v = redis.call('HMGET', KEYS[1], 'st', step .. ':s', step .. ':a', step .. ':c',
-  step .. ':w', step .. ':d', step .. ':t', step .. ':m', 'n', 'pr', 'caps', 'cb')
-if not v[1] or terminal(v[1]) or v[2] ~= 'dispatched' or v[3] ~= ARGV[4] then
+  step .. ':w', step .. ':d', step .. ':t', step .. ':m', 'n', 'pr', 'caps', 'cb',
+  step .. ':rk', step .. ':rr')
+if not v[1] then return {'discarded'} end
+-- Who reported what: a repeat of exactly this report is a replay. The master's own
+-- reports for a lost attempt (ARGV[13]) are not remembered, so the worker's late report of
+-- that attempt is discarded, not taken for a replay.
+local record_key = ARGV[4] .. '|' .. ARGV[12] .. '|' .. ARGV[5]
+if terminal(v[1]) or v[2] ~= 'dispatched' or v[3] ~= ARGV[4] or v[5] ~= ARGV[12] then
+  if v[13] == record_key and v[14] then
+    local out = {'replayed'}
+    for part in string.gmatch(v[14], '[^|]+') do out[#out + 1] = part end
+    return out
+  end
   return {'discarded'}
 end
 local member = id .. ':' .. step
@@ -22,21 +39,32 @@ local callback = '0'
 if v[12] then callback = '1' end
 redis.call('ZREM', lease_key(prefix, cap), member)
 release_load(prefix, v[5])
+-- The fields that remember this reply, appended to the branch's one HSET.
+local function remember(fields, reply)
+  if ARGV[13] == '1' then return fields end
+  fields[#fields + 1] = step .. ':rk'
+  fields[#fields + 1] = record_key
+  fields[#fields + 1] = step .. ':rr'
+  fields[#fields + 1] = table.concat(reply, '|')
+  return fields
+end
 if ARGV[5] == 'succeeded' then
   local s = tonumber(step)
   if s + 1 < tonumber(v[9]) then
     local nxt = tostring(s + 1)
     local next_cap = split_commas(v[11])[s + 2]
-    redis.call('HSET', KEYS[1], step .. ':s', 'succeeded', step .. ':o', ARGV[6],
-      step .. ':f', int(now), nxt .. ':s', 'queued', nxt .. ':q', int(now))
+    local reply = {'next', cap, dispatched, next_cap}
+    redis.call('HSET', KEYS[1], unpack(remember({step .. ':s', 'succeeded', step .. ':o', ARGV[6],
+      step .. ':f', int(now), nxt .. ':s', 'queued', nxt .. ':q', int(now)}, reply)))
     redis.call('ZADD', queue_key(prefix, next_cap), score(v[10], now), id .. ':' .. nxt)
-    return {'next', cap, dispatched, next_cap}
+    return reply
   end
-  redis.call('HSET', KEYS[1], step .. ':s', 'succeeded', step .. ':o', ARGV[6],
-    step .. ':f', int(now), 'st', 'succeeded', 'fa', int(now))
+  local reply = {'done', cap, dispatched, 'succeeded', callback}
+  redis.call('HSET', KEYS[1], unpack(remember({step .. ':s', 'succeeded', step .. ':o', ARGV[6],
+    step .. ':f', int(now), 'st', 'succeeded', 'fa', int(now)}, reply)))
   redis.call('PEXPIRE', KEYS[1], ARGV[11])
   redis.call('PUBLISH', events_channel(prefix), 'done:' .. id)
-  return {'done', cap, dispatched, 'succeeded', callback}
+  return reply
 end
 local tries = tonumber(v[7] or '1')
 local max = tonumber(v[8] or '1')
@@ -44,14 +72,20 @@ if ARGV[7] == '1' and tries < max then
   local full = tonumber(ARGV[8]) * (2 ^ (tries - 1))
   if full > tonumber(ARGV[9]) then full = tonumber(ARGV[9]) end
   local delay = math.floor(full / 2 + full / 2 * tonumber(ARGV[10]))
-  redis.call('HSET', KEYS[1], step .. ':s', 'queued', step .. ':e', ARGV[6],
-    step .. ':q', int(now + delay))
+  local reply = {'retry', cap, dispatched, int(delay)}
+  local fields = {step .. ':s', 'queued', step .. ':e', ARGV[6], step .. ':q', int(now + delay)}
+  if ARGV[13] == '1' then
+    fields[#fields + 1] = step .. ':av'
+    fields[#fields + 1] = ARGV[12]
+  end
+  redis.call('HSET', KEYS[1], unpack(remember(fields, reply)))
   redis.call('ZADD', delayed_key(prefix, cap), int(now + delay), member)
-  return {'retry', cap, dispatched, int(delay)}
+  return reply
 end
-redis.call('HSET', KEYS[1], step .. ':s', 'failed', step .. ':e', ARGV[6], step .. ':f', int(now),
-  'st', 'failed', 'er', ARGV[6], 'fa', int(now))
+local reply = {'done', cap, dispatched, 'failed', callback}
+redis.call('HSET', KEYS[1], unpack(remember({step .. ':s', 'failed', step .. ':e', ARGV[6],
+  step .. ':f', int(now), 'st', 'failed', 'er', ARGV[6], 'fa', int(now)}, reply)))
 redis.call('ZADD', dead_key(prefix, cap), int(now), id)
 redis.call('PEXPIRE', KEYS[1], ARGV[11])
 redis.call('PUBLISH', events_channel(prefix), 'done:' .. id)
-return {'done', cap, dispatched, 'failed', callback}
+return reply
