@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::redis::RedisPool;
+use crate::redis::{NotReady, RedisPool};
 
 /// The default request body limit (1 MiB).
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
@@ -95,6 +95,16 @@ impl ApiError {
     /// `503` with `Retry-After`: a dependency is down; the client should retry.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
+    }
+
+    /// `507 storage_full`: Redis is at `maxmemory` and refuses writes. No `Retry-After`:
+    /// retrying does not help until an operator frees memory or raises `maxmemory`.
+    pub fn storage_full() -> Self {
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "storage_full",
+            crate::redis::STORAGE_FULL_MESSAGE,
+        )
     }
 
     /// `500`: the message goes to the log, the client sees a generic one.
@@ -211,15 +221,16 @@ pub fn body_error(e: axum::extract::rejection::BytesRejection) -> ApiError {
     }
 }
 
-/// What `/ready` checks.
+/// What `/ready` checks: `Err` answers `503` with the reason code and message.
 pub type ReadyCheck =
-    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), NotReady>> + Send + Sync>;
 
-/// A readiness check that `PING`s Redis.
+/// A readiness check that Redis can take writes ([`RedisPool::check_writable`]): reachable,
+/// the primary, not full.
 pub fn redis_ready(pool: RedisPool) -> ReadyCheck {
     Arc::new(move || {
         let pool = pool.clone();
-        Box::pin(async move { pool.ping().await.map_err(|e| e.message) })
+        Box::pin(async move { pool.check_writable().await })
     })
 }
 
@@ -257,13 +268,14 @@ pub fn ops_routes<S: Clone + Send + Sync + 'static>(
                             Json(serde_json::json!({"status": "ready", "service": service})),
                         )
                             .into_response(),
-                        Err(reason) => {
+                        Err(NotReady { reason, message }) => {
                             let mut r = (
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 Json(serde_json::json!({
                                     "status": "unavailable",
                                     "service": service,
                                     "reason": reason,
+                                    "message": message,
                                 })),
                             )
                                 .into_response();

@@ -7,8 +7,23 @@
 //! marks a connection broken when a command on it fails with an I/O or timeout error and
 //! only pings connections that sat idle, so a healthy hot path costs no extra command and
 //! a dead connection is replaced on the next checkout.
+//!
+//! Failover (ElastiCache Multi-AZ): the endpoint's name moves to the promoted replica, but
+//! connections already open stay on the old primary, now a replica, which answers every
+//! write with `READONLY`. A role error (`READONLY`, `LOADING`, `MASTERDOWN`, `UNBLOCKED`)
+//! therefore retires not only its own connection but every connection opened before it, so
+//! the pool reconnects, resolving the endpoint again, after one failed command instead of
+//! one per pooled connection.
+//!
+//! Memory: Ensemble's keys must never be evicted, so the first connection reads
+//! `maxmemory_policy` (from `INFO memory`: ElastiCache blocks `CONFIG`) and logs one loud
+//! warning unless it is `noeviction`. Under `noeviction` a full Redis answers writes with
+//! `OOM`; [`classify`] sorts that apart from outages, and [`RedisPool::check_writable`]
+//! (what `/ready` asks) reports it, as it reports a node that is not the primary.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Object, Pool, RecycleError, RecycleResult};
@@ -273,26 +288,266 @@ pub fn describe(e: &RedisError) -> String {
     format!("Redis error: {text}")
 }
 
+/// What a failed Redis command means for the request that sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Redis cannot serve now but will again: refused, I/O, timeout, dropped, credentials
+    /// rejected, or the node reached is not a writable primary (`READONLY`, `LOADING`,
+    /// `MASTERDOWN` during a failover). Retrying helps: `503` with `Retry-After`.
+    Unavailable,
+    /// `OOM`: Redis reached `maxmemory` and, under `noeviction`, refuses writes. Retrying
+    /// does not help until an operator frees memory or raises `maxmemory`: `507`.
+    StorageFull,
+    /// Anything else (a script error, `WRONGTYPE`, `NOPERM`, a reply of the wrong shape): a
+    /// bug or tampered data, not an outage: `500`, logged in full.
+    Other,
+}
+
+/// The error's code (`READONLY`, `OOM`, `WRONGTYPE`, …). Redis 7 keeps the code of an error
+/// raised inside a script; Redis 6 wraps it in `ERR Error running script … -OOM …`, so an
+/// `ERR` is searched for the codes that matter here.
+fn error_code(e: &RedisError) -> Option<&'static str> {
+    const CODES: &[&str] = &[
+        "READONLY",
+        "LOADING",
+        "MASTERDOWN",
+        "UNBLOCKED",
+        "NOREPLICAS",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "OOM",
+    ];
+    let code = e.code()?;
+    if let Some(known) = CODES.iter().find(|c| **c == code) {
+        return Some(known);
+    }
+    if code == "ERR" {
+        let text = e.to_string();
+        return CODES
+            .iter()
+            .find(|c| text.contains(&format!("-{c} ")) || text.contains(&format!(": {c} ")))
+            .copied();
+    }
+    None
+}
+
+/// Whether the node this connection reaches is not (or no longer, or not yet) a writable
+/// primary: the connection must go and the endpoint be resolved again.
+fn is_role_error(e: &RedisError) -> bool {
+    matches!(
+        error_code(e),
+        Some("READONLY" | "LOADING" | "MASTERDOWN" | "UNBLOCKED")
+    )
+}
+
+/// Sorts a Redis error into what the client should be told (see [`Failure`]).
+pub fn classify(e: &RedisError) -> Failure {
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.kind() == ErrorKind::AuthenticationFailed
+    {
+        return Failure::Unavailable;
+    }
+    match error_code(e) {
+        Some("OOM") => Failure::StorageFull,
+        Some(_) => Failure::Unavailable,
+        None => {
+            let upper = e.to_string().to_ascii_uppercase();
+            if upper.contains("WRONGPASS") || upper.contains("NOAUTH") {
+                Failure::Unavailable
+            } else {
+                Failure::Other
+            }
+        }
+    }
+}
+
+/// Why `/ready` fails: a stable reason code and a sentence for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct NotReady {
+    /// `unavailable` (unreachable, timed out, credentials rejected), `read_only` (the node
+    /// reached is a replica: a failover is under way or the endpoint has not moved yet),
+    /// `loading` (the node is loading its data set), or `storage_full` (Redis is at
+    /// `maxmemory` and refuses writes).
+    pub reason: &'static str,
+    /// What is wrong, for a person; no credentials.
+    pub message: String,
+}
+
+impl From<Unavailable> for NotReady {
+    fn from(e: Unavailable) -> Self {
+        Self {
+            reason: "unavailable",
+            message: e.message,
+        }
+    }
+}
+
+/// What an operator reads when Redis is full.
+pub const STORAGE_FULL_MESSAGE: &str = "the task store is full: Redis reached maxmemory and refuses writes; an operator must free memory or raise maxmemory (retrying will not help until then)";
+
+/// For how long after a write met `OOM` [`RedisPool::check_writable`] still reports the
+/// store full, even if `INFO memory` shows a little room again.
+const FULL_FOR: Duration = Duration::from_secs(10);
+
+/// The warning for a `maxmemory-policy`, or `None` when it is `noeviction` (the only policy
+/// under which Redis never deletes a key on its own).
+pub fn eviction_warning(policy: &str) -> Option<String> {
+    if policy == "noeviction" {
+        return None;
+    }
+    Some(format!(
+        "Redis maxmemory-policy is `{policy}`: when memory runs short Redis will silently evict \
+         keys Ensemble relies on (finished tasks, worker records, idempotency keys, leases). \
+         Set maxmemory-policy to `noeviction` (ElastiCache: in the parameter group, see \
+         deploy/terraform/elasticache.tf; elsewhere: `CONFIG SET maxmemory-policy noeviction`)"
+    ))
+}
+
+/// Reads `maxmemory_policy` from `INFO memory`; `None` when the field is absent.
+async fn read_policy(conn: &mut impl ConnectionLike) -> Result<Option<String>, RedisError> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    Ok(info_field(&info, "maxmemory_policy").map(str::to_string))
+}
+
+/// One `field:value` line of an `INFO` reply.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        line.strip_prefix(field)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(str::trim)
+    })
+}
+
+/// Whether an error says the command is not allowed here (an ACL without `ROLE` or `INFO`),
+/// in which case the check it belongs to is skipped rather than failed.
+fn not_permitted(e: &RedisError) -> bool {
+    let text = e.to_string();
+    e.code() == Some("NOPERM") || text.contains("unknown command") || text.contains("NOPERM")
+}
+
+/// What every connection of one pool shares.
+struct Shared {
+    /// Where the pool connects (no credentials), for logs.
+    target: String,
+    /// Bumped when a connection meets a role error: connections of an older generation are
+    /// dropped at their next checkout, so the whole pool reconnects at once.
+    generation: AtomicU64,
+    /// When a write last met `OOM`, in ms since the Unix epoch (0: never), so `/ready` can
+    /// report the store full.
+    last_full_ms: AtomicU64,
+    /// Set once a connection has started the `maxmemory-policy` check, so it runs once.
+    policy_checked: AtomicBool,
+    /// The `maxmemory_policy` that check found; `None` before it, or when `INFO` is not
+    /// permitted.
+    policy: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Takes note of a failed command on a connection of `generation`; returns whether the
+    /// connection must be dropped.
+    fn observe(&self, generation: u64, e: &RedisError) -> bool {
+        if is_role_error(e) {
+            // Only the first connection of a generation to see it moves the generation on.
+            if self.generation.fetch_max(generation + 1, Ordering::SeqCst) <= generation {
+                tracing::warn!(
+                    redis = %self.target,
+                    error = %e,
+                    "the Redis node reached is not a writable primary (failover?); reconnecting every pooled connection"
+                );
+            }
+            return true;
+        }
+        if classify(e) == Failure::StorageFull {
+            let now = crate::wire::now_ms();
+            let before = self.last_full_ms.swap(now, Ordering::SeqCst);
+            metrics::counter!("ensemble_storage_full_total").increment(1);
+            if now.saturating_sub(before) > FULL_FOR.as_millis() as u64 {
+                tracing::error!(redis = %self.target, error = %e, "{STORAGE_FULL_MESSAGE}");
+            }
+        }
+        e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_unrecoverable_error()
+    }
+
+    /// The connection hands a server's error reply (`READONLY`, `OOM`, …) back as a value,
+    /// which becomes an `Err` only later, in the caller's conversion: look at it here. A
+    /// `MULTI`/`EXEC` reply holds its commands' errors one level down.
+    fn observe_reply(&self, generation: u64, value: &redis::Value) -> bool {
+        match value {
+            redis::Value::ServerError(e) => self.observe(generation, &e.clone().into()),
+            redis::Value::Array(items) => items.iter().fold(false, |broken, item| match item {
+                redis::Value::ServerError(e) => {
+                    self.observe(generation, &e.clone().into()) || broken
+                }
+                _ => broken,
+            }),
+            _ => false,
+        }
+    }
+
+    fn recently_full(&self) -> bool {
+        let last = self.last_full_ms.load(Ordering::SeqCst);
+        last != 0 && crate::wire::now_ms().saturating_sub(last) < FULL_FOR.as_millis() as u64
+    }
+
+    /// The once-per-pool `maxmemory-policy` check, in the background on a clone of the
+    /// first connection, so that making a connection never waits for it.
+    fn check_policy_once(self: &Arc<Self>, conn: &MultiplexedConnection) {
+        if self.policy_checked.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let shared = self.clone();
+        let mut conn = conn.clone();
+        tokio::spawn(async move {
+            match read_policy(&mut conn).await {
+                Ok(policy) => {
+                    match policy.as_deref().and_then(eviction_warning) {
+                        Some(warning) => tracing::warn!(redis = %shared.target, "{warning}"),
+                        None if policy.is_none() => tracing::warn!(
+                            redis = %shared.target,
+                            "Redis did not report maxmemory_policy; make sure it is `noeviction`"
+                        ),
+                        None => tracing::debug!("Redis maxmemory-policy is noeviction"),
+                    }
+                    if let Ok(mut slot) = shared.policy.lock() {
+                        *slot = policy;
+                    }
+                }
+                Err(e) if not_permitted(&e) => tracing::warn!(
+                    redis = %shared.target,
+                    "INFO is not permitted, so the maxmemory-policy cannot be checked; make sure it is `noeviction`"
+                ),
+                // The connection failed: let the next one try again.
+                Err(_) => shared.policy_checked.store(false, Ordering::SeqCst),
+            }
+        });
+    }
+}
+
 /// A Redis connection as the pool hands it out.
 pub struct Tracked {
     conn: MultiplexedConnection,
     /// Set when a command failed in a way that leaves the connection unusable, so the pool
     /// drops it instead of handing it out again.
     broken: bool,
-}
-
-fn breaks_connection(e: &RedisError) -> bool {
-    e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-        || e.is_unrecoverable_error()
+    /// The pool's generation when this connection was made (see [`Shared::generation`]).
+    generation: u64,
+    /// The pool's shared state, which a failed command updates.
+    shared: Arc<Shared>,
 }
 
 /// Creates connections and decides whether a returned one can be reused.
 pub struct Manager {
     client: Client,
     config: AsyncConnectionConfig,
+    shared: Arc<Shared>,
 }
 
 /// Connections idle longer than this are pinged before reuse; busier ones are trusted,
@@ -308,15 +563,23 @@ impl managed::Manager for Manager {
             .client
             .get_multiplexed_async_connection_with_config(&self.config)
             .await?;
+        self.shared.check_policy_once(&conn);
         Ok(Tracked {
             conn,
             broken: false,
+            generation: self.shared.generation.load(Ordering::SeqCst),
+            shared: self.shared.clone(),
         })
     }
 
     async fn recycle(&self, c: &mut Tracked, metrics: &Metrics) -> RecycleResult<RedisError> {
         if c.broken {
             return Err(RecycleError::message("connection failed earlier"));
+        }
+        if c.generation < self.shared.generation.load(Ordering::SeqCst) {
+            return Err(RecycleError::message(
+                "made before a failover was noticed; reconnecting",
+            ));
         }
         if metrics.last_used() > PING_AFTER_IDLE {
             redis::cmd("PING")
@@ -337,11 +600,17 @@ impl ConnectionLike for RedisConn {
         &'a mut self,
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
-        let Tracked { conn, broken } = &mut *self.0;
+        let Tracked {
+            conn,
+            broken,
+            generation,
+            shared,
+        } = &mut *self.0;
         Box::pin(async move {
             let result = conn.req_packed_command(cmd).await;
-            if let Err(e) = &result {
-                *broken |= breaks_connection(e);
+            match &result {
+                Err(e) => *broken |= shared.observe(*generation, e),
+                Ok(value) => *broken |= shared.observe_reply(*generation, value),
             }
             result
         })
@@ -353,11 +622,21 @@ impl ConnectionLike for RedisConn {
         offset: usize,
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        let Tracked { conn, broken } = &mut *self.0;
+        let Tracked {
+            conn,
+            broken,
+            generation,
+            shared,
+        } = &mut *self.0;
         Box::pin(async move {
             let result = conn.req_packed_commands(cmd, offset, count).await;
-            if let Err(e) = &result {
-                *broken |= breaks_connection(e);
+            match &result {
+                Err(e) => *broken |= shared.observe(*generation, e),
+                Ok(values) => {
+                    for value in values {
+                        *broken |= shared.observe_reply(*generation, value);
+                    }
+                }
             }
             result
         })
@@ -368,12 +647,30 @@ impl ConnectionLike for RedisConn {
     }
 }
 
+impl RedisConn {
+    /// Drops this connection, and every other made before it, at the next checkout: the node
+    /// it reaches cannot take writes.
+    fn retire(&mut self) {
+        let Tracked {
+            broken,
+            generation,
+            shared,
+            ..
+        } = &mut *self.0;
+        *broken = true;
+        shared
+            .generation
+            .fetch_max(*generation + 1, Ordering::SeqCst);
+    }
+}
+
 /// The service's Redis pool. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisPool {
     pool: Pool<Manager>,
     target: String,
     prefix: String,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for RedisPool {
@@ -392,11 +689,19 @@ impl RedisPool {
         settings.validate()?;
         let connect = Duration::from_millis(settings.connect_timeout_ms.max(1));
         let command = Duration::from_millis(settings.command_timeout_ms.max(1));
+        let shared = Arc::new(Shared {
+            target: settings.target(),
+            generation: AtomicU64::new(0),
+            last_full_ms: AtomicU64::new(0),
+            policy_checked: AtomicBool::new(false),
+            policy: Mutex::new(None),
+        });
         let manager = Manager {
             client: settings.client()?,
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(connect))
                 .set_response_timeout(Some(command)),
+            shared: shared.clone(),
         };
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
@@ -410,6 +715,7 @@ impl RedisPool {
             pool,
             target: settings.target(),
             prefix: settings.key_prefix.clone(),
+            shared,
         })
     }
 
@@ -427,11 +733,78 @@ impl RedisPool {
         }
     }
 
-    /// `PING`: what `/ready` asks.
-    pub async fn ping(&self) -> Result<(), Unavailable> {
+    /// What `/ready` asks: [`Self::check_writable`].
+    pub async fn ping(&self) -> Result<(), NotReady> {
+        self.check_writable().await
+    }
+
+    /// Whether Redis can take this service's writes now: reachable, the node reached is
+    /// the primary (`ROLE`, or `role:` of `INFO replication` when an ACL forbids `ROLE`),
+    /// and not full (no write met `OOM` in the last few seconds, and `INFO memory` shows
+    /// `used_memory` below `maxmemory`). A check an ACL forbids is skipped, not failed.
+    /// Finding a replica retires the pool's connections, so it reconnects by itself.
+    pub async fn check_writable(&self) -> Result<(), NotReady> {
         let mut conn = self.get().await?;
-        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        match node_role(&mut conn).await {
+            Ok(Some(role)) if role != "master" => {
+                conn.retire();
+                return Err(NotReady {
+                    reason: "read_only",
+                    message: format!(
+                        "Redis at {} is a {role}, not the primary, and cannot take writes (a failover is under way or the endpoint has not moved yet); reconnecting",
+                        self.target
+                    ),
+                });
+            }
+            Ok(_) => {}
+            Err(e) => return Err(self.not_ready(&e)),
+        }
+        if self.shared.recently_full() {
+            return Err(storage_full());
+        }
+        let info = match redis::cmd("INFO")
+            .arg("memory")
+            .query_async::<String>(&mut conn)
+            .await
+        {
+            Ok(info) => info,
+            Err(e) if not_permitted(&e) => return Ok(()),
+            Err(e) => return Err(self.not_ready(&e)),
+        };
+        let number = |field| info_field(&info, field).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(used), Some(max)) = (number("used_memory"), number("maxmemory"))
+            && max > 0
+            && used >= max
+        {
+            return Err(storage_full());
+        }
         Ok(())
+    }
+
+    fn not_ready(&self, e: &RedisError) -> NotReady {
+        let reason = match error_code(e) {
+            Some("LOADING") => "loading",
+            Some("READONLY" | "MASTERDOWN" | "UNBLOCKED") => "read_only",
+            Some("OOM") => return storage_full(),
+            _ => "unavailable",
+        };
+        NotReady {
+            reason,
+            message: describe(e),
+        }
+    }
+
+    /// Reads Redis's `maxmemory_policy` now (`INFO memory`); `None` when Redis does not
+    /// report it.
+    pub async fn maxmemory_policy(&self) -> Result<Option<String>, Unavailable> {
+        let mut conn = self.get().await?;
+        Ok(read_policy(&mut conn).await?)
+    }
+
+    /// The `maxmemory_policy` the pool's first connection found (the start-up check; its
+    /// warning, from [`eviction_warning`], is logged then); `None` until that check has run.
+    pub fn checked_maxmemory_policy(&self) -> Option<String> {
+        self.shared.policy.lock().ok().and_then(|p| p.clone())
     }
 
     /// The key prefix every key of this deployment starts with.
@@ -442,6 +815,42 @@ impl RedisPool {
     /// Where this pool connects (no credentials), for logs.
     pub fn target(&self) -> &str {
         &self.target
+    }
+}
+
+fn storage_full() -> NotReady {
+    NotReady {
+        reason: "storage_full",
+        message: STORAGE_FULL_MESSAGE.to_string(),
+    }
+}
+
+/// The node's role: `master`, `slave`/`replica`, `sentinel`; `None` when neither `ROLE`
+/// nor `INFO replication` is permitted.
+async fn node_role(conn: &mut RedisConn) -> Result<Option<String>, RedisError> {
+    match redis::cmd("ROLE")
+        .query_async::<redis::Value>(&mut *conn)
+        .await
+    {
+        Ok(redis::Value::Array(items)) => {
+            if let Some(first) = items.first()
+                && let Ok(role) = redis::from_redis_value_ref::<String>(first)
+            {
+                return Ok(Some(role));
+            }
+        }
+        Ok(_) => {}
+        Err(e) if not_permitted(&e) => {}
+        Err(e) => return Err(e),
+    }
+    match redis::cmd("INFO")
+        .arg("replication")
+        .query_async::<String>(&mut *conn)
+        .await
+    {
+        Ok(info) => Ok(info_field(&info, "role").map(str::to_string)),
+        Err(e) if not_permitted(&e) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -26,6 +26,9 @@ pub struct RedisOptions {
     pub tls: bool,
     /// `appendonly yes` with `appendfsync always`, so a kill loses no acknowledged write.
     pub aof: bool,
+    /// More `redis-server` arguments, each its own element, passed last (so they win), e.g.
+    /// `["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]`.
+    pub extra_args: Vec<String>,
 }
 
 /// Certificates made for one TLS test server.
@@ -98,6 +101,14 @@ impl RedisServer {
     pub fn with_aof() -> Self {
         Self::start_with(RedisOptions {
             aof: true,
+            ..Default::default()
+        })
+    }
+
+    /// Plain Redis with more `redis-server` arguments (see [`RedisOptions::extra_args`]).
+    pub fn with_args(args: &[&str]) -> Self {
+        Self::start_with(RedisOptions {
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
             ..Default::default()
         })
     }
@@ -198,6 +209,7 @@ impl RedisServer {
             ]),
             None => args.extend(["--port".into(), port]),
         }
+        args.extend(self.options.extra_args.iter().cloned());
         let _ = std::fs::remove_file(self.log_path());
         let child = Command::new("redis-server")
             .args(&args)

@@ -16,7 +16,7 @@ use crate::auth::Auth;
 use crate::config::PipelineConfig;
 use crate::dispatch::{Dispatcher, WorkerSource};
 use crate::hub::Hub;
-use crate::store::{RedisStore, TaskStore};
+use crate::store::{RedisStore, StoreError, TaskStore};
 use crate::{Config, routes};
 
 /// Everything a handler needs.
@@ -123,7 +123,7 @@ pub async fn serve_with(
     let store = backends.store;
     let ready: common::http::ReadyCheck = Arc::new(move || {
         let store = store.clone();
-        Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+        Box::pin(async move { store.ping().await.map_err(StoreError::not_ready) })
     });
     let router = Router::new()
         .merge(routes::router().with_state(state))

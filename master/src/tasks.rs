@@ -30,7 +30,16 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(error = %msg, "task store unavailable");
                 ApiError::unavailable("storage is unavailable; retry shortly")
             }
-            StoreError::Corrupt(msg) => ApiError::internal(msg),
+            StoreError::StorageFull(msg) => {
+                tracing::error!(error = %msg, "task store full");
+                ApiError::storage_full()
+            }
+            StoreError::NotReady(n) if n.reason == "storage_full" => ApiError::storage_full(),
+            StoreError::NotReady(n) => {
+                tracing::warn!(reason = n.reason, error = %n.message, "task store not ready");
+                ApiError::unavailable("storage is unavailable; retry shortly")
+            }
+            StoreError::Backend(msg) | StoreError::Corrupt(msg) => ApiError::internal(msg),
         }
     }
 }

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
 
 mod config;
+mod failover;
 mod redis;
 mod registry;
 mod wire;

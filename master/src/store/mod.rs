@@ -18,15 +18,29 @@ use common::wire::{
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
-/// The store could not do what was asked.
+/// The store could not do what was asked. Only connection-level failures are worth a
+/// retry (`Unavailable`); a full store needs an operator (`StorageFull`); the rest are
+/// bugs or tampered data (`Backend`, `Corrupt`).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The backing store is unreachable or timed out; the client should retry (`503`).
+    /// The backing store is unreachable, timed out, or (during a failover) not a writable
+    /// primary; the client should retry (`503`).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Redis is at `maxmemory` and refuses writes (`OOM` under `noeviction`): `507`.
+    #[error("store full: {0}")]
+    StorageFull(String),
+    /// Redis rejected a command for a reason that is not an outage (a script error,
+    /// `WRONGTYPE`, `NOPERM`, …): `500`, logged in full.
+    #[error("store error: {0}")]
+    Backend(String),
     /// Stored data did not have the expected shape.
     #[error("corrupt task data: {0}")]
     Corrupt(String),
+    /// What the readiness check found: reachable but unable to take writes now (a
+    /// replica, loading, full), or not reachable.
+    #[error("store not ready: {0}")]
+    NotReady(common::redis::NotReady),
 }
 
 impl From<common::redis::Unavailable> for StoreError {
@@ -35,9 +49,47 @@ impl From<common::redis::Unavailable> for StoreError {
     }
 }
 
+impl From<common::redis::NotReady> for StoreError {
+    fn from(e: common::redis::NotReady) -> Self {
+        Self::NotReady(e)
+    }
+}
+
 impl From<::redis::RedisError> for StoreError {
     fn from(e: ::redis::RedisError) -> Self {
-        Self::Unavailable(common::redis::describe(&e))
+        use common::redis::Failure;
+        match common::redis::classify(&e) {
+            Failure::Unavailable => Self::Unavailable(common::redis::describe(&e)),
+            Failure::StorageFull => Self::StorageFull(e.to_string()),
+            Failure::Other => Self::Backend(e.to_string()),
+        }
+    }
+}
+
+impl StoreError {
+    /// What `/ready` answers for this error.
+    pub fn not_ready(self) -> common::redis::NotReady {
+        use common::redis::NotReady;
+        match self {
+            Self::NotReady(n) => n,
+            Self::Unavailable(message) => NotReady {
+                reason: "unavailable",
+                message,
+            },
+            Self::StorageFull(_) => NotReady {
+                reason: "storage_full",
+                message: common::redis::STORAGE_FULL_MESSAGE.to_string(),
+            },
+            Self::Backend(detail) | Self::Corrupt(detail) => {
+                tracing::error!(error = %detail, "readiness check failed");
+                NotReady {
+                    reason: "internal",
+                    message:
+                        "the store answered the readiness check with an error; see the service log"
+                            .to_string(),
+                }
+            }
+        }
     }
 }
 

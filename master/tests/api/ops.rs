@@ -115,8 +115,9 @@ async fn master_binary_on_tls_and_auth_is_ready_and_wrong_password_is_not() {
         let body = status
             .unwrap_or_else(|| panic!("/ready never answered {expect} with password {password}"));
         if expect == 503 {
+            assert_eq!(body["reason"], "unavailable", "{body}");
             assert!(
-                body["reason"]
+                body["message"]
                     .as_str()
                     .unwrap()
                     .contains("authentication failed"),
