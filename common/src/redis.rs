@@ -391,7 +391,7 @@ pub const STORAGE_FULL_MESSAGE: &str = "the task store is full: Redis reached ma
 
 /// For how long after a write met `OOM` [`RedisPool::check_writable`] still reports the
 /// store full, even if `INFO memory` shows a little room again.
-const FULL_FOR: Duration = Duration::from_secs(10);
+const FULL_FOR: Duration = Duration::from_secs(5);
 
 /// The warning for a `maxmemory-policy`, or `None` when it is `noeviction` (the only policy
 /// under which Redis never deletes a key on its own).

@@ -11,3 +11,4 @@ mod errors;
 mod fuzz;
 mod model;
 mod ops;
+mod storage;
