@@ -41,6 +41,9 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// Cancelled at shutdown (long polls answer early).
     pub shutdown: CancellationToken,
+    /// Caps on long polls held open at once, per client and in total, so one client cannot
+    /// use up the process's connections (file descriptors).
+    pub long_polls: Arc<crate::limits::Concurrency>,
 }
 
 /// Where the master keeps its state.
@@ -119,6 +122,7 @@ pub async fn serve_with(
         dispatcher,
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
+        long_polls: crate::limits::long_polls(&config),
     });
     let store = backends.store;
     let ready: common::http::ReadyCheck = Arc::new(move || {

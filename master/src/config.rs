@@ -271,6 +271,18 @@ impl Settings for Config {
                 "DISPATCH_POLL_MS and METRICS_INTERVAL_MS must be above 0",
             ));
         }
+        if self.long_poll_max_per_client == 0 {
+            return Err(ConfigError::invalid(
+                "LONG_POLL_MAX_PER_CLIENT",
+                "must be at least 1 (a client needs one long poll to wait at all)",
+            ));
+        }
+        if self.long_poll_max_total < self.long_poll_max_per_client {
+            return Err(ConfigError::invalid(
+                "LONG_POLL_MAX_TOTAL",
+                "must be at least LONG_POLL_MAX_PER_CLIENT",
+            ));
+        }
         for (name, pipeline) in &self.pipelines {
             if pipeline.steps.is_empty() {
                 return Err(ConfigError::invalid(

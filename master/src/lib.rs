@@ -7,6 +7,7 @@ pub mod config;
 pub mod dispatch;
 pub mod emf;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod store;

@@ -84,6 +84,14 @@ pub async fn result(
                 ))
             })?,
     };
+    // A long poll holds a connection while it waits: it must fit within the caps. The
+    // permit lives in this future, so it is given back however the request ends, a client
+    // that disconnects mid-wait included. A plain read holds nothing and needs none.
+    let _permit = if wait > 0.0 {
+        Some(state.long_polls.acquire(&client)?)
+    } else {
+        None
+    };
     let result = tasks::result(&state, &client, &id, Duration::from_secs_f64(wait)).await?;
     let status = if result.status.is_terminal() {
         StatusCode::OK

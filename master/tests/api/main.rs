@@ -9,6 +9,7 @@ mod conformance;
 mod e2e;
 mod errors;
 mod fuzz;
+mod longpoll;
 mod model;
 mod ops;
 mod storage;
