@@ -6,6 +6,7 @@
 mod helpers;
 
 mod conformance;
+mod degraded;
 mod e2e;
 mod errors;
 mod fuzz;

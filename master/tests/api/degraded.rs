@@ -1,0 +1,139 @@
+//! A worker that cannot deliver results to the master (a wrong `MASTER_URL`, a security
+//! group, a partition) must not swallow work: beside a healthy worker of the same
+//! capability, every task still completes within a few leases, and the cut-off worker says
+//! it is degraded in its record and on `/ready`.
+
+use std::time::Duration;
+
+use common::config::Secret;
+use common::redis::{RedisPool, RedisSettings};
+use common::registry::Registry;
+use common::testing::{RedisServer, eventually, free_port};
+use common::wire::{TaskStatus, WorkerRecord};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+/// A real worker (the `worker` crate) running in this process.
+struct RealWorker {
+    url: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RealWorker {
+    /// An echo worker for `plan`, reporting to `master_url`, beating every 300 ms (the
+    /// test master's `WORKER_HEARTBEAT_MS`).
+    async fn start(id: &str, redis: &RedisSettings, master_url: String) -> Self {
+        let config = worker::Config {
+            host: "127.0.0.1".into(),
+            port: 0,
+            redis: redis.clone(),
+            agent_id: Some(id.into()),
+            capabilities: vec!["plan".into()],
+            master_url,
+            worker_token: Secret::new(WORKER_TOKEN),
+            agent_kind: worker::AgentKind::Echo,
+            max_concurrency: 4,
+            heartbeat_interval: Duration::from_millis(300),
+            shutdown_grace: Duration::from_millis(500),
+            ..worker::Config::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(worker::serve(config, listener, shutdown.clone()));
+        Self {
+            url,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        stopped.unwrap().unwrap().unwrap();
+    }
+}
+
+async fn record(registry: &Registry, id: &str) -> Option<WorkerRecord> {
+    (registry.live().await.ok()?)
+        .into_iter()
+        .find(|r| r.id.as_str() == id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_cannot_reach_the_master_does_not_swallow_tasks() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let config = test_config(&settings);
+    let lease = config.lease();
+    let master = TestMaster::start(config).await;
+    let registry = Registry::new(RedisPool::new(&settings).unwrap());
+    // Nothing listens on this loopback port: every result the bad worker sends is refused.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let bad = RealWorker::start("cut-off", &settings, nowhere.clone()).await;
+    let good = RealWorker::start("healthy", &settings, master.url.clone()).await;
+    for id in ["cut-off", "healthy"] {
+        eventually(Duration::from_secs(10), || record(&registry, id))
+            .await
+            .unwrap_or_else(|| panic!("{id} never registered"));
+    }
+
+    // The bound: the cut-off worker's steps wait out one lease (not extended, since it is
+    // degraded), then run on the healthy worker.
+    let bound = lease * 4;
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(master.submit(json!({"steps": ["plan"], "input": i})).await);
+    }
+    let mut redispatched = 0;
+    for id in &ids {
+        let left = bound.saturating_sub(started.elapsed());
+        let view = master.wait(id, left).await;
+        assert_eq!(view.status, TaskStatus::Succeeded, "{view:?}");
+        let step = &view.steps[0];
+        assert_eq!(step.worker_id.as_ref().unwrap().as_str(), "healthy");
+        if step.attempts > 1 {
+            redispatched += 1;
+        }
+    }
+    let took = started.elapsed();
+    assert!(took <= bound, "12 tasks took {took:?}, more than {bound:?}");
+    assert!(
+        redispatched > 0,
+        "the cut-off worker was given steps (and they lapsed to the healthy one)"
+    );
+
+    let degraded = record(&registry, "cut-off").await.unwrap().degraded;
+    let reason = degraded.expect("the cut-off worker's record says it is degraded");
+    assert!(
+        reason.contains(&format!("{nowhere}/result")),
+        "the reason names where results cannot go: {reason}"
+    );
+    assert!(
+        record(&registry, "healthy")
+            .await
+            .unwrap()
+            .degraded
+            .is_none()
+    );
+    let ready = master
+        .http
+        .get(format!("{}/ready", bad.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["reason"], "degraded");
+
+    bad.stop().await;
+    good.stop().await;
+    master.stop().await;
+}
