@@ -1,6 +1,7 @@
 # Alarms, to an SNS topic: task failure rate, a capability with queued work and no live
-# worker, Redis errors seen by the services, sustained CPU above 80 %, and masters the ALB
-# considers unhealthy (their /ready fails when Redis is unreachable).
+# worker, Redis errors seen by the services, sustained CPU above 80 %, Redis memory filling
+# up (with noeviction a full Redis refuses writes), and masters the ALB considers unhealthy
+# (their /ready fails when Redis is unreachable, a replica, or full).
 
 resource "aws_sns_topic" "alarms" {
   name              = "${local.prefix}-alarms"
@@ -184,6 +185,28 @@ resource "aws_cloudwatch_metric_alarm" "redis_cpu" {
   period              = 300
   evaluation_periods  = 3
   threshold           = 80
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "missing"
+  alarm_actions       = local.alarm_actions
+  ok_actions          = local.alarm_actions
+}
+
+# With maxmemory-policy noeviction (elasticache.tf) a full Redis refuses every write: the
+# master answers 507 storage_full until an operator frees memory or moves to a larger node.
+# Alarm while there is still room to act.
+resource "aws_cloudwatch_metric_alarm" "redis_memory" {
+  for_each = toset(["001", "002"])
+
+  alarm_name          = "${local.prefix}-redis-${each.key}-memory-high"
+  alarm_description   = "Redis node ${each.key} uses more than ${var.redis_memory_alarm_percent}% of its maxmemory; at 100% writes fail (507 storage_full)"
+  namespace           = "AWS/ElastiCache"
+  metric_name         = "DatabaseMemoryUsagePercentage"
+  dimensions          = { CacheClusterId = "${aws_elasticache_replication_group.redis.id}-${each.key}" }
+  statistic           = "Maximum"
+  period              = 60
+  evaluation_periods  = 5
+  datapoints_to_alarm = 3
+  threshold           = var.redis_memory_alarm_percent
   comparison_operator = "GreaterThanThreshold"
   treat_missing_data  = "missing"
   alarm_actions       = local.alarm_actions

@@ -2,6 +2,12 @@
 # subnets, automatic failover, TLS in transit, encryption at rest, AUTH from Secrets Manager.
 # ElastiCache does not allow `appendonly` to be changed: durability comes from the replica
 # (Multi-AZ, automatic failover) and daily snapshots.
+#
+# maxmemory-policy is `noeviction`: ElastiCache's default, volatile-lru, silently evicts
+# keys with a TTL (finished tasks, worker records, idempotency keys) under memory pressure.
+# With noeviction a full Redis refuses writes instead (the master answers 507
+# storage_full), and the redis_memory alarm in alarms.tf warns well before that. Every
+# service logs a warning at start if it finds another policy.
 
 resource "aws_elasticache_subnet_group" "redis" {
   name       = local.prefix
@@ -11,11 +17,16 @@ resource "aws_elasticache_subnet_group" "redis" {
 resource "aws_elasticache_parameter_group" "redis" {
   name        = "${local.prefix}-redis7"
   family      = "redis7"
-  description = "Ensemble: key-space notifications for expired keys"
+  description = "Ensemble: key-space notifications for expired keys; never evict keys"
 
   parameter {
     name  = "notify-keyspace-events"
     value = "Ex"
+  }
+
+  parameter {
+    name  = "maxmemory-policy"
+    value = "noeviction"
   }
 }
 

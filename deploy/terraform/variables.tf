@@ -177,6 +177,12 @@ variable "task_failure_rate_threshold" {
   default     = 5
 }
 
+variable "redis_memory_alarm_percent" {
+  description = "Alarm when a Redis node uses more than this percentage of its maxmemory (DatabaseMemoryUsagePercentage). With noeviction, 100% means every write fails."
+  type        = number
+  default     = 75
+}
+
 variable "alarm_email" {
   description = "Email address subscribed to the alarm topic (empty: none; subscribe later)."
   type        = string
