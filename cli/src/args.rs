@@ -114,7 +114,7 @@ pub struct SubmitArgs {
     /// With `--wait`: give up after this many seconds (exit code 4).
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
-    /// Higher runs first within a capability's queue (-1000..=1000).
+    /// Higher runs first within a capability's queue (-100..=100, as the master accepts).
     #[arg(long, allow_hyphen_values = true)]
     pub priority: Option<i32>,
     /// Submitting the same key again returns the first task instead of a new one.
@@ -141,4 +141,25 @@ pub struct ResultArgs {
     /// Wait up to this many seconds for the task to finish.
     #[arg(long, default_value_t = 0)]
     pub wait: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn the_priority_range_in_the_help_is_the_masters() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("submit")
+            .map(|c| c.render_help().to_string())
+            .unwrap_or_default();
+        let max = master::store::MAX_PRIORITY;
+        assert!(
+            help.contains(&format!("-{max}..={max}")),
+            "`ensemble submit --help` must state the master's range: {help}"
+        );
+    }
 }

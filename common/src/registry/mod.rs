@@ -48,12 +48,17 @@ static DEREGISTER: std::sync::LazyLock<Script> =
 #[derive(Clone, Debug)]
 pub struct Registry {
     pool: RedisPool,
+    /// Malformed records already logged: a bad record is named once, not every 250 ms.
+    warned: std::sync::Arc<std::sync::Mutex<Vec<MalformedRecord>>>,
 }
 
 impl Registry {
     /// A registry on a pool (keys under the pool's prefix).
     pub fn new(pool: RedisPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            warned: std::sync::Arc::default(),
+        }
     }
 
     /// Writes (or refreshes) a worker's record. Returns whether the worker was new.
@@ -97,9 +102,17 @@ impl Registry {
         Ok(())
     }
 
-    /// The live workers' records. A record that does not parse is skipped with a warning
-    /// (a worker of a newer version, or another language's worker with a bug).
+    /// The live workers' records. A record that does not parse is skipped (see
+    /// [`Registry::scan`]).
     pub async fn live(&self) -> Result<Vec<WorkerRecord>, Unavailable> {
+        Ok(self.scan().await?.records)
+    }
+
+    /// The live workers' records, and the records that do not parse (a worker of a newer
+    /// version, or another language's worker with a bug). Each malformed record is logged
+    /// once, naming the worker, its key and the problem, and counted in the gauge
+    /// `ensemble_registry_malformed_records`; such a worker is never dispatched to.
+    pub async fn scan(&self) -> Result<Scan, Unavailable> {
         let prefix = self.pool.prefix();
         let mut conn = self.pool.get().await?;
         let raw: Vec<String> = LIVE
@@ -107,15 +120,51 @@ impl Registry {
             .arg(keys::worker_prefix(prefix))
             .invoke_async(&mut conn)
             .await?;
-        Ok(raw
-            .iter()
-            .filter_map(|r| match serde_json::from_str::<WorkerRecord>(r) {
-                Ok(rec) => Some(rec),
-                Err(e) => {
-                    tracing::warn!(error = %e, "skipping a worker record that does not parse");
-                    None
-                }
-            })
-            .collect())
+        let mut scan = Scan::default();
+        for pair in raw.chunks_exact(2) {
+            let (id, json) = (&pair[0], &pair[1]);
+            match serde_json::from_str::<WorkerRecord>(json) {
+                Ok(record) => scan.records.push(record),
+                Err(e) => scan.malformed.push(MalformedRecord {
+                    id: id.clone(),
+                    key: keys::worker(prefix, id),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        metrics::gauge!("ensemble_registry_malformed_records").set(scan.malformed.len() as f64);
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        warned.retain(|seen| scan.malformed.contains(seen));
+        for bad in &scan.malformed {
+            if !warned.contains(bad) {
+                tracing::warn!(worker_id = %bad.id, key = %bad.key, problem = %bad.reason,
+                    "a worker's registry record does not parse; it gets no work until it is fixed");
+                warned.push(bad.clone());
+            }
+        }
+        Ok(scan)
     }
+}
+
+/// What [`Registry::scan`] found.
+#[derive(Debug, Default, Clone)]
+pub struct Scan {
+    /// The records that parse.
+    pub records: Vec<WorkerRecord>,
+    /// The ones that do not.
+    pub malformed: Vec<MalformedRecord>,
+}
+
+/// A live worker's record that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MalformedRecord {
+    /// The worker's id (from the live set).
+    pub id: String,
+    /// The Redis key of its record.
+    pub key: String,
+    /// What is wrong with it (serde's message: the field and what it expected).
+    pub reason: String,
 }

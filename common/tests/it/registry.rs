@@ -98,3 +98,52 @@ async fn deregister_removes_at_once() {
         .collect();
     assert_eq!(ids, ["w-b"]);
 }
+
+/// Plants a live worker whose record is `json` (as a buggy worker in another language
+/// might write it).
+pub async fn plant_record(pool: &RedisPool, id: &str, json: &str) {
+    let mut conn = pool.get().await.unwrap();
+    let prefix = pool.prefix().to_string();
+    let expiry = common::wire::now_ms() + 60_000;
+    redis::pipe()
+        .cmd("SET")
+        .arg(keys::worker(&prefix, id))
+        .arg(json)
+        .cmd("ZADD")
+        .arg(keys::workers(&prefix))
+        .arg(expiry)
+        .arg(id)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn malformed_records_are_named_with_their_key_and_problem_and_skipped() {
+    let server = RedisServer::start();
+    let pool = RedisPool::new(&server.settings()).unwrap();
+    let registry = Registry::new(pool.clone());
+    registry
+        .heartbeat(&record("w-good"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut float = serde_json::to_value(record("w-float")).unwrap();
+    float["max_concurrency"] = serde_json::json!(4.5);
+    plant_record(&pool, "w-float", &float.to_string()).await;
+    let mut missing = serde_json::to_value(record("w-missing")).unwrap();
+    missing.as_object_mut().unwrap().remove("url");
+    plant_record(&pool, "w-missing", &missing.to_string()).await;
+
+    let scan = registry.scan().await.unwrap();
+    let good: Vec<&str> = scan.records.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(good, ["w-good"]);
+    let mut bad: Vec<_> = scan.malformed.clone();
+    bad.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(bad.len(), 2);
+    assert_eq!(bad[0].id, "w-float");
+    assert_eq!(bad[0].key, keys::worker(pool.prefix(), "w-float"));
+    assert!(bad[0].reason.contains("4.5"), "{}", bad[0].reason);
+    assert_eq!(bad[1].id, "w-missing");
+    assert!(bad[1].reason.contains("url"), "{}", bad[1].reason);
+    assert_eq!(registry.live().await.unwrap().len(), 1);
+}

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use common::registry::Registry;
+use common::registry::{MalformedRecord, Registry};
 use common::wire::{
     Capability, ReportStatus, ResultReport, StepError, WorkerId, WorkerRecord, now_ms,
 };
@@ -31,12 +31,23 @@ use crate::store::{
 pub trait WorkerSource: Send + Sync + 'static {
     /// The live workers' records.
     async fn live(&self) -> Result<Vec<WorkerRecord>, StoreError>;
+
+    /// The live workers' records and the live records that do not parse (shown to
+    /// operators on `GET /workers`; such a worker gets no work).
+    async fn scan(&self) -> Result<(Vec<WorkerRecord>, Vec<MalformedRecord>), StoreError> {
+        Ok((self.live().await?, Vec::new()))
+    }
 }
 
 #[async_trait]
 impl WorkerSource for Registry {
     async fn live(&self) -> Result<Vec<WorkerRecord>, StoreError> {
         Ok(Registry::live(self).await?)
+    }
+
+    async fn scan(&self) -> Result<(Vec<WorkerRecord>, Vec<MalformedRecord>), StoreError> {
+        let scan = Registry::scan(self).await?;
+        Ok((scan.records, scan.malformed))
     }
 }
 

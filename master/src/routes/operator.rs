@@ -78,7 +78,7 @@ pub async fn workers(
     State(state): State<Arc<AppState>>,
     _: Operator,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let records = state.workers.live().await?;
+    let (records, malformed) = state.workers.scan().await?;
     let load = state.store.worker_loads().await?;
     let mut by_capability = std::collections::BTreeMap::<String, Vec<String>>::new();
     for w in &records {
@@ -97,7 +97,7 @@ pub async fn workers(
         })
         .collect();
     Ok(Json(
-        json!({ "workers": workers, "by_capability": by_capability }),
+        json!({ "workers": workers, "by_capability": by_capability, "malformed": malformed }),
     ))
 }
 

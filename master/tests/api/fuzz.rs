@@ -204,3 +204,126 @@ async fn nasty_inputs_get_their_documented_status() {
     );
     master.stop().await;
 }
+
+/// A number at or near the edge of what some field's type can hold.
+fn extreme_number() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        prop::sample::select(vec![
+            json!(i64::MIN),
+            json!(i64::MAX),
+            json!(i32::MIN),
+            json!(i32::MAX),
+            json!(i64::from(i32::MIN) - 1),
+            json!(i64::from(i32::MAX) + 1),
+            json!(u64::from(u32::MAX)),
+            json!(u64::from(u32::MAX) + 1),
+            json!(u64::MAX),
+            json!(-1),
+            json!(0),
+            json!(-100),
+            json!(100),
+            json!(-101),
+            json!(101),
+            json!(60),
+            json!(61),
+            json!(-0.0),
+            json!(0.5),
+            json!(-0.5),
+            json!(1e300),
+            json!(-1e300),
+            json!(f64::MIN_POSITIVE),
+        ]),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
+        any::<f64>()
+            .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
+    ]
+}
+
+/// The integer a JSON number is, if it is one.
+fn integer(v: &Value) -> Option<i128> {
+    v.as_i64()
+        .map(i128::from)
+        .or_else(|| v.as_u64().map(i128::from))
+}
+
+/// Every numeric field of every request body (and the `wait` query), at its extremes:
+/// in range is accepted, out of range is `422` naming the field, and nothing panics or
+/// answers `5xx` (`priority: -2147483648` used to pass validation through an `abs()`
+/// overflow, and a debug build panicked).
+#[test]
+fn numeric_extremes_are_422_never_a_panic() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let redis = RedisServer::start();
+    let master = rt.block_on(TestMaster::start(test_config(&redis.settings())));
+    let config = ProptestConfig {
+        cases: 128,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let report = |field: &str, n: &Value| {
+        let mut body = json!({"task_id": "0190a0a0-0000-7000-8000-000000000000", "step": 0,
+            "attempt": 1, "worker_id": "w", "status": "succeeded", "output": {}});
+        body[field] = n.clone();
+        body
+    };
+    proptest!(config, |(n in extreme_number())| {
+        rt.block_on(async {
+            let int = integer(&n);
+            // (path, key, body, whether the value is in range for the field, the field)
+            let cases = [
+                ("/task", ALICE, json!({"steps": ["plan"], "priority": n}),
+                    int.is_some_and(|i| (-100..=100).contains(&i)), "priority"),
+                ("/result", WORKER_TOKEN, report("step", &n),
+                    int.is_some_and(|i| (0..=i128::from(u32::MAX)).contains(&i)), "step"),
+                ("/result", WORKER_TOKEN, report("attempt", &n),
+                    int.is_some_and(|i| (1..=i128::from(u32::MAX)).contains(&i)), "attempt"),
+                ("/result", WORKER_TOKEN, report("duration_ms", &n),
+                    int.is_some_and(|i| (0..=i128::from(u64::MAX)).contains(&i)), "duration_ms"),
+                ("/dispatch", OPERATOR, json!({"capability": "plan", "limit": n}),
+                    int.is_some_and(|i| (0..=i128::from(u64::MAX)).contains(&i)), "limit"),
+            ];
+            for (path, key, body, in_range, field) in cases {
+                let r = master.post(path, key).json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap();
+                if in_range {
+                    prop_assert!(status < 300, "{path} {field}={n}: {status} {text}");
+                } else {
+                    prop_assert_eq!(status, 422, "{} {}={}: {}", path, field, n, text);
+                    let err: Value = serde_json::from_str(&text).unwrap();
+                    let message = err["error"]["message"].as_str().unwrap_or("");
+                    // serde names `attempt: 0` differently ("starts at 1"); the rest name
+                    // the field.
+                    prop_assert!(message.contains(field) || message.contains("attempt"),
+                        "{} {}={}: {}", path, field, n, message);
+                }
+            }
+            let wait = n.to_string();
+            let r = master
+                .get(&format!("/result/0190a0a0-0000-7000-8000-000000000000?wait={wait}"), ALICE)
+                .send()
+                .await
+                .unwrap();
+            let ok = n.as_f64().is_some_and(|w| (0.0..=60.0).contains(&w));
+            let expected = if ok { 404 } else { 422 };
+            prop_assert_eq!(r.status().as_u16(), expected, "wait={}", wait);
+            Ok(())
+        })?;
+    });
+    rt.block_on(async {
+        let r = master
+            .http
+            .get(format!("{}/ready", master.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "still healthy");
+        master.stop().await;
+    });
+}

@@ -370,3 +370,51 @@ async fn credentials_are_checked_before_the_body_is_read() {
     assert_eq!(r.status(), 403);
     master.stop().await;
 }
+
+#[tokio::test]
+async fn a_malformed_worker_record_is_shown_to_operators_and_gets_no_work() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let pool = common::redis::RedisPool::new(&settings).unwrap();
+    let key = common::registry::keys::worker(pool.prefix(), "w-bad");
+    // max_concurrency as a float: a typical slip of a worker written in another language.
+    let record = json!({"id": "w-bad", "url": "http://127.0.0.1:9", "capabilities": ["plan"],
+        "max_concurrency": 2.5, "version": "x", "started_at_ms": 1});
+    let mut conn = pool.get().await.unwrap();
+    redis::pipe()
+        .cmd("SET")
+        .arg(&key)
+        .arg(record.to_string())
+        .cmd("ZADD")
+        .arg(common::registry::keys::workers(pool.prefix()))
+        .arg(common::wire::now_ms() + 60_000)
+        .arg("w-bad")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let id = master.submit(json!({"steps": ["plan"]})).await;
+    let workers: Value = master
+        .get("/workers", OPERATOR)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bad = &workers["malformed"][0];
+    assert_eq!(bad["id"], "w-bad", "{workers}");
+    assert_eq!(bad["key"], key);
+    assert!(
+        bad["reason"].as_str().unwrap().contains("2.5"),
+        "the reason says what is wrong: {bad}"
+    );
+    assert!(workers["workers"].as_array().unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        master.view(&id).await.status,
+        TaskStatus::Queued,
+        "no work for it"
+    );
+    master.stop().await;
+}

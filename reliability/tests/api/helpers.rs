@@ -173,6 +173,10 @@ pub struct Options {
     pub redis_via_proxy: Via,
     /// Workers' `SHUTDOWN_GRACE`.
     pub shutdown_grace: &'static str,
+    /// The masters' `LEASE_MS`.
+    pub lease_ms: u64,
+    /// The workers' `HEARTBEAT_INTERVAL` (and the masters' `WORKER_HEARTBEAT_MS`), in ms.
+    pub heartbeat_ms: u64,
 }
 
 impl Default for Options {
@@ -183,6 +187,8 @@ impl Default for Options {
             worker_slots: 16,
             redis_via_proxy: Via::Nobody,
             shutdown_grace: "15s",
+            lease_ms: LEASE_MS,
+            heartbeat_ms: 300,
         }
     }
 }
@@ -319,9 +325,8 @@ impl Cluster {
                 ("API_KEYS", format!("chaos:{API_KEY}")),
                 ("OPERATOR_API_KEYS", format!("ops:{OPERATOR_KEY}")),
                 ("WORKER_TOKEN", WORKER_TOKEN.into()),
-                ("LEASE_MS", LEASE_MS.to_string()),
-                // The workers below beat every 300 ms.
-                ("WORKER_HEARTBEAT_MS", "300".into()),
+                ("LEASE_MS", self.options.lease_ms.to_string()),
+                ("WORKER_HEARTBEAT_MS", self.options.heartbeat_ms.to_string()),
                 ("RETRY_BASE_MS", "50".into()),
                 ("RETRY_MAX_MS", "500".into()),
                 // Under chaos a step may lose several attempts in a row to kills; the
@@ -357,7 +362,10 @@ impl Cluster {
                 ("MASTER_URL", self.lb.url()),
                 ("WORKER_TOKEN", WORKER_TOKEN.into()),
                 ("ADVERTISE_URL", format!("http://127.0.0.1:{port}")),
-                ("HEARTBEAT_INTERVAL", "300ms".into()),
+                (
+                    "HEARTBEAT_INTERVAL",
+                    format!("{}ms", self.options.heartbeat_ms),
+                ),
                 ("MAX_CONCURRENCY", self.options.worker_slots.to_string()),
                 ("SHUTDOWN_GRACE", self.options.shutdown_grace.into()),
                 ("RESULT_DELIVERY_TIMEOUT", "60s".into()),
@@ -751,18 +759,7 @@ impl Tally {
     /// recorded twice.
     pub fn report(&self, name: &str, context: &str) {
         let line = self.line(name);
-        println!("{line}");
-        let dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-        let _ = std::fs::create_dir_all(&dir);
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("reliability-report.txt"))
-        {
-            let _ = writeln!(f, "{line}");
-        }
+        report_line(&line);
         assert_eq!(self.lost, 0, "{line}\n{context}");
         assert_eq!(self.duplicates, 0, "{line}\n{context}");
         assert_eq!(
@@ -770,6 +767,23 @@ impl Tally {
             self.succeeded + self.failed,
             "{line}\n{context}"
         );
+    }
+}
+
+/// Prints a line of the reliability report and appends it to
+/// `$CARGO_TARGET_DIR/reliability-report.txt`, which CI prints.
+pub fn report_line(line: &str) {
+    println!("{line}");
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let _ = std::fs::create_dir_all(&dir);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("reliability-report.txt"))
+    {
+        let _ = writeln!(f, "{line}");
     }
 }
 

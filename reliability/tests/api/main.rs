@@ -11,4 +11,5 @@ mod chaos;
 mod fakes;
 mod helpers;
 mod proxy;
+mod lease;
 mod shutdown;

@@ -1,8 +1,8 @@
--- Drops expired workers from the live set and returns the records of the live ones.
+-- Drops expired workers from the live set and returns the live ones' records.
 -- KEYS[1]  the live-workers sorted set
 -- ARGV[1]  the record key prefix (record key = ARGV[1] .. worker id); records share the
 --          set's hash tag, so this stays within one cluster slot
--- Returns a list of record JSON strings.
+-- Returns a flat list: worker id, record JSON, worker id, record JSON, …
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -16,8 +16,9 @@ for i, id in ipairs(ids) do
 end
 local records = redis.call('MGET', unpack(keys))
 local out = {}
-for _, r in ipairs(records) do
+for i, r in ipairs(records) do
   if r then
+    out[#out + 1] = ids[i]
     out[#out + 1] = r
   end
 end
