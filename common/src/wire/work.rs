@@ -43,7 +43,9 @@ impl WorkRequest {
 pub struct StepContext {
     /// The task's original input.
     pub task_input: Value,
-    /// The outputs of every earlier step, in order.
+    /// The outputs of the steps this one needs, in order: in a chain, the step before
+    /// (the same value as `input`). Never the whole history, so a request does not grow
+    /// with the pipeline's length.
     pub previous: Vec<PriorOutput>,
     /// The pipeline's name, when it has one.
     #[serde(default)]

@@ -3,7 +3,8 @@
 //! Placeholders:
 //! - `{{input}}`: the step's input (the previous step's output, or the task input);
 //! - `{{task_input}}`: the task's original input;
-//! - `{{previous}}`: every earlier step's output, each under a `[step N: capability]` line;
+//! - `{{previous}}`: the outputs of the steps this one needs (in a chain, the step before),
+//!   each under a `[step N: capability]` line;
 //! - `{{capability}}`, `{{pipeline}}`, `{{task_id}}`, `{{step}}`, `{{attempt}}`,
 //!   `{{total_steps}}`.
 //!
