@@ -161,8 +161,8 @@ impl Concurrency {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
                 format!(
-                    "the master holds its most {noun} at once ({total}, {total_setting}); \
-                     retry shortly"
+                    "the master already holds as many {noun} as it allows at once \
+                     ({total}, {total_setting}); retry shortly"
                 ),
             )
             .retry_after(2),
