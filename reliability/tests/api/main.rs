@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod chaos;
+mod failover;
 mod fakes;
 mod helpers;
 mod proxy;

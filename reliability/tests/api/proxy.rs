@@ -2,11 +2,13 @@
 //! robin over the backends, skipping one whose connect fails (a dead replica). In front of
 //! Redis it can black-hole the traffic: during an outage it forwards nothing, holds every
 //! open connection silent and accepts new ones without answering (a network partition,
-//! where commands hang rather than fail fast); when the outage ends it drops them all.
+//! where commands hang rather than fail fast); when the outage ends it drops them all. It
+//! can also be retargeted: new connections go to the new backends while open ones stay
+//! where they are, as when a failover moves a DNS name.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -16,6 +18,7 @@ use tokio::sync::watch;
 pub struct Proxy {
     addr: SocketAddr,
     outage: watch::Sender<bool>,
+    backends: Arc<Mutex<Vec<SocketAddr>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,7 +27,8 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let (outage, watch) = watch::channel(false);
-        let backends = Arc::new(backends);
+        let backends = Arc::new(Mutex::new(backends));
+        let current = backends.clone();
         let next = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(async move {
             loop {
@@ -32,7 +36,7 @@ impl Proxy {
                     continue;
                 };
                 let _ = client.set_nodelay(true);
-                let backends = backends.clone();
+                let backends = current.lock().unwrap().clone();
                 let next = next.clone();
                 let watch = watch.clone();
                 tokio::spawn(async move {
@@ -40,7 +44,12 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, outage, task }
+        Self {
+            addr,
+            outage,
+            backends,
+            task,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -49,6 +58,11 @@ impl Proxy {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Sends new connections to `backends`; connections already open stay where they are.
+    pub fn retarget(&self, backends: Vec<SocketAddr>) {
+        *self.backends.lock().unwrap() = backends;
     }
 
     /// Starts or ends a black-hole outage.
