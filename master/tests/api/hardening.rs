@@ -183,52 +183,52 @@ async fn another_clients_long_polls_never_get_the_result() {
     let _worker = TestWorker::start(
         "slow",
         &["plan"],
-        4,
+        8,
         Behavior::Succeed {
-            delay: Duration::from_millis(300),
+            delay: Duration::from_millis(200),
         },
         &settings,
         &master.url,
     )
     .await;
-    let id = master
-        .submit(json!({"steps": ["plan"], "input": {"secret": "alice's"}}))
-        .await;
-    // Bob polls alice's task from 12 loops through the moment it finishes and after,
-    // while the waiter this replica shares per task id holds alice's result.
+    // The long-poll waiter is shared per task id and holds the result this replica
+    // recorded while anyone waits on it. Around each finish, alice's pollers hold it while
+    // bob's pollers hammer the same id: bob must get 404 every time, never alice's result.
     let leaked = Arc::new(AtomicUsize::new(0));
     let polls = Arc::new(AtomicUsize::new(0));
-    let until = Instant::now() + Duration::from_millis(1500);
-    let mut pollers = Vec::new();
-    for _ in 0..12 {
-        let (master, id, leaked, polls) =
-            (master.clone(), id.clone(), leaked.clone(), polls.clone());
-        pollers.push(tokio::spawn(async move {
-            while Instant::now() < until {
-                let r = master
-                    .get(&format!("/result/{id}?wait=1"), BOB)
-                    .send()
-                    .await
-                    .unwrap();
-                polls.fetch_add(1, Ordering::Relaxed);
-                if r.status() != 404 {
-                    leaked.fetch_add(1, Ordering::Relaxed);
+    for round in 0..6 {
+        let id = master
+            .submit(json!({"steps": ["plan"], "input": {"secret": round}}))
+            .await;
+        let until = Instant::now() + Duration::from_millis(600);
+        let mut pollers = Vec::new();
+        for i in 0..40 {
+            let (master, id) = (master.clone(), id.clone());
+            let (leaked, polls) = (leaked.clone(), polls.clone());
+            // Four of alice's pollers for every six of bob's.
+            let key = if i % 10 < 4 { ALICE } else { BOB };
+            pollers.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let r = master
+                        .get(&format!("/result/{id}?wait=1"), key)
+                        .send()
+                        .await
+                        .unwrap();
+                    if key == BOB {
+                        polls.fetch_add(1, Ordering::Relaxed);
+                        if r.status() != 404 {
+                            leaked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
-            }
-        }));
+            }));
+        }
+        for p in pollers {
+            p.await.unwrap();
+        }
+        assert_eq!(master.view(&id).await.status, TaskStatus::Succeeded);
     }
-    // Alice long-polls too, so the shared waiter receives the outcome.
-    let r = master
-        .get(&format!("/result/{id}?wait=5"), ALICE)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap()["status"], "succeeded");
-    for p in pollers {
-        p.await.unwrap();
-    }
-    assert!(polls.load(Ordering::Relaxed) > 100, "the pollers ran");
+    assert!(polls.load(Ordering::Relaxed) > 500, "bob's pollers ran");
     assert_eq!(
         leaked.load(Ordering::Relaxed),
         0,
@@ -417,4 +417,25 @@ async fn a_malformed_worker_record_is_shown_to_operators_and_gets_no_work() {
         "no work for it"
     );
     master.stop().await;
+}
+
+#[test]
+fn a_lease_shorter_than_two_heartbeats_is_refused_at_start_naming_both() {
+    use common::config::Settings;
+    let config = master::Config {
+        lease_ms: 3_000,
+        worker_heartbeat_ms: 2_000,
+        ..test_config(&common::redis::RedisSettings::default())
+    };
+    let error = config.validate().unwrap_err().to_string();
+    assert!(
+        error.contains("LEASE_MS") && error.contains("WORKER_HEARTBEAT_MS"),
+        "{error}"
+    );
+    let config = master::Config {
+        lease_ms: 4_000,
+        worker_heartbeat_ms: 2_000,
+        ..test_config(&common::redis::RedisSettings::default())
+    };
+    config.validate().unwrap();
 }
