@@ -303,9 +303,10 @@ pub enum Failure {
     Other,
 }
 
-/// The error's code (`READONLY`, `OOM`, `WRONGTYPE`, …). Redis 7 keeps the code of an error
-/// raised inside a script; Redis 6 wraps it in `ERR Error running script … -OOM …`, so an
-/// `ERR` is searched for the codes that matter here.
+/// The error's code, when it is one this module treats specially (role changes, transient
+/// refusals, `OOM`); `None` for any other. Redis 7 keeps the code of an error raised inside
+/// a script; Redis 6 wraps it in `ERR Error running script … -OOM …`, so an `ERR` is
+/// searched for these codes.
 fn error_code(e: &RedisError) -> Option<&'static str> {
     const CODES: &[&str] = &[
         "READONLY",
