@@ -1,56 +1,156 @@
-//! Model-based test of the task store: random sequences of submit / claim / complete /
-//! fail / lease expiry / release / cancel / redrive run on the Redis store and the
-//! in-memory store in lockstep. After every operation both must answer the same, and the
-//! state must satisfy the model's invariants (attempts never go back, a finished task has
-//! nothing queued or leased, a claim never hands out a step that is not queued, queue
-//! figures match the steps' states, a succeeded task's result is its last output).
+//! Model-based test of the task store: random operation sequences run in lockstep on the
+//! Redis store (a real redis-server), the in-memory store and a reference model of what a
+//! store must do. The operations: submit (idempotency keys per client, a rate-limited
+//! client), claim (a step lost on a worker goes to another one), reports from the worker
+//! holding the lease and from others, fresh or stale, repeated (replayed when recorded),
+//! release (capacity, or failed dispatches up to the free limit), lease expiry with the
+//! dispatcher's lapse reports, lease extension, retry promotion, cancel, redrive, and the
+//! completion-callback outbox (claim, finish). Every answer of both stores is compared
+//! field by field with the model's, and after every operation so is every task's view, the
+//! queue figures, worker loads, dead letters, pending callbacks and remembered
+//! capabilities. The model itself checks that no task is lost (a live task has exactly one
+//! active step) and that an attempt's outcome is recorded once.
+//!
+//! Time. The stores read real clocks (Redis `TIME`, the process clock), so the test cannot
+//! stop time. It keeps instead, for every operation, the window `[start, end]` of its own
+//! clock the operation ran in, and the model keeps windows where a store keeps instants:
+//! a timestamp a store returns must fall in the window of the operation the model says set
+//! it (it is then shown as [`IN_WINDOW`]; outside, the raw value stays and the comparison
+//! fails). Whatever depends on comparing two instants (a lease or a backoff running out,
+//! the rate limit's next free slot, two steps queued in the same millisecond) is made
+//! unambiguous by waiting: every operation starts in a millisecond after the previous one
+//! ended, and never within [`MARGIN_MS`] before (or inside) an instant it depends on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::Debug;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::redis::RedisPool;
 use common::testing::RedisServer;
 use common::wire::{
-    Capability, ReportStatus, ResultReport, StepError, StepRef, StepStatus, TaskId, TaskStatus,
-    WorkerId,
+    CallbackStatus, CallbackView, Capability, PriorOutput, ReportStatus, ResultReport, StepContext,
+    StepError, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
+    now_ms,
 };
 use master::store::{
-    MemoryStore, NewTask, PlannedStep, RateLimit, RedisStore, RetryPolicy, TaskStore,
-    lease_expired_error,
+    CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease,
+    FinishedStep, MAX_FREE_DISPATCH_FAILURES, MemoryStore, NewTask, PlannedStep, QueueStats,
+    RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome,
+    RetryPolicy, SubmitOutcome, TaskRecord, TaskStore, lease_expired_error,
 };
 use proptest::prelude::*;
-use serde_json::json;
+use proptest::test_runner::TestRunner;
+use serde_json::{Value, json};
 
 const CAPS: [&str; 2] = ["plan", "retrieve"];
-const RETENTION: Duration = Duration::from_secs(3600);
-const RETRY: RetryPolicy = RetryPolicy {
-    base: Duration::from_millis(1),
-    max: Duration::from_millis(1),
+/// Clients; the last one submits under [`RATE`], the others without a limit.
+const CLIENTS: [&str; 3] = ["alice", "bob", "rated"];
+const RATED: usize = 2;
+/// One submission per 100 ms, two at once: a third quick submission is limited.
+const RATE: RateLimit = RateLimit {
+    per_sec: 10.0,
+    burst: 2,
 };
+const RATE_INTERVAL_MS: u64 = 100;
+const NO_LIMIT: RateLimit = RateLimit {
+    per_sec: 0.0,
+    burst: 1,
+};
+const WORKERS: [&str; 3] = ["w0", "w1", "w2"];
+/// A worker that never holds a lease.
+const INTRUDER: &str = "intruder";
+const PIPELINE: &str = "pipe";
+const RETENTION: Duration = Duration::from_secs(3600);
+/// Backoffs of 25–50, 50–100, 100–200 and 200–400 ms: long enough that a test sequence
+/// sees some run out and some not.
+const RETRY: RetryPolicy = RetryPolicy {
+    base: Duration::from_millis(50),
+    max: Duration::from_millis(400),
+};
+const LEASE_MS: u64 = 60;
+const LEASE: Duration = Duration::from_millis(LEASE_MS);
+/// How long an operation may take at most without making a time comparison ambiguous.
+const MARGIN_MS: u64 = 20;
+/// Stands for a timestamp that was inside the window the model expects it in.
+const IN_WINDOW: u64 = u64::MAX;
+
+/// Error kinds that say an attempt was lost on its worker rather than failed by the agent:
+/// the retry prefers another worker, and the report is not remembered for replays.
+const LOST_KINDS: [&str; 3] = ["lease_expired", "dispatch_refused", "dispatch_failed"];
+
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    Succeed,
+    Fail {
+        retryable: bool,
+    },
+    /// A retryable failure of a kind in [`LOST_KINDS`].
+    Lost {
+        kind: usize,
+    },
+}
 
 #[derive(Debug, Clone)]
 enum Op {
     Submit {
+        client: usize,
+        /// An idempotency key (`k0`, `k1`), per client.
+        key: Option<usize>,
         steps: Vec<usize>,
         priority: i32,
         max_attempts: u32,
+        timeout_s: u64,
+        callback: bool,
+        pipeline: bool,
     },
     Claim {
         cap: usize,
         n: usize,
+        first_worker: usize,
     },
-    Complete {
+    /// A report for a leased attempt (`stale`: for any attempt ever handed out), from the
+    /// worker it was handed to (`holder`) or from [`INTRUDER`].
+    Report {
+        pick: usize,
+        stale: bool,
+        holder: bool,
+        verdict: Verdict,
+        jitter: f64,
+    },
+    /// Sends a report sent before again, as a worker retrying its delivery does.
+    Repeat {
         pick: usize,
     },
-    Fail {
-        pick: usize,
-        retryable: bool,
-    },
-    Expire {
-        pick: usize,
-    },
+    /// Gives a leased attempt (`stale`: any attempt ever handed out) back, for a worker
+    /// that refused it (`failure`: the dispatch failed; else it was full).
     Release {
         pick: usize,
+        stale: bool,
+        failure: bool,
+    },
+    /// Claims the head of a capability's queue and gives it back, `times` over, as the
+    /// dispatcher does with a worker that keeps refusing; past the free failures it spends
+    /// the attempt with a `dispatch_failed` report.
+    Bounce {
+        cap: usize,
+        times: usize,
+        failure: bool,
+        jitter: f64,
+    },
+    /// Lists lapsed leases; with `lapse`, records them as failed, as the dispatcher does.
+    ExpireLeases {
+        cap: usize,
+        limit: usize,
+        lapse: bool,
+        jitter: f64,
+        /// First wait for the next lease to run out.
+        wait: bool,
+    },
+    /// Extends leases (picked among all leased steps, so some are of the other capability).
+    Extend {
+        cap: usize,
+        picks: Vec<usize>,
     },
     Cancel {
         pick: usize,
@@ -58,258 +158,1960 @@ enum Op {
     Redrive {
         pick: usize,
     },
-    Promote,
+    /// Promotes due retries of every capability (`wait`: first wait for the next backoff
+    /// to end).
+    Promote {
+        wait: bool,
+    },
+    /// The rate-limited client submits `n` one-step tasks back to back.
+    Burst {
+        n: usize,
+    },
+    /// Claims due completion callbacks, as the callback sender does.
+    ClaimCallbacks {
+        limit: usize,
+        visibility_ms: u64,
+        max_attempts: u32,
+    },
+    /// Ends a claimed callback delivery attempt (`result`: delivered, retry, failed).
+    FinishCallback {
+        pick: usize,
+        result: usize,
+        delay_ms: u64,
+    },
+    Wait {
+        ms: u64,
+    },
+}
+
+fn verdict() -> impl Strategy<Value = Verdict> {
+    prop_oneof![
+        3 => Just(Verdict::Succeed),
+        2 => any::<bool>().prop_map(|retryable| Verdict::Fail { retryable }),
+        2 => (0..LOST_KINDS.len()).prop_map(|kind| Verdict::Lost { kind }),
+    ]
+}
+
+/// A backoff jitter in [0, 1): any, or a round fraction (where the Rust and the Lua
+/// arithmetic are most likely to round differently).
+fn jitter() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        3 => 0.0..1.0f64,
+        1 => (0..40u32).prop_map(|k| f64::from(k) / 40.0),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (prop::collection::vec(0..2usize, 1..4), -2..3i32, 1..4u32)
-            .prop_map(|(steps, priority, max_attempts)| Op::Submit { steps, priority, max_attempts }),
-        3 => (0..2usize, 1..4usize).prop_map(|(cap, n)| Op::Claim { cap, n }),
-        3 => any::<usize>().prop_map(|pick| Op::Complete { pick }),
-        2 => (any::<usize>(), any::<bool>()).prop_map(|(pick, retryable)| Op::Fail { pick, retryable }),
-        1 => any::<usize>().prop_map(|pick| Op::Expire { pick }),
-        1 => any::<usize>().prop_map(|pick| Op::Release { pick }),
+        3 => (
+            (0..3usize, prop::option::weighted(0.4, 0..2usize)),
+            prop::collection::vec(0..2usize, 1..4),
+            -2..3i32,
+            1..4u32,
+            1..60u64,
+            any::<bool>(),
+            prop::bool::weighted(0.2),
+        )
+            .prop_map(
+                |((client, key), steps, priority, max_attempts, timeout_s, callback, pipeline)| {
+                    Op::Submit {
+                        client,
+                        key,
+                        steps,
+                        priority,
+                        max_attempts,
+                        timeout_s,
+                        callback,
+                        pipeline,
+                    }
+                }
+            ),
+        5 => (0..2usize, 1..4usize, 0..3usize)
+            .prop_map(|(cap, n, first_worker)| Op::Claim { cap, n, first_worker }),
+        9 => (
+            any::<usize>(),
+            prop::bool::weighted(0.2),
+            prop::bool::weighted(0.85),
+            verdict(),
+            jitter(),
+        )
+            .prop_map(|(pick, stale, holder, verdict, jitter)| Op::Report {
+                pick,
+                stale,
+                holder,
+                verdict,
+                jitter,
+            }),
+        1 => any::<usize>().prop_map(|pick| Op::Repeat { pick }),
+        1 => (any::<usize>(), any::<bool>(), any::<bool>())
+            .prop_map(|(pick, stale, failure)| Op::Release { pick, stale, failure }),
+        1 => (0..2usize, 1..7usize, prop::bool::weighted(0.8), jitter())
+            .prop_map(|(cap, times, failure, jitter)| Op::Bounce { cap, times, failure, jitter }),
+        3 => (
+            0..2usize,
+            prop_oneof![Just(1usize), Just(2), Just(500)],
+            prop::bool::weighted(0.7),
+            jitter(),
+            prop::bool::weighted(0.4),
+        )
+            .prop_map(|(cap, limit, lapse, jitter, wait)| Op::ExpireLeases {
+                cap,
+                limit,
+                lapse,
+                jitter,
+                wait,
+            }),
+        1 => (0..2usize, prop::collection::vec(any::<usize>(), 1..3))
+            .prop_map(|(cap, picks)| Op::Extend { cap, picks }),
         1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
         1 => any::<usize>().prop_map(|pick| Op::Redrive { pick }),
-        1 => Just(Op::Promote),
+        3 => prop::bool::weighted(0.4).prop_map(|wait| Op::Promote { wait }),
+        1 => (2..5usize).prop_map(|n| Op::Burst { n }),
+        2 => (prop_oneof![Just(1usize), Just(500)], 20..100u64, 1..4u32).prop_map(
+            |(limit, visibility_ms, max_attempts)| Op::ClaimCallbacks {
+                limit,
+                visibility_ms,
+                max_attempts,
+            }
+        ),
+        2 => (any::<usize>(), 0..3usize, 10..80u64).prop_map(|(pick, result, delay_ms)| {
+            Op::FinishCallback {
+                pick,
+                result,
+                delay_ms,
+            }
+        }),
+        3 => (10..150u64).prop_map(|ms| Op::Wait { ms }),
     ]
 }
 
-fn report(step: &StepRef, status: ReportStatus, error: Option<StepError>) -> ResultReport {
-    ResultReport {
-        task_id: step.task_id.clone(),
-        step: step.step,
-        attempt: step.attempt,
-        worker_id: WorkerId::new("w").unwrap(),
-        status,
-        output: (status == ReportStatus::Succeeded)
-            .then(|| json!({"step": step.step, "attempt": step.attempt})),
-        error,
-        duration_ms: None,
+fn cap(i: usize) -> Capability {
+    Capability::new(CAPS[i]).unwrap()
+}
+
+fn worker(name: &str) -> WorkerId {
+    WorkerId::new(name).unwrap()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap()
+}
+
+/// A span of the test's clock (ms since the epoch, both ends included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    start: u64,
+    end: u64,
+}
+
+impl Window {
+    fn later(self, ms: u64) -> Self {
+        Self {
+            start: self.start + ms,
+            end: self.end + ms,
+        }
+    }
+
+    fn earlier(self, ms: u64) -> Self {
+        Self {
+            start: self.start.saturating_sub(ms),
+            end: self.end.saturating_sub(ms),
+        }
+    }
+
+    fn contains(self, t: u64) -> bool {
+        self.start <= t && t <= self.end
+    }
+
+    /// Whether all of `self` is before all of `other`.
+    fn before(self, other: Window) -> bool {
+        self.end < other.start
     }
 }
 
-/// Runs one sequence on both stores and checks them after every step.
-async fn run(ops: Vec<Op>, redis: &RedisServer) {
-    let mem = MemoryStore::new();
-    let red = RedisStore::new(RedisPool::new(&redis.settings()).unwrap());
-    let stores: [&dyn TaskStore; 2] = [&mem, &red];
-    let caps: Vec<Capability> = CAPS.iter().map(|c| Capability::new(*c).unwrap()).collect();
-    let mut tasks: Vec<TaskId> = Vec::new();
-    // Attempts handed out and not yet known to be finished.
-    let mut claimed: Vec<StepRef> = Vec::new();
-    let mut highest_attempt: HashMap<(String, u32), u32> = HashMap::new();
-    for op in ops {
-        match op {
-            Op::Submit {
-                steps,
-                priority,
-                max_attempts,
-            } => {
-                let id = TaskId::generate();
-                let task = NewTask {
-                    id: id.clone(),
-                    client: "c".into(),
-                    pipeline: None,
-                    steps: steps
-                        .iter()
-                        .map(|i| PlannedStep {
-                            capability: caps[*i].clone(),
-                            max_attempts,
-                            timeout_ms: 60_000,
-                        })
-                        .collect(),
-                    input: "{}".into(),
-                    priority,
-                    idempotency_key: None,
-                    callback_url: None,
-                    request_id: "r".into(),
-                };
-                let limit = RateLimit {
-                    per_sec: 0.0,
-                    burst: 1,
-                };
-                let a = mem.submit(task.clone(), limit, RETENTION).await.unwrap();
-                let b = red.submit(task, limit, RETENTION).await.unwrap();
-                assert_eq!(a, b);
-                tasks.push(id);
+/// A timestamp a store returned, checked against the window the model expects it in.
+fn stamp(got: u64, want: Option<Window>) -> u64 {
+    match want {
+        Some(w) if w.contains(got) => IN_WINDOW,
+        _ => got,
+    }
+}
+
+fn opt_stamp(got: Option<u64>, want: Option<Window>) -> Option<u64> {
+    got.map(|g| stamp(g, want))
+}
+
+/// The test's clock: every operation runs in a millisecond of its own, away from the
+/// instants it depends on.
+#[derive(Default)]
+struct Clock {
+    last_end: u64,
+}
+
+impl Clock {
+    /// Waits until an operation that depends on the instants in `avoid` may start.
+    async fn begin(&mut self, avoid: &[Window]) -> u64 {
+        loop {
+            let now = now_ms();
+            if now <= self.last_end {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
             }
-            Op::Claim { cap, n } => {
-                let workers: Vec<WorkerId> = (0..n)
-                    .map(|i| WorkerId::new(format!("w{i}")).unwrap())
-                    .collect();
-                let a = mem
-                    .claim(&caps[cap], &workers, Duration::from_secs(60))
-                    .await
-                    .unwrap();
-                let b = red
-                    .claim(&caps[cap], &workers, Duration::from_secs(60))
-                    .await
-                    .unwrap();
-                let key = |c: &master::store::Claimed| {
-                    (c.work.step_ref(), c.worker.clone(), c.work.input.clone())
+            if let Some(w) = avoid
+                .iter()
+                .find(|w| now + MARGIN_MS >= w.start && now <= w.end)
+            {
+                tokio::time::sleep(Duration::from_millis(w.end + 1 - now)).await;
+                continue;
+            }
+            return now;
+        }
+    }
+
+    /// The window the operation ran in; it must not have run into an instant it avoided.
+    fn end(&mut self, start: u64, avoid: &[Window], op: &dyn Debug) -> Window {
+        let end = now_ms();
+        for w in avoid {
+            assert!(
+                end < w.start || start > w.end,
+                "{op:?} ran {start}..={end}, across {w:?}: it took longer than the test's \
+                 margin of {MARGIN_MS} ms, so the stores may legitimately disagree"
+            );
+        }
+        self.last_end = end;
+        Window { start, end }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ModelStep {
+    cap: usize,
+    status: StepStatus,
+    /// The last attempt handed out (the fencing token).
+    attempt: u32,
+    /// Attempts spent (a released attempt is given back; a redrive starts again).
+    tries: u32,
+    max_attempts: u32,
+    timeout_ms: u64,
+    worker: Option<WorkerId>,
+    output: Option<Value>,
+    error: Option<StepError>,
+    /// When it was last queued; for a retry, when its backoff ends.
+    queued: Option<Window>,
+    dispatched: Option<Window>,
+    finished: Option<Window>,
+    /// Queued but waiting out a retry backoff (until `queued`), not yet promoted.
+    backoff: bool,
+    /// When its lease runs out, while leased.
+    lease: Option<Window>,
+    /// The worker its last attempt was lost on: the next claim prefers another.
+    avoid: Option<WorkerId>,
+    /// Failed dispatches given back free since the last time the limit was hit.
+    free_failures: u32,
+    /// The last report recorded from its worker (not for lost attempts), for replays.
+    last_record: Option<Recorded>,
+}
+
+/// A recorded report: who reported what, and the answer (with the window of its dispatch
+/// stamp).
+#[derive(Debug, Clone)]
+struct Recorded {
+    attempt: u32,
+    worker: WorkerId,
+    status: ReportStatus,
+    answer: (ReportOutcome, Option<Window>),
+}
+
+#[derive(Debug, Clone)]
+struct ModelTask {
+    id: TaskId,
+    client: usize,
+    pipeline: bool,
+    priority: i32,
+    input: Value,
+    callback: bool,
+    request_id: String,
+    status: TaskStatus,
+    error: Option<StepError>,
+    created: Window,
+    started: Option<Window>,
+    finished: Option<Window>,
+    /// When it was dead-lettered and under which capability, while it is.
+    dead: Option<(Window, usize)>,
+    steps: Vec<ModelStep>,
+    /// The completion callback's delivery since the task last finished.
+    delivery: Option<Delivery>,
+    /// When its callback is due in the outbox, while it is there.
+    outbox: Option<Window>,
+}
+
+/// Where a finished task's completion callback stands.
+#[derive(Debug, Clone)]
+struct Delivery {
+    status: CallbackStatus,
+    /// Delivery attempts claimed: the fencing token of `finish_callback`.
+    attempts: u32,
+    last_error: Option<String>,
+}
+
+impl ModelTask {
+    /// The task finished: its callback (if it has one) is due now.
+    fn queue_callback(&mut self, w: Window) {
+        if self.callback {
+            self.delivery = Some(Delivery {
+                status: CallbackStatus::Pending,
+                attempts: 0,
+                last_error: None,
+            });
+            self.outbox = Some(w);
+        }
+    }
+}
+
+/// What a report should do, known before it is sent.
+enum Judgement {
+    Discard,
+    /// This report was recorded before: answered with the first outcome again.
+    Replay((ReportOutcome, Option<Window>)),
+    Record {
+        task: usize,
+        step: usize,
+    },
+}
+
+/// What the stores must do.
+#[derive(Default)]
+struct Model {
+    tasks: Vec<ModelTask>,
+    /// Ids submitted but never stored (rate-limited): `get` finds nothing.
+    absent: Vec<TaskId>,
+    /// (client, key) → the task the key was first used for.
+    idempotency: HashMap<(usize, usize), TaskId>,
+    /// The rated client's GCRA "theoretical arrival time".
+    tat: Option<Window>,
+    /// Capabilities of tasks submitted with inline steps.
+    caps_seen: BTreeSet<usize>,
+    /// Every attempt handed out, with its worker.
+    handed_out: Vec<(StepRef, WorkerId)>,
+    /// Every report sent, with its jitter.
+    sent: Vec<(ResultReport, f64)>,
+    /// Attempts whose outcome was recorded.
+    recorded: HashSet<StepRef>,
+    /// Claims that gave a step lost on a worker to another one than next in line.
+    swaps: u64,
+    /// Every callback delivery attempt claimed.
+    callback_claims: Vec<(TaskId, u32)>,
+}
+
+impl Model {
+    fn find(&self, id: &TaskId) -> Option<usize> {
+        self.tasks.iter().position(|t| &t.id == id)
+    }
+
+    /// Backoffs still running: the instants they end.
+    fn backoffs(&self) -> Vec<Window> {
+        self.tasks
+            .iter()
+            .flat_map(|t| &t.steps)
+            .filter(|s| s.backoff)
+            .filter_map(|s| s.queued)
+            .collect()
+    }
+
+    /// Leases held: the instants they run out.
+    fn leases(&self) -> Vec<Window> {
+        self.tasks
+            .iter()
+            .flat_map(|t| &t.steps)
+            .filter_map(|s| s.lease)
+            .collect()
+    }
+
+    /// The instant from which the rated client may submit again.
+    fn rate_edge(&self) -> Option<Window> {
+        let burst = u64::from(RATE.burst);
+        self.tat
+            .map(|tat| tat.earlier(RATE_INTERVAL_MS * (burst - 1)))
+    }
+
+    /// Leased attempts, in task order, with the worker holding each.
+    fn live(&self) -> Vec<(StepRef, WorkerId)> {
+        let mut out = Vec::new();
+        for t in &self.tasks {
+            for (i, s) in t.steps.iter().enumerate() {
+                if s.status == StepStatus::Dispatched {
+                    out.push((
+                        StepRef {
+                            task_id: t.id.clone(),
+                            step: i as u32,
+                            attempt: s.attempt,
+                        },
+                        s.worker.clone().unwrap(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// A capability's ready queue, in claim order: higher priority first, then first
+    /// queued first (ties, within one operation, by task id).
+    fn ready(&self, cap: usize) -> Vec<(usize, usize)> {
+        let mut entries: Vec<(i64, u64, TaskId, usize, usize)> = Vec::new();
+        for (ti, t) in self.tasks.iter().enumerate() {
+            if t.status.is_terminal() {
+                continue;
+            }
+            for (si, s) in t.steps.iter().enumerate() {
+                if s.cap == cap && s.status == StepStatus::Queued && !s.backoff {
+                    let queued = s.queued.unwrap().start;
+                    entries.push((-i64::from(t.priority), queued, t.id.clone(), si, ti));
+                }
+            }
+        }
+        entries.sort();
+        entries
+            .into_iter()
+            .map(|(_, _, _, si, ti)| (ti, si))
+            .collect()
+    }
+
+    /// Answers a submission; for a rate-limited one, also the range its retry-after must
+    /// be in.
+    fn submit(
+        &mut self,
+        task: &NewTask,
+        client: usize,
+        key: Option<usize>,
+        w: Window,
+    ) -> (SubmitOutcome, Option<Window>) {
+        if let Some(k) = key
+            && let Some(first) = self.idempotency.get(&(client, k))
+        {
+            return (SubmitOutcome::Existing(first.clone()), None);
+        }
+        if client == RATED {
+            if let Some(edge) = self.rate_edge()
+                && !edge.before(w)
+            {
+                assert!(w.before(edge), "the clock kept away from the rate edge");
+                self.absent.push(task.id.clone());
+                let wait = Window {
+                    start: edge.start - w.end,
+                    end: edge.end - w.start,
                 };
-                assert_eq!(
-                    a.iter().map(key).collect::<Vec<_>>(),
-                    b.iter().map(key).collect::<Vec<_>>(),
-                    "both stores claim the same steps in the same order"
+                return (
+                    SubmitOutcome::RateLimited(Duration::from_millis(IN_WINDOW)),
+                    Some(wait),
                 );
-                for c in a {
-                    let r = c.work.step_ref();
-                    let slot = highest_attempt
-                        .entry((r.task_id.to_string(), r.step))
-                        .or_default();
-                    assert!(r.attempt > *slot, "attempts only go up");
-                    *slot = r.attempt;
-                    claimed.push(r);
+            }
+            let tat = self.tat.unwrap_or(Window { start: 0, end: 0 });
+            self.tat = Some(Window {
+                start: tat.start.max(w.start) + RATE_INTERVAL_MS,
+                end: tat.end.max(w.end) + RATE_INTERVAL_MS,
+            });
+        }
+        if let Some(k) = key {
+            self.idempotency.insert((client, k), task.id.clone());
+        }
+        let caps: Vec<usize> = task
+            .steps
+            .iter()
+            .map(|p| {
+                CAPS.iter()
+                    .position(|c| *c == p.capability.as_str())
+                    .unwrap()
+            })
+            .collect();
+        if task.pipeline.is_none() {
+            self.caps_seen.extend(caps.iter().copied());
+        }
+        let steps = task
+            .steps
+            .iter()
+            .zip(&caps)
+            .enumerate()
+            .map(|(i, (p, c))| ModelStep {
+                cap: *c,
+                status: if i == 0 {
+                    StepStatus::Queued
+                } else {
+                    StepStatus::Pending
+                },
+                attempt: 0,
+                tries: 0,
+                max_attempts: p.max_attempts,
+                timeout_ms: p.timeout_ms,
+                worker: None,
+                output: None,
+                error: None,
+                queued: (i == 0).then_some(w),
+                dispatched: None,
+                finished: None,
+                backoff: false,
+                lease: None,
+                avoid: None,
+                free_failures: 0,
+                last_record: None,
+            })
+            .collect();
+        self.tasks.push(ModelTask {
+            id: task.id.clone(),
+            client,
+            pipeline: task.pipeline.is_some(),
+            priority: task.priority,
+            input: serde_json::from_str(&task.input).unwrap(),
+            callback: task.callback_url.is_some(),
+            request_id: task.request_id.clone(),
+            status: TaskStatus::Queued,
+            error: None,
+            created: w,
+            started: None,
+            finished: None,
+            dead: None,
+            steps,
+            delivery: None,
+            outbox: None,
+        });
+        (SubmitOutcome::Created, None)
+    }
+
+    /// Claims for `workers`, in queue order and worker order, except that a step whose
+    /// last attempt was lost on a worker swaps in the next other worker of the batch; each
+    /// claim with the window its deadline must be in.
+    fn claim(&mut self, c: usize, workers: &[WorkerId], w: Window) -> Vec<(ClaimView, Window)> {
+        let mut pool = workers.to_vec();
+        let mut out = Vec::new();
+        for (ti, si) in self.ready(c) {
+            let next = out.len();
+            if next == pool.len() {
+                break;
+            }
+            let t = &mut self.tasks[ti];
+            if let Some(avoid) = &t.steps[si].avoid
+                && let Some(j) = (next..pool.len()).find(|&j| &pool[j] != avoid)
+            {
+                self.swaps += u64::from(j != next);
+                pool.swap(next, j);
+            }
+            let worker = pool[next].clone();
+            if t.status == TaskStatus::Queued {
+                t.started = Some(w);
+            }
+            t.status = TaskStatus::Running;
+            let s = &mut t.steps[si];
+            s.attempt += 1;
+            s.tries += 1;
+            s.status = StepStatus::Dispatched;
+            s.worker = Some(worker.clone());
+            s.dispatched = Some(w);
+            s.lease = Some(w.later(LEASE_MS));
+            let (attempt, timeout_ms) = (s.attempt, s.timeout_ms);
+            // The step before only, not the whole history.
+            let previous: Vec<PriorOutput> = si
+                .checked_sub(1)
+                .map(|i| PriorOutput {
+                    step: i as u32,
+                    capability: cap(t.steps[i].cap),
+                    output: t.steps[i].output.clone().unwrap_or(Value::Null),
+                })
+                .into_iter()
+                .collect();
+            let work = WorkRequest {
+                task_id: t.id.clone(),
+                step: si as u32,
+                attempt,
+                capability: cap(c),
+                input: previous
+                    .last()
+                    .map_or_else(|| t.input.clone(), |p| p.output.clone()),
+                context: StepContext {
+                    task_input: t.input.clone(),
+                    previous,
+                    pipeline: t.pipeline.then(|| PIPELINE.to_string()),
+                    total_steps: t.steps.len() as u32,
+                },
+                deadline_ms: IN_WINDOW,
+            };
+            let step = work.step_ref();
+            self.handed_out.push((step, worker.clone()));
+            let view = ClaimView {
+                work,
+                worker,
+                request_id: t.request_id.clone(),
+            };
+            out.push((view, w.later(timeout_ms)));
+        }
+        out
+    }
+
+    /// A report counts when its attempt is current and it comes from the worker holding
+    /// the lease; otherwise it is a replay when it repeats the step's last recorded report
+    /// (same attempt, worker and status), else it is discarded.
+    fn judge(&self, r: &ResultReport) -> Judgement {
+        let Some(ti) = self.find(&r.task_id) else {
+            return Judgement::Discard;
+        };
+        let t = &self.tasks[ti];
+        let si = r.step as usize;
+        let Some(s) = t.steps.get(si) else {
+            return Judgement::Discard;
+        };
+        let current = !t.status.is_terminal()
+            && s.status == StepStatus::Dispatched
+            && s.attempt == r.attempt
+            && s.worker.as_ref() == Some(&r.worker_id);
+        if current {
+            return Judgement::Record { task: ti, step: si };
+        }
+        match &s.last_record {
+            Some(rec)
+                if rec.attempt == r.attempt
+                    && rec.worker == r.worker_id
+                    && rec.status == r.status =>
+            {
+                Judgement::Replay(rec.answer.clone())
+            }
+            _ => Judgement::Discard,
+        }
+    }
+
+    /// The backoff a report will start, if it records a retry.
+    fn predicted_backoff(&self, r: &ResultReport, jitter: f64) -> Option<u64> {
+        let Judgement::Record { task, step } = self.judge(r) else {
+            return None;
+        };
+        let s = &self.tasks[task].steps[step];
+        let retryable = r.error.as_ref().is_some_and(|e| e.retryable);
+        (r.status == ReportStatus::Failed && retryable && s.tries < s.max_attempts)
+            .then(|| backoff_ms(s.tries, jitter))
+    }
+
+    /// Answers a report; with the window the outcome's dispatch stamp must be in.
+    fn report(
+        &mut self,
+        r: &ResultReport,
+        jitter: f64,
+        w: Window,
+    ) -> (ReportOutcome, Option<Window>) {
+        let (ti, si) = match self.judge(r) {
+            Judgement::Discard => return (ReportOutcome::Discarded, None),
+            Judgement::Replay((first, dispatched)) => {
+                return (ReportOutcome::Replayed(Box::new(first)), dispatched);
+            }
+            Judgement::Record { task, step } => (task, step),
+        };
+        let lost = r
+            .error
+            .as_ref()
+            .and_then(|e| e.kind.as_deref())
+            .is_some_and(|k| LOST_KINDS.contains(&k));
+        let t = &mut self.tasks[ti];
+        let total = t.steps.len();
+        let s = &mut t.steps[si];
+        let dispatched = s.dispatched;
+        let finished = FinishedStep {
+            capability: cap(s.cap),
+            dispatched_at_ms: IN_WINDOW,
+        };
+        s.lease = None;
+        let outcome = match r.status {
+            ReportStatus::Succeeded => {
+                s.status = StepStatus::Succeeded;
+                s.output = Some(r.output.clone().unwrap_or(Value::Null));
+                s.finished = Some(w);
+                if si + 1 < total {
+                    let next = &mut t.steps[si + 1];
+                    next.status = StepStatus::Queued;
+                    next.queued = Some(w);
+                    ReportOutcome::Next {
+                        finished,
+                        next: cap(next.cap),
+                    }
+                } else {
+                    t.status = TaskStatus::Succeeded;
+                    t.finished = Some(w);
+                    t.queue_callback(w);
+                    ReportOutcome::Done {
+                        finished,
+                        status: TaskStatus::Succeeded,
+                        callback: t.callback,
+                    }
                 }
             }
-            Op::Complete { pick }
-            | Op::Fail { pick, .. }
-            | Op::Expire { pick }
-            | Op::Release { pick } => {
-                if claimed.is_empty() {
-                    continue;
+            ReportStatus::Failed => {
+                let error = r.error.clone().unwrap_or_else(|| {
+                    StepError::permanent("agent", "the worker reported a failure without error")
+                });
+                s.error = Some(error.clone());
+                if error.retryable && s.tries < s.max_attempts {
+                    let delay = backoff_ms(s.tries, jitter);
+                    s.status = StepStatus::Queued;
+                    s.backoff = true;
+                    s.queued = Some(w.later(delay));
+                    if lost {
+                        s.avoid = Some(r.worker_id.clone());
+                    }
+                    ReportOutcome::Retry {
+                        finished,
+                        delay: Duration::from_millis(delay),
+                    }
+                } else {
+                    s.status = StepStatus::Failed;
+                    s.finished = Some(w);
+                    let c = s.cap;
+                    t.status = TaskStatus::Failed;
+                    t.error = Some(error);
+                    t.finished = Some(w);
+                    t.dead = Some((w, c));
+                    t.queue_callback(w);
+                    ReportOutcome::Done {
+                        finished,
+                        status: TaskStatus::Failed,
+                        callback: t.callback,
+                    }
                 }
-                let step = claimed.remove(pick % claimed.len());
-                let (a, b) = match op {
-                    Op::Release { .. } => {
-                        let a = mem.release(&step).await.unwrap();
-                        let b = red.release(&step).await.unwrap();
-                        (format!("{a}"), format!("{b}"))
+            }
+        };
+        let answer = (outcome, dispatched);
+        if !lost {
+            t.steps[si].last_record = Some(Recorded {
+                attempt: r.attempt,
+                worker: r.worker_id.clone(),
+                status: r.status,
+                answer: answer.clone(),
+            });
+        }
+        let attempt = StepRef {
+            task_id: r.task_id.clone(),
+            step: r.step,
+            attempt: r.attempt,
+        };
+        assert!(
+            self.recorded.insert(attempt),
+            "the model recorded an attempt twice: {r:?}"
+        );
+        answer
+    }
+
+    /// Gives a leased attempt back: free for capacity refusals, free at most
+    /// [`MAX_FREE_DISPATCH_FAILURES`] times in a row for failed dispatches.
+    fn release(&mut self, step: &StepRef, why: ReleaseReason) -> ReleaseOutcome {
+        let Some(ti) = self.find(&step.task_id) else {
+            return ReleaseOutcome::Stale;
+        };
+        let t = &mut self.tasks[ti];
+        if t.status.is_terminal() {
+            return ReleaseOutcome::Stale;
+        }
+        match t.steps.get_mut(step.step as usize) {
+            Some(s) if s.status == StepStatus::Dispatched && s.attempt == step.attempt => {
+                if why == ReleaseReason::Failure {
+                    s.free_failures += 1;
+                    if s.free_failures > MAX_FREE_DISPATCH_FAILURES {
+                        s.free_failures = 0;
+                        return ReleaseOutcome::OverLimit;
                     }
-                    _ => {
-                        let r = match op {
-                            Op::Complete { .. } => report(&step, ReportStatus::Succeeded, None),
-                            Op::Fail { retryable, .. } => report(
-                                &step,
-                                ReportStatus::Failed,
-                                Some(StepError {
-                                    message: "x".into(),
-                                    retryable,
-                                    kind: None,
-                                }),
-                            ),
-                            _ => report(
-                                &step,
-                                ReportStatus::Failed,
-                                Some(lease_expired_error(&WorkerId::new("w").unwrap())),
-                            ),
-                        };
-                        let a = mem.report(&r, RETRY, 0.5, RETENTION).await.unwrap();
-                        let b = red.report(&r, RETRY, 0.5, RETENTION).await.unwrap();
-                        // Delays are computed from the same policy and jitter.
-                        (format!("{a:?}"), format!("{b:?}"))
-                    }
+                }
+                s.status = StepStatus::Queued;
+                s.tries = s.tries.saturating_sub(1);
+                s.lease = None;
+                ReleaseOutcome::Released
+            }
+            _ => ReleaseOutcome::Stale,
+        }
+    }
+
+    /// Lapsed leases of a capability, oldest first; with the windows of their dispatch.
+    fn expired(&self, c: usize, limit: usize, w: Window) -> Vec<(ExpiredLease, Window)> {
+        let mut due = Vec::new();
+        for t in &self.tasks {
+            for (si, s) in t.steps.iter().enumerate() {
+                let Some(lease) = s.lease.filter(|_| s.cap == c) else {
+                    continue;
                 };
-                // Outcomes agree (dispatch timestamps may differ by a millisecond: compare
-                // the kind of outcome and what follows from it).
-                let norm = |s: &str| s.split("dispatched_at_ms").next().unwrap_or("").to_string();
-                assert_eq!(norm(&a), norm(&b), "{a} vs {b}");
+                assert!(lease.before(w) || w.before(lease), "lease edge avoided");
+                if lease.before(w) {
+                    let entry = ExpiredLease {
+                        step: StepRef {
+                            task_id: t.id.clone(),
+                            step: si as u32,
+                            attempt: s.attempt,
+                        },
+                        worker: s.worker.clone().unwrap(),
+                        dispatched_at_ms: IN_WINDOW,
+                        timeout_ms: s.timeout_ms,
+                    };
+                    due.push((lease.start, t.id.clone(), si, entry, s.dispatched.unwrap()));
+                }
+            }
+        }
+        due.sort_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
+        due.into_iter()
+            .take(limit.max(1))
+            .map(|(_, _, _, entry, dispatched)| (entry, dispatched))
+            .collect()
+    }
+
+    /// Extends the leases of the named steps that are leased under `c`; how many.
+    fn extend(&mut self, c: usize, leases: &[(StepRef, u64)]) -> usize {
+        let mut extended = 0;
+        for (step, until) in leases {
+            let Some(ti) = self.find(&step.task_id) else {
+                continue;
+            };
+            if let Some(s) = self.tasks[ti].steps.get_mut(step.step as usize)
+                && s.cap == c
+                && s.lease.is_some()
+            {
+                s.lease = Some(Window {
+                    start: *until,
+                    end: *until,
+                });
+                extended += 1;
+            }
+        }
+        extended
+    }
+
+    fn promote(&mut self, c: usize, w: Window) -> usize {
+        let mut moved = 0;
+        for s in self.tasks.iter_mut().flat_map(|t| &mut t.steps) {
+            if s.cap != c || !s.backoff {
+                continue;
+            }
+            let due = s.queued.unwrap();
+            assert!(due.before(w) || w.before(due), "backoff edge avoided");
+            if due.before(w) {
+                s.backoff = false;
+                moved += 1;
+            }
+        }
+        moved
+    }
+
+    fn cancel(&mut self, id: &TaskId, w: Window) -> CancelOutcome {
+        let Some(ti) = self.find(id) else {
+            return CancelOutcome::NotFound;
+        };
+        let t = &mut self.tasks[ti];
+        if t.status.is_terminal() {
+            return CancelOutcome::AlreadyFinished(t.status);
+        }
+        for s in &mut t.steps {
+            if matches!(s.status, StepStatus::Queued | StepStatus::Dispatched) {
+                s.status = StepStatus::Failed;
+                s.error = Some(StepError::permanent("cancelled", "task cancelled"));
+                s.finished = Some(w);
+                s.lease = None;
+                s.backoff = false;
+            }
+        }
+        t.status = TaskStatus::Cancelled;
+        t.finished = Some(w);
+        t.queue_callback(w);
+        CancelOutcome::Cancelled
+    }
+
+    fn redrive(&mut self, id: &TaskId, w: Window) -> RedriveOutcome {
+        let Some(ti) = self.find(id) else {
+            return RedriveOutcome::NotFound;
+        };
+        let t = &mut self.tasks[ti];
+        if t.status != TaskStatus::Failed {
+            return RedriveOutcome::NotFailed(t.status);
+        }
+        let s = t
+            .steps
+            .iter_mut()
+            .find(|s| s.status == StepStatus::Failed)
+            .unwrap();
+        s.status = StepStatus::Queued;
+        s.tries = 0;
+        s.queued = Some(w);
+        s.finished = None;
+        let c = s.cap;
+        t.status = if t.started.is_some() {
+            TaskStatus::Running
+        } else {
+            TaskStatus::Queued
+        };
+        t.finished = None;
+        t.error = None;
+        t.dead = None;
+        // The failure's callback is superseded by the next finish's.
+        t.delivery = None;
+        t.outbox = None;
+        RedriveOutcome::Redriven(cap(c))
+    }
+
+    /// Callbacks due in the outbox: the instants they come due.
+    fn outbox(&self) -> Vec<Window> {
+        self.tasks.iter().filter_map(|t| t.outbox).collect()
+    }
+
+    /// Claims due callbacks (by due time, then id): each starts a delivery attempt and
+    /// comes due again after `visibility`; one whose attempts ran out fails abandoned.
+    fn claim_callbacks(
+        &mut self,
+        limit: usize,
+        visibility: u64,
+        max_attempts: u32,
+        w: Window,
+    ) -> Vec<(RecordView, String, u32)> {
+        let mut due: Vec<(u64, TaskId, usize)> = Vec::new();
+        for (ti, t) in self.tasks.iter().enumerate() {
+            if let Some(o) = t.outbox {
+                assert!(o.before(w) || w.before(o), "outbox edge avoided");
+                if o.before(w) {
+                    due.push((o.start, t.id.clone(), ti));
+                }
+            }
+        }
+        due.sort();
+        due.truncate(limit.max(1));
+        let mut out = Vec::new();
+        for (_, _, ti) in due {
+            let t = &mut self.tasks[ti];
+            let finished = t.status.is_terminal();
+            let Some(d) = t
+                .delivery
+                .as_mut()
+                .filter(|d| d.status == CallbackStatus::Pending && finished)
+            else {
+                t.outbox = None;
+                continue;
+            };
+            if d.attempts >= max_attempts.max(1) {
+                d.status = CallbackStatus::Failed;
+                d.last_error = Some(CALLBACK_ABANDONED.to_string());
+                t.outbox = None;
+                continue;
+            }
+            d.attempts += 1;
+            let attempt = d.attempts;
+            t.outbox = Some(w.later(visibility));
+            self.callback_claims.push((t.id.clone(), attempt));
+            let t = &self.tasks[ti];
+            out.push((self.record(t), callback_url(&t.id), attempt));
+        }
+        out
+    }
+
+    /// Records a delivery attempt's end, if it is the latest attempt claimed.
+    fn finish_callback(
+        &mut self,
+        id: &TaskId,
+        attempt: u32,
+        result: &CallbackResult,
+        w: Window,
+    ) -> bool {
+        let Some(ti) = self.find(id) else {
+            return false;
+        };
+        let t = &mut self.tasks[ti];
+        let Some(d) = t
+            .delivery
+            .as_mut()
+            .filter(|d| d.status == CallbackStatus::Pending && d.attempts == attempt)
+        else {
+            return false;
+        };
+        match result {
+            CallbackResult::Delivered => {
+                d.status = CallbackStatus::Delivered;
+                t.outbox = None;
+            }
+            CallbackResult::Retry { error, delay } => {
+                d.last_error = Some(error.clone());
+                t.outbox = Some(w.later(millis(*delay)));
+            }
+            CallbackResult::Failed { error } => {
+                d.status = CallbackStatus::Failed;
+                d.last_error = Some(error.clone());
+                t.outbox = None;
+            }
+        }
+        true
+    }
+
+    fn record(&self, t: &ModelTask) -> RecordView {
+        let in_window = |w: Option<Window>| w.map(|_| IN_WINDOW);
+        let steps: Vec<StepView> = t
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StepView {
+                index: i as u32,
+                capability: cap(s.cap),
+                status: s.status,
+                worker_id: s.worker.clone(),
+                attempts: s.tries,
+                output: s.output.clone(),
+                error: s.error.clone(),
+                queued_at_ms: in_window(s.queued),
+                dispatched_at_ms: in_window(s.dispatched),
+                finished_at_ms: in_window(s.finished),
+            })
+            .collect();
+        let result = (t.status == TaskStatus::Succeeded)
+            .then(|| steps.last().and_then(|s| s.output.clone()))
+            .flatten();
+        RecordView {
+            view: TaskView {
+                task_id: t.id.clone(),
+                status: t.status,
+                pipeline: t.pipeline.then(|| PIPELINE.to_string()),
+                priority: t.priority,
+                input: t.input.clone(),
+                steps,
+                result,
+                error: t.error.clone(),
+                created_at_ms: IN_WINDOW,
+                started_at_ms: in_window(t.started),
+                finished_at_ms: in_window(t.finished),
+                callback: t.callback.then(|| {
+                    let d = t.delivery.as_ref();
+                    CallbackView {
+                        url: callback_url(&t.id),
+                        status: d.map_or(CallbackStatus::Pending, |d| d.status),
+                        attempts: d.map_or(0, |d| d.attempts),
+                        last_error: d.and_then(|d| d.last_error.clone()),
+                    }
+                }),
+            },
+            client: CLIENTS[t.client].to_string(),
+            callback_url: t.callback.then(|| callback_url(&t.id)),
+            request_id: t.request_id.clone(),
+        }
+    }
+
+    /// A capability's queue figures, and the window its head was queued in.
+    fn stats(&self, c: usize) -> (QueueStats, Option<Window>) {
+        let steps = || {
+            self.tasks
+                .iter()
+                .flat_map(|t| &t.steps)
+                .filter(move |s| s.cap == c)
+        };
+        let ready = self.ready(c);
+        let head = ready
+            .first()
+            .map(|(ti, si)| self.tasks[*ti].steps[*si].queued.unwrap());
+        let stats = QueueStats {
+            queued: ready.len() as u64,
+            delayed: steps().filter(|s| s.backoff).count() as u64,
+            in_flight: steps().filter(|s| s.lease.is_some()).count() as u64,
+            dead_lettered: self.dead_letters(c).len() as u64,
+            head_queued_at_ms: head.map(|_| IN_WINDOW),
+        };
+        (stats, head)
+    }
+
+    fn dead_letters(&self, c: usize) -> Vec<TaskId> {
+        let mut dead: Vec<(u64, TaskId)> = self
+            .tasks
+            .iter()
+            .filter_map(|t| match t.dead {
+                Some((w, dc)) if dc == c => Some((w.start, t.id.clone())),
+                _ => None,
+            })
+            .collect();
+        dead.sort();
+        dead.into_iter().map(|(_, id)| id).collect()
+    }
+
+    fn loads(&self) -> HashMap<String, u32> {
+        let mut loads = HashMap::new();
+        for (_, w) in self.live() {
+            *loads.entry(w.to_string()).or_insert(0) += 1;
+        }
+        loads
+    }
+
+    /// No task is lost: a live task has exactly one active step, the steps before it
+    /// succeeded and the ones after it wait; a finished one has none active.
+    fn check_invariants(&self) {
+        for t in &self.tasks {
+            let active: Vec<usize> = (0..t.steps.len())
+                .filter(|i| {
+                    matches!(
+                        t.steps[*i].status,
+                        StepStatus::Queued | StepStatus::Dispatched
+                    )
+                })
+                .collect();
+            if t.status.is_terminal() {
+                assert!(
+                    active.is_empty(),
+                    "a finished task has nothing active: {t:?}"
+                );
+                assert!(t.finished.is_some());
+            } else {
+                assert_eq!(active.len(), 1, "a live task has one active step: {t:?}");
+                let a = active[0];
+                assert!(
+                    t.steps[..a]
+                        .iter()
+                        .all(|s| s.status == StepStatus::Succeeded)
+                );
+                assert!(
+                    t.steps[a + 1..]
+                        .iter()
+                        .all(|s| s.status == StepStatus::Pending)
+                );
+            }
+            for s in &t.steps {
+                assert!(
+                    s.tries <= s.max_attempts,
+                    "tries within max_attempts: {t:?}"
+                );
+                assert_eq!(s.lease.is_some(), s.status == StepStatus::Dispatched);
+            }
+        }
+    }
+}
+
+fn reason(failure: bool) -> ReleaseReason {
+    if failure {
+        ReleaseReason::Failure
+    } else {
+        ReleaseReason::Capacity
+    }
+}
+
+fn backoff_ms(tries: u32, jitter: f64) -> u64 {
+    millis(RETRY.delay_with(tries.saturating_sub(1), jitter))
+}
+
+fn callback_url(id: &TaskId) -> String {
+    format!("http://callback.test/{id}")
+}
+
+/// A [`TaskRecord`] in a comparable form.
+#[derive(Debug, PartialEq)]
+struct RecordView {
+    view: TaskView,
+    client: String,
+    callback_url: Option<String>,
+    request_id: String,
+}
+
+/// A [`Claimed`] in a comparable form.
+#[derive(Debug, PartialEq)]
+struct ClaimView {
+    work: WorkRequest,
+    worker: WorkerId,
+    request_id: String,
+}
+
+fn norm_record(record: TaskRecord, t: &ModelTask) -> RecordView {
+    let TaskRecord {
+        view,
+        client,
+        callback_url,
+        request_id,
+    } = record;
+    let TaskView {
+        task_id,
+        status,
+        pipeline,
+        priority,
+        input,
+        steps,
+        result,
+        error,
+        created_at_ms,
+        started_at_ms,
+        finished_at_ms,
+        callback,
+    } = view;
+    let steps = steps
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let StepView {
+                index,
+                capability,
+                status,
+                worker_id,
+                attempts,
+                output,
+                error,
+                queued_at_ms,
+                dispatched_at_ms,
+                finished_at_ms,
+            } = s;
+            let want = t.steps.get(i);
+            StepView {
+                index,
+                capability,
+                status,
+                worker_id,
+                attempts,
+                output,
+                error,
+                queued_at_ms: opt_stamp(queued_at_ms, want.and_then(|m| m.queued)),
+                dispatched_at_ms: opt_stamp(dispatched_at_ms, want.and_then(|m| m.dispatched)),
+                finished_at_ms: opt_stamp(finished_at_ms, want.and_then(|m| m.finished)),
+            }
+        })
+        .collect();
+    RecordView {
+        view: TaskView {
+            task_id,
+            status,
+            pipeline,
+            priority,
+            input,
+            steps,
+            result,
+            error,
+            created_at_ms: stamp(created_at_ms, Some(t.created)),
+            started_at_ms: opt_stamp(started_at_ms, t.started),
+            finished_at_ms: opt_stamp(finished_at_ms, t.finished),
+            callback,
+        },
+        client,
+        callback_url,
+        request_id,
+    }
+}
+
+fn norm_submit(outcome: SubmitOutcome, wait: Option<Window>) -> SubmitOutcome {
+    match outcome {
+        SubmitOutcome::RateLimited(d) => {
+            SubmitOutcome::RateLimited(Duration::from_millis(stamp(millis(d), wait)))
+        }
+        other => other,
+    }
+}
+
+fn norm_claims(claims: Vec<Claimed>, deadlines: &[Window]) -> Vec<ClaimView> {
+    claims
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let Claimed {
+                mut work,
+                worker,
+                request_id,
+            } = c;
+            work.deadline_ms = stamp(work.deadline_ms, deadlines.get(i).copied());
+            ClaimView {
+                work,
+                worker,
+                request_id,
+            }
+        })
+        .collect()
+}
+
+fn norm_report(outcome: ReportOutcome, dispatched: Option<Window>) -> ReportOutcome {
+    let fix = |f: FinishedStep| {
+        let FinishedStep {
+            capability,
+            dispatched_at_ms,
+        } = f;
+        FinishedStep {
+            capability,
+            dispatched_at_ms: stamp(dispatched_at_ms, dispatched),
+        }
+    };
+    match outcome {
+        ReportOutcome::Discarded => ReportOutcome::Discarded,
+        ReportOutcome::Replayed(first) => {
+            ReportOutcome::Replayed(Box::new(norm_report(*first, dispatched)))
+        }
+        ReportOutcome::Next { finished, next } => ReportOutcome::Next {
+            finished: fix(finished),
+            next,
+        },
+        ReportOutcome::Retry { finished, delay } => ReportOutcome::Retry {
+            finished: fix(finished),
+            delay,
+        },
+        ReportOutcome::Done {
+            finished,
+            status,
+            callback,
+        } => ReportOutcome::Done {
+            finished: fix(finished),
+            status,
+            callback,
+        },
+    }
+}
+
+fn norm_expired(leases: Vec<ExpiredLease>, want: &[(ExpiredLease, Window)]) -> Vec<ExpiredLease> {
+    leases
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let ExpiredLease {
+                step,
+                worker,
+                dispatched_at_ms,
+                timeout_ms,
+            } = l;
+            ExpiredLease {
+                step,
+                worker,
+                dispatched_at_ms: stamp(dispatched_at_ms, want.get(i).map(|w| w.1)),
+                timeout_ms,
+            }
+        })
+        .collect()
+}
+
+fn norm_stats(stats: QueueStats, head: Option<Window>) -> QueueStats {
+    let QueueStats {
+        queued,
+        delayed,
+        in_flight,
+        dead_lettered,
+        head_queued_at_ms,
+    } = stats;
+    QueueStats {
+        queued,
+        delayed,
+        in_flight,
+        dead_lettered,
+        head_queued_at_ms: opt_stamp(head_queued_at_ms, head),
+    }
+}
+
+/// How often each kind of outcome happened over the whole run, to show the model is not
+/// vacuous.
+type Tally = BTreeMap<&'static str, u64>;
+
+/// Sleeps past the earliest of `instants` (at most 200 ms).
+async fn wait_past(instants: &[Window]) {
+    if let Some(end) = instants.iter().map(|w| w.end).min() {
+        let wait = (end + 1).saturating_sub(now_ms()).min(200);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+}
+
+/// One sequence on both stores and the model.
+struct Run<'a> {
+    mem: MemoryStore,
+    red: RedisStore,
+    model: Model,
+    clock: Clock,
+    caps: Vec<Capability>,
+    submitted: usize,
+    tally: &'a Mutex<Tally>,
+    /// The operation under way, for failure messages.
+    context: String,
+}
+
+impl Run<'_> {
+    fn count(&self, what: &'static str) {
+        *self.tally.lock().unwrap().entry(what).or_default() += 1;
+    }
+
+    /// Both stores answered what the model expects.
+    fn same<T: PartialEq + Debug>(&self, what: &str, want: &T, mem: &T, red: &T) {
+        assert_eq!(mem, want, "memory store, {what}, at {}", self.context);
+        assert_eq!(red, want, "Redis store, {what}, at {}", self.context);
+    }
+
+    async fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Submit { .. } => self.submit(op).await,
+            Op::Burst { n } => {
+                for _ in 0..*n {
+                    let one = Op::Submit {
+                        client: RATED,
+                        key: None,
+                        steps: vec![0],
+                        priority: 0,
+                        max_attempts: 1,
+                        timeout_s: 1,
+                        callback: false,
+                        pipeline: false,
+                    };
+                    self.submit(&one).await;
+                }
+            }
+            Op::Claim {
+                cap: c,
+                n,
+                first_worker,
+            } => {
+                let workers: Vec<WorkerId> = (0..*n)
+                    .map(|i| worker(WORKERS[(first_worker + i) % WORKERS.len()]))
+                    .collect();
+                self.claim(*c, &workers, op).await;
+            }
+            Op::Report {
+                pick,
+                stale,
+                holder,
+                verdict,
+                jitter,
+            } => {
+                let pool = if *stale {
+                    self.model.handed_out.clone()
+                } else {
+                    self.model.live()
+                };
+                if pool.is_empty() {
+                    return;
+                }
+                let (step, held_by) = pool[pick % pool.len()].clone();
+                let from = if *holder { held_by } else { worker(INTRUDER) };
+                let (status, output, error) = match verdict {
+                    Verdict::Succeed => (
+                        ReportStatus::Succeeded,
+                        Some(json!({"step": step.step, "attempt": step.attempt, "by": from})),
+                        None,
+                    ),
+                    Verdict::Fail { retryable } => (
+                        ReportStatus::Failed,
+                        None,
+                        Some(StepError {
+                            message: format!("attempt {} failed", step.attempt),
+                            retryable: *retryable,
+                            kind: Some("test".into()),
+                        }),
+                    ),
+                    Verdict::Lost { kind } => (
+                        ReportStatus::Failed,
+                        None,
+                        Some(StepError::retryable(
+                            LOST_KINDS[*kind],
+                            "lost on its worker",
+                        )),
+                    ),
+                };
+                if !*holder {
+                    self.count("report: from a worker not holding the lease");
+                }
+                let report = ResultReport {
+                    task_id: step.task_id.clone(),
+                    step: step.step,
+                    attempt: step.attempt,
+                    worker_id: from,
+                    status,
+                    output,
+                    error,
+                    duration_ms: Some(3),
+                };
+                self.report(report, *jitter).await;
+            }
+            Op::Repeat { pick } => {
+                if self.model.sent.is_empty() {
+                    return;
+                }
+                let (report, jitter) = self.model.sent[pick % self.model.sent.len()].clone();
+                self.count("report: repeated");
+                self.report(report, jitter).await;
+            }
+            Op::Release {
+                pick,
+                stale,
+                failure,
+            } => {
+                let pool = if *stale {
+                    self.model.handed_out.clone()
+                } else {
+                    self.model.live()
+                };
+                if pool.is_empty() {
+                    return;
+                }
+                let step = pool[pick % pool.len()].0.clone();
+                self.release(&step, reason(*failure), op).await;
+            }
+            Op::Bounce {
+                cap: c,
+                times,
+                failure,
+                jitter,
+            } => {
+                for i in 0..*times {
+                    let workers = [worker(WORKERS[i % WORKERS.len()])];
+                    let Some(claimed) = self.claim(*c, &workers, op).await.pop() else {
+                        return;
+                    };
+                    let step = claimed.work.step_ref();
+                    if self.release(&step, reason(*failure), op).await == ReleaseOutcome::OverLimit
+                    {
+                        // What the dispatcher does then: spend the attempt.
+                        let report = ResultReport {
+                            task_id: step.task_id.clone(),
+                            step: step.step,
+                            attempt: step.attempt,
+                            worker_id: claimed.worker.clone(),
+                            status: ReportStatus::Failed,
+                            output: None,
+                            error: Some(StepError::retryable(
+                                "dispatch_failed",
+                                "dispatching failed too often",
+                            )),
+                            duration_ms: None,
+                        };
+                        self.report(report, *jitter).await;
+                    }
+                }
+            }
+            Op::ExpireLeases {
+                cap: c,
+                limit,
+                lapse,
+                jitter,
+                wait,
+            } => {
+                if *wait {
+                    wait_past(&self.model.leases()).await;
+                }
+                let avoid = self.model.leases();
+                let s = self.clock.begin(&avoid).await;
+                let a = self.mem.expired_leases(&cap(*c), *limit).await.unwrap();
+                let b = self.red.expired_leases(&cap(*c), *limit).await.unwrap();
+                let w = self.clock.end(s, &avoid, op);
+                let want = self.model.expired(*c, *limit, w);
+                let expected: Vec<ExpiredLease> = want.iter().map(|(l, _)| l.clone()).collect();
+                let (a, b) = (norm_expired(a, &want), norm_expired(b, &want));
+                self.same("expired leases", &expected, &a, &b);
+                for lease in expected {
+                    self.count("expire: lease listed as lapsed");
+                    if !*lapse {
+                        continue;
+                    }
+                    // What the dispatcher does with a lapsed lease.
+                    let report = ResultReport {
+                        task_id: lease.step.task_id.clone(),
+                        step: lease.step.step,
+                        attempt: lease.step.attempt,
+                        worker_id: lease.worker.clone(),
+                        status: ReportStatus::Failed,
+                        output: None,
+                        error: Some(lease_expired_error(&lease.worker)),
+                        duration_ms: None,
+                    };
+                    self.report(report, *jitter).await;
+                }
+            }
+            Op::Extend { cap: c, picks } => {
+                let live = self.model.live();
+                if live.is_empty() {
+                    return;
+                }
+                let s = self.clock.begin(&[]).await;
+                // As from a heartbeat sent now: one lease from now. It ends after every
+                // lease taken or extended by an earlier operation.
+                let leases: Vec<(StepRef, u64)> = picks
+                    .iter()
+                    .map(|p| (live[p % live.len()].0.clone(), s + LEASE_MS))
+                    .collect();
+                self.mem.extend_leases(&cap(*c), &leases).await.unwrap();
+                self.red.extend_leases(&cap(*c), &leases).await.unwrap();
+                self.clock.end(s, &[], op);
+                if self.model.extend(*c, &leases) > 0 {
+                    self.count("extend: lease extended");
+                }
             }
             Op::Cancel { pick } | Op::Redrive { pick } => {
-                if tasks.is_empty() {
-                    continue;
+                // Mostly a task that can be redriven (cancelled) when there is one.
+                let wanted = |t: &&ModelTask| {
+                    (t.status == TaskStatus::Failed) == matches!(op, Op::Redrive { .. })
+                        && !(t.status.is_terminal() && matches!(op, Op::Cancel { .. }))
+                };
+                let mut ids: Vec<TaskId> = self
+                    .model
+                    .tasks
+                    .iter()
+                    .filter(wanted)
+                    .map(|t| t.id.clone())
+                    .collect();
+                if ids.is_empty() || pick % 4 == 0 {
+                    ids = self.model.tasks.iter().map(|t| t.id.clone()).collect();
+                    ids.extend(self.model.absent.iter().cloned());
+                    ids.push(TaskId::generate());
                 }
-                let id = &tasks[pick % tasks.len()];
+                let id = ids[pick / 4 % ids.len()].clone();
                 if matches!(op, Op::Cancel { .. }) {
-                    let a = mem.cancel(id, RETENTION).await.unwrap();
-                    let b = red.cancel(id, RETENTION).await.unwrap();
-                    assert_eq!(a, b);
+                    // Queues a callback now: away from callbacks coming due.
+                    let avoid = self.model.outbox();
+                    let s = self.clock.begin(&avoid).await;
+                    let a = self.mem.cancel(&id, RETENTION).await.unwrap();
+                    let b = self.red.cancel(&id, RETENTION).await.unwrap();
+                    let w = self.clock.end(s, &avoid, op);
+                    let want = self.model.cancel(&id, w);
+                    self.same("cancel", &want, &a, &b);
+                    self.count(match want {
+                        CancelOutcome::Cancelled => "cancel: cancelled",
+                        CancelOutcome::AlreadyFinished(_) => "cancel: already finished",
+                        CancelOutcome::NotFound => "cancel: not found",
+                    });
                 } else {
-                    let a = mem.redrive(id).await.unwrap();
-                    let b = red.redrive(id).await.unwrap();
-                    assert_eq!(a, b);
+                    // Queues the step now: away from backoffs ending, for a clear order.
+                    let avoid = self.model.backoffs();
+                    let s = self.clock.begin(&avoid).await;
+                    let a = self.mem.redrive(&id).await.unwrap();
+                    let b = self.red.redrive(&id).await.unwrap();
+                    let w = self.clock.end(s, &avoid, op);
+                    let want = self.model.redrive(&id, w);
+                    self.same("redrive", &want, &a, &b);
+                    self.count(match want {
+                        RedriveOutcome::Redriven(_) => "redrive: redriven",
+                        RedriveOutcome::NotFailed(_) => "redrive: not failed",
+                        RedriveOutcome::NotFound => "redrive: not found",
+                    });
                 }
             }
-            Op::Promote => {
-                tokio::time::sleep(Duration::from_millis(3)).await;
-                for cap in &caps {
-                    let a = mem.promote_due(cap).await.unwrap();
-                    let b = red.promote_due(cap).await.unwrap();
-                    assert_eq!(a, b, "promoted");
+            Op::Promote { wait } => {
+                if *wait {
+                    wait_past(&self.model.backoffs()).await;
+                }
+                let avoid = self.model.backoffs();
+                let s = self.clock.begin(&avoid).await;
+                let mut got = Vec::new();
+                for c in &self.caps {
+                    let a = self.mem.promote_due(c).await.unwrap();
+                    let b = self.red.promote_due(c).await.unwrap();
+                    got.push((a, b));
+                }
+                let w = self.clock.end(s, &avoid, op);
+                for (c, (a, b)) in got.into_iter().enumerate() {
+                    let want = self.model.promote(c, w);
+                    self.same("promoted", &want, &a, &b);
+                    for _ in 0..want {
+                        self.count("promote: step promoted");
+                    }
                 }
             }
+            Op::ClaimCallbacks {
+                limit,
+                visibility_ms,
+                max_attempts,
+            } => {
+                // Due or not is clear for every entry, and the new due times are apart
+                // from the others.
+                let mut avoid = self.model.outbox();
+                let shifted: Vec<Window> =
+                    avoid.iter().map(|w| w.earlier(*visibility_ms)).collect();
+                avoid.extend(shifted);
+                let visibility = Duration::from_millis(*visibility_ms);
+                let s = self.clock.begin(&avoid).await;
+                let a = self
+                    .mem
+                    .claim_callbacks(*limit, visibility, *max_attempts)
+                    .await
+                    .unwrap();
+                let b = self
+                    .red
+                    .claim_callbacks(*limit, visibility, *max_attempts)
+                    .await
+                    .unwrap();
+                let w = self.clock.end(s, &avoid, op);
+                let want = self
+                    .model
+                    .claim_callbacks(*limit, *visibility_ms, *max_attempts, w);
+                let (a, b) = (self.norm_callbacks(a), self.norm_callbacks(b));
+                self.same("claimed callbacks", &want, &a, &b);
+                for _ in &want {
+                    self.count("callback: delivery attempt claimed");
+                }
+            }
+            Op::FinishCallback {
+                pick,
+                result,
+                delay_ms,
+            } => {
+                if self.model.callback_claims.is_empty() {
+                    return;
+                }
+                let claims = &self.model.callback_claims;
+                let (id, attempt) = claims[pick % claims.len()].clone();
+                let result = match result {
+                    0 => CallbackResult::Delivered,
+                    1 => CallbackResult::Retry {
+                        error: format!("attempt {attempt}: 503"),
+                        delay: Duration::from_millis(*delay_ms),
+                    },
+                    _ => CallbackResult::Failed {
+                        error: format!("attempt {attempt}: 410"),
+                    },
+                };
+                let avoid: Vec<Window> = match &result {
+                    CallbackResult::Retry { .. } => self
+                        .model
+                        .outbox()
+                        .iter()
+                        .map(|w| w.earlier(*delay_ms))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let s = self.clock.begin(&avoid).await;
+                let a = self
+                    .mem
+                    .finish_callback(&id, attempt, &result)
+                    .await
+                    .unwrap();
+                let b = self
+                    .red
+                    .finish_callback(&id, attempt, &result)
+                    .await
+                    .unwrap();
+                let w = self.clock.end(s, &avoid, op);
+                let want = self.model.finish_callback(&id, attempt, &result, w);
+                self.same("callback finished", &want, &a, &b);
+                self.count(match (want, &result) {
+                    (false, _) => "callback: finish of a superseded attempt",
+                    (true, CallbackResult::Delivered) => "callback: delivered",
+                    (true, CallbackResult::Retry { .. }) => "callback: retry",
+                    (true, CallbackResult::Failed { .. }) => "callback: failed",
+                });
+            }
+            Op::Wait { ms } => tokio::time::sleep(Duration::from_millis(*ms)).await,
         }
-        check_invariants(&stores, &tasks, &caps).await;
+    }
+
+    fn norm_callbacks(&self, claims: Vec<CallbackClaim>) -> Vec<(RecordView, String, u32)> {
+        claims
+            .into_iter()
+            .map(|c| {
+                let CallbackClaim {
+                    record,
+                    url,
+                    attempt,
+                } = c;
+                let task = self
+                    .model
+                    .find(&record.view.task_id)
+                    .map(|i| &self.model.tasks[i]);
+                let record = match task {
+                    Some(t) => norm_record(record, t),
+                    None => panic!("a callback claimed for an unknown task: {record:?}"),
+                };
+                (record, url, attempt)
+            })
+            .collect()
+    }
+
+    async fn claim(&mut self, c: usize, workers: &[WorkerId], op: &Op) -> Vec<ClaimView> {
+        let s = self.clock.begin(&[]).await;
+        let a = self.mem.claim(&cap(c), workers, LEASE).await.unwrap();
+        let b = self.red.claim(&cap(c), workers, LEASE).await.unwrap();
+        let w = self.clock.end(s, &[], op);
+        let (want, deadlines): (Vec<ClaimView>, Vec<Window>) =
+            self.model.claim(c, workers, w).into_iter().unzip();
+        let (a, b) = (norm_claims(a, &deadlines), norm_claims(b, &deadlines));
+        self.same("claims", &want, &a, &b);
+        for _ in &want {
+            self.count("claim: step leased");
+        }
+        want
+    }
+
+    async fn release(&mut self, step: &StepRef, why: ReleaseReason, op: &Op) -> ReleaseOutcome {
+        let s = self.clock.begin(&[]).await;
+        let a = self.mem.release(step, why).await.unwrap();
+        let b = self.red.release(step, why).await.unwrap();
+        self.clock.end(s, &[], op);
+        let want = self.model.release(step, why);
+        self.same("release", &want, &a, &b);
+        self.count(match want {
+            ReleaseOutcome::Released => "release: released",
+            ReleaseOutcome::Stale => "release: not current",
+            ReleaseOutcome::OverLimit => "release: over the free failures",
+        });
+        want
+    }
+
+    async fn submit(&mut self, op: &Op) {
+        let Op::Submit {
+            client,
+            key,
+            steps,
+            priority,
+            max_attempts,
+            timeout_s,
+            callback,
+            pipeline,
+        } = op
+        else {
+            unreachable!()
+        };
+        self.submitted += 1;
+        let id = TaskId::generate();
+        let task = NewTask {
+            id: id.clone(),
+            client: CLIENTS[*client].into(),
+            pipeline: pipeline.then(|| PIPELINE.to_string()),
+            steps: steps
+                .iter()
+                .map(|c| PlannedStep {
+                    capability: cap(*c),
+                    max_attempts: *max_attempts,
+                    timeout_ms: timeout_s * 1000,
+                })
+                .collect(),
+            input: json!({"n": self.submitted}).to_string(),
+            priority: *priority,
+            idempotency_key: key.map(|k| format!("k{k}")),
+            callback_url: callback.then(|| callback_url(&id)),
+            request_id: format!("req-{}", self.submitted),
+        };
+        let limit = if *client == RATED { RATE } else { NO_LIMIT };
+        // Queues a step now: away from backoffs ending; and from the rate limit's edge.
+        let mut avoid = self.model.backoffs();
+        if *client == RATED {
+            avoid.extend(self.model.rate_edge());
+        }
+        let s = self.clock.begin(&avoid).await;
+        let a = self
+            .mem
+            .submit(task.clone(), limit, RETENTION)
+            .await
+            .unwrap();
+        let b = self
+            .red
+            .submit(task.clone(), limit, RETENTION)
+            .await
+            .unwrap();
+        let w = self.clock.end(s, &avoid, op);
+        let (want, wait) = self.model.submit(&task, *client, *key, w);
+        self.same(
+            "submit",
+            &want,
+            &norm_submit(a, wait),
+            &norm_submit(b, wait),
+        );
+        self.count(match want {
+            SubmitOutcome::Created => "submit: created",
+            SubmitOutcome::Existing(_) => "submit: existing (idempotency key)",
+            SubmitOutcome::RateLimited(_) => "submit: rate limited",
+        });
+    }
+
+    async fn report(&mut self, report: ResultReport, jitter: f64) {
+        // Queues a step now (next step), or at the end of a backoff: away from backoffs
+        // ending, and so that its own backoff ends apart from theirs.
+        let mut avoid = self.model.backoffs();
+        avoid.extend(self.model.outbox());
+        if let Some(delay) = self.model.predicted_backoff(&report, jitter) {
+            let shifted: Vec<Window> = avoid.iter().map(|w| w.earlier(delay)).collect();
+            avoid.extend(shifted);
+        }
+        let s = self.clock.begin(&avoid).await;
+        let a = self
+            .mem
+            .report(&report, RETRY, jitter, RETENTION)
+            .await
+            .unwrap();
+        let b = self
+            .red
+            .report(&report, RETRY, jitter, RETENTION)
+            .await
+            .unwrap();
+        let w = self.clock.end(s, &avoid, &report);
+        let (want, dispatched) = self.model.report(&report, jitter, w);
+        let context = format!("{} (report {report:?}, jitter {jitter})", self.context);
+        assert_eq!(
+            norm_report(a, dispatched),
+            want,
+            "memory store, report, at {context}"
+        );
+        assert_eq!(
+            norm_report(b, dispatched),
+            want,
+            "Redis store, report, at {context}"
+        );
+        self.count(match want {
+            ReportOutcome::Discarded => "report: discarded",
+            ReportOutcome::Replayed(_) => "report: replayed",
+            ReportOutcome::Next { .. } => "report: next step queued",
+            ReportOutcome::Retry { .. } => "report: retry after backoff",
+            ReportOutcome::Done {
+                status: TaskStatus::Succeeded,
+                ..
+            } => "report: done, succeeded",
+            ReportOutcome::Done { .. } => "report: done, failed",
+        });
+        self.model.sent.push((report, jitter));
+    }
+
+    /// Everything both stores can be asked about the state agrees with the model.
+    async fn check(&self) {
+        self.model.check_invariants();
+        for t in &self.model.tasks {
+            let a = self
+                .mem
+                .get(&t.id)
+                .await
+                .unwrap()
+                .expect("memory: task kept");
+            let b = self
+                .red
+                .get(&t.id)
+                .await
+                .unwrap()
+                .expect("Redis: task kept");
+            let want = self.model.record(t);
+            self.same("task view", &want, &norm_record(a, t), &norm_record(b, t));
+        }
+        for id in &self.model.absent {
+            assert!(self.mem.get(id).await.unwrap().is_none(), "memory: {id}");
+            assert!(self.red.get(id).await.unwrap().is_none(), "Redis: {id}");
+        }
+        let a = self.mem.stats(&self.caps, RETENTION).await.unwrap();
+        let b = self.red.stats(&self.caps, RETENTION).await.unwrap();
+        for (c, ((ca, a), (cb, b))) in a.into_iter().zip(b).enumerate() {
+            assert_eq!((&ca, &cb), (&cap(c), &cap(c)));
+            let (want, head) = self.model.stats(c);
+            let what = format!("queue figures of {ca}");
+            self.same(&what, &want, &norm_stats(a, head), &norm_stats(b, head));
+        }
+        let want = self.model.loads();
+        let a = self.mem.worker_loads().await.unwrap();
+        let b = self.red.worker_loads().await.unwrap();
+        self.same("worker loads", &want, &a, &b);
+        for (c, capability) in self.caps.iter().enumerate() {
+            let want = self.model.dead_letters(c);
+            let a = self.mem.dead_letters(capability, 100).await.unwrap();
+            let b = self.red.dead_letters(capability, 100).await.unwrap();
+            self.same("dead letters", &want, &a, &b);
+        }
+        let want = self.model.outbox().len() as u64;
+        let a = self.mem.callbacks_pending().await.unwrap();
+        let b = self.red.callbacks_pending().await.unwrap();
+        self.same("callbacks pending", &want, &a, &b);
+        let want: Vec<Capability> = self.model.caps_seen.iter().map(|c| cap(*c)).collect();
+        let mut a = self.mem.capabilities().await.unwrap();
+        let mut b = self.red.capabilities().await.unwrap();
+        a.sort();
+        b.sort();
+        self.same("capabilities", &want, &a, &b);
     }
 }
 
-async fn check_invariants(stores: &[&dyn TaskStore; 2], tasks: &[TaskId], caps: &[Capability]) {
-    let mut views = Vec::new();
-    for store in stores {
-        let mut per_store = Vec::new();
-        let mut queued: HashMap<String, u64> = HashMap::new();
-        let mut leased: HashMap<String, u64> = HashMap::new();
-        for id in tasks {
-            let view = store
-                .get(id)
-                .await
-                .unwrap()
-                .expect("tasks do not vanish within retention")
-                .view;
-            for s in &view.steps {
-                match s.status {
-                    StepStatus::Queued => *queued.entry(s.capability.to_string()).or_default() += 1,
-                    StepStatus::Dispatched => {
-                        *leased.entry(s.capability.to_string()).or_default() += 1
-                    }
-                    _ => {}
-                }
-                assert!(s.attempts <= 3, "tries never exceed max_attempts");
-            }
-            let active = view
-                .steps
-                .iter()
-                .filter(|s| matches!(s.status, StepStatus::Queued | StepStatus::Dispatched))
-                .count();
-            if view.status.is_terminal() {
-                assert_eq!(
-                    active, 0,
-                    "a finished task has nothing queued or leased: {view:?}"
-                );
-                assert!(view.finished_at_ms.is_some());
-            } else {
-                assert_eq!(
-                    active, 1,
-                    "a live task has exactly one active step: {view:?}"
-                );
-            }
-            if view.status == TaskStatus::Succeeded {
-                assert_eq!(view.result, view.steps.last().unwrap().output);
-            }
-            let ordered = view
-                .steps
-                .iter()
-                .skip_while(|s| s.status == StepStatus::Succeeded)
-                .skip(1)
-                .all(|s| s.status == StepStatus::Pending || view.status.is_terminal());
-            assert!(ordered, "steps after the active one are pending: {view:?}");
-            per_store.push((
-                view.status,
-                view.steps
-                    .iter()
-                    .map(|s| (s.status, s.attempts, s.output.clone()))
-                    .collect::<Vec<_>>(),
-            ));
-        }
-        let stats = store.stats(caps, RETENTION).await.unwrap();
-        for (cap, s) in stats {
-            assert_eq!(
-                s.queued + s.delayed,
-                queued.get(cap.as_str()).copied().unwrap_or(0),
-                "queue figures for {cap}"
-            );
-            assert_eq!(
-                s.in_flight,
-                leased.get(cap.as_str()).copied().unwrap_or(0),
-                "lease figures for {cap}"
-            );
-        }
-        views.push(per_store);
+/// Runs one sequence on both stores and the model, checking after every operation.
+async fn run(ops: Vec<Op>, redis: &RedisServer, tally: &Mutex<Tally>) {
+    let mut run = Run {
+        mem: MemoryStore::new(),
+        red: RedisStore::new(RedisPool::new(&redis.settings()).unwrap()),
+        model: Model::default(),
+        clock: Clock::default(),
+        caps: (0..CAPS.len()).map(cap).collect(),
+        submitted: 0,
+        tally,
+        context: String::new(),
+    };
+    for (i, op) in ops.iter().enumerate() {
+        run.context = format!("operation {i}: {op:?}");
+        run.apply(op).await;
+        run.check().await;
     }
-    assert_eq!(views[0], views[1], "memory and Redis stores agree");
+    *tally
+        .lock()
+        .unwrap()
+        .entry("claim: lost step given to another worker")
+        .or_default() += run.model.swaps;
 }
 
 #[test]
@@ -319,12 +2121,21 @@ fn stores_agree_with_each_other_and_the_model() {
         .enable_all()
         .build()
         .unwrap();
-    let config = ProptestConfig {
-        cases: 48,
+    let tally = Mutex::new(Tally::new());
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 64,
         failure_persistence: None,
+        max_shrink_iters: 256,
         ..ProptestConfig::default()
-    };
-    proptest!(config, |(ops in prop::collection::vec(op(), 1..40))| {
-        rt.block_on(run(ops, &redis));
     });
+    let started = std::time::Instant::now();
+    let result = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
+        rt.block_on(run(ops, &redis, &tally));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let tally = tally.into_inner().unwrap();
+    eprintln!("model test: {:?}, outcomes: {tally:#?}", started.elapsed());
 }
