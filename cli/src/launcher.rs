@@ -273,11 +273,21 @@ impl System {
             "api_keys": format!("local:{api_key}"),
             "operator_api_keys": format!("operator:{api_key}"),
             "worker_token": worker_token,
+            // Everything runs on this machine, callback receivers included.
+            "callback_allow_private": true,
         });
         if memory {
             master_overrides = with(master_overrides, json!({ "lease_ms": MEMORY_LEASE_MS }));
         }
-        let master: master::Config = load("master", file, master_overrides)?;
+        let mut master: master::Config = load("master", file, master_overrides)?;
+        if master.callback_secret.is_empty() {
+            // Callbacks are always signed; a receiver that checks signatures needs
+            // CALLBACK_SECRET set before the launch.
+            master.callback_secret = common::config::Secret::new(random_key());
+            tracing::info!(
+                "CALLBACK_SECRET is not set: completion callbacks are signed with a generated secret"
+            );
+        }
         let mut workers = Vec::new();
         for (cap, (listener, url)) in worker_listeners {
             let config: worker::Config = load(

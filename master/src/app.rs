@@ -35,8 +35,6 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// The dispatcher.
     pub dispatcher: Arc<Dispatcher>,
-    /// Client for completion callbacks.
-    pub callbacks: reqwest::Client,
     /// Background work that must finish at shutdown.
     pub tracker: TaskTracker,
     /// Cancelled at shutdown (long polls answer early).
@@ -106,6 +104,12 @@ pub async fn serve_with(
         shutdown.clone(),
     );
     dispatcher.start();
+    crate::callbacks::spawn(
+        config.clone(),
+        backends.store.clone(),
+        &tracker,
+        shutdown.clone(),
+    )?;
     if let Some(settings) = backends.events.clone() {
         let hub = hub.clone();
         let stop = shutdown.clone();
@@ -113,7 +117,6 @@ pub async fn serve_with(
     }
     let state = Arc::new(AppState {
         pipelines: config.all_pipelines(),
-        callbacks: common::http::client(Duration::from_secs(10)),
         config: config.clone(),
         store: backends.store.clone(),
         workers: backends.workers,

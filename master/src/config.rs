@@ -88,6 +88,34 @@ pub struct Config {
     /// it. A lease is extended only by a heartbeat, so `LEASE_MS` must cover at least two
     /// of them or every running step would lapse between beats.
     pub worker_heartbeat_ms: u64,
+
+    /// `CALLBACK_SECRET`: signs every completion callback (HMAC-SHA256 in the
+    /// `Ensemble-Signature` header), so a receiver can tell the master's callbacks from
+    /// anyone else's. Unset, `callback_url` is refused (`422`): an unsigned callback is one
+    /// any caller could forge.
+    pub callback_secret: Secret,
+    /// `CALLBACK_ALLOW_PRIVATE`: let callbacks reach loopback, private, link-local and other
+    /// internal addresses (local use; the all-in-one launcher sets it). Off, a
+    /// `callback_url` cannot make the master call into its own network (SSRF): such IP
+    /// literals are refused at submit, and names are checked against every address they
+    /// resolve to when the callback connects.
+    pub callback_allow_private: bool,
+    /// `CALLBACK_MAX_ATTEMPTS`: delivery attempts before a callback is marked `failed`.
+    pub callback_max_attempts: u32,
+    /// `CALLBACK_RETRY_BASE_MS`: the backoff after a callback's first failed attempt;
+    /// doubles per attempt (with jitter) up to `CALLBACK_RETRY_MAX_MS`. The defaults spread
+    /// 8 attempts over about an hour.
+    pub callback_retry_base_ms: u64,
+    /// `CALLBACK_RETRY_MAX_MS`: the longest backoff between two callback attempts.
+    pub callback_retry_max_ms: u64,
+    /// `CALLBACK_TIMEOUT_MS`: how long one callback attempt may take, connecting included.
+    pub callback_timeout_ms: u64,
+    /// `CALLBACK_VISIBILITY_MS`: how long a claimed callback is hidden from the other
+    /// replicas. A replica that dies mid-delivery is replaced by another after this, so it
+    /// must exceed `CALLBACK_TIMEOUT_MS` (or a slow receiver would be called twice).
+    pub callback_visibility_ms: u64,
+    /// `CALLBACK_POLL_MS`: how often each replica looks for callbacks that are due.
+    pub callback_poll_ms: u64,
 }
 
 /// A named pipeline: an ordered list of steps.
@@ -169,6 +197,14 @@ impl Default for Config {
             long_poll_max_total: 2_000,
             work_body_limit_bytes: 8 * 1024 * 1024,
             worker_heartbeat_ms: 2_000,
+            callback_secret: Secret::default(),
+            callback_allow_private: false,
+            callback_max_attempts: 8,
+            callback_retry_base_ms: 30_000,
+            callback_retry_max_ms: 30 * 60_000,
+            callback_timeout_ms: 10_000,
+            callback_visibility_ms: 30_000,
+            callback_poll_ms: 500,
         }
     }
 }
@@ -203,6 +239,14 @@ impl Settings for Config {
             "LONG_POLL_MAX_TOTAL",
             "WORK_BODY_LIMIT_BYTES",
             "WORKER_HEARTBEAT_MS",
+            "CALLBACK_SECRET",
+            "CALLBACK_ALLOW_PRIVATE",
+            "CALLBACK_MAX_ATTEMPTS",
+            "CALLBACK_RETRY_BASE_MS",
+            "CALLBACK_RETRY_MAX_MS",
+            "CALLBACK_TIMEOUT_MS",
+            "CALLBACK_VISIBILITY_MS",
+            "CALLBACK_POLL_MS",
         ];
         vars.extend_from_slice(REDIS_ENV_VARS);
         vars
@@ -297,6 +341,36 @@ impl Settings for Config {
                 ));
             }
         }
+        if self.callback_max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "CALLBACK_MAX_ATTEMPTS",
+                "must be at least 1",
+            ));
+        }
+        if self.callback_retry_base_ms == 0
+            || self.callback_retry_max_ms < self.callback_retry_base_ms
+        {
+            return Err(ConfigError::invalid(
+                "CALLBACK_RETRY_MAX_MS",
+                "CALLBACK_RETRY_BASE_MS must be above 0 and CALLBACK_RETRY_MAX_MS at least that",
+            ));
+        }
+        if self.callback_timeout_ms == 0 || self.callback_poll_ms == 0 {
+            return Err(ConfigError::invalid(
+                "CALLBACK_TIMEOUT_MS",
+                "CALLBACK_TIMEOUT_MS and CALLBACK_POLL_MS must be above 0",
+            ));
+        }
+        if self.callback_visibility_ms <= self.callback_timeout_ms {
+            return Err(ConfigError::invalid(
+                "CALLBACK_VISIBILITY_MS",
+                format!(
+                    "must be above CALLBACK_TIMEOUT_MS ({} ms): a delivery still running when \
+                     its claim becomes visible again is made twice",
+                    self.callback_timeout_ms
+                ),
+            ));
+        }
         let has_keys = !self.api_keys.is_empty()
             || !self.jwt_secret.is_empty()
             || self.jwt_public_key_file.is_some();
@@ -325,6 +399,14 @@ impl Config {
     /// The lease as a duration.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    /// The backoff between completion-callback attempts.
+    pub fn callback_backoff(&self) -> common::backoff::Backoff {
+        common::backoff::Backoff {
+            base: Duration::from_millis(self.callback_retry_base_ms),
+            max: Duration::from_millis(self.callback_retry_max_ms),
+        }
     }
 
     /// Finished-task retention as a duration.

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod callbacks;
 pub mod config;
 pub mod dispatch;
 pub mod emf;

@@ -64,6 +64,12 @@ pub fn lease_expired(cap: &Capability) {
         .increment(1);
 }
 
+/// A completion callback attempt ended: `delivered`, `retried`, `failed` (no attempts
+/// left), or `stale` (it outlived its claim and another replica took the callback over).
+pub fn callback_attempt(outcome: &'static str) {
+    metrics::counter!("ensemble_callbacks_total", "outcome" => outcome).increment(1);
+}
+
 /// The store could not be read for the gauges.
 pub fn redis_error() {
     metrics::counter!("ensemble_store_errors_total").increment(1);

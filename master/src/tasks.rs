@@ -84,10 +84,13 @@ pub async fn submit(
         )));
     }
     if let Some(url) = &body.callback_url {
-        let ok = reqwest::Url::parse(url)
-            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-        if !ok {
-            return Err(ApiError::invalid("`callback_url` must be an http(s) URL"));
+        crate::callbacks::check_url(url, state.config.callback_allow_private)
+            .map_err(|why| ApiError::invalid(format!("`callback_url` {why}")))?;
+        if state.config.callback_secret.is_empty() {
+            return Err(ApiError::invalid(
+                "`callback_url`: callbacks need CALLBACK_SECRET, which this master does not have \
+                 (callbacks are always signed)",
+            ));
         }
     }
     let (pipeline, steps) = plan(state, &body)?;
@@ -360,48 +363,13 @@ pub async fn record_report(state: &Arc<AppState>, report: ResultReport) -> Resul
             "report repeated after its first answer was lost; answered as recorded again"),
         ReportOutcome::Retry { delay, .. } => tracing::info!(task_id = %report.task_id,
             step = report.step, delay_ms = delay.as_millis() as u64, "step will be retried"),
-        ReportOutcome::Done {
-            status, callback, ..
-        } => {
+        // A callback was put in the outbox by the same store step (see callbacks.rs).
+        ReportOutcome::Done { status, .. } => {
             tracing::info!(task_id = %report.task_id, status = status.as_str(), "task finished");
-            if *callback {
-                spawn_callback(state, &report.task_id);
-            }
         }
         ReportOutcome::Next { .. } => {}
     }
     Ok(recorded)
-}
-
-/// POSTs the final task view to the task's callback URL, if it has one (best effort: three
-/// tries, then logged).
-fn spawn_callback(state: &Arc<AppState>, id: &TaskId) {
-    let state = state.clone();
-    let id = id.clone();
-    state.tracker.clone().spawn(async move {
-        let Ok(Some(record)) = state.store.get(&id).await else {
-            return;
-        };
-        let Some(url) = record.callback_url else {
-            return;
-        };
-        for attempt in 0..3u32 {
-            let sent = state
-                .callbacks
-                .post(&url)
-                .header(&common::telemetry::REQUEST_ID, &record.request_id)
-                .json(&record.view)
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status().is_success() => return,
-                Ok(r) => tracing::warn!(task_id = %id, status = %r.status(), "callback refused"),
-                Err(e) => tracing::warn!(task_id = %id, error = %e, "callback failed"),
-            }
-            tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
-        }
-        tracing::warn!(task_id = %id, "giving up on the callback");
-    });
 }
 
 /// Redrives one failed task.

@@ -7,7 +7,8 @@ mod work;
 
 pub use ids::{Capability, IdError, TaskId, WorkerId};
 pub use task::{
-    StepStatus, StepView, SubmitResponse, SubmitTask, TaskResult, TaskStatus, TaskView,
+    CallbackStatus, CallbackView, StepStatus, StepView, SubmitResponse, SubmitTask, TaskResult,
+    TaskStatus, TaskView,
 };
 pub use work::{
     AckStatus, PriorOutput, ReportStatus, ResultAck, ResultReport, StepContext, StepError, StepRef,

@@ -151,6 +151,46 @@ pub struct TaskView {
     pub started_at_ms: Option<u64>,
     /// When it finished.
     pub finished_at_ms: Option<u64>,
+    /// The completion callback's delivery, for a task submitted with a `callback_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackView>,
+}
+
+/// The delivery of a task's completion callback, in `GET /task/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CallbackView {
+    /// Where the final view is POSTed.
+    pub url: String,
+    /// `pending` until delivered or given up on.
+    pub status: CallbackStatus,
+    /// Delivery attempts started so far (for the task's latest finish).
+    pub attempts: u32,
+    /// Why the last failed attempt failed.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// Where a completion callback's delivery stands.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum CallbackStatus {
+    /// The task has not finished, or it has and delivery is still being tried.
+    Pending,
+    /// The receiver answered `2xx`.
+    Delivered,
+    /// Every attempt failed (`CALLBACK_MAX_ATTEMPTS`); no more are made.
+    Failed,
+}
+
+impl CallbackStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// `GET /result/{id}`: the final output, or the state while running.

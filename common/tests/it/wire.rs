@@ -78,6 +78,12 @@ fn protocol_types_round_trip() {
         created_at_ms: 1,
         started_at_ms: Some(2),
         finished_at_ms: None,
+        callback: Some(CallbackView {
+            url: "https://hooks.example.com/done".into(),
+            status: CallbackStatus::Pending,
+            attempts: 0,
+            last_error: None,
+        }),
     });
 }
 

@@ -41,6 +41,13 @@ pub fn capabilities(prefix: &str) -> String {
     format!("{prefix}:caps")
 }
 
+/// The completion-callback outbox: task ids by when their delivery is due (sorted set).
+/// The delivery state lives in the task's hash: `cb` URL, `cbs` pending|delivered|failed,
+/// `cbn` attempts claimed, `cbe` last error.
+pub fn callbacks(prefix: &str) -> String {
+    format!("{prefix}:callbacks")
+}
+
 /// A client's idempotency key.
 pub fn idempotency(prefix: &str, client: &str, key: &str) -> String {
     format!("{prefix}:idem:{client}:{key}")

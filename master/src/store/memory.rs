@@ -8,15 +8,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::wire::{
-    Capability, PriorOutput, ReportStatus, ResultReport, StepContext, StepError, StepRef,
-    StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId, now_ms,
+    CallbackStatus, CallbackView, Capability, PriorOutput, ReportStatus, ResultReport, StepContext,
+    StepError, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
+    now_ms,
 };
 use serde_json::Value;
 
 use super::{
-    CancelOutcome, Claimed, ExpiredLease, FinishedStep, MAX_FREE_DISPATCH_FAILURES, NewTask,
-    QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome,
-    RetryPolicy, SCORE_EPOCH_MS, StoreError, SubmitOutcome, TaskRecord, TaskStore, lost_on_worker,
+    CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease,
+    FinishedStep, MAX_FREE_DISPATCH_FAILURES, NewTask, QueueStats, RateLimit, RedriveOutcome,
+    ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, SCORE_EPOCH_MS, StoreError,
+    SubmitOutcome, TaskRecord, TaskStore, lost_on_worker,
 };
 
 /// The in-memory [`TaskStore`].
@@ -64,6 +66,8 @@ struct State {
     /// client → theoretical arrival time (GCRA), ms.
     rate: HashMap<String, f64>,
     capabilities: BTreeSet<String>,
+    /// The completion-callback outbox: task id → when its delivery is due.
+    outbox: HashMap<String, u64>,
 }
 
 struct Task {
@@ -81,6 +85,17 @@ struct Task {
     finished: Option<u64>,
     expires_at: Option<u64>,
     steps: Vec<Step>,
+    /// The callback's delivery since the task last finished; `None` before that (the
+    /// Redis hash has no `cbs` then).
+    delivery: Option<Delivery>,
+}
+
+/// Where a finished task's completion callback stands (`cbs`, `cbn`, `cbe` in Redis).
+struct Delivery {
+    status: CallbackStatus,
+    /// Attempts claimed, finished or not: the fencing token of `finish_callback`.
+    attempts: u32,
+    last_error: Option<String>,
 }
 
 struct Step {
@@ -143,6 +158,18 @@ impl State {
             id.to_string(),
             step,
         ));
+    }
+
+    /// A finished task's callback enters the outbox, due now (lib.lua: queue_callback).
+    fn queue_callback(&mut self, id: &str, now: u64) {
+        if let Some(t) = self.tasks.get_mut(id) {
+            t.delivery = Some(Delivery {
+                status: CallbackStatus::Pending,
+                attempts: 0,
+                last_error: None,
+            });
+            self.outbox.insert(id.to_string(), now);
+        }
     }
 
     fn remove_lease(&mut self, cap: &Capability, id: &str, step: u32) -> bool {
@@ -244,6 +271,7 @@ impl TaskStore for MemoryStore {
                     finished: None,
                     expires_at: None,
                     steps,
+                    delivery: None,
                 },
             );
             Ok(SubmitOutcome::Created)
@@ -498,6 +526,9 @@ impl TaskStore for MemoryStore {
                     }
                 }
             };
+            if matches!(outcome, ReportOutcome::Done { callback: true, .. }) {
+                s.queue_callback(id, now);
+            }
             if !lost && let Some(t) = s.tasks.get_mut(id) {
                 t.steps[idx].recorded = Some((
                     report.attempt,
@@ -601,6 +632,99 @@ impl TaskStore for MemoryStore {
         })
     }
 
+    async fn claim_callbacks(
+        &self,
+        limit: usize,
+        visibility: Duration,
+        max_attempts: u32,
+    ) -> Result<Vec<CallbackClaim>, StoreError> {
+        let now = now_ms();
+        self.with(|s| {
+            // Same order as ZRANGEBYSCORE: by due time, then by id.
+            let mut due: Vec<(u64, String)> = s
+                .outbox
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(id, at)| (*at, id.clone()))
+                .collect();
+            due.sort();
+            due.truncate(limit.max(1));
+            let mut claimed = Vec::new();
+            for (_, id) in due {
+                let Some(task) = s.task(&id, now) else {
+                    s.outbox.remove(&id);
+                    continue;
+                };
+                let url = task.callback_url.clone();
+                let live = task.status.is_terminal();
+                let Some(d) = task
+                    .delivery
+                    .as_mut()
+                    .filter(|d| d.status == CallbackStatus::Pending && live && url.is_some())
+                else {
+                    s.outbox.remove(&id);
+                    continue;
+                };
+                if d.attempts >= max_attempts.max(1) {
+                    d.status = CallbackStatus::Failed;
+                    d.last_error = Some(CALLBACK_ABANDONED.to_string());
+                    s.outbox.remove(&id);
+                    continue;
+                }
+                d.attempts += 1;
+                let attempt = d.attempts;
+                let record = record(task);
+                s.outbox.insert(id, now + ms(visibility).max(1));
+                if let Some(url) = url {
+                    claimed.push(CallbackClaim {
+                        record,
+                        url,
+                        attempt,
+                    });
+                }
+            }
+            claimed
+        })
+    }
+
+    async fn finish_callback(
+        &self,
+        id: &TaskId,
+        attempt: u32,
+        result: &CallbackResult,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        self.with(|s| {
+            let Some(d) = s
+                .task(id.as_str(), now)
+                .and_then(|t| t.delivery.as_mut())
+                .filter(|d| d.status == CallbackStatus::Pending && d.attempts == attempt)
+            else {
+                return false;
+            };
+            match result {
+                CallbackResult::Delivered => {
+                    d.status = CallbackStatus::Delivered;
+                    s.outbox.remove(id.as_str());
+                }
+                CallbackResult::Retry { error, delay } => {
+                    d.last_error = Some(error.clone());
+                    s.outbox.insert(id.to_string(), now + ms(*delay).max(1));
+                }
+                CallbackResult::Failed { error } => {
+                    d.status = CallbackStatus::Failed;
+                    d.last_error = Some(error.clone());
+                    s.outbox.remove(id.as_str());
+                }
+            }
+            true
+        })
+    }
+
+    async fn callbacks_pending(&self) -> Result<u64, StoreError> {
+        self.with(|s| s.outbox.len() as u64)
+    }
+
     async fn cancel(&self, id: &TaskId, retention: Duration) -> Result<CancelOutcome, StoreError> {
         let now = now_ms();
         self.with(|s| {
@@ -622,6 +746,9 @@ impl TaskStore for MemoryStore {
             task.status = TaskStatus::Cancelled;
             task.finished = Some(now);
             task.expires_at = Some(now + ms(retention));
+            if task.callback_url.is_some() {
+                s.queue_callback(id.as_str(), now);
+            }
             for (step, cap, worker) in active {
                 if let Some(q) = s.queues.get_mut(cap.as_str()) {
                     q.retain(|(_, t, st)| !(t == id.as_str() && *st == step));
@@ -661,6 +788,8 @@ impl TaskStore for MemoryStore {
             task.finished = None;
             task.error = None;
             task.expires_at = None;
+            // The failure's callback is superseded by the next finish's (redrive.lua).
+            task.delivery = None;
             let priority = task.priority;
             let st = &mut task.steps[idx];
             st.status = StepStatus::Queued;
@@ -671,6 +800,7 @@ impl TaskStore for MemoryStore {
             if let Some(d) = s.dead.get_mut(cap.as_str()) {
                 d.remove(id.as_str());
             }
+            s.outbox.remove(id.as_str());
             s.enqueue(&cap, priority, now, id.as_str(), idx as u32);
             RedriveOutcome::Redriven(cap)
         })
@@ -783,6 +913,15 @@ fn record(t: &Task) -> TaskRecord {
             created_at_ms: t.created,
             started_at_ms: t.started,
             finished_at_ms: t.finished,
+            callback: t.callback_url.as_ref().map(|url| {
+                let d = t.delivery.as_ref();
+                CallbackView {
+                    url: url.clone(),
+                    status: d.map_or(CallbackStatus::Pending, |d| d.status),
+                    attempts: d.map_or(0, |d| d.attempts),
+                    last_error: d.and_then(|d| d.last_error.clone()),
+                }
+            }),
         },
         client: t.client.clone(),
         callback_url: t.callback_url.clone(),

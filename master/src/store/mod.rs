@@ -277,6 +277,43 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// A completion callback claimed for delivery (see [`TaskStore::claim_callbacks`]).
+#[derive(Debug, Clone)]
+pub struct CallbackClaim {
+    /// The finished task; `record.view.callback` shows this attempt as started.
+    pub record: TaskRecord,
+    /// Where to POST it.
+    pub url: String,
+    /// This delivery attempt, from 1. It is the fencing token of
+    /// [`TaskStore::finish_callback`]: a claim whose visibility ran out and was taken over
+    /// by another replica can no longer record anything.
+    pub attempt: u32,
+}
+
+/// How one callback delivery attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallbackResult {
+    /// The receiver answered `2xx`: done, out of the outbox.
+    Delivered,
+    /// It failed; try again after `delay`.
+    Retry {
+        /// What went wrong, shown as `last_error`.
+        error: String,
+        /// The backoff.
+        delay: Duration,
+    },
+    /// It failed and no attempts are left: the callback is `failed`, out of the outbox.
+    Failed {
+        /// What went wrong, shown as `last_error`.
+        error: String,
+    },
+}
+
+/// `last_error` of a callback whose attempts ran out because the replicas that claimed
+/// them stopped before finishing.
+pub const CALLBACK_ABANDONED: &str =
+    "the delivery attempt was never finished (master replica stopped)";
+
 /// What `redrive` did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RedriveOutcome {
@@ -371,7 +408,33 @@ pub trait TaskStore: Send + Sync + 'static {
     /// many moved.
     async fn promote_due(&self, capability: &Capability) -> Result<usize, StoreError>;
 
-    /// Cancels a task.
+    /// Claims up to `limit` completion callbacks that are due (oldest first) from the
+    /// outbox that `report` and `cancel` add finished tasks with a callback URL to, in the
+    /// same atomic step that records the outcome. Each claim starts a delivery attempt and
+    /// hides the entry from other claims for `visibility`, so a replica that dies holding
+    /// it is replaced by another one after that. Entries whose task expired, is running
+    /// again (redriven) or has no pending callback are dropped; one whose `max_attempts`
+    /// were all claimed but never finished is marked failed ([`CALLBACK_ABANDONED`]).
+    async fn claim_callbacks(
+        &self,
+        limit: usize,
+        visibility: Duration,
+        max_attempts: u32,
+    ) -> Result<Vec<CallbackClaim>, StoreError>;
+
+    /// Records how delivery attempt `attempt` of a task's callback ended, if that attempt
+    /// is still the latest one claimed. Returns whether it was recorded.
+    async fn finish_callback(
+        &self,
+        id: &TaskId,
+        attempt: u32,
+        result: &CallbackResult,
+    ) -> Result<bool, StoreError>;
+
+    /// Completion callbacks waiting in the outbox (due or backing off, claimed or not).
+    async fn callbacks_pending(&self) -> Result<u64, StoreError>;
+
+    /// Cancels a task. A task with a callback URL enters the callback outbox.
     async fn cancel(&self, id: &TaskId, retention: Duration) -> Result<CancelOutcome, StoreError>;
 
     /// Queues a failed task's failed step again, with its attempts reset.

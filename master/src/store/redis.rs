@@ -8,16 +8,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::redis::RedisPool;
 use common::wire::{
-    Capability, PriorOutput, ReportStatus, ResultReport, StepContext, StepError, StepRef,
-    StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
+    CallbackStatus, CallbackView, Capability, PriorOutput, ReportStatus, ResultReport, StepContext,
+    StepError, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
 };
 use redis::Script;
 use serde_json::Value;
 
 use super::{
-    CancelOutcome, Claimed, ExpiredLease, FinishedStep, MAX_FREE_DISPATCH_FAILURES, NewTask,
-    QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome,
-    RetryPolicy, StoreError, SubmitOutcome, TaskRecord, TaskStore, keys, lost_on_worker,
+    CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease,
+    FinishedStep, MAX_FREE_DISPATCH_FAILURES, NewTask, QueueStats, RateLimit, RedriveOutcome,
+    ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, StoreError, SubmitOutcome,
+    TaskRecord, TaskStore, keys, lost_on_worker,
 };
 
 macro_rules! script {
@@ -38,6 +39,8 @@ script!(PROMOTE, "lua/promote.lua");
 script!(CANCEL, "lua/cancel.lua");
 script!(REDRIVE, "lua/redrive.lua");
 script!(STATS, "lua/stats.lua");
+script!(CALLBACK_CLAIM, "lua/callback_claim.lua");
+script!(CALLBACK_FINISH, "lua/callback_finish.lua");
 
 /// The Redis-backed [`TaskStore`].
 #[derive(Clone, Debug)]
@@ -358,6 +361,82 @@ impl TaskStore for RedisStore {
         Ok(moved)
     }
 
+    async fn claim_callbacks(
+        &self,
+        limit: usize,
+        visibility: Duration,
+        max_attempts: u32,
+    ) -> Result<Vec<CallbackClaim>, StoreError> {
+        let p = self.prefix();
+        let mut conn = self.pool.get().await?;
+        let rows: Vec<Vec<String>> = CALLBACK_CLAIM
+            .key(keys::callbacks(p))
+            .arg(p)
+            .arg(limit.max(1))
+            .arg(ms(visibility))
+            .arg(max_attempts.max(1))
+            .arg(CALLBACK_ABANDONED)
+            .invoke_async(&mut conn)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let (Some(id), Some(attempt)) = (row.first(), row.get(1)) else {
+                    return Err(corrupt("callback claim row too short"));
+                };
+                let id = TaskId::new(id.as_str()).map_err(corrupt)?;
+                let fields: HashMap<String, String> = row[2..]
+                    .chunks_exact(2)
+                    .map(|kv| (kv[0].clone(), kv[1].clone()))
+                    .collect();
+                let record = record_from_fields(&id, &fields)?;
+                let url = record
+                    .callback_url
+                    .clone()
+                    .ok_or_else(|| corrupt("claimed callback without a URL"))?;
+                Ok(CallbackClaim {
+                    record,
+                    url,
+                    attempt: parse_num(attempt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn finish_callback(
+        &self,
+        id: &TaskId,
+        attempt: u32,
+        result: &CallbackResult,
+    ) -> Result<bool, StoreError> {
+        let p = self.prefix();
+        let (outcome, error, delay) = match result {
+            CallbackResult::Delivered => ("delivered", "", 0),
+            CallbackResult::Retry { error, delay } => ("retry", error.as_str(), ms(*delay)),
+            CallbackResult::Failed { error } => ("failed", error.as_str(), 0),
+        };
+        let mut conn = self.pool.get().await?;
+        let recorded: i64 = CALLBACK_FINISH
+            .key(keys::task(p, id.as_str()))
+            .key(keys::callbacks(p))
+            .arg(id.as_str())
+            .arg(attempt)
+            .arg(outcome)
+            .arg(error)
+            .arg(delay)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(recorded == 1)
+    }
+
+    async fn callbacks_pending(&self) -> Result<u64, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(keys::callbacks(self.prefix()))
+            .query_async(&mut conn)
+            .await?;
+        Ok(n)
+    }
+
     async fn cancel(&self, id: &TaskId, retention: Duration) -> Result<CancelOutcome, StoreError> {
         let p = self.prefix();
         let error = serde_json::to_string(&StepError::permanent("cancelled", "task cancelled"))
@@ -598,6 +677,16 @@ fn record_from_fields(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRe
             created_at_ms: num("ca").unwrap_or(0),
             started_at_ms: num("sa"),
             finished_at_ms: num("fa"),
+            callback: get("cb").map(|url| CallbackView {
+                url: url.to_string(),
+                status: match get("cbs") {
+                    Some("delivered") => CallbackStatus::Delivered,
+                    Some("failed") => CallbackStatus::Failed,
+                    _ => CallbackStatus::Pending,
+                },
+                attempts: num("cbn").unwrap_or(0) as u32,
+                last_error: get("cbe").map(String::from),
+            }),
         },
         client: get("cl").unwrap_or("").to_string(),
         callback_url: get("cb").map(String::from),

@@ -7,11 +7,13 @@ use std::time::Duration;
 use common::redis::RedisPool;
 use common::testing::RedisServer;
 use common::wire::{
-    Capability, ReportStatus, ResultReport, StepError, StepStatus, TaskId, TaskStatus, WorkerId,
+    CallbackStatus, CallbackView, Capability, ReportStatus, ResultReport, StepError, StepStatus,
+    TaskId, TaskStatus, WorkerId,
 };
 use master::store::{
-    CancelOutcome, NewTask, PlannedStep, RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome,
-    ReleaseReason, ReportOutcome, RetryPolicy, SubmitOutcome, TaskStore,
+    CALLBACK_ABANDONED, CallbackResult, CancelOutcome, NewTask, PlannedStep, RateLimit, RedisStore,
+    RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, SubmitOutcome,
+    TaskStore,
 };
 use serde_json::json;
 
@@ -140,6 +142,9 @@ both_stores!(
     a_lost_attempt_goes_to_another_worker,
     a_step_carries_the_step_before_not_the_whole_history,
     the_masters_own_report_of_a_lost_attempt_is_not_replayed,
+    finished_tasks_with_a_callback_enter_the_outbox,
+    a_callback_claim_never_finished_is_claimed_again_after_its_visibility,
+    a_redriven_task_leaves_the_outbox,
 );
 
 async fn failed_dispatches_are_free_only_a_few_times_in_a_row(store: Arc<dyn TaskStore>) {
@@ -756,4 +761,241 @@ async fn stats_and_worker_loads(store: Arc<dyn TaskStore>) {
         "inline capabilities are remembered"
     );
     s.ping().await.unwrap();
+}
+
+/// A one-step task with a callback URL.
+fn with_callback(url: &str, max_attempts: u32) -> NewTask {
+    NewTask {
+        callback_url: Some(url.into()),
+        ..task(&["plan"], 0, max_attempts)
+    }
+}
+
+/// Claims step 0 of `id` for w1 and reports it.
+async fn finish(s: &dyn TaskStore, succeed: bool) {
+    let claimed = s
+        .claim(&cap("plan"), &[worker("w1")], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let work = &claimed[0].work;
+    let r = if succeed {
+        ok(&work.task_id, 0, work.attempt, json!("done"))
+    } else {
+        failed(&work.task_id, 0, work.attempt, false)
+    };
+    assert!(matches!(report(s, r).await, ReportOutcome::Done { .. }));
+}
+
+async fn callback_of(s: &dyn TaskStore, id: &TaskId) -> Option<CallbackView> {
+    s.get(id).await.unwrap().unwrap().view.callback
+}
+
+fn delivery(url: &str, status: CallbackStatus, attempts: u32, err: Option<&str>) -> CallbackView {
+    CallbackView {
+        url: url.into(),
+        status,
+        attempts,
+        last_error: err.map(String::from),
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn finished_tasks_with_a_callback_enter_the_outbox(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let (a, b, c) = (
+        "https://a.example/",
+        "https://b.example/",
+        "https://c.example/",
+    );
+    let succeeded = submit(s, with_callback(a, 1)).await;
+    assert_eq!(
+        callback_of(s, &succeeded).await,
+        Some(delivery(a, CallbackStatus::Pending, 0, None)),
+        "a running task's callback is pending with no attempt"
+    );
+    finish(s, true).await;
+    let failed_task = submit(s, with_callback(b, 1)).await;
+    finish(s, false).await;
+    let plain = submit(s, task(&["plan"], 0, 1)).await;
+    finish(s, true).await;
+    assert_eq!(callback_of(s, &plain).await, None);
+    let cancelled = submit(s, with_callback(c, 1)).await;
+    assert_eq!(
+        s.cancel(&cancelled, RETENTION).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(s.callbacks_pending().await.unwrap(), 3);
+
+    let claims = s.claim_callbacks(10, HOUR, 8).await.unwrap();
+    let mut got: Vec<(String, String, u32, &str)> = claims
+        .iter()
+        .map(|c| {
+            (
+                c.record.view.task_id.to_string(),
+                c.url.clone(),
+                c.attempt,
+                c.record.view.status.as_str(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (succeeded.to_string(), a.to_string(), 1, "succeeded"),
+        (failed_task.to_string(), b.to_string(), 1, "failed"),
+        (cancelled.to_string(), c.to_string(), 1, "cancelled"),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(
+        s.claim_callbacks(10, HOUR, 8).await.unwrap().is_empty(),
+        "claimed entries are hidden for the visibility timeout"
+    );
+    assert_eq!(s.callbacks_pending().await.unwrap(), 3);
+
+    // Delivered: out of the outbox, recorded once.
+    let delivered = CallbackResult::Delivered;
+    assert!(s.finish_callback(&succeeded, 1, &delivered).await.unwrap());
+    assert!(!s.finish_callback(&succeeded, 1, &delivered).await.unwrap());
+    assert_eq!(
+        callback_of(s, &succeeded).await,
+        Some(delivery(a, CallbackStatus::Delivered, 1, None))
+    );
+
+    // Retried after a backoff, then failed for good.
+    let retry = CallbackResult::Retry {
+        error: "the receiver answered 500".into(),
+        delay: Duration::from_millis(30),
+    };
+    assert!(s.finish_callback(&failed_task, 1, &retry).await.unwrap());
+    assert_eq!(
+        callback_of(s, &failed_task).await,
+        Some(delivery(
+            b,
+            CallbackStatus::Pending,
+            1,
+            Some("the receiver answered 500")
+        ))
+    );
+    let again = common::testing::eventually(Duration::from_secs(5), || async {
+        let claims = s.claim_callbacks(10, HOUR, 8).await.unwrap();
+        (!claims.is_empty()).then_some(claims)
+    })
+    .await
+    .expect("the retry comes due");
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (&again[0].record.view.task_id, again[0].attempt),
+        (&failed_task, 2)
+    );
+    assert!(
+        !s.finish_callback(&failed_task, 1, &delivered)
+            .await
+            .unwrap(),
+        "an older attempt records nothing"
+    );
+    let gave_up = CallbackResult::Failed {
+        error: "the receiver answered 404".into(),
+    };
+    assert!(s.finish_callback(&failed_task, 2, &gave_up).await.unwrap());
+    assert_eq!(
+        callback_of(s, &failed_task).await,
+        Some(delivery(
+            b,
+            CallbackStatus::Failed,
+            2,
+            Some("the receiver answered 404")
+        ))
+    );
+    // Only the cancelled task's claim is still out.
+    assert_eq!(s.callbacks_pending().await.unwrap(), 1);
+    assert!(
+        !s.finish_callback(&TaskId::generate(), 1, &delivered)
+            .await
+            .unwrap()
+    );
+}
+
+async fn a_callback_claim_never_finished_is_claimed_again_after_its_visibility(
+    store: Arc<dyn TaskStore>,
+) {
+    let s = store.as_ref();
+    let url = "https://hooks.example/done";
+    let id = submit(s, with_callback(url, 1)).await;
+    finish(s, true).await;
+    let visibility = Duration::from_millis(100);
+    let first = s.claim_callbacks(10, visibility, 3).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].attempt, 1);
+    drop(first); // the claiming replica dies here
+    assert!(
+        s.claim_callbacks(10, visibility, 3)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let second = common::testing::eventually(Duration::from_secs(5), || async {
+        let claims = s.claim_callbacks(10, visibility, 3).await.unwrap();
+        (!claims.is_empty()).then_some(claims)
+    })
+    .await
+    .expect("the dead replica's claim is claimed again");
+    assert_eq!(
+        (&second[0].record.view.task_id, second[0].attempt),
+        (&id, 2)
+    );
+    assert!(
+        !s.finish_callback(&id, 1, &CallbackResult::Delivered)
+            .await
+            .unwrap(),
+        "the first claim was taken over: its late outcome is not recorded"
+    );
+    // The third claim is the last allowed; when it too is never finished, the callback fails.
+    let third = common::testing::eventually(Duration::from_secs(5), || async {
+        let claims = s.claim_callbacks(10, visibility, 3).await.unwrap();
+        (!claims.is_empty()).then_some(claims)
+    })
+    .await
+    .expect("claimed a third time");
+    assert_eq!(third[0].attempt, 3);
+    common::testing::eventually(Duration::from_secs(5), || async {
+        s.claim_callbacks(10, visibility, 3).await.unwrap();
+        (s.callbacks_pending().await.unwrap() == 0).then_some(())
+    })
+    .await
+    .expect("the abandoned callback leaves the outbox");
+    assert_eq!(
+        callback_of(s, &id).await,
+        Some(delivery(
+            url,
+            CallbackStatus::Failed,
+            3,
+            Some(CALLBACK_ABANDONED)
+        ))
+    );
+}
+
+async fn a_redriven_task_leaves_the_outbox(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let url = "https://hooks.example/done";
+    let id = submit(s, with_callback(url, 1)).await;
+    finish(s, false).await;
+    assert_eq!(s.callbacks_pending().await.unwrap(), 1);
+    assert!(matches!(
+        s.redrive(&id).await.unwrap(),
+        RedriveOutcome::Redriven(_)
+    ));
+    assert_eq!(s.callbacks_pending().await.unwrap(), 0);
+    assert_eq!(
+        callback_of(s, &id).await,
+        Some(delivery(url, CallbackStatus::Pending, 0, None))
+    );
+    assert!(s.claim_callbacks(10, HOUR, 8).await.unwrap().is_empty());
+    finish(s, true).await;
+    let claims = s.claim_callbacks(10, HOUR, 8).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(
+        (claims[0].attempt, claims[0].record.view.status),
+        (1, TaskStatus::Succeeded)
+    );
 }

@@ -514,7 +514,14 @@ async fn callback_url_receives_the_final_view() {
 
     let redis = RedisServer::start();
     let settings = redis.settings();
-    let master = TestMaster::start(test_config(&settings)).await;
+    // The hook listens on loopback, which callbacks may reach only when allowed.
+    let master = TestMaster::start(master::Config {
+        callback_secret: common::config::Secret::new("hook-secret"),
+        callback_allow_private: true,
+        callback_poll_ms: 20,
+        ..test_config(&settings)
+    })
+    .await;
     let _w = TestWorker::start(
         "w",
         &["plan"],

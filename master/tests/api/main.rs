@@ -5,6 +5,7 @@
 
 mod helpers;
 
+mod callbacks;
 mod conformance;
 mod degraded;
 mod e2e;

@@ -11,6 +11,7 @@ local function lease_key(prefix, cap) return prefix .. ':lease:' .. cap end
 local function dead_key(prefix, cap) return prefix .. ':dead:' .. cap end
 local function load_key(prefix) return prefix .. ':wload' end
 local function events_channel(prefix) return prefix .. ':events' end
+local function callbacks_key(prefix) return prefix .. ':callbacks' end
 -- Integers as exact decimal text (Lua's default formatting keeps only 14 digits).
 local function int(x) return string.format('%.0f', x) end
 -- Higher priority first, then first queued first (store/mod.rs: queue_score).
@@ -35,4 +36,12 @@ local function release_load(prefix, worker)
       redis.call('HDEL', load_key(prefix), worker)
     end
   end
+end
+-- Puts a finished task's completion callback in the outbox, due now, with a fresh
+-- delivery record (`cbs` status, `cbn` attempts claimed, `cbe` last error; see
+-- callback_claim.lua).
+local function queue_callback(prefix, task, id, now)
+  redis.call('HSET', task, 'cbs', 'pending', 'cbn', '0')
+  redis.call('HDEL', task, 'cbe')
+  redis.call('ZADD', callbacks_key(prefix), int(now), id)
 end

@@ -1,4 +1,5 @@
--- Re-runs a failed task from its failed step: attempts reset, out of the dead-letter set.
+-- Re-runs a failed task from its failed step: attempts reset, out of the dead-letter set
+-- (and its callback out of the outbox: the next finish queues a fresh one).
 -- KEYS[1] task hash
 -- ARGV[1] prefix   ARGV[2] task id
 -- Returns {'redriven', cap} | {'not_failed', status} | {'missing'}
@@ -13,7 +14,9 @@ for i = 0, tonumber(v[2]) - 1 do
     if v[4] then status = 'running' end
     redis.call('HSET', KEYS[1], i .. ':s', 'queued', i .. ':t', '0', i .. ':q', int(now),
       'st', status)
-    redis.call('HDEL', KEYS[1], 'fa', 'er', i .. ':f')
+    -- The failure's callback, delivered or not, is superseded by the next finish's.
+    redis.call('HDEL', KEYS[1], 'fa', 'er', i .. ':f', 'cbs', 'cbn', 'cbe')
+    redis.call('ZREM', callbacks_key(ARGV[1]), ARGV[2])
     redis.call('PERSIST', KEYS[1])
     redis.call('ZREM', dead_key(ARGV[1], s[2]), ARGV[2])
     redis.call('ZADD', queue_key(ARGV[1], s[2]), score(v[3], now), ARGV[2] .. ':' .. i)

@@ -1,6 +1,7 @@
 -- Records a step attempt's outcome if the attempt is current and the reporting worker holds
 -- its lease (fencing): queues the next step, schedules a retry after a backoff, or finishes
--- the task (dead-lettering a failure). The reply is remembered with the step, so a repeat
+-- the task (dead-lettering a failure; a task with a callback URL enters the callback
+-- outbox in the same step, so the callback is not lost if this replica dies next). The reply is remembered with the step, so a repeat
 -- of the report that was recorded (its first reply was lost) gets the same reply again,
 -- marked `replayed`, instead of `discarded` (`:rk` who reported what, `:rr` the reply).
 -- KEYS[1] task hash
@@ -62,6 +63,7 @@ if ARGV[5] == 'succeeded' then
   local reply = {'done', cap, dispatched, 'succeeded', callback}
   redis.call('HSET', KEYS[1], unpack(remember({step .. ':s', 'succeeded', step .. ':o', ARGV[6],
     step .. ':f', int(now), 'st', 'succeeded', 'fa', int(now)}, reply)))
+  if v[12] then queue_callback(prefix, KEYS[1], id, now) end
   redis.call('PEXPIRE', KEYS[1], ARGV[11])
   redis.call('PUBLISH', events_channel(prefix), 'done:' .. id)
   return reply
@@ -86,6 +88,7 @@ local reply = {'done', cap, dispatched, 'failed', callback}
 redis.call('HSET', KEYS[1], unpack(remember({step .. ':s', 'failed', step .. ':e', ARGV[6],
   step .. ':f', int(now), 'st', 'failed', 'er', ARGV[6], 'fa', int(now)}, reply)))
 redis.call('ZADD', dead_key(prefix, cap), int(now), id)
+if v[12] then queue_callback(prefix, KEYS[1], id, now) end
 redis.call('PEXPIRE', KEYS[1], ARGV[11])
 redis.call('PUBLISH', events_channel(prefix), 'done:' .. id)
 return reply
