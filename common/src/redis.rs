@@ -905,6 +905,108 @@ mod tests {
         assert!(err.contains("REDIS_CA_FILE"), "{err}");
     }
 
+    /// An error reply as Redis sends it, through the client's own parser.
+    fn server_error(line: &str) -> RedisError {
+        match redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap() {
+            redis::Value::ServerError(e) => e.into(),
+            other => panic!("not an error reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_are_sorted_into_outages_a_full_store_and_the_rest() {
+        use Failure::*;
+        // (reply, what the client is told, whether the pool reconnects everything)
+        let cases = [
+            (
+                "READONLY You can't write against a read only replica.",
+                Unavailable,
+                true,
+            ),
+            (
+                "LOADING Redis is loading the dataset in memory",
+                Unavailable,
+                true,
+            ),
+            ("MASTERDOWN Link with MASTER is down", Unavailable, true),
+            (
+                "UNBLOCKED force unblock from blocking operation",
+                Unavailable,
+                true,
+            ),
+            (
+                "NOREPLICAS Not enough good replicas to write.",
+                Unavailable,
+                false,
+            ),
+            (
+                "READONLY You can't write against a read only replica. script: 9f, on @user_script:1.",
+                Unavailable,
+                true,
+            ),
+            (
+                "OOM command not allowed when used memory > 'maxmemory'. script: 9f, on @user_script:1.",
+                StorageFull,
+                false,
+            ),
+            // Redis 6 wraps an error raised inside a script.
+            (
+                "ERR Error running script (call to f_9f): @user_script:1: @user_script: 1: -OOM command not allowed when used memory > 'maxmemory'.",
+                StorageFull,
+                false,
+            ),
+            (
+                "ERR Error running script (call to f_9f): @user_script:1: @user_script: 1: -READONLY You can't write against a read only replica.",
+                Unavailable,
+                true,
+            ),
+            (
+                "WRONGTYPE Operation against a key holding the wrong kind of value",
+                Other,
+                false,
+            ),
+            (
+                "ERR user_script:1: boom script: 9f, on @user_script:1.",
+                Other,
+                false,
+            ),
+            (
+                "NOPERM this user has no permissions to run the 'eval' command",
+                Other,
+                false,
+            ),
+            (
+                "WRONGPASS invalid username-password pair",
+                Unavailable,
+                false,
+            ),
+        ];
+        for (reply, failure, role) in cases {
+            let e = server_error(reply);
+            assert_eq!(classify(&e), failure, "{reply}");
+            assert_eq!(is_role_error(&e), role, "{reply}");
+        }
+    }
+
+    #[test]
+    fn only_noeviction_is_safe_and_the_warning_names_the_fix() {
+        assert_eq!(eviction_warning("noeviction"), None);
+        for policy in [
+            "volatile-lru",
+            "allkeys-lru",
+            "volatile-ttl",
+            "allkeys-random",
+        ] {
+            let w = eviction_warning(policy).unwrap();
+            assert!(w.contains(policy) && w.contains("noeviction"), "{w}");
+        }
+        let info =
+            "# Memory\r\nused_memory:1024\r\nmaxmemory:0\r\nmaxmemory_policy:volatile-lru\r\n";
+        assert_eq!(info_field(info, "maxmemory_policy"), Some("volatile-lru"));
+        assert_eq!(info_field(info, "maxmemory"), Some("0"));
+        assert_eq!(info_field(info, "role"), None);
+    }
+
     #[test]
     fn bad_url_names_the_setting_without_echoing_it() {
         let s = RedisSettings::from_url("http://user:sekrit@host");
