@@ -41,6 +41,8 @@ pub const ATTEMPT_HEADER: &str = "ensemble-attempt";
 pub const MAX_URL_LEN: usize = 2048;
 /// Callback attempts one replica runs at once.
 const MAX_IN_FLIGHT: usize = 32;
+/// Longest wait between claims while the store fails.
+const MAX_ERROR_WAIT: Duration = Duration::from_secs(5);
 
 /// Checks a `callback_url` at submit (and again before each attempt, for IP literals,
 /// which reqwest connects to without asking the resolver). The error says what is wrong.
@@ -238,6 +240,7 @@ impl Sender {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let poll = Duration::from_millis(self.config.callback_poll_ms);
         let visibility = Duration::from_millis(self.config.callback_visibility_ms);
+        let mut failures = 0u32;
         loop {
             let first = tokio::select! {
                 p = slots.clone().acquire_owned() => p,
@@ -250,17 +253,27 @@ impl Sender {
                 .claim_callbacks(free, visibility, self.config.callback_max_attempts)
                 .await;
             let claims = match claimed {
-                Ok(claims) if !claims.is_empty() => claims,
-                Ok(_) => Vec::new(),
+                Ok(claims) => {
+                    failures = 0;
+                    claims
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot claim completion callbacks");
+                    // Logged once per outage (and then every 20th try), not every poll.
+                    if failures.is_multiple_of(20) {
+                        tracing::warn!(error = %e, "cannot claim completion callbacks");
+                    }
+                    failures = failures.saturating_add(1);
                     Vec::new()
                 }
             };
             if claims.is_empty() {
                 drop(first);
+                // Nothing due: wait a poll. The store failing: back off up to 5 s.
+                let wait = poll
+                    .saturating_mul(1 << failures.min(5))
+                    .min(poll.max(MAX_ERROR_WAIT));
                 tokio::select! {
-                    () = tokio::time::sleep(poll) => {}
+                    () = tokio::time::sleep(wait) => {}
                     () = shutdown.cancelled() => return,
                 }
                 continue;
