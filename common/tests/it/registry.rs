@@ -46,8 +46,23 @@ async fn heartbeats_register_and_expire() {
             .await
             .unwrap()
     );
+    let before = common::wire::now_ms();
+    assert!(
+        !registry
+            .heartbeat(&rec, Duration::from_millis(400))
+            .await
+            .unwrap()
+    );
     let live = registry.live().await.unwrap();
-    assert_eq!(live, vec![rec.clone()]);
+    // Every beat stamps the record with its time: leases are extended from it.
+    assert!(live[0].heartbeat_at_ms >= before, "{:?}", live[0]);
+    assert_eq!(
+        live,
+        vec![WorkerRecord {
+            heartbeat_at_ms: live[0].heartbeat_at_ms,
+            ..rec.clone()
+        }]
+    );
     assert_eq!(live[0].free_slots(), 3);
 
     let gone = eventually(Duration::from_secs(3), || async {

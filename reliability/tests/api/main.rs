@@ -11,6 +11,6 @@ mod chaos;
 mod failover;
 mod fakes;
 mod helpers;
-mod proxy;
 mod lease;
+mod proxy;
 mod shutdown;
