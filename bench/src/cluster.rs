@@ -342,6 +342,7 @@ impl QueueCluster {
                 ("REDIS_POOL_SIZE", settings.pool_size.to_string()),
                 ("AUTH_DISABLED", "true".into()),
                 ("RATE_LIMIT_PER_SEC", "0".into()),
+                ("LONG_POLL_MAX_PER_CLIENT", BENCH_LONG_POLLS.to_string()),
             ];
             launch.process("master", "master", &env, dir.path())?
         } else {
@@ -538,10 +539,16 @@ fn master_config(redis: RedisSettings) -> anyhow::Result<master::Config> {
         redis,
         auth_disabled: true,
         rate_limit_per_sec: 0.0,
+        long_poll_max_per_client: BENCH_LONG_POLLS,
         pipelines,
         ..master::Config::default()
     })
 }
+
+/// Every benchmark request is client `anonymous` (no auth), so the per-client long-poll
+/// cap would be the whole benchmark's: lift it to the process's total, as the rate limit
+/// is lifted.
+const BENCH_LONG_POLLS: usize = 2_000;
 
 /// The gateway, in-process or as a child, with the `default` alias on the Gemini provider
 /// pointed at `gemini_base_url`.
