@@ -3,14 +3,14 @@
 //!
 //! Delivery is durable and at least once: the store script that records the task's end also
 //! puts the task in a callback outbox (`TaskStore::claim_callbacks`). Every replica runs
-//! [`spawn`]'s loop, which claims due entries (hiding each from the other replicas for
+//! `spawn`'s loop, which claims due entries (hiding each from the other replicas for
 //! `CALLBACK_VISIBILITY_MS`, so one that dies mid-delivery is replaced), POSTs, and records
 //! the outcome on the task: delivered, retried after a backoff, or failed after
 //! `CALLBACK_MAX_ATTEMPTS`.
 //!
 //! A `callback_url` is the client's choice of where the master connects, so it must not
 //! reach the master's own network (SSRF): internal IP literals are refused at submit
-//! ([`check_url`]) and again before each attempt, names are resolved by [`PublicOnly`],
+//! (`check_url`) and again before each attempt, names are resolved by `PublicOnly`,
 //! which drops internal addresses (so DNS rebinding does not help), redirects are never
 //! followed and no proxy is used. `CALLBACK_ALLOW_PRIVATE=true` lifts the address checks.
 
@@ -46,7 +46,7 @@ const MAX_ERROR_WAIT: Duration = Duration::from_secs(5);
 
 /// Checks a `callback_url` at submit (and again before each attempt, for IP literals,
 /// which reqwest connects to without asking the resolver). The error says what is wrong.
-pub fn check_url(text: &str, allow_private: bool) -> Result<reqwest::Url, String> {
+pub(crate) fn check_url(text: &str, allow_private: bool) -> Result<reqwest::Url, String> {
     if text.len() > MAX_URL_LEN {
         return Err(format!("must be at most {MAX_URL_LEN} characters"));
     }
@@ -134,7 +134,7 @@ fn blocked_v6(ip: Ipv6Addr) -> bool {
 /// submit and to an internal one now (DNS rebinding) is still refused; a name left with
 /// no address fails the attempt.
 #[derive(Debug, Clone, Copy)]
-pub struct PublicOnly;
+pub(crate) struct PublicOnly;
 
 impl Resolve for PublicOnly {
     fn resolve(&self, name: Name) -> Resolving {
@@ -158,7 +158,7 @@ impl Resolve for PublicOnly {
 /// The HTTP client for callbacks: no redirects (a `3xx` is a failed attempt), no proxy
 /// (it would connect on our behalf, past the address checks), and [`PublicOnly`] unless
 /// private targets are allowed.
-pub fn client(config: &Config) -> anyhow::Result<reqwest::Client> {
+pub(crate) fn client(config: &Config) -> anyhow::Result<reqwest::Client> {
     common::install_crypto_provider();
     let timeout = Duration::from_millis(config.callback_timeout_ms);
     let mut builder = reqwest::Client::builder()
@@ -177,7 +177,7 @@ pub fn client(config: &Config) -> anyhow::Result<reqwest::Client> {
 /// `t={timestamp},v1={hex HMAC-SHA256 over "{timestamp}.{body}"}`, the value of
 /// [`SIGNATURE_HEADER`] (the scheme of Stripe's webhooks: the timestamp is signed too, so
 /// a receiver can refuse old replays).
-pub fn signature(key: &hmac::Key, timestamp: u64, body: &[u8]) -> String {
+pub(crate) fn signature(key: &hmac::Key, timestamp: u64, body: &[u8]) -> String {
     let mut ctx = hmac::Context::with_key(key);
     ctx.update(timestamp.to_string().as_bytes());
     ctx.update(b".");
@@ -189,7 +189,7 @@ pub fn signature(key: &hmac::Key, timestamp: u64, body: &[u8]) -> String {
 
 /// Starts this replica's delivery loop, unless `CALLBACK_SECRET` is unset (then no task
 /// can have been given a callback through this replica, and it sends nothing unsigned).
-pub fn spawn(
+pub(crate) fn spawn(
     config: Arc<Config>,
     store: Arc<dyn TaskStore>,
     tracker: &TaskTracker,
