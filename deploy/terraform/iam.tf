@@ -6,7 +6,7 @@ locals {
   # The secrets each service's container receives; the execution role may read these and
   # no others. The container definitions in ecs.tf inject exactly these lists.
   service_secrets = {
-    master        = ["REDIS_PASSWORD", "WORKER_TOKEN", "API_KEYS", "OPERATOR_API_KEYS"]
+    master        = ["REDIS_PASSWORD", "WORKER_TOKEN", "API_KEYS", "OPERATOR_API_KEYS", "CALLBACK_SECRET"]
     worker        = ["REDIS_PASSWORD", "WORKER_TOKEN", "GATEWAY_TOKEN"]
     "llm-gateway" = ["GATEWAY_TOKEN", "GEMINI_API_KEY"]
   }

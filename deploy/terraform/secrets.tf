@@ -12,6 +12,8 @@ locals {
     GATEWAY_TOKEN     = ""
     API_KEYS          = "default:"
     OPERATOR_API_KEYS = "operator:"
+    # Signs completion callbacks (Ensemble-Signature); receivers verify with it.
+    CALLBACK_SECRET = "whsec_"
   }
 
   secret_arns = merge(
