@@ -93,6 +93,11 @@ pub async fn submit(
             ));
         }
     }
+    if json_depth(&body.input) > MAX_JSON_DEPTH {
+        return Err(ApiError::invalid(format!(
+            "`input` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+        )));
+    }
     let (pipeline, steps) = plan(state, &body)?;
     let input = serde_json::to_string(&body.input).map_err(ApiError::internal)?;
     let id = TaskId::generate();
@@ -102,11 +107,6 @@ pub async fn submit(
         client: client.to_string(),
         pipeline,
         steps,
-    if json_depth(&body.input) > MAX_JSON_DEPTH {
-        return Err(ApiError::invalid(format!(
-            "`input` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
-        )));
-    }
         input,
         priority: body.priority,
         idempotency_key: key,
@@ -218,6 +218,11 @@ fn plan(
 
 /// A task the client owns (another client's task is `404`, as if it did not exist).
 pub async fn owned(state: &AppState, client: &str, id: &str) -> Result<TaskRecord, ApiError> {
+    visible(state, &Caller::Client(client.to_string()), id).await
+}
+
+/// A task the caller may see: its client's, or any for an operator.
+async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<TaskRecord, ApiError> {
     let not_found = || ApiError::not_found(format!("no task `{id}`"));
     let id = TaskId::new(id).map_err(|_| not_found())?;
     let record = state.store.get(&id).await?.ok_or_else(not_found)?;
@@ -229,11 +234,6 @@ pub async fn owned(state: &AppState, client: &str, id: &str) -> Result<TaskRecor
     }
 }
 
-    visible(state, &Caller::Client(client.to_string()), id).await
-}
-
-/// A task the caller may see: its client's, or any for an operator.
-async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<TaskRecord, ApiError> {
 /// The result of a task, waiting up to `wait` for it to finish.
 pub async fn result(
     state: &AppState,
@@ -264,6 +264,7 @@ async fn wait_for_end(
     waiter: &crate::hub::TaskWaiter,
     deadline: tokio::time::Instant,
 ) -> Result<TaskResult, ApiError> {
+    let mut owner_checked = false;
     loop {
         let notified = waiter.notify.notified();
         tokio::pin!(notified);
@@ -272,8 +273,8 @@ async fn wait_for_end(
             return Ok(done);
         }
         let record = owned(state, client, id).await?;
+        owner_checked = true;
         let last_round = tokio::time::Instant::now() >= deadline || state.shutdown.is_cancelled();
-    let mut owner_checked = false;
         if record.view.status.is_terminal() || last_round {
             return Ok(task_result(record.view));
         }
@@ -282,7 +283,6 @@ async fn wait_for_end(
         tokio::select! {
             () = &mut notified => {}
             () = tokio::time::sleep_until(next) => {}
-        owner_checked = true;
             // Shutting down: answer now (202) rather than hold the drain up.
             () = state.shutdown.cancelled() => {}
         }
@@ -327,15 +327,6 @@ pub async fn cancel(state: &AppState, caller: &Caller, id: &str) -> Result<TaskV
 /// Records a worker's report.
 pub async fn record_report(state: &Arc<AppState>, report: ResultReport) -> Result<bool, ApiError> {
     report.validate().map_err(ApiError::invalid)?;
-    let outcome = state
-        .store
-        .report(
-            &report,
-            state.dispatcher.retry_policy(),
-            rand::random(),
-            state.config.retention(),
-        )
-        .await?;
     if report
         .output
         .as_ref()
@@ -346,6 +337,15 @@ pub async fn record_report(state: &Arc<AppState>, report: ResultReport) -> Resul
             "`output` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
         )));
     }
+    let outcome = state
+        .store
+        .report(
+            &report,
+            state.dispatcher.retry_policy(),
+            rand::random(),
+            state.config.retention(),
+        )
+        .await?;
     let recorded = outcome != ReportOutcome::Discarded;
     if matches!(
         outcome,

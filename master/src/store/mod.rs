@@ -175,12 +175,50 @@ pub struct Claimed {
 /// also computes). The backoff before attempt `tries + 1` is `delay_with(tries - 1, jitter)`.
 pub use common::backoff::Backoff as RetryPolicy;
 
+/// Why a claimed step goes back to its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// The worker was full or draining (`429`, `503`): nobody's fault, free.
+    Capacity,
+    /// The dispatch failed (`5xx`, connection error, timeout): free a few times in a row.
+    Failure,
+}
+
+/// What `release` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// Back in the queue, no attempt spent.
+    Released,
+    /// The attempt is no longer current: nothing to do.
+    Stale,
+    /// Too many failed dispatches in a row: the step is still dispatched; report a failure
+    /// to spend the attempt.
+    OverLimit,
+}
+
+/// Failed dispatches of one step that cost no attempt, in a row (see [`TaskStore::release`]).
+pub const MAX_FREE_DISPATCH_FAILURES: u32 = 3;
+
+/// Whether a failure report says the attempt was lost on its worker rather than failed
+/// by the agent, so the retry should prefer another worker.
+pub fn lost_on_worker(report: &ResultReport) -> bool {
+    report.status == common::wire::ReportStatus::Failed
+        && report
+            .error
+            .as_ref()
+            .and_then(|e| e.kind.as_deref())
+            .is_some_and(|k| matches!(k, "lease_expired" | "dispatch_refused" | "dispatch_failed"))
+}
+
 /// What recording a report (or a lapsed lease) did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReportOutcome {
     /// The attempt was not current, the reporting worker does not hold the step's lease,
     /// or the task is finished or unknown: ignored.
     Discarded,
+    /// This report (same attempt, same worker) was recorded before, and this is its
+    /// outcome. Its effects in the store happened once; the caller answers `recorded`.
+    Replayed(Box<ReportOutcome>),
     /// Recorded; the next step was queued.
     Next {
         /// The reported step's capability and when its attempt was dispatched.
@@ -228,49 +266,11 @@ pub struct ExpiredLease {
     pub timeout_ms: u64,
 }
 
-/// Why a claimed step goes back to its queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReleaseReason {
-    /// The worker was full or draining (`429`, `503`): nobody's fault, free.
-    Capacity,
-    /// The dispatch failed (`5xx`, connection error, timeout): free a few times in a row.
-    Failure,
-}
-
-/// What `release` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReleaseOutcome {
-    /// Back in the queue, no attempt spent.
-    Released,
-    /// The attempt is no longer current: nothing to do.
-    Stale,
-    /// Too many failed dispatches in a row: the step is still dispatched; report a failure
-    /// to spend the attempt.
-    OverLimit,
-}
-
-/// Failed dispatches of one step that cost no attempt, in a row (see [`TaskStore::release`]).
-pub const MAX_FREE_DISPATCH_FAILURES: u32 = 3;
-
-/// Whether a failure report says the attempt was lost on its worker rather than failed
-/// by the agent, so the retry should prefer another worker.
-pub fn lost_on_worker(report: &ResultReport) -> bool {
-    report.status == common::wire::ReportStatus::Failed
-        && report
-            .error
-            .as_ref()
-            .and_then(|e| e.kind.as_deref())
-            .is_some_and(|k| matches!(k, "lease_expired" | "dispatch_refused" | "dispatch_failed"))
-}
-
 /// What `cancel` did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CancelOutcome {
     /// The task is now cancelled.
     Cancelled,
-    /// This report (same attempt, same worker) was recorded before, and this is its
-    /// outcome. Its effects in the store happened once; the caller answers `recorded`.
-    Replayed(Box<ReportOutcome>),
     /// It had already finished with this status.
     AlreadyFinished(TaskStatus),
     /// No such task.

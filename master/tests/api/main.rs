@@ -11,6 +11,7 @@ mod degraded;
 mod e2e;
 mod errors;
 mod fuzz;
+mod hardening;
 mod longpoll;
 mod model;
 mod ops;
