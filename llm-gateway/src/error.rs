@@ -113,6 +113,11 @@ impl GatewayError {
                 ErrorKind::Auth | ErrorKind::NotFound | ErrorKind::Protocol => {
                     (StatusCode::BAD_GATEWAY, "api_error", "upstream_error")
                 }
+                ErrorKind::MalformedOutput => (
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "upstream_malformed_output",
+                ),
             },
         }
     }
@@ -128,6 +133,11 @@ impl GatewayError {
                 ErrorKind::Saturated => {
                     "too many concurrent requests to the model's providers; retry shortly".into()
                 }
+                // The model's own failure, not the gateway's internals: say what it was.
+                ErrorKind::MalformedOutput => format!(
+                    "the model's output was unusable ({}: {}); retry",
+                    e.provider, e.message
+                ),
                 _ => format!(
                     "the model provider failed ({}: {}); retry later",
                     e.provider,

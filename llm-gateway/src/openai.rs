@@ -3,8 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `POST /v1/chat/completions`. Fields the gateway does not use (`n`, `user`, `seed`, …) are
-/// accepted and ignored, as OpenAI-compatible servers usually do.
+/// `POST /v1/chat/completions`. Fields that change what the answer means are either
+/// supported here or refused by [`ChatCompletionRequest::refused_field`]; the few that are
+/// safe to ignore are listed in [`IGNORED_FIELDS`].
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
     /// A model alias from `GET /v1/models`.
@@ -26,9 +27,77 @@ pub struct ChatCompletionRequest {
     /// Answer with Server-Sent Events.
     #[serde(default)]
     pub stream: bool,
-    /// `{"type": "json_object"}` (or `json_schema`) asks for JSON output.
+    /// `{"type": "json_object"}` or `json_schema` asks for JSON output.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
+    /// Functions the model may call.
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    /// Whether and which tool the model must call.
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+    /// `false` allows at most one tool call per answer.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `n`: only one choice is supported.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Every other field, so that meaningful ones are refused rather than dropped.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Fields that do not change what a correct answer is, so ignoring them is safe: tracing
+/// and storage hints (`user`, `metadata`, `store`, `service_tier`), sampling hints no
+/// provider here honours the same way (`seed`, penalties, `reasoning_effort`,
+/// `verbosity`), and `stream_options` (usage is always sent on the last chunk).
+pub const IGNORED_FIELDS: &[&str] = &[
+    "seed",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "stream_options",
+    "frequency_penalty",
+    "presence_penalty",
+    "reasoning_effort",
+    "verbosity",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+
+impl ChatCompletionRequest {
+    /// The first field the gateway cannot honour, with why: a `400` names it.
+    pub fn refused_field(&self) -> Option<(String, String)> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Some(("n".into(), "only `n: 1` is supported".into()));
+        }
+        for (name, value) in &self.other {
+            if IGNORED_FIELDS.contains(&name.as_str()) {
+                continue;
+            }
+            let harmless = match name.as_str() {
+                "logprobs" => value == &serde_json::Value::Bool(false),
+                "top_logprobs" => value.as_u64() == Some(0),
+                "logit_bias" => value.as_object().is_some_and(|m| m.is_empty()),
+                "modalities" => value == &serde_json::json!(["text"]),
+                _ => value.is_null(),
+            };
+            if harmless {
+                continue;
+            }
+            let why = match name.as_str() {
+                "functions" | "function_call" => {
+                    "the legacy `functions`/`function_call` are not supported; use `tools` and `tool_choice`"
+                }
+                "logprobs" | "top_logprobs" => "log probabilities are not supported",
+                "logit_bias" => "`logit_bias` is not supported",
+                _ => "this field is not supported by the gateway",
+            };
+            return Some((name.clone(), format!("`{name}`: {why}")));
+        }
+        None
+    }
 }
 
 /// One message of the conversation.
@@ -36,9 +105,15 @@ pub struct ChatCompletionRequest {
 pub struct RequestMessage {
     /// Who said it.
     pub role: Role,
-    /// What was said: a string or a list of parts.
+    /// What was said: a string or a list of parts (null on an assistant's tool call).
     #[serde(default)]
     pub content: Option<Content>,
+    /// On an assistant message: the tools it called.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// On a `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// The roles the gateway accepts (`developer` is OpenAI's newer name for `system`).
@@ -52,6 +127,8 @@ pub enum Role {
     User,
     /// The model.
     Assistant,
+    /// A tool's result.
+    Tool,
 }
 
 /// Message content: plain text or text parts.
@@ -121,19 +198,171 @@ pub enum ResponseFormat {
     Text,
     /// Any JSON object.
     JsonObject,
-    /// JSON matching a schema; the gateway asks for JSON and leaves the schema to the prompt.
+    /// JSON matching a schema.
     JsonSchema {
-        /// The schema, accepted but not enforced.
-        #[serde(default)]
-        json_schema: Option<serde_json::Value>,
+        /// The schema and its name.
+        json_schema: JsonSchema,
     },
 }
 
-impl ResponseFormat {
-    /// Whether the reply must be JSON.
-    pub fn wants_json(&self) -> bool {
-        !matches!(self, Self::Text)
-    }
+/// `response_format.json_schema`.
+#[derive(Debug, Deserialize)]
+pub struct JsonSchema {
+    /// The schema's name (Bedrock's forced tool takes it).
+    pub name: String,
+    /// What the output is for.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON schema; absent means any object.
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// OpenAI's strict mode; every provider here constrains to the schema either way.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// One entry of `tools`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Tool {
+    /// `{"type": "function", "function": {...}}`: the only kind there is.
+    Function {
+        /// The function.
+        function: FunctionDefinition,
+    },
+}
+
+/// A function the model may call.
+#[derive(Debug, Deserialize)]
+pub struct FunctionDefinition {
+    /// Its name (`^[a-zA-Z0-9_-]{1,64}$`).
+    pub name: String,
+    /// What it does, for the model.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// A JSON schema of its arguments; absent means none.
+    #[serde(default)]
+    pub parameters: Option<serde_json::Value>,
+    /// OpenAI's strict mode; accepted, the schema is what is sent.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: a mode or a named function.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    /// `"auto"`, `"none"` or `"required"`.
+    Mode(ToolChoiceMode),
+    /// `{"type": "function", "function": {"name": "..."}}`.
+    Named(NamedToolChoice),
+}
+
+/// The three modes of `tool_choice`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChoiceMode {
+    /// The model decides.
+    Auto,
+    /// No tool call.
+    None,
+    /// At least one tool call.
+    Required,
+}
+
+/// A named function in `tool_choice`.
+#[derive(Debug, Deserialize)]
+pub struct NamedToolChoice {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: FunctionKind,
+    /// Which function.
+    pub function: FunctionName,
+}
+
+/// The `type` of a tool call or named choice: only `function` exists.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FunctionKind {
+    /// `"function"`.
+    #[default]
+    Function,
+}
+
+/// `{"name": "..."}`.
+#[derive(Debug, Deserialize)]
+pub struct FunctionName {
+    /// The function's name.
+    pub name: String,
+}
+
+/// A tool call in an assistant message of the history.
+#[derive(Debug, Deserialize)]
+pub struct ToolCall {
+    /// The id a `tool` message answers.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type", default)]
+    pub kind: FunctionKind,
+    /// Which function, with which arguments.
+    pub function: FunctionCall,
+}
+
+/// The function part of a [`ToolCall`].
+#[derive(Debug, Deserialize)]
+pub struct FunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments as JSON text.
+    #[serde(default)]
+    pub arguments: String,
+}
+
+/// A tool call in an answer.
+#[derive(Debug, Serialize)]
+pub struct ResponseToolCall<'a> {
+    /// The id the caller's `tool` message will answer.
+    pub id: &'a str,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: FunctionKind,
+    /// Name and arguments.
+    pub function: ResponseFunction<'a>,
+}
+
+/// The function part of a [`ResponseToolCall`].
+#[derive(Debug, Serialize)]
+pub struct ResponseFunction<'a> {
+    /// The function's name.
+    pub name: &'a str,
+    /// Its arguments as JSON text.
+    pub arguments: &'a str,
+}
+
+/// One piece of a streamed tool call: the first carries id, type and name, later ones
+/// argument fragments, all under the call's `index`.
+#[derive(Debug, Serialize)]
+pub struct ToolCallDelta<'a> {
+    /// Which call of the answer (0, 1, …).
+    pub index: u32,
+    /// On the first piece.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a str>,
+    /// `function`, on the first piece.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<FunctionKind>,
+    /// Name (first piece) and argument fragment.
+    pub function: FunctionDelta<'a>,
+}
+
+/// The function part of a [`ToolCallDelta`].
+#[derive(Debug, Serialize)]
+pub struct FunctionDelta<'a> {
+    /// On the first piece.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    /// The next fragment of the arguments' JSON text.
+    pub arguments: &'a str,
 }
 
 /// A non-streaming answer.
@@ -169,8 +398,11 @@ pub struct Choice<'a> {
 pub struct ResponseMessage<'a> {
     /// Always `assistant`.
     pub role: &'static str,
-    /// The text.
-    pub content: &'a str,
+    /// The text; null when the answer is only tool calls.
+    pub content: Option<&'a str>,
+    /// The tools the model called.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub tool_calls: Vec<ResponseToolCall<'a>>,
 }
 
 /// Token counts, in OpenAI's names.
@@ -233,6 +465,9 @@ pub struct Delta<'a> {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    /// A piece of a tool call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<[ToolCallDelta<'a>; 1]>,
 }
 
 /// `GET /v1/models`.

@@ -364,7 +364,9 @@ impl Relay {
         match event {
             StreamEvent::Usage(usage) => self.usage = Some(*usage),
             StreamEvent::Finish(_) => self.finished = true,
-            StreamEvent::Delta(_) => {}
+            StreamEvent::Delta(_)
+            | StreamEvent::ToolCallStart { .. }
+            | StreamEvent::ToolCallArguments { .. } => {}
         }
     }
 }
@@ -403,6 +405,7 @@ mod tests {
                 return Err(ProviderError::new(ProviderKind::Gemini, self.kind, "flaky"));
             }
             Ok(Completion {
+                tool_calls: Vec::new(),
                 text: "ok".into(),
                 finish: crate::providers::FinishReason::Stop,
                 usage: Usage::default(),
@@ -450,7 +453,7 @@ mod tests {
         ChatRequest {
             turns: vec![Turn {
                 role: TurnRole::User,
-                parts: vec!["hi".into()],
+                parts: vec![crate::providers::Part::Text("hi".into())],
             }],
             ..ChatRequest::default()
         }

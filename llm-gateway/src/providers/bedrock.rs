@@ -12,23 +12,33 @@ use aws_sdk_bedrockruntime::config::timeout::TimeoutConfig;
 use aws_sdk_bedrockruntime::config::{Region, StalledStreamProtectionConfig};
 use aws_sdk_bedrockruntime::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_bedrockruntime::types::{
-    ContentBlock, ContentBlockDelta, ConversationRole, ConverseOutput, ConverseStreamOutput,
-    InferenceConfiguration, Message, StopReason, SystemContentBlock, TokenUsage,
+    AnyToolChoice, AutoToolChoice, ContentBlock, ContentBlockDelta, ContentBlockStart,
+    ConversationRole, ConverseOutput, ConverseStreamOutput, InferenceConfiguration, Message,
+    SpecificToolChoice, StopReason, SystemContentBlock, TokenUsage, Tool,
+    ToolChoice as BedrockToolChoice, ToolConfiguration, ToolInputSchema, ToolResultBlock,
+    ToolResultContentBlock, ToolSpecification, ToolUseBlock,
 };
+use aws_smithy_types::{Document, Number};
 use futures::StreamExt;
+use std::collections::HashMap;
 
 use super::{
-    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Provider, ProviderError,
-    StreamEvent, TurnRole,
+    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Part, Provider, ProviderError,
+    StreamEvent, ToolCall, ToolChoice, TurnRole,
 };
 use crate::config::{Config, ProviderKind};
 use crate::openai::Usage;
 
 const PROVIDER: ProviderKind = ProviderKind::Bedrock;
 
-/// Converse has no JSON mode; the instruction goes into the system prompt instead.
-const JSON_INSTRUCTION: &str =
-    "Answer with one valid JSON object and nothing else: no prose, no code fences.";
+/// Converse has no JSON mode: a JSON `response_format` becomes one tool whose input schema
+/// is the caller's schema, forced with `toolChoice`; its input is the answer. This is the
+/// tool's name when the caller's schema has none (`json_object`).
+const JSON_TOOL: &str = "json_object";
+
+/// `tool_choice: none` has no Converse form, and a history with tool blocks needs the
+/// tools declared; the model is told instead.
+const NO_TOOLS_INSTRUCTION: &str = "Do not call any tool now; answer in text.";
 
 /// The Bedrock provider: one SDK client (one connection pool, one credentials cache).
 #[derive(Debug, Clone)]
@@ -80,6 +90,7 @@ macro_rules! send_converse {
             .model_id($model)
             .set_system(system($request))
             .set_messages(Some(messages($request)?))
+            .set_tool_config(tool_config($request)?)
             .inference_config(inference_config($request))
             .send()
             .await
@@ -99,18 +110,29 @@ impl Provider for BedrockProvider {
         request: &ChatRequest,
     ) -> Result<Completion, ProviderError> {
         let output = send_converse!(self.client.converse(), model, request);
-        let text = match output.output() {
-            Some(ConverseOutput::Message(message)) => message
-                .content()
-                .iter()
-                .filter_map(|block| block.as_text().ok())
-                .map(String::as_str)
-                .collect(),
-            _ => String::new(),
-        };
+        let mut text = String::new();
+        let mut tool_calls = Vec::new();
+        if let Some(ConverseOutput::Message(message)) = output.output() {
+            for block in message.content() {
+                match block {
+                    ContentBlock::Text(piece) => text.push_str(piece),
+                    // The forced JSON tool's input is the answer.
+                    ContentBlock::ToolUse(call) if request.json => {
+                        text = document_to_json(call.input()).to_string();
+                    }
+                    ContentBlock::ToolUse(call) => tool_calls.push(ToolCall {
+                        id: call.tool_use_id().to_string(),
+                        name: call.name().to_string(),
+                        arguments: document_to_json(call.input()).to_string(),
+                    }),
+                    _ => {}
+                }
+            }
+        }
         Ok(Completion {
             text,
-            finish: map_stop_reason(output.stop_reason()),
+            tool_calls,
+            finish: map_stop_reason(output.stop_reason(), request.json)?,
             usage: output.usage().map(map_usage).unwrap_or_default(),
         })
     }
@@ -121,15 +143,20 @@ impl Provider for BedrockProvider {
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError> {
         let output = send_converse!(self.client.converse_stream(), model, request);
-        let events = futures::stream::unfold(Some(output.stream), |receiver| async move {
-            let mut receiver = receiver?;
+        let state = StreamState {
+            receiver: output.stream,
+            json: request.json,
+            tool_index: HashMap::new(),
+        };
+        let events = futures::stream::unfold(Some(state), |state| async move {
+            let mut state = state?;
             loop {
-                match receiver.recv().await {
-                    Ok(Some(event)) => {
-                        if let Some(event) = map_event(event) {
-                            return Some((Ok(event), Some(receiver)));
-                        }
-                    }
+                match state.receiver.recv().await {
+                    Ok(Some(event)) => match state.map_event(event) {
+                        Some(Ok(event)) => return Some((Ok(event), Some(state))),
+                        Some(Err(e)) => return Some((Err(e), None)),
+                        None => {}
+                    },
                     Ok(None) => return None,
                     // An error ends the stream.
                     Err(e) => return Some((Err(sdk_error(e)), None)),
@@ -140,38 +167,269 @@ impl Provider for BedrockProvider {
     }
 }
 
+/// A ConverseStream being relayed.
+struct StreamState {
+    receiver: aws_sdk_bedrockruntime::primitives::event_stream::EventReceiver<
+        ConverseStreamOutput,
+        bedrock::types::error::ConverseStreamOutputError,
+    >,
+    /// The forced JSON tool's input is the answer's text.
+    json: bool,
+    /// Content block index -> the tool call's index in the answer.
+    tool_index: HashMap<i32, u32>,
+}
+
+impl StreamState {
+    fn map_event(
+        &mut self,
+        event: ConverseStreamOutput,
+    ) -> Option<Result<StreamEvent, ProviderError>> {
+        match event {
+            ConverseStreamOutput::ContentBlockStart(e) => match e.start {
+                Some(ContentBlockStart::ToolUse(start)) if !self.json => {
+                    let index = u32::try_from(self.tool_index.len()).unwrap_or(u32::MAX);
+                    self.tool_index.insert(e.content_block_index, index);
+                    Some(Ok(StreamEvent::ToolCallStart {
+                        index,
+                        id: start.tool_use_id,
+                        name: start.name,
+                    }))
+                }
+                _ => None,
+            },
+            ConverseStreamOutput::ContentBlockDelta(e) => match e.delta {
+                Some(ContentBlockDelta::Text(text)) if !text.is_empty() => {
+                    Some(Ok(StreamEvent::Delta(text)))
+                }
+                Some(ContentBlockDelta::ToolUse(delta)) if !delta.input.is_empty() => {
+                    if self.json {
+                        return Some(Ok(StreamEvent::Delta(delta.input)));
+                    }
+                    let index = *self.tool_index.get(&e.content_block_index)?;
+                    Some(Ok(StreamEvent::ToolCallArguments {
+                        index,
+                        fragment: delta.input,
+                    }))
+                }
+                _ => None,
+            },
+            ConverseStreamOutput::MessageStop(e) => {
+                Some(map_stop_reason(&e.stop_reason, self.json).map(StreamEvent::Finish))
+            }
+            ConverseStreamOutput::Metadata(e) => e
+                .usage
+                .as_ref()
+                .map(|u| Ok(StreamEvent::Usage(map_usage(u)))),
+            _ => None,
+        }
+    }
+}
+
 fn system(request: &ChatRequest) -> Option<Vec<SystemContentBlock>> {
     let mut blocks: Vec<SystemContentBlock> = request
         .system
         .iter()
         .map(|s| SystemContentBlock::Text(s.clone()))
         .collect();
-    if request.json {
-        blocks.push(SystemContentBlock::Text(JSON_INSTRUCTION.into()));
+    if request.tool_choice == ToolChoice::None && request.history_has_tools() {
+        blocks.push(SystemContentBlock::Text(NO_TOOLS_INSTRUCTION.into()));
     }
     (!blocks.is_empty()).then_some(blocks)
 }
 
+fn build_error(e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::new(PROVIDER, ErrorKind::Protocol, e.to_string())
+}
+
+fn invalid(message: String) -> ProviderError {
+    ProviderError::new(PROVIDER, ErrorKind::InvalidRequest, message)
+}
+
 fn messages(request: &ChatRequest) -> Result<Vec<Message>, ProviderError> {
-    request
-        .turns
-        .iter()
-        .map(|turn| {
+    let mut messages = Vec::with_capacity(request.turns.len());
+    for turn in &request.turns {
+        let mut blocks = Vec::with_capacity(turn.parts.len());
+        for part in &turn.parts {
+            blocks.push(match part {
+                Part::Text(text) => ContentBlock::Text(text.clone()),
+                Part::ToolCall(call) => {
+                    let input: serde_json::Value = serde_json::from_str(&call.arguments)
+                        .ok()
+                        .filter(serde_json::Value::is_object)
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "the arguments of tool call `{}` are not a JSON object",
+                                call.id
+                            ))
+                        })?;
+                    ContentBlock::ToolUse(
+                        ToolUseBlock::builder()
+                            .tool_use_id(&call.id)
+                            .name(&call.name)
+                            .input(json_to_document(&input))
+                            .build()
+                            .map_err(build_error)?,
+                    )
+                }
+                Part::ToolResult(result) => ContentBlock::ToolResult(
+                    ToolResultBlock::builder()
+                        .tool_use_id(&result.id)
+                        // Converse refuses empty text blocks, in tool results too.
+                        .content(ToolResultContentBlock::Text(if result.content.is_empty() {
+                            "(empty)".into()
+                        } else {
+                            result.content.clone()
+                        }))
+                        .build()
+                        .map_err(build_error)?,
+                ),
+            });
+        }
+        messages.push(
             Message::builder()
                 .role(match turn.role {
                     TurnRole::User => ConversationRole::User,
                     TurnRole::Assistant => ConversationRole::Assistant,
                 })
-                .set_content(Some(
-                    turn.parts
-                        .iter()
-                        .map(|p| ContentBlock::Text(p.clone()))
-                        .collect(),
-                ))
+                .set_content(Some(blocks))
                 .build()
-                .map_err(|e| ProviderError::new(PROVIDER, ErrorKind::Protocol, e.to_string()))
-        })
-        .collect()
+                .map_err(build_error)?,
+        );
+    }
+    Ok(messages)
+}
+
+fn tool_spec(
+    name: &str,
+    description: Option<&str>,
+    schema: &serde_json::Value,
+) -> Result<Tool, ProviderError> {
+    Ok(Tool::ToolSpec(
+        ToolSpecification::builder()
+            .name(name)
+            .set_description(description.map(String::from))
+            .input_schema(ToolInputSchema::Json(json_to_document(schema)))
+            .build()
+            .map_err(build_error)?,
+    ))
+}
+
+/// `toolConfig`: the caller's tools and choice; a JSON `response_format` as one forced
+/// tool; and, since Converse refuses tool blocks in a history without it, the history's
+/// functions (with an open schema) when the caller sent no tools.
+fn tool_config(request: &ChatRequest) -> Result<Option<ToolConfiguration>, ProviderError> {
+    let object = serde_json::json!({"type": "object"});
+    let mut builder = ToolConfiguration::builder();
+    if request.json {
+        if !request.tools.is_empty() {
+            return Err(invalid(
+                "response_format: Bedrock's JSON mode is a forced tool, so it cannot be combined with `tools`".into(),
+            ));
+        }
+        let (name, description, schema) = match &request.json_schema {
+            Some(named) => (
+                named.name.as_str(),
+                named.description.as_deref(),
+                &named.schema,
+            ),
+            None => (JSON_TOOL, Some("Answer with a JSON object."), &object),
+        };
+        builder = builder
+            .tools(tool_spec(name, description, schema)?)
+            .tool_choice(BedrockToolChoice::Tool(
+                SpecificToolChoice::builder()
+                    .name(name)
+                    .build()
+                    .map_err(build_error)?,
+            ));
+        return builder.build().map(Some).map_err(build_error);
+    }
+    if request.tools.is_empty() {
+        let mut names: Vec<&str> = request
+            .turns
+            .iter()
+            .flat_map(|t| &t.parts)
+            .filter_map(|p| match p {
+                Part::ToolCall(call) => Some(call.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.is_empty() {
+            return Ok(None);
+        }
+        for name in names {
+            builder = builder.tools(tool_spec(name, None, &object)?);
+        }
+        return builder.build().map(Some).map_err(build_error);
+    }
+    if request.tool_choice == ToolChoice::None && !request.history_has_tools() {
+        return Ok(None);
+    }
+    for tool in &request.tools {
+        let schema = tool.parameters.as_ref().unwrap_or(&object);
+        builder = builder.tools(tool_spec(&tool.name, tool.description.as_deref(), schema)?);
+    }
+    let choice = match &request.tool_choice {
+        ToolChoice::Auto | ToolChoice::None => {
+            BedrockToolChoice::Auto(AutoToolChoice::builder().build())
+        }
+        ToolChoice::Required => BedrockToolChoice::Any(AnyToolChoice::builder().build()),
+        ToolChoice::Named(name) => BedrockToolChoice::Tool(
+            SpecificToolChoice::builder()
+                .name(name)
+                .build()
+                .map_err(build_error)?,
+        ),
+    };
+    builder
+        .tool_choice(choice)
+        .build()
+        .map(Some)
+        .map_err(build_error)
+}
+
+/// A JSON value as the SDK's `Document`.
+fn json_to_document(value: &serde_json::Value) -> Document {
+    use serde_json::Value;
+    match value {
+        Value::Null => Document::Null,
+        Value::Bool(b) => Document::Bool(*b),
+        Value::Number(n) => Document::Number(if let Some(u) = n.as_u64() {
+            Number::PosInt(u)
+        } else if let Some(i) = n.as_i64() {
+            Number::NegInt(i)
+        } else {
+            Number::Float(n.as_f64().unwrap_or_default())
+        }),
+        Value::String(s) => Document::String(s.clone()),
+        Value::Array(items) => Document::Array(items.iter().map(json_to_document).collect()),
+        Value::Object(map) => Document::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), json_to_document(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// The SDK's `Document` as JSON.
+fn document_to_json(document: &Document) -> serde_json::Value {
+    use serde_json::Value;
+    match document {
+        Document::Null => Value::Null,
+        Document::Bool(b) => Value::Bool(*b),
+        Document::Number(Number::PosInt(u)) => Value::from(*u),
+        Document::Number(Number::NegInt(i)) => Value::from(*i),
+        Document::Number(Number::Float(f)) => Value::from(*f),
+        Document::String(s) => Value::String(s.clone()),
+        Document::Array(items) => Value::Array(items.iter().map(document_to_json).collect()),
+        Document::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), document_to_json(v)))
+                .collect(),
+        ),
+    }
 }
 
 fn inference_config(request: &ChatRequest) -> InferenceConfiguration {
@@ -187,38 +445,30 @@ fn inference_config(request: &ChatRequest) -> InferenceConfiguration {
         .build()
 }
 
-fn map_event(event: ConverseStreamOutput) -> Option<StreamEvent> {
-    match event {
-        ConverseStreamOutput::ContentBlockDelta(e) => match e.delta {
-            Some(ContentBlockDelta::Text(text)) if !text.is_empty() => {
-                Some(StreamEvent::Delta(text))
-            }
-            _ => None,
-        },
-        ConverseStreamOutput::MessageStop(e) => {
-            Some(StreamEvent::Finish(map_stop_reason(&e.stop_reason)))
-        }
-        ConverseStreamOutput::Metadata(e) => {
-            e.usage.as_ref().map(|u| StreamEvent::Usage(map_usage(u)))
-        }
-        _ => None,
-    }
-}
-
 fn map_usage(usage: &TokenUsage) -> Usage {
     let count = |n: i32| u32::try_from(n).unwrap_or(0);
     Usage::new(count(usage.input_tokens), count(usage.output_tokens))
 }
 
-/// Bedrock's `stopReason` in OpenAI's terms.
-fn map_stop_reason(reason: &StopReason) -> FinishReason {
-    match reason {
+/// Bedrock's `stopReason` in OpenAI's terms (`json`: the forced JSON tool was used, which
+/// is a normal end). A malformed tool use is the model's failure: an error, retried.
+fn map_stop_reason(reason: &StopReason, json: bool) -> Result<FinishReason, ProviderError> {
+    Ok(match reason {
         StopReason::MaxTokens | StopReason::ModelContextWindowExceeded => FinishReason::Length,
         StopReason::ContentFiltered | StopReason::GuardrailIntervened => {
             FinishReason::ContentFilter
         }
+        StopReason::ToolUse if json => FinishReason::Stop,
+        StopReason::ToolUse => FinishReason::ToolCalls,
+        StopReason::MalformedToolUse | StopReason::MalformedModelOutput => {
+            return Err(ProviderError::new(
+                PROVIDER,
+                ErrorKind::MalformedOutput,
+                format!("stopReason {}", reason.as_str()),
+            ));
+        }
         _ => FinishReason::Stop,
-    }
+    })
 }
 
 /// Sorts an SDK failure: throttling, model-not-ready, service-unavailable, internal errors,
@@ -298,24 +548,43 @@ mod tests {
 
     #[test]
     fn stop_reasons_map() {
-        assert_eq!(map_stop_reason(&StopReason::EndTurn), FinishReason::Stop);
+        let map = |r: StopReason| map_stop_reason(&r, false).unwrap();
+        assert_eq!(map(StopReason::EndTurn), FinishReason::Stop);
+        assert_eq!(map(StopReason::MaxTokens), FinishReason::Length);
         assert_eq!(
-            map_stop_reason(&StopReason::MaxTokens),
-            FinishReason::Length
-        );
-        assert_eq!(
-            map_stop_reason(&StopReason::GuardrailIntervened),
+            map(StopReason::GuardrailIntervened),
             FinishReason::ContentFilter
         );
+        assert_eq!(
+            map(StopReason::ContentFiltered),
+            FinishReason::ContentFilter
+        );
+        assert_eq!(map(StopReason::ToolUse), FinishReason::ToolCalls);
+        assert_eq!(
+            map_stop_reason(&StopReason::ToolUse, true).unwrap(),
+            FinishReason::Stop
+        );
+        let error = map_stop_reason(&StopReason::MalformedToolUse, false).unwrap_err();
+        assert_eq!(error.kind, ErrorKind::MalformedOutput);
     }
 
     #[test]
-    fn json_mode_adds_a_system_instruction() {
+    fn json_mode_is_a_forced_tool() {
         let request = ChatRequest {
             json: true,
             ..ChatRequest::default()
         };
-        assert_eq!(system(&request).map(|b| b.len()), Some(1));
-        assert!(system(&ChatRequest::default()).is_none());
+        let config = tool_config(&request).unwrap().unwrap();
+        assert_eq!(config.tools().len(), 1);
+        assert!(
+            matches!(config.tool_choice(), Some(BedrockToolChoice::Tool(t)) if t.name() == JSON_TOOL)
+        );
+        assert!(tool_config(&ChatRequest::default()).unwrap().is_none());
+    }
+
+    #[test]
+    fn documents_round_trip() {
+        let value = serde_json::json!({"a": [1, -2, 2.5, "x", true, null], "b": {}});
+        assert_eq!(document_to_json(&json_to_document(&value)), value);
     }
 }

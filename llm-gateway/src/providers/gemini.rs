@@ -13,8 +13,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Provider, ProviderError,
-    StreamEvent, TurnRole,
+    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Part as TurnPart, Provider,
+    ProviderError, StreamEvent, ToolCall, ToolChoice, TurnRole, schema,
 };
 use crate::config::ProviderKind;
 use crate::openai::Usage;
@@ -63,7 +63,7 @@ impl GeminiProvider {
     ) -> Result<reqwest::Response, ProviderError> {
         let model = model.strip_prefix("models/").unwrap_or(model);
         let url = format!("{}/models/{model}:{method}", self.base_url);
-        let body = serde_json::to_vec(&GenerateContentRequest::from(request))
+        let body = serde_json::to_vec(&GenerateContentRequest::build(request)?)
             .map_err(|e| ProviderError::new(PROVIDER, ErrorKind::Protocol, e.to_string()))?;
         let response = self
             .client
@@ -106,14 +106,16 @@ impl Provider for GeminiProvider {
             return Err(error.into_provider_error(None));
         }
         let mut text = String::new();
+        let mut tool_calls = Vec::new();
         let mut finish = FinishReason::Stop;
-        reply.collect(&mut text, &mut finish);
+        reply.collect(&mut text, &mut tool_calls, &mut finish)?;
         let usage = reply
             .usage_metadata
             .map(UsageMetadata::into_usage)
             .unwrap_or_default();
         Ok(Completion {
             text,
+            tool_calls,
             finish,
             usage,
         })
@@ -132,6 +134,7 @@ impl Provider for GeminiProvider {
             buffer: BytesMut::new(),
             pending: VecDeque::new(),
             done: false,
+            tool_calls: 0,
         };
         Ok(futures::stream::unfold(state, SseState::next).boxed())
     }
@@ -144,6 +147,8 @@ struct SseState {
     buffer: BytesMut,
     pending: VecDeque<Result<StreamEvent, ProviderError>>,
     done: bool,
+    /// Tool calls handed out so far: the next one's index.
+    tool_calls: u32,
 }
 
 impl SseState {
@@ -197,10 +202,20 @@ impl SseState {
             return;
         }
         let mut text = String::new();
+        let mut calls = Vec::new();
         let mut finish = None;
+        let response_id = chunk.response_id.as_deref().unwrap_or_default();
         for candidate in chunk.candidates.iter().take(1) {
             candidate.append_text(&mut text);
-            finish = candidate.finish_reason.as_deref().map(map_finish_reason);
+            candidate.append_tool_calls(response_id, self.tool_calls, &mut calls);
+            finish = match candidate.finish_reason.as_deref().map(map_finish_reason) {
+                Some(Err(error)) => {
+                    self.pending.push_back(Err(error));
+                    return;
+                }
+                Some(Ok(reason)) => Some(reason),
+                None => None,
+            };
         }
         if chunk
             .prompt_feedback
@@ -212,7 +227,24 @@ impl SseState {
         if !text.is_empty() {
             self.pending.push_back(Ok(StreamEvent::Delta(text)));
         }
-        if let Some(finish) = finish {
+        // Gemini sends each call whole: one start and one argument fragment per call.
+        for call in calls {
+            let index = self.tool_calls;
+            self.tool_calls += 1;
+            self.pending.push_back(Ok(StreamEvent::ToolCallStart {
+                index,
+                id: call.id,
+                name: call.name,
+            }));
+            self.pending.push_back(Ok(StreamEvent::ToolCallArguments {
+                index,
+                fragment: call.arguments,
+            }));
+        }
+        if let Some(mut finish) = finish {
+            if finish == FinishReason::Stop && self.tool_calls > 0 {
+                finish = FinishReason::ToolCalls;
+            }
             self.pending.push_back(Ok(StreamEvent::Finish(finish)));
         }
         if let Some(usage) = chunk.usage_metadata {
@@ -294,15 +326,62 @@ async fn handle_gemini_error(response: reqwest::Response) -> ProviderError {
     }
 }
 
-/// Gemini's `finishReason` in OpenAI's terms.
-fn map_finish_reason(reason: &str) -> FinishReason {
-    match reason {
+/// Gemini's `finishReason` in OpenAI's terms. A malformed or unexpected function call is
+/// the model's failure, not an answer: an error (retried), never a normal stop.
+fn map_finish_reason(reason: &str) -> Result<FinishReason, ProviderError> {
+    Ok(match reason {
         "MAX_TOKENS" => FinishReason::Length,
         "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
             FinishReason::ContentFilter
         }
+        "MALFORMED_FUNCTION_CALL" | "UNEXPECTED_TOOL_CALL" | "TOO_MANY_TOOL_CALLS" => {
+            return Err(ProviderError::new(
+                PROVIDER,
+                ErrorKind::MalformedOutput,
+                format!("finishReason {reason}"),
+            ));
+        }
         _ => FinishReason::Stop,
+    })
+}
+
+/// The separator between a minted tool-call id and the thought signature it carries. Not
+/// in the base64 alphabet, so the signature is everything after it.
+const SIGNATURE_SEPARATOR: char = '.';
+
+/// A stable id for a call Gemini made (Gemini has none): a hash of the response, the
+/// call's place in it, its name and arguments, then the call's thought signature, which
+/// Gemini requires back on the next request and which the caller carries in the id.
+fn mint_call_id(
+    response_id: &str,
+    index: u32,
+    name: &str,
+    args: &str,
+    signature: Option<&str>,
+) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for bytes in [
+        response_id.as_bytes(),
+        &index.to_le_bytes(),
+        name.as_bytes(),
+        args.as_bytes(),
+    ] {
+        for b in bytes.iter().chain(b"\0") {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
     }
+    match signature {
+        Some(signature) => format!("call_{hash:016x}{SIGNATURE_SEPARATOR}{signature}"),
+        None => format!("call_{hash:016x}"),
+    }
+}
+
+/// The thought signature carried in an id minted by [`mint_call_id`].
+fn signature_in(id: &str) -> Option<&str> {
+    let rest = id.strip_prefix("call_")?;
+    let (hash, signature) = rest.split_once(SIGNATURE_SEPARATOR)?;
+    (hash.len() == 16 && !signature.is_empty()).then_some(signature)
 }
 
 /// A protobuf JSON duration: `"37s"`, `"0.500s"`.
@@ -319,6 +398,10 @@ struct GenerateContentRequest<'a> {
     contents: Vec<Content<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     system_instruction: Option<SystemInstruction<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<GeminiTools<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_config: Option<ToolConfig<'a>>,
     generation_config: GenerationConfig<'a>,
 }
 
@@ -333,9 +416,59 @@ struct SystemInstruction<'a> {
     parts: [Part<'a>; 1],
 }
 
-#[derive(Serialize)]
+#[derive(Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Part<'a> {
-    text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function_call: Option<FunctionCallPart<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function_response: Option<FunctionResponsePart<'a>>,
+    /// Sent back on the call it came with, as newer models require.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thought_signature: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct FunctionCallPart<'a> {
+    name: &'a str,
+    args: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct FunctionResponsePart<'a> {
+    name: &'a str,
+    response: serde_json::Value,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiTools<'a> {
+    function_declarations: Vec<FunctionDeclaration<'a>>,
+}
+
+#[derive(Serialize)]
+struct FunctionDeclaration<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolConfig<'a> {
+    function_calling_config: FunctionCallingConfig<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FunctionCallingConfig<'a> {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allowed_function_names: Option<[&'a str; 1]>,
 }
 
 #[derive(Serialize)]
@@ -351,33 +484,150 @@ struct GenerationConfig<'a> {
     stop_sequences: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     response_mime_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_schema: Option<serde_json::Value>,
 }
 
-impl<'a> From<&'a ChatRequest> for GenerateContentRequest<'a> {
-    fn from(request: &'a ChatRequest) -> Self {
-        Self {
-            contents: request
-                .turns
-                .iter()
-                .map(|turn| Content {
-                    role: match turn.role {
-                        TurnRole::User => "user",
-                        TurnRole::Assistant => "model",
+/// The client's fault, reported before anything is sent.
+fn invalid(message: String) -> ProviderError {
+    ProviderError::new(PROVIDER, ErrorKind::InvalidRequest, message)
+}
+
+/// A tool's result as Gemini's `functionResponse.response`, which must be an object: a
+/// JSON object result as it is, anything else under `result`.
+fn function_response(content: &str) -> serde_json::Value {
+    match serde_json::from_str::<serde_json::Value>(content) {
+        Ok(value @ serde_json::Value::Object(_)) => value,
+        Ok(value) => serde_json::json!({ "result": value }),
+        Err(_) => serde_json::json!({ "result": content }),
+    }
+}
+
+impl<'a> GenerateContentRequest<'a> {
+    fn build(request: &'a ChatRequest) -> Result<Self, ProviderError> {
+        let mut contents = Vec::with_capacity(request.turns.len());
+        for turn in &request.turns {
+            let mut parts = Vec::with_capacity(turn.parts.len());
+            for part in &turn.parts {
+                parts.push(match part {
+                    TurnPart::Text(text) => Part {
+                        text: Some(text),
+                        ..Part::default()
                     },
-                    parts: turn.parts.iter().map(|text| Part { text }).collect(),
-                })
-                .collect(),
+                    TurnPart::ToolCall(call) => {
+                        let args: serde_json::Value = serde_json::from_str(&call.arguments)
+                            .ok()
+                            .filter(serde_json::Value::is_object)
+                            .ok_or_else(|| {
+                                invalid(format!(
+                                    "the arguments of tool call `{}` are not a JSON object",
+                                    call.id
+                                ))
+                            })?;
+                        Part {
+                            function_call: Some(FunctionCallPart {
+                                name: &call.name,
+                                args,
+                            }),
+                            thought_signature: signature_in(&call.id),
+                            ..Part::default()
+                        }
+                    }
+                    TurnPart::ToolResult(result) => Part {
+                        function_response: Some(FunctionResponsePart {
+                            name: &result.name,
+                            response: function_response(&result.content),
+                        }),
+                        ..Part::default()
+                    },
+                });
+            }
+            contents.push(Content {
+                role: match turn.role {
+                    TurnRole::User => "user",
+                    TurnRole::Assistant => "model",
+                },
+                parts,
+            });
+        }
+
+        let mut declarations = Vec::with_capacity(request.tools.len());
+        for (i, tool) in request.tools.iter().enumerate() {
+            // A function without arguments has no `parameters` (Gemini refuses an object
+            // schema with no properties).
+            let parameters = match &tool.parameters {
+                Some(schema)
+                    if schema
+                        .get("properties")
+                        .and_then(serde_json::Value::as_object)
+                        .is_some_and(|p| !p.is_empty()) =>
+                {
+                    Some(
+                        schema::to_gemini(schema)
+                            .map_err(|e| invalid(format!("tools[{i}].function.parameters: {e}")))?,
+                    )
+                }
+                _ => None,
+            };
+            declarations.push(FunctionDeclaration {
+                name: &tool.name,
+                description: tool.description.as_deref(),
+                parameters,
+            });
+        }
+        let tool_config = (!declarations.is_empty()).then_some(ToolConfig {
+            function_calling_config: match &request.tool_choice {
+                ToolChoice::Auto => FunctionCallingConfig {
+                    mode: "AUTO",
+                    allowed_function_names: None,
+                },
+                ToolChoice::None => FunctionCallingConfig {
+                    mode: "NONE",
+                    allowed_function_names: None,
+                },
+                ToolChoice::Required => FunctionCallingConfig {
+                    mode: "ANY",
+                    allowed_function_names: None,
+                },
+                ToolChoice::Named(name) => FunctionCallingConfig {
+                    mode: "ANY",
+                    allowed_function_names: Some([name.as_str()]),
+                },
+            },
+        });
+        let response_schema = match &request.json_schema {
+            Some(named) => Some(
+                schema::to_gemini(&named.schema)
+                    .map_err(|e| invalid(format!("response_format.json_schema.schema: {e}")))?,
+            ),
+            None => None,
+        };
+
+        Ok(Self {
+            contents,
             system_instruction: request.system.as_deref().map(|text| SystemInstruction {
-                parts: [Part { text }],
+                parts: [Part {
+                    text: Some(text),
+                    ..Part::default()
+                }],
             }),
+            tools: if declarations.is_empty() {
+                Vec::new()
+            } else {
+                vec![GeminiTools {
+                    function_declarations: declarations,
+                }]
+            },
+            tool_config,
             generation_config: GenerationConfig {
                 temperature: request.temperature,
                 top_p: request.top_p,
                 max_output_tokens: request.max_tokens,
                 stop_sequences: &request.stop,
                 response_mime_type: request.json.then_some("application/json"),
+                response_schema,
             },
-        }
+        })
     }
 }
 
@@ -388,16 +638,28 @@ struct GenerateContentResponse {
     candidates: Vec<Candidate>,
     usage_metadata: Option<UsageMetadata>,
     prompt_feedback: Option<PromptFeedback>,
+    /// Feeds the minted tool-call ids.
+    response_id: Option<String>,
     /// A stream may carry an error in place of a chunk.
     error: Option<GoogleError>,
 }
 
 impl GenerateContentResponse {
-    fn collect(&self, text: &mut String, finish: &mut FinishReason) {
+    fn collect(
+        &self,
+        text: &mut String,
+        tool_calls: &mut Vec<ToolCall>,
+        finish: &mut FinishReason,
+    ) -> Result<(), ProviderError> {
         if let Some(candidate) = self.candidates.first() {
             candidate.append_text(text);
+            let response_id = self.response_id.as_deref().unwrap_or_default();
+            candidate.append_tool_calls(response_id, 0, tool_calls);
             if let Some(reason) = &candidate.finish_reason {
-                *finish = map_finish_reason(reason);
+                *finish = map_finish_reason(reason)?;
+            }
+            if *finish == FinishReason::Stop && !tool_calls.is_empty() {
+                *finish = FinishReason::ToolCalls;
             }
         }
         if self
@@ -407,6 +669,7 @@ impl GenerateContentResponse {
         {
             *finish = FinishReason::ContentFilter;
         }
+        Ok(())
     }
 }
 
@@ -418,6 +681,27 @@ struct Candidate {
 }
 
 impl Candidate {
+    /// The function calls of this candidate, numbered from `first` within the answer.
+    fn append_tool_calls(&self, response_id: &str, first: u32, out: &mut Vec<ToolCall>) {
+        let calls = self
+            .content
+            .iter()
+            .flat_map(|c| &c.parts)
+            .filter_map(|p| Some((p.function_call.as_ref()?, p.thought_signature.as_deref())));
+        for (index, (call, signature)) in (first..).zip(calls) {
+            let arguments = call
+                .args
+                .as_ref()
+                .map_or_else(|| "{}".to_string(), serde_json::Value::to_string);
+            let id = mint_call_id(response_id, index, &call.name, &arguments, signature);
+            out.push(ToolCall {
+                id,
+                name: call.name.clone(),
+                arguments,
+            });
+        }
+    }
+
     fn append_text(&self, out: &mut String) {
         let parts = self.content.iter().flat_map(|c| &c.parts);
         for part in parts.filter(|p| !p.thought) {
@@ -435,11 +719,22 @@ struct CandidateContent {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct ResponsePart {
     text: Option<String>,
     /// Thought summaries are not part of the answer.
     #[serde(default)]
     thought: bool,
+    function_call: Option<ResponseFunctionCall>,
+    /// Opaque; must go back with the call on the next request.
+    thought_signature: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ResponseFunctionCall {
+    name: String,
+    #[serde(default)]
+    args: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -537,11 +832,11 @@ mod tests {
             turns: vec![
                 Turn {
                     role: TurnRole::User,
-                    parts: vec!["hi".into()],
+                    parts: vec![TurnPart::Text("hi".into())],
                 },
                 Turn {
                     role: TurnRole::Assistant,
-                    parts: vec!["hello".into()],
+                    parts: vec![TurnPart::Text("hello".into())],
                 },
             ],
             temperature: Some(0.5),
@@ -549,8 +844,9 @@ mod tests {
             top_p: None,
             stop: vec!["END".into()],
             json: true,
+            ..ChatRequest::default()
         };
-        let json = serde_json::to_value(GenerateContentRequest::from(&request)).unwrap();
+        let json = serde_json::to_value(GenerateContentRequest::build(&request).unwrap()).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -592,8 +888,32 @@ mod tests {
 
     #[test]
     fn finish_reasons_map() {
-        assert_eq!(map_finish_reason("STOP"), FinishReason::Stop);
-        assert_eq!(map_finish_reason("MAX_TOKENS"), FinishReason::Length);
-        assert_eq!(map_finish_reason("SAFETY"), FinishReason::ContentFilter);
+        assert_eq!(map_finish_reason("STOP").unwrap(), FinishReason::Stop);
+        assert_eq!(
+            map_finish_reason("MAX_TOKENS").unwrap(),
+            FinishReason::Length
+        );
+        assert_eq!(
+            map_finish_reason("SAFETY").unwrap(),
+            FinishReason::ContentFilter
+        );
+        let malformed = map_finish_reason("MALFORMED_FUNCTION_CALL").unwrap_err();
+        assert_eq!(malformed.kind, ErrorKind::MalformedOutput);
+    }
+
+    #[test]
+    fn minted_ids_are_stable_and_carry_the_signature() {
+        let a = mint_call_id("r1", 0, "f", "{}", Some("c2lnbmF0dXJl+/=="));
+        assert_eq!(
+            a,
+            mint_call_id("r1", 0, "f", "{}", Some("c2lnbmF0dXJl+/=="))
+        );
+        assert_ne!(
+            a,
+            mint_call_id("r1", 1, "f", "{}", Some("c2lnbmF0dXJl+/=="))
+        );
+        assert_eq!(signature_in(&a), Some("c2lnbmF0dXJl+/=="));
+        assert_eq!(signature_in(&mint_call_id("r1", 0, "f", "{}", None)), None);
+        assert_eq!(signature_in("tooluse_abc.def"), None);
     }
 }

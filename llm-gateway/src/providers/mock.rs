@@ -3,6 +3,11 @@
 //! setting (`MOCK_LATENCY_MS`, `MOCK_FAIL_RATE`) or by a marker in the last user message:
 //! `[mock:fail=503]` (any status) fails the call, `[mock:fail-mid-stream]` breaks a stream
 //! after its first chunk.
+//!
+//! With `tools` (and `tool_choice` not `none`) and a user message last, it calls the named
+//! tool, or the first one (every one with `[mock:parallel]` in the prompt), with arguments
+//! built from the tool's schema and the prompt. After `tool` messages it answers text
+//! quoting their results.
 
 use std::time::Duration;
 
@@ -10,8 +15,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use super::{
-    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Provider, ProviderError,
-    StreamEvent, TurnRole, estimate_tokens,
+    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Part, Provider, ProviderError,
+    StreamEvent, ToolCall, ToolChoice, ToolSpec, TurnRole, estimate_tokens, schema,
 };
 use crate::config::ProviderKind;
 use crate::openai::Usage;
@@ -81,6 +86,25 @@ impl Provider for MockProvider {
         let break_mid_stream = request.last_user_text().contains("[mock:fail-mid-stream]");
         let completion = reply(model, request);
         let mut events: Vec<Result<StreamEvent, ProviderError>> = Vec::new();
+        for (index, call) in (0u32..).zip(&completion.tool_calls) {
+            events.push(Ok(StreamEvent::ToolCallStart {
+                index,
+                id: call.id.clone(),
+                name: call.name.clone(),
+            }));
+            // Two fragments, as a real model streams arguments piecewise.
+            let mut middle = call.arguments.len() / 2;
+            while !call.arguments.is_char_boundary(middle) {
+                middle -= 1;
+            }
+            let (head, tail) = call.arguments.split_at(middle);
+            for fragment in [head, tail] {
+                events.push(Ok(StreamEvent::ToolCallArguments {
+                    index,
+                    fragment: fragment.to_string(),
+                }));
+            }
+        }
         for (i, piece) in completion.text.split_inclusive(' ').enumerate() {
             if i == 1 && break_mid_stream {
                 events.push(Err(ProviderError::new(
@@ -116,7 +140,64 @@ pub fn reply(model: &str, request: &ChatRequest) -> Completion {
     let reference = fnv1a(request);
     let quoted: Vec<&str> = prompt.split_whitespace().take(QUOTED_WORDS).collect();
     let words = prompt.split_whitespace().count();
-    let mut text = if request.json {
+    let input = request.system.as_deref().map_or(0, estimate_tokens)
+        + request
+            .turns
+            .iter()
+            .flat_map(|t| &t.parts)
+            .map(|p| match p {
+                Part::Text(text) => estimate_tokens(text),
+                Part::ToolCall(call) => estimate_tokens(&call.arguments),
+                Part::ToolResult(result) => estimate_tokens(&result.content),
+            })
+            .sum::<u32>();
+    let results = request.trailing_tool_results();
+    if results.is_empty() && !request.tools.is_empty() && request.tool_choice != ToolChoice::None {
+        let chosen: Vec<&ToolSpec> = match &request.tool_choice {
+            ToolChoice::Named(name) => request.tools.iter().filter(|t| &t.name == name).collect(),
+            _ if prompt.contains("[mock:parallel]") && !request.single_tool_call => {
+                request.tools.iter().collect()
+            }
+            _ => request.tools.iter().take(1).collect(),
+        };
+        let tool_calls: Vec<ToolCall> = chosen
+            .into_iter()
+            .enumerate()
+            .map(|(i, tool)| {
+                let arguments = tool
+                    .parameters
+                    .as_ref()
+                    .map_or_else(|| serde_json::json!({}), |p| schema::example(p, prompt));
+                ToolCall {
+                    id: format!("call_mock_{reference:016x}_{i}"),
+                    name: tool.name.clone(),
+                    arguments: arguments.to_string(),
+                }
+            })
+            .collect();
+        let output = tool_calls
+            .iter()
+            .map(|c| estimate_tokens(&c.arguments))
+            .sum();
+        return Completion {
+            text: String::new(),
+            tool_calls,
+            finish: FinishReason::ToolCalls,
+            usage: Usage::new(input, output),
+        };
+    }
+    let mut text = if let Some(named) = &request.json_schema {
+        schema::example(&named.schema, prompt).to_string()
+    } else if !results.is_empty() {
+        let quoted: Vec<String> = results
+            .iter()
+            .map(|r| format!("{} returned {}", r.name, r.content))
+            .collect();
+        format!(
+            "Mock reply from {model} using the tool results: {} (ref {reference:016x}).",
+            quoted.join("; ")
+        )
+    } else if request.json {
         serde_json::json!({
             "reply": format!("mock answer about: {}", quoted.join(" ")),
             "model": model,
@@ -151,16 +232,10 @@ pub fn reply(model: &str, request: &ChatRequest) -> Completion {
             .to_string();
         finish = FinishReason::Length;
     }
-    let input = request.system.as_deref().map_or(0, estimate_tokens)
-        + request
-            .turns
-            .iter()
-            .flat_map(|t| &t.parts)
-            .map(|p| estimate_tokens(p))
-            .sum::<u32>();
     let output = estimate_tokens(&text);
     Completion {
         text,
+        tool_calls: Vec::new(),
         finish,
         usage: Usage::new(input, output),
     }
@@ -184,7 +259,21 @@ fn fnv1a(request: &ChatRequest) -> u64 {
             TurnRole::Assistant => b"\x02",
         });
         for part in &turn.parts {
-            feed(part.as_bytes());
+            match part {
+                Part::Text(text) => feed(text.as_bytes()),
+                Part::ToolCall(call) => {
+                    for field in [&call.id, &call.name, &call.arguments] {
+                        feed(b"\x03");
+                        feed(field.as_bytes());
+                    }
+                }
+                Part::ToolResult(result) => {
+                    for field in [&result.id, &result.content] {
+                        feed(b"\x04");
+                        feed(field.as_bytes());
+                    }
+                }
+            }
         }
     }
     hash
@@ -200,7 +289,7 @@ mod tests {
         ChatRequest {
             turns: vec![Turn {
                 role: TurnRole::User,
-                parts: vec![text.into()],
+                parts: vec![Part::Text(text.into())],
             }],
             ..ChatRequest::default()
         }

@@ -5,7 +5,9 @@
 pub mod bedrock;
 pub mod gemini;
 pub mod mock;
+pub mod schema;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +17,16 @@ use futures::stream::BoxStream;
 
 use crate::config::{Config, ProviderKind};
 use crate::error::GatewayError;
-use crate::openai::{ChatCompletionRequest, Role, Usage};
+use crate::openai::{
+    ChatCompletionRequest, RequestMessage, ResponseFormat, Role, Tool as OpenAiTool,
+    ToolChoice as OpenAiToolChoice, ToolChoiceMode, Usage,
+};
 
 /// Most stop sequences accepted (Gemini takes 5, Bedrock's models 4 or more).
 const MAX_STOP_SEQUENCES: usize = 5;
 
-/// A chat request in provider-neutral form: system text apart, turns alternating.
+/// A chat request in provider-neutral form: system text apart, turns alternating, the
+/// first turn the user's, no empty text.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ChatRequest {
     /// Every system message, joined.
@@ -37,6 +43,50 @@ pub struct ChatRequest {
     pub stop: Vec<String>,
     /// Whether the reply must be a JSON object.
     pub json: bool,
+    /// With `json`: the schema the object must match (`response_format` `json_schema`).
+    pub json_schema: Option<NamedSchema>,
+    /// Functions the model may call.
+    pub tools: Vec<ToolSpec>,
+    /// Whether and which tool must be called.
+    pub tool_choice: ToolChoice,
+    /// At most one tool call per answer (`parallel_tool_calls: false`).
+    pub single_tool_call: bool,
+}
+
+/// A schema with the name the caller gave it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedSchema {
+    /// The name (`response_format.json_schema.name`).
+    pub name: String,
+    /// What the output is for.
+    pub description: Option<String>,
+    /// The JSON schema (an object schema when the caller gave none).
+    pub schema: serde_json::Value,
+}
+
+/// A function the model may call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolSpec {
+    /// Its name.
+    pub name: String,
+    /// What it does.
+    pub description: Option<String>,
+    /// The JSON schema of its arguments; `None` when it takes none.
+    pub parameters: Option<serde_json::Value>,
+}
+
+/// OpenAI's `tool_choice`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides (the default).
+    #[default]
+    Auto,
+    /// No tool call.
+    None,
+    /// At least one tool call.
+    Required,
+    /// This function must be called.
+    Named(String),
 }
 
 /// One turn of the conversation.
@@ -44,11 +94,45 @@ pub struct ChatRequest {
 pub struct Turn {
     /// Who spoke.
     pub role: TurnRole,
-    /// What was said, one entry per original message.
-    pub parts: Vec<String>,
+    /// What was said, in order; never empty, never an empty text.
+    pub parts: Vec<Part>,
 }
 
-/// The speakers providers know (system text travels apart).
+/// A piece of a turn.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Part {
+    /// Text (never empty).
+    Text(String),
+    /// The model called a tool (in an assistant turn).
+    ToolCall(ToolCall),
+    /// A tool's result (in a user turn).
+    ToolResult(ToolResult),
+}
+
+/// A tool call, as the model made it and as the history carries it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The id the result answers; providers without ids mint stable ones (and may carry
+    /// their own state in it, as Gemini's thought signature).
+    pub id: String,
+    /// The function's name.
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
+}
+
+/// A tool's result, sent back to the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolResult {
+    /// The call it answers.
+    pub id: String,
+    /// The function that was called (found by id in the history: Gemini needs it).
+    pub name: String,
+    /// What the tool returned.
+    pub content: String,
+}
+
+/// The speakers providers know (system text travels apart; tool results are the user's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TurnRole {
     /// The caller.
@@ -57,9 +141,17 @@ pub enum TurnRole {
     Assistant,
 }
 
+/// The user turn put first when a history starts with the model's turn (AG2's two-agent
+/// chat sends `[system, assistant, user]`) or has nothing but empty messages: Gemini and
+/// Bedrock both require the conversation to open with a user turn.
+pub const PLACEHOLDER_USER_TURN: &str = "(conversation start)";
+
 impl ChatRequest {
     /// Checks and converts an OpenAI request; errors name the field.
     pub fn from_openai(request: ChatCompletionRequest) -> Result<Self, GatewayError> {
+        if let Some((param, message)) = request.refused_field() {
+            return Err(GatewayError::invalid(&param, message));
+        }
         if request.messages.is_empty() {
             return Err(GatewayError::invalid(
                 "messages",
@@ -95,39 +187,51 @@ impl ChatRequest {
                 format!("`stop` takes 1 to {MAX_STOP_SEQUENCES} non-empty sequences"),
             ));
         }
-
-        let mut system: Option<String> = None;
-        let mut turns: Vec<Turn> = Vec::with_capacity(request.messages.len());
-        for message in request.messages {
-            let text = message.content.map(|c| c.into_text()).unwrap_or_default();
-            let role = match message.role {
-                Role::System => {
-                    match &mut system {
-                        Some(all) => {
-                            all.push_str("\n\n");
-                            all.push_str(&text);
-                        }
-                        None => system = Some(text),
-                    }
-                    continue;
-                }
-                Role::User => TurnRole::User,
-                Role::Assistant => TurnRole::Assistant,
-            };
-            match turns.last_mut() {
-                Some(last) if last.role == role => last.parts.push(text),
-                _ => turns.push(Turn {
-                    role,
-                    parts: vec![text],
-                }),
+        let tools = tools_from_openai(request.tools.unwrap_or_default())?;
+        let tool_choice = match request.tool_choice {
+            None | Some(OpenAiToolChoice::Mode(ToolChoiceMode::Auto)) => ToolChoice::Auto,
+            Some(OpenAiToolChoice::Mode(ToolChoiceMode::None)) => ToolChoice::None,
+            Some(OpenAiToolChoice::Mode(ToolChoiceMode::Required)) => ToolChoice::Required,
+            Some(OpenAiToolChoice::Named(named)) => ToolChoice::Named(named.function.name),
+        };
+        match &tool_choice {
+            ToolChoice::Required if tools.is_empty() => {
+                return Err(GatewayError::invalid(
+                    "tool_choice",
+                    "`tool_choice: required` needs `tools`",
+                ));
             }
+            ToolChoice::Named(name) if !tools.iter().any(|t| &t.name == name) => {
+                return Err(GatewayError::invalid(
+                    "tool_choice",
+                    format!("`tool_choice` names `{name}`, which is not in `tools`"),
+                ));
+            }
+            _ => {}
         }
-        if turns.is_empty() {
-            return Err(GatewayError::invalid(
-                "messages",
-                "`messages` needs at least one `user` message",
-            ));
-        }
+        let (json, json_schema) = match request.response_format {
+            None | Some(ResponseFormat::Text) => (false, None),
+            Some(ResponseFormat::JsonObject) => (true, None),
+            Some(ResponseFormat::JsonSchema { json_schema }) => {
+                let schema = json_schema
+                    .schema
+                    .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+                if !schema.is_object() {
+                    return Err(GatewayError::invalid(
+                        "response_format.json_schema.schema",
+                        "`response_format.json_schema.schema` must be a JSON schema object",
+                    ));
+                }
+                let named = NamedSchema {
+                    name: json_schema.name,
+                    description: json_schema.description,
+                    schema,
+                };
+                (true, Some(named))
+            }
+        };
+
+        let (system, turns) = conversation(request.messages)?;
         Ok(Self {
             system,
             turns,
@@ -135,7 +239,11 @@ impl ChatRequest {
             max_tokens: request.max_tokens,
             top_p: request.top_p,
             stop,
-            json: request.response_format.is_some_and(|f| f.wants_json()),
+            json,
+            json_schema,
+            tools,
+            tool_choice,
+            single_tool_call: request.parallel_tool_calls == Some(false),
         })
     }
 
@@ -145,9 +253,178 @@ impl ChatRequest {
             .iter()
             .rev()
             .find(|t| t.role == TurnRole::User)
-            .and_then(|t| t.parts.last())
-            .map_or("", String::as_str)
+            .and_then(|t| {
+                t.parts.iter().rev().find_map(|p| match p {
+                    Part::Text(text) => Some(text.as_str()),
+                    _ => None,
+                })
+            })
+            .unwrap_or("")
     }
+
+    /// The tool results the conversation ends with (the model is to use them now).
+    pub fn trailing_tool_results(&self) -> Vec<&ToolResult> {
+        match self.turns.last() {
+            Some(turn) if turn.role == TurnRole::User => turn
+                .parts
+                .iter()
+                .filter_map(|p| match p {
+                    Part::ToolResult(result) => Some(result),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether any turn carries a tool call or result.
+    pub fn history_has_tools(&self) -> bool {
+        self.turns
+            .iter()
+            .flat_map(|t| &t.parts)
+            .any(|p| !matches!(p, Part::Text(_)))
+    }
+}
+
+/// Checks `tools`: functions with unique, well-formed names and object schemas.
+fn tools_from_openai(tools: Vec<OpenAiTool>) -> Result<Vec<ToolSpec>, GatewayError> {
+    let mut specs: Vec<ToolSpec> = Vec::with_capacity(tools.len());
+    for (i, OpenAiTool::Function { function }) in tools.into_iter().enumerate() {
+        let valid_name = !function.name.is_empty()
+            && function.name.len() <= 64
+            && function
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(GatewayError::invalid(
+                &format!("tools[{i}].function.name"),
+                "a function name is 1 to 64 letters, digits, `_` or `-`",
+            ));
+        }
+        if specs.iter().any(|s| s.name == function.name) {
+            return Err(GatewayError::invalid(
+                &format!("tools[{i}].function.name"),
+                format!("the function `{}` is declared twice", function.name),
+            ));
+        }
+        if let Some(parameters) = &function.parameters
+            && !parameters.is_object()
+        {
+            return Err(GatewayError::invalid(
+                &format!("tools[{i}].function.parameters"),
+                "`parameters` must be a JSON schema object",
+            ));
+        }
+        specs.push(ToolSpec {
+            name: function.name,
+            description: function.description.filter(|d| !d.is_empty()),
+            parameters: function.parameters,
+        });
+    }
+    Ok(specs)
+}
+
+/// Turns OpenAI messages into the system text and alternating turns every provider
+/// accepts: tool messages become results (named by the call they answer), empty texts are
+/// dropped, same-role turns merge, and a placeholder user turn opens a history that would
+/// otherwise start with the model or be empty.
+fn conversation(
+    messages: Vec<RequestMessage>,
+) -> Result<(Option<String>, Vec<Turn>), GatewayError> {
+    let mut system: Option<String> = None;
+    let mut turns: Vec<Turn> = Vec::with_capacity(messages.len());
+    // Tool call id -> function name, from the assistant messages so far.
+    let mut called: HashMap<String, String> = HashMap::new();
+    let mut spoken = false;
+    for (i, message) in messages.into_iter().enumerate() {
+        let text = message.content.map(|c| c.into_text()).unwrap_or_default();
+        let (role, mut parts) = match message.role {
+            Role::System => {
+                if !text.trim().is_empty() {
+                    match &mut system {
+                        Some(all) => {
+                            all.push_str("\n\n");
+                            all.push_str(&text);
+                        }
+                        None => system = Some(text),
+                    }
+                }
+                continue;
+            }
+            Role::User => (TurnRole::User, vec![Part::Text(text)]),
+            Role::Assistant => {
+                let mut parts = vec![Part::Text(text)];
+                for (j, call) in message
+                    .tool_calls
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                {
+                    if call.id.is_empty() {
+                        return Err(GatewayError::invalid(
+                            &format!("messages[{i}].tool_calls[{j}].id"),
+                            "a tool call needs an `id`",
+                        ));
+                    }
+                    called.insert(call.id.clone(), call.function.name.clone());
+                    let arguments = match call.function.arguments.trim() {
+                        "" => "{}".to_string(),
+                        _ => call.function.arguments,
+                    };
+                    parts.push(Part::ToolCall(ToolCall {
+                        id: call.id,
+                        name: call.function.name,
+                        arguments,
+                    }));
+                }
+                (TurnRole::Assistant, parts)
+            }
+            Role::Tool => {
+                let param = format!("messages[{i}].tool_call_id");
+                let id = message.tool_call_id.ok_or_else(|| {
+                    GatewayError::invalid(&param, "a `tool` message needs `tool_call_id`")
+                })?;
+                let name = called.get(&id).cloned().ok_or_else(|| {
+                    GatewayError::invalid(
+                        &param,
+                        format!("`{id}` answers no tool call of an earlier assistant message"),
+                    )
+                })?;
+                let result = ToolResult {
+                    id,
+                    name,
+                    content: text,
+                };
+                (TurnRole::User, vec![Part::ToolResult(result)])
+            }
+        };
+        spoken = true;
+        parts.retain(|p| !matches!(p, Part::Text(t) if t.trim().is_empty()));
+        if parts.is_empty() {
+            continue;
+        }
+        match turns.last_mut() {
+            Some(last) if last.role == role => last.parts.append(&mut parts),
+            _ => turns.push(Turn { role, parts }),
+        }
+    }
+    if !spoken {
+        return Err(GatewayError::invalid(
+            "messages",
+            "`messages` needs at least one `user` message",
+        ));
+    }
+    if turns.first().is_none_or(|t| t.role != TurnRole::User) {
+        turns.insert(
+            0,
+            Turn {
+                role: TurnRole::User,
+                parts: vec![Part::Text(PLACEHOLDER_USER_TURN.into())],
+            },
+        );
+    }
+    Ok((system, turns))
 }
 
 /// A complete (non-streamed) reply.
@@ -155,6 +432,8 @@ impl ChatRequest {
 pub struct Completion {
     /// The generated text.
     pub text: String,
+    /// The tools the model called, in order.
+    pub tool_calls: Vec<ToolCall>,
     /// Why generation stopped.
     pub finish: FinishReason,
     /// Token counts.
@@ -170,6 +449,8 @@ pub enum FinishReason {
     Length,
     /// A safety filter stopped it.
     ContentFilter,
+    /// The model called tools and waits for their results.
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -179,6 +460,7 @@ impl FinishReason {
             Self::Stop => "stop",
             Self::Length => "length",
             Self::ContentFilter => "content_filter",
+            Self::ToolCalls => "tool_calls",
         }
     }
 }
@@ -188,6 +470,22 @@ impl FinishReason {
 pub enum StreamEvent {
     /// New text.
     Delta(String),
+    /// A tool call begins: its place among the answer's calls, id and name.
+    ToolCallStart {
+        /// 0 for the first call of the answer, 1 for the next, …
+        index: u32,
+        /// The call's id.
+        id: String,
+        /// The function's name.
+        name: String,
+    },
+    /// The next fragment of a started call's arguments (JSON text).
+    ToolCallArguments {
+        /// Which call.
+        index: u32,
+        /// The fragment.
+        fragment: String,
+    },
     /// Why generation stopped (usually near the end).
     Finish(FinishReason),
     /// Token counts so far; the last one seen is the total.
@@ -239,6 +537,9 @@ pub enum ErrorKind {
     Protocol,
     /// The gateway's own cap on concurrent requests to this provider was full.
     Saturated,
+    /// The model's output was unusable (Gemini's `MALFORMED_FUNCTION_CALL`, Bedrock's
+    /// `malformed_tool_use`): a new attempt may succeed, so retry.
+    MalformedOutput,
 }
 
 impl ErrorKind {
@@ -254,6 +555,7 @@ impl ErrorKind {
             Self::NotFound => "not_found",
             Self::Protocol => "protocol",
             Self::Saturated => "saturated",
+            Self::MalformedOutput => "malformed_output",
         }
     }
 
@@ -319,6 +621,7 @@ impl ProviderError {
                 | ErrorKind::Unavailable
                 | ErrorKind::Timeout
                 | ErrorKind::Connection
+                | ErrorKind::MalformedOutput
         )
     }
 }
@@ -434,7 +737,10 @@ mod tests {
         .unwrap();
         assert_eq!(r.system.as_deref(), Some("be brief\n\nno jokes"));
         assert_eq!(r.turns.len(), 3);
-        assert_eq!(r.turns[0].parts, vec!["a".to_string(), "b\nc".to_string()]);
+        assert_eq!(
+            r.turns[0].parts,
+            vec![Part::Text("a".into()), Part::Text("b\nc".into())]
+        );
         assert_eq!(r.last_user_text(), "e");
         assert_eq!(r.stop, vec!["END".to_string()]);
         assert!(r.json);

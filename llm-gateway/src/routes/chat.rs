@@ -17,7 +17,8 @@ use crate::app::AppState;
 use crate::error::GatewayError;
 use crate::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
-    ResponseMessage, Usage,
+    FunctionDelta, FunctionKind, ResponseFunction, ResponseMessage, ResponseToolCall,
+    ToolCallDelta, Usage,
 };
 use crate::providers::{ChatRequest, EventStream, FinishReason, StreamEvent};
 use crate::routing::Served;
@@ -62,12 +63,30 @@ async fn answer(
     let chat = ChatRequest::from_openai(request)?;
     if stream {
         let routed = state.router.stream(&alias, &chat).await?;
-        let mut response = sse(routed.events, alias).into_response();
+        let mut response = sse(routed.events, alias, chat.single_tool_call).into_response();
         served_headers(&mut response, &routed.served);
         Ok(response)
     } else {
-        let (completion, served) = state.router.complete(&alias, &chat).await?;
+        let (mut completion, served) = state.router.complete(&alias, &chat).await?;
+        if chat.single_tool_call {
+            completion.tool_calls.truncate(1);
+        }
         let id = completion_id();
+        let tool_calls = completion
+            .tool_calls
+            .iter()
+            .map(|call| ResponseToolCall {
+                id: &call.id,
+                kind: FunctionKind::Function,
+                function: ResponseFunction {
+                    name: &call.name,
+                    arguments: &call.arguments,
+                },
+            })
+            .collect::<Vec<_>>();
+        // OpenAI answers `content: null` when the model only called tools.
+        let content = (!completion.text.is_empty() || tool_calls.is_empty())
+            .then_some(completion.text.as_str());
         let body = ChatCompletion {
             id: &id,
             object: "chat.completion",
@@ -77,7 +96,8 @@ async fn answer(
                 index: 0,
                 message: ResponseMessage {
                     role: "assistant",
-                    content: &completion.text,
+                    content,
+                    tool_calls,
                 },
                 finish_reason: completion.finish.as_openai(),
             }],
@@ -155,6 +175,8 @@ struct Chunks {
     phase: Phase,
     finish: FinishReason,
     usage: Option<Usage>,
+    /// `parallel_tool_calls: false`: calls after the first are not relayed.
+    single_tool_call: bool,
 }
 
 impl Chunks {
@@ -182,14 +204,53 @@ impl Chunks {
                     let delta = Delta {
                         role: Some("assistant"),
                         content: Some(""),
+                        tool_calls: None,
                     };
                     self.chunk(delta, None, None)
                 }
                 Phase::Body => match self.events.next().await {
                     Some(Ok(StreamEvent::Delta(text))) => {
                         let delta = Delta {
-                            role: None,
                             content: Some(&text),
+                            ..Delta::default()
+                        };
+                        self.chunk(delta, None, None)
+                    }
+                    Some(Ok(StreamEvent::ToolCallStart { index, .. }))
+                    | Some(Ok(StreamEvent::ToolCallArguments { index, .. }))
+                        if self.single_tool_call && index > 0 =>
+                    {
+                        continue;
+                    }
+                    Some(Ok(StreamEvent::ToolCallStart { index, id, name })) => {
+                        let call = ToolCallDelta {
+                            index,
+                            id: Some(&id),
+                            kind: Some(FunctionKind::Function),
+                            function: FunctionDelta {
+                                name: Some(&name),
+                                arguments: "",
+                            },
+                        };
+                        let delta = Delta {
+                            tool_calls: Some([call]),
+                            ..Delta::default()
+                        };
+                        self.chunk(delta, None, None)
+                    }
+                    Some(Ok(StreamEvent::ToolCallArguments { index, fragment })) => {
+                        let call = ToolCallDelta {
+                            index,
+                            id: None,
+                            kind: None,
+                            function: FunctionDelta {
+                                name: None,
+                                arguments: &fragment,
+                            },
+                        };
+                        let delta = Delta {
+                            tool_calls: Some([call]),
+                            ..Delta::default()
                         };
                         self.chunk(delta, None, None)
                     }
@@ -226,6 +287,7 @@ impl Chunks {
 fn sse(
     events: EventStream,
     alias: String,
+    single_tool_call: bool,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let chunks = Chunks {
         events,
@@ -235,6 +297,7 @@ fn sse(
         phase: Phase::Start,
         finish: FinishReason::Stop,
         usage: None,
+        single_tool_call,
     };
     // Comments keep idle connections (and load balancers) open while a model thinks.
     Sse::new(futures::stream::unfold(chunks, Chunks::next))
