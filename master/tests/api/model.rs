@@ -78,13 +78,32 @@ const IN_WINDOW: u64 = u64::MAX;
 /// Error kinds that say an attempt was lost on its worker rather than failed by the agent:
 /// the retry prefers another worker, and the report is not remembered for replays.
 const LOST_KINDS: [&str; 3] = ["lease_expired", "dispatch_refused", "dispatch_failed"];
+/// JSON carried in inputs and outputs, chosen to catch lossy storage: the separators the
+/// Redis layout uses, extreme numbers, control characters and non-ASCII text, nesting.
+const PAYLOADS: [&str; 10] = [
+    r#"0"#,
+    r#""pipe|colon:comma,brace{}""#,
+    r#"18446744073709551615"#,
+    r#"-9223372036854775808"#,
+    r#"0.1"#,
+    r#"1e-300"#,
+    r#"[null, true, {"nested": ["a", {"b": []}]}]"#,
+    r#""nul \u0000, tab \t, é ✓ 𝄞""#,
+    r#"null"#,
+    r#"{}"#,
+];
 
 #[derive(Debug, Clone, Copy)]
 enum Verdict {
-    Succeed,
+    /// Succeeds with an output carrying `PAYLOADS[payload]`.
+    Succeed {
+        payload: usize,
+    },
     Fail {
         retryable: bool,
     },
+    /// A failure without an error (the store records a permanent one).
+    Bare,
     /// A retryable failure of a kind in [`LOST_KINDS`].
     Lost {
         kind: usize,
@@ -151,6 +170,8 @@ enum Op {
     Extend {
         cap: usize,
         picks: Vec<usize>,
+        /// As from a heartbeat so old that the new expiry is already past.
+        old: bool,
     },
     Cancel {
         pick: usize,
@@ -186,9 +207,10 @@ enum Op {
 
 fn verdict() -> impl Strategy<Value = Verdict> {
     prop_oneof![
-        3 => Just(Verdict::Succeed),
+        3 => (0..PAYLOADS.len()).prop_map(|payload| Verdict::Succeed { payload }),
         2 => any::<bool>().prop_map(|retryable| Verdict::Fail { retryable }),
         2 => (0..LOST_KINDS.len()).prop_map(|kind| Verdict::Lost { kind }),
+        1 => Just(Verdict::Bare),
     ]
 }
 
@@ -261,8 +283,8 @@ fn op() -> impl Strategy<Value = Op> {
                 jitter,
                 wait,
             }),
-        1 => (0..2usize, prop::collection::vec(any::<usize>(), 1..3))
-            .prop_map(|(cap, picks)| Op::Extend { cap, picks }),
+        1 => (0..2usize, prop::collection::vec(any::<usize>(), 1..3), prop::bool::weighted(0.3))
+            .prop_map(|(cap, picks, old)| Op::Extend { cap, picks, old }),
         1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
         1 => any::<usize>().prop_map(|pick| Op::Redrive { pick }),
         3 => prop::bool::weighted(0.4).prop_map(|wait| Op::Promote { wait }),
@@ -283,6 +305,10 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         3 => (10..150u64).prop_map(|ms| Op::Wait { ms }),
     ]
+}
+
+fn payload_json(i: usize) -> Value {
+    serde_json::from_str(PAYLOADS[i % PAYLOADS.len()]).unwrap()
 }
 
 fn cap(i: usize) -> Capability {
@@ -1563,9 +1589,14 @@ impl Run<'_> {
                 let (step, held_by) = pool[pick % pool.len()].clone();
                 let from = if *holder { held_by } else { worker(INTRUDER) };
                 let (status, output, error) = match verdict {
-                    Verdict::Succeed => (
+                    Verdict::Succeed { payload } => (
                         ReportStatus::Succeeded,
-                        Some(json!({"step": step.step, "attempt": step.attempt, "by": from})),
+                        Some(json!({
+                            "step": step.step,
+                            "attempt": step.attempt,
+                            "by": from,
+                            "payload": payload_json(*payload),
+                        })),
                         None,
                     ),
                     Verdict::Fail { retryable } => (
@@ -1577,6 +1608,7 @@ impl Run<'_> {
                             kind: Some("test".into()),
                         }),
                     ),
+                    Verdict::Bare => (ReportStatus::Failed, None, None),
                     Verdict::Lost { kind } => (
                         ReportStatus::Failed,
                         None,
@@ -1695,17 +1727,29 @@ impl Run<'_> {
                     self.report(report, *jitter).await;
                 }
             }
-            Op::Extend { cap: c, picks } => {
+            Op::Extend { cap: c, picks, old } => {
                 let live = self.model.live();
                 if live.is_empty() {
                     return;
                 }
                 let s = self.clock.begin(&[]).await;
-                // As from a heartbeat sent now: one lease from now. It ends after every
-                // lease taken or extended by an earlier operation.
+                // As from a heartbeat sent now: one lease from now, after every lease taken
+                // or extended by an earlier operation. From an old one: already past, and
+                // apart from every other lease's end, so the order they lapse in is clear.
+                let mut until = s + LEASE_MS;
+                if *old {
+                    let held = self.model.leases();
+                    until = s - LEASE_MS / 2;
+                    while held
+                        .iter()
+                        .any(|w| w.start <= until + 1 && until <= w.end + 1)
+                    {
+                        until -= 3;
+                    }
+                }
                 let leases: Vec<(StepRef, u64)> = picks
                     .iter()
-                    .map(|p| (live[p % live.len()].0.clone(), s + LEASE_MS))
+                    .map(|p| (live[p % live.len()].0.clone(), until))
                     .collect();
                 self.mem.extend_leases(&cap(*c), &leases).await.unwrap();
                 self.red.extend_leases(&cap(*c), &leases).await.unwrap();
@@ -1951,7 +1995,8 @@ impl Run<'_> {
                     timeout_ms: timeout_s * 1000,
                 })
                 .collect(),
-            input: json!({"n": self.submitted}).to_string(),
+            input: json!({"n": self.submitted, "payload": payload_json(self.submitted)})
+                .to_string(),
             priority: *priority,
             idempotency_key: key.map(|k| format!("k{k}")),
             callback_url: callback.then(|| callback_url(&id)),
@@ -2123,7 +2168,11 @@ fn stores_agree_with_each_other_and_the_model() {
         .unwrap();
     let tally = Mutex::new(Tally::new());
     let mut runner = TestRunner::new(ProptestConfig {
-        cases: 64,
+        // PROPTEST_CASES runs a longer search.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(64),
         failure_persistence: None,
         max_shrink_iters: 256,
         ..ProptestConfig::default()
