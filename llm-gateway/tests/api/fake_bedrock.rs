@@ -25,6 +25,11 @@ pub enum Reply {
     Error(u16, &'static str, &'static str),
     /// ConverseStream frames.
     Stream(Vec<Frame>),
+    /// An answer derived from the request, as a model would: with `toolConfig` and a user
+    /// message last, uses the chosen tool (or the first; every one when the prompt holds
+    /// `[mock:parallel]`); after tool results, text quoting them; else text quoting the
+    /// prompt. Converse or ConverseStream, whichever was called.
+    Auto,
 }
 
 /// One event-stream frame.
@@ -204,10 +209,30 @@ fn handle(
     {
         return error(404, "UnknownOperationException", "not a Converse request");
     }
+    if let Err(why) = check_messages(&recorded.body) {
+        return error(400, "ValidationException", &why);
+    }
     let reply = script
         .next()
         .unwrap_or_else(|| Reply::Converse(converse_json("default reply", "end_turn", 1, 2)));
+    let reply = match reply {
+        Reply::Auto => {
+            let (content, stop) = auto_content(&recorded.body);
+            if streaming {
+                Reply::Stream(content_frames(&content, stop))
+            } else {
+                Reply::Converse(json!({
+                    "output": {"message": {"role": "assistant", "content": content}},
+                    "stopReason": stop,
+                    "usage": {"inputTokens": 9, "outputTokens": 4, "totalTokens": 13},
+                    "metrics": {"latencyMs": 5}
+                }))
+            }
+        }
+        other => other,
+    };
     match reply {
+        Reply::Auto => unreachable!("resolved above"),
         Reply::Converse(body) => {
             ([("content-type", "application/json")], body.to_string()).into_response()
         }
@@ -235,6 +260,185 @@ fn handle(
                 .unwrap()
         }
     }
+}
+
+/// What Converse checks of `messages`: a user message first, roles alternating, no empty
+/// text blocks, `toolConfig` present when tool blocks are, and every `toolResult`
+/// answering a `toolUse` of the assistant message before.
+pub fn check_messages(body: &Value) -> Result<(), String> {
+    let messages = body["messages"]
+        .as_array()
+        .ok_or("messages must be a list")?;
+    let mut previous_role = "";
+    let mut previous_uses: Vec<String> = Vec::new();
+    let mut has_tool_blocks = false;
+    for (i, message) in messages.iter().enumerate() {
+        let role = message["role"].as_str().unwrap_or_default();
+        if i == 0 && role != "user" {
+            return Err("A conversation must start with a user message. Try again with a conversation that starts with a user message.".into());
+        }
+        if role == previous_role {
+            return Err("A conversation must alternate between user and assistant roles.".into());
+        }
+        let content = message["content"]
+            .as_array()
+            .ok_or("content must be a list")?;
+        if content.is_empty() {
+            return Err(format!("messages.{i}.content: must not be empty"));
+        }
+        let mut uses = Vec::new();
+        for block in content {
+            if block
+                .get("text")
+                .is_some_and(|t| t.as_str().is_some_and(|t| t.trim().is_empty()))
+            {
+                return Err("The text field in the ContentBlock object is blank. Add text to the text field, and try again.".into());
+            }
+            if let Some(tool_use) = block.get("toolUse") {
+                has_tool_blocks = true;
+                uses.push(
+                    tool_use["toolUseId"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+                if !tool_use["input"].is_object() {
+                    return Err("toolUse.input must be an object".into());
+                }
+            }
+            if let Some(result) = block.get("toolResult") {
+                has_tool_blocks = true;
+                let id = result["toolUseId"].as_str().unwrap_or_default();
+                if !previous_uses.iter().any(|u| u == id) {
+                    return Err(format!(
+                        "The toolResult blocks at messages.{i}.content contain toolUseId {id} that doesn't match a toolUse of the previous turn"
+                    ));
+                }
+            }
+        }
+        previous_role = if role == "user" { "user" } else { "assistant" };
+        previous_uses = uses;
+    }
+    if has_tool_blocks && body.get("toolConfig").is_none() {
+        return Err("The toolConfig field must be defined when using toolUse and toolResult content blocks.".into());
+    }
+    Ok(())
+}
+
+/// The content blocks and stop reason of [`Reply::Auto`]'s answer to `body`.
+fn auto_content(body: &Value) -> (Vec<Value>, &'static str) {
+    let messages = body["messages"].as_array().cloned().unwrap_or_default();
+    let last = messages.last().cloned().unwrap_or(Value::Null);
+    let blocks = last["content"].as_array().cloned().unwrap_or_default();
+    let results: Vec<&Value> = blocks.iter().filter_map(|b| b.get("toolResult")).collect();
+    if !results.is_empty() {
+        let quoted: Vec<String> = results
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}={}",
+                    r["toolUseId"].as_str().unwrap_or_default(),
+                    r["content"][0]["text"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        return (
+            vec![json!({"text": format!("Results: {}", quoted.join("; "))})],
+            "end_turn",
+        );
+    }
+    let prompt: String = blocks
+        .iter()
+        .filter_map(|b| b["text"].as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let tools: Vec<Value> = body["toolConfig"]["tools"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if tools.is_empty() {
+        return (
+            vec![json!({"text": format!("fake bedrock answers: {prompt}")})],
+            "end_turn",
+        );
+    }
+    let forced = body["toolConfig"]["toolChoice"]["tool"]["name"].as_str();
+    let chosen: Vec<&Value> = tools
+        .iter()
+        .filter(|t| forced.is_none_or(|f| t["toolSpec"]["name"] == f))
+        .take(if prompt.contains("[mock:parallel]") {
+            usize::MAX
+        } else {
+            1
+        })
+        .collect();
+    let content = chosen
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let spec = &tool["toolSpec"];
+            json!({"toolUse": {
+                "toolUseId": format!("tooluse_fake{i}_{}", messages.len()),
+                "name": spec["name"],
+                "input": llm_gateway::providers::schema::example(&spec["inputSchema"]["json"], &prompt)
+            }})
+        })
+        .collect();
+    (content, "tool_use")
+}
+
+/// The ConverseStream frames of an answer of `content` blocks: text and tool uses, the
+/// latter as `contentBlockStart` then input fragments.
+pub fn content_frames(content: &[Value], stop_reason: &str) -> Vec<Frame> {
+    let mut frames = vec![Frame::Event("messageStart", json!({"role": "assistant"}))];
+    for (index, block) in content.iter().enumerate() {
+        if let Some(text) = block["text"].as_str() {
+            frames.push(Frame::Event(
+                "contentBlockDelta",
+                json!({"contentBlockIndex": index, "delta": {"text": text}}),
+            ));
+        }
+        if let Some(tool_use) = block.get("toolUse") {
+            frames.push(Frame::Event(
+                "contentBlockStart",
+                json!({"contentBlockIndex": index, "start": {"toolUse": {"toolUseId": tool_use["toolUseId"], "name": tool_use["name"]}}}),
+            ));
+            let input = tool_use["input"].to_string();
+            let middle = input.len() / 2;
+            for piece in [&input[..middle], &input[middle..]] {
+                frames.push(Frame::Event(
+                    "contentBlockDelta",
+                    json!({"contentBlockIndex": index, "delta": {"toolUse": {"input": piece}}}),
+                ));
+            }
+        }
+        frames.push(Frame::Event(
+            "contentBlockStop",
+            json!({"contentBlockIndex": index}),
+        ));
+    }
+    frames.push(Frame::Event(
+        "messageStop",
+        json!({"stopReason": stop_reason}),
+    ));
+    frames.push(Frame::Event(
+        "metadata",
+        json!({
+            "usage": {"inputTokens": 9, "outputTokens": 4, "totalTokens": 13},
+            "metrics": {"latencyMs": 7}
+        }),
+    ));
+    frames
+}
+
+/// A Converse answer of `content` blocks.
+pub fn converse_content_json(content: Value, stop_reason: &str) -> Value {
+    json!({
+        "output": {"message": {"role": "assistant", "content": content}},
+        "stopReason": stop_reason,
+        "usage": {"inputTokens": 30, "outputTokens": 10, "totalTokens": 40},
+        "metrics": {"latencyMs": 12}
+    })
 }
 
 fn header(name: &'static str, value: &'static str) -> Header {

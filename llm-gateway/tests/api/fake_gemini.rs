@@ -25,6 +25,11 @@ pub enum Reply {
     SseThenAbort(Vec<Value>),
     /// No answer for this long.
     Hang(Duration),
+    /// An answer derived from the request, as a model would: with function declarations
+    /// and a user turn last, calls the allowed function (or the first; every one when the
+    /// prompt holds `[mock:parallel]`), the first call signed with a thought signature;
+    /// after function responses, text quoting them; else text quoting the prompt.
+    Auto,
 }
 
 /// A request as the fake saw it.
@@ -104,6 +109,9 @@ async fn handle(
     if !well_formed {
         return google_error(404, "NOT_FOUND", "not a generateContent request", vec![]);
     }
+    if let Err(why) = check_contents(&recorded.body) {
+        return google_error(400, "INVALID_ARGUMENT", &why, vec![]);
+    }
 
     let reply = script.next().unwrap_or_else(|| match streaming {
         true => Reply::Sse(vec![chunk_json(
@@ -126,7 +134,246 @@ async fn handle(
             tokio::time::sleep(time).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
+        Reply::Auto => {
+            let parts = auto_parts(&recorded.body);
+            if streaming {
+                // Text in two pieces; function calls whole, as Gemini streams them.
+                let mut events = Vec::new();
+                for part in &parts {
+                    match part["text"].as_str() {
+                        Some(text) => {
+                            let middle = text.len() / 2;
+                            for piece in [&text[..middle], &text[middle..]] {
+                                events.push(json!({"candidates": [{"content": {"role": "model", "parts": [{"text": piece}]}, "index": 0}], "responseId": "auto"}));
+                            }
+                        }
+                        None => events.push(json!({"candidates": [{"content": {"role": "model", "parts": [part]}, "index": 0}], "responseId": "auto"})),
+                    }
+                }
+                events.push(json!({
+                    "candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "finishReason": "STOP", "index": 0}],
+                    "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 5, "totalTokenCount": 12},
+                    "responseId": "auto"
+                }));
+                sse_response(events, false)
+            } else {
+                let body = json!({
+                    "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+                    "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 5, "totalTokenCount": 12},
+                    "responseId": "auto"
+                });
+                (
+                    [("content-type", "application/json; charset=UTF-8")],
+                    body.to_string(),
+                )
+                    .into_response()
+            }
+        }
     }
+}
+
+/// The thought signature the fake attaches to the first call of a turn, and requires back.
+pub fn signature_for(name: &str) -> String {
+    format!("c2lnOg+/{name}==")
+}
+
+/// What Gemini checks of `contents` (and `tools`): a user turn first, turns alternating,
+/// no empty text parts, each turn's first function call carrying the thought signature
+/// issued for it, function responses answering the calls of the turn before, and only the
+/// schema keywords Gemini's `Schema` has.
+pub fn check_contents(body: &Value) -> Result<(), String> {
+    let contents = body["contents"]
+        .as_array()
+        .ok_or("contents must be a list")?;
+    let mut previous_role = "";
+    let mut previous_calls: Vec<String> = Vec::new();
+    for (i, content) in contents.iter().enumerate() {
+        let role = content["role"].as_str().unwrap_or_default();
+        if i == 0 && role != "user" {
+            return Err("Please ensure that multiturn requests alternate between user and model, starting with a user turn.".into());
+        }
+        if role == previous_role {
+            return Err(format!("contents[{i}]: consecutive {role} turns"));
+        }
+        let parts = content["parts"].as_array().ok_or("parts must be a list")?;
+        if parts.is_empty() {
+            return Err(format!("contents[{i}].parts must not be empty"));
+        }
+        let mut calls = Vec::new();
+        for (j, part) in parts.iter().enumerate() {
+            if part.get("text").is_some_and(|t| t.as_str() == Some("")) {
+                return Err(format!(
+                    "contents[{i}].parts[{j}]: Unable to submit request because it has an empty text parameter."
+                ));
+            }
+            if let Some(call) = part.get("functionCall") {
+                let name = call["name"].as_str().unwrap_or_default().to_string();
+                if calls.is_empty() && part["thoughtSignature"] != json!(signature_for(&name)) {
+                    return Err(format!(
+                        "contents[{i}].parts[{j}]: Function call is missing a thought_signature"
+                    ));
+                }
+                if !call["args"].is_object() {
+                    return Err(format!(
+                        "contents[{i}].parts[{j}].functionCall.args must be an object"
+                    ));
+                }
+                calls.push(name);
+            }
+            if let Some(response) = part.get("functionResponse") {
+                let name = response["name"].as_str().unwrap_or_default();
+                if !previous_calls.iter().any(|c| c == name) {
+                    return Err(format!(
+                        "contents[{i}].parts[{j}]: functionResponse `{name}` answers no function call of the turn before"
+                    ));
+                }
+                if !response["response"].is_object() {
+                    return Err(format!(
+                        "contents[{i}].parts[{j}].functionResponse.response must be an object"
+                    ));
+                }
+            }
+        }
+        previous_role = if role == "user" { "user" } else { "model" };
+        previous_calls = calls;
+    }
+    for declaration in body["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["functionDeclarations"].as_array().into_iter().flatten())
+    {
+        check_schema(&declaration["parameters"])?;
+    }
+    check_schema(&body["generationConfig"]["responseSchema"])
+}
+
+/// Refuses keywords Gemini's `Schema` does not have, as Gemini does.
+fn check_schema(schema: &Value) -> Result<(), String> {
+    const KNOWN: &[&str] = &[
+        "type",
+        "format",
+        "title",
+        "description",
+        "nullable",
+        "enum",
+        "maxItems",
+        "minItems",
+        "properties",
+        "required",
+        "minProperties",
+        "maxProperties",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "example",
+        "anyOf",
+        "propertyOrdering",
+        "default",
+        "items",
+        "minimum",
+        "maximum",
+    ];
+    let Some(object) = schema.as_object() else {
+        return Ok(());
+    };
+    for (key, value) in object {
+        if !KNOWN.contains(&key.as_str()) {
+            return Err(format!(
+                "Invalid JSON payload received. Unknown name \"{key}\""
+            ));
+        }
+        match key.as_str() {
+            "properties" => {
+                for property in value.as_object().into_iter().flatten().map(|(_, v)| v) {
+                    check_schema(property)?;
+                }
+            }
+            "items" => check_schema(value)?,
+            "anyOf" => {
+                for option in value.as_array().into_iter().flatten() {
+                    check_schema(option)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The parts of [`Reply::Auto`]'s answer to `body`.
+fn auto_parts(body: &Value) -> Vec<Value> {
+    let contents = body["contents"].as_array().cloned().unwrap_or_default();
+    let last = contents.last().cloned().unwrap_or(Value::Null);
+    let last_parts = last["parts"].as_array().cloned().unwrap_or_default();
+    let responses: Vec<&Value> = last_parts
+        .iter()
+        .filter_map(|p| p.get("functionResponse"))
+        .collect();
+    if !responses.is_empty() {
+        let quoted: Vec<String> = responses
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}={}",
+                    r["name"].as_str().unwrap_or_default(),
+                    r["response"]
+                )
+            })
+            .collect();
+        return vec![json!({"text": format!("Results: {}", quoted.join("; "))})];
+    }
+    let prompt: String = last_parts
+        .iter()
+        .filter_map(|p| p["text"].as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let declarations: Vec<Value> = body["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| {
+            t["functionDeclarations"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    let config = &body["toolConfig"]["functionCallingConfig"];
+    if declarations.is_empty() || config["mode"] == "NONE" {
+        return vec![json!({"text": format!("fake gemini answers: {prompt}")})];
+    }
+    let allowed: Vec<&str> = config["allowedFunctionNames"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let chosen: Vec<&Value> = declarations
+        .iter()
+        .filter(|d| allowed.is_empty() || allowed.contains(&d["name"].as_str().unwrap_or_default()))
+        .take(if prompt.contains("[mock:parallel]") {
+            usize::MAX
+        } else {
+            1
+        })
+        .collect();
+    chosen
+        .iter()
+        .enumerate()
+        .map(|(i, declaration)| {
+            let name = declaration["name"].as_str().unwrap_or_default();
+            let args = match declaration.get("parameters") {
+                Some(schema) => llm_gateway::providers::schema::example(schema, &prompt),
+                None => json!({}),
+            };
+            let mut part = json!({"functionCall": {"name": name, "args": args}});
+            if i == 0 {
+                part["thoughtSignature"] = json!(signature_for(name));
+            }
+            part
+        })
+        .collect()
 }
 
 fn sse_response(events: Vec<Value>, abort: bool) -> Response {
@@ -178,6 +425,26 @@ pub fn reply_json(text: &str, finish: &str, prompt_tokens: u32, output_tokens: u
         },
         "modelVersion": "gemini-2.5-flash",
         "responseId": "fake-response"
+    })
+}
+
+/// A `GenerateContentResponse` whose candidate calls functions: `(name, args, signature)`.
+pub fn function_call_json(calls: &[(&str, Value, Option<&str>)], finish: &str) -> Value {
+    let parts: Vec<Value> = calls
+        .iter()
+        .map(|(name, args, signature)| {
+            let mut part = json!({"functionCall": {"name": name, "args": args}});
+            if let Some(signature) = signature {
+                part["thoughtSignature"] = json!(signature);
+            }
+            part
+        })
+        .collect();
+    json!({
+        "candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": finish, "index": 0}],
+        "usageMetadata": {"promptTokenCount": 20, "candidatesTokenCount": 8, "totalTokenCount": 28},
+        "modelVersion": "gemini-2.5-flash",
+        "responseId": "fake-tools"
     })
 }
 

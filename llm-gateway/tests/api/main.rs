@@ -12,3 +12,4 @@ mod gemini;
 mod helpers;
 mod openai_client;
 mod routing;
+mod tools;
