@@ -64,8 +64,8 @@ enum Sent {
     Taken,
     /// Full or draining: back to the queue for free; avoid the worker this long.
     Busy(Duration, String),
-    /// The request failed (`5xx`, connection, timeout): back to the queue, free a few times
-    /// in a row; avoid the worker this long.
+    /// The request failed (`5xx`, connection, timeout): back to the queue, free but for
+    /// every few (see `MAX_FREE_DISPATCH_FAILURES`); avoid the worker this long.
     Failed(Duration, String),
     /// The worker will not take this step (`4xx` other than `429`), or no worker could:
     /// the attempt is spent with this error.
@@ -405,9 +405,9 @@ impl Dispatcher {
                 let error = StepError::retryable(
                     "dispatch_failed",
                     format!(
-                        "dispatching to worker {} failed {} times in a row; last: {why}",
-                        claimed.worker,
-                        MAX_FREE_DISPATCH_FAILURES + 1
+                        "dispatching the step failed {} times (last, to worker {}: {why})",
+                        MAX_FREE_DISPATCH_FAILURES + 1,
+                        claimed.worker
                     ),
                 );
                 self.fail_attempt(&claimed, error).await;

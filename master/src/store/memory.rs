@@ -113,7 +113,7 @@ struct Step {
     finished: Option<u64>,
     /// The worker the last attempt was lost on: the next claim prefers another.
     avoid: Option<WorkerId>,
-    /// Failed dispatches in a row that cost no attempt.
+    /// Failed dispatches that cost no attempt since the last one that did.
     free_failures: u32,
     /// The last report recorded from a worker (attempt, worker, status) and its outcome,
     /// for replays (see report.lua).

@@ -180,7 +180,7 @@ pub use common::backoff::Backoff as RetryPolicy;
 pub enum ReleaseReason {
     /// The worker was full or draining (`429`, `503`): nobody's fault, free.
     Capacity,
-    /// The dispatch failed (`5xx`, connection error, timeout): free a few times in a row.
+    /// The dispatch failed (`5xx`, connection error, timeout): free [`MAX_FREE_DISPATCH_FAILURES`] times, then every next one spends an attempt.
     Failure,
 }
 
@@ -191,12 +191,13 @@ pub enum ReleaseOutcome {
     Released,
     /// The attempt is no longer current: nothing to do.
     Stale,
-    /// Too many failed dispatches in a row: the step is still dispatched; report a failure
+    /// One failed dispatch over the free ones: the step is still dispatched; report a failure
     /// to spend the attempt.
     OverLimit,
 }
 
-/// Failed dispatches of one step that cost no attempt, in a row (see [`TaskStore::release`]).
+/// Failed dispatches of a step that cost no attempt before one does (see [`TaskStore::release`]);
+/// the count restarts after it, so every (N+1)-th failed dispatch spends an attempt.
 pub const MAX_FREE_DISPATCH_FAILURES: u32 = 3;
 
 /// Whether a failure report says the attempt was lost on its worker rather than failed
@@ -367,9 +368,9 @@ pub trait TaskStore: Send + Sync + 'static {
     ) -> Result<Vec<Claimed>, StoreError>;
 
     /// Puts a claimed step back in its queue without spending an attempt: the worker never
-    /// took it. Capacity refusals are free without limit; failed dispatches are free at
-    /// most [`MAX_FREE_DISPATCH_FAILURES`] times in a row, then the step stays dispatched
-    /// and the caller spends the attempt by reporting a failure.
+    /// took it. Capacity refusals are free without limit; of a step's failed dispatches,
+    /// [`MAX_FREE_DISPATCH_FAILURES`] are free and the next one is not: the step stays
+    /// dispatched and the caller spends the attempt by reporting a failure.
     async fn release(
         &self,
         step: &StepRef,

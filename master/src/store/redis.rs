@@ -284,7 +284,7 @@ impl TaskStore for RedisStore {
             .arg(if retryable { "1" } else { "0" })
             .arg(ms(retry.base))
             .arg(ms(retry.max))
-            .arg(jitter.clamp(0.0, 0.999_999))
+            .arg(jitter.clamp(0.0, 1.0))
             .arg(ms(retention))
             .arg(report.worker_id.as_str())
             .arg(if lost_on_worker(report) { "1" } else { "0" })

@@ -1,11 +1,12 @@
 -- Puts a claimed step back at its place in the queue without spending an attempt: the
 -- worker never took it. A no-op unless the attempt is current. Refusals for capacity (429,
--- draining) are free without limit; failed dispatches (5xx, connection errors) are free at
--- most ARGV[6] times in a row, after which the step is left dispatched and the caller
--- spends the attempt by reporting a failure (so a step no worker can take cannot loop).
+-- draining) are free without limit; of a step's failed dispatches (5xx, connection errors)
+-- ARGV[6] are free and the next one is not: the step is left dispatched, the count starts
+-- again, and the caller spends the attempt by reporting a failure (so a step no worker can
+-- take cannot loop). `:x` counts the free ones.
 -- KEYS[1] task hash
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] step   ARGV[4] attempt
--- ARGV[5] 'capacity' | 'failure'   ARGV[6] most free failed dispatches in a row
+-- ARGV[5] 'capacity' | 'failure'   ARGV[6] free failed dispatches before one spends an attempt
 -- Returns 1 when released, 0 when the attempt is not current, 2 when over the limit.
 local step = ARGV[3]
 local v = redis.call('HMGET', KEYS[1], 'st', step .. ':s', step .. ':a', step .. ':c',
