@@ -340,6 +340,10 @@ fn auto_parts(body: &Value) -> Vec<Value> {
         })
         .collect();
     let config = &body["toolConfig"]["functionCallingConfig"];
+    if let Some(schema) = body["generationConfig"].get("responseSchema") {
+        let answer = llm_gateway::providers::schema::example(schema, &prompt);
+        return vec![json!({"text": answer.to_string()})];
+    }
     if declarations.is_empty() || config["mode"] == "NONE" {
         return vec![json!({"text": format!("fake gemini answers: {prompt}")})];
     }
