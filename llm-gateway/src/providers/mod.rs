@@ -372,6 +372,15 @@ fn conversation(
                         "" => "{}".to_string(),
                         _ => call.function.arguments,
                     };
+                    // Gemini and Bedrock take arguments as an object, not as text.
+                    if !serde_json::from_str::<serde_json::Value>(&arguments)
+                        .is_ok_and(|v| v.is_object())
+                    {
+                        return Err(GatewayError::invalid(
+                            &format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                            "tool call arguments must be a JSON object (as text)",
+                        ));
+                    }
                     parts.push(Part::ToolCall(ToolCall {
                         id: call.id,
                         name: call.function.name,
@@ -747,6 +756,38 @@ mod tests {
     }
 
     #[test]
+    fn agent_histories_are_normalised() {
+        let r = parse(
+            r#"{"model":"m","messages":[
+                {"role":"system","content":"sys"},
+                {"role":"assistant","content":"I start."},
+                {"role":"user","content":""},
+                {"role":"assistant","content":null,"tool_calls":[
+                    {"id":"c1","type":"function","function":{"name":"f","arguments":""}}]},
+                {"role":"tool","tool_call_id":"c1","content":"42"},
+                {"role":"user","content":"thanks"}]}"#,
+        )
+        .unwrap();
+        let roles: Vec<TurnRole> = r.turns.iter().map(|t| t.role).collect();
+        use TurnRole::{Assistant, User};
+        assert_eq!(roles, [User, Assistant, User]);
+        assert_eq!(r.turns[0].parts, [Part::Text(PLACEHOLDER_USER_TURN.into())]);
+        assert_eq!(r.turns[1].parts.len(), 2, "the two model turns merge");
+        assert_eq!(
+            r.turns[2].parts,
+            [
+                Part::ToolResult(ToolResult {
+                    id: "c1".into(),
+                    name: "f".into(),
+                    content: "42".into()
+                }),
+                Part::Text("thanks".into())
+            ]
+        );
+        assert!(r.history_has_tools());
+    }
+
+    #[test]
     fn invalid_requests_name_the_field() {
         let cases = [
             (r#"{"model":"m","messages":[]}"#, "messages"),
@@ -769,6 +810,18 @@ mod tests {
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e","f"]}"#,
                 "stop",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"[1]"}}]}]}"#,
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a b"}}]}"#,
+                "tools[0].function.name",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}}"#,
+                "tool_choice",
             ),
         ];
         for (json, field) in cases {

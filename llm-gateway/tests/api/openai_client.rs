@@ -151,3 +151,134 @@ async fn client_errors_surface_as_api_errors() {
         other => panic!("expected an API error, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn tool_calls_round_trip_plain_and_streamed() {
+    use async_openai::types::chat::{
+        ChatCompletionMessageToolCalls, ChatCompletionRequestAssistantMessageArgs,
+        ChatCompletionRequestMessage, ChatCompletionRequestToolMessageArgs, ChatCompletionTool,
+        ChatCompletionTools, FunctionObject,
+    };
+    let app = spawn_app(test_config()).await;
+    let tools = vec![
+        ChatCompletionTools::Function(ChatCompletionTool {
+            function: FunctionObject {
+                name: "get_weather".into(),
+                description: Some("Weather for a city".into()),
+                parameters: Some(serde_json::json!({
+                    "type": "object", "properties": {"city": {"type": "string"}}})),
+                strict: None,
+            },
+        }),
+        ChatCompletionTools::Function(ChatCompletionTool {
+            function: FunctionObject {
+                name: "get_time".into(),
+                description: None,
+                parameters: None,
+                strict: None,
+            },
+        }),
+    ];
+    let mut messages: Vec<ChatCompletionRequestMessage> =
+        vec![ChatCompletionRequestUserMessage::from("Paris [mock:parallel]").into()];
+    let request = |messages: &[ChatCompletionRequestMessage], stream: bool| {
+        CreateChatCompletionRequestArgs::default()
+            .model("default")
+            .messages(messages.to_vec())
+            .tools(tools.clone())
+            .stream(stream)
+            .build()
+            .unwrap()
+    };
+    let response = client(&app)
+        .chat()
+        .create(request(&messages, false))
+        .await
+        .unwrap();
+    let choice = &response.choices[0];
+    assert_eq!(choice.finish_reason, Some(FinishReason::ToolCalls));
+    let calls: Vec<_> = choice
+        .message
+        .tool_calls
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|c| match c {
+            ChatCompletionMessageToolCalls::Function(call) => call,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let names: Vec<&str> = calls.iter().map(|c| c.function.name.as_str()).collect();
+    assert_eq!(names, ["get_weather", "get_time"]);
+    assert_eq!(calls[1].function.arguments, "{}");
+
+    // Streamed: the deltas accumulate to the same calls.
+    let mut stream = client(&app)
+        .chat()
+        .create_stream(request(&messages, true))
+        .await
+        .unwrap();
+    let mut streamed: Vec<(String, String, String)> = Vec::new();
+    let mut finish = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        let Some(choice) = chunk.choices.first() else {
+            continue;
+        };
+        for delta in choice.delta.tool_calls.iter().flatten() {
+            let index = delta.index as usize;
+            if index == streamed.len() {
+                streamed.push(Default::default());
+            }
+            let function = delta.function.clone().unwrap_or_default();
+            if let Some(id) = &delta.id {
+                streamed[index].0 = id.clone();
+            }
+            if let Some(name) = function.name {
+                streamed[index].1 = name;
+            }
+            streamed[index].2 += &function.arguments.unwrap_or_default();
+        }
+        finish = choice.finish_reason.or(finish);
+    }
+    assert_eq!(finish, Some(FinishReason::ToolCalls));
+    let plain: Vec<(String, String, String)> = calls
+        .iter()
+        .map(|c| {
+            (
+                c.id.clone(),
+                c.function.name.clone(),
+                c.function.arguments.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(streamed, plain);
+
+    // The results go back as tool messages; the answer uses them.
+    messages.push(
+        ChatCompletionRequestAssistantMessageArgs::default()
+            .tool_calls(choice.message.tool_calls.clone().unwrap())
+            .build()
+            .unwrap()
+            .into(),
+    );
+    for (call, result) in calls.iter().zip(["18C", "10:00"]) {
+        messages.push(
+            ChatCompletionRequestToolMessageArgs::default()
+                .tool_call_id(call.id.clone())
+                .content(result)
+                .build()
+                .unwrap()
+                .into(),
+        );
+    }
+    let answer = client(&app)
+        .chat()
+        .create(request(&messages, false))
+        .await
+        .unwrap();
+    let text = answer.choices[0].message.content.clone().unwrap();
+    assert!(text.contains("get_weather returned 18C"), "{text}");
+    assert!(text.contains("get_time returned 10:00"), "{text}");
+    assert_eq!(answer.choices[0].finish_reason, Some(FinishReason::Stop));
+}
