@@ -76,13 +76,14 @@ impl ChatCompletionRequest {
             if IGNORED_FIELDS.contains(&name.as_str()) {
                 continue;
             }
-            let harmless = match name.as_str() {
-                "logprobs" => value == &serde_json::Value::Bool(false),
-                "top_logprobs" => value.as_u64() == Some(0),
-                "logit_bias" => value.as_object().is_some_and(|m| m.is_empty()),
-                "modalities" => value == &serde_json::json!(["text"]),
-                _ => value.is_null(),
-            };
+            let harmless = value.is_null()
+                || match name.as_str() {
+                    "logprobs" => value == &serde_json::Value::Bool(false),
+                    "top_logprobs" => value.as_u64() == Some(0),
+                    "logit_bias" => value.as_object().is_some_and(|m| m.is_empty()),
+                    "modalities" => value == &serde_json::json!(["text"]),
+                    _ => false,
+                };
             if harmless {
                 continue;
             }
