@@ -113,6 +113,11 @@ impl GatewayError {
                 ErrorKind::Auth | ErrorKind::NotFound | ErrorKind::Protocol => {
                     (StatusCode::BAD_GATEWAY, "api_error", "upstream_error")
                 }
+                ErrorKind::Unsupported => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "invalid_request",
+                ),
                 ErrorKind::MalformedOutput => (
                     StatusCode::BAD_GATEWAY,
                     "api_error",
@@ -132,6 +137,9 @@ impl GatewayError {
                 }
                 ErrorKind::Saturated => {
                     "too many concurrent requests to the model's providers; retry shortly".into()
+                }
+                ErrorKind::Unsupported => {
+                    format!("{} cannot take this request: {}", e.provider, e.message)
                 }
                 // The model's own failure, not the gateway's internals: say what it was.
                 ErrorKind::MalformedOutput => format!(
@@ -167,6 +175,7 @@ impl GatewayError {
         let message = self.public_message();
         let param = match self {
             Self::InvalidRequest { param, .. } => param.as_deref(),
+            Self::Upstream(e) => e.param.as_deref(),
             _ => None,
         };
         let body = ErrorBody {

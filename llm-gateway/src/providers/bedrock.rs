@@ -322,8 +322,10 @@ fn tool_config(request: &ChatRequest) -> Result<Option<ToolConfiguration>, Provi
     let mut builder = ToolConfiguration::builder();
     if request.json {
         if !request.tools.is_empty() {
-            return Err(invalid(
-                "response_format: Bedrock's JSON mode is a forced tool, so it cannot be combined with `tools`".into(),
+            return Err(ProviderError::unsupported(
+                PROVIDER,
+                "response_format",
+                "`response_format`: Bedrock's JSON mode is a forced tool, so it cannot be combined with `tools`",
             ));
         }
         let (name, description, schema) = match &request.json_schema {

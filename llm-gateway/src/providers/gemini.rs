@@ -562,10 +562,10 @@ impl<'a> GenerateContentRequest<'a> {
                         .and_then(serde_json::Value::as_object)
                         .is_some_and(|p| !p.is_empty()) =>
                 {
-                    Some(
-                        schema::to_gemini(schema)
-                            .map_err(|e| invalid(format!("tools[{i}].function.parameters: {e}")))?,
-                    )
+                    Some(schema::to_gemini(schema).map_err(|e| {
+                        let param = format!("tools[{i}].function.parameters");
+                        ProviderError::unsupported(PROVIDER, &param, format!("{param}: {e}"))
+                    })?)
                 }
                 _ => None,
             };
@@ -596,10 +596,10 @@ impl<'a> GenerateContentRequest<'a> {
             },
         });
         let response_schema = match &request.json_schema {
-            Some(named) => Some(
-                schema::to_gemini(&named.schema)
-                    .map_err(|e| invalid(format!("response_format.json_schema.schema: {e}")))?,
-            ),
+            Some(named) => Some(schema::to_gemini(&named.schema).map_err(|e| {
+                let param = "response_format.json_schema.schema";
+                ProviderError::unsupported(PROVIDER, param, format!("{param}: {e}"))
+            })?),
             None => None,
         };
 

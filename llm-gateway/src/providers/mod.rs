@@ -546,6 +546,10 @@ pub enum ErrorKind {
     Protocol,
     /// The gateway's own cap on concurrent requests to this provider was full.
     Saturated,
+    /// The request holds something this provider cannot express (a JSON-schema keyword
+    /// Gemini lacks, tools with JSON output on Bedrock), found before sending: fall back;
+    /// at the last target, a `400` naming the field.
+    Unsupported,
     /// The model's output was unusable (Gemini's `MALFORMED_FUNCTION_CALL`, Bedrock's
     /// `malformed_tool_use`): a new attempt may succeed, so retry.
     MalformedOutput,
@@ -564,6 +568,7 @@ impl ErrorKind {
             Self::NotFound => "not_found",
             Self::Protocol => "protocol",
             Self::Saturated => "saturated",
+            Self::Unsupported => "unsupported",
             Self::MalformedOutput => "malformed_output",
         }
     }
@@ -594,6 +599,8 @@ pub struct ProviderError {
     pub message: String,
     /// How long the upstream asked us to wait (`Retry-After`, Gemini's `retryDelay`).
     pub retry_after: Option<Duration>,
+    /// The request field at fault, for [`ErrorKind::Unsupported`].
+    pub param: Option<String>,
 }
 
 impl ProviderError {
@@ -605,6 +612,15 @@ impl ProviderError {
             status: None,
             message: message.into(),
             retry_after: None,
+            param: None,
+        }
+    }
+
+    /// A request this provider cannot express; `param` names the field.
+    pub fn unsupported(provider: ProviderKind, param: &str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.to_string()),
+            ..Self::new(provider, ErrorKind::Unsupported, message)
         }
     }
 

@@ -8,7 +8,7 @@ use crate::fake_bedrock::{self, FakeBedrock, Frame, converse_content_json, conve
 use crate::fake_gemini::{
     self, FakeGemini, GEMINI_KEY, chunk_json, function_call_json, reply_json, signature_for,
 };
-use crate::helpers::{TestApp, openai_error, spawn_app, test_config};
+use crate::helpers::{TestApp, openai_error, spawn_app, test_config, with_alias};
 
 const BEDROCK_MODEL: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";
 
@@ -384,14 +384,30 @@ async fn gemini_schema_keywords_it_lacks_are_refused_by_name_before_sending() {
     let mut request = ask_with_tools("hi");
     request["tools"][1]["function"]["parameters"]["properties"]["zone"] =
         json!({"type": "string", "not": {"const": "UTC"}});
-    let error = openai_error(app.chat(request).await, 400).await;
+    let error = openai_error(app.chat(request.clone()).await, 400).await;
+    assert_eq!(error["error"]["param"], "tools[1].function.parameters");
+    assert_eq!(error["error"]["code"], "invalid_request");
     let message = error["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("tools[1].function.parameters"),
-        "{message}"
-    );
     assert!(message.contains("`not`"), "{message}");
     assert!(message.contains("/properties/zone"), "{message}");
+    assert!(fake.requests().is_empty());
+
+    // A provider that cannot express the request is fallen back from, not retried.
+    let mut config = test_config();
+    config.gemini_api_key = common::config::Secret::new(GEMINI_KEY);
+    config.gemini_base_url = fake.url.clone();
+    let config = with_alias(
+        config,
+        "default",
+        &[
+            (ProviderKind::Gemini, "gemini-2.5-flash"),
+            (ProviderKind::Mock, "mock-1"),
+        ],
+    );
+    let app = spawn_app(config).await;
+    let response = app.chat(request).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-ensemble-provider"], "mock");
     assert!(fake.requests().is_empty());
 }
 
@@ -589,12 +605,7 @@ async fn bedrock_json_output_is_a_forced_tool_whose_input_is_the_answer() {
     request["stream"] = json!(false);
     request["tools"] = tools();
     let error = openai_error(app.chat(request).await, 400).await;
-    assert!(
-        error["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("response_format")
-    );
+    assert_eq!(error["error"]["param"], "response_format");
 }
 
 // ---- conversations as agent frameworks send them ----
