@@ -345,6 +345,10 @@ fn map_finish_reason(reason: &str) -> Result<FinishReason, ProviderError> {
     })
 }
 
+/// The user turn appended when a history ends with the model's turn (a framework asking
+/// the model to go on): Gemini requires the last turn to be the user's.
+const CONTINUE_TURN: &str = "Continue.";
+
 /// The separator between a minted tool-call id and the thought signature it carries. Not
 /// in the base64 alphabet, so the signature is everything after it.
 const SIGNATURE_SEPARATOR: char = '.';
@@ -548,6 +552,16 @@ impl<'a> GenerateContentRequest<'a> {
                     TurnRole::Assistant => "model",
                 },
                 parts,
+            });
+        }
+        // Gemini has no prefill: a conversation ending with the model's turn is refused.
+        if contents.last().is_some_and(|c| c.role == "model") {
+            contents.push(Content {
+                role: "user",
+                parts: vec![Part {
+                    text: Some(CONTINUE_TURN),
+                    ..Part::default()
+                }],
             });
         }
 
@@ -852,7 +866,8 @@ mod tests {
             serde_json::json!({
                 "contents": [
                     {"role": "user", "parts": [{"text": "hi"}]},
-                    {"role": "model", "parts": [{"text": "hello"}]}
+                    {"role": "model", "parts": [{"text": "hello"}]},
+                    {"role": "user", "parts": [{"text": "Continue."}]}
                 ],
                 "systemInstruction": {"parts": [{"text": "be brief"}]},
                 "generationConfig": {

@@ -237,6 +237,12 @@ pub fn check_contents(body: &Value) -> Result<(), String> {
         previous_role = if role == "user" { "user" } else { "model" };
         previous_calls = calls;
     }
+    if contents.last().is_some_and(|c| c["role"] != "user") {
+        return Err(
+            "Please ensure that multiturn requests end with a user role or a function response."
+                .into(),
+        );
+    }
     for declaration in body["tools"]
         .as_array()
         .into_iter()

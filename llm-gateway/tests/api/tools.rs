@@ -642,10 +642,29 @@ async fn agent_histories_are_accepted_by_every_provider() {
         ])
     );
 
+    // A history ending with the model's turn: Gemini has no prefill, the user asks on.
+    let mut ending = agent_history();
+    ending["messages"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"role": "assistant", "content": "Day 1: Lyon."}));
+    app.chat_json(ending.clone()).await;
+    let contents = gemini.requests()[1].body["contents"].clone();
+    assert_eq!(
+        contents[contents.as_array().unwrap().len() - 1],
+        json!({"role": "user", "parts": [{"text": "Continue."}]})
+    );
+
     let bedrock = FakeBedrock::start().await;
     bedrock.always(fake_bedrock::Reply::Auto);
     let app = bedrock_app(&bedrock).await;
     app.chat_json(agent_history()).await;
+    // Converse keeps a last assistant turn (a prefill, which Claude continues).
+    app.chat_json(ending).await;
+    assert_eq!(
+        bedrock.requests()[1].body["messages"][3]["role"],
+        "assistant"
+    );
     let sent = &bedrock.requests()[0].body;
     assert_eq!(sent["messages"][0]["role"], "user");
     assert_eq!(sent["messages"].as_array().unwrap().len(), 3);
