@@ -63,7 +63,7 @@ impl GeminiProvider {
     ) -> Result<reqwest::Response, ProviderError> {
         let model = model.strip_prefix("models/").unwrap_or(model);
         let url = format!("{}/models/{model}:{method}", self.base_url);
-        let body = serde_json::to_vec(&GenerateContentRequest::build(request)?)
+        let body = serde_json::to_vec(&GenerateContentRequest::build(request, model)?)
             .map_err(|e| ProviderError::new(PROVIDER, ErrorKind::Protocol, e.to_string()))?;
         let response = self
             .client
@@ -349,6 +349,10 @@ fn map_finish_reason(reason: &str) -> Result<FinishReason, ProviderError> {
 /// the model to go on): Gemini requires the last turn to be the user's.
 const CONTINUE_TURN: &str = "Continue.";
 
+/// The thought signature Google documents for function calls Gemini 3 did not make
+/// (histories from other models), which carry no signature of their own.
+const FOREIGN_CALL_SIGNATURE: &str = "skip_thought_signature_validator";
+
 /// The separator between a minted tool-call id and the thought signature it carries. Not
 /// in the base64 alphabet, so the signature is everything after it.
 const SIGNATURE_SEPARATOR: char = '.';
@@ -508,10 +512,12 @@ fn function_response(content: &str) -> serde_json::Value {
 }
 
 impl<'a> GenerateContentRequest<'a> {
-    fn build(request: &'a ChatRequest) -> Result<Self, ProviderError> {
+    fn build(request: &'a ChatRequest, model: &str) -> Result<Self, ProviderError> {
+        let signatures_required = model.starts_with("gemini-3");
         let mut contents = Vec::with_capacity(request.turns.len());
         for turn in &request.turns {
             let mut parts = Vec::with_capacity(turn.parts.len());
+            let mut first_call = true;
             for part in &turn.parts {
                 parts.push(match part {
                     TurnPart::Text(text) => Part {
@@ -528,12 +534,20 @@ impl<'a> GenerateContentRequest<'a> {
                                     call.id
                                 ))
                             })?;
+                        let mut thought_signature = signature_in(&call.id);
+                        if thought_signature.is_none() && first_call && signatures_required {
+                            // A call Gemini did not make (another provider's, after a
+                            // fallback) has no signature; Gemini 3 requires one on a turn's
+                            // first call and documents this value for such histories.
+                            thought_signature = Some(FOREIGN_CALL_SIGNATURE);
+                        }
+                        first_call = false;
                         Part {
                             function_call: Some(FunctionCallPart {
                                 name: &call.name,
                                 args,
                             }),
-                            thought_signature: signature_in(&call.id),
+                            thought_signature,
                             ..Part::default()
                         }
                     }
@@ -860,7 +874,10 @@ mod tests {
             json: true,
             ..ChatRequest::default()
         };
-        let json = serde_json::to_value(GenerateContentRequest::build(&request).unwrap()).unwrap();
+        let json = serde_json::to_value(
+            GenerateContentRequest::build(&request, "gemini-2.5-flash").unwrap(),
+        )
+        .unwrap();
         assert_eq!(
             json,
             serde_json::json!({
@@ -877,6 +894,61 @@ mod tests {
                     "responseMimeType": "application/json"
                 }
             })
+        );
+    }
+
+    #[test]
+    fn calls_from_elsewhere_get_the_documented_signature_on_gemini_3_only() {
+        let call = |id: &str, name: &str| {
+            TurnPart::ToolCall(ToolCall {
+                id: id.into(),
+                name: name.into(),
+                arguments: "{}".into(),
+            })
+        };
+        let signed = mint_call_id("r", 0, "f", "{}", Some("c2ln"));
+        let request = ChatRequest {
+            turns: vec![
+                Turn {
+                    role: TurnRole::User,
+                    parts: vec![TurnPart::Text("hi".into())],
+                },
+                Turn {
+                    role: TurnRole::Assistant,
+                    parts: vec![call("tooluse_1", "f"), call("tooluse_2", "g")],
+                },
+                Turn {
+                    role: TurnRole::User,
+                    parts: vec![TurnPart::Text("and?".into())],
+                },
+                Turn {
+                    role: TurnRole::Assistant,
+                    parts: vec![call(&signed, "f")],
+                },
+            ],
+            ..ChatRequest::default()
+        };
+        let signatures = |model: &str| {
+            let json =
+                serde_json::to_value(GenerateContentRequest::build(&request, model).unwrap())
+                    .unwrap();
+            [(1, 0), (1, 1), (3, 0)].map(|(c, p)| {
+                json["contents"][c]["parts"][p]["thoughtSignature"]
+                    .as_str()
+                    .map(String::from)
+            })
+        };
+        assert_eq!(
+            signatures("gemini-3-pro-preview"),
+            [
+                Some(FOREIGN_CALL_SIGNATURE.into()),
+                None,
+                Some("c2ln".into())
+            ]
+        );
+        assert_eq!(
+            signatures("gemini-2.5-flash"),
+            [None, None, Some("c2ln".into())]
         );
     }
 
