@@ -264,7 +264,7 @@ fn messages(request: &ChatRequest) -> Result<Vec<Message>, ProviderError> {
                         })?;
                     ContentBlock::ToolUse(
                         ToolUseBlock::builder()
-                            .tool_use_id(&call.id)
+                            .tool_use_id(tool_use_id(&call.id))
                             .name(&call.name)
                             .input(json_to_document(&input))
                             .build()
@@ -273,7 +273,7 @@ fn messages(request: &ChatRequest) -> Result<Vec<Message>, ProviderError> {
                 }
                 Part::ToolResult(result) => ContentBlock::ToolResult(
                     ToolResultBlock::builder()
-                        .tool_use_id(&result.id)
+                        .tool_use_id(tool_use_id(&result.id))
                         // Converse refuses empty text blocks, in tool results too.
                         .content(ToolResultContentBlock::Text(if result.content.is_empty() {
                             "(empty)".into()
@@ -297,6 +297,26 @@ fn messages(request: &ChatRequest) -> Result<Vec<Message>, ProviderError> {
         );
     }
     Ok(messages)
+}
+
+/// A tool-call id as Converse takes it (`[a-zA-Z0-9_-]{1,64}`). Ids minted elsewhere (a
+/// Gemini id carrying its thought signature, after a fallback) are replaced by a stable
+/// hash, the same for the call and its result.
+fn tool_use_id(id: &str) -> std::borrow::Cow<'_, str> {
+    let valid = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if valid {
+        return id.into();
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("tooluse_{hash:016x}").into()
 }
 
 fn tool_spec(
@@ -582,6 +602,18 @@ mod tests {
             matches!(config.tool_choice(), Some(BedrockToolChoice::Tool(t)) if t.name() == JSON_TOOL)
         );
         assert!(tool_config(&ChatRequest::default()).unwrap().is_none());
+    }
+
+    #[test]
+    fn foreign_tool_ids_are_made_valid_and_stable() {
+        assert_eq!(tool_use_id("tooluse_Ab-1"), "tooluse_Ab-1");
+        let gemini = "call_0123456789abcdef.c2ln+/==";
+        assert_eq!(tool_use_id(gemini), tool_use_id(gemini));
+        assert!(tool_use_id(gemini).starts_with("tooluse_"));
+        assert_ne!(
+            tool_use_id(gemini),
+            tool_use_id("call_0123456789abcdef.other")
+        );
     }
 
     #[test]

@@ -294,6 +294,20 @@ pub fn check_messages(body: &Value) -> Result<(), String> {
             {
                 return Err("The text field in the ContentBlock object is blank. Add text to the text field, and try again.".into());
             }
+            for id in [
+                &block["toolUse"]["toolUseId"],
+                &block["toolResult"]["toolUseId"],
+            ] {
+                if let Some(id) = id.as_str()
+                    && !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                {
+                    return Err(format!(
+                        "1 validation error detected: Value '{id}' at 'toolUseId' failed to satisfy constraint: Member must satisfy regular expression pattern: ^[a-zA-Z0-9_-]+$"
+                    ));
+                }
+            }
             if let Some(tool_use) = block.get("toolUse") {
                 has_tool_blocks = true;
                 uses.push(

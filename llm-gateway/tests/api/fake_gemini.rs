@@ -208,7 +208,12 @@ pub fn check_contents(body: &Value) -> Result<(), String> {
             }
             if let Some(call) = part.get("functionCall") {
                 let name = call["name"].as_str().unwrap_or_default().to_string();
-                if calls.is_empty() && part["thoughtSignature"] != json!(signature_for(&name)) {
+                // Google's documented value for calls Gemini did not make.
+                let foreign = part["thoughtSignature"] == "skip_thought_signature_validator";
+                if calls.is_empty()
+                    && !foreign
+                    && part["thoughtSignature"] != json!(signature_for(&name))
+                {
                     return Err(format!(
                         "contents[{i}].parts[{j}]: Function call is missing a thought_signature"
                     ));

@@ -741,3 +741,52 @@ async fn fields_that_change_the_meaning_are_refused_by_name() {
     let error = openai_error(app.chat(unknown_id).await, 400).await;
     assert_eq!(error["error"]["param"], "messages[2].tool_call_id");
 }
+
+#[tokio::test]
+async fn a_conversation_with_tool_calls_moves_between_providers() {
+    let gemini = FakeGemini::start().await;
+    gemini.always(fake_gemini::Reply::Auto);
+    let bedrock = FakeBedrock::start().await;
+    bedrock.always(fake_bedrock::Reply::Auto);
+    let mut config = test_config();
+    config.gemini_api_key = common::config::Secret::new(GEMINI_KEY);
+    config.gemini_base_url = gemini.url.clone();
+    config.bedrock_endpoint_url = Some(bedrock.url.clone());
+    let config = with_alias(
+        config,
+        "g",
+        &[(ProviderKind::Gemini, "gemini-3-pro-preview")],
+    );
+    let config = with_alias(config, "b", &[(ProviderKind::Bedrock, BEDROCK_MODEL)]);
+    let app = spawn_app(config).await;
+    let on = |mut request: Value, alias: &str| {
+        request["model"] = json!(alias);
+        request
+    };
+
+    // Gemini's ids (carrying thought signatures) go on to Bedrock as valid toolUseIds.
+    let calls = calls_of(
+        &app.chat_json(on(ask_with_tools("Paris [mock:parallel]"), "g"))
+            .await,
+    );
+    assert!(calls[0].0.contains('.'), "{calls:?}");
+    let body = app
+        .chat_json(on(round_trip(&calls, &["18C", "10:00"]), "b"))
+        .await;
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("=18C") && text.contains("=10:00"), "{text}");
+
+    // Bedrock's calls carry no signature; Gemini 3 gets Google's placeholder for them.
+    let calls = calls_of(
+        &app.chat_json(on(ask_with_tools("Paris [mock:parallel]"), "b"))
+            .await,
+    );
+    let body = app
+        .chat_json(on(round_trip(&calls, &["18C", "10:00"]), "g"))
+        .await;
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        text.contains("get_weather=") && text.contains("get_time="),
+        "{text}"
+    );
+}
