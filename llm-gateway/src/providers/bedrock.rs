@@ -198,7 +198,8 @@ impl StreamState {
                 _ => None,
             },
             ConverseStreamOutput::ContentBlockDelta(e) => match e.delta {
-                Some(ContentBlockDelta::Text(text)) if !text.is_empty() => {
+                // In JSON mode only the forced tool's input is the answer (as unstreamed).
+                Some(ContentBlockDelta::Text(text)) if !text.is_empty() && !self.json => {
                     Some(Ok(StreamEvent::Delta(text)))
                 }
                 Some(ContentBlockDelta::ToolUse(delta)) if !delta.input.is_empty() => {
