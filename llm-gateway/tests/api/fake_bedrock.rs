@@ -366,6 +366,17 @@ fn auto_content(body: &Value) -> (Vec<Value>, &'static str) {
         .filter_map(|b| b["text"].as_str())
         .collect::<Vec<_>>()
         .join(" ");
+    // `[fake:stop=REASON]` in the prompt: a partial answer that stopped for that reason.
+    for reason in [
+        "max_tokens",
+        "guardrail_intervened",
+        "content_filtered",
+        "malformed_tool_use",
+    ] {
+        if prompt.contains(&format!("[fake:stop={reason}]")) {
+            return (vec![json!({"text": "Partial"})], reason);
+        }
+    }
     let tools: Vec<Value> = body["toolConfig"]["tools"]
         .as_array()
         .cloned()

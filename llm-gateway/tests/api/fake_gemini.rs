@@ -151,14 +151,14 @@ async fn handle(
                     }
                 }
                 events.push(json!({
-                    "candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "finishReason": "STOP", "index": 0}],
+                    "candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "finishReason": auto_finish(&recorded.body), "index": 0}],
                     "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 5, "totalTokenCount": 12},
                     "responseId": "auto"
                 }));
                 sse_response(events, false)
             } else {
                 let body = json!({
-                    "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+                    "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": auto_finish(&recorded.body), "index": 0}],
                     "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 5, "totalTokenCount": 12},
                     "responseId": "auto"
                 });
@@ -310,6 +310,25 @@ fn check_schema(schema: &Value) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// [`Reply::Auto`]'s `finishReason`: `STOP`, or what the last user text names with
+/// `[fake:finish=REASON]` (`SAFETY`, `MAX_TOKENS`, `MALFORMED_FUNCTION_CALL`, …).
+fn auto_finish(body: &Value) -> String {
+    let last = &body["contents"][body["contents"]
+        .as_array()
+        .map_or(0, |c| c.len().max(1) - 1)];
+    last["parts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["text"].as_str())
+        .find_map(|t| {
+            let start = t.find("[fake:finish=")? + "[fake:finish=".len();
+            let end = start + t[start..].find(']')?;
+            Some(t[start..end].to_string())
+        })
+        .unwrap_or_else(|| "STOP".into())
 }
 
 /// The parts of [`Reply::Auto`]'s answer to `body`.

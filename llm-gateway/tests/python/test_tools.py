@@ -243,16 +243,64 @@ def test_json_schema_output(client, model):
 
 
 @pytest.mark.parametrize("model", PROVIDERS)
-def test_agent_framework_histories_are_accepted(client, model):
-    # AG2's two-agent chat: the model's turn first; an executor's empty reply.
-    reply = client.chat.completions.create(model=model, messages=[
+@pytest.mark.parametrize("stream", [False, True])
+def test_agent_framework_histories_are_accepted(client, model, stream):
+    # AG2's two-agent chat: the model's turn first; an executor's empty reply; and a
+    # history ending with the model's turn.
+    messages = [
         {"role": "system", "content": "You are a helpful AI assistant."},
         {"role": "assistant", "content": "What should I do?"},
         {"role": "user", "content": ""},
         {"role": "user", "content": "Plan a trip."},
-    ])
-    assert reply.choices[0].finish_reason == "stop"
-    assert reply.choices[0].message.content
+        {"role": "assistant", "content": ""},
+    ]
+    if stream:
+        chunks = list(client.chat.completions.create(
+            model=model, messages=messages, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        reply = client.chat.completions.create(model=model, messages=messages)
+        text, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+    assert finish == "stop"
+    assert text
+
+
+REFUSALS = {
+    # (alias, marker in the prompt): the finish reason, or None for a 502 error.
+    ("gemini", "[fake:finish=SAFETY]"): "content_filter",
+    ("gemini", "[fake:finish=MAX_TOKENS]"): "length",
+    ("gemini", "[fake:finish=MALFORMED_FUNCTION_CALL]"): None,
+    ("bedrock", "[fake:stop=guardrail_intervened]"): "content_filter",
+    ("bedrock", "[fake:stop=content_filtered]"): "content_filter",
+    ("bedrock", "[fake:stop=max_tokens]"): "length",
+    ("bedrock", "[fake:stop=malformed_tool_use]"): None,
+}
+
+
+@pytest.mark.parametrize("model,marker", list(REFUSALS))
+@pytest.mark.parametrize("stream", [False, True])
+def test_provider_refusals_are_never_a_normal_stop(client, model, marker, stream):
+    expected = REFUSALS[(model, marker)]
+    kwargs = dict(model=model, messages=ask(f"weather {marker}"), tools=TOOLS)
+    if expected is None:
+        # Before the first chunk: a 502; after it (text already relayed): the stream's
+        # error event, which the SDK raises too.
+        with pytest.raises(openai.APIError) as failed:
+            if stream:
+                list(client.chat.completions.create(stream=True, **kwargs))
+            else:
+                client.chat.completions.create(**kwargs)
+        if not stream:
+            assert failed.value.status_code == 502
+        assert failed.value.body["code"] == "upstream_malformed_output"
+        return
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        finish = client.chat.completions.create(**kwargs).choices[0].finish_reason
+    assert finish == expected
 
 
 def test_fields_that_change_the_meaning_are_refused(client):
