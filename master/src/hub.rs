@@ -15,6 +15,40 @@ pub struct Hub {
     tasks: Mutex<HashMap<String, Arc<TaskWaiter>>>,
 }
 
+/// One holder of a task's waiter; releases it when dropped.
+#[derive(Debug)]
+pub struct WaiterGuard<'a> {
+    hub: &'a Hub,
+    task_id: String,
+    waiter: Arc<TaskWaiter>,
+}
+
+impl std::ops::Deref for WaiterGuard<'_> {
+    type Target = TaskWaiter;
+
+    fn deref(&self) -> &TaskWaiter {
+        &self.waiter
+    }
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .hub
+            .tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Held by the map and this guard alone: the last waiter is leaving. New holders
+        // need this lock to clone it, so none can appear meanwhile.
+        if map
+            .get(&self.task_id)
+            .is_some_and(|w| Arc::ptr_eq(w, &self.waiter) && Arc::strong_count(w) == 2)
+        {
+            map.remove(&self.task_id);
+        }
+    }
+}
+
 /// Long-polls waiting for one task.
 #[derive(Default, Debug)]
 pub struct TaskWaiter {
@@ -62,25 +96,28 @@ impl Hub {
         }
     }
 
-    /// A waiter for a task's end. Call [`Self::release_waiter`] when done with it.
-    pub fn task_waiter(&self, task_id: &str) -> Arc<TaskWaiter> {
+    /// A waiter for a task's end, shared by everyone waiting for it on this replica. The
+    /// entry goes when the last holder's guard drops, however its request ended (a
+    /// client that hangs up mid-poll included), so the map does not grow.
+    pub fn task_waiter(&self, task_id: &str) -> WaiterGuard<'_> {
         let mut map = self
             .tasks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.entry(task_id.to_string()).or_default().clone()
+        let waiter = map.entry(task_id.to_string()).or_default().clone();
+        WaiterGuard {
+            hub: self,
+            task_id: task_id.to_string(),
+            waiter,
+        }
     }
 
-    /// Drops the entry of a task nobody waits for any more.
-    pub fn release_waiter(&self, task_id: &str, waiter: Arc<TaskWaiter>) {
-        let mut map = self
-            .tasks
+    /// How many tasks have waiters.
+    pub fn waiting_tasks(&self) -> usize {
+        self.tasks
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        drop(waiter);
-        if map.get(task_id).is_some_and(|n| Arc::strong_count(n) == 1) {
-            map.remove(task_id);
-        }
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
     }
 
     /// A task finished (or changed in a way a waiter should look at).
@@ -116,5 +153,40 @@ impl Hub {
         for w in map.values() {
             w.notify.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_is_dropped_with_its_last_holder_even_when_a_poll_is_abandoned() {
+        let hub = Arc::new(Hub::default());
+        let first = hub.task_waiter("t");
+        let second = hub.task_waiter("t");
+        assert_eq!(hub.waiting_tasks(), 1);
+        drop(first);
+        assert_eq!(hub.waiting_tasks(), 1, "still held by the second");
+        drop(second);
+        assert_eq!(hub.waiting_tasks(), 0);
+        // A long poll whose client hangs up: its future is dropped mid-wait.
+        let poll = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let waiter = hub.task_waiter("t");
+                waiter.notify.notified().await;
+            })
+        };
+        while hub.waiting_tasks() == 0 {
+            tokio::task::yield_now().await;
+        }
+        poll.abort();
+        let _ = poll.await;
+        assert_eq!(
+            hub.waiting_tasks(),
+            0,
+            "the abandoned poll left nothing behind"
+        );
     }
 }

@@ -245,10 +245,9 @@ pub async fn result(
         return Ok(task_result(owned(state, client, id).await?.view));
     }
     let deadline = tokio::time::Instant::now() + wait;
+    // Released when this future ends or is dropped (the client went away).
     let waiter = state.hub.task_waiter(id);
-    let outcome = wait_for_end(state, client, id, &waiter, deadline).await;
-    state.hub.release_waiter(id, waiter);
-    outcome
+    wait_for_end(state, client, id, &waiter, deadline).await
 }
 
 /// Reads the task until it has finished or the deadline passed. The wake-up is registered

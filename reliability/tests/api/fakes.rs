@@ -357,7 +357,12 @@ async fn misbehaving_workers_lose_nothing_and_record_once() {
                 .cloned()
                 .unwrap_or_default();
             let recorded = acks.iter().filter(|a| *a == "recorded").count();
-            if recorded > 1 {
+            // The `twice` worker sends the same report three times: each repeat of the
+            // report that was recorded is answered `recorded` again (a worker whose answer
+            // was lost must not give up), while the transition happens once, which the
+            // done events and the success counter above hold to exactly one.
+            let expected = if pipeline == "twice" { 3 } else { 1 };
+            if recorded > expected {
                 tally.duplicates += 1;
                 problems.push(format!("{}: reports acknowledged {acks:?}", t.task_id));
             }
@@ -408,7 +413,10 @@ async fn misbehaving_workers_lose_nothing_and_record_once() {
     let twice: usize = journal
         .acks
         .values()
-        .filter(|a| a.len() == 3 && a.iter().filter(|s| *s == "discarded").count() == 2)
+        .filter(|a| a.len() == 3 && a.iter().all(|s| s == "recorded"))
         .count();
-    assert_eq!(twice, n, "each triple report: one recorded, two discarded");
+    assert_eq!(
+        twice, n,
+        "each triple report: recorded once, and the two repeats answered `recorded` too"
+    );
 }
