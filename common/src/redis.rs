@@ -238,19 +238,23 @@ impl RedisSettings {
     }
 }
 
-/// Redis could not serve a request: unreachable, refused, timed out, or rejected our
-/// credentials. Services answer `503` with `Retry-After` for it.
+/// Redis could not serve a request. Mostly it is unreachable, refused, timed out, or
+/// rejected our credentials (`503` with `Retry-After`), but `failure` says which: a full
+/// store (`507`) and anything else (`500`) are told apart, as [`classify`] sorts them.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Unavailable {
     /// A one-line explanation, safe to show to a client or an operator.
     pub message: String,
+    /// What it means for the request.
+    pub failure: Failure,
 }
 
 impl From<RedisError> for Unavailable {
     fn from(e: RedisError) -> Self {
         Self {
             message: describe(&e),
+            failure: classify(&e),
         }
     }
 }
@@ -727,9 +731,11 @@ impl RedisPool {
             Err(managed::PoolError::Backend(e)) => Err(e.into()),
             Err(managed::PoolError::Timeout(_)) => Err(Unavailable {
                 message: format!("Redis at {} did not answer in time", self.target),
+                failure: Failure::Unavailable,
             }),
             Err(e) => Err(Unavailable {
                 message: format!("Redis pool error: {e}"),
+                failure: Failure::Unavailable,
             }),
         }
     }

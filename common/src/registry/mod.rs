@@ -74,6 +74,7 @@ impl Registry {
         };
         let json = serde_json::to_string(&stamped).map_err(|e| Unavailable {
             message: format!("could not encode worker record: {e}"),
+            failure: crate::redis::Failure::Other,
         })?;
         let mut conn = self.pool.get().await?;
         let new: i64 = HEARTBEAT

@@ -45,7 +45,12 @@ pub enum StoreError {
 
 impl From<common::redis::Unavailable> for StoreError {
     fn from(e: common::redis::Unavailable) -> Self {
-        Self::Unavailable(e.message)
+        use common::redis::Failure;
+        match e.failure {
+            Failure::Unavailable => Self::Unavailable(e.message),
+            Failure::StorageFull => Self::StorageFull(e.message),
+            Failure::Other => Self::Backend(e.message),
+        }
     }
 }
 

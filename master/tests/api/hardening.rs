@@ -439,3 +439,35 @@ fn a_lease_shorter_than_two_heartbeats_is_refused_at_start_naming_both() {
     };
     config.validate().unwrap();
 }
+
+#[tokio::test]
+async fn a_registry_key_of_the_wrong_type_is_a_500_not_an_outage() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let pool = common::redis::RedisPool::new(&settings).unwrap();
+    let mut conn = pool.get().await.unwrap();
+    redis::cmd("SET")
+        .arg(common::registry::keys::workers(pool.prefix()))
+        .arg("not a sorted set")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let r = master.get("/workers", OPERATOR).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        500,
+        "WRONGTYPE is a bug or tampering, not `retry shortly`"
+    );
+    assert!(r.headers().get("retry-after").is_none());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "internal");
+    assert!(
+        !body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("WRONGTYPE"),
+        "internals stay in the log: {body}"
+    );
+    master.stop().await;
+}
