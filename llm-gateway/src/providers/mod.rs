@@ -146,6 +146,10 @@ pub enum TurnRole {
 /// Bedrock both require the conversation to open with a user turn.
 pub const PLACEHOLDER_USER_TURN: &str = "(conversation start)";
 
+/// The result given to a tool call the caller sent none for: Gemini and Converse refuse a
+/// call left unanswered.
+pub const MISSING_TOOL_RESULT: &str = "(no result was returned for this call)";
+
 impl ChatRequest {
     /// Checks and converts an OpenAI request; errors name the field.
     pub fn from_openai(request: ChatCompletionRequest) -> Result<Self, GatewayError> {
@@ -433,7 +437,55 @@ fn conversation(
             },
         );
     }
+    answer_every_call(&mut turns);
     Ok((system, turns))
+}
+
+/// Makes each model turn's tool calls answered by the next turn, results first, as Converse
+/// (and Claude behind it) requires: a call the caller sent no result for (a framework that
+/// dropped it) gets [`MISSING_TOOL_RESULT`]; results move before any text of their turn.
+fn answer_every_call(turns: &mut [Turn]) {
+    let mut i = 0;
+    while i < turns.len() {
+        if turns[i].role == TurnRole::Assistant {
+            let calls: Vec<(String, String)> = turns[i]
+                .parts
+                .iter()
+                .filter_map(|p| match p {
+                    Part::ToolCall(call) => Some((call.id.clone(), call.name.clone())),
+                    _ => None,
+                })
+                .collect();
+            // A history ending with the model's calls leaves them to the model.
+            if !calls.is_empty() && i + 1 < turns.len() {
+                let next = &mut turns[i + 1];
+                let answered = |id: &str| {
+                    next.parts
+                        .iter()
+                        .any(|p| matches!(p, Part::ToolResult(r) if r.id == id))
+                };
+                let missing: Vec<Part> = calls
+                    .iter()
+                    .filter(|(id, _)| !answered(id))
+                    .map(|(id, name)| {
+                        Part::ToolResult(ToolResult {
+                            id: id.clone(),
+                            name: name.clone(),
+                            content: MISSING_TOOL_RESULT.into(),
+                        })
+                    })
+                    .collect();
+                next.parts.splice(0..0, missing);
+            }
+        }
+        if turns[i].role == TurnRole::User {
+            // Stable: results keep their order, texts theirs.
+            turns[i]
+                .parts
+                .sort_by_key(|p| !matches!(p, Part::ToolResult(_)));
+        }
+        i += 1;
+    }
 }
 
 /// A complete (non-streamed) reply.
@@ -801,6 +853,35 @@ mod tests {
             ]
         );
         assert!(r.history_has_tools());
+    }
+
+    #[test]
+    fn every_call_is_answered_results_first() {
+        let r = parse(
+            r#"{"model":"m","messages":[
+                {"role":"user","content":"go"},
+                {"role":"assistant","tool_calls":[
+                    {"id":"a","type":"function","function":{"name":"f","arguments":"{}"}},
+                    {"id":"b","type":"function","function":{"name":"g","arguments":"{}"}}]},
+                {"role":"user","content":"and?"},
+                {"role":"tool","tool_call_id":"b","content":"B"}]}"#,
+        )
+        .unwrap();
+        let result = |id: &str, name: &str, content: &str| {
+            Part::ToolResult(ToolResult {
+                id: id.into(),
+                name: name.into(),
+                content: content.into(),
+            })
+        };
+        assert_eq!(
+            r.turns[2].parts,
+            [
+                result("a", "f", MISSING_TOOL_RESULT),
+                result("b", "g", "B"),
+                Part::Text("and?".into())
+            ]
+        );
     }
 
     #[test]

@@ -330,6 +330,27 @@ pub fn check_messages(body: &Value) -> Result<(), String> {
                 }
             }
         }
+        let results: Vec<&str> = content
+            .iter()
+            .filter_map(|b| b["toolResult"]["toolUseId"].as_str())
+            .collect();
+        if let Some(missing) = previous_uses
+            .iter()
+            .find(|u| !results.contains(&u.as_str()))
+        {
+            return Err(format!(
+                "Expected toolResult blocks at messages.{i}.content for the following Ids: {missing}"
+            ));
+        }
+        let first_text = content.iter().position(|b| b.get("toolResult").is_none());
+        let last_result = content.iter().rposition(|b| b.get("toolResult").is_some());
+        if let (Some(text), Some(result)) = (first_text, last_result)
+            && text < result
+        {
+            return Err(format!(
+                "messages.{i}.content: toolResult blocks must come before any other content"
+            ));
+        }
         previous_role = if role == "user" { "user" } else { "assistant" };
         previous_uses = uses;
     }

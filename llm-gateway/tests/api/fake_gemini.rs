@@ -239,6 +239,13 @@ pub fn check_contents(body: &Value) -> Result<(), String> {
                 }
             }
         }
+        let responses = parts
+            .iter()
+            .filter(|p| p.get("functionResponse").is_some())
+            .count();
+        if !previous_calls.is_empty() && responses != previous_calls.len() {
+            return Err("Please ensure that the number of function response parts is equal to the number of function call parts of the function call turn.".into());
+        }
         previous_role = if role == "user" { "user" } else { "model" };
         previous_calls = calls;
     }

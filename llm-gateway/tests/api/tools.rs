@@ -790,3 +790,53 @@ async fn a_conversation_with_tool_calls_moves_between_providers() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn unanswered_calls_and_results_after_text_are_normalised_for_every_provider() {
+    // A framework dropped one result and put the user's text before the other.
+    let request = json!({
+        "model": "default",
+        "tools": tools(),
+        "messages": [
+            {"role": "user", "content": "weather and time"},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [
+                {"id": "tooluse_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                {"id": "tooluse_2", "type": "function",
+                 "function": {"name": "get_time", "arguments": "{}"}}]},
+            {"role": "user", "content": "Only the time, please."},
+            {"role": "tool", "tool_call_id": "tooluse_2", "content": "10:00"}
+        ]
+    });
+    let bedrock = FakeBedrock::start().await;
+    bedrock.always(fake_bedrock::Reply::Auto);
+    let app = bedrock_app(&bedrock).await;
+    app.chat_json(request.clone()).await;
+    assert_eq!(
+        bedrock.requests()[0].body["messages"][2]["content"],
+        json!([
+            {"toolResult": {"toolUseId": "tooluse_1",
+                            "content": [{"text": "(no result was returned for this call)"}]}},
+            {"toolResult": {"toolUseId": "tooluse_2", "content": [{"text": "10:00"}]}},
+            {"text": "Only the time, please."}
+        ])
+    );
+
+    let gemini = FakeGemini::start().await;
+    gemini.always(fake_gemini::Reply::Auto);
+    let mut config = test_config();
+    config.gemini_api_key = common::config::Secret::new(GEMINI_KEY);
+    config.gemini_base_url = gemini.url.clone();
+    let config = with_alias(
+        config,
+        "default",
+        &[(ProviderKind::Gemini, "gemini-3-flash")],
+    );
+    let app = spawn_app(config).await;
+    app.chat_json(request.clone()).await;
+    let parts = &gemini.requests()[0].body["contents"][2]["parts"];
+    assert_eq!(parts.as_array().unwrap().len(), 3, "{parts}");
+
+    let app = mock_app().await;
+    app.chat_json(request).await;
+}
