@@ -135,6 +135,7 @@ impl Provider for GeminiProvider {
             pending: VecDeque::new(),
             done: false,
             tool_calls: 0,
+            nonce: format!("{:016x}", rand::random::<u64>()),
         };
         Ok(futures::stream::unfold(state, SseState::next).boxed())
     }
@@ -149,6 +150,9 @@ struct SseState {
     done: bool,
     /// Tool calls handed out so far: the next one's index.
     tool_calls: u32,
+    /// Stands in for a missing `responseId` in the minted call ids, the same for every
+    /// chunk of this answer.
+    nonce: String,
 }
 
 impl SseState {
@@ -204,7 +208,7 @@ impl SseState {
         let mut text = String::new();
         let mut calls = Vec::new();
         let mut finish = None;
-        let response_id = chunk.response_id.as_deref().unwrap_or_default();
+        let response_id = chunk.response_id.as_deref().unwrap_or(&self.nonce);
         for candidate in chunk.candidates.iter().take(1) {
             candidate.append_text(&mut text);
             candidate.append_tool_calls(response_id, self.tool_calls, &mut calls);
@@ -681,7 +685,16 @@ impl GenerateContentResponse {
     ) -> Result<(), ProviderError> {
         if let Some(candidate) = self.candidates.first() {
             candidate.append_text(text);
-            let response_id = self.response_id.as_deref().unwrap_or_default();
+            // Without a response id, a random one keeps ids of equal calls in different
+            // answers apart.
+            let nonce;
+            let response_id = match &self.response_id {
+                Some(id) => id.as_str(),
+                None => {
+                    nonce = format!("{:016x}", rand::random::<u64>());
+                    &nonce
+                }
+            };
             candidate.append_tool_calls(response_id, 0, tool_calls);
             if let Some(reason) = &candidate.finish_reason {
                 *finish = map_finish_reason(reason)?;
