@@ -79,6 +79,7 @@ def base_url():
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     gateway = None
+    config = None
     try:
         upstreams = json.loads(read_line(fakes, 30))
         config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
@@ -121,6 +122,8 @@ def base_url():
             if process is not None:
                 process.terminate()
                 process.wait(timeout=10)
+        if config is not None:
+            os.unlink(config.name)
 
 
 @pytest.fixture
