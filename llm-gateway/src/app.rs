@@ -90,6 +90,7 @@ pub fn build(config: &Config, providers: &Providers) -> anyhow::Result<Router> {
     });
     let api = Router::new()
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
+        .route("/v1/embeddings", post(routes::embeddings::embeddings))
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{*model}", get(routes::models::retrieve))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -10,7 +10,8 @@ use metrics::{Counter, Histogram};
 use crate::config::ProviderKind;
 use crate::openai::Usage;
 
-/// Requests answered, by provider, model and outcome (`ok`, `error`).
+/// Requests answered, by provider, model, outcome (`ok`, `error`) and endpoint (`chat`,
+/// `embeddings`; every per-target series carries the endpoint).
 pub const REQUESTS: &str = "ensemble_gateway_requests_total";
 /// Failures by provider, model and kind (`rate_limited`, `timeout`, `invalid_json`, …);
 /// gateway-level rejections carry `provider="gateway"`.
@@ -34,6 +35,7 @@ pub const OVERHEAD: &str = "ensemble_gateway_overhead_seconds";
 pub struct TargetMetrics {
     provider: &'static str,
     model: String,
+    endpoint: &'static str,
     ok: Counter,
     failed: Counter,
     duration: Histogram,
@@ -47,20 +49,22 @@ pub struct TargetMetrics {
 impl TargetMetrics {
     /// Registers the series for `provider` and `model`. The Prometheus recorder must be
     /// installed first (`common::telemetry::metrics()`), or the handles record nowhere.
-    pub fn new(provider: ProviderKind, model: &str) -> Self {
+    pub fn new(provider: ProviderKind, model: &str, endpoint: Endpoint) -> Self {
         let p = provider.as_str();
         let m = model.to_string();
+        let e = endpoint.as_str();
         Self {
-            ok: metrics::counter!(REQUESTS, "provider" => p, "model" => m.clone(), "outcome" => "ok"),
-            failed: metrics::counter!(REQUESTS, "provider" => p, "model" => m.clone(), "outcome" => "error"),
-            duration: metrics::histogram!(REQUEST_DURATION, "provider" => p, "model" => m.clone()),
-            upstream: metrics::histogram!(UPSTREAM_DURATION, "provider" => p, "model" => m.clone()),
-            tokens_in: metrics::counter!(TOKENS, "provider" => p, "model" => m.clone(), "direction" => "in"),
-            tokens_out: metrics::counter!(TOKENS, "provider" => p, "model" => m.clone(), "direction" => "out"),
-            retries: metrics::counter!(RETRIES, "provider" => p, "model" => m.clone()),
-            fallbacks: metrics::counter!(FALLBACKS, "provider" => p, "model" => m.clone()),
+            ok: metrics::counter!(REQUESTS, "provider" => p, "model" => m.clone(), "outcome" => "ok", "endpoint" => e),
+            failed: metrics::counter!(REQUESTS, "provider" => p, "model" => m.clone(), "outcome" => "error", "endpoint" => e),
+            duration: metrics::histogram!(REQUEST_DURATION, "provider" => p, "model" => m.clone(), "endpoint" => e),
+            upstream: metrics::histogram!(UPSTREAM_DURATION, "provider" => p, "model" => m.clone(), "endpoint" => e),
+            tokens_in: metrics::counter!(TOKENS, "provider" => p, "model" => m.clone(), "direction" => "in", "endpoint" => e),
+            tokens_out: metrics::counter!(TOKENS, "provider" => p, "model" => m.clone(), "direction" => "out", "endpoint" => e),
+            retries: metrics::counter!(RETRIES, "provider" => p, "model" => m.clone(), "endpoint" => e),
+            fallbacks: metrics::counter!(FALLBACKS, "provider" => p, "model" => m.clone(), "endpoint" => e),
             provider: p,
             model: m,
+            endpoint: e,
         }
     }
 
@@ -71,7 +75,7 @@ impl TargetMetrics {
 
     /// An upstream attempt (or a stream) failed.
     pub fn error(&self, kind: &'static str) {
-        metrics::counter!(ERRORS, "provider" => self.provider, "model" => self.model.clone(), "kind" => kind)
+        metrics::counter!(ERRORS, "provider" => self.provider, "model" => self.model.clone(), "kind" => kind, "endpoint" => self.endpoint)
             .increment(1);
     }
 
@@ -97,6 +101,26 @@ impl TargetMetrics {
             self.tokens_in.increment(u64::from(usage.prompt_tokens));
             self.tokens_out
                 .increment(u64::from(usage.completion_tokens));
+        }
+    }
+}
+
+/// Which API a request came through: a label on every per-target series, so chat and
+/// embeddings traffic to one model (the mock's, say) stay apart. Two values: bounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Embeddings => "embeddings",
         }
     }
 }

@@ -513,3 +513,105 @@ pub struct ErrorDetail<'a> {
     /// A stable machine-readable code.
     pub code: &'static str,
 }
+
+/// `POST /v1/embeddings`. Fields other than these (and `user`, which is ignored) are
+/// refused by [`EmbeddingsRequest::refused_field`], as for chat.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsRequest {
+    /// A model alias from `GET /v1/models`.
+    pub model: String,
+    /// One text or a list of texts.
+    pub input: EmbeddingInput,
+    /// The vectors' length, where the model can shorten them.
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+    /// `float` (the default) or `base64`.
+    #[serde(default)]
+    pub encoding_format: Option<EncodingFormat>,
+    /// Every other field, so that meaningful ones are refused rather than dropped.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+impl EmbeddingsRequest {
+    /// The first field the gateway cannot honour: only `user` (a tracing hint) and null
+    /// fields are ignored.
+    pub fn refused_field(&self) -> Option<(String, String)> {
+        self.other
+            .iter()
+            .find(|(name, value)| name.as_str() != "user" && !value.is_null())
+            .map(|(name, _)| {
+                (
+                    name.clone(),
+                    format!("`{name}`: this field is not supported by the gateway"),
+                )
+            })
+    }
+}
+
+/// `input`: OpenAI also takes token arrays, which the gateway refuses (its providers take
+/// text), so they are recognised here only to say so.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    /// `"input": "text"`.
+    One(String),
+    /// `"input": ["a", "b"]`.
+    Many(Vec<String>),
+    /// `"input": [1, 2, 3]` or `[[1, 2], [3]]`: token ids.
+    Tokens(Vec<serde_json::Value>),
+}
+
+/// How vectors are encoded in the answer.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    /// A JSON array of numbers.
+    #[default]
+    Float,
+    /// The little-endian `f32` bytes, base64-encoded (as OpenAI does).
+    Base64,
+}
+
+/// The answer to `POST /v1/embeddings`.
+#[derive(Debug, Serialize)]
+pub struct EmbeddingList<'a> {
+    /// Always `list`.
+    pub object: &'static str,
+    /// One entry per input, in input order.
+    pub data: Vec<EmbeddingData>,
+    /// The alias the caller asked for.
+    pub model: &'a str,
+    /// Input tokens (embeddings generate none).
+    pub usage: EmbeddingUsage,
+}
+
+/// One vector of [`EmbeddingList`].
+#[derive(Debug, Serialize)]
+pub struct EmbeddingData {
+    /// Always `embedding`.
+    pub object: &'static str,
+    /// The input's position.
+    pub index: u32,
+    /// The vector.
+    pub embedding: EmbeddingVector,
+}
+
+/// A vector as numbers or as base64 text.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    /// `encoding_format: float`.
+    Float(Vec<f32>),
+    /// `encoding_format: base64`.
+    Base64(String),
+}
+
+/// Token counts of an embeddings answer, in OpenAI's names.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct EmbeddingUsage {
+    /// Tokens in the inputs.
+    pub prompt_tokens: u32,
+    /// The same (nothing is generated).
+    pub total_tokens: u32,
+}

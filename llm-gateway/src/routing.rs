@@ -14,11 +14,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, ProviderKind};
 use crate::error::GatewayError;
-use crate::metrics::TargetMetrics;
+use crate::metrics::{Endpoint, TargetMetrics};
 use crate::openai::Usage;
 use crate::providers::{
-    ChatRequest, Completion, ErrorKind, EventStream, Provider, ProviderError, Providers,
-    StreamEvent,
+    ChatRequest, Completion, EmbeddingRequest, Embeddings, ErrorKind, EventStream, Provider,
+    ProviderError, Providers, StreamEvent,
 };
 
 /// One provider+model an alias may be served by.
@@ -30,7 +30,18 @@ pub struct RoutedTarget {
     provider: Arc<dyn Provider>,
     /// Shared by every target of the same provider.
     limiter: Arc<Semaphore>,
-    metrics: TargetMetrics,
+    chat_metrics: TargetMetrics,
+    embedding_metrics: TargetMetrics,
+}
+
+impl RoutedTarget {
+    /// The series this target records requests of `endpoint` in.
+    fn metrics(&self, endpoint: Endpoint) -> &TargetMetrics {
+        match endpoint {
+            Endpoint::Chat => &self.chat_metrics,
+            Endpoint::Embeddings => &self.embedding_metrics,
+        }
+    }
 }
 
 /// How the router retries and waits.
@@ -107,7 +118,16 @@ impl Router {
                     model: Arc::from(target.model.as_str()),
                     provider,
                     limiter: limiters[&target.provider].clone(),
-                    metrics: TargetMetrics::new(target.provider, &target.model),
+                    chat_metrics: TargetMetrics::new(
+                        target.provider,
+                        &target.model,
+                        Endpoint::Chat,
+                    ),
+                    embedding_metrics: TargetMetrics::new(
+                        target.provider,
+                        &target.model,
+                        Endpoint::Embeddings,
+                    ),
                 }));
             }
             if let Some(first) = targets.first() {
@@ -141,7 +161,7 @@ impl Router {
     ) -> Result<(Completion, Served), GatewayError> {
         let started = Instant::now();
         let routed = self
-            .route(alias, |provider, model| async move {
+            .route(alias, Endpoint::Chat, |provider, model| async move {
                 provider.complete(&model, request).await
             })
             .await?;
@@ -153,8 +173,48 @@ impl Router {
         };
         routed
             .target
-            .metrics
+            .chat_metrics
             .finished(true, started.elapsed(), Some(routed.value.usage));
+        Ok((routed.value, served))
+    }
+
+    /// Embeds `request`'s texts, with the same retries and fallback as a chat answer; a
+    /// target that cannot take the request (not an embedding model, `dimensions` it lacks)
+    /// is skipped for the next.
+    pub async fn embed(
+        &self,
+        alias: &str,
+        request: &EmbeddingRequest,
+    ) -> Result<(Embeddings, Served), GatewayError> {
+        let started = Instant::now();
+        let routed = self
+            .route(alias, Endpoint::Embeddings, |provider, model| async move {
+                let embeddings = provider.embed(&model, request).await?;
+                if embeddings.vectors.len() != request.inputs.len() {
+                    return Err(ProviderError::new(
+                        provider.kind(),
+                        ErrorKind::Protocol,
+                        format!(
+                            "{} vectors for {} inputs",
+                            embeddings.vectors.len(),
+                            request.inputs.len()
+                        ),
+                    ));
+                }
+                Ok(embeddings)
+            })
+            .await?;
+        drop(routed.permit);
+        let served = Served {
+            provider: routed.target.kind,
+            model: routed.target.model.clone(),
+            outside: routed.outside,
+        };
+        routed.target.embedding_metrics.finished(
+            true,
+            started.elapsed(),
+            Some(Usage::new(routed.value.prompt_tokens, 0)),
+        );
         Ok((routed.value, served))
     }
 
@@ -167,7 +227,7 @@ impl Router {
     ) -> Result<RoutedStream, GatewayError> {
         let started = Instant::now();
         let routed = self
-            .route(alias, |provider, model| async move {
+            .route(alias, Endpoint::Chat, |provider, model| async move {
                 let mut events = provider.stream(&model, request).await?;
                 match events.next().await {
                     Some(Err(e)) => Err(e),
@@ -206,7 +266,12 @@ impl Router {
     }
 
     /// Tries the alias's targets in order until one succeeds.
-    async fn route<T, F, Fut>(&self, alias: &str, call: F) -> Result<Routed<T>, GatewayError>
+    async fn route<T, F, Fut>(
+        &self,
+        alias: &str,
+        endpoint: Endpoint,
+        call: F,
+    ) -> Result<Routed<T>, GatewayError>
     where
         F: Fn(Arc<dyn Provider>, Arc<str>) -> Fut,
         Fut: Future<Output = Result<T, ProviderError>>,
@@ -219,7 +284,7 @@ impl Router {
         let mut last_error = None;
         for (index, target) in targets.iter().enumerate() {
             if index > 0 {
-                target.metrics.fallback();
+                target.metrics(endpoint).fallback();
                 tracing::info!(alias, provider = %target.kind, model = %target.model, "falling back");
             }
             let mut retries = 0;
@@ -232,8 +297,12 @@ impl Router {
                 .await;
                 outside += queued.elapsed();
                 let Ok(Ok(permit)) = permit else {
-                    target.metrics.error(ErrorKind::Saturated.as_str());
-                    target.metrics.finished(false, Duration::ZERO, None);
+                    target
+                        .metrics(endpoint)
+                        .error(ErrorKind::Saturated.as_str());
+                    target
+                        .metrics(endpoint)
+                        .finished(false, Duration::ZERO, None);
                     last_error = Some(ProviderError::new(
                         target.kind,
                         ErrorKind::Saturated,
@@ -250,7 +319,7 @@ impl Router {
                 .unwrap_or_else(|_| Err(timeout_error(target.kind)));
                 let elapsed = attempt_started.elapsed();
                 outside += elapsed;
-                target.metrics.attempt(elapsed);
+                target.metrics(endpoint).attempt(elapsed);
                 let error = match result {
                     Ok(value) => {
                         return Ok(Routed {
@@ -263,23 +332,27 @@ impl Router {
                     Err(error) => error,
                 };
                 drop(permit);
-                target.metrics.error(error.kind.as_str());
+                target.metrics(endpoint).error(error.kind.as_str());
                 tracing::warn!(
                     alias, provider = %target.kind, model = %target.model, retries,
                     error = %error, "upstream attempt failed"
                 );
                 if error.kind == ErrorKind::InvalidRequest {
                     // The request itself is at fault: another target would refuse it too.
-                    target.metrics.finished(false, Duration::ZERO, None);
+                    target
+                        .metrics(endpoint)
+                        .finished(false, Duration::ZERO, None);
                     return Err(GatewayError::Upstream(error));
                 }
                 if !error.retryable() || retries >= self.policy.max_retries {
-                    target.metrics.finished(false, Duration::ZERO, None);
+                    target
+                        .metrics(endpoint)
+                        .finished(false, Duration::ZERO, None);
                     last_error = Some(error);
                     break;
                 }
                 let delay = self.backoff(retries, error.retry_after);
-                target.metrics.retry();
+                target.metrics(endpoint).retry();
                 tokio::time::sleep(delay).await;
                 outside += delay;
                 retries += 1;
@@ -354,7 +427,7 @@ impl Relay {
             Err(_) => timeout_error(self.target.kind),
         };
         tracing::warn!(provider = %self.target.kind, model = %self.target.model, error = %error, "stream failed mid-way");
-        self.target.metrics.error(error.kind.as_str());
+        self.target.chat_metrics.error(error.kind.as_str());
         self.failed = true;
         self.done = true;
         Some((Err(error), self))
@@ -375,7 +448,7 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let total = self.started.elapsed();
         let ok = self.finished && !self.failed;
-        self.target.metrics.finished(ok, total, self.usage);
+        self.target.chat_metrics.finished(ok, total, self.usage);
         crate::metrics::overhead(crate::metrics::Mode::Stream, total, self.outside);
     }
 }
@@ -412,6 +485,9 @@ mod tests {
             })
         }
         async fn stream(&self, _: &str, _: &ChatRequest) -> Result<EventStream, ProviderError> {
+            Err(ProviderError::new(ProviderKind::Gemini, self.kind, "no"))
+        }
+        async fn embed(&self, _: &str, _: &EmbeddingRequest) -> Result<Embeddings, ProviderError> {
             Err(ProviderError::new(ProviderKind::Gemini, self.kind, "no"))
         }
     }

@@ -1,4 +1,5 @@
-//! AWS Bedrock through the official SDK's Converse and ConverseStream APIs. Credentials come
+//! AWS Bedrock through the official SDK: chat over Converse and ConverseStream, embeddings
+//! over InvokeModel (Titan Text Embeddings and Cohere Embed bodies). Credentials come
 //! from the default chain (the ECS task role in production); the SDK's own retries are off
 //! so the gateway's router owns retries and fallback.
 
@@ -23,8 +24,8 @@ use futures::StreamExt;
 use std::collections::HashMap;
 
 use super::{
-    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Part, Provider, ProviderError,
-    StreamEvent, ToolCall, ToolChoice, TurnRole,
+    ChatRequest, Completion, EmbeddingRequest, Embeddings, ErrorKind, EventStream, FinishReason,
+    Part, Provider, ProviderError, StreamEvent, ToolCall, ToolChoice, TurnRole,
 };
 use crate::config::{Config, ProviderKind};
 use crate::openai::Usage;
@@ -39,6 +40,44 @@ const JSON_TOOL: &str = "json_object";
 /// `tool_choice: none` has no Converse form, and a history with tool blocks needs the
 /// tools declared; the model is told instead.
 const NO_TOOLS_INSTRUCTION: &str = "Do not call any tool now; answer in text.";
+
+/// Titan Text Embeddings v2's `dimensions` (1024 is its default).
+const TITAN_V2_DIMENSIONS: [u32; 3] = [256, 512, 1024];
+
+/// Most texts in one Cohere Embed call (Bedrock's limit); longer lists are split.
+const COHERE_BATCH: usize = 96;
+
+/// InvokeModel calls of one embeddings request in flight at once (Titan takes one text
+/// per call).
+const EMBED_CONCURRENCY: usize = 4;
+
+/// The embedding model families InvokeModel is spoken to in, told apart by model id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EmbedFamily {
+    /// `amazon.titan-embed-text-v2:0`: one text per call, `dimensions` 256/512/1024.
+    TitanV2,
+    /// `amazon.titan-embed-text-v1`, `amazon.titan-embed-g1-text-02`: one text, no options.
+    TitanV1,
+    /// `cohere.embed-english-v3`, `cohere.embed-multilingual-v3`: up to 96 texts per call.
+    Cohere,
+}
+
+impl EmbedFamily {
+    /// The family of a model id, an inference profile id (`us.…`) or an ARN.
+    fn of(model: &str) -> Option<Self> {
+        if model.contains("amazon.titan-embed-text-v2") {
+            Some(Self::TitanV2)
+        } else if model.contains("amazon.titan-embed-text-v1")
+            || model.contains("amazon.titan-embed-g1-text")
+        {
+            Some(Self::TitanV1)
+        } else if model.contains("cohere.embed-") {
+            Some(Self::Cohere)
+        } else {
+            None
+        }
+    }
+}
 
 /// The Bedrock provider: one SDK client (one connection pool, one credentials cache).
 #[derive(Debug, Clone)]
@@ -165,6 +204,164 @@ impl Provider for BedrockProvider {
         });
         Ok(events.boxed())
     }
+
+    async fn embed(
+        &self,
+        model: &str,
+        request: &EmbeddingRequest,
+    ) -> Result<Embeddings, ProviderError> {
+        let family = EmbedFamily::of(model).ok_or_else(|| {
+            ProviderError::unsupported(
+                PROVIDER,
+                "model",
+                format!(
+                    "`{model}` is not an embedding model the gateway knows (Titan Text Embeddings or Cohere Embed)"
+                ),
+            )
+        })?;
+        match (family, request.dimensions) {
+            (_, None) => {}
+            (EmbedFamily::TitanV2, Some(d)) if TITAN_V2_DIMENSIONS.contains(&d) => {}
+            (EmbedFamily::TitanV2, Some(_)) => {
+                return Err(ProviderError::unsupported(
+                    PROVIDER,
+                    "dimensions",
+                    format!("`dimensions`: `{model}` takes 256, 512 or 1024"),
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(ProviderError::unsupported(
+                    PROVIDER,
+                    "dimensions",
+                    format!("`dimensions`: `{model}` has a fixed length"),
+                ));
+            }
+        }
+        let mut embeddings = match family {
+            EmbedFamily::TitanV2 | EmbedFamily::TitanV1 => {
+                let calls = request.inputs.iter().map(|text| {
+                    let mut body = serde_json::json!({ "inputText": text });
+                    if family == EmbedFamily::TitanV2 {
+                        body["normalize"] = true.into();
+                        if let Some(d) = request.dimensions {
+                            body["dimensions"] = d.into();
+                        }
+                    }
+                    async move {
+                        let reply: TitanEmbedding = self.invoke(model, &body).await?;
+                        Ok::<_, ProviderError>(reply)
+                    }
+                });
+                // Collected first: a lazy iterator of futures trips the `Send` check.
+                let calls: Vec<_> = calls.collect();
+                let mut results = futures::stream::iter(calls).buffered(EMBED_CONCURRENCY);
+                let mut embeddings = Embeddings::default();
+                while let Some(reply) = results.next().await {
+                    let reply = reply?;
+                    embeddings.vectors.push(reply.embedding);
+                    embeddings.prompt_tokens = embeddings
+                        .prompt_tokens
+                        .saturating_add(reply.input_text_token_count);
+                }
+                embeddings
+            }
+            EmbedFamily::Cohere => {
+                let calls = request.inputs.chunks(COHERE_BATCH).map(|texts| {
+                    let body = serde_json::json!({
+                        "texts": texts,
+                        // Stored documents: the common use of an OpenAI embeddings call.
+                        "input_type": "search_document",
+                        "embedding_types": ["float"],
+                    });
+                    async move {
+                        let reply: CohereEmbeddings = self.invoke(model, &body).await?;
+                        let vectors = match reply.embeddings {
+                            CohereVectors::ByType { float } => float,
+                            CohereVectors::Floats(vectors) => vectors,
+                        };
+                        if vectors.len() != texts.len() {
+                            return Err(ProviderError::new(
+                                PROVIDER,
+                                ErrorKind::Protocol,
+                                format!("{} embeddings for {} texts", vectors.len(), texts.len()),
+                            ));
+                        }
+                        Ok(vectors)
+                    }
+                });
+                // Collected first: a lazy iterator of futures trips the `Send` check.
+                let calls: Vec<_> = calls.collect();
+                let mut results = futures::stream::iter(calls).buffered(EMBED_CONCURRENCY);
+                let mut embeddings = Embeddings::default();
+                while let Some(vectors) = results.next().await {
+                    embeddings.vectors.extend(vectors?);
+                }
+                // Cohere's body carries no token count.
+                embeddings.prompt_tokens = request
+                    .inputs
+                    .iter()
+                    .map(|t| super::estimate_tokens(t))
+                    .fold(0, u32::saturating_add);
+                embeddings
+            }
+        };
+        // Titan v2 normalises when asked; the others are scaled here, as OpenAI's are.
+        embeddings
+            .vectors
+            .iter_mut()
+            .for_each(|v| super::normalize(v));
+        Ok(embeddings)
+    }
+}
+
+impl BedrockProvider {
+    /// InvokeModel with a JSON body, the reply read as `T`.
+    async fn invoke<T: serde::de::DeserializeOwned>(
+        &self,
+        model: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, ProviderError> {
+        let output = self
+            .client
+            .invoke_model()
+            .model_id(model)
+            .content_type("application/json")
+            .accept("application/json")
+            .body(aws_smithy_types::Blob::new(body.to_string()))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        serde_json::from_slice(output.body().as_ref()).map_err(|e| {
+            ProviderError::new(
+                PROVIDER,
+                ErrorKind::Protocol,
+                format!("unreadable InvokeModel reply: {e}"),
+            )
+        })
+    }
+}
+
+/// Titan Text Embeddings' reply.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TitanEmbedding {
+    embedding: Vec<f32>,
+    #[serde(default)]
+    input_text_token_count: u32,
+}
+
+/// Cohere Embed's reply.
+#[derive(serde::Deserialize)]
+struct CohereEmbeddings {
+    embeddings: CohereVectors,
+}
+
+/// `{"float": [[…]]}` when `embedding_types` was sent, a bare list of vectors otherwise.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum CohereVectors {
+    ByType { float: Vec<Vec<f32>> },
+    Floats(Vec<Vec<f32>>),
 }
 
 /// A ConverseStream being relayed.
@@ -614,6 +811,25 @@ mod tests {
         assert_ne!(
             tool_use_id(gemini),
             tool_use_id("call_0123456789abcdef.other")
+        );
+    }
+
+    #[test]
+    fn embedding_families_come_from_the_model_id() {
+        use EmbedFamily::*;
+        assert_eq!(
+            EmbedFamily::of("amazon.titan-embed-text-v2:0"),
+            Some(TitanV2)
+        );
+        assert_eq!(EmbedFamily::of("amazon.titan-embed-text-v1"), Some(TitanV1));
+        assert_eq!(EmbedFamily::of("cohere.embed-english-v3"), Some(Cohere));
+        assert_eq!(
+            EmbedFamily::of("us.cohere.embed-multilingual-v3"),
+            Some(Cohere)
+        );
+        assert_eq!(
+            EmbedFamily::of("anthropic.claude-3-5-haiku-20241022-v1:0"),
+            None
         );
     }
 

@@ -1,5 +1,5 @@
-//! Google Gemini over the Generative Language REST API: `models/{model}:generateContent`
-//! and `:streamGenerateContent?alt=sse`, the key in the `x-goog-api-key` header (never in
+//! Google Gemini over the Generative Language REST API: `models/{model}:generateContent`,
+//! `:streamGenerateContent?alt=sse` and `:batchEmbedContents`, the key in the `x-goog-api-key` header (never in
 //! the URL). The wire types are private and mirror Google's documentation.
 
 use std::collections::VecDeque;
@@ -13,14 +13,20 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Part as TurnPart, Provider,
-    ProviderError, StreamEvent, ToolCall, ToolChoice, TurnRole, schema,
+    ChatRequest, Completion, EmbeddingRequest, Embeddings, ErrorKind, EventStream, FinishReason,
+    Part as TurnPart, Provider, ProviderError, StreamEvent, ToolCall, ToolChoice, TurnRole, schema,
 };
 use crate::config::ProviderKind;
 use crate::openai::Usage;
 use common::config::Secret;
 
 const PROVIDER: ProviderKind = ProviderKind::Gemini;
+
+/// Most texts in one `batchEmbedContents` call (Google's limit); longer lists are split.
+const EMBED_BATCH: usize = 100;
+
+/// `batchEmbedContents` calls of one request in flight at once.
+const EMBED_CONCURRENCY: usize = 4;
 
 /// The Gemini provider: one pooled HTTP client for every request.
 #[derive(Debug, Clone)]
@@ -62,9 +68,19 @@ impl GeminiProvider {
         request: &ChatRequest,
     ) -> Result<reqwest::Response, ProviderError> {
         let model = model.strip_prefix("models/").unwrap_or(model);
-        let url = format!("{}/models/{model}:{method}", self.base_url);
         let body = serde_json::to_vec(&GenerateContentRequest::build(request, model)?)
             .map_err(|e| ProviderError::new(PROVIDER, ErrorKind::Protocol, e.to_string()))?;
+        self.post(model, method, body).await
+    }
+
+    /// Posts `body` to `models/{model}:{method}` and checks the status.
+    async fn post(
+        &self,
+        model: &str,
+        method: &str,
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let url = format!("{}/models/{model}:{method}", self.base_url);
         let response = self
             .client
             .post(url)
@@ -139,6 +155,127 @@ impl Provider for GeminiProvider {
         };
         Ok(futures::stream::unfold(state, SseState::next).boxed())
     }
+
+    async fn embed(
+        &self,
+        model: &str,
+        request: &EmbeddingRequest,
+    ) -> Result<Embeddings, ProviderError> {
+        let model = model.strip_prefix("models/").unwrap_or(model);
+        // Every Gemini embedding model says so in its name (`gemini-embedding-001`,
+        // `text-embedding-004`); a chat model would only earn a 404.
+        if !model.contains("embed") {
+            return Err(ProviderError::unsupported(
+                PROVIDER,
+                "model",
+                format!("`{model}` is not an embedding model"),
+            ));
+        }
+        let resource = format!("models/{model}");
+        let batches = request.inputs.chunks(EMBED_BATCH).map(|texts| {
+            let body = BatchEmbedContentsRequest {
+                requests: texts
+                    .iter()
+                    .map(|text| EmbedContentRequest {
+                        model: &resource,
+                        content: EmbedContent {
+                            parts: [EmbedPart { text }],
+                        },
+                        output_dimensionality: request.dimensions,
+                    })
+                    .collect(),
+            };
+            async move {
+                let body = serde_json::to_vec(&body).map_err(|e| {
+                    ProviderError::new(PROVIDER, ErrorKind::Protocol, e.to_string())
+                })?;
+                let response = self.post(model, "batchEmbedContents", body).await?;
+                let bytes = response.bytes().await.map_err(transport_error)?;
+                let reply: BatchEmbedContentsResponse =
+                    serde_json::from_slice(&bytes).map_err(|e| {
+                        ProviderError::new(
+                            PROVIDER,
+                            ErrorKind::Protocol,
+                            format!("unreadable embeddings: {e}"),
+                        )
+                    })?;
+                if reply.embeddings.len() != texts.len() {
+                    return Err(ProviderError::new(
+                        PROVIDER,
+                        ErrorKind::Protocol,
+                        format!(
+                            "{} embeddings for {} texts",
+                            reply.embeddings.len(),
+                            texts.len()
+                        ),
+                    ));
+                }
+                Ok(reply.embeddings)
+            }
+        });
+        let mut vectors = Vec::with_capacity(request.inputs.len());
+        // Collected first: a lazy iterator of futures trips the `Send` check.
+        let batches: Vec<_> = batches.collect();
+        let mut results = futures::stream::iter(batches).buffered(EMBED_CONCURRENCY);
+        while let Some(batch) = results.next().await {
+            for embedding in batch? {
+                let mut values = embedding.values;
+                // Google scales only full-length vectors to unit length and advises
+                // normalising shortened ones; OpenAI's are always unit length.
+                super::normalize(&mut values);
+                vectors.push(values);
+            }
+        }
+        // `batchEmbedContents` reports no token counts.
+        let prompt_tokens = request
+            .inputs
+            .iter()
+            .map(|t| super::estimate_tokens(t))
+            .fold(0, u32::saturating_add);
+        Ok(Embeddings {
+            vectors,
+            prompt_tokens,
+        })
+    }
+}
+
+// ---- https://ai.google.dev/api/embeddings#method:-models.batchembedcontents ----
+
+#[derive(Serialize)]
+struct BatchEmbedContentsRequest<'a> {
+    requests: Vec<EmbedContentRequest<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EmbedContentRequest<'a> {
+    /// `models/{model}`, the same as the URL's.
+    model: &'a str,
+    content: EmbedContent<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_dimensionality: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct EmbedContent<'a> {
+    parts: [EmbedPart<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct EmbedPart<'a> {
+    text: &'a str,
+}
+
+#[derive(Deserialize)]
+struct BatchEmbedContentsResponse {
+    #[serde(default)]
+    embeddings: Vec<ContentEmbedding>,
+}
+
+#[derive(Deserialize)]
+struct ContentEmbedding {
+    #[serde(default)]
+    values: Vec<f32>,
 }
 
 /// A streamed reply being decoded: raw body, undecoded bytes, decoded events not yet

@@ -8,6 +8,10 @@
 //! tool, or the first one (every one with `[mock:parallel]` in the prompt), with arguments
 //! built from the tool's schema and the prompt. After `tool` messages it answers text
 //! quoting their results.
+//!
+//! Embeddings are unit vectors seeded from a hash of each text: equal texts get equal
+//! vectors, different texts different ones; `dimensions` is honoured (default
+//! [`DEFAULT_DIMENSIONS`]).
 
 use std::time::Duration;
 
@@ -15,11 +19,15 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use super::{
-    ChatRequest, Completion, ErrorKind, EventStream, FinishReason, Part, Provider, ProviderError,
-    StreamEvent, ToolCall, ToolChoice, ToolSpec, TurnRole, estimate_tokens, schema,
+    ChatRequest, Completion, EmbeddingRequest, Embeddings, ErrorKind, EventStream, FinishReason,
+    Part, Provider, ProviderError, StreamEvent, ToolCall, ToolChoice, ToolSpec, TurnRole,
+    estimate_tokens, normalize, schema,
 };
 use crate::config::ProviderKind;
 use crate::openai::Usage;
+
+/// The length of the mock's vectors when the caller asks for none.
+pub const DEFAULT_DIMENSIONS: u32 = 256;
 
 /// How many words of the prompt the reply quotes.
 const QUOTED_WORDS: usize = 8;
@@ -40,11 +48,11 @@ impl MockProvider {
     }
 
     /// Waits the configured latency, then fails when told to.
-    async fn begin(&self, request: &ChatRequest) -> Result<(), ProviderError> {
+    async fn begin(&self, prompt: &str) -> Result<(), ProviderError> {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
-        if let Some(status) = injected_status(request.last_user_text()) {
+        if let Some(status) = injected_status(prompt) {
             return Err(ProviderError::from_status(
                 ProviderKind::Mock,
                 status,
@@ -73,7 +81,7 @@ impl Provider for MockProvider {
         model: &str,
         request: &ChatRequest,
     ) -> Result<Completion, ProviderError> {
-        self.begin(request).await?;
+        self.begin(request.last_user_text()).await?;
         Ok(reply(model, request))
     }
 
@@ -82,7 +90,7 @@ impl Provider for MockProvider {
         model: &str,
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError> {
-        self.begin(request).await?;
+        self.begin(request.last_user_text()).await?;
         let break_mid_stream = request.last_user_text().contains("[mock:fail-mid-stream]");
         let completion = reply(model, request);
         let mut events: Vec<Result<StreamEvent, ProviderError>> = Vec::new();
@@ -120,6 +128,53 @@ impl Provider for MockProvider {
         events.push(Ok(StreamEvent::Usage(completion.usage)));
         Ok(futures::stream::iter(events).boxed())
     }
+
+    async fn embed(
+        &self,
+        _model: &str,
+        request: &EmbeddingRequest,
+    ) -> Result<Embeddings, ProviderError> {
+        // A marker in any input fails the call, as in a chat prompt.
+        self.begin(&request.inputs.join("\n")).await?;
+        let dimensions = request.dimensions.unwrap_or(DEFAULT_DIMENSIONS);
+        Ok(Embeddings {
+            vectors: request
+                .inputs
+                .iter()
+                .map(|text| embedding(text, dimensions))
+                .collect(),
+            prompt_tokens: request
+                .inputs
+                .iter()
+                .map(|t| estimate_tokens(t))
+                .fold(0, u32::saturating_add),
+        })
+    }
+}
+
+/// The mock's vector for `text`: `dimensions` pseudo-random values (splitmix64 seeded with
+/// the text's FNV-1a hash), scaled to unit length.
+pub fn embedding(text: &str, dimensions: u32) -> Vec<f32> {
+    let mut state = fnv1a_bytes(text.as_bytes());
+    let mut vector: Vec<f32> = (0..dimensions)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            // The top 24 bits as a value in [-1, 1).
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    normalize(&mut vector);
+    vector
+}
+
+fn fnv1a_bytes(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// `[mock:fail=503]` in the prompt.
@@ -324,6 +379,16 @@ mod tests {
         let mut r = ask("one two");
         r.stop = vec!["to".into()];
         assert_eq!(reply("m", &r).text, "Mock reply from m ");
+    }
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let a = embedding("hello", 64);
+        assert_eq!(a.len(), 64);
+        assert_eq!(a, embedding("hello", 64));
+        assert_ne!(a, embedding("hello!", 64));
+        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
     }
 
     #[test]

@@ -18,12 +18,107 @@ use futures::stream::BoxStream;
 use crate::config::{Config, ProviderKind};
 use crate::error::GatewayError;
 use crate::openai::{
-    ChatCompletionRequest, RequestMessage, ResponseFormat, Role, Tool as OpenAiTool,
-    ToolChoice as OpenAiToolChoice, ToolChoiceMode, Usage,
+    ChatCompletionRequest, EmbeddingInput, EmbeddingsRequest, RequestMessage, ResponseFormat, Role,
+    Tool as OpenAiTool, ToolChoice as OpenAiToolChoice, ToolChoiceMode, Usage,
 };
 
 /// Most stop sequences accepted (Gemini takes 5, Bedrock's models 4 or more).
 const MAX_STOP_SEQUENCES: usize = 5;
+
+/// Most inputs in one embeddings request (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// Most estimated tokens across one embeddings request's inputs (OpenAI's limit).
+pub const MAX_EMBEDDING_TOKENS: u32 = 300_000;
+
+/// The longest vector the gateway asks for (`dimensions`); Gemini's longest is 3072.
+pub const MAX_EMBEDDING_DIMENSIONS: u32 = 8192;
+
+/// An embeddings request in provider-neutral form: at least one input, none empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EmbeddingRequest {
+    /// The texts, in order; the answer has one vector for each.
+    pub inputs: Vec<String>,
+    /// The vectors' length, when the caller chose one; a target that cannot honour it is
+    /// skipped for the next.
+    pub dimensions: Option<u32>,
+}
+
+/// A provider's vectors.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Embeddings {
+    /// One per input, in input order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Input tokens, as the provider counted them (or estimated where it reports none).
+    pub prompt_tokens: u32,
+}
+
+impl EmbeddingRequest {
+    /// Checks and converts an OpenAI request; errors name the field.
+    pub fn from_openai(request: &EmbeddingsRequest) -> Result<Self, GatewayError> {
+        if let Some((param, message)) = request.refused_field() {
+            return Err(GatewayError::invalid(&param, message));
+        }
+        let inputs = match &request.input {
+            EmbeddingInput::One(text) => vec![text.clone()],
+            EmbeddingInput::Many(texts) => texts.clone(),
+            EmbeddingInput::Tokens(_) => {
+                return Err(GatewayError::invalid(
+                    "input",
+                    "`input` as token ids is not supported; send text (a string or a list of strings)",
+                ));
+            }
+        };
+        if inputs.is_empty() {
+            return Err(GatewayError::invalid("input", "`input` must not be empty"));
+        }
+        if inputs.len() > MAX_EMBEDDING_INPUTS {
+            return Err(GatewayError::invalid(
+                "input",
+                format!("`input` takes at most {MAX_EMBEDDING_INPUTS} texts"),
+            ));
+        }
+        if let Some(i) = inputs.iter().position(|t| t.trim().is_empty()) {
+            return Err(GatewayError::invalid(
+                "input",
+                format!("`input[{i}]` is empty; every text must have content"),
+            ));
+        }
+        let tokens = inputs
+            .iter()
+            .map(|t| estimate_tokens(t))
+            .fold(0u32, u32::saturating_add);
+        if tokens > MAX_EMBEDDING_TOKENS {
+            return Err(GatewayError::invalid(
+                "input",
+                format!(
+                    "`input` holds about {tokens} tokens; at most {MAX_EMBEDDING_TOKENS} per request"
+                ),
+            ));
+        }
+        if let Some(d) = request.dimensions
+            && !(1..=MAX_EMBEDDING_DIMENSIONS).contains(&d)
+        {
+            return Err(GatewayError::invalid(
+                "dimensions",
+                format!("`dimensions` must be between 1 and {MAX_EMBEDDING_DIMENSIONS}"),
+            ));
+        }
+        Ok(Self {
+            inputs,
+            dimensions: request.dimensions,
+        })
+    }
+}
+
+/// Scales `vector` to unit length. A vector already of unit length (within rounding) is
+/// left as the provider sent it, and a zero vector stays as it is.
+pub fn normalize(vector: &mut [f32]) {
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 && (norm - 1.0).abs() > 1e-5 {
+        vector.iter_mut().for_each(|x| *x /= norm);
+    }
+}
 
 /// A chat request in provider-neutral form: system text apart, turns alternating, the
 /// first turn the user's, no empty text.
@@ -575,6 +670,13 @@ pub trait Provider: Send + Sync {
         model: &str,
         request: &ChatRequest,
     ) -> Result<EventStream, ProviderError>;
+
+    /// One vector per input, in order.
+    async fn embed(
+        &self,
+        model: &str,
+        request: &EmbeddingRequest,
+    ) -> Result<Embeddings, ProviderError>;
 }
 
 /// How a provider call failed, which decides retry, fallback and the client's status.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -21,12 +21,7 @@ use crate::openai::{
     ToolCallDelta, Usage,
 };
 use crate::providers::{ChatRequest, EventStream, FinishReason, StreamEvent};
-use crate::routing::Served;
-
-/// Which provider answered (the body's `model` is the alias the caller asked for).
-static PROVIDER_HEADER: HeaderName = HeaderName::from_static("x-ensemble-provider");
-/// Which provider model answered.
-static MODEL_HEADER: HeaderName = HeaderName::from_static("x-ensemble-model");
+use crate::routes::{parse, served_headers};
 
 /// The handler.
 pub async fn chat_completions(
@@ -50,14 +45,7 @@ async fn answer(
     body: Result<Bytes, BytesRejection>,
     started: Instant,
 ) -> Result<Response, GatewayError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            GatewayError::PayloadTooLarge
-        } else {
-            GatewayError::InvalidJson(e.body_text())
-        }
-    })?;
-    let request = parse(&body)?;
+    let request: ChatCompletionRequest = parse(body)?;
     let alias = request.model.clone();
     let stream = request.stream;
     let chat = ChatRequest::from_openai(request)?;
@@ -113,44 +101,6 @@ async fn answer(
             served.outside,
         );
         Ok(response)
-    }
-}
-
-/// Parses the body; a syntax error is `400 invalid_json`, a wrong field is `400` naming it.
-fn parse(body: &[u8]) -> Result<ChatCompletionRequest, GatewayError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let request: ChatCompletionRequest = serde_path_to_error::deserialize(&mut deserializer)
-        .map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if inner.is_syntax() || inner.is_eof() {
-                GatewayError::InvalidJson(inner.to_string())
-            } else if path == "." {
-                GatewayError::InvalidRequest {
-                    message: format!("invalid request body: {inner}"),
-                    param: None,
-                }
-            } else {
-                GatewayError::InvalidRequest {
-                    message: format!("invalid `{path}`: {inner}"),
-                    param: Some(path),
-                }
-            }
-        })?;
-    deserializer
-        .end()
-        .map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
-    Ok(request)
-}
-
-fn served_headers(response: &mut Response, served: &Served) {
-    let headers = response.headers_mut();
-    headers.insert(
-        PROVIDER_HEADER.clone(),
-        HeaderValue::from_static(served.provider.as_str()),
-    );
-    if let Ok(model) = HeaderValue::from_str(&served.model) {
-        headers.insert(MODEL_HEADER.clone(), model);
     }
 }
 

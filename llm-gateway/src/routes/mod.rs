@@ -1,4 +1,65 @@
 //! Thin HTTP handlers: parse, call the router, shape the answer in OpenAI's format.
 
 pub mod chat;
+pub mod embeddings;
 pub mod models;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::Response;
+use serde::de::DeserializeOwned;
+
+use crate::error::GatewayError;
+use crate::routing::Served;
+
+/// Which provider answered (the body's `model` is the alias the caller asked for).
+static PROVIDER_HEADER: HeaderName = HeaderName::from_static("x-ensemble-provider");
+/// Which provider model answered.
+static MODEL_HEADER: HeaderName = HeaderName::from_static("x-ensemble-model");
+
+/// Parses a JSON body: over the limit is `413`, a syntax error `400 invalid_json`, a wrong
+/// field `400` naming it.
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, GatewayError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            GatewayError::PayloadTooLarge
+        } else {
+            GatewayError::InvalidJson(e.body_text())
+        }
+    })?;
+    let mut deserializer = serde_json::Deserializer::from_slice(&body);
+    let request: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            GatewayError::InvalidJson(inner.to_string())
+        } else if path == "." {
+            GatewayError::InvalidRequest {
+                message: format!("invalid request body: {inner}"),
+                param: None,
+            }
+        } else {
+            GatewayError::InvalidRequest {
+                message: format!("invalid `{path}`: {inner}"),
+                param: Some(path),
+            }
+        }
+    })?;
+    deserializer
+        .end()
+        .map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
+    Ok(request)
+}
+
+/// `x-ensemble-provider` and `x-ensemble-model`: who actually answered.
+fn served_headers(response: &mut Response, served: &Served) {
+    let headers = response.headers_mut();
+    headers.insert(
+        PROVIDER_HEADER.clone(),
+        HeaderValue::from_static(served.provider.as_str()),
+    );
+    if let Ok(model) = HeaderValue::from_str(&served.model) {
+        headers.insert(MODEL_HEADER.clone(), model);
+    }
+}

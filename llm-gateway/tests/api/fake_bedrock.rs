@@ -1,6 +1,7 @@
 //! A local fake of the Bedrock runtime: Converse answers JSON, ConverseStream answers
-//! `application/vnd.amazon.eventstream` frames built with `aws-smithy-eventstream`, errors
-//! carry `x-amzn-errortype`. It records every request and refuses any that is not SigV4
+//! `application/vnd.amazon.eventstream` frames built with `aws-smithy-eventstream`,
+//! InvokeModel answers Titan Text Embeddings and Cohere Embed bodies, errors carry
+//! `x-amzn-errortype`. It records every request and refuses any that is not SigV4
 //! signed for service `bedrock` with the test credentials.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +20,7 @@ use crate::helpers::{AWS_ACCESS_KEY, AWS_REGION, AWS_SECRET_KEY};
 /// One scripted answer.
 #[derive(Clone)]
 pub enum Reply {
-    /// A Converse JSON body.
+    /// A Converse JSON body (or, to InvokeModel, any JSON body).
     Converse(Value),
     /// An error: status, `x-amzn-errortype`, message.
     Error(u16, &'static str, &'static str),
@@ -200,6 +201,9 @@ fn handle(
     script.record(recorded.clone());
     if let Err(why) = check_sigv4(&method, &uri, &headers, &body) {
         return error(403, "InvalidSignatureException", &why);
+    }
+    if method == Method::POST && recorded.path.ends_with("/invoke") {
+        return invoke(script, &headers, &recorded);
     }
     let streaming = recorded.path.ends_with("/converse-stream");
     if method != Method::POST
@@ -538,4 +542,151 @@ pub fn stream_frames(pieces: &[&str], stop_reason: &str, input: u32, output: u32
         }),
     ));
     frames
+}
+
+/// The fake's vector for `text` from `model`: deterministic, unit length, and unlike the
+/// mock's and Gemini's.
+pub fn fake_embedding(model: &str, text: &str, dimensions: u32) -> Vec<f32> {
+    llm_gateway::providers::mock::embedding(&format!("bedrock:{model}:{text}"), dimensions)
+}
+
+/// InvokeModel (`POST /model/{modelId}/invoke`) for the embedding models: the body is
+/// checked as each model documents it, and answered with deterministic vectors. A text
+/// holding `[fake:fail]` answers `ServiceUnavailableException`.
+fn invoke(script: &Script<Reply, Recorded>, headers: &HeaderMap, recorded: &Recorded) -> Response {
+    let model = recorded
+        .path
+        .strip_prefix("/model/")
+        .and_then(|p| p.strip_suffix("/invoke"))
+        .unwrap_or_default()
+        .replace("%3A", ":");
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if header("content-type") != Some("application/json") {
+        return error(
+            400,
+            "ValidationException",
+            "content-type must be application/json",
+        );
+    }
+    match script.next() {
+        Some(Reply::Error(status, kind, message)) => return error(status, kind, message),
+        Some(Reply::Converse(body)) => {
+            return ([("content-type", "application/json")], body.to_string()).into_response();
+        }
+        _ => {}
+    }
+    let body = &recorded.body;
+    let keys: Vec<&str> = body
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let fail = |texts: &[&str]| texts.iter().any(|t| t.contains("[fake:fail]"));
+    if model.starts_with("amazon.titan-embed-text-v2") {
+        if let Some(key) = keys
+            .iter()
+            .find(|k| !["inputText", "dimensions", "normalize", "embeddingTypes"].contains(k))
+        {
+            return error(
+                400,
+                "ValidationException",
+                &format!("Malformed input request: extraneous key [{key}] is not permitted"),
+            );
+        }
+        let Some(text) = body["inputText"].as_str().filter(|t| !t.is_empty()) else {
+            return error(
+                400,
+                "ValidationException",
+                "Malformed input request: required key [inputText] not found",
+            );
+        };
+        let dimensions = match body.get("dimensions") {
+            None => 1024,
+            Some(d) => match d.as_u64() {
+                Some(d @ (256 | 512 | 1024)) => d as u32,
+                _ => {
+                    return error(
+                        400,
+                        "ValidationException",
+                        "Malformed input request: dimensions: 256, 512 or 1024",
+                    );
+                }
+            },
+        };
+        if fail(&[text]) {
+            return error(503, "ServiceUnavailableException", "injected failure");
+        }
+        let vector = fake_embedding(&model, text, dimensions);
+        let tokens = text.split_whitespace().count();
+        return (
+            [("content-type", "application/json")],
+            json!({"embedding": vector, "inputTextTokenCount": tokens, "embeddingsByType": {"float": vector}}).to_string(),
+        )
+            .into_response();
+    }
+    if model.starts_with("cohere.embed-") {
+        if let Some(key) = keys.iter().find(|k| {
+            ![
+                "texts",
+                "images",
+                "input_type",
+                "truncate",
+                "embedding_types",
+            ]
+            .contains(k)
+        }) {
+            return error(
+                400,
+                "ValidationException",
+                &format!("Malformed input request: extraneous key [{key}] is not permitted"),
+            );
+        }
+        let texts: Vec<&str> = body["texts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if texts.is_empty()
+            || texts.len() > 96
+            || texts.len() != body["texts"].as_array().map_or(0, Vec::len)
+        {
+            return error(
+                400,
+                "ValidationException",
+                "Malformed input request: texts: 1 to 96 strings",
+            );
+        }
+        if ![
+            "search_document",
+            "search_query",
+            "classification",
+            "clustering",
+        ]
+        .contains(&body["input_type"].as_str().unwrap_or_default())
+        {
+            return error(
+                400,
+                "ValidationException",
+                "Malformed input request: required key [input_type] not found",
+            );
+        }
+        if fail(&texts) {
+            return error(503, "ServiceUnavailableException", "injected failure");
+        }
+        let vectors: Vec<Vec<f32>> = texts
+            .iter()
+            .map(|t| fake_embedding(&model, t, 1024))
+            .collect();
+        let reply = if body.get("embedding_types").is_some() {
+            json!({"id": "fake-cohere", "texts": texts, "embeddings": {"float": vectors}, "response_type": "embeddings_by_type"})
+        } else {
+            json!({"id": "fake-cohere", "texts": texts, "embeddings": vectors, "response_type": "embeddings_floats"})
+        };
+        return ([("content-type", "application/json")], reply.to_string()).into_response();
+    }
+    error(
+        400,
+        "ValidationException",
+        &format!("The provided model identifier is invalid: {model}"),
+    )
 }

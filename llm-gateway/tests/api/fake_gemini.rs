@@ -1,6 +1,7 @@
 //! A local fake of Google's Generative Language API: it records every request, checks it
 //! the way Google documents it (path, `x-goog-api-key` header, no key in the URL), and
-//! answers scripted replies in Google's JSON and SSE formats.
+//! answers scripted replies in Google's JSON and SSE formats. `:batchEmbedContents` is
+//! checked as Google documents it too, and answered with deterministic vectors.
 
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,9 @@ async fn handle(
             "key must not be in the URL",
             vec![],
         );
+    }
+    if recorded.path.ends_with(":batchEmbedContents") {
+        return batch_embed(script, &method, &recorded).await;
     }
     let streaming = recorded.path.ends_with(":streamGenerateContent");
     let well_formed = method == Method::POST
@@ -503,4 +507,147 @@ pub fn chunk_json(text: &str, finish: Option<&str>, usage: Option<(u32, u32)>) -
             json!({"promptTokenCount": p, "candidatesTokenCount": o, "totalTokenCount": p + o});
     }
     chunk
+}
+
+/// Gemini's default vector length for a model (`gemini-embedding-001`: 3072).
+pub fn default_dimensions(model: &str) -> u32 {
+    if model.starts_with("gemini-embedding") {
+        3072
+    } else {
+        768
+    }
+}
+
+/// The fake's vector for `text`: deterministic, unit length, and unlike the mock's.
+pub fn fake_embedding(text: &str, dimensions: u32) -> Vec<f32> {
+    llm_gateway::providers::mock::embedding(&format!("gemini:{text}"), dimensions)
+}
+
+/// `POST /v1beta/models/{model}:batchEmbedContents`: `{"requests": [{"model":
+/// "models/{model}", "content": {"parts": [{"text"}]}, "outputDimensionality"?}]}`, at most
+/// 100 requests, each naming the URL's model; answers `{"embeddings": [{"values"}]}`. A
+/// text holding `[fake:fail=503]` (any status) fails the batch.
+async fn batch_embed(
+    script: &Script<Reply, Recorded>,
+    method: &Method,
+    recorded: &Recorded,
+) -> Response {
+    let model = recorded
+        .path
+        .strip_prefix("/v1beta/models/")
+        .and_then(|p| p.strip_suffix(":batchEmbedContents"))
+        .unwrap_or_default();
+    if *method != Method::POST
+        || model.is_empty()
+        || recorded.content_type.as_deref() != Some("application/json")
+    {
+        return google_error(404, "NOT_FOUND", "not a batchEmbedContents request", vec![]);
+    }
+    let Some(requests) = recorded.body["requests"].as_array() else {
+        return google_error(400, "INVALID_ARGUMENT", "requests is required", vec![]);
+    };
+    if requests.is_empty() || requests.len() > 100 {
+        return google_error(
+            400,
+            "INVALID_ARGUMENT",
+            "* BatchEmbedContentsRequest.requests: at most 100 requests can be in one batch",
+            vec![],
+        );
+    }
+    let mut texts = Vec::new();
+    for (i, request) in requests.iter().enumerate() {
+        let keys: Vec<&String> = request
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        if let Some(key) = keys.iter().find(|k| {
+            ![
+                "model",
+                "content",
+                "taskType",
+                "title",
+                "outputDimensionality",
+            ]
+            .contains(&k.as_str())
+        }) {
+            return google_error(
+                400,
+                "INVALID_ARGUMENT",
+                &format!(
+                    "Invalid JSON payload received. Unknown name \"{key}\" at 'requests[{i}]'"
+                ),
+                vec![],
+            );
+        }
+        if request["model"] != json!(format!("models/{model}")) {
+            return google_error(
+                400,
+                "INVALID_ARGUMENT",
+                &format!(
+                    "* BatchEmbedContentsRequest.requests[{i}].model: the model must match the batch's"
+                ),
+                vec![],
+            );
+        }
+        let parts = request["content"]["parts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let text: String = parts.iter().filter_map(|p| p["text"].as_str()).collect();
+        if parts.is_empty() || text.is_empty() {
+            return google_error(
+                400,
+                "INVALID_ARGUMENT",
+                &format!(
+                    "* BatchEmbedContentsRequest.requests[{i}].content.parts: contents must not be empty"
+                ),
+                vec![],
+            );
+        }
+        if let Some(d) = request.get("outputDimensionality")
+            && !d.as_u64().is_some_and(|d| (1..=3072).contains(&d))
+        {
+            return google_error(
+                400,
+                "INVALID_ARGUMENT",
+                "outputDimensionality must be 1 to 3072",
+                vec![],
+            );
+        }
+        texts.push((text, request["outputDimensionality"].as_u64()));
+    }
+    let reply = script.next();
+    match reply {
+        Some(Reply::Json(status, body)) => {
+            return (
+                StatusCode::from_u16(status).unwrap(),
+                [("content-type", "application/json; charset=UTF-8")],
+                body.to_string(),
+            )
+                .into_response();
+        }
+        Some(Reply::Hang(time)) => {
+            tokio::time::sleep(time).await;
+            return StatusCode::GATEWAY_TIMEOUT.into_response();
+        }
+        _ => {}
+    }
+    if let Some(status) = texts.iter().find_map(|(t, _)| {
+        let start = t.find("[fake:fail=")? + "[fake:fail=".len();
+        t[start..].split(']').next()?.parse::<u16>().ok()
+    }) {
+        return google_error(status, "UNAVAILABLE", "injected failure", vec![]);
+    }
+    let embeddings: Vec<Value> = texts
+        .iter()
+        .map(|(text, d)| {
+            let d = d.map_or(default_dimensions(model), |d| d as u32);
+            json!({"values": fake_embedding(text, d)})
+        })
+        .collect();
+    (
+        [("content-type", "application/json; charset=UTF-8")],
+        json!({"embeddings": embeddings}).to_string(),
+    )
+        .into_response()
 }

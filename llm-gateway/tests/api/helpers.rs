@@ -123,6 +123,24 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `POST /v1/embeddings` with the right token.
+    pub async fn embed(&self, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/embeddings", self.address))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /v1/embeddings`, expecting `200`, the body parsed.
+    pub async fn embed_json(&self, body: Value) -> Value {
+        let response = self.embed(body).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
     /// A streamed answer: status, headers and the `data:` payloads in order.
     pub async fn chat_stream(&self, body: Value) -> Streamed {
         let response = self.chat(body).await;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bedrock;
+mod embeddings;
 mod errors;
 mod fake;
 mod fake_bedrock;

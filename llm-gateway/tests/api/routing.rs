@@ -127,9 +127,9 @@ async fn metrics_cover_requests_tokens_latency_and_overhead() {
 
     let metrics = app.metrics().await;
     for series in [
-        "ensemble_gateway_requests_total{provider=\"mock\",model=\"mock-1\",outcome=\"ok\"}",
-        "ensemble_gateway_tokens_total{provider=\"mock\",model=\"mock-1\",direction=\"in\"}",
-        "ensemble_gateway_tokens_total{provider=\"mock\",model=\"mock-1\",direction=\"out\"}",
+        "ensemble_gateway_requests_total{provider=\"mock\",model=\"mock-1\",outcome=\"ok\",endpoint=\"chat\"}",
+        "ensemble_gateway_tokens_total{provider=\"mock\",model=\"mock-1\",direction=\"in\",endpoint=\"chat\"}",
+        "ensemble_gateway_tokens_total{provider=\"mock\",model=\"mock-1\",direction=\"out\",endpoint=\"chat\"}",
         "ensemble_gateway_request_duration_seconds_bucket{provider=\"mock\",model=\"mock-1\"",
         "ensemble_gateway_upstream_duration_seconds_bucket{provider=\"mock\",model=\"mock-1\"",
         "ensemble_gateway_overhead_seconds_bucket{mode=\"unary\"",
