@@ -282,3 +282,53 @@ async fn tool_calls_round_trip_plain_and_streamed() {
     assert!(text.contains("get_time returned 10:00"), "{text}");
     assert_eq!(answer.choices[0].finish_reason, Some(FinishReason::Stop));
 }
+
+#[tokio::test]
+async fn embeddings_plain_base64_and_refused() {
+    use async_openai::types::embeddings::{CreateEmbeddingRequestArgs, EncodingFormat};
+    let app = spawn_app(with_alias(
+        test_config(),
+        "embed",
+        &[(ProviderKind::Mock, "mock-embed")],
+    ))
+    .await;
+    let client = client(&app);
+    let request = CreateEmbeddingRequestArgs::default()
+        .model("embed")
+        .input(vec!["alpha", "beta", "alpha"])
+        .dimensions(48u32)
+        .build()
+        .unwrap();
+    let reply = client.embeddings().create(request).await.unwrap();
+    assert_eq!(reply.model, "embed");
+    assert_eq!(reply.data.len(), 3);
+    assert!(reply.data.iter().all(|d| d.embedding.len() == 48));
+    assert_eq!(reply.data[0].embedding, reply.data[2].embedding);
+    assert_ne!(reply.data[0].embedding, reply.data[1].embedding);
+    assert!(reply.usage.prompt_tokens > 0);
+
+    let request = CreateEmbeddingRequestArgs::default()
+        .model("embed")
+        .input(vec!["alpha", "beta", "alpha"])
+        .dimensions(48u32)
+        .encoding_format(EncodingFormat::Base64)
+        .build()
+        .unwrap();
+    let encoded = client.embeddings().create_base64(request).await.unwrap();
+    for (data, plain) in encoded.data.into_iter().zip(&reply.data) {
+        let decoded: Vec<f32> = data.embedding.into();
+        assert_eq!(&decoded, &plain.embedding);
+    }
+
+    let request = CreateEmbeddingRequestArgs::default()
+        .model("embed")
+        .input(vec![vec![1u32, 2, 3]])
+        .build()
+        .unwrap();
+    match client.embeddings().create(request).await {
+        Err(async_openai::error::OpenAIError::ApiError(e)) => {
+            assert_eq!(e.api_error.param.as_deref(), Some("input"));
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
