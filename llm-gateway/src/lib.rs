@@ -1,6 +1,6 @@
-//! The Ensemble llm-gateway: one OpenAI-compatible chat-completions API in front of Google
-//! Gemini, AWS Bedrock and a deterministic mock, with streaming, retries, fallback across
-//! providers, per-provider concurrency caps and Prometheus metrics.
+//! The Ensemble llm-gateway: one OpenAI-compatible chat-completions and embeddings API in
+//! front of Google Gemini, AWS Bedrock and a deterministic mock, with streaming, retries,
+//! fallback across providers, per-provider concurrency caps and Prometheus metrics.
 
 pub mod app;
 pub mod config;
