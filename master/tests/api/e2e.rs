@@ -221,22 +221,7 @@ async fn retries_then_dead_letter_then_redrive_succeeds() {
     assert_eq!(view.status, TaskStatus::Failed);
     assert_eq!(view.steps[0].attempts, 3, "MAX_ATTEMPTS defaults to 3");
     assert_eq!(failing.received().len(), 3);
-    let queues: Value = master
-        .get("/queues", OPERATOR)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let evaluate = queues["queues"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["capability"] == "evaluate")
-        .unwrap()
-        .clone();
-    assert_eq!(evaluate["dead_lettered"], 1);
+    assert_eq!(master.queue("evaluate").await["dead_lettered"], 1);
 
     failing.kill();
     let _good = TestWorker::start(

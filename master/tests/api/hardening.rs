@@ -89,22 +89,7 @@ async fn a_poison_task_at_top_priority_does_not_stall_other_clients_and_is_dead_
         "the error names the worker's answer: {}",
         error.message
     );
-    let queues: Value = master
-        .get("/queues", OPERATOR)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let plan = queues["queues"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["capability"] == "plan")
-        .unwrap()
-        .clone();
-    assert_eq!(plan["dead_lettered"], 1, "{queues}");
+    assert_eq!(master.queue("plan").await["dead_lettered"], 1);
     master.stop().await;
 }
 
@@ -293,16 +278,10 @@ async fn only_the_worker_holding_the_lease_completes_a_step_and_a_repeat_is_reco
 }
 
 async fn metric(master: &TestMaster, name: &str) -> f64 {
-    let text = master
-        .http
-        .get(format!("{}/metrics", master.url))
-        .send()
+    master
+        .metrics()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

@@ -129,6 +129,37 @@ impl TestMaster {
         self.view(id).await
     }
 
+    /// `GET /queues` (operator): the row of one capability.
+    pub async fn queue(&self, capability: &str) -> Value {
+        let queues: Value = self
+            .get("/queues", OPERATOR)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        queues["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["capability"] == capability)
+            .unwrap_or_else(|| panic!("no queue row for {capability}: {queues}"))
+            .clone()
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn view(&self, id: &str) -> TaskView {
         let r = self
             .get(&format!("/task/{id}"), ALICE)

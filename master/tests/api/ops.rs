@@ -187,15 +187,7 @@ async fn metrics_and_queues_report_per_capability() {
         .await
         .unwrap();
     assert_eq!(workers["by_capability"]["plan"], json!(["w"]));
-    let text = master
-        .http
-        .get(format!("{}/metrics", master.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = master.metrics().await;
     for name in [
         "ensemble_tasks_submitted_total",
         "ensemble_queue_depth{capability=\"plan\"}",
