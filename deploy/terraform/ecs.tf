@@ -207,7 +207,9 @@ resource "aws_ecs_service" "master" {
     ignore_changes = [desired_count]
   }
 
-  depends_on = [aws_lb_listener.https]
+  # ECS refuses a target group that no load balancer uses yet: the listener rule is what
+  # attaches it to the ALB, so the service waits for the rule, not only for the listener.
+  depends_on = [aws_lb_listener_rule.client_paths]
 }
 
 # --- llm-gateway

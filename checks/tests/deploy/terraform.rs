@@ -565,3 +565,56 @@ fn service_urls_name_a_cloud_map_service_and_its_port() {
     }
     problems.assert_none("service URLs in the ECS container definitions");
 }
+
+/// An expression as its source text, e.g. `[aws_lb_listener_rule.client_paths]`, to find
+/// the resource addresses it names.
+fn source(expr: &Expression) -> String {
+    hcl::format::to_string(expr).unwrap_or_default()
+}
+
+#[test]
+fn a_service_behind_the_alb_waits_for_the_rule_that_attaches_its_target_group() {
+    let files = files();
+    let mut problems = Problems::default();
+    // target group address → the listener rules that forward to it.
+    let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (_, address, b) in resources(&files, "aws_lb_listener_rule") {
+        for action in b
+            .body
+            .blocks()
+            .filter(|x| x.identifier.as_str() == "action")
+        {
+            if let Some(tg) = attr(&action.body, "target_group_arn") {
+                let tg = source(tg).trim_end_matches(".arn").to_string();
+                rules.entry(tg).or_default().push(address.clone());
+            }
+        }
+    }
+    for (file, address, b) in resources(&files, "aws_ecs_service") {
+        let depends_on = attr(&b.body, "depends_on").map(source).unwrap_or_default();
+        for lb in b
+            .body
+            .blocks()
+            .filter(|x| x.identifier.as_str() == "load_balancer")
+        {
+            let Some(tg) = attr(&lb.body, "target_group_arn") else {
+                continue;
+            };
+            let tg = source(tg).trim_end_matches(".arn").to_string();
+            let attaching = rules.get(&tg).cloned().unwrap_or_default();
+            if attaching.is_empty() {
+                problems.add(file, &address, format!("no listener rule forwards to {tg}"));
+            } else if !attaching.iter().any(|r| depends_on.contains(r.as_str())) {
+                problems.add(
+                    file,
+                    &address,
+                    format!(
+                        "depends_on is `{depends_on}`: it must name {attaching:?}, which attach \
+                         {tg} to the ALB (ECS fails on a target group with no load balancer)"
+                    ),
+                );
+            }
+        }
+    }
+    problems.assert_none("ECS services and the listener rules they need");
+}
