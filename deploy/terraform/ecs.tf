@@ -27,6 +27,19 @@ locals {
     { name = "REDIS_TLS", value = "true" },
   ]
 
+  # The gateway's settings; empty ones (LLM_MODEL by default) are left out: the provider
+  # drops empty values when it reads a task definition back, so they would show as a
+  # change on every plan, and an unset variable means the same to the gateway.
+  gateway_env = [
+    for e in concat(local.common_env, [
+      { name = "PORT", value = "7000" },
+      { name = "LLM_PROVIDER", value = var.llm_provider },
+      { name = "LLM_MODEL", value = var.llm_model },
+      # Bedrock's region; credentials come from the task role.
+      { name = "AWS_REGION", value = var.region },
+    ]) : e if e.value != ""
+  ]
+
   master_url  = "http://master.${local.namespace}:8000"
   gateway_url = "http://llm-gateway.${local.namespace}:7000"
 
@@ -236,14 +249,8 @@ resource "aws_ecs_task_definition" "gateway" {
       name         = "llm-gateway"
       image        = "${aws_ecr_repository.service["llm-gateway"].repository_url}:${var.image_tags["llm-gateway"]}"
       portMappings = [{ containerPort = 7000, protocol = "tcp", name = "http" }]
-      environment = concat(local.common_env, [
-        { name = "PORT", value = "7000" },
-        { name = "LLM_PROVIDER", value = var.llm_provider },
-        { name = "LLM_MODEL", value = var.llm_model },
-        # Bedrock's region; credentials come from the task role.
-        { name = "AWS_REGION", value = var.region },
-      ])
-      secrets = local.secrets["llm-gateway"]
+      environment  = local.gateway_env
+      secrets      = local.secrets["llm-gateway"]
       healthCheck = {
         command     = ["CMD", "curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:7000/health"]
         interval    = 15

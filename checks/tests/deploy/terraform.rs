@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use hcl::expr::{BinaryOperator, Operation};
 use hcl::{Block, Body, Expression, ObjectKey, TraversalOperator};
 use serde_json::{Map, Value};
 
@@ -76,6 +77,9 @@ fn block<'a>(body: &'a Body, ident: &str) -> Option<&'a Block> {
 /// Evaluates the literal part of HCL expressions, with every `locals` block in scope.
 struct Resolver {
     locals: BTreeMap<String, Expression>,
+    /// `var.NAME` → its default, only in [`Resolver::with_defaults`]: what a plan without
+    /// `-var` sees. Empty otherwise, so `var.*` stays opaque.
+    vars: BTreeMap<String, Expression>,
 }
 
 impl Resolver {
@@ -87,7 +91,27 @@ impl Resolver {
             .flat_map(|b| b.body.attributes())
             .map(|a| (a.key.to_string(), a.expr.clone()))
             .collect();
-        Self { locals }
+        Self {
+            locals,
+            vars: BTreeMap::new(),
+        }
+    }
+
+    /// A resolver that also reads `var.NAME` as the variable's default, where it has one.
+    fn with_defaults(files: &[TfFile]) -> Self {
+        let vars = files
+            .iter()
+            .flat_map(|f| f.body.blocks())
+            .filter(|b| b.identifier.as_str() == "variable")
+            .filter_map(|b| {
+                let name = b.labels.first()?.as_str().to_string();
+                Some((name, attr(&b.body, "default")?.clone()))
+            })
+            .collect();
+        Self {
+            vars,
+            ..Self::new(files)
+        }
     }
 
     fn resolve(&self, expr: &Expression) -> Value {
@@ -124,6 +148,20 @@ impl Resolver {
                 .unwrap_or_else(|| opaque(expr)),
             Expression::Traversal(t) => {
                 let (mut value, rest) = match &t.expr {
+                    Expression::Variable(root) if root.as_str() == "var" => {
+                        match t.operators.first() {
+                            Some(TraversalOperator::GetAttr(name)) => {
+                                match self.vars.get(name.as_str()) {
+                                    Some(default) => (
+                                        self.eval(default, &BTreeMap::new(), next),
+                                        &t.operators[1..],
+                                    ),
+                                    None => return opaque(expr),
+                                }
+                            }
+                            _ => return opaque(expr),
+                        }
+                    }
                     Expression::Variable(root) if root.as_str() == "local" => {
                         match t.operators.first() {
                             Some(TraversalOperator::GetAttr(name)) => {
@@ -219,6 +257,20 @@ impl Resolver {
                     Value::Array(array)
                 }
             }
+            // `==` and `!=` between known values, as in a `for` expression's `if`.
+            Expression::Operation(op) => match op.as_ref() {
+                Operation::Binary(b)
+                    if matches!(b.operator, BinaryOperator::Eq | BinaryOperator::NotEq) =>
+                {
+                    let lhs = self.eval(&b.lhs_expr, scope, next);
+                    let rhs = self.eval(&b.rhs_expr, scope, next);
+                    if contains_opaque(&lhs) || contains_opaque(&rhs) {
+                        return opaque(expr);
+                    }
+                    Value::Bool((lhs == rhs) == (b.operator == BinaryOperator::Eq))
+                }
+                _ => opaque(expr),
+            },
             // Templates stay as their source text: `http://master.${local.namespace}:8000`.
             Expression::TemplateExpr(t) => Value::String(t.to_string()),
             _ => opaque(expr),
@@ -280,7 +332,11 @@ struct Definition {
 }
 
 fn definitions(files: &[TfFile]) -> Vec<Definition> {
-    let resolver = Resolver::new(files);
+    definitions_with(files, &Resolver::new(files))
+}
+
+/// The container definitions, as `resolver` reads them.
+fn definitions_with(files: &[TfFile], resolver: &Resolver) -> Vec<Definition> {
     let mut out = Vec::new();
     for (file, address, block) in resources(files, "aws_ecs_task_definition") {
         let Some(expr) = attr(&block.body, "container_definitions") else {
@@ -617,4 +673,24 @@ fn a_service_behind_the_alb_waits_for_the_rule_that_attaches_its_target_group() 
         }
     }
     problems.assert_none("ECS services and the listener rules they need");
+}
+
+#[test]
+fn no_container_environment_entry_is_empty_with_the_defaults() {
+    // The AWS provider drops empty environment values when it reads a task definition
+    // back, so an entry like `LLM_MODEL=""` shows as a change on every plan.
+    let files = files();
+    let mut problems = Problems::default();
+    for d in definitions_with(&files, &Resolver::with_defaults(&files)) {
+        for (name, value) in named(d.json.get("environment"), "value") {
+            if value.is_empty() {
+                problems.add(
+                    &d.file,
+                    &d.who,
+                    format!("{name} is \"\" with the variables' defaults: leave empty values out"),
+                );
+            }
+        }
+    }
+    problems.assert_none("empty environment values (a perpetual diff)");
 }
