@@ -40,13 +40,19 @@ variable "certificate_arn" {
   type        = string
 }
 
+# Required: the ECR repositories are immutable and nothing pushes a moving tag such as
+# `latest`, so a default would name an image that does not exist. The buildspec prints
+# the tag it pushed.
 variable "image_tags" {
-  description = "Image tag per service, as pushed to ECR by deploy/buildspec.yml (tags are immutable: use the commit hash)."
+  description = "Image tag per service, as pushed to ECR by deploy/buildspec.yml (the commit's first 12 characters)."
   type        = map(string)
-  default = {
-    master        = "latest"
-    worker        = "latest"
-    "llm-gateway" = "latest"
+
+  validation {
+    condition = alltrue([
+      for s in ["master", "worker", "llm-gateway"] :
+      try(var.image_tags[s], "") != "" && try(var.image_tags[s], "") != "latest"
+    ])
+    error_message = "image_tags needs master, worker and llm-gateway, each a tag pushed to ECR (not latest: the repositories are immutable)."
   }
 }
 

@@ -694,3 +694,53 @@ fn no_container_environment_entry_is_empty_with_the_defaults() {
     }
     problems.assert_none("empty environment values (a perpetual diff)");
 }
+
+#[test]
+fn image_tags_are_required_and_the_buildspec_prints_and_keeps_them() {
+    // The ECR repositories are immutable and nothing pushes a moving tag, so a default tag
+    // names an image that does not exist.
+    let files = files();
+    let variable = files
+        .iter()
+        .flat_map(|f| f.body.blocks())
+        .find(|b| {
+            b.identifier.as_str() == "variable"
+                && b.labels.first().map(|l| l.as_str()) == Some("image_tags")
+        })
+        .expect("variables.tf declares image_tags");
+    assert!(
+        attr(&variable.body, "default").is_none(),
+        "variable image_tags has a default: make it required (ECR tags are immutable and \
+         deploy/buildspec.yml pushes only the commit's tag)"
+    );
+
+    let path = repo_root().join("deploy/buildspec.yml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let commands: Vec<&str> = ["pre_build", "build", "post_build"]
+        .iter()
+        .filter_map(|phase| doc["phases"][phase]["commands"].as_sequence())
+        .flatten()
+        .filter_map(serde_yaml::Value::as_str)
+        .collect();
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.starts_with("echo") && c.contains("IMAGE_TAG=$IMAGE_TAG")),
+        "deploy/buildspec.yml must print IMAGE_TAG=<tag> for terraform's image_tags"
+    );
+    // A rebuild of the same commit: the tag is already in ECR, and pushing it again fails.
+    let pushes_every_time = commands.iter().any(|c| c.contains("docker push"))
+        && !commands
+            .iter()
+            .any(|c| c.contains("aws ecr describe-images"));
+    assert!(
+        !pushes_every_time,
+        "deploy/buildspec.yml pushes without looking whether the tag is already in ECR \
+         (immutable: a rebuild of the same commit would fail)"
+    );
+    assert!(
+        !text.contains(":latest") && !text.contains("-manual}"),
+        "deploy/buildspec.yml names a fixed tag, which an immutable repository takes only once"
+    );
+}
