@@ -16,6 +16,40 @@ resource "aws_sns_topic_subscription" "email" {
   endpoint  = var.alarm_email
 }
 
+# ElastiCache events (failover, node replacement, snapshot failures) need a topic of their
+# own: ElastiCache cannot publish to an encrypted topic, with a customer key or with the
+# AWS-managed alias/aws/sns alike (an encrypted topic shows as "inactive" and its events are
+# dropped), and the topic policy must allow it through aws:SourceOwner, not the
+# aws:SourceAccount that new topics get by default. Source: the ElastiCache guide, "Event
+# Notifications and Amazon SNS". These events carry names and times, no data or secrets.
+resource "aws_sns_topic" "elasticache_events" {
+  #checkov:skip=CKV_AWS_26:ElastiCache cannot publish to an encrypted SNS topic (any key); its events hold cluster names and times only.
+  name = "${local.prefix}-elasticache-events"
+}
+
+resource "aws_sns_topic_policy" "elasticache_events" {
+  arn = aws_sns_topic.elasticache_events.arn
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Sid       = "SameAccountPublishers"
+      Effect    = "Allow"
+      Principal = { AWS = "*" }
+      Action    = ["sns:Publish", "sns:GetTopicAttributes", "sns:Subscribe"]
+      Resource  = aws_sns_topic.elasticache_events.arn
+      Condition = { StringEquals = { "AWS:SourceOwner" = local.account_id } }
+    }]
+  })
+}
+
+resource "aws_sns_topic_subscription" "elasticache_email" {
+  count = var.alarm_email == "" ? 0 : 1
+
+  topic_arn = aws_sns_topic.elasticache_events.arn
+  protocol  = "email"
+  endpoint  = var.alarm_email
+}
+
 locals {
   alarm_actions = [aws_sns_topic.alarms.arn]
   ecs_services  = concat(["master", "llm-gateway"], [for g in keys(var.worker_groups) : "worker-${g}"])

@@ -63,7 +63,8 @@ resource "aws_elasticache_replication_group" "redis" {
     log_type         = "slow-log"
   }
 
-  notification_topic_arn = aws_sns_topic.alarms.arn
+  # Not the alarms topic: that one is KMS-encrypted, which ElastiCache cannot publish to.
+  notification_topic_arn = aws_sns_topic.elasticache_events.arn
 }
 
 resource "aws_cloudwatch_log_group" "redis_slow" {

@@ -29,3 +29,8 @@ output "alarm_topic_arn" {
   description = "SNS topic the alarms publish to."
   value       = aws_sns_topic.alarms.arn
 }
+
+output "elasticache_events_topic_arn" {
+  description = "SNS topic ElastiCache publishes its events to (failover, node replacement); unencrypted, as ElastiCache requires."
+  value       = aws_sns_topic.elasticache_events.arn
+}

@@ -744,3 +744,58 @@ fn image_tags_are_required_and_the_buildspec_prints_and_keeps_them() {
         "deploy/buildspec.yml names a fixed tag, which an immutable repository takes only once"
     );
 }
+
+#[test]
+fn elasticache_notifies_a_topic_it_can_publish_to() {
+    // ElastiCache cannot publish to an encrypted SNS topic (any key), and needs a topic
+    // policy with aws:SourceOwner: otherwise its events are dropped without an error.
+    let files = files();
+    let mut problems = Problems::default();
+    let topics = resources(&files, "aws_sns_topic");
+    let policies = resources(&files, "aws_sns_topic_policy");
+    let groups = resources(&files, "aws_elasticache_replication_group");
+    assert!(
+        !groups.is_empty(),
+        "{DIR} has no ElastiCache replication group"
+    );
+    for (file, address, b) in groups {
+        let Some(arn) = attr(&b.body, "notification_topic_arn").map(source) else {
+            problems.add(
+                file,
+                &address,
+                "no notification_topic_arn: failovers go unseen",
+            );
+            continue;
+        };
+        let topic = arn.trim_end_matches(".arn");
+        let Some((_, _, t)) = topics.iter().find(|(_, a, _)| a == topic) else {
+            problems.add(
+                file,
+                &address,
+                format!("{arn} is not a topic of this stack"),
+            );
+            continue;
+        };
+        if attr(&t.body, "kms_master_key_id").is_some() {
+            problems.add(
+                file,
+                &address,
+                format!("{topic} is KMS-encrypted: ElastiCache cannot publish to it"),
+            );
+        }
+        let allowed = policies.iter().any(|(_, _, p)| {
+            attr(&p.body, "arn").map(source).as_deref() == Some(arn.as_str())
+                && attr(&p.body, "policy").is_some_and(|e| source(e).contains("AWS:SourceOwner"))
+        });
+        if !allowed {
+            problems.add(
+                file,
+                &address,
+                format!(
+                    "{topic} has no topic policy letting AWS:SourceOwner (this account) publish"
+                ),
+            );
+        }
+    }
+    problems.assert_none("ElastiCache notifications");
+}
