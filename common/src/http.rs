@@ -120,7 +120,7 @@ impl ApiError {
 
 impl From<crate::redis::Unavailable> for ApiError {
     fn from(e: crate::redis::Unavailable) -> Self {
-        tracing::warn!(error = %e.message, "redis unavailable");
+        tracing::warn!(error = %e.message, during = "request", "{}", crate::redis::UNAVAILABLE_LOG);
         Self::unavailable("storage is unavailable; retry shortly")
     }
 }

@@ -238,6 +238,12 @@ impl RedisSettings {
     }
 }
 
+/// The log message of every Redis outage a service sees (a request, the dispatch loop, a
+/// worker's heartbeat); a `during` field says where. The "Redis errors" alarm counts
+/// exactly this message (`deploy/terraform/alarms.tf`, held to it by `checks`), so logging
+/// an outage with other words hides it from the alarm.
+pub const UNAVAILABLE_LOG: &str = "redis unavailable";
+
 /// Redis could not serve a request. Mostly it is unreachable, refused, timed out, or
 /// rejected our credentials (`503` with `Retry-After`), but `failure` says which: a full
 /// store (`507`) and anything else (`500`) are told apart, as [`classify`] sorts them.

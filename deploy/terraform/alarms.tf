@@ -138,8 +138,9 @@ resource "aws_cloudwatch_metric_alarm" "no_live_workers" {
   }
 }
 
-# Redis errors, from the services' JSON logs ("redis unavailable", logged by common::http
-# whenever a request meets a Redis outage).
+# Redis errors, from the services' JSON logs: every Redis outage a master or a worker sees
+# (a request, the dispatch loop, a heartbeat) is logged with the message
+# common::redis::UNAVAILABLE_LOG; checks/tests/deploy holds this pattern to that constant.
 resource "aws_cloudwatch_log_metric_filter" "redis_errors" {
   for_each = toset(concat(["master"], [for g in keys(var.worker_groups) : "worker-${g}"]))
 
@@ -163,8 +164,10 @@ resource "aws_cloudwatch_metric_alarm" "redis_errors" {
   statistic           = "Sum"
   period              = 60
   evaluation_periods  = 3
-  datapoints_to_alarm = 2
-  threshold           = 10
+  datapoints_to_alarm = 1
+  # Any line: the dispatch loop and each worker's heartbeat log an outage once, when it
+  # starts, so a quiet system's outage is a handful of lines, not a rate.
+  threshold           = 0
   comparison_operator = "GreaterThanThreshold"
   treat_missing_data  = "notBreaching"
   alarm_actions       = local.alarm_actions

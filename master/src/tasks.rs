@@ -27,7 +27,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(msg) => {
-                tracing::warn!(error = %msg, "task store unavailable");
+                tracing::warn!(error = %msg, during = "request", "{}", common::redis::UNAVAILABLE_LOG);
                 ApiError::unavailable("storage is unavailable; retry shortly")
             }
             StoreError::StorageFull(msg) => {

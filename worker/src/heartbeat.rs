@@ -94,9 +94,12 @@ impl Heartbeat {
                 Err(e) => {
                     ::metrics::counter!(metrics::HEARTBEAT_FAILURES).increment(1);
                     if healthy != Some(false) {
+                        // Held steps are still served; the next beat retries.
                         tracing::warn!(
                             error = %e.message,
-                            "cannot reach Redis for the heartbeat; serving held steps and retrying"
+                            during = "heartbeat",
+                            "{}",
+                            common::redis::UNAVAILABLE_LOG
                         );
                     }
                     healthy = Some(false);

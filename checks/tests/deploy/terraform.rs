@@ -799,3 +799,35 @@ fn elasticache_notifies_a_topic_it_can_publish_to() {
     }
     problems.assert_none("ElastiCache notifications");
 }
+
+#[test]
+fn the_redis_errors_alarm_matches_the_message_the_services_log() {
+    let files = files();
+    let expected = format!("{{ $.message = \"{}\" }}", common::redis::UNAVAILABLE_LOG);
+    let filters = resources(&files, "aws_cloudwatch_log_metric_filter");
+    let (file, address, filter) = filters
+        .iter()
+        .find(|(_, a, _)| a.ends_with(".redis_errors"))
+        .expect("alarms.tf has the redis_errors log metric filter");
+    let pattern = attr(&filter.body, "pattern").map(|e| text(&Resolver::new(&files).resolve(e)));
+    assert_eq!(
+        pattern.as_deref(),
+        Some(expected.as_str()),
+        "{file}: {address}: the pattern must match common::redis::UNAVAILABLE_LOG, the message \
+         the master and the workers log for a Redis outage"
+    );
+    // Where the services log an outage: each must log the constant, not words of its own.
+    for path in [
+        "common/src/http.rs",
+        "master/src/tasks.rs",
+        "master/src/dispatch/mod.rs",
+        "worker/src/heartbeat.rs",
+    ] {
+        let code = std::fs::read_to_string(repo_root().join(path)).unwrap();
+        assert!(
+            code.contains("redis::UNAVAILABLE_LOG"),
+            "{path} no longer logs common::redis::UNAVAILABLE_LOG: the Redis errors alarm \
+             would not see its outages"
+        );
+    }
+}

@@ -259,7 +259,8 @@ impl Dispatcher {
             }
             Err(e) => {
                 if !self.store_down.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, during = what, "task store unavailable; retrying");
+                    // Logged once per outage; the loop retries on its next tick.
+                    tracing::warn!(error = %e, during = what, "{}", common::redis::UNAVAILABLE_LOG);
                 }
                 None
             }
