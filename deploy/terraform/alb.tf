@@ -60,6 +60,10 @@ resource "aws_lb_listener" "https" {
   }
 }
 
+# Only client routes are public (master/src/routes/mod.rs). `POST /result` is the
+# workers' report: they reach the master through Cloud Map inside the VPC (MASTER_URL), so
+# the ALB forwards `/result/*` for GET only and never `/result` itself. Operator routes
+# (/dispatch, /workers, /queues, /metrics) fall through to the 404 default action.
 resource "aws_lb_listener_rule" "client_paths" {
   listener_arn = aws_lb_listener.https.arn
   priority     = 10
@@ -71,7 +75,29 @@ resource "aws_lb_listener_rule" "client_paths" {
 
   condition {
     path_pattern {
-      values = ["/task", "/task/*", "/result", "/result/*"]
+      values = ["/task", "/task/*", "/health", "/openapi.json"]
+    }
+  }
+}
+
+resource "aws_lb_listener_rule" "client_results" {
+  listener_arn = aws_lb_listener.https.arn
+  priority     = 20
+
+  action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.master.arn
+  }
+
+  condition {
+    path_pattern {
+      values = ["/result/*"]
+    }
+  }
+
+  condition {
+    http_request_method {
+      values = ["GET", "HEAD"]
     }
   }
 }

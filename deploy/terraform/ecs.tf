@@ -220,9 +220,9 @@ resource "aws_ecs_service" "master" {
     ignore_changes = [desired_count]
   }
 
-  # ECS refuses a target group that no load balancer uses yet: the listener rule is what
-  # attaches it to the ALB, so the service waits for the rule, not only for the listener.
-  depends_on = [aws_lb_listener_rule.client_paths]
+  # ECS refuses a target group that no load balancer uses yet: the listener rules are what
+  # attach it to the ALB, so the service waits for them, not only for the listener.
+  depends_on = [aws_lb_listener_rule.client_paths, aws_lb_listener_rule.client_results]
 }
 
 # --- llm-gateway

@@ -831,3 +831,125 @@ fn the_redis_errors_alarm_matches_the_message_the_services_log() {
         );
     }
 }
+
+/// Whether an ALB path pattern (`*` any characters, `?` one) matches `path`.
+fn glob(pattern: &[u8], path: &[u8]) -> bool {
+    match (pattern.split_first(), path.split_first()) {
+        (None, None) => true,
+        (Some((b'*', rest)), _) => {
+            glob(rest, path) || (!path.is_empty() && glob(pattern, &path[1..]))
+        }
+        (Some((b'?', rest)), Some((_, tail))) => glob(rest, tail),
+        (Some((p, rest)), Some((c, tail))) if p == c => glob(rest, tail),
+        _ => false,
+    }
+}
+
+/// The master's routes, `(method, path, handler module)`, read from its router, with
+/// `{id}` as `x`: the public listener must follow that file as it changes.
+fn master_routes() -> Vec<(String, String, String)> {
+    let path = repo_root().join("master/src/routes/mod.rs");
+    let code = std::fs::read_to_string(&path).unwrap();
+    let mut out = Vec::new();
+    for line in code.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix(".route(\"") else {
+            continue;
+        };
+        let Some((route, handlers)) = rest.split_once('"') else {
+            continue;
+        };
+        let route = route.replace("{id}", "x");
+        for part in handlers.split(['.', ',', ' ']) {
+            let Some((method, handler)) = part.split_once('(') else {
+                continue;
+            };
+            let module = handler
+                .split("::")
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches(')');
+            out.push((method.to_uppercase(), route.clone(), module.to_string()));
+        }
+    }
+    assert!(
+        out.len() >= 5,
+        "could not read the routes in {}",
+        path.display()
+    );
+    out
+}
+
+#[test]
+fn the_public_listener_forwards_client_routes_only() {
+    let files = files();
+    let resolver = Resolver::new(&files);
+    // (path patterns, methods or none for any) of each rule that forwards from the HTTPS listener.
+    let mut rules = Vec::new();
+    for (_, address, b) in resources(&files, "aws_lb_listener_rule") {
+        let forwards = b.body.blocks().any(|a| {
+            a.identifier.as_str() == "action"
+                && attr(&a.body, "type")
+                    .map(|e| text(&resolver.resolve(e)))
+                    .as_deref()
+                    == Some("forward")
+        });
+        if !forwards {
+            continue;
+        }
+        let mut paths: Option<Vec<String>> = None;
+        let mut methods: Option<Vec<String>> = None;
+        for c in b
+            .body
+            .blocks()
+            .filter(|x| x.identifier.as_str() == "condition")
+        {
+            for (kind, slot) in [
+                ("path_pattern", &mut paths),
+                ("http_request_method", &mut methods),
+            ] {
+                if let Some(values) = block(&c.body, kind)
+                    .and_then(|k| attr(&k.body, "values"))
+                    .map(|e| resolver.resolve(e))
+                {
+                    *slot = Some(values.as_array().into_iter().flatten().map(text).collect());
+                }
+            }
+        }
+        rules.push((address, paths.unwrap_or_else(|| vec!["*".into()]), methods));
+    }
+    let forwarded = |method: &str, path: &str| -> Option<String> {
+        rules.iter().find_map(|(address, paths, methods)| {
+            let path_ok = paths.iter().any(|p| glob(p.as_bytes(), path.as_bytes()));
+            let method_ok = methods
+                .as_ref()
+                .is_none_or(|m| m.iter().any(|x| x == method));
+            (path_ok && method_ok).then(|| address.clone())
+        })
+    };
+
+    let mut routes = master_routes();
+    // Served outside the router (common::http): liveness is public, metrics are not.
+    routes.push(("GET".into(), "/health".into(), "client".into()));
+    routes.push(("GET".into(), "/metrics".into(), "operator".into()));
+    let mut problems = Problems::default();
+    for (method, path, module) in routes {
+        let public = module == "client" || path == "/openapi.json";
+        match (public, forwarded(&method, &path)) {
+            (true, None) => problems.add(
+                "deploy/terraform/alb.tf",
+                "aws_lb_listener_rule",
+                format!("no rule forwards the client route {method} {path}"),
+            ),
+            (false, Some(rule)) => problems.add(
+                "deploy/terraform/alb.tf",
+                &rule,
+                format!(
+                    "forwards {method} {path} ({module} route) to the internet: workers and \
+                     operators reach the master inside the VPC"
+                ),
+            ),
+            _ => {}
+        }
+    }
+    problems.assert_none("the public ALB's routes");
+}
