@@ -62,23 +62,16 @@ locals {
   }
 }
 
+# No ECS Exec: its SSM agent needs a writable root filesystem, which every container here
+# gives up (readonlyRootFilesystem), and the images carry no shell worth entering. Operators
+# read the queues from CloudWatch or from a host inside the VPC (deploy/README.md).
 resource "aws_ecs_cluster" "main" {
+  #checkov:skip=CKV_AWS_224:ECS Exec is off (no service enables it; its agent cannot run on the read-only root filesystems), so there is no exec session to log or encrypt.
   name = local.prefix
 
   setting {
     name  = "containerInsights"
     value = "enabled"
-  }
-
-  configuration {
-    execute_command_configuration {
-      kms_key_id = aws_kms_key.main.arn
-      logging    = "OVERRIDE"
-      log_configuration {
-        cloud_watch_encryption_enabled = true
-        cloud_watch_log_group_name     = aws_cloudwatch_log_group.exec.name
-      }
-    }
   }
 }
 
@@ -96,12 +89,6 @@ resource "aws_cloudwatch_log_group" "service" {
   for_each = toset(concat(["master", "llm-gateway"], [for g in keys(var.worker_groups) : "worker-${g}"]))
 
   name              = "/${var.name}/${var.environment}/${each.key}"
-  retention_in_days = var.log_retention_days
-  kms_key_id        = aws_kms_key.main.arn
-}
-
-resource "aws_cloudwatch_log_group" "exec" {
-  name              = "/${var.name}/${var.environment}/ecs-exec"
   retention_in_days = var.log_retention_days
   kms_key_id        = aws_kms_key.main.arn
 }

@@ -953,3 +953,61 @@ fn the_public_listener_forwards_client_routes_only() {
     }
     problems.assert_none("the public ALB's routes");
 }
+
+#[test]
+fn ecs_exec_is_either_off_or_able_to_work() {
+    // Half-configured ECS Exec fails only when an operator needs it: the cluster's
+    // settings alone open no session.
+    let files = files();
+    let mut problems = Problems::default();
+    let configured: Vec<String> = resources(&files, "aws_ecs_cluster")
+        .into_iter()
+        .filter(|(_, _, b)| {
+            block(&b.body, "configuration")
+                .and_then(|c| block(&c.body, "execute_command_configuration"))
+                .is_some()
+        })
+        .map(|(_, address, _)| address)
+        .collect();
+    let enabled: Vec<String> = resources(&files, "aws_ecs_service")
+        .into_iter()
+        .filter(|(_, _, b)| {
+            attr(&b.body, "enable_execute_command").is_some_and(|e| source(e) == "true")
+        })
+        .map(|(_, address, _)| address)
+        .collect();
+    if configured.is_empty() && enabled.is_empty() {
+        return;
+    }
+    for (file, address, _) in resources(&files, "aws_ecs_service") {
+        if !enabled.contains(&address) {
+            problems.add(
+                file,
+                &address,
+                format!(
+                    "ECS Exec is configured ({configured:?}) but this service does not enable it"
+                ),
+            );
+        }
+    }
+    for d in definitions(&files) {
+        if d.json.get("readonlyRootFilesystem") == Some(&Value::Bool(true)) {
+            problems.add(
+                &d.file,
+                &d.who,
+                "ECS Exec's agent cannot run on a read-only root filesystem",
+            );
+        }
+    }
+    let grants_channels = files.iter().any(|f| {
+        hcl::to_string(&f.body).is_ok_and(|t| t.contains("ssmmessages:CreateControlChannel"))
+    });
+    if !grants_channels {
+        problems.add(
+            DIR,
+            "task roles",
+            "ECS Exec needs ssmmessages:*Channel permissions on the task role",
+        );
+    }
+    problems.assert_none("ECS Exec: configure it completely, or remove it");
+}
