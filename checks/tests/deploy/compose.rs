@@ -249,7 +249,7 @@ fn urls_between_services_name_a_service_and_its_port() {
 }
 
 #[test]
-fn redis_requires_a_password_and_keeps_an_append_only_file() {
+fn redis_requires_a_password_and_syncs_its_append_only_file_on_every_write() {
     let all = compose_services(&compose());
     let redis = all
         .get("redis")
@@ -276,6 +276,13 @@ fn redis_requires_a_password_and_keeps_an_append_only_file() {
         after("--appendonly").as_deref(),
         Some("yes"),
         "{FILE}: redis: --appendonly yes"
+    );
+    // The README's first guarantee (an accepted task survives a Redis restart) needs every
+    // write on disk before the 202; Redis's default, everysec, can lose the last second.
+    assert_eq!(
+        after("--appendfsync").as_deref(),
+        Some("always"),
+        "{FILE}: redis: --appendfsync always, as README.md's Guarantees say"
     );
     let health = health(redis).join(" ");
     assert!(
