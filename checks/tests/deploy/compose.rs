@@ -290,3 +290,24 @@ fn redis_requires_a_password_and_syncs_its_append_only_file_on_every_write() {
         "{FILE}: redis health check must be `redis-cli ping`, is {health}"
     );
 }
+
+/// `NAME=value` lines of `.env.example`, the file users copy to `.env`.
+fn env_example() -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(repo_root().join(".env.example")).unwrap();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn the_example_env_keeps_json_logs() {
+    // Text logs carry colour codes into `docker logs`; json is the containers' default.
+    let format = env_example().get("LOG_FORMAT").cloned();
+    assert!(
+        format.as_deref().is_none_or(|f| f == "json"),
+        ".env.example sets LOG_FORMAT={format:?}: leave it json (the documented default)"
+    );
+}
