@@ -311,3 +311,46 @@ fn the_example_env_keeps_json_logs() {
         ".env.example sets LOG_FORMAT={format:?}: leave it json (the documented default)"
     );
 }
+
+#[test]
+fn published_ports_bind_loopback_by_default() {
+    // The example keys are `change-me`: a port on every interface would offer them to the
+    // network. `127.0.0.1:…` or `${VAR:-127.0.0.1}:…` (with `.env.example` keeping it).
+    let example = env_example();
+    let mut problems = Vec::new();
+    for (name, def) in compose_services(&compose()) {
+        for item in def
+            .get("ports")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let text = match item {
+                Value::Mapping(_) => item
+                    .get("host_ip")
+                    .and_then(scalar)
+                    .map(|ip| format!("{ip}:")),
+                other => scalar(other),
+            }
+            .unwrap_or_default();
+            let host_ip = if let Some(rest) = text.strip_prefix("${") {
+                rest.split_once('}').and_then(|(var, _)| {
+                    let (var, default) = var.split_once(":-")?;
+                    Some(
+                        example
+                            .get(var)
+                            .cloned()
+                            .unwrap_or_else(|| default.to_string()),
+                    )
+                    .filter(|_| default == "127.0.0.1")
+                })
+            } else {
+                text.split_once(':').map(|(ip, _)| ip.to_string())
+            };
+            if host_ip.as_deref() != Some("127.0.0.1") {
+                problems.push(format!("{name}: `{text}` is not bound to 127.0.0.1"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{FILE}: {problems:#?}");
+}
