@@ -354,3 +354,38 @@ fn published_ports_bind_loopback_by_default() {
     }
     assert!(problems.is_empty(), "{FILE}: {problems:#?}");
 }
+
+/// The non-comment lines of an ignore file at `path` (from the repository root).
+fn ignore_lines(path: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join(path))
+        .unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn local_secrets_stay_out_of_git_and_the_build_context() {
+    // The root file is the one every builder reads (Kaniko and the legacy builder ignore
+    // deploy/Dockerfile.dockerignore); a Dockerfile-specific one would override it for
+    // BuildKit, so there must not be one that forgets what the root one keeps out.
+    let root = ignore_lines(".dockerignore");
+    for needed in [".env", "target", ".git"] {
+        assert!(
+            root.iter().any(|l| l == needed),
+            ".dockerignore must ignore {needed}; it has {root:?}"
+        );
+    }
+    assert!(
+        !repo_root().join("deploy/Dockerfile.dockerignore").exists(),
+        "deploy/Dockerfile.dockerignore would replace .dockerignore under BuildKit: keep one file"
+    );
+    assert!(
+        ignore_lines(".gitignore")
+            .iter()
+            .any(|l| l == ".env" || l == "/.env"),
+        ".gitignore must ignore .env (local secrets)"
+    );
+}
