@@ -1011,3 +1011,71 @@ fn ecs_exec_is_either_off_or_able_to_work() {
     }
     problems.assert_none("ECS Exec: configure it completely, or remove it");
 }
+
+#[test]
+fn the_ecs_containers_turn_on_what_production_relies_on() {
+    // Names alone pass with these dropped, and each would fail quietly: plain TCP to a TLS
+    // Redis never connects, no EMF leaves autoscaling and alarms without data, no client
+    // credentials or one half of a shared token turns authentication off or breaks it.
+    let files = files();
+    let resolver = Resolver::new(&files);
+    let containers: Vec<Container> = definitions(&files).iter().map(container).collect();
+    let mut problems = Problems::default();
+    let tls = resources(&files, "aws_elasticache_replication_group")
+        .iter()
+        .any(|(_, _, b)| {
+            attr(&b.body, "transit_encryption_enabled").map(|e| resolver.resolve(e))
+                == Some(Value::Bool(true))
+        });
+    let has = |c: &Container, var: &str| c.env.contains_key(var) || c.secrets.contains(var);
+    let of = |service: &'static str| containers.iter().filter(move |c| c.service == service);
+    for c in &containers {
+        if tls
+            && c.env.contains_key("REDIS_HOST")
+            && c.env.get("REDIS_TLS").map(String::as_str) != Some("true")
+        {
+            problems.add(
+                &c.file,
+                &c.who,
+                "ElastiCache requires TLS: set REDIS_TLS=true",
+            );
+        }
+    }
+    for c in of("master") {
+        if c.env.get("METRICS_EMF").map(String::as_str) != Some("true") {
+            problems.add(
+                &c.file,
+                &c.who,
+                "METRICS_EMF=true: autoscaling and the alarms read the master's EMF metrics",
+            );
+        }
+        if !["API_KEYS", "JWT_SECRET", "JWT_PUBLIC_KEY_FILE"]
+            .iter()
+            .any(|v| has(c, v))
+        {
+            problems.add(
+                &c.file,
+                &c.who,
+                "no client credentials (API_KEYS or a JWT setting)",
+            );
+        }
+    }
+    // Shared tokens: both ends, or requests are refused (one end) or unauthenticated.
+    for (token, ends) in [
+        ("WORKER_TOKEN", ["master", "worker"]),
+        ("GATEWAY_TOKEN", ["worker", "llm-gateway"]),
+    ] {
+        for service in ends {
+            for c in of(service) {
+                if !c.secrets.contains(token) {
+                    problems.add(
+                        &c.file,
+                        &c.who,
+                        format!("{token} must come from Secrets Manager on both {ends:?}"),
+                    );
+                }
+            }
+        }
+    }
+    problems.assert_none("what the ECS containers must turn on");
+}
