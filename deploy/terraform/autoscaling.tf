@@ -1,7 +1,11 @@
 # Autoscaling. The master scales on CPU and on requests per target; each worker service
-# scales on the backlog per worker of its capability: the queue depth the master publishes
-# (EMF, namespace Ensemble, dimension Capability) divided by the service's running tasks.
+# scales on the backlog per worker of its capability: the steps queued (QueueDepth, which
+# counts queued and delayed) plus the steps in flight (InFlight), both published by the
+# master (EMF, namespace Ensemble, dimension Capability), divided by the service's running
+# tasks. In-flight steps count: without them, saturated workers with a momentarily empty
+# queue read 0 and scale-in starts. The target is MAX_CONCURRENCY: each task kept full.
 # Scale-out reacts in a minute; scale-in waits five, so a burst's tail does not flap.
+# checks/tests/deploy simulates this policy over a load curve.
 
 locals {
   scale_out_cooldown = 60
@@ -73,8 +77,8 @@ resource "aws_appautoscaling_policy" "worker_backlog" {
   scalable_dimension = aws_appautoscaling_target.worker[each.key].scalable_dimension
 
   target_tracking_scaling_policy_configuration {
-    # Queued steps per running worker task.
-    target_value       = each.value.backlog_target
+    # Queued plus in-flight steps per running worker task: a task's MAX_CONCURRENCY.
+    target_value       = each.value.max_concurrency
     scale_out_cooldown = local.scale_out_cooldown
     scale_in_cooldown  = local.scale_in_cooldown
 
@@ -89,6 +93,23 @@ resource "aws_appautoscaling_policy" "worker_backlog" {
           metric {
             namespace   = "Ensemble"
             metric_name = "QueueDepth"
+            dimensions {
+              name  = "Capability"
+              value = each.key
+            }
+          }
+        }
+      }
+
+      metrics {
+        id          = "inflight"
+        label       = "In-flight ${each.key} steps"
+        return_data = false
+        metric_stat {
+          stat = "Maximum"
+          metric {
+            namespace   = "Ensemble"
+            metric_name = "InFlight"
             dimensions {
               name  = "Capability"
               value = each.key
@@ -121,7 +142,7 @@ resource "aws_appautoscaling_policy" "worker_backlog" {
       metrics {
         id          = "backlog_per_worker"
         label       = "Backlog per ${each.key} worker"
-        expression  = "depth / tasks"
+        expression  = "(depth + inflight) / tasks"
         return_data = true
       }
     }

@@ -125,20 +125,19 @@ variable "bedrock_model_arns" {
 }
 
 variable "worker_groups" {
-  description = "One worker service per capability: sizes, counts and the backlog per worker that autoscaling aims at."
+  description = "One worker service per capability: sizes, counts and MAX_CONCURRENCY (autoscaling aims at that many queued or running steps per task)."
   type = map(object({
     cpu             = number
     memory          = number
     min_count       = number
     max_count       = number
     max_concurrency = number
-    backlog_target  = number
   }))
   default = {
-    plan     = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8, backlog_target = 8 }
-    retrieve = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8, backlog_target = 8 }
-    evaluate = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8, backlog_target = 8 }
-    finalize = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8, backlog_target = 8 }
+    plan     = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8 }
+    retrieve = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8 }
+    evaluate = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8 }
+    finalize = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8 }
   }
 
   validation {

@@ -1079,3 +1079,162 @@ fn the_ecs_containers_turn_on_what_production_relies_on() {
     }
     problems.assert_none("what the ECS containers must turn on");
 }
+
+/// A worker service under target tracking, one tick a minute: the load, the queue and the
+/// task count, scaled as Application Auto Scaling does (desired = ceil(tasks × metric ÷
+/// target), out after a 1-minute cooldown, in after 5). Steps take one minute.
+struct Simulation {
+    max_concurrency: f64,
+    min: u32,
+    max: u32,
+}
+
+impl Simulation {
+    /// Task counts minute by minute for `arrivals` (steps a minute), with `metric(queued,
+    /// in_flight, tasks)` as the scaling metric and `target` its target.
+    fn run(
+        &self,
+        arrivals: &[f64],
+        target: f64,
+        metric: impl Fn(f64, f64, f64) -> f64,
+    ) -> Vec<u32> {
+        let (mut tasks, mut queued) = (self.min, 0.0_f64);
+        let (mut since_out, mut since_in) = (u32::MAX, u32::MAX);
+        let mut counts = Vec::new();
+        for &arriving in arrivals {
+            let capacity = f64::from(tasks) * self.max_concurrency;
+            let in_flight = (queued + arriving).min(capacity);
+            queued = queued + arriving - in_flight;
+            let value = metric(queued, in_flight, f64::from(tasks));
+            let desired =
+                ((f64::from(tasks) * value / target).ceil() as u32).clamp(self.min, self.max);
+            since_out = since_out.saturating_add(1);
+            since_in = since_in.saturating_add(1);
+            if desired > tasks && since_out >= 1 {
+                tasks = desired;
+                since_out = 0;
+                since_in = 0;
+            } else if desired < tasks && since_in >= 5 && since_out >= 5 {
+                tasks = desired;
+                since_in = 0;
+            }
+            counts.push(tasks);
+        }
+        counts
+    }
+}
+
+/// How often the task count changes direction (out then in, or in then out).
+fn reversals(counts: &[u32]) -> usize {
+    let steps: Vec<i64> = counts
+        .windows(2)
+        .map(|w| i64::from(w[1]) - i64::from(w[0]))
+        .filter(|d| *d != 0)
+        .collect();
+    steps
+        .windows(2)
+        .filter(|w| w[0].signum() != w[1].signum())
+        .count()
+}
+
+#[test]
+fn worker_autoscaling_counts_in_flight_steps_and_does_not_flap() {
+    let files = files();
+    let policies = resources(&files, "aws_appautoscaling_policy");
+    let (_, _, policy) = policies
+        .iter()
+        .find(|(_, a, _)| a.ends_with(".worker_backlog"))
+        .expect("autoscaling.tf has the worker_backlog policy");
+    let config = block(&policy.body, "target_tracking_scaling_policy_configuration").unwrap();
+    let target = attr(&config.body, "target_value")
+        .map(source)
+        .unwrap_or_default();
+    assert_eq!(
+        target, "each.value.max_concurrency",
+        "the worker target must be MAX_CONCURRENCY (a full task)"
+    );
+    let spec = block(&config.body, "customized_metric_specification").unwrap();
+    // id → metric name, and the expression that returns data.
+    let mut names = BTreeMap::new();
+    let mut expression = String::new();
+    for m in spec
+        .body
+        .blocks()
+        .filter(|b| b.identifier.as_str() == "metrics")
+    {
+        let id = attr(&m.body, "id").map(|e| text(&Resolver::new(&files).resolve(e)));
+        if let Some(e) = attr(&m.body, "expression") {
+            expression = text(&Resolver::new(&files).resolve(e));
+        }
+        let name = block(&m.body, "metric_stat")
+            .and_then(|s| block(&s.body, "metric"))
+            .and_then(|x| attr(&x.body, "metric_name"))
+            .map(|e| text(&Resolver::new(&files).resolve(e)));
+        if let (Some(id), Some(name)) = (id, name) {
+            names.insert(id, name);
+        }
+    }
+    // The expression, as `(a + b) / c` over metric names: the numerator must be the
+    // backlog (QueueDepth and InFlight), the denominator the running tasks.
+    let (numerator, denominator) = expression
+        .split_once('/')
+        .unwrap_or_else(|| panic!("backlog per worker is `{expression}`, not a ratio"));
+    let summed: BTreeSet<&str> = numerator
+        .trim()
+        .trim_start_matches('(')
+        .trim_end_matches(')')
+        .split('+')
+        .filter_map(|id| names.get(id.trim()).map(String::as_str))
+        .collect();
+    assert_eq!(
+        names.get(denominator.trim()).map(String::as_str),
+        Some("RunningTaskCount"),
+        "`{expression}` must divide by the running tasks"
+    );
+    assert!(
+        summed.contains("QueueDepth") && summed.contains("InFlight"),
+        "`{expression}` sums {summed:?}: the backlog is QueueDepth + InFlight (saturated \
+         workers with an empty queue would otherwise read 0 and scale in)"
+    );
+
+    let sim = Simulation {
+        max_concurrency: 8.0,
+        min: 1,
+        max: 4,
+    };
+    let policy = |q: f64, f: f64, tasks: f64| (q + f) / tasks;
+    let queue_only = |q: f64, _f: f64, tasks: f64| q / tasks;
+    // Three hours at 20 steps a minute: 2.5 tasks' worth, so the queue stays empty at 3.
+    let steady = vec![20.0; 180];
+    let ours = sim.run(&steady, 8.0, policy);
+    let before = sim.run(&steady, 8.0, queue_only);
+    assert_eq!(
+        reversals(&ours[10..]),
+        0,
+        "the policy flaps under steady load: {ours:?}"
+    );
+    assert!(
+        ours[10..].iter().all(|&n| n == 3),
+        "steady load needs 3 tasks: {ours:?}"
+    );
+    assert!(
+        reversals(&before[10..]) >= 4,
+        "the simulation should show the queue-only metric flapping: {before:?}"
+    );
+    // A burst and its end: out within minutes, back in once the load is gone.
+    let burst: Vec<f64> = [vec![4.0; 30], vec![30.0; 60], vec![4.0; 60]].concat();
+    let counts = sim.run(&burst, 8.0, policy);
+    assert_eq!(
+        counts[35], 4,
+        "a 30 steps/min burst needs 4 tasks: {counts:?}"
+    );
+    assert_eq!(
+        *counts.last().unwrap(),
+        1,
+        "back to 1 task after the burst: {counts:?}"
+    );
+    assert!(
+        reversals(&counts) <= 1,
+        "one way out, one way back: {counts:?}"
+    );
+}
