@@ -88,7 +88,9 @@ pub struct QueueRow {
     pub dead_lettered: u64,
     /// Live workers serving it.
     pub live_workers: u64,
-    /// Queued steps per live worker (queued when there are none).
+    /// Queued, delayed and in-flight steps per live worker (their sum when there are none):
+    /// what the worker services' autoscaling tracks. In-flight steps count, or saturated
+    /// workers with a momentarily empty queue would read 0.
     pub backlog_per_worker: f64,
     /// How long the step at the head of the queue has waited.
     pub oldest_queued_age_seconds: f64,
@@ -108,6 +110,7 @@ pub fn publish_queue_gauges(
                 .filter(|w| !w.draining && w.serves(cap))
                 .count() as u64;
             let queued = s.queued + s.delayed;
+            let backlog = (queued + s.in_flight) as f64;
             QueueRow {
                 capability: cap.clone(),
                 queued,
@@ -115,9 +118,9 @@ pub fn publish_queue_gauges(
                 dead_lettered: s.dead_lettered,
                 live_workers: live,
                 backlog_per_worker: if live == 0 {
-                    queued as f64
+                    backlog
                 } else {
-                    queued as f64 / live as f64
+                    backlog / live as f64
                 },
                 oldest_queued_age_seconds: s
                     .head_queued_at_ms

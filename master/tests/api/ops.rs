@@ -177,7 +177,8 @@ async fn metrics_and_queues_report_per_capability() {
     .await
     .expect("queue figures");
     assert_eq!(queues["live_workers"], 1);
-    assert_eq!(queues["backlog_per_worker"], 2.0);
+    // Two queued and one in flight, over one worker.
+    assert_eq!(queues["backlog_per_worker"], 3.0);
     let workers: Value = master
         .get("/workers", OPERATOR)
         .send()
