@@ -21,7 +21,7 @@ use crate::openai::{
     ToolCallDelta, Usage,
 };
 use crate::providers::{ChatRequest, EventStream, FinishReason, StreamEvent};
-use crate::routes::{parse, served_headers};
+use crate::routes::{parse, respond, served_headers};
 
 /// The handler.
 pub async fn chat_completions(
@@ -29,15 +29,7 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    match answer(&state, body, started).await {
-        Ok(response) => response,
-        Err(error) => {
-            if !matches!(error, GatewayError::Upstream(_)) {
-                crate::metrics::rejected(error.kind_label());
-            }
-            error.into_response()
-        }
-    }
+    respond(answer(&state, body, started).await)
 }
 
 async fn answer(

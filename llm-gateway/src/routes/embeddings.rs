@@ -17,7 +17,7 @@ use crate::openai::{
     EncodingFormat,
 };
 use crate::providers::EmbeddingRequest;
-use crate::routes::{parse, served_headers};
+use crate::routes::{parse, respond, served_headers};
 
 /// The handler.
 pub async fn embeddings(
@@ -25,15 +25,7 @@ pub async fn embeddings(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    match answer(&state, body, started).await {
-        Ok(response) => response,
-        Err(error) => {
-            if !matches!(error, GatewayError::Upstream(_)) {
-                crate::metrics::rejected(error.kind_label());
-            }
-            error.into_response()
-        }
-    }
+    respond(answer(&state, body, started).await)
 }
 
 async fn answer(

@@ -7,7 +7,7 @@ pub mod models;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 use crate::error::GatewayError;
@@ -50,6 +50,20 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
         .end()
         .map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
     Ok(request)
+}
+
+/// A handler's answer: its response, or its error in OpenAI's shape. Errors the gateway
+/// refused itself are counted as rejected; an upstream's are counted where they happened.
+fn respond(result: Result<Response, GatewayError>) -> Response {
+    match result {
+        Ok(response) => response,
+        Err(error) => {
+            if !matches!(error, GatewayError::Upstream(_)) {
+                crate::metrics::rejected(error.kind_label());
+            }
+            error.into_response()
+        }
+    }
 }
 
 /// `x-ensemble-provider` and `x-ensemble-model`: who actually answered.
