@@ -258,9 +258,15 @@ impl Dispatcher {
                 Some(v)
             }
             Err(e) => {
+                // Logged once per streak of failures; the loop retries on its next tick.
                 if !self.store_down.swap(true, Ordering::Relaxed) {
-                    // Logged once per outage; the loop retries on its next tick.
-                    tracing::warn!(error = %e, during = what, "{}", common::redis::UNAVAILABLE_LOG);
+                    if matches!(e, StoreError::Unavailable(_) | StoreError::NotReady(_)) {
+                        // An outage: the message the Redis-errors alarm matches.
+                        tracing::warn!(error = %e, during = what, "{}", common::redis::UNAVAILABLE_LOG);
+                    } else {
+                        // A full store, a script error, bad data: retrying will not mend it.
+                        tracing::error!(error = %e, during = what, "task store error");
+                    }
                 }
                 None
             }
