@@ -278,7 +278,7 @@ impl Settings for Config {
                 "must be above 0",
             ));
         }
-        if self.lease_ms < 2 * self.worker_heartbeat_ms {
+        if self.lease_ms < self.worker_heartbeat_ms.saturating_mul(2) {
             return Err(ConfigError::invalid(
                 "LEASE_MS",
                 format!(

@@ -411,6 +411,14 @@ fn a_lease_shorter_than_two_heartbeats_is_refused_at_start_naming_both() {
         error.contains("LEASE_MS") && error.contains("WORKER_HEARTBEAT_MS"),
         "{error}"
     );
+    // Numeric extremes: refused with the same error, not an overflow.
+    let config = master::Config {
+        lease_ms: 10_000,
+        worker_heartbeat_ms: u64::MAX,
+        ..test_config(&common::redis::RedisSettings::default())
+    };
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("WORKER_HEARTBEAT_MS"), "{error}");
     let config = master::Config {
         lease_ms: 4_000,
         worker_heartbeat_ms: 2_000,
