@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use common::redis::RedisSettings;
-use common::testing::RedisServer;
+use testkit::RedisServer;
 use common::wire::Capability;
 use master::config::{PipelineConfig, StepConfig};
 use std::future::Future;

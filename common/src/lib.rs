@@ -12,8 +12,6 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod wire;
 
-#[cfg(feature = "test-util")]
-pub mod testing;
 
 /// The version every service reports (in `/health`, worker records and logs).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

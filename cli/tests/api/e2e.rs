@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::testing::{RedisOptions, RedisServer};
+use testkit::{RedisOptions, RedisServer};
 use common::wire::{StepStatus, TaskStatus, TaskView};
 use serde_json::{Value, json};
 
@@ -179,7 +179,7 @@ async fn two_hundred_tasks_through_separate_processes_on_tls_redis_with_auth() {
     }
     let http = reqwest::Client::new();
     for master in &masters {
-        let registered = common::testing::eventually(Duration::from_secs(30), || async {
+        let registered = testkit::eventually(Duration::from_secs(30), || async {
             let body: Value = get_json(&http, &format!("{master}/workers"), OPERATOR_KEY).await?;
             let by = body["by_capability"].as_object()?.clone();
             CAPABILITIES
@@ -219,7 +219,7 @@ async fn two_hundred_tasks_through_separate_processes_on_tls_redis_with_auth() {
         let master = &masters[(n + 1) % 2];
         // `200` once finished (`202` while running).
         let result_url = format!("{master}/result/{id}?wait=5");
-        let finished = common::testing::eventually(Duration::from_secs(60), || async {
+        let finished = testkit::eventually(Duration::from_secs(60), || async {
             get_json::<Value>(&http, &result_url, API_KEY).await
         })
         .await;

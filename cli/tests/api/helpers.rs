@@ -167,13 +167,13 @@ impl Drop for Proc {
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    common::testing::free_port()
+    testkit::free_port()
 }
 
 /// GETs `url` until it answers 2xx, at most `limit`.
 pub async fn wait_http_ok(url: &str, limit: Duration) {
     let http = reqwest::Client::new();
-    let ok = common::testing::eventually(limit, || async {
+    let ok = testkit::eventually(limit, || async {
         let r = http
             .get(url)
             .timeout(Duration::from_secs(1))

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::redis::{Failure, RedisPool, classify, eviction_warning};
-use common::testing::{RedisServer, eventually};
+use testkit::{RedisServer, eventually};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The endpoint's DNS name: new connections go to the current target, connections already

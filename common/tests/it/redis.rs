@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use common::config::Secret;
 use common::redis::{RedisPool, RedisSettings};
-use common::testing::{RedisOptions, RedisServer, eventually};
+use testkit::{RedisOptions, RedisServer, eventually};
 
 fn tls_with_password(password: &str) -> RedisServer {
     RedisServer::start_with(RedisOptions {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use common::redis::RedisPool;
 use common::registry::{Registry, keys};
-use common::testing::{RedisServer, eventually};
+use testkit::{RedisServer, eventually};
 use common::wire::{Capability, StepRef, TaskId, WorkerId, WorkerRecord};
 
 fn record(id: &str) -> WorkerRecord {

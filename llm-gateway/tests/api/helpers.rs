@@ -98,7 +98,7 @@ pub async fn spawn_app_with_aws_secret(config: Config, aws_secret: &str) -> Test
         shutdown,
     };
     // Bounded wait until it answers.
-    common::testing::eventually(Duration::from_secs(5), || async {
+    testkit::eventually(Duration::from_secs(5), || async {
         app.http
             .get(format!("{}/health", app.address))
             .send()

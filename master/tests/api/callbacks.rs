@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use common::config::Secret;
 use common::redis::{RedisPool, RedisSettings};
-use common::testing::{RedisServer, eventually};
+use testkit::{RedisServer, eventually};
 use common::wire::{
     CallbackStatus, CallbackView, Capability, ReportStatus, ResultReport, TaskView, WorkerId,
 };

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::redis::RedisPool;
-use common::testing::RedisServer;
+use testkit::RedisServer;
 use common::wire::{
     CallbackStatus, CallbackView, Capability, ReportStatus, ResultReport, StepError, StepStatus,
     TaskId, TaskStatus, WorkerId,
@@ -115,7 +115,7 @@ macro_rules! both_stores {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let server = common::testing::RedisServer::start();
+                    let server = testkit::RedisServer::start();
                     super::$name(super::redis_store(&server)).await;
                 }
             )*
@@ -877,7 +877,7 @@ async fn finished_tasks_with_a_callback_enter_the_outbox(store: Arc<dyn TaskStor
             Some("the receiver answered 500")
         ))
     );
-    let again = common::testing::eventually(Duration::from_secs(5), || async {
+    let again = testkit::eventually(Duration::from_secs(5), || async {
         let claims = s.claim_callbacks(10, HOUR, 8).await.unwrap();
         (!claims.is_empty()).then_some(claims)
     })
@@ -934,7 +934,7 @@ async fn a_callback_claim_never_finished_is_claimed_again_after_its_visibility(
             .unwrap()
             .is_empty()
     );
-    let second = common::testing::eventually(Duration::from_secs(5), || async {
+    let second = testkit::eventually(Duration::from_secs(5), || async {
         let claims = s.claim_callbacks(10, visibility, 3).await.unwrap();
         (!claims.is_empty()).then_some(claims)
     })
@@ -951,14 +951,14 @@ async fn a_callback_claim_never_finished_is_claimed_again_after_its_visibility(
         "the first claim was taken over: its late outcome is not recorded"
     );
     // The third claim is the last allowed; when it too is never finished, the callback fails.
-    let third = common::testing::eventually(Duration::from_secs(5), || async {
+    let third = testkit::eventually(Duration::from_secs(5), || async {
         let claims = s.claim_callbacks(10, visibility, 3).await.unwrap();
         (!claims.is_empty()).then_some(claims)
     })
     .await
     .expect("claimed a third time");
     assert_eq!(third[0].attempt, 3);
-    common::testing::eventually(Duration::from_secs(5), || async {
+    testkit::eventually(Duration::from_secs(5), || async {
         s.claim_callbacks(10, visibility, 3).await.unwrap();
         (s.callbacks_pending().await.unwrap() == 0).then_some(())
     })

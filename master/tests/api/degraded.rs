@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::config::Secret;
 use common::redis::{RedisPool, RedisSettings};
 use common::registry::Registry;
-use common::testing::{RedisServer, eventually, free_port};
+use testkit::{RedisServer, eventually, free_port};
 use common::wire::{TaskStatus, WorkerRecord};
 use serde_json::json;
 use tokio::net::TcpListener;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use common::testing::RedisServer;
+use testkit::RedisServer;
 use common::wire::{StepStatus, TaskStatus};
 use serde_json::{Value, json};
 
@@ -77,7 +77,7 @@ async fn killed_worker_step_is_redispatched_to_another() {
     .await;
     let id = master.submit(json!({"steps": ["plan"], "input": 1})).await;
     // Wait until the doomed worker holds the step, then kill it.
-    let held = common::testing::eventually(Duration::from_secs(5), || async {
+    let held = testkit::eventually(Duration::from_secs(5), || async {
         (!doomed.received().is_empty()).then_some(())
     })
     .await;
@@ -116,7 +116,7 @@ async fn busy_worker_costs_no_attempt() {
     let busy =
         TestWorker::start("busy", &["plan"], 8, Behavior::Busy, &settings, &master.url).await;
     let id = master.submit(json!({"steps": ["plan"]})).await;
-    common::testing::eventually(Duration::from_secs(5), || async {
+    testkit::eventually(Duration::from_secs(5), || async {
         (busy.received().len() >= 2).then_some(())
     })
     .await
@@ -149,7 +149,7 @@ async fn stale_result_from_an_old_attempt_is_discarded() {
     let id = master
         .submit(json!({"steps": ["plan"], "input": "x"}))
         .await;
-    common::testing::eventually(Duration::from_secs(5), || async {
+    testkit::eventually(Duration::from_secs(5), || async {
         (!slow.received().is_empty()).then_some(())
     })
     .await
@@ -160,7 +160,7 @@ async fn stale_result_from_an_old_attempt_is_discarded() {
     slow.kill();
     let fast =
         TestWorker::start("fast", &["plan"], 4, Behavior::Hang, &settings, &master.url).await;
-    common::testing::eventually(Duration::from_secs(10), || async {
+    testkit::eventually(Duration::from_secs(10), || async {
         fast.received().iter().any(|s| s.attempt == 2).then_some(())
     })
     .await
@@ -316,7 +316,7 @@ async fn cancel_stops_a_task() {
     let hanging =
         TestWorker::start("h", &["plan"], 4, Behavior::Hang, &settings, &master.url).await;
     let id = master.submit(json!({"steps": ["plan", "finalize"]})).await;
-    common::testing::eventually(Duration::from_secs(5), || async {
+    testkit::eventually(Duration::from_secs(5), || async {
         (!hanging.received().is_empty()).then_some(())
     })
     .await
@@ -524,7 +524,7 @@ async fn callback_url_receives_the_final_view() {
     let without = master.submit(json!({"steps": ["plan"], "input": 8})).await;
     master.wait(&without, Duration::from_secs(10)).await;
     let view = master.wait(&with_hook, Duration::from_secs(10)).await;
-    let called = common::testing::eventually(Duration::from_secs(5), || async {
+    let called = testkit::eventually(Duration::from_secs(5), || async {
         let v = got.lock().unwrap().clone();
         (!v.is_empty()).then_some(v)
     })

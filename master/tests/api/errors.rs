@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use common::testing::RedisServer;
+use testkit::RedisServer;
 use serde_json::{Value, json};
 
 use crate::helpers::*;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use common::testing::RedisServer;
+use testkit::RedisServer;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::testing::RedisServer;
+use testkit::RedisServer;
 use common::wire::{StepStatus, TaskStatus};
 use serde_json::{Value, json};
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::http::ErrorBody;
 use common::redis::RedisSettings;
-use common::testing::{RedisServer, eventually};
+use testkit::{RedisServer, eventually};
 use master::Config;
 use reqwest::StatusCode;
 use serde_json::json;

@@ -27,7 +27,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::redis::RedisPool;
-use common::testing::RedisServer;
+use testkit::RedisServer;
 use common::wire::{
     CallbackStatus, CallbackView, Capability, PriorOutput, ReportStatus, ResultReport, StepContext,
     StepError, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,

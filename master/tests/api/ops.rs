@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use common::testing::{RedisOptions, RedisServer, eventually};
+use testkit::{RedisOptions, RedisServer, eventually};
 use common::wire::TaskStatus;
 use serde_json::{Value, json};
 
@@ -82,7 +82,7 @@ async fn master_binary_on_tls_and_auth_is_ready_and_wrong_password_is_not() {
     });
     let ca = redis.tls_files().unwrap().ca_cert.clone();
     for (password, expect) in [("tls-pass-123", 200), ("wrong-pass", 503)] {
-        let port = common::testing::free_port();
+        let port = testkit::free_port();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_master"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

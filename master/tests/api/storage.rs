@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use common::redis::RedisPool;
-use common::testing::{RedisServer, eventually};
+use testkit::{RedisServer, eventually};
 use serde_json::{Value, json};
 
 use crate::helpers::*;

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::testing::{RedisOptions, RedisServer};
+use testkit::{RedisOptions, RedisServer};
 use serde_json::Value;
 
 use crate::helpers::{

@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::testing::{RedisServer, free_port};
+use testkit::{RedisServer, free_port};
 use common::wire::{StepStatus, TaskStatus, TaskView};
 use futures::StreamExt;
 use serde_json::{Value, json};

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use common::http::ErrorBody;
-use common::testing::eventually;
+use testkit::eventually;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use worker::Agents;
@@ -54,7 +54,7 @@ async fn an_unreachable_master_makes_the_worker_degraded_and_refuse_work() {
     let master = FakeMaster::start().await;
     let mut config = test_config(&redis, &master);
     // A closed loopback port: every delivery is refused.
-    let master_url = format!("http://127.0.0.1:{}", common::testing::free_port());
+    let master_url = format!("http://127.0.0.1:{}", testkit::free_port());
     config.master_url = master_url.clone();
     config.shutdown_grace = Duration::from_millis(300);
     let worker = spawn_worker(&redis, config, Agents::new()).await;

@@ -75,7 +75,7 @@ async fn eventually_record(
     id: &str,
     worker: &BinaryWorker,
 ) -> common::wire::WorkerRecord {
-    common::testing::eventually(WAIT, || redis.record(id))
+    testkit::eventually(WAIT, || redis.record(id))
         .await
         .unwrap_or_else(|| panic!("never registered; log:\n{}", worker.log()))
 }
@@ -104,7 +104,7 @@ async fn steps_that_outlive_the_grace_are_left_to_lease_expiry() {
     let (worker, gate) = spawn_gated(&redis, config).await;
 
     worker.post_work(&work_request("slow", json!(1))).await;
-    common::testing::eventually(WAIT, || async { (gate.started() == 1).then_some(()) })
+    testkit::eventually(WAIT, || async { (gate.started() == 1).then_some(()) })
         .await
         .unwrap();
     let id = worker.id.clone();

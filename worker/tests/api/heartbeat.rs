@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use common::testing::eventually;
+use testkit::eventually;
 use serde_json::json;
 use worker::Agents;
 

@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use common::config::Secret;
 use common::redis::{RedisPool, RedisSettings};
 use common::registry::Registry;
-use common::testing::{RedisServer, eventually};
+use testkit::{RedisServer, eventually};
 use common::wire::{
     Capability, ResultReport, StepContext, StepError, TaskId, WorkRequest, WorkerRecord, now_ms,
 };

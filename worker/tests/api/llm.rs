@@ -138,7 +138,7 @@ async fn gateway_errors_are_retryable_for_429_and_5xx_and_permanent_for_other_4x
 async fn an_unreachable_gateway_is_a_retryable_failure() {
     let fakes = Fakes::start().await;
     let mut config = fakes.config();
-    config.llm_gateway_url = format!("http://127.0.0.1:{}", common::testing::free_port());
+    config.llm_gateway_url = format!("http://127.0.0.1:{}", testkit::free_port());
     let worker = fakes.worker(config).await;
     let master = &fakes.master;
     worker.post_work(&work_request("plan", json!(1))).await;

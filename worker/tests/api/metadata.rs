@@ -79,7 +79,7 @@ async fn without_metadata_the_bound_address_is_advertised() {
     // An endpoint that does not answer: the worker falls back rather than failing.
     config.ecs_container_metadata_uri_v4 = Some(format!(
         "http://127.0.0.1:{}/v4/x",
-        common::testing::free_port()
+        testkit::free_port()
     ));
     let worker = spawn_worker(&redis, config, Agents::new()).await;
     let record = redis.record(&worker.id).await.unwrap();

@@ -172,7 +172,7 @@ async fn the_concurrency_limit_answers_429_until_a_slot_frees() {
 
     gate.release(1);
     master.wait_for_reports(1).await;
-    let free = common::testing::eventually(WAIT, || async {
+    let free = testkit::eventually(WAIT, || async {
         let response = worker.post_work(&work_request("slow", json!(2))).await;
         (response.status() == StatusCode::ACCEPTED).then_some(())
     })
@@ -335,7 +335,7 @@ async fn metrics_count_steps_per_capability() {
         response.ok()?.text().await.ok()
     };
     // The delivery counter moves just after the master has answered.
-    let found = common::testing::eventually(WAIT, || async {
+    let found = testkit::eventually(WAIT, || async {
         let text = metrics().await?;
         series.iter().all(|s| text.contains(s)).then_some(())
     })

@@ -7,13 +7,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::config::Secret;
-use crate::redis::RedisSettings;
+use common::config::Secret;
+use common::redis::RedisSettings;
+
+use crate::free_port;
 
 /// How to start a test Redis.
 #[derive(Clone, Debug, Default)]
@@ -77,11 +78,6 @@ pub fn redis_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
 
 impl RedisServer {
     /// Plain Redis, no auth.
@@ -363,22 +359,4 @@ fn make_certificates(dir: &Path) -> TlsFiles {
     std::fs::write(&files.server_key, server_key.serialize_pem()).expect("write key");
     std::fs::write(&files.other_ca_cert, other_pem).expect("write other ca");
     files
-}
-
-/// Polls `check` every 20 ms until it returns `Some` or `timeout` passes.
-pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Some(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
