@@ -1,17 +1,31 @@
 //! Starts Ensemble systems for the launcher, the benchmark, the reliability scenarios and
 //! every test suite, so that each of them starts things the same way.
 //!
+//! Which to use when:
+//!
+//! - [`system`]: a whole system (Redis or memory, a gateway, masters, workers), in this
+//!   process or as child processes, configured through each service's typed config and
+//!   stopped in order. Start here: `System::builder().workers(4).start().await?`. The
+//!   `ensemble` launcher, the benchmark and the reliability scenarios are built on it.
+//! - [`service`]: one service handle, for a test that starts a single service itself
+//!   (with `serve_with` and its own backends, say) or runs another binary (`ensemble up`):
+//!   readiness, log, ordered stop, `kill -9`, pid.
 //! - [`redis`]: a real `redis-server` (plain, AUTH, ACL user, TLS with generated
-//!   certificates, AOF) on a free loopback port.
+//!   certificates, AOF) on a free loopback port. `try_start` returns errors (the
+//!   launcher); `start` and friends panic (tests).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod redis;
+pub mod service;
+pub mod system;
 
 use std::net::TcpListener;
 use std::time::Duration;
 
-pub use redis::{RedisOptions, RedisServer, TlsFiles};
+pub use redis::{RedisOptions, RedisServer, RedisStartError, TlsFiles};
+pub use service::{Exit, Service};
+pub use system::{Base, Binaries, Role, Store, System};
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {

@@ -1,22 +1,33 @@
-//! Test harness: a real `redis-server` on a free loopback port in a temp dir, stopped on
-//! drop. Flavours: plain, `requirepass`, an ACL user, TLS only (certificates generated at
-//! test time), and AOF persistence so a test can kill and restart it and keep the data.
+//! A real `redis-server` on a free loopback port in a temp dir: plain, `requirepass`, an
+//! ACL user, TLS only (certificates generated for the run), or AOF persistence so a test
+//! can kill and restart it and keep the data.
 //!
-//! If `redis-server` is not on PATH the harness panics with install instructions: tests
-//! never skip silently.
-
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! [`RedisServer::try_start`] returns a [`RedisStartError`] (the launcher reports it);
+//! [`RedisServer::start`] and the other constructors panic with it (tests). A missing
+//! `redis-server` is an error, never a silent skip. The server's output is kept in a log
+//! file in its directory: start-up errors quote its end, and a server dropped while a test
+//! panics prints it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::config::Secret;
 use common::redis::RedisSettings;
 
 use crate::free_port;
+use crate::service::{signal, tail};
 
-/// How to start a test Redis.
+/// How long a fresh server may take to log that it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a graceful stop (SIGTERM) may take before the server is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Ports tried when the chosen one is taken before redis-server binds it.
+const PORT_ATTEMPTS: usize = 5;
+
+/// How to start a Redis.
 #[derive(Clone, Debug, Default)]
 pub struct RedisOptions {
     /// `requirepass` for the default user.
@@ -30,9 +41,55 @@ pub struct RedisOptions {
     /// More `redis-server` arguments, each its own element, passed last (so they win), e.g.
     /// `["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]`.
     pub extra_args: Vec<String>,
+    /// The program to run; `redis-server` from PATH when unset.
+    pub program: Option<PathBuf>,
+    /// How long it may take to become ready; 15 s when unset.
+    pub ready_within: Option<Duration>,
 }
 
-/// Certificates made for one TLS test server.
+/// Why a redis-server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStartError {
+    /// The program cannot be run.
+    #[error(
+        "cannot run {program}: {source}. Install Redis (Debian/Ubuntu: `sudo apt-get install -y \
+         redis-server`; macOS: `brew install redis`)"
+    )]
+    NotOnPath {
+        /// What was run.
+        program: String,
+        /// Why it could not be.
+        source: std::io::Error,
+    },
+    /// Its directory or certificates could not be made.
+    #[error("cannot prepare redis-server's directory: {0}")]
+    Setup(String),
+    /// It exited during start-up.
+    #[error("redis-server exited at start-up ({status}); the end of its log:\n{log_tail}")]
+    Exited {
+        /// How it exited.
+        status: ExitStatus,
+        /// The last lines it printed.
+        log_tail: String,
+    },
+    /// It ran but never said it was ready.
+    #[error("redis-server was not ready within {within:?}; the end of its log:\n{log_tail}")]
+    NotReady {
+        /// How long it was given.
+        within: Duration,
+        /// The last lines it printed.
+        log_tail: String,
+    },
+}
+
+impl RedisStartError {
+    /// Whether another process took the port: worth a retry on another one.
+    fn port_taken(&self) -> bool {
+        matches!(self, Self::Exited { log_tail, .. } if log_tail.contains("Address already in use"))
+    }
+}
+
+/// Certificates made for one TLS server.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     /// The CA certificate (PEM) that signed the server's certificate.
@@ -45,9 +102,12 @@ pub struct TlsFiles {
     pub other_ca_cert: PathBuf,
 }
 
-/// A running `redis-server`. Killed, and its directory removed, on drop.
+/// A running `redis-server`. Stopped (SIGTERM, then SIGKILL), and its directory removed, on
+/// drop.
 pub struct RedisServer {
+    /// `None` once killed.
     child: Option<Child>,
+    /// Data, certificates and the log; removed with the server.
     dir: tempfile::TempDir,
     port: u16,
     options: RedisOptions,
@@ -63,12 +123,7 @@ impl std::fmt::Debug for RedisServer {
     }
 }
 
-/// The message tests fail with when `redis-server` is missing.
-pub const MISSING_REDIS: &str = "redis-server is not on PATH. Ensemble's tests need a real Redis: \
-install it (Debian/Ubuntu: `sudo apt-get install -y redis-server`; macOS: `brew install redis`) \
-and run the tests again.";
-
-/// Whether `redis-server` can be run.
+/// Whether `redis-server` can be run from PATH.
 pub fn redis_available() -> bool {
     Command::new("redis-server")
         .arg("--version")
@@ -78,8 +133,38 @@ pub fn redis_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-
 impl RedisServer {
+    /// Starts a server with the given options and waits until it is ready. A port taken
+    /// between choosing and binding it costs a retry on another.
+    pub fn try_start(options: RedisOptions) -> Result<Self, RedisStartError> {
+        let dir = tempfile::Builder::new()
+            .prefix("ensemble-redis-")
+            .tempdir()
+            .map_err(|e| RedisStartError::Setup(e.to_string()))?;
+        let tls = if options.tls {
+            Some(make_certificates(dir.path()).map_err(RedisStartError::Setup)?)
+        } else {
+            None
+        };
+        let mut server = Self {
+            child: None,
+            dir,
+            port: 0,
+            options,
+            tls,
+        };
+        let mut attempts = 0;
+        loop {
+            server.port = free_port();
+            attempts += 1;
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) if e.port_taken() && attempts < PORT_ATTEMPTS => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Plain Redis, no auth.
     pub fn start() -> Self {
         Self::start_with(RedisOptions::default())
@@ -109,54 +194,31 @@ impl RedisServer {
         })
     }
 
-    /// Starts a server with the given options.
+    /// [`Self::try_start`] for tests: panics with the error.
     pub fn start_with(options: RedisOptions) -> Self {
-        assert!(redis_available(), "{MISSING_REDIS}");
-        let mut dir = tempfile::Builder::new()
-            .prefix("ensemble-redis-")
-            .tempdir()
-            .expect("temp dir");
-        let tls = options.tls.then(|| make_certificates(dir.path()));
-        // A port can be taken between choosing and binding it; try a few.
-        let mut last_error = String::new();
-        for _ in 0..5 {
-            let mut server = Self {
-                child: None,
-                dir,
-                port: free_port(),
-                options: options.clone(),
-                tls: tls.clone(),
-            };
-            match server.spawn() {
-                Ok(()) => return server,
-                Err(e) => {
-                    last_error = e;
-                    dir = server.take_dir();
-                }
-            }
-        }
-        panic!("could not start redis-server: {last_error}");
+        Self::try_start(options).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn take_dir(mut self) -> tempfile::TempDir {
-        self.kill();
-        let placeholder = tempfile::tempdir().expect("temp dir");
-        std::mem::replace(&mut self.dir, placeholder)
-    }
-
-    fn log_path(&self) -> PathBuf {
+    /// The file the server writes its log to (stdout and stderr).
+    pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("redis.log")
     }
 
-    fn spawn(&mut self) -> Result<(), String> {
-        let port = self.port.to_string();
+    /// What the server has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn args(&self) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "--bind".into(),
             "127.0.0.1".into(),
             "--dir".into(),
             self.dir.path().display().to_string(),
+            // Log to stdout, which goes to the log file with stderr: configuration errors
+            // are printed before the log file would be opened.
             "--logfile".into(),
-            self.log_path().display().to_string(),
+            String::new(),
             "--save".into(),
             String::new(),
             "--daemonize".into(),
@@ -188,6 +250,7 @@ impl RedisServer {
                 "off".into(),
             ]);
         }
+        let port = self.port.to_string();
         match &self.tls {
             Some(tls) => args.extend([
                 "--port".into(),
@@ -206,18 +269,34 @@ impl RedisServer {
             None => args.extend(["--port".into(), port]),
         }
         args.extend(self.options.extra_args.iter().cloned());
-        let _ = std::fs::remove_file(self.log_path());
-        let child = Command::new("redis-server")
-            .args(&args)
+        args
+    }
+
+    /// Runs the server on `self.port` and waits until it logs that it is ready.
+    fn spawn(&mut self) -> Result<(), RedisStartError> {
+        let program = self
+            .options
+            .program
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("redis-server"));
+        let log = std::fs::File::create(self.log_path())
+            .and_then(|f| Ok((f.try_clone()?, f)))
+            .map_err(|e| RedisStartError::Setup(e.to_string()))?;
+        let child = Command::new(&program)
+            .args(self.args())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stdout(log.0)
+            .stderr(log.1)
             .spawn()
-            .map_err(|e| format!("{MISSING_REDIS} ({e})"))?;
+            .map_err(|source| RedisStartError::NotOnPath {
+                program: program.display().to_string(),
+                source,
+            })?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let within = self.options.ready_within.unwrap_or(READY_TIMEOUT);
+        let deadline = Instant::now() + within;
         loop {
-            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let log = self.log();
             if log.contains("Ready to accept connections") {
                 return Ok(());
             }
@@ -225,13 +304,17 @@ impl RedisServer {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 self.child = None;
-                return Err(format!("redis-server exited with {status}; log:\n{log}"));
+                return Err(RedisStartError::Exited {
+                    status,
+                    log_tail: tail(&log),
+                });
             }
-            if Instant::now() > deadline {
+            if Instant::now() >= deadline {
                 self.kill();
-                return Err(format!(
-                    "redis-server did not become ready in 15 s; log:\n{log}"
-                ));
+                return Err(RedisStartError::NotReady {
+                    within,
+                    log_tail: tail(&self.log()),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -240,6 +323,11 @@ impl RedisServer {
     /// The port it listens on (the TLS port for a TLS server).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Its data directory.
@@ -267,16 +355,24 @@ impl RedisServer {
         format!("{scheme}://{auth}127.0.0.1:{}", self.port)
     }
 
-    /// Client settings for this server: URL with credentials, the test CA for TLS, short
-    /// timeouts, and a key prefix of its own.
+    /// Client settings for this server as a service would have them: its URL with
+    /// credentials and, for TLS, the test CA; everything else the defaults.
+    pub fn service_settings(&self) -> RedisSettings {
+        RedisSettings {
+            ca_file: self.tls.as_ref().map(|t| t.ca_cert.clone()),
+            ..RedisSettings::from_url(self.url())
+        }
+    }
+
+    /// Client settings for a test: [`Self::service_settings`] with short timeouts and a
+    /// key prefix of its own, so tests sharing a server do not see each other's keys.
     pub fn settings(&self) -> RedisSettings {
         RedisSettings {
             url: Some(Secret::new(self.url())),
-            ca_file: self.tls.as_ref().map(|t| t.ca_cert.clone()),
             connect_timeout_ms: 1_000,
             command_timeout_ms: 2_000,
             key_prefix: format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
-            ..RedisSettings::default()
+            ..self.service_settings()
         }
     }
 
@@ -288,6 +384,25 @@ impl RedisServer {
         }
     }
 
+    /// Stops it gracefully: SIGTERM (it writes nothing: snapshots are off, AOF is synced on
+    /// every write), then SIGKILL if it takes longer than a few seconds.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if signal(child.id(), "TERM").is_ok() {
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         self.child
@@ -297,66 +412,88 @@ impl RedisServer {
 
     /// Starts it again on the same port and directory (after [`Self::kill`]); with AOF the
     /// data comes back. Retries while the old socket lingers.
-    pub fn restart(&mut self) {
+    pub fn try_restart(&mut self) -> Result<(), RedisStartError> {
         self.kill();
-        let mut last = String::new();
-        for _ in 0..20 {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
             match self.spawn() {
-                Ok(()) => return,
-                Err(e) => {
-                    last = e;
+                Err(e) if e.port_taken() && attempts < 20 => {
                     std::thread::sleep(Duration::from_millis(250));
                 }
+                outcome => return outcome,
             }
         }
-        panic!(
-            "could not restart redis-server on port {}: {last}",
-            self.port
-        );
+    }
+
+    /// [`Self::try_restart`] for tests: panics with the error.
+    pub fn restart(&mut self) {
+        let port = self.port;
+        self.try_restart()
+            .unwrap_or_else(|e| panic!("could not restart redis-server on port {port}: {e}"));
     }
 }
 
 impl Drop for RedisServer {
+    /// Stops the server; if a test is failing, prints the end of its log first.
     fn drop(&mut self) {
-        self.kill();
+        if std::thread::panicking() && self.child.is_some() {
+            eprintln!(
+                "--- redis-server on port {} (log {}):\n{}",
+                self.port,
+                self.log_path().display(),
+                tail(&self.log())
+            );
+        }
+        self.stop();
     }
 }
 
-fn make_certificates(dir: &Path) -> TlsFiles {
+fn make_certificates(dir: &Path) -> Result<TlsFiles, String> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
-    fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    fn ca(name: &str) -> Result<(CertificateParams, KeyPair, String), rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().expect("ca key");
-        let cert = params.self_signed(&key).expect("ca cert");
-        (params, key, cert.pem())
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok((params, key, cert.pem()))
     }
 
-    let (ca_params, ca_key, ca_pem) = ca("Ensemble test CA");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let mut server_params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .expect("server params");
-    server_params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let server_key = KeyPair::generate().expect("server key");
-    let server_cert = server_params
-        .signed_by(&server_key, &issuer)
-        .expect("server cert");
-    let (_, _, other_pem) = ca("Some other CA");
-
+    let certificates = || -> Result<_, rcgen::Error> {
+        let (ca_params, ca_key, ca_pem) = ca("Ensemble test CA")?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut server_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        server_params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let server_key = KeyPair::generate()?;
+        let server_cert = server_params.signed_by(&server_key, &issuer)?;
+        let (_, _, other_pem) = ca("Some other CA")?;
+        Ok((
+            ca_pem,
+            server_cert.pem(),
+            server_key.serialize_pem(),
+            other_pem,
+        ))
+    };
+    let (ca_pem, cert_pem, key_pem, other_pem) =
+        certificates().map_err(|e| format!("cannot make test certificates: {e}"))?;
     let files = TlsFiles {
         ca_cert: dir.join("ca.pem"),
         server_cert: dir.join("server.pem"),
         server_key: dir.join("server.key"),
         other_ca_cert: dir.join("other-ca.pem"),
     };
-    std::fs::write(&files.ca_cert, ca_pem).expect("write ca");
-    std::fs::write(&files.server_cert, server_cert.pem()).expect("write cert");
-    std::fs::write(&files.server_key, server_key.serialize_pem()).expect("write key");
-    std::fs::write(&files.other_ca_cert, other_pem).expect("write other ca");
-    files
+    for (path, pem) in [
+        (&files.ca_cert, ca_pem),
+        (&files.server_cert, cert_pem),
+        (&files.server_key, key_pem),
+        (&files.other_ca_cert, other_pem),
+    ] {
+        std::fs::write(path, pem).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(files)
 }
