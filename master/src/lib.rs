@@ -7,12 +7,13 @@ pub mod callbacks;
 pub mod config;
 pub mod dispatch;
 pub mod emf;
+mod error;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod store;
-pub mod tasks;
+pub(crate) mod tasks;
 
 pub use app::{Backends, serve, serve_with};
 pub use config::Config;

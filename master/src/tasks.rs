@@ -4,8 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
-use common::http::ApiError;
 use common::wire::{
     MAX_JSON_DEPTH, ResultReport, SubmitTask, TaskId, TaskResult, TaskStatus, TaskView, json_depth,
 };
@@ -13,9 +11,10 @@ use common::wire::{
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::config::StepConfig;
+use crate::error::ServiceError;
 use crate::store::{
     CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, RateLimit, RedriveOutcome, ReportOutcome,
-    StoreError, SubmitOutcome, TaskRecord,
+    SubmitOutcome, TaskRecord,
 };
 
 /// Longest `?wait=` on `GET /result/{id}`, in seconds.
@@ -23,33 +22,12 @@ pub const MAX_WAIT_SECS: u64 = 60;
 /// Longest idempotency key.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unavailable(msg) => {
-                tracing::warn!(error = %msg, during = "request", "{}", common::redis::UNAVAILABLE_LOG);
-                ApiError::unavailable("storage is unavailable; retry shortly")
-            }
-            StoreError::StorageFull(msg) => {
-                tracing::error!(error = %msg, "task store full");
-                ApiError::storage_full()
-            }
-            StoreError::NotReady(n) if n.reason == "storage_full" => ApiError::storage_full(),
-            StoreError::NotReady(n) => {
-                tracing::warn!(reason = n.reason, error = %n.message, "task store not ready");
-                ApiError::unavailable("storage is unavailable; retry shortly")
-            }
-            StoreError::Backend(msg) | StoreError::Corrupt(msg) => ApiError::internal(msg),
-        }
-    }
-}
-
 /// The answer to `POST /task`.
 pub struct Submitted {
     /// The task (new, or the one the idempotency key names).
     pub task_id: TaskId,
-    /// `202` for a new task, `200` for an idempotent repeat.
-    pub status: StatusCode,
+    /// Whether the task is new (not an idempotent repeat of an earlier submission).
+    pub created: bool,
     /// The task's status now.
     pub task_status: TaskStatus,
 }
@@ -61,11 +39,11 @@ pub async fn submit(
     mut body: SubmitTask,
     header_key: Option<String>,
     request_id: String,
-) -> Result<Submitted, ApiError> {
+) -> Result<Submitted, ServiceError> {
     let key = match (header_key, body.idempotency_key.take()) {
         (Some(h), Some(b)) if h != b => {
-            return Err(ApiError::invalid(
-                "`idempotency_key` and the `Idempotency-Key` header differ",
+            return Err(ServiceError::Invalid(
+                "`idempotency_key` and the `Idempotency-Key` header differ".into(),
             ));
         }
         (h, b) => h.or(b),
@@ -73,33 +51,35 @@ pub async fn submit(
     if let Some(k) = &key
         && (k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY)
     {
-        return Err(ApiError::invalid(format!(
+        return Err(ServiceError::Invalid(format!(
             "`idempotency_key` must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
         )));
     }
     // A range check, not `abs()`: `i32::MIN.abs()` overflows.
     if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&body.priority) {
-        return Err(ApiError::invalid(format!(
+        return Err(ServiceError::Invalid(format!(
             "`priority` must be between -{MAX_PRIORITY} and {MAX_PRIORITY}"
         )));
     }
     if let Some(url) = &body.callback_url {
         crate::callbacks::check_url(url, state.config.callback_allow_private)
-            .map_err(|why| ApiError::invalid(format!("`callback_url` {why}")))?;
+            .map_err(|why| ServiceError::Invalid(format!("`callback_url` {why}")))?;
         if state.config.callback_secret.is_empty() {
-            return Err(ApiError::invalid(
+            return Err(ServiceError::Invalid(
                 "`callback_url`: callbacks need CALLBACK_SECRET, which this master does not have \
-                 (callbacks are always signed)",
+                 (callbacks are always signed)"
+                    .into(),
             ));
         }
     }
     if json_depth(&body.input) > MAX_JSON_DEPTH {
-        return Err(ApiError::invalid(format!(
+        return Err(ServiceError::Invalid(format!(
             "`input` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
         )));
     }
     let (pipeline, steps) = plan(state, &body)?;
-    let input = serde_json::to_string(&body.input).map_err(ApiError::internal)?;
+    let input =
+        serde_json::to_string(&body.input).map_err(|e| ServiceError::Internal(e.to_string()))?;
     let id = TaskId::generate();
     let first = steps[0].capability.clone();
     let task = NewTask {
@@ -129,7 +109,7 @@ pub async fn submit(
             tracing::info!(task_id = %id, client, "task accepted");
             Ok(Submitted {
                 task_id: id,
-                status: StatusCode::ACCEPTED,
+                created: true,
                 task_status: TaskStatus::Queued,
             })
         }
@@ -141,16 +121,11 @@ pub async fn submit(
                 .map_or(TaskStatus::Queued, |r| r.view.status);
             Ok(Submitted {
                 task_id: existing,
-                status: StatusCode::OK,
+                created: false,
                 task_status: status,
             })
         }
-        SubmitOutcome::RateLimited(wait) => Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many tasks submitted; slow down",
-        )
-        .retry_after(wait.as_secs_f64().ceil() as u64)),
+        SubmitOutcome::RateLimited(retry_after) => Err(ServiceError::RateLimited { retry_after }),
     }
 }
 
@@ -158,7 +133,7 @@ pub async fn submit(
 fn plan(
     state: &AppState,
     body: &SubmitTask,
-) -> Result<(Option<String>, Vec<PlannedStep>), ApiError> {
+) -> Result<(Option<String>, Vec<PlannedStep>), ServiceError> {
     let config = &state.config;
     let planned = |s: &StepConfig| match s {
         StepConfig::Name(c) => PlannedStep {
@@ -177,21 +152,21 @@ fn plan(
         },
     };
     match (&body.pipeline, &body.steps) {
-        (Some(_), Some(_)) => Err(ApiError::invalid(
-            "give either `pipeline` or `steps`, not both",
+        (Some(_), Some(_)) => Err(ServiceError::Invalid(
+            "give either `pipeline` or `steps`, not both".into(),
         )),
         (None, Some(steps)) => {
             if steps.is_empty() {
-                return Err(ApiError::invalid("`steps` must not be empty"));
+                return Err(ServiceError::Invalid("`steps` must not be empty".into()));
             }
             if steps.len() > crate::config::MAX_STEPS {
-                return Err(ApiError::invalid(format!(
+                return Err(ServiceError::Invalid(format!(
                     "`steps` has at most {} entries",
                     crate::config::MAX_STEPS
                 )));
             }
             if let Some(unknown) = steps.iter().find(|c| !state.dispatcher.knows(c)) {
-                return Err(ApiError::invalid(format!(
+                return Err(ServiceError::Invalid(format!(
                     "`steps`: unknown capability `{unknown}` (no pipeline uses it and no live worker serves it)"
                 )));
             }
@@ -209,7 +184,7 @@ fn plan(
             // Neither given: the `default` pipeline, like a queue's default task.
             let name = name.clone().unwrap_or_else(|| "default".to_string());
             let pipeline = state.pipelines.get(&name).ok_or_else(|| {
-                ApiError::invalid(format!("`pipeline`: unknown pipeline `{name}`"))
+                ServiceError::Invalid(format!("`pipeline`: unknown pipeline `{name}`"))
             })?;
             Ok((Some(name), pipeline.steps.iter().map(planned).collect()))
         }
@@ -217,13 +192,13 @@ fn plan(
 }
 
 /// A task the client owns (another client's task is `404`, as if it did not exist).
-pub async fn owned(state: &AppState, client: &str, id: &str) -> Result<TaskRecord, ApiError> {
+pub async fn owned(state: &AppState, client: &str, id: &str) -> Result<TaskRecord, ServiceError> {
     visible(state, &Caller::Client(client.to_string()), id).await
 }
 
 /// A task the caller may see: its client's, or any for an operator.
-async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<TaskRecord, ApiError> {
-    let not_found = || ApiError::not_found(format!("no task `{id}`"));
+async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<TaskRecord, ServiceError> {
+    let not_found = || ServiceError::NotFound(id.to_string());
     let id = TaskId::new(id).map_err(|_| not_found())?;
     let record = state.store.get(&id).await?.ok_or_else(not_found)?;
     match caller {
@@ -240,7 +215,7 @@ pub async fn result(
     client: &str,
     id: &str,
     wait: Duration,
-) -> Result<TaskResult, ApiError> {
+) -> Result<TaskResult, ServiceError> {
     if wait.is_zero() {
         return Ok(task_result(owned(state, client, id).await?.view));
     }
@@ -262,7 +237,7 @@ async fn wait_for_end(
     id: &str,
     waiter: &crate::hub::TaskWaiter,
     deadline: tokio::time::Instant,
-) -> Result<TaskResult, ApiError> {
+) -> Result<TaskResult, ServiceError> {
     let mut owner_checked = false;
     loop {
         let notified = waiter.notify.notified();
@@ -298,7 +273,7 @@ fn task_result(v: TaskView) -> TaskResult {
 }
 
 /// Cancels a task: the client's own, or any task for an operator.
-pub async fn cancel(state: &AppState, caller: &Caller, id: &str) -> Result<TaskView, ApiError> {
+pub async fn cancel(state: &AppState, caller: &Caller, id: &str) -> Result<TaskView, ServiceError> {
     let record = visible(state, caller, id).await?;
     let task_id = record.view.task_id.clone();
     match state
@@ -312,27 +287,29 @@ pub async fn cancel(state: &AppState, caller: &Caller, id: &str) -> Result<TaskV
             tracing::info!(task_id = %task_id, "task cancelled");
         }
         CancelOutcome::AlreadyFinished(status) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("task already finished ({})", status.as_str()),
-            ));
+            return Err(ServiceError::Conflict(format!(
+                "task already finished ({})",
+                status.as_str()
+            )));
         }
-        CancelOutcome::NotFound => return Err(ApiError::not_found(format!("no task `{id}`"))),
+        CancelOutcome::NotFound => return Err(ServiceError::NotFound(id.to_string())),
     }
     Ok(visible(state, caller, id).await?.view)
 }
 
 /// Records a worker's report.
-pub async fn record_report(state: &Arc<AppState>, report: ResultReport) -> Result<bool, ApiError> {
-    report.validate().map_err(ApiError::invalid)?;
+pub async fn record_report(
+    state: &Arc<AppState>,
+    report: ResultReport,
+) -> Result<bool, ServiceError> {
+    report.validate().map_err(ServiceError::Invalid)?;
     if report
         .output
         .as_ref()
         .is_some_and(|o| json_depth(o) > MAX_JSON_DEPTH)
     {
         // It would become the next step's input: refuse it like a task input that deep.
-        return Err(ApiError::invalid(format!(
+        return Err(ServiceError::Invalid(format!(
             "`output` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
         )));
     }
@@ -372,8 +349,8 @@ pub async fn record_report(state: &Arc<AppState>, report: ResultReport) -> Resul
 }
 
 /// Redrives one failed task.
-pub async fn redrive_task(state: &AppState, id: &str) -> Result<TaskId, ApiError> {
-    let task_id = TaskId::new(id).map_err(|e| ApiError::invalid(format!("`task_id`: {e}")))?;
+pub async fn redrive_task(state: &AppState, id: &str) -> Result<TaskId, ServiceError> {
+    let task_id = TaskId::new(id).map_err(|e| ServiceError::Invalid(format!("`task_id`: {e}")))?;
     match state.store.redrive(&task_id).await? {
         RedriveOutcome::Redriven(cap) => {
             state.dispatcher.ensure_loop(&cap);
@@ -381,11 +358,10 @@ pub async fn redrive_task(state: &AppState, id: &str) -> Result<TaskId, ApiError
             tracing::info!(task_id = %task_id, capability = %cap, "task redriven");
             Ok(task_id)
         }
-        RedriveOutcome::NotFailed(status) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("task `{id}` is {}, not failed", status.as_str()),
-        )),
-        RedriveOutcome::NotFound => Err(ApiError::not_found(format!("no task `{id}`"))),
+        RedriveOutcome::NotFailed(status) => Err(ServiceError::Conflict(format!(
+            "task `{id}` is {}, not failed",
+            status.as_str()
+        ))),
+        RedriveOutcome::NotFound => Err(ServiceError::NotFound(id.to_string())),
     }
 }

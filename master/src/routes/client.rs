@@ -36,8 +36,13 @@ pub async fn submit(
     let request_id = request_id.map(|r| r.0.0).unwrap_or_default();
     let done = tasks::submit(&state, &client, body, key, request_id).await?;
     let location = format!("/task/{}", done.task_id);
+    let status = if done.created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     Ok((
-        done.status,
+        status,
         [(header::LOCATION, location)],
         Json(SubmitResponse {
             task_id: done.task_id,

@@ -9,9 +9,12 @@ pub mod worker;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
+use common::http::ApiError;
 
 use crate::app::AppState;
+use crate::error::ServiceError;
 
 /// The master's API routes.
 pub fn router() -> Router<Arc<AppState>> {
@@ -33,4 +36,24 @@ async fn openapi() -> impl axum::response::IntoResponse {
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         include_str!("../../openapi.json"),
     )
+}
+
+/// The one place a service-layer error becomes an HTTP answer: `4xx` say what was wrong,
+/// `5xx` hide the detail (logged by [`ApiError::internal`]).
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let message = e.to_string();
+        match e {
+            ServiceError::NotFound(_) => Self::not_found(message),
+            ServiceError::Invalid(_) => Self::invalid(message),
+            ServiceError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", message),
+            ServiceError::RateLimited { retry_after } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+                    .retry_after(retry_after.as_secs_f64().ceil() as u64)
+            }
+            ServiceError::Unavailable => Self::unavailable(message),
+            ServiceError::StorageFull => Self::storage_full(),
+            ServiceError::Internal(detail) => Self::internal(detail),
+        }
+    }
 }

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::app::AppState;
 use crate::auth::Operator;
+use crate::error::ServiceError;
 use crate::metrics::publish_queue_gauges;
 use crate::tasks;
 
@@ -47,7 +48,12 @@ pub async fn dispatch(
         (None, Some(cap)) => {
             let limit = req.limit.unwrap_or(1000).clamp(1, 100_000);
             let mut done = Vec::new();
-            for id in state.store.dead_letters(&cap, limit).await? {
+            for id in state
+                .store
+                .dead_letters(&cap, limit)
+                .await
+                .map_err(ServiceError::from)?
+            {
                 // A task may have been redriven or expired meanwhile: skip it.
                 if let Ok(id) = tasks::redrive_task(&state, id.as_str()).await {
                     done.push(id);
@@ -78,8 +84,12 @@ pub async fn workers(
     State(state): State<Arc<AppState>>,
     _: Operator,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (records, malformed) = state.workers.scan().await?;
-    let load = state.store.worker_loads().await?;
+    let (records, malformed) = state.workers.scan().await.map_err(ServiceError::from)?;
+    let load = state
+        .store
+        .worker_loads()
+        .await
+        .map_err(ServiceError::from)?;
     let mut by_capability = std::collections::BTreeMap::<String, Vec<String>>::new();
     for w in &records {
         for c in &w.capabilities {
@@ -108,8 +118,12 @@ pub async fn queues(
     _: Operator,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let caps = state.dispatcher.capabilities();
-    let stats = state.store.stats(&caps, state.config.retention()).await?;
-    let workers = state.workers.live().await?;
+    let stats = state
+        .store
+        .stats(&caps, state.config.retention())
+        .await
+        .map_err(ServiceError::from)?;
+    let workers = state.workers.live().await.map_err(ServiceError::from)?;
     let rows = publish_queue_gauges(&stats, &workers, common::wire::now_ms());
     let queues: Vec<serde_json::Value> = rows
         .iter()
