@@ -341,7 +341,7 @@ impl System {
             redis,
         };
         for (cap, listener, _, config) in workers {
-            let grace = config.shutdown_grace + Duration::from_secs(5);
+            let grace = config.shutdown_grace() + Duration::from_secs(5);
             system.spawn(format!("{cap} worker"), 0, grace, move |stop| {
                 worker::serve(config, listener, stop)
             });

@@ -8,6 +8,12 @@
 //! (`REDIS_PORT` → `redis.port`); every other variable maps to the top-level key of the same
 //! name in lower case (`MAX_CONCURRENCY` → `max_concurrency`). A bad value stops the service
 //! at start with an error that names the variable.
+//!
+//! Every duration setting is a whole number of milliseconds named `*_MS` (env) / `*_ms`
+//! (TOML key and field), as in BullMQ: `LEASE_MS=10000`, `heartbeat_interval_ms = 2000`.
+//! One convention means nobody has to remember which setting takes seconds or a unit; a
+//! value with a unit (`2s`) is refused, not guessed at. A config struct keeps the `u64`
+//! and offers a `Duration` accessor for the code that waits on it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -122,7 +128,22 @@ fn describe(error: &figment::Error) -> String {
     } else {
         format!("{} (`{key}` in the config file)", key_to_env(&error.path))
     };
+    if is_millis(error) {
+        return format!(
+            "invalid setting {setting}: {}: durations are a whole number of milliseconds, \
+             without a unit (2000, not 2s)",
+            error.kind
+        );
+    }
     format!("invalid setting {setting}: {}", error.kind)
+}
+
+/// Whether the error is a non-number in a `*_ms` setting, the likeliest cause of which is a
+/// duration written with a unit.
+fn is_millis(error: &figment::Error) -> bool {
+    use figment::error::Kind;
+    error.path.last().is_some_and(|key| key.ends_with("_ms"))
+        && matches!(error.kind, Kind::InvalidType(..) | Kind::InvalidValue(..))
 }
 
 /// `--config PATH` or `--config=PATH` among the process arguments.
@@ -257,53 +278,6 @@ pub fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
     .collect())
 }
 
-/// A duration in milliseconds, for settings like `HEARTBEAT_INTERVAL_MS`, accepted as a
-/// number or as text with a unit (`500ms`, `2s`, `1m`).
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserializer, Serializer, de};
-
-    /// Serializes as whole milliseconds.
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    /// A number is milliseconds; text may carry a unit `ms`, `s`, `m` or `h`.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = super::lenient_string(d)?;
-        parse(&text).map_err(de::Error::custom)
-    }
-
-    /// Parses `250`, `250ms`, `2s`, `1.5s`, `1m`, `1h`.
-    pub fn parse(text: &str) -> Result<Duration, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a duration (like 500ms, 2s, 1m)"))?;
-        let millis = match unit.trim() {
-            "" | "ms" => value,
-            "s" => value * 1e3,
-            "m" => value * 60e3,
-            "h" => value * 3600e3,
-            other => return Err(format!("unknown duration unit `{other}` in `{text}`")),
-        };
-        if !millis.is_finite() || millis < 0.0 {
-            return Err(format!("`{text}` is not a valid duration"));
-        }
-        Ok(Duration::from_micros((millis * 1e3) as u64))
-    }
-
-    /// Whole seconds as a duration, for the `*_SECS`-style settings.
-    pub fn from_secs_f64(secs: f64) -> Duration {
-        Duration::from_secs_f64(secs.max(0.0))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,17 +310,28 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_with_units() {
-        use std::time::Duration;
-        assert_eq!(duration::parse("250").unwrap(), Duration::from_millis(250));
-        assert_eq!(duration::parse("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(
-            duration::parse("1.5s").unwrap(),
-            Duration::from_millis(1500)
+    fn a_duration_with_a_unit_is_refused_with_the_convention() {
+        #[derive(Debug, Default, Serialize, Deserialize)]
+        #[serde(default)]
+        struct Timed {
+            grace_ms: u64,
+        }
+        impl Settings for Timed {
+            fn env_vars() -> Vec<&'static str> {
+                vec!["GRACE_MS"]
+            }
+        }
+        let figment = Figment::from(Serialized::defaults(Timed::default()))
+            .merge(Toml::string("grace_ms = \"2s\""));
+        let err = extract::<Timed>(figment).unwrap_err().to_string();
+        assert!(
+            err.contains("GRACE_MS (`grace_ms` in the config file)"),
+            "{err}"
         );
-        assert_eq!(duration::parse("1m").unwrap(), Duration::from_secs(60));
-        assert!(duration::parse("soon").is_err());
-        assert!(duration::parse("3 fortnights").is_err());
+        assert!(err.contains("2000, not 2s"), "{err}");
+        let figment = Figment::from(Serialized::defaults(Timed::default()))
+            .merge(Toml::string("grace_ms = 2000"));
+        assert_eq!(extract::<Timed>(figment).unwrap().grace_ms, 2000);
     }
 
     #[test]

@@ -10,7 +10,7 @@ locals {
   namespace = "${var.name}.local"
   ecr       = "${local.account_id}.dkr.ecr.${var.region}.amazonaws.com"
 
-  # Worker SHUTDOWN_GRACE defaults to 25 s: ECS waits stopTimeout after SIGTERM before
+  # Worker SHUTDOWN_GRACE_MS defaults to 25 s: ECS waits stopTimeout after SIGTERM before
   # SIGKILL, so in-flight steps can finish and report.
   stop_timeout = 40
 

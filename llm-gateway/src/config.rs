@@ -40,10 +40,9 @@ pub struct Config {
     /// `[models.<alias>]` in TOML: each alias's ordered fallback targets.
     pub models: BTreeMap<String, AliasConfig>,
 
-    /// `REQUEST_TIMEOUT`: the longest one upstream attempt may take (and, when streaming,
-    /// the longest wait for the next chunk). A number is milliseconds; `60s` works too.
-    #[serde(with = "common::config::duration")]
-    pub request_timeout: Duration,
+    /// `REQUEST_TIMEOUT_MS`: the longest one upstream attempt may take (and, when
+    /// streaming, the longest wait for the next chunk).
+    pub request_timeout_ms: u64,
     /// `MAX_RETRIES`: retries of one target on a retryable failure before falling back.
     pub max_retries: u32,
     /// `RETRY_BASE_MS`: the first retry backoff; doubles per retry, with jitter.
@@ -83,7 +82,7 @@ impl Default for Config {
             llm_provider: ProviderKind::Mock,
             llm_model: String::new(),
             models: BTreeMap::new(),
-            request_timeout: Duration::from_secs(60),
+            request_timeout_ms: 60_000,
             max_retries: 2,
             retry_base_ms: 200,
             retry_max_ms: 10_000,
@@ -107,7 +106,7 @@ const ENV_VARS: &[&str] = &[
     "AUTH_DISABLED",
     "LLM_PROVIDER",
     "LLM_MODEL",
-    "REQUEST_TIMEOUT",
+    "REQUEST_TIMEOUT_MS",
     "MAX_RETRIES",
     "RETRY_BASE_MS",
     "RETRY_MAX_MS",
@@ -140,9 +139,9 @@ impl Settings for Config {
         if self.host.trim().is_empty() {
             return Err(ConfigError::invalid("HOST", "must not be empty"));
         }
-        if self.request_timeout.is_zero() {
+        if self.request_timeout_ms == 0 {
             return Err(ConfigError::invalid(
-                "REQUEST_TIMEOUT",
+                "REQUEST_TIMEOUT_MS",
                 "must be above zero",
             ));
         }
@@ -228,6 +227,11 @@ impl Config {
             }]
         });
         aliases
+    }
+
+    /// `REQUEST_TIMEOUT_MS` as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
     }
 
     /// `RETRY_BASE_MS` as a duration.

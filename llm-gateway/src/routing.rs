@@ -139,7 +139,7 @@ impl Router {
             aliases,
             listing,
             policy: Policy {
-                request_timeout: config.request_timeout,
+                request_timeout: config.request_timeout(),
                 max_retries: config.max_retries,
                 retry_base: config.retry_base(),
                 retry_max: config.retry_max(),
@@ -379,10 +379,10 @@ impl Router {
 }
 
 fn timeout_error(kind: ProviderKind) -> ProviderError {
-    ProviderError::new(kind, ErrorKind::Timeout, "no answer within REQUEST_TIMEOUT")
+    ProviderError::new(kind, ErrorKind::Timeout, "no answer within REQUEST_TIMEOUT_MS")
 }
 
-/// Hands a routed stream's events on: bounds each wait by `REQUEST_TIMEOUT`, ends after an
+/// Hands a routed stream's events on: bounds each wait by `REQUEST_TIMEOUT_MS`, ends after an
 /// error, treats an end without a finish reason as an error (a cut-off reply), and records
 /// the request's metrics when dropped (finished, failed or abandoned by the client).
 struct Relay {

@@ -1,6 +1,5 @@
 //! Builds the master: store, worker source, dispatcher, router; serves until shutdown.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,36 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
-use crate::config::PipelineConfig;
 use crate::dispatch::{Dispatcher, WorkerSource};
 use crate::hub::Hub;
 use crate::store::{RedisStore, StoreError, TaskStore};
+use crate::tasks::Tasks;
 use crate::{Config, routes};
-
-/// Everything a handler needs.
-pub struct AppState {
-    /// The settings.
-    pub config: Arc<Config>,
-    /// Where tasks live.
-    pub store: Arc<dyn TaskStore>,
-    /// Where live workers are listed.
-    pub workers: Arc<dyn WorkerSource>,
-    /// Credentials.
-    pub auth: Auth,
-    /// Named pipelines (with `default`).
-    pub pipelines: BTreeMap<String, PipelineConfig>,
-    /// In-process wake-ups.
-    pub hub: Arc<Hub>,
-    /// The dispatcher.
-    pub dispatcher: Arc<Dispatcher>,
-    /// Background work that must finish at shutdown.
-    pub tracker: TaskTracker,
-    /// Cancelled at shutdown (long polls answer early).
-    pub shutdown: CancellationToken,
-    /// Caps on long polls held open at once, per client and in total, so one client cannot
-    /// use up the process's connections (file descriptors).
-    pub long_polls: Arc<crate::limits::Concurrency>,
-}
 
 /// Where the master keeps its state.
 pub struct Backends {
@@ -115,25 +89,25 @@ pub async fn serve_with(
         let stop = shutdown.clone();
         tracker.spawn(async move { listen_events(settings, hub, stop).await });
     }
-    let state = Arc::new(AppState {
-        pipelines: config.all_pipelines(),
-        config: config.clone(),
-        store: backends.store.clone(),
-        workers: backends.workers,
-        auth,
-        hub,
-        dispatcher,
-        tracker: tracker.clone(),
-        shutdown: shutdown.clone(),
+    let state = routes::AppState {
+        tasks: Arc::new(Tasks::new(
+            config.clone(),
+            backends.store.clone(),
+            backends.workers,
+            dispatcher,
+            hub,
+            shutdown.clone(),
+        )),
+        auth: Arc::new(auth),
         long_polls: crate::limits::long_polls(&config),
-    });
+    };
     let store = backends.store;
     let ready: common::http::ReadyCheck = Arc::new(move || {
         let store = store.clone();
         Box::pin(async move { store.ping().await.map_err(StoreError::not_ready) })
     });
     let router = Router::new()
-        .merge(routes::router().with_state(state))
+        .merge(routes::router(state))
         .merge(common::http::ops_routes("master", ready));
     let router = common::http::finish_router(router, "master", config.body_limit_bytes);
     tracing::info!(addr = %listener.local_addr()?, redis = %config.redis.target(), "master listening");

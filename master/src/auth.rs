@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use common::auth::{KeyRing, bearer, matches};
@@ -15,7 +15,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 
 use crate::Config;
-use crate::app::AppState;
 
 /// The client id used for every caller when auth is disabled.
 pub const ANONYMOUS: &str = "anonymous";
@@ -208,47 +207,53 @@ pub enum Caller {
     Operator,
 }
 
-impl FromRequestParts<Arc<AppState>> for Client {
+impl<S: Send + Sync> FromRequestParts<S> for Client
+where
+    Arc<Auth>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, ApiError> {
-        state.auth.client(&parts.headers).map(Self)
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Arc::<Auth>::from_ref(state)
+            .client(&parts.headers)
+            .map(Self)
     }
 }
 
-impl FromRequestParts<Arc<AppState>> for Operator {
+impl<S: Send + Sync> FromRequestParts<S> for Operator
+where
+    Arc<Auth>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, ApiError> {
-        state.auth.operator(&parts.headers).map(|()| Self)
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Arc::<Auth>::from_ref(state)
+            .operator(&parts.headers)
+            .map(|()| Self)
     }
 }
 
-impl FromRequestParts<Arc<AppState>> for Worker {
+impl<S: Send + Sync> FromRequestParts<S> for Worker
+where
+    Arc<Auth>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, ApiError> {
-        state.auth.worker(&parts.headers).map(|()| Self)
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Arc::<Auth>::from_ref(state)
+            .worker(&parts.headers)
+            .map(|()| Self)
     }
 }
 
-impl FromRequestParts<Arc<AppState>> for Caller {
+impl<S: Send + Sync> FromRequestParts<S> for Caller
+where
+    Arc<Auth>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, ApiError> {
-        let auth = &state.auth;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let auth = Arc::<Auth>::from_ref(state);
         if !auth.disabled()
             && bearer(&parts.headers).is_some_and(|t| auth.operators.client_for(t).is_some())
         {

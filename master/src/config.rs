@@ -57,8 +57,8 @@ pub struct Config {
     pub retry_base_ms: u64,
     /// `RETRY_MAX_MS`: the longest retry backoff.
     pub retry_max_ms: u64,
-    /// `TASK_RETENTION_SECS`: finished tasks (and idempotency keys) expire after this.
-    pub task_retention_secs: u64,
+    /// `TASK_RETENTION_MS`: finished tasks (and idempotency keys) expire after this.
+    pub task_retention_ms: u64,
     /// `RATE_LIMIT_PER_SEC`: sustained `/task` submissions per client (0 = unlimited).
     pub rate_limit_per_sec: f64,
     /// `RATE_LIMIT_BURST`: submissions a client may make at once above the rate.
@@ -84,7 +84,7 @@ pub struct Config {
     /// Keep it at or below the workers' `BODY_LIMIT_BYTES`: a step whose request would be
     /// larger fails at once (`step_too_large`) instead of being refused by every worker.
     pub work_body_limit_bytes: usize,
-    /// `WORKER_HEARTBEAT_MS`: the workers' `HEARTBEAT_INTERVAL`, as the master expects
+    /// `WORKER_HEARTBEAT_MS`: the workers' `HEARTBEAT_INTERVAL_MS`, as the master expects
     /// it. A lease is extended only by a heartbeat, so `LEASE_MS` must cover at least two
     /// of them or every running step would lapse between beats.
     pub worker_heartbeat_ms: u64,
@@ -186,7 +186,7 @@ impl Default for Config {
             lease_ms: 10_000,
             retry_base_ms: 500,
             retry_max_ms: 60_000,
-            task_retention_secs: 7 * 24 * 3600,
+            task_retention_ms: 7 * 24 * 3600 * 1000,
             rate_limit_per_sec: 200.0,
             rate_limit_burst: 400,
             dispatch_timeout_ms: 5_000,
@@ -228,7 +228,7 @@ impl Settings for Config {
             "LEASE_MS",
             "RETRY_BASE_MS",
             "RETRY_MAX_MS",
-            "TASK_RETENTION_SECS",
+            "TASK_RETENTION_MS",
             "RATE_LIMIT_PER_SEC",
             "RATE_LIMIT_BURST",
             "DISPATCH_TIMEOUT_MS",
@@ -411,6 +411,6 @@ impl Config {
 
     /// Finished-task retention as a duration.
     pub fn retention(&self) -> Duration {
-        Duration::from_secs(self.task_retention_secs)
+        Duration::from_millis(self.task_retention_ms)
     }
 }

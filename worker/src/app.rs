@@ -3,7 +3,7 @@
 //!
 //! The drain, in order: stop admitting (new `/work` gets `503`) and publish a record with
 //! `draining: true` at once, so dispatchers pass this worker by while the leases of the
-//! steps it holds are still extended; wait up to `SHUTDOWN_GRACE` for those steps to run and
+//! steps it holds are still extended; wait up to `SHUTDOWN_GRACE_MS` for those steps to run and
 //! their results to be delivered; abandon whatever is left to lease expiry; deregister;
 //! close the listener. Keeping the record (marked draining) until the held steps settle,
 //! rather than deleting it first, is what keeps their leases alive during the drain.
@@ -103,13 +103,13 @@ pub async fn serve_with_agents(
             degraded: None,
         },
         in_flight.clone(),
-        config.heartbeat_every(),
+        config.heartbeat_interval(),
         config.heartbeat_ttl(),
     );
     let delivery = Delivery::new(
         &config.master_url,
         config.worker_token.clone(),
-        config.result_delivery_timeout,
+        config.result_delivery_timeout(),
         MasterLink::new(in_flight.clone(), heartbeat.waker()),
     );
     let runner = Arc::new(Runner::new(
@@ -177,17 +177,17 @@ fn ready_check(in_flight: Arc<InFlight>, pool: RedisPool) -> ReadyCheck {
     })
 }
 
-/// Stops admitting, publishes the draining record, and waits up to `SHUTDOWN_GRACE` for
+/// Stops admitting, publishes the draining record, and waits up to `SHUTDOWN_GRACE_MS` for
 /// the held steps to run and settle their results; abandons the rest to lease expiry.
 async fn drain(config: &Config, in_flight: &InFlight, runner: &Runner, heartbeat: &Heartbeat) {
     in_flight.start_draining();
     heartbeat.beat_now();
     tracing::info!(
         held = in_flight.len(),
-        grace_ms = config.shutdown_grace.as_millis(),
+        grace_ms = config.shutdown_grace_ms,
         "draining: refusing new work, finishing held steps"
     );
-    if tokio::time::timeout(config.shutdown_grace, runner.wait_idle())
+    if tokio::time::timeout(config.shutdown_grace(), runner.wait_idle())
         .await
         .is_err()
     {

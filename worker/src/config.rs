@@ -79,20 +79,16 @@ pub struct Config {
     pub llm_temperature: Option<f64>,
     /// `LLM_MAX_TOKENS`: sent to the gateway when set.
     pub llm_max_tokens: Option<u32>,
-    /// `HEARTBEAT_INTERVAL`: how often the registry record is refreshed (`2s`; a bare number
-    /// is milliseconds). The record's TTL is three intervals.
-    #[serde(with = "common::config::duration")]
-    pub heartbeat_interval: Duration,
-    /// `HEARTBEAT_INTERVAL_MS`: the same in milliseconds; wins when set.
-    pub heartbeat_interval_ms: Option<u64>,
-    /// `SHUTDOWN_GRACE`: how long a SIGTERM drain may take (`25s`, below ECS's 30 s stop
-    /// timeout). Steps still running then are left to lease expiry.
-    #[serde(with = "common::config::duration")]
-    pub shutdown_grace: Duration,
-    /// `RESULT_DELIVERY_TIMEOUT`: how long a result is retried while the master is
-    /// unreachable (`120s`), about as long as its lease can stay current.
-    #[serde(with = "common::config::duration")]
-    pub result_delivery_timeout: Duration,
+    /// `HEARTBEAT_INTERVAL_MS`: how often the registry record is refreshed. The record's
+    /// TTL is three intervals, so one late beat is not taken for death.
+    pub heartbeat_interval_ms: u64,
+    /// `SHUTDOWN_GRACE_MS`: how long a SIGTERM drain may take; below ECS's 30 s stop
+    /// timeout, so the drain ends before the SIGKILL. Steps still running then are left to
+    /// lease expiry.
+    pub shutdown_grace_ms: u64,
+    /// `RESULT_DELIVERY_TIMEOUT_MS`: how long a result is retried while the master is
+    /// unreachable, about as long as its lease can stay current.
+    pub result_delivery_timeout_ms: u64,
     /// `BODY_LIMIT_BYTES`: largest `/work` body (a step carries every earlier output).
     pub body_limit_bytes: usize,
 }
@@ -119,26 +115,33 @@ impl Default for Config {
             llm_model: "default".into(),
             llm_temperature: None,
             llm_max_tokens: None,
-            heartbeat_interval: Duration::from_secs(2),
-            heartbeat_interval_ms: None,
-            shutdown_grace: Duration::from_secs(25),
-            result_delivery_timeout: Duration::from_secs(120),
+            heartbeat_interval_ms: 2_000,
+            shutdown_grace_ms: 25_000,
+            result_delivery_timeout_ms: 120_000,
             body_limit_bytes: 8 * 1024 * 1024,
         }
     }
 }
 
 impl Config {
-    /// The heartbeat interval in effect (`HEARTBEAT_INTERVAL_MS` wins over
-    /// `HEARTBEAT_INTERVAL`).
-    pub fn heartbeat_every(&self) -> Duration {
-        self.heartbeat_interval_ms
-            .map_or(self.heartbeat_interval, Duration::from_millis)
+    /// `HEARTBEAT_INTERVAL_MS` as a duration.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
     }
 
     /// The registry record's TTL: three heartbeat intervals, so one late beat is not death.
     pub fn heartbeat_ttl(&self) -> Duration {
-        self.heartbeat_every() * 3
+        self.heartbeat_interval() * 3
+    }
+
+    /// `SHUTDOWN_GRACE_MS` as a duration.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// `RESULT_DELIVERY_TIMEOUT_MS` as a duration.
+    pub fn result_delivery_timeout(&self) -> Duration {
+        Duration::from_millis(self.result_delivery_timeout_ms)
     }
 
     /// The configured capabilities, checked.
@@ -203,10 +206,9 @@ impl Settings for Config {
             "LLM_MODEL",
             "LLM_TEMPERATURE",
             "LLM_MAX_TOKENS",
-            "HEARTBEAT_INTERVAL",
             "HEARTBEAT_INTERVAL_MS",
-            "SHUTDOWN_GRACE",
-            "RESULT_DELIVERY_TIMEOUT",
+            "SHUTDOWN_GRACE_MS",
+            "RESULT_DELIVERY_TIMEOUT_MS",
             "BODY_LIMIT_BYTES",
         ];
         vars.extend_from_slice(REDIS_ENV_VARS);
@@ -243,15 +245,15 @@ impl Settings for Config {
                 "must be at least 1",
             ));
         }
-        if self.heartbeat_every() < Duration::from_millis(50) {
+        if self.heartbeat_interval_ms < 50 {
             return Err(ConfigError::invalid(
-                "HEARTBEAT_INTERVAL",
-                "must be at least 50ms",
+                "HEARTBEAT_INTERVAL_MS",
+                "must be at least 50",
             ));
         }
-        if self.result_delivery_timeout.is_zero() {
+        if self.result_delivery_timeout_ms == 0 {
             return Err(ConfigError::invalid(
-                "RESULT_DELIVERY_TIMEOUT",
+                "RESULT_DELIVERY_TIMEOUT_MS",
                 "must be more than zero",
             ));
         }
@@ -303,22 +305,23 @@ mod tests {
             jail.set_env("MASTER_URL", "http://master.internal:8000");
             jail.set_env("WORKER_TOKEN", "s3cret-token");
             jail.set_env("MAX_CONCURRENCY", "3");
-            jail.set_env("HEARTBEAT_INTERVAL", "500ms");
-            jail.set_env("SHUTDOWN_GRACE", "10s");
+            jail.set_env("HEARTBEAT_INTERVAL_MS", "500");
+            jail.set_env("SHUTDOWN_GRACE_MS", "10000");
             jail.set_env("AGENT_KIND", "echo");
             let config = load("").unwrap();
             assert_eq!(config.agent_id.as_deref(), Some("worker-b"));
             assert_eq!(config.capabilities, ["retrieve", "evaluate"]);
             assert_eq!(config.max_concurrency, 3);
-            assert_eq!(config.heartbeat_every(), Duration::from_millis(500));
+            assert_eq!(config.heartbeat_interval(), Duration::from_millis(500));
             assert_eq!(config.heartbeat_ttl(), Duration::from_millis(1500));
-            assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+            assert_eq!(config.shutdown_grace(), Duration::from_secs(10));
             assert_eq!(config.agent_kind_for("retrieve"), AgentKind::Echo);
             assert_eq!(format!("{:?}", config.worker_token), "[redacted]");
-            jail.set_env("HEARTBEAT_INTERVAL_MS", "250");
-            assert_eq!(
-                load("").unwrap().heartbeat_every(),
-                Duration::from_millis(250)
+            jail.set_env("SHUTDOWN_GRACE_MS", "10s");
+            let err = load("").unwrap_err().to_string();
+            assert!(
+                err.contains("SHUTDOWN_GRACE_MS") && err.contains("milliseconds"),
+                "{err}"
             );
             Ok(())
         });

@@ -1,6 +1,6 @@
 //! Result delivery: `POST {MASTER_URL}/result`, retried with exponential backoff and jitter
 //! (honouring `Retry-After`) while the master is unreachable or busy, until it answers
-//! `2xx`, refuses the report for good, or `RESULT_DELIVERY_TIMEOUT` passes.
+//! `2xx`, refuses the report for good, or `RESULT_DELIVERY_TIMEOUT_MS` passes.
 //!
 //! Every attempt also tells the [`MasterLink`] whether the master could be reached. A
 //! worker whose results cannot reach it (connection error, timeout, `5xx`) is *degraded*:
@@ -87,7 +87,7 @@ pub enum Outcome {
     Acknowledged(Option<AckStatus>),
     /// The master refused the report for good (`4xx` other than `408`/`429`).
     Rejected(StatusCode),
-    /// `RESULT_DELIVERY_TIMEOUT` passed without an acknowledgement.
+    /// `RESULT_DELIVERY_TIMEOUT_MS` passed without an acknowledgement.
     GaveUp,
     /// The worker stopped trying (the drain's grace period ran out).
     Aborted,

@@ -1,5 +1,5 @@
 //! Registration and heartbeat: the worker's record in the Redis registry (through
-//! `common::registry`), rewritten every `HEARTBEAT_INTERVAL` with a TTL of three intervals
+//! `common::registry`), rewritten every `HEARTBEAT_INTERVAL_MS` with a TTL of three intervals
 //! and the steps it holds, so the master can dispatch to it and extend their leases.
 //!
 //! Redis being down does not stop the worker: it keeps serving what it holds and keeps

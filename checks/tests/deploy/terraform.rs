@@ -489,7 +489,7 @@ fn containers_are_hardened_and_drain_before_sigkill() {
         if j.pointer("/linuxParameters/initProcessEnabled") != Some(&Value::Bool(true)) {
             problems.add(file, who, "linuxParameters.initProcessEnabled must be true");
         }
-        // Above the worker's default SHUTDOWN_GRACE of 25 s, with room to deliver results.
+        // Above the worker's default SHUTDOWN_GRACE_MS of 25 s, with room to deliver results.
         let stop = j.get("stopTimeout").and_then(Value::as_u64).unwrap_or(0);
         if stop < 30 {
             problems.add(

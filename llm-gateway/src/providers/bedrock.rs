@@ -103,7 +103,7 @@ impl BedrockProvider {
         let mut builder = bedrock::config::Builder::from(&sdk)
             .retry_config(RetryConfig::disabled())
             // A model may think longer than the SDK's 5 s stall grace before its first token;
-            // the router bounds every wait with REQUEST_TIMEOUT instead.
+            // the router bounds every wait with REQUEST_TIMEOUT_MS instead.
             .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()

@@ -686,7 +686,7 @@ pub enum ErrorKind {
     RateLimited,
     /// `5xx`, model not ready, service unavailable: retry.
     Unavailable,
-    /// The attempt took longer than `REQUEST_TIMEOUT`: retry.
+    /// The attempt took longer than `REQUEST_TIMEOUT_MS`: retry.
     Timeout,
     /// Could not connect or the connection broke: retry.
     Connection,

@@ -241,7 +241,7 @@ async fn a_hanging_upstream_times_out() {
     config.llm_provider = ProviderKind::Gemini;
     config.gemini_api_key = common::config::Secret::new(GEMINI_KEY);
     config.gemini_base_url = fake.url.clone();
-    config.request_timeout = Duration::from_millis(200);
+    config.request_timeout_ms = 200;
     config.max_retries = 1;
     let app = spawn_app(config).await;
 

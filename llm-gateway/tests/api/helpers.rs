@@ -35,7 +35,7 @@ pub fn test_config() -> Config {
         host: "127.0.0.1".into(),
         port: 0,
         gateway_token: common::config::Secret::new(TOKEN),
-        request_timeout: Duration::from_secs(5),
+        request_timeout_ms: 5_000,
         retry_base_ms: 5,
         retry_max_ms: 2_000,
         max_retries: 2,

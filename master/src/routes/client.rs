@@ -12,13 +12,13 @@ use common::telemetry::RequestId;
 use common::wire::{SubmitResponse, SubmitTask, TaskView};
 use serde::Deserialize;
 
-use crate::app::AppState;
 use crate::auth::{Caller, Client};
-use crate::tasks;
+use crate::limits::Concurrency;
+use crate::tasks::{self, Tasks};
 
 /// `POST /task`.
-pub async fn submit(
-    State(state): State<Arc<AppState>>,
+pub(super) async fn submit(
+    State(tasks): State<Arc<Tasks>>,
     // Before the body: a caller without credentials never gets the body read.
     Client(client): Client,
     headers: HeaderMap,
@@ -34,7 +34,7 @@ pub async fn submit(
         })
         .transpose()?;
     let request_id = request_id.map(|r| r.0.0).unwrap_or_default();
-    let done = tasks::submit(&state, &client, body, key, request_id).await?;
+    let done = tasks.submit(&client, body, key, request_id).await?;
     let location = format!("/task/{}", done.task_id);
     let status = if done.created {
         StatusCode::ACCEPTED
@@ -53,24 +53,25 @@ pub async fn submit(
 }
 
 /// `GET /task/{id}`.
-pub async fn status(
-    State(state): State<Arc<AppState>>,
+pub(super) async fn status(
+    State(tasks): State<Arc<Tasks>>,
     Client(client): Client,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    Ok(Json(tasks::owned(&state, &client, &id).await?.view))
+    Ok(Json(tasks.owned(&client, &id).await?.view))
 }
 
 /// `?wait=SECONDS` on `GET /result/{id}`.
 #[derive(Debug, Deserialize)]
-pub struct WaitQuery {
+pub(super) struct WaitQuery {
     wait: Option<String>,
 }
 
 /// `GET /result/{id}`: `200` once finished (succeeded, failed or cancelled: `status` says
 /// which), `202` with the state while running.
-pub async fn result(
-    State(state): State<Arc<AppState>>,
+pub(super) async fn result(
+    State(tasks): State<Arc<Tasks>>,
+    State(long_polls): State<Arc<Concurrency>>,
     Client(client): Client,
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
@@ -93,11 +94,13 @@ pub async fn result(
     // permit lives in this future, so it is given back however the request ends, a client
     // that disconnects mid-wait included. A plain read holds nothing and needs none.
     let _permit = if wait > 0.0 {
-        Some(state.long_polls.acquire(&client)?)
+        Some(long_polls.acquire(&client)?)
     } else {
         None
     };
-    let result = tasks::result(&state, &client, &id, Duration::from_secs_f64(wait)).await?;
+    let result = tasks
+        .result(&client, &id, Duration::from_secs_f64(wait))
+        .await?;
     let status = if result.status.is_terminal() {
         StatusCode::OK
     } else {
@@ -107,10 +110,10 @@ pub async fn result(
 }
 
 /// `DELETE /task/{id}`: by the task's client, or by an operator (any task).
-pub async fn cancel(
-    State(state): State<Arc<AppState>>,
+pub(super) async fn cancel(
+    State(tasks): State<Arc<Tasks>>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    Ok(Json(tasks::cancel(&state, &caller, &id).await?))
+    Ok(Json(tasks.cancel(&caller, &id).await?))
 }

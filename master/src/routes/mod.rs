@@ -2,22 +2,38 @@
 //! `/result`), the worker route (`POST /result`), operator routes (`/dispatch`, `/workers`,
 //! `/queues`) and `/openapi.json`.
 
-pub mod client;
-pub mod operator;
-pub mod worker;
+mod client;
+mod operator;
+mod worker;
 
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::FromRef;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use common::http::ApiError;
 
-use crate::app::AppState;
+use crate::auth::Auth;
 use crate::error::ServiceError;
+use crate::limits::Concurrency;
+use crate::tasks::Tasks;
+
+/// What the handlers share: the service layer, plus what only the web side needs. Each
+/// handler and extractor takes the part it uses (`State<Arc<Tasks>>`, `Arc<Auth>`).
+#[derive(Clone, FromRef)]
+pub(crate) struct AppState {
+    /// Where every handler's work is done.
+    pub(crate) tasks: Arc<Tasks>,
+    /// Checked by the extractors in `auth.rs` before a handler reads the body.
+    pub(crate) auth: Arc<Auth>,
+    /// Caps on long polls held open at once, per client and in total, so one client cannot
+    /// use up the process's connections (file descriptors).
+    pub(crate) long_polls: Arc<Concurrency>,
+}
 
 /// The master's API routes.
-pub fn router() -> Router<Arc<AppState>> {
+pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/task", post(client::submit))
         .route("/task/{id}", get(client::status).delete(client::cancel))
@@ -27,6 +43,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/workers", get(operator::workers))
         .route("/queues", get(operator::queues))
         .route("/openapi.json", get(openapi))
+        .with_state(state)
 }
 
 /// The API description (OpenAPI 3.1), kept next to the routes and checked by the tests

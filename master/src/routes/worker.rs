@@ -7,19 +7,18 @@ use axum::extract::State;
 use common::http::{ApiError, JsonBody};
 use common::wire::{AckStatus, ResultAck, ResultReport};
 
-use crate::app::AppState;
 use crate::auth::Worker;
-use crate::tasks;
+use crate::tasks::Tasks;
 
 /// `POST /result`: always `200` for a well-formed report from a worker; `status` says
 /// whether it was recorded or discarded as stale.
-pub async fn report(
-    State(state): State<Arc<AppState>>,
+pub(super) async fn report(
+    State(tasks): State<Arc<Tasks>>,
     // Before the body: a caller without the worker token never gets the body read.
     _: Worker,
     JsonBody(report): JsonBody<ResultReport>,
 ) -> Result<Json<ResultAck>, ApiError> {
-    let recorded = tasks::record_report(&state, report).await?;
+    let recorded = tasks.record_report(report).await?;
     Ok(Json(ResultAck {
         status: if recorded {
             AckStatus::Recorded

@@ -38,8 +38,8 @@ impl RealWorker {
             worker_token: Secret::new(WORKER_TOKEN),
             agent_kind: worker::AgentKind::Echo,
             max_concurrency: 4,
-            heartbeat_interval: Duration::from_millis(300),
-            shutdown_grace: Duration::from_millis(500),
+            heartbeat_interval_ms: 300,
+            shutdown_grace_ms: 500,
             ..worker::Config::default()
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -171,11 +171,11 @@ pub struct Options {
     pub worker_slots: u32,
     /// Who reaches Redis through a [`Proxy`] the test can black-hole.
     pub redis_via_proxy: Via,
-    /// Workers' `SHUTDOWN_GRACE`.
-    pub shutdown_grace: &'static str,
+    /// Workers' `SHUTDOWN_GRACE_MS`.
+    pub shutdown_grace_ms: u64,
     /// The masters' `LEASE_MS`.
     pub lease_ms: u64,
-    /// The workers' `HEARTBEAT_INTERVAL` (and the masters' `WORKER_HEARTBEAT_MS`), in ms.
+    /// The workers' `HEARTBEAT_INTERVAL_MS` (and the masters' `WORKER_HEARTBEAT_MS`), in ms.
     pub heartbeat_ms: u64,
 }
 
@@ -186,7 +186,7 @@ impl Default for Options {
             workers: 3,
             worker_slots: 16,
             redis_via_proxy: Via::Nobody,
-            shutdown_grace: "15s",
+            shutdown_grace_ms: 15_000,
             lease_ms: LEASE_MS,
             heartbeat_ms: 300,
         }
@@ -363,12 +363,15 @@ impl Cluster {
                 ("WORKER_TOKEN", WORKER_TOKEN.into()),
                 ("ADVERTISE_URL", format!("http://127.0.0.1:{port}")),
                 (
-                    "HEARTBEAT_INTERVAL",
-                    format!("{}ms", self.options.heartbeat_ms),
+                    "HEARTBEAT_INTERVAL_MS",
+                    self.options.heartbeat_ms.to_string(),
                 ),
                 ("MAX_CONCURRENCY", self.options.worker_slots.to_string()),
-                ("SHUTDOWN_GRACE", self.options.shutdown_grace.into()),
-                ("RESULT_DELIVERY_TIMEOUT", "60s".into()),
+                (
+                    "SHUTDOWN_GRACE_MS",
+                    self.options.shutdown_grace_ms.to_string(),
+                ),
+                ("RESULT_DELIVERY_TIMEOUT_MS", "60000".into()),
             ]
             .map(|(k, v)| (k.to_string(), v)),
         );

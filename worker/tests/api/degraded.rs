@@ -56,7 +56,7 @@ async fn an_unreachable_master_makes_the_worker_degraded_and_refuse_work() {
     // A closed loopback port: every delivery is refused.
     let master_url = format!("http://127.0.0.1:{}", testkit::free_port());
     config.master_url = master_url.clone();
-    config.shutdown_grace = Duration::from_millis(300);
+    config.shutdown_grace_ms = 300;
     let worker = spawn_worker(&redis, config, Agents::new()).await;
     assert_eq!(ready(&worker).await.0, StatusCode::OK);
 
@@ -141,7 +141,7 @@ async fn a_degraded_worker_with_nothing_to_deliver_recovers_by_probing_the_maste
     let redis = TestRedis::start();
     let mut master = FakeMaster::start().await;
     let mut config = test_config(&redis, &master);
-    config.result_delivery_timeout = Duration::from_millis(300);
+    config.result_delivery_timeout_ms = 300;
     let worker = spawn_worker(&redis, config, Agents::new()).await;
     master.stop().await;
     worker.post_work(&work_request("echo", json!(1))).await;

@@ -1,5 +1,5 @@
 //! Result delivery: retried through a master outage and retryable answers, ended by any
-//! `2xx` or a permanent refusal, given up after `RESULT_DELIVERY_TIMEOUT`.
+//! `2xx` or a permanent refusal, given up after `RESULT_DELIVERY_TIMEOUT_MS`.
 
 use std::time::Duration;
 
@@ -95,7 +95,7 @@ async fn delivery_gives_up_after_the_delivery_timeout() {
     let master = FakeMaster::start().await;
     master.script((0..1000).map(|_| (StatusCode::BAD_GATEWAY, json!({}))));
     let mut config = test_config(&redis, &master);
-    config.result_delivery_timeout = Duration::from_millis(800);
+    config.result_delivery_timeout_ms = 800;
     let worker = spawn_held(&redis, config).await;
     redis
         .wait_for_record(&worker.id, |r| r.in_flight.is_empty())

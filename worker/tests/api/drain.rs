@@ -17,7 +17,7 @@ async fn sigterm_during_a_slow_step_finishes_it_delivers_and_exits_zero() {
     let mut env = binary_env(&redis, &id, &master);
     env.push(("CAPABILITIES", "plan".into()));
     env.push(("LLM_GATEWAY_URL", gateway.url()));
-    env.push(("SHUTDOWN_GRACE", "10s".into()));
+    env.push(("SHUTDOWN_GRACE_MS", "10000".into()));
     let mut worker = BinaryWorker::spawn(&env);
     let record = eventually_record(&redis, &id, &worker).await;
 
@@ -100,7 +100,7 @@ async fn steps_that_outlive_the_grace_are_left_to_lease_expiry() {
     let redis = TestRedis::start();
     let master = FakeMaster::start().await;
     let mut config = test_config(&redis, &master);
-    config.shutdown_grace = Duration::from_millis(300);
+    config.shutdown_grace_ms = 300;
     let (worker, gate) = spawn_gated(&redis, config).await;
 
     worker.post_work(&work_request("slow", json!(1))).await;

@@ -111,9 +111,9 @@ pub fn test_config(redis: &TestRedis, master: &FakeMaster) -> Config {
         master_url: master.url(),
         worker_token: Secret::new(TOKEN),
         agent_kind: AgentKind::Echo,
-        heartbeat_interval: Duration::from_millis(100),
-        shutdown_grace: Duration::from_secs(10),
-        result_delivery_timeout: Duration::from_secs(30),
+        heartbeat_interval_ms: 100,
+        shutdown_grace_ms: 10_000,
+        result_delivery_timeout_ms: 30_000,
         ..Config::default()
     }
 }
@@ -608,6 +608,6 @@ pub fn binary_env(redis: &TestRedis, id: &str, master: &FakeMaster) -> Vec<(&'st
         ("PORT", "0".into()),
         ("MASTER_URL", master.url()),
         ("WORKER_TOKEN", TOKEN.into()),
-        ("HEARTBEAT_INTERVAL", "200ms".into()),
+        ("HEARTBEAT_INTERVAL_MS", "200".into()),
     ]
 }
