@@ -17,8 +17,8 @@ use serde_json::Value;
 use super::{
     CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease,
     FinishedStep, MAX_FREE_DISPATCH_FAILURES, NewTask, QueueStats, RateLimit, RedriveOutcome,
-    ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, SCORE_EPOCH_MS, StoreError,
-    SubmitOutcome, TaskRecord, TaskStore, lost_on_worker,
+    ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, StoreError, SubmitOutcome,
+    TaskRecord, TaskStore, lost_on_worker, queue_score,
 };
 
 /// The in-memory [`TaskStore`].
@@ -86,11 +86,12 @@ struct Task {
     expires_at: Option<u64>,
     steps: Vec<Step>,
     /// The callback's delivery since the task last finished; `None` before that (the
-    /// Redis hash has no `cbs` then).
+    /// Redis hash has no `CALLBACK_STATUS` then).
     delivery: Option<Delivery>,
 }
 
-/// Where a finished task's completion callback stands (`cbs`, `cbn`, `cbe` in Redis).
+/// Where a finished task's completion callback stands (the `CALLBACK_*` fields of
+/// `schema::task_field` in Redis).
 struct Delivery {
     status: CallbackStatus,
     /// Attempts claimed, finished or not: the fencing token of `finish_callback`.
@@ -118,11 +119,6 @@ struct Step {
     /// The last report recorded from a worker (attempt, worker, status) and its outcome,
     /// for replays (see report.lua).
     recorded: Option<(u32, WorkerId, ReportStatus, ReportOutcome)>,
-}
-
-fn score(priority: i32, queued: u64) -> i64 {
-    // Same order as the Redis score, kept in integers.
-    -(i64::from(priority)) * 10_000_000_000_000 + (queued as i64 - SCORE_EPOCH_MS as i64)
 }
 
 fn ms(d: Duration) -> u64 {
@@ -154,7 +150,7 @@ impl State {
 
     fn enqueue(&mut self, cap: &Capability, priority: i32, queued: u64, id: &str, step: u32) {
         self.queues.entry(cap.to_string()).or_default().insert((
-            score(priority, queued),
+            queue_score(priority, queued),
             id.to_string(),
             step,
         ));

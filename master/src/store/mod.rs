@@ -2,9 +2,10 @@
 //! Redis implementation (Lua scripts, one round trip per transition) and an in-memory one
 //! (the all-in-one launcher without Redis, and a reference for the conformance tests).
 
-pub mod keys;
 pub mod memory;
 pub mod redis;
+mod reply;
+pub mod schema;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -480,13 +481,19 @@ pub fn lease_expired_error(worker: &WorkerId) -> StepError {
 }
 
 /// Queue order: higher priority first, then first queued first. Priorities are limited to
-/// ±[`MAX_PRIORITY`] so the score stays exact in a double.
-pub fn queue_score(priority: i32, queued_at_ms: u64) -> f64 {
-    -(f64::from(priority)) * 1e13 + (queued_at_ms as f64 - SCORE_EPOCH_MS)
+/// ±[`MAX_PRIORITY`] so the score stays exact in a double (Redis keeps scores as
+/// doubles); `lib.lua`'s `score` is the same formula, held to it by a test.
+pub fn queue_score(priority: i32, queued_at_ms: u64) -> i64 {
+    let queued = i64::try_from(queued_at_ms).unwrap_or(i64::MAX);
+    -i64::from(priority) * PRIORITY_WEIGHT + queued.saturating_sub(SCORE_EPOCH_MS)
 }
 
 /// Largest absolute priority.
 pub const MAX_PRIORITY: i32 = 100;
 
+/// How much one priority level outweighs time in a queue score: more milliseconds than
+/// any two queue times are apart (about 316 years).
+pub const PRIORITY_WEIGHT: i64 = 10_000_000_000_000;
+
 /// 2025-01-01, subtracted from queue times to keep scores small.
-pub const SCORE_EPOCH_MS: f64 = 1_735_689_600_000.0;
+pub const SCORE_EPOCH_MS: i64 = 1_735_689_600_000;

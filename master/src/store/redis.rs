@@ -1,5 +1,6 @@
 //! The Redis task store: every transition is one Lua script (one round trip), atomic and
-//! safe with several master replicas racing. Layout in `keys.rs` and each script's header.
+//! safe with several master replicas racing. The data's layout is in `schema.rs`, each
+//! script's arguments in its header, and what comes back is decoded in `reply.rs`.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -7,40 +8,55 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::redis::RedisPool;
-use common::wire::{
-    CallbackStatus, CallbackView, Capability, PriorOutput, ReportStatus, ResultReport, StepContext,
-    StepError, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
-};
-use redis::Script;
-use serde_json::Value;
+use common::wire::{Capability, ReportStatus, ResultReport, StepError, StepRef, TaskId, WorkerId};
+use redis::{Script, Value};
 
+use super::reply::{self, Reply, corrupt};
+use super::schema::{self, at_step, keys, step_field, task_field};
 use super::{
     CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease,
-    FinishedStep, MAX_FREE_DISPATCH_FAILURES, NewTask, QueueStats, RateLimit, RedriveOutcome,
-    ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, StoreError, SubmitOutcome,
-    TaskRecord, TaskStore, keys, lost_on_worker,
+    MAX_FREE_DISPATCH_FAILURES, NewTask, QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome,
+    ReleaseReason, ReportOutcome, RetryPolicy, StoreError, SubmitOutcome, TaskRecord, TaskStore,
+    lost_on_worker,
 };
+
+/// The helpers every script starts with: the names generated from `schema.rs`, then
+/// `lua/lib.lua`.
+static PRELUDE: LazyLock<String> =
+    LazyLock::new(|| schema::lua_prelude() + include_str!("lua/lib.lua"));
+
+/// A script's source: the prelude, then the script.
+pub(super) fn source(script: &str) -> String {
+    format!("{}{script}", *PRELUDE)
+}
+
+/// A script, with its file name for error messages.
+struct Lua {
+    file: &'static str,
+    script: Script,
+}
 
 macro_rules! script {
     ($name:ident, $file:literal) => {
-        static $name: LazyLock<Script> = LazyLock::new(|| {
-            Script::new(concat!(include_str!("lua/lib.lua"), include_str!($file)))
+        static $name: LazyLock<Lua> = LazyLock::new(|| Lua {
+            file: $file,
+            script: Script::new(&source(include_str!(concat!("lua/", $file)))),
         });
     };
 }
 
-script!(SUBMIT, "lua/submit.lua");
-script!(CLAIM, "lua/claim.lua");
-script!(RELEASE, "lua/release.lua");
-script!(REPORT, "lua/report.lua");
-script!(EXPIRED, "lua/expired.lua");
-script!(EXTEND, "lua/extend.lua");
-script!(PROMOTE, "lua/promote.lua");
-script!(CANCEL, "lua/cancel.lua");
-script!(REDRIVE, "lua/redrive.lua");
-script!(STATS, "lua/stats.lua");
-script!(CALLBACK_CLAIM, "lua/callback_claim.lua");
-script!(CALLBACK_FINISH, "lua/callback_finish.lua");
+script!(SUBMIT, "submit.lua");
+script!(CLAIM, "claim.lua");
+script!(RELEASE, "release.lua");
+script!(REPORT, "report.lua");
+script!(EXPIRED, "expired.lua");
+script!(EXTEND, "extend.lua");
+script!(PROMOTE, "promote.lua");
+script!(CANCEL, "cancel.lua");
+script!(REDRIVE, "redrive.lua");
+script!(STATS, "stats.lua");
+script!(CALLBACK_CLAIM, "callback_claim.lua");
+script!(CALLBACK_FINISH, "callback_finish.lua");
 
 /// The Redis-backed [`TaskStore`].
 #[derive(Clone, Debug)]
@@ -63,30 +79,6 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
-}
-
-fn parse_cap(text: &str) -> Result<Capability, StoreError> {
-    Capability::new(text).map_err(corrupt)
-}
-
-fn parse_num<T: std::str::FromStr>(text: &str) -> Result<T, StoreError> {
-    text.parse()
-        .map_err(|_| corrupt(format!("not a number: {text:?}")))
-}
-
-fn parse_json(text: &str) -> Result<Value, StoreError> {
-    serde_json::from_str(text).map_err(corrupt)
-}
-
-fn finished(cap: &str, dispatched: &str) -> Result<FinishedStep, StoreError> {
-    Ok(FinishedStep {
-        capability: parse_cap(cap)?,
-        dispatched_at_ms: dispatched.parse().unwrap_or(0),
-    })
-}
-
 #[async_trait]
 impl TaskStore for RedisStore {
     async fn submit(
@@ -103,7 +95,7 @@ impl TaskStore for RedisStore {
             .ok_or_else(|| corrupt("a task needs at least one step"))?;
         let caps: Vec<&str> = task.steps.iter().map(|s| s.capability.as_str()).collect();
         let idem = task.idempotency_key.as_deref();
-        let mut invocation = SUBMIT.prepare_invoke();
+        let mut invocation = SUBMIT.script.prepare_invoke();
         invocation
             .key(keys::task(p, id))
             .key(keys::idempotency(p, &task.client, idem.unwrap_or("-")))
@@ -132,56 +124,45 @@ impl TaskStore for RedisStore {
             invocation.arg(0);
         }
         invocation
-            .arg("cl")
+            .arg(task_field::CLIENT)
             .arg(&task.client)
-            .arg("pr")
+            .arg(task_field::PRIORITY)
             .arg(task.priority)
-            .arg("in")
+            .arg(task_field::INPUT)
             .arg(&task.input)
-            .arg("n")
+            .arg(task_field::STEP_COUNT)
             .arg(task.steps.len())
-            .arg("caps")
+            .arg(task_field::CAPABILITIES)
             .arg(caps.join(","))
-            .arg("rq")
+            .arg(task_field::REQUEST_ID)
             .arg(&task.request_id);
         if let Some(pipeline) = &task.pipeline {
-            invocation.arg("pl").arg(pipeline);
+            invocation.arg(task_field::PIPELINE).arg(pipeline);
         }
         if let Some(url) = &task.callback_url {
-            invocation.arg("cb").arg(url);
+            invocation.arg(task_field::CALLBACK_URL).arg(url);
         }
         for (i, step) in task.steps.iter().enumerate() {
             invocation
-                .arg(format!("{i}:c"))
+                .arg(at_step(i, step_field::CAPABILITY))
                 .arg(step.capability.as_str())
-                .arg(format!("{i}:m"))
+                .arg(at_step(i, step_field::MAX_ATTEMPTS))
                 .arg(step.max_attempts)
-                .arg(format!("{i}:to"))
+                .arg(at_step(i, step_field::TIMEOUT_MS))
                 .arg(step.timeout_ms)
-                .arg(format!("{i}:a"))
+                .arg(at_step(i, step_field::ATTEMPT))
                 .arg(0)
-                .arg(format!("{i}:t"))
+                .arg(at_step(i, step_field::TRIES))
                 .arg(0);
             if i > 0 {
-                invocation.arg(format!("{i}:s")).arg("pending");
+                invocation
+                    .arg(at_step(i, step_field::STATUS))
+                    .arg("pending");
             }
         }
         let mut conn = self.pool.get().await?;
-        let reply: Vec<String> = invocation.invoke_async(&mut conn).await?;
-        match reply.first().map(String::as_str) {
-            Some("created") => Ok(SubmitOutcome::Created),
-            Some("exists") => Ok(SubmitOutcome::Existing(
-                TaskId::new(reply.get(1).cloned().unwrap_or_default()).map_err(corrupt)?,
-            )),
-            Some("limited") => Ok(SubmitOutcome::RateLimited(Duration::from_millis(
-                reply
-                    .get(1)
-                    .map(|s| parse_num(s))
-                    .transpose()?
-                    .unwrap_or(1000),
-            ))),
-            other => Err(corrupt(format!("submit script answered {other:?}"))),
-        }
+        let value: Value = invocation.invoke_async(&mut conn).await?;
+        Reply::parse(SUBMIT.file, value)?.submit()
     }
 
     async fn get(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
@@ -193,7 +174,7 @@ impl TaskStore for RedisStore {
         if fields.is_empty() {
             return Ok(None);
         }
-        record_from_fields(id, &fields).map(Some)
+        reply::record(id, &fields).map(Some)
     }
 
     async fn claim(
@@ -206,7 +187,7 @@ impl TaskStore for RedisStore {
             return Ok(Vec::new());
         }
         let p = self.prefix();
-        let mut invocation = CLAIM.prepare_invoke();
+        let mut invocation = CLAIM.script.prepare_invoke();
         invocation
             .key(keys::queue(p, capability.as_str()))
             .key(keys::leases(p, capability.as_str()))
@@ -217,9 +198,10 @@ impl TaskStore for RedisStore {
             invocation.arg(w.as_str());
         }
         let mut conn = self.pool.get().await?;
-        let rows: Vec<Vec<String>> = invocation.invoke_async(&mut conn).await?;
-        rows.into_iter()
-            .map(|row| claimed_from_row(capability, &row))
+        let value: Value = invocation.invoke_async(&mut conn).await?;
+        Reply::rows(CLAIM.file, value)?
+            .iter()
+            .map(|row| row.claimed(capability))
             .collect()
     }
 
@@ -230,7 +212,8 @@ impl TaskStore for RedisStore {
     ) -> Result<ReleaseOutcome, StoreError> {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
-        let released: i64 = RELEASE
+        let value: Value = RELEASE
+            .script
             .key(keys::task(p, step.task_id.as_str()))
             .arg(p)
             .arg(step.task_id.as_str())
@@ -243,11 +226,7 @@ impl TaskStore for RedisStore {
             .arg(MAX_FREE_DISPATCH_FAILURES)
             .invoke_async(&mut conn)
             .await?;
-        Ok(match released {
-            1 => ReleaseOutcome::Released,
-            2 => ReleaseOutcome::OverLimit,
-            _ => ReleaseOutcome::Stale,
-        })
+        Reply::parse(RELEASE.file, value)?.release()
     }
 
     async fn report(
@@ -261,7 +240,7 @@ impl TaskStore for RedisStore {
         let (status, payload, retryable) = match report.status {
             ReportStatus::Succeeded => (
                 "succeeded",
-                serde_json::to_string(report.output.as_ref().unwrap_or(&Value::Null)),
+                serde_json::to_string(report.output.as_ref().unwrap_or(&serde_json::Value::Null)),
                 false,
             ),
             ReportStatus::Failed => {
@@ -273,7 +252,8 @@ impl TaskStore for RedisStore {
         };
         let payload = payload.map_err(corrupt)?;
         let mut conn = self.pool.get().await?;
-        let reply: Vec<String> = REPORT
+        let value: Value = REPORT
+            .script
             .key(keys::task(p, report.task_id.as_str()))
             .arg(p)
             .arg(report.task_id.as_str())
@@ -290,12 +270,7 @@ impl TaskStore for RedisStore {
             .arg(if lost_on_worker(report) { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
-        match reply.split_first() {
-            Some((kind, rest)) if kind == "replayed" => {
-                Ok(ReportOutcome::Replayed(Box::new(report_outcome(rest)?)))
-            }
-            _ => report_outcome(&reply),
-        }
+        Reply::parse(REPORT.file, value)?.report()
     }
 
     async fn expired_leases(
@@ -305,26 +280,16 @@ impl TaskStore for RedisStore {
     ) -> Result<Vec<ExpiredLease>, StoreError> {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
-        let rows: Vec<Vec<String>> = EXPIRED
+        let value: Value = EXPIRED
+            .script
             .key(keys::leases(p, capability.as_str()))
             .arg(p)
             .arg(limit.max(1))
             .invoke_async(&mut conn)
             .await?;
-        rows.into_iter()
-            .map(|row| {
-                let get = |i: usize| row.get(i).map(String::as_str).unwrap_or("");
-                Ok(ExpiredLease {
-                    step: StepRef {
-                        task_id: TaskId::new(get(0)).map_err(corrupt)?,
-                        step: parse_num(get(1))?,
-                        attempt: parse_num(get(2))?,
-                    },
-                    worker: WorkerId::new(get(3)).map_err(corrupt)?,
-                    dispatched_at_ms: get(4).parse().unwrap_or(0),
-                    timeout_ms: get(5).parse().unwrap_or(0),
-                })
-            })
+        Reply::rows(EXPIRED.file, value)?
+            .iter()
+            .map(Reply::expired)
             .collect()
     }
 
@@ -336,7 +301,7 @@ impl TaskStore for RedisStore {
         if leases.is_empty() {
             return Ok(());
         }
-        let mut invocation = EXTEND.prepare_invoke();
+        let mut invocation = EXTEND.script.prepare_invoke();
         invocation.key(keys::leases(self.prefix(), capability.as_str()));
         for (s, until) in leases {
             invocation
@@ -352,6 +317,7 @@ impl TaskStore for RedisStore {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let moved: usize = PROMOTE
+            .script
             .key(keys::delayed(p, capability.as_str()))
             .key(keys::queue(p, capability.as_str()))
             .arg(p)
@@ -369,7 +335,8 @@ impl TaskStore for RedisStore {
     ) -> Result<Vec<CallbackClaim>, StoreError> {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
-        let rows: Vec<Vec<String>> = CALLBACK_CLAIM
+        let value: Value = CALLBACK_CLAIM
+            .script
             .key(keys::callbacks(p))
             .arg(p)
             .arg(limit.max(1))
@@ -378,27 +345,9 @@ impl TaskStore for RedisStore {
             .arg(CALLBACK_ABANDONED)
             .invoke_async(&mut conn)
             .await?;
-        rows.into_iter()
-            .map(|row| {
-                let (Some(id), Some(attempt)) = (row.first(), row.get(1)) else {
-                    return Err(corrupt("callback claim row too short"));
-                };
-                let id = TaskId::new(id.as_str()).map_err(corrupt)?;
-                let fields: HashMap<String, String> = row[2..]
-                    .chunks_exact(2)
-                    .map(|kv| (kv[0].clone(), kv[1].clone()))
-                    .collect();
-                let record = record_from_fields(&id, &fields)?;
-                let url = record
-                    .callback_url
-                    .clone()
-                    .ok_or_else(|| corrupt("claimed callback without a URL"))?;
-                Ok(CallbackClaim {
-                    record,
-                    url,
-                    attempt: parse_num(attempt)?,
-                })
-            })
+        Reply::rows(CALLBACK_CLAIM.file, value)?
+            .iter()
+            .map(Reply::callback_claim)
             .collect()
     }
 
@@ -415,7 +364,8 @@ impl TaskStore for RedisStore {
             CallbackResult::Failed { error } => ("failed", error.as_str(), 0),
         };
         let mut conn = self.pool.get().await?;
-        let recorded: i64 = CALLBACK_FINISH
+        let value: Value = CALLBACK_FINISH
+            .script
             .key(keys::task(p, id.as_str()))
             .key(keys::callbacks(p))
             .arg(id.as_str())
@@ -425,7 +375,7 @@ impl TaskStore for RedisStore {
             .arg(delay)
             .invoke_async(&mut conn)
             .await?;
-        Ok(recorded == 1)
+        Reply::parse(CALLBACK_FINISH.file, value)?.recorded()
     }
 
     async fn callbacks_pending(&self) -> Result<u64, StoreError> {
@@ -442,7 +392,8 @@ impl TaskStore for RedisStore {
         let error = serde_json::to_string(&StepError::permanent("cancelled", "task cancelled"))
             .map_err(corrupt)?;
         let mut conn = self.pool.get().await?;
-        let reply: Vec<String> = CANCEL
+        let value: Value = CANCEL
+            .script
             .key(keys::task(p, id.as_str()))
             .arg(p)
             .arg(id.as_str())
@@ -450,32 +401,20 @@ impl TaskStore for RedisStore {
             .arg(error)
             .invoke_async(&mut conn)
             .await?;
-        match reply.first().map(String::as_str) {
-            Some("cancelled") => Ok(CancelOutcome::Cancelled),
-            Some("finished") => Ok(CancelOutcome::AlreadyFinished(task_status(
-                reply.get(1).map(String::as_str).unwrap_or(""),
-            )?)),
-            Some("missing") => Ok(CancelOutcome::NotFound),
-            other => Err(corrupt(format!("cancel script answered {other:?}"))),
-        }
+        Reply::parse(CANCEL.file, value)?.cancel()
     }
 
     async fn redrive(&self, id: &TaskId) -> Result<RedriveOutcome, StoreError> {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
-        let reply: Vec<String> = REDRIVE
+        let value: Value = REDRIVE
+            .script
             .key(keys::task(p, id.as_str()))
             .arg(p)
             .arg(id.as_str())
             .invoke_async(&mut conn)
             .await?;
-        let get = |i: usize| reply.get(i).map(String::as_str).unwrap_or("");
-        match get(0) {
-            "redriven" => Ok(RedriveOutcome::Redriven(parse_cap(get(1))?)),
-            "not_failed" => Ok(RedriveOutcome::NotFailed(task_status(get(1))?)),
-            "missing" => Ok(RedriveOutcome::NotFound),
-            other => Err(corrupt(format!("redrive script answered {other:?}"))),
-        }
+        Reply::parse(REDRIVE.file, value)?.redrive()
     }
 
     async fn dead_letters(
@@ -504,24 +443,20 @@ impl TaskStore for RedisStore {
             return Ok(Vec::new());
         }
         let p = self.prefix();
-        let mut invocation = STATS.prepare_invoke();
+        let mut invocation = STATS.script.prepare_invoke();
         invocation.arg(p).arg(ms(retention));
         for c in capabilities {
             invocation.arg(c.as_str());
         }
         let mut conn = self.pool.get().await?;
-        let rows: Vec<(u64, u64, u64, u64, String)> = invocation.invoke_async(&mut conn).await?;
-        Ok(capabilities
+        let value: Value = invocation.invoke_async(&mut conn).await?;
+        let rows = Reply::rows(STATS.file, value)?;
+        capabilities
             .iter()
             .cloned()
-            .zip(rows.into_iter().map(|(q, d, l, x, head)| QueueStats {
-                queued: q,
-                delayed: d,
-                in_flight: l,
-                dead_lettered: x,
-                head_queued_at_ms: head.parse().ok(),
-            }))
-            .collect())
+            .zip(rows.iter().map(Reply::queue_stats))
+            .map(|(cap, stats)| Ok((cap, stats?)))
+            .collect()
     }
 
     async fn worker_loads(&self) -> Result<HashMap<String, u32>, StoreError> {
@@ -553,143 +488,104 @@ impl TaskStore for RedisStore {
     }
 }
 
-/// Decodes `report.lua`'s reply (see its header).
-fn report_outcome(reply: &[String]) -> Result<ReportOutcome, StoreError> {
-    let get = |i: usize| reply.get(i).map(String::as_str).unwrap_or("");
-    match get(0) {
-        "discarded" => Ok(ReportOutcome::Discarded),
-        "next" => Ok(ReportOutcome::Next {
-            finished: finished(get(1), get(2))?,
-            next: parse_cap(get(3))?,
-        }),
-        "retry" => Ok(ReportOutcome::Retry {
-            finished: finished(get(1), get(2))?,
-            delay: Duration::from_millis(parse_num(get(3))?),
-        }),
-        "done" => Ok(ReportOutcome::Done {
-            finished: finished(get(1), get(2))?,
-            status: if get(3) == "succeeded" {
-                TaskStatus::Succeeded
-            } else {
-                TaskStatus::Failed
-            },
-            callback: get(4) == "1",
-        }),
-        other => Err(corrupt(format!("report script answered {other:?}"))),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MAX_PRIORITY, SCORE_EPOCH_MS, queue_score};
+
+    async fn eval(pool: &RedisPool, lua: &str, args: &[String]) -> redis::RedisResult<Value> {
+        let mut conn = pool.get().await.unwrap();
+        redis::cmd("EVAL")
+            .arg(source(lua))
+            .arg(0)
+            .arg(args)
+            .query_async(&mut conn)
+            .await
     }
-}
 
-fn task_status(text: &str) -> Result<TaskStatus, StoreError> {
-    serde_json::from_value(Value::String(text.to_string())).map_err(corrupt)
-}
-
-fn step_status(text: &str) -> Result<StepStatus, StoreError> {
-    serde_json::from_value(Value::String(text.to_string())).map_err(corrupt)
-}
-
-fn claimed_from_row(capability: &Capability, row: &[String]) -> Result<Claimed, StoreError> {
-    let get = |i: usize| row.get(i).map(String::as_str).unwrap_or("");
-    let task_id = TaskId::new(get(0)).map_err(corrupt)?;
-    let step: u32 = parse_num(get(1))?;
-    let attempt: u32 = parse_num(get(2))?;
-    let worker = WorkerId::new(get(3)).map_err(corrupt)?;
-    let timeout_ms: u64 = get(4).parse().unwrap_or(0);
-    let pipeline = Some(get(5).to_string()).filter(|s| !s.is_empty());
-    let total_steps: u32 = parse_num(get(6))?;
-    let caps: Vec<&str> = get(7).split(',').collect();
-    let request_id = get(8).to_string();
-    let task_input = parse_json(get(9))?;
-    let mut previous = Vec::with_capacity(1);
-    if let (Some(before), Some(text)) = (step.checked_sub(1), row.get(10)) {
-        previous.push(PriorOutput {
-            step: before,
-            capability: parse_cap(caps.get(before as usize).copied().unwrap_or(""))?,
-            output: parse_json(text)?,
-        });
+    #[tokio::test]
+    async fn the_lua_queue_score_is_the_rust_one() {
+        let server = testkit::RedisServer::start();
+        let pool = RedisPool::new(&server.settings()).unwrap();
+        let now = common::wire::now_ms();
+        let epoch = SCORE_EPOCH_MS as u64;
+        let times = [
+            0,
+            epoch - 1,
+            epoch,
+            epoch + 1,
+            now,
+            now + 1,
+            now + 86_400_000,
+            now + 100 * 365 * 86_400_000,
+        ];
+        let priorities = [
+            -MAX_PRIORITY,
+            -MAX_PRIORITY + 1,
+            -1,
+            0,
+            1,
+            MAX_PRIORITY - 1,
+            MAX_PRIORITY,
+        ];
+        let mut cases = Vec::new();
+        for priority in priorities {
+            for time in times {
+                cases.push((priority, time));
+            }
+        }
+        let args: Vec<String> = cases
+            .iter()
+            .flat_map(|(p, t)| [p.to_string(), t.to_string()])
+            .collect();
+        let lua = "local out = {}\n\
+                   for i = 1, #ARGV, 2 do out[#out + 1] = score(ARGV[i], ARGV[i + 1]) end\n\
+                   return out";
+        let scores: Vec<String> =
+            redis::from_redis_value(eval(&pool, lua, &args).await.unwrap()).unwrap();
+        assert_eq!(scores.len(), cases.len());
+        for ((priority, time), lua) in cases.iter().zip(&scores) {
+            assert_eq!(
+                lua.parse::<i64>().unwrap(),
+                queue_score(*priority, *time),
+                "priority {priority}, queued at {time}"
+            );
+        }
+        // And the order they give: priority first, then time.
+        let mut by_score = cases.clone();
+        by_score.sort_by_key(|(p, t)| queue_score(*p, *t));
+        let mut by_rule = cases;
+        by_rule.sort_by_key(|(p, t)| (-p, *t));
+        assert_eq!(by_score, by_rule);
     }
-    let input = previous
-        .last()
-        .map(|p| p.output.clone())
-        .unwrap_or_else(|| task_input.clone());
-    Ok(Claimed {
-        work: WorkRequest {
-            task_id,
-            step,
-            attempt,
-            capability: capability.clone(),
-            input,
-            context: StepContext {
-                task_input,
-                previous,
-                pipeline,
-                total_steps,
-            },
-            deadline_ms: common::wire::now_ms() + timeout_ms,
-        },
-        worker,
-        request_id,
-    })
-}
 
-fn record_from_fields(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRecord, StoreError> {
-    let get = |k: &str| f.get(k).map(String::as_str);
-    let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
-    let json = |k: &str| get(k).map(parse_json).transpose();
-    let error = |k: &str| -> Result<Option<StepError>, StoreError> {
-        get(k)
-            .map(|t| serde_json::from_str::<StepError>(t).map_err(corrupt))
-            .transpose()
-    };
-    let n: u32 = parse_num(get("n").unwrap_or("0"))?;
-    let mut steps = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let k = |suffix: &str| format!("{i}:{suffix}");
-        let status = step_status(get(&k("s")).unwrap_or("pending"))?;
-        steps.push(StepView {
-            index: i,
-            capability: parse_cap(get(&k("c")).unwrap_or(""))?,
-            status,
-            worker_id: get(&k("w")).and_then(|w| WorkerId::new(w).ok()),
-            attempts: num(&k("t")).unwrap_or(0) as u32,
-            output: json(&k("o"))?,
-            error: error(&k("e"))?,
-            queued_at_ms: num(&k("q")),
-            dispatched_at_ms: num(&k("d")),
-            finished_at_ms: num(&k("f")),
-        });
+    #[tokio::test]
+    async fn every_script_compiles_and_an_unknown_field_name_is_an_error() {
+        let server = testkit::RedisServer::start();
+        let pool = RedisPool::new(&server.settings()).unwrap();
+        let mut conn = pool.get().await.unwrap();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/lua");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let lua = std::fs::read_to_string(&path).unwrap();
+            let loaded: redis::RedisResult<String> = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(source(&lua))
+                .query_async(&mut conn)
+                .await;
+            assert!(loaded.is_ok(), "{}: {loaded:?}", path.display());
+        }
+        let known = eval(&pool, "return {F.status, step_fields(2).output}", &[]).await;
+        assert_eq!(
+            redis::from_redis_value::<Vec<String>>(known.unwrap()).unwrap(),
+            [
+                schema::task_field::STATUS.to_string(),
+                at_step(2, step_field::OUTPUT)
+            ]
+        );
+        for typo in ["return F.stauts", "return step_fields(0).outptu"] {
+            let error = eval(&pool, typo, &[]).await.unwrap_err();
+            assert!(error.to_string().contains("no field"), "{typo}: {error}");
+        }
     }
-    let status = task_status(get("st").unwrap_or("queued"))?;
-    let result = if status == TaskStatus::Succeeded {
-        steps.last().and_then(|s| s.output.clone())
-    } else {
-        None
-    };
-    Ok(TaskRecord {
-        view: TaskView {
-            task_id: id.clone(),
-            status,
-            pipeline: get("pl").map(String::from),
-            priority: get("pr").and_then(|p| p.parse().ok()).unwrap_or(0),
-            input: json("in")?.unwrap_or(Value::Null),
-            steps,
-            result,
-            error: error("er")?,
-            created_at_ms: num("ca").unwrap_or(0),
-            started_at_ms: num("sa"),
-            finished_at_ms: num("fa"),
-            callback: get("cb").map(|url| CallbackView {
-                url: url.to_string(),
-                status: match get("cbs") {
-                    Some("delivered") => CallbackStatus::Delivered,
-                    Some("failed") => CallbackStatus::Failed,
-                    _ => CallbackStatus::Pending,
-                },
-                attempts: num("cbn").unwrap_or(0) as u32,
-                last_error: get("cbe").map(String::from),
-            }),
-        },
-        client: get("cl").unwrap_or("").to_string(),
-        callback_url: get("cb").map(String::from),
-        request_id: get("rq").unwrap_or("").to_string(),
-    })
 }

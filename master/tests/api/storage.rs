@@ -32,11 +32,11 @@ async fn a_key_of_the_wrong_type_is_a_500_that_hides_the_details_not_a_503() {
     let id = master
         .submit(json!({"steps": ["plan"], "input": "x"}))
         .await;
-    let task_key = master::store::keys::task(&prefix, &id);
+    let task_key = master::store::schema::keys::task(&prefix, &id);
     plant(&pool, &["DEL", &task_key]).await;
     plant(&pool, &["SET", &task_key, "not a hash"]).await;
     // An idempotency key that is a hash: the submit script's first GET is WRONGTYPE.
-    let idem_key = master::store::keys::idempotency(&prefix, "alice", "planted");
+    let idem_key = master::store::schema::keys::idempotency(&prefix, "alice", "planted");
     plant(&pool, &["HSET", &idem_key, "f", "v"]).await;
 
     let cases = [

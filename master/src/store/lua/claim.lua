@@ -5,8 +5,9 @@
 -- KEYS[1] the capability's queue   KEYS[2] its lease set   KEYS[3] worker load hash
 -- ARGV[1] prefix   ARGV[2] lease ms   ARGV[3 ..] worker ids, one per step wanted
 -- Returns one row per claimed step:
---   {task_id, step, attempt, worker, timeout_ms, pipeline, total_steps, caps, request_id,
---    input, output of the step before (absent for step 0)}
+--   {'task_id', id, 'step', n, 'attempt', n, 'worker', id, 'timeout_ms', ms,
+--    'total_steps', n, 'capabilities', caps, 'request_id', id, 'input', json,
+--    ['pipeline', name,] ['previous_output', json of the step before (step > 0)]}
 -- A step carries the task input and the output of the step before it, never the whole
 -- history, so a request to a worker does not grow with the pipeline's length.
 local now = now_ms()
@@ -33,30 +34,39 @@ while #claimed < #pool do
   local popped = redis.call('ZPOPMIN', KEYS[1], #pool - #claimed)
   if #popped == 0 then break end
   for i = 1, #popped, 2 do
-    local member = popped[i]
-    local id, step = split_member(member)
+    local m = popped[i]
+    local id, step = split_member(m)
     local s = tonumber(step)
     local tkey = task_key(ARGV[1], id)
-    local fields = {'st', step .. ':s', step .. ':a', step .. ':t', step .. ':to', 'pl', 'n',
-      'caps', 'rq', 'in', step .. ':av'}
-    if s > 0 then fields[#fields + 1] = (s - 1) .. ':o' end
+    local k = step_fields(step)
+    local fields = {F.status, k.status, k.attempt, k.tries, k.timeout_ms, F.pipeline,
+      F.step_count, F.capabilities, F.request_id, F.input, k.avoid_worker}
+    if s > 0 then fields[#fields + 1] = at_step(s - 1, S.output) end
     local v = redis.call('HMGET', tkey, unpack(fields))
     if (v[1] == 'queued' or v[1] == 'running') and v[2] == 'queued' then
       local worker = take(v[11])
       local attempt = tostring(tonumber(v[3] or '0') + 1)
-      local update = {'st', 'running', step .. ':s', 'dispatched', step .. ':a', attempt,
-        step .. ':t', tostring(tonumber(v[4] or '0') + 1), step .. ':w', worker,
-        step .. ':d', int(now)}
+      local update = {F.status, 'running', k.status, 'dispatched', k.attempt, attempt,
+        k.tries, tostring(tonumber(v[4] or '0') + 1), k.worker, worker,
+        k.dispatched_at, int(now)}
       if v[1] == 'queued' then
-        update[#update + 1] = 'sa'
+        update[#update + 1] = F.started_at
         update[#update + 1] = int(now)
       end
       redis.call('HSET', tkey, unpack(update))
-      redis.call('ZADD', KEYS[2], lease_until, member)
+      redis.call('ZADD', KEYS[2], lease_until, m)
       redis.call('HINCRBY', KEYS[3], worker, 1)
-      local row = {id, step, attempt, worker, v[5] or '0', v[6] or '', v[7] or '1', v[8] or '',
-        v[9] or '', v[10] or 'null'}
-      if s > 0 then row[#row + 1] = v[12] or 'null' end
+      local row = {'task_id', id, 'step', step, 'attempt', attempt, 'worker', worker,
+        'timeout_ms', v[5] or '0', 'total_steps', v[7] or '1', 'capabilities', v[8] or '',
+        'request_id', v[9] or '', 'input', v[10] or 'null'}
+      if v[6] then
+        row[#row + 1] = 'pipeline'
+        row[#row + 1] = v[6]
+      end
+      if s > 0 then
+        row[#row + 1] = 'previous_output'
+        row[#row + 1] = v[12] or 'null'
+      end
       claimed[#claimed + 1] = row
     end
   end

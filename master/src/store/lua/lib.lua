@@ -1,26 +1,25 @@
--- Helpers prepended to every master script (see store/redis.rs). Key names must match
--- store/keys.rs.
+-- Helpers prepended to every master script, after the names generated from
+-- store/schema.rs (`F`, `S`, the key builders; see schema::lua_prelude).
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function task_key(prefix, id) return prefix .. ':task:{' .. id .. '}' end
-local function queue_key(prefix, cap) return prefix .. ':q:' .. cap end
-local function delayed_key(prefix, cap) return prefix .. ':delayed:' .. cap end
-local function lease_key(prefix, cap) return prefix .. ':lease:' .. cap end
-local function dead_key(prefix, cap) return prefix .. ':dead:' .. cap end
-local function load_key(prefix) return prefix .. ':wload' end
-local function events_channel(prefix) return prefix .. ':events' end
-local function callbacks_key(prefix) return prefix .. ':callbacks' end
 -- Integers as exact decimal text (Lua's default formatting keeps only 14 digits).
 local function int(x) return string.format('%.0f', x) end
 -- Higher priority first, then first queued first (store/mod.rs: queue_score).
 local function score(priority, queued)
-  return int(-tonumber(priority or '0') * 1e13 + (tonumber(queued or '0') - 1735689600000))
+  return int(-tonumber(priority or '0') * PRIORITY_WEIGHT + (tonumber(queued or '0') - SCORE_EPOCH_MS))
 end
-local function split_member(member)
-  local sep = string.find(member, ':', 1, true)
-  return string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
+-- The task id and step of a queue member (schema::keys::member).
+local function split_member(m)
+  local sep = string.find(m, MEMBER_SEPARATOR, 1, true)
+  return string.sub(m, 1, sep - 1), string.sub(m, sep + 1)
+end
+-- Step `i`'s field names: `step_fields(i).status` is `at_step(i, S.status)`.
+local function step_fields(i)
+  local out = {}
+  for name, field in pairs(S) do out[name] = at_step(i, field) end
+  return setmetatable(out, getmetatable(S))
 end
 local function terminal(status)
   return status == 'succeeded' or status == 'failed' or status == 'cancelled'
@@ -38,10 +37,9 @@ local function release_load(prefix, worker)
   end
 end
 -- Puts a finished task's completion callback in the outbox, due now, with a fresh
--- delivery record (`cbs` status, `cbn` attempts claimed, `cbe` last error; see
--- callback_claim.lua).
+-- delivery record (see callback_claim.lua).
 local function queue_callback(prefix, task, id, now)
-  redis.call('HSET', task, 'cbs', 'pending', 'cbn', '0')
-  redis.call('HDEL', task, 'cbe')
+  redis.call('HSET', task, F.callback_status, 'pending', F.callback_attempts, '0')
+  redis.call('HDEL', task, F.callback_error)
   redis.call('ZADD', callbacks_key(prefix), int(now), id)
 end

@@ -6,12 +6,13 @@
 -- ARGV[5] retention ms   ARGV[6] '1' with an idempotency key   ARGV[7] priority
 -- ARGV[8] k = capabilities to remember; ARGV[9 .. 8+k] those; ARGV[9+k ..] field/value
 -- pairs of the task hash.
--- Returns {'created'} | {'exists', task_id} | {'limited', retry_after_ms}
+-- Returns {'outcome', 'created'} | {'outcome', 'exists', 'task_id', id}
+--       | {'outcome', 'limited', 'retry_after_ms', ms}
 local now = now_ms()
 if ARGV[6] == '1' then
   local existing = redis.call('GET', KEYS[2])
   if existing and redis.call('EXISTS', task_key(ARGV[1], existing)) == 1 then
-    return {'exists', existing}
+    return {'outcome', 'exists', 'task_id', existing}
   end
 end
 local rate = tonumber(ARGV[3])
@@ -22,7 +23,7 @@ if rate > 0 then
   if tat < now then tat = now end
   local new_tat = tat + interval
   if new_tat - now > tolerance then
-    return {'limited', int(math.ceil(new_tat - now - tolerance))}
+    return {'outcome', 'limited', 'retry_after_ms', int(math.ceil(new_tat - now - tolerance))}
   end
   redis.call('SET', KEYS[3], string.format('%.3f', new_tat), 'PX', int(math.ceil(new_tat - now) + 1000))
 end
@@ -35,8 +36,10 @@ if k > 0 then
   for i = 1, k do caps[i] = ARGV[8 + i] end
   redis.call('SADD', KEYS[5], unpack(caps))
 end
-local fields = {'st', 'queued', 'ca', int(now), '0:s', 'queued', '0:q', int(now)}
+local first = step_fields(0)
+local fields = {F.status, 'queued', F.created_at, int(now), first.status, 'queued',
+  first.queued_at, int(now)}
 for i = 9 + k, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('ZADD', KEYS[4], score(ARGV[7], now), ARGV[2] .. ':0')
-return {'created'}
+redis.call('ZADD', KEYS[4], score(ARGV[7], now), member(ARGV[2], 0))
+return {'outcome', 'created'}

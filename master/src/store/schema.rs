@@ -1,0 +1,396 @@
+//! The layout of the master's data in Redis, in one place: every key template and every
+//! field of a task's hash, each with what it means and which transition writes it.
+//!
+//! The Lua scripts do not spell these names themselves: [`lua_prelude`] turns the
+//! constants and key builders below into Lua (`F.status`, `S.output`, `task_key(…)`),
+//! prepended to every script ahead of `lua/lib.lua`, so the two languages cannot drift.
+//!
+//! A task is one hash. Task-level fields have short names ([`task_field`]); step `i`'s
+//! fields are `i:<name>` ([`step_field`], built by [`at_step`]). The names are short because
+//! a task with many steps carries each one per step.
+
+/// Every Redis key the master writes. A task's hash carries its id as a hash tag
+/// (`{id}`), so one task's keys could live in one Redis Cluster slot. Queues, leases and
+/// dead letters are per capability. The scripts touch a task and its capability's queues
+/// together, which needs cluster mode disabled (what the ElastiCache deployment uses).
+pub mod keys {
+    use std::fmt::Display;
+
+    /// A task's hash (fields in [`super::task_field`] and [`super::step_field`]).
+    pub fn task(prefix: &str, id: &str) -> String {
+        format!("{prefix}:task:{{{id}}}")
+    }
+
+    /// A capability's ready queue: sorted set of [`member`]s by
+    /// [`queue_score`](crate::store::queue_score) (priority, then time queued).
+    pub fn queue(prefix: &str, capability: &str) -> String {
+        format!("{prefix}:q:{capability}")
+    }
+
+    /// A capability's steps waiting out a retry backoff: sorted set of [`member`]s by due
+    /// time.
+    pub fn delayed(prefix: &str, capability: &str) -> String {
+        format!("{prefix}:delayed:{capability}")
+    }
+
+    /// A capability's leased steps: sorted set of [`member`]s by lease expiry.
+    pub fn leases(prefix: &str, capability: &str) -> String {
+        format!("{prefix}:lease:{capability}")
+    }
+
+    /// A capability's dead-lettered tasks: sorted set of task ids by failure time.
+    pub fn dead(prefix: &str, capability: &str) -> String {
+        format!("{prefix}:dead:{capability}")
+    }
+
+    /// Steps in flight per worker: hash of worker id to count.
+    pub fn worker_load(prefix: &str) -> String {
+        format!("{prefix}:wload")
+    }
+
+    /// Capabilities seen in inline steps (set), so every replica watches their queues.
+    pub fn capabilities(prefix: &str) -> String {
+        format!("{prefix}:caps")
+    }
+
+    /// The completion-callback outbox: task ids by when their delivery is due (sorted
+    /// set). The delivery's state lives in the task's hash (`CALLBACK_*` in
+    /// [`super::task_field`]).
+    pub fn callbacks(prefix: &str) -> String {
+        format!("{prefix}:callbacks")
+    }
+
+    /// A client's idempotency key: the id of the task it created.
+    pub fn idempotency(prefix: &str, client: &str, key: &str) -> String {
+        format!("{prefix}:idem:{client}:{key}")
+    }
+
+    /// A client's rate-limit state (GCRA theoretical arrival time).
+    pub fn rate(prefix: &str, client: &str) -> String {
+        format!("{prefix}:rate:{client}")
+    }
+
+    /// What separates a [`member`]'s task id from its step. Task ids cannot contain it.
+    pub const MEMBER_SEPARATOR: char = ':';
+
+    /// A step in a queue, delayed or lease set: `task_id:step`.
+    pub fn member(task_id: &str, step: impl Display) -> String {
+        format!("{task_id}{MEMBER_SEPARATOR}{step}")
+    }
+}
+
+/// Defines a module of field-name constants and `ALL`, the list of (constant name,
+/// stored name) that the Lua prelude and the tests read.
+macro_rules! fields {
+    ($(#[$outer:meta])* $module:ident { $($(#[$doc:meta])* $name:ident = $value:literal,)* }) => {
+        $(#[$outer])*
+        pub mod $module {
+            $($(#[$doc])* pub const $name: &str = $value;)*
+
+            /// Every field: (constant name, name in the hash).
+            pub(crate) const ALL: &[(&str, &str)] = &[$((stringify!($name), $value),)*];
+        }
+    };
+}
+
+fields! {
+    /// Fields of a task's hash that belong to the whole task.
+    task_field {
+        /// The task's status (`queued`, `running`, `succeeded`, `failed`, `cancelled`):
+        /// set by submit, claim (`running`), report, cancel and redrive.
+        STATUS = "st",
+        /// When it was submitted (ms since the epoch): submit.
+        CREATED_AT = "ca",
+        /// When its first step was first dispatched: claim. Redrive reads it to go back to
+        /// `running` rather than `queued`.
+        STARTED_AT = "sa",
+        /// When it finished: report, cancel; removed by redrive.
+        FINISHED_AT = "fa",
+        /// The failed step's error (JSON `StepError`): report; removed by redrive.
+        ERROR = "er",
+        /// The client that owns it: submit.
+        CLIENT = "cl",
+        /// Its priority, read to score every queueing of its steps: submit.
+        PRIORITY = "pr",
+        /// The task input (JSON text): submit.
+        INPUT = "in",
+        /// How many steps it has: submit.
+        STEP_COUNT = "n",
+        /// Its steps' capabilities, comma-separated, so report finds the next step's queue
+        /// with the fields it already reads: submit.
+        CAPABILITIES = "caps",
+        /// The submitting request's id, passed on to workers: submit.
+        REQUEST_ID = "rq",
+        /// Its pipeline's name, when it has one: submit.
+        PIPELINE = "pl",
+        /// Where to POST the final view, when set: submit.
+        CALLBACK_URL = "cb",
+        /// The callback's delivery status (`pending`, `delivered`, `failed`): set to
+        /// `pending` when the task finishes (report, cancel), then by callback_claim and
+        /// callback_finish; removed by redrive.
+        CALLBACK_STATUS = "cbs",
+        /// Delivery attempts claimed, finished or not: the fencing token of
+        /// callback_finish. Raised by callback_claim.
+        CALLBACK_ATTEMPTS = "cbn",
+        /// The last delivery error: callback_claim, callback_finish.
+        CALLBACK_ERROR = "cbe",
+    }
+}
+
+fields! {
+    /// Fields of one step, stored as `i:<name>` ([`at_step`](super::at_step)).
+    step_field {
+        /// The step's status (`pending`, `queued`, `dispatched`, `succeeded`, `failed`):
+        /// submit, claim, release, report, cancel, redrive.
+        STATUS = "s",
+        /// What it needs: submit.
+        CAPABILITY = "c",
+        /// Attempts before it fails for good: submit.
+        MAX_ATTEMPTS = "m",
+        /// How long one attempt may run (ms): submit.
+        TIMEOUT_MS = "to",
+        /// The current attempt number, the fencing token of release and report: raised
+        /// by every claim, never lowered.
+        ATTEMPT = "a",
+        /// Attempts spent: raised by claim, given back by release, reset by redrive.
+        TRIES = "t",
+        /// The worker the current attempt is leased to: claim.
+        WORKER = "w",
+        /// Its output (JSON): report.
+        OUTPUT = "o",
+        /// Its last error (JSON `StepError`): report, cancel.
+        ERROR = "e",
+        /// When it was (or, waiting out a backoff, will be) queued: submit, report,
+        /// redrive. Release reads it to put the step back at its place.
+        QUEUED_AT = "q",
+        /// When the current attempt was dispatched: claim.
+        DISPATCHED_AT = "d",
+        /// When it finished: report, cancel.
+        FINISHED_AT = "f",
+        /// Failed dispatches that cost no attempt since the last one that did: release.
+        FREE_FAILURES = "x",
+        /// Who reported what for the last recorded report (`attempt|worker|status`), to
+        /// tell a replay from a stale report: report.
+        REPORT_KEY = "rk",
+        /// The reply to that report, given again to a replay: report.
+        REPORT_REPLY = "rr",
+        /// The worker the last attempt was lost on, so claim prefers another: report.
+        AVOID_WORKER = "av",
+    }
+}
+
+/// Where step `step`'s `field` (one of [`step_field`]) lives in its task's hash.
+pub fn at_step(step: impl std::fmt::Display, field: &str) -> String {
+    format!("{step}:{field}")
+}
+
+/// The Lua that every script starts with: the field names as tables (`F` for
+/// [`task_field`], `S` for [`step_field`], lower-case; reading a name that is not there is
+/// an error, not a silent `nil`), the key builders, the queue-score constants and
+/// `at_step`, all derived from the Rust above.
+pub fn lua_prelude() -> String {
+    let mut lua =
+        String::from("-- Generated from store/schema.rs: names of the task hash and keys.\n");
+    lua += &lua_table("F", task_field::ALL);
+    lua += &lua_table("S", step_field::ALL);
+    for (name, params, build) in lua_builders() {
+        lua += &lua_function(name, params, build);
+    }
+    lua += &format!(
+        "local MEMBER_SEPARATOR = {}\n",
+        lua_string(&keys::MEMBER_SEPARATOR.to_string())
+    );
+    lua += &format!(
+        "local PRIORITY_WEIGHT = {}\nlocal SCORE_EPOCH_MS = {}\n",
+        super::PRIORITY_WEIGHT,
+        super::SCORE_EPOCH_MS
+    );
+    lua
+}
+
+/// A Rust builder of a name, called with one string per parameter.
+type Builder = fn(&[String]) -> String;
+
+/// The key (and field) builders the scripts use, with their Lua names and parameters.
+fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 10] {
+    [
+        ("task_key", &["prefix", "id"], |a| keys::task(&a[0], &a[1])),
+        ("queue_key", &["prefix", "cap"], |a| {
+            keys::queue(&a[0], &a[1])
+        }),
+        ("delayed_key", &["prefix", "cap"], |a| {
+            keys::delayed(&a[0], &a[1])
+        }),
+        ("lease_key", &["prefix", "cap"], |a| {
+            keys::leases(&a[0], &a[1])
+        }),
+        ("dead_key", &["prefix", "cap"], |a| keys::dead(&a[0], &a[1])),
+        ("load_key", &["prefix"], |a| keys::worker_load(&a[0])),
+        ("callbacks_key", &["prefix"], |a| keys::callbacks(&a[0])),
+        ("events_channel", &["prefix"], |a| {
+            common::registry::keys::events(&a[0])
+        }),
+        ("member", &["id", "step"], |a| keys::member(&a[0], &a[1])),
+        ("at_step", &["step", "field"], |a| at_step(&a[0], &a[1])),
+    ]
+}
+
+/// Marks where a parameter goes in a builder's output; no key template contains it.
+const MARK: char = '\u{1}';
+
+/// A Lua function that builds what `build` builds: `build` is called with a marked
+/// placeholder for each parameter, and the text between the marks becomes Lua string
+/// literals joined with `..` to the parameters.
+fn lua_function(name: &str, params: &[&str], build: Builder) -> String {
+    let marked: Vec<String> = params.iter().map(|p| format!("{MARK}{p}{MARK}")).collect();
+    let parts: Vec<String> = build(&marked)
+        .split(MARK)
+        .enumerate()
+        .filter(|(_, part)| !part.is_empty())
+        // Between marks (odd places) are parameter names; the rest is literal text.
+        .map(|(i, part)| {
+            if i % 2 == 1 {
+                part.to_string()
+            } else {
+                lua_string(part)
+            }
+        })
+        .collect();
+    format!(
+        "local function {name}({}) return {} end\n",
+        params.join(", "),
+        parts.join(" .. ")
+    )
+}
+
+/// `local NAME = setmetatable({ lower_name = 'stored', ... }, <error on unknown names>)`.
+fn lua_table(name: &str, fields: &[(&str, &str)]) -> String {
+    let entries: Vec<String> = fields
+        .iter()
+        .map(|(rust, stored)| format!("{} = {}", rust.to_ascii_lowercase(), lua_string(stored)))
+        .collect();
+    format!(
+        "local {name} = setmetatable({{{}}}, {{__index = function(_, k) \
+         error('no field ' .. tostring(k) .. ' in {name}') end}})\n",
+        entries.join(", ")
+    )
+}
+
+/// A Lua string literal.
+fn lua_string(text: &str) -> String {
+    let mut out = String::from("'");
+    for c in text.chars() {
+        match c {
+            '\\' | '\'' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' => out.push_str("\\n"),
+            _ => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_builder_becomes_lua_that_concatenates_the_same_parts() {
+        assert_eq!(
+            lua_function("task_key", &["prefix", "id"], |a| keys::task(&a[0], &a[1])),
+            "local function task_key(prefix, id) return prefix .. ':task:{' .. id .. '}' end\n"
+        );
+        assert_eq!(lua_string(r"it's a \ "), r"'it\'s a \\ '");
+    }
+
+    #[test]
+    fn field_names_are_unique() {
+        for all in [task_field::ALL, step_field::ALL] {
+            let mut stored: Vec<&str> = all.iter().map(|(_, s)| *s).collect();
+            stored.sort_unstable();
+            stored.dedup();
+            assert_eq!(stored.len(), all.len(), "{all:?}");
+        }
+    }
+
+    /// The string literals of a Lua source, comments skipped.
+    fn literals(lua: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut chars = lua.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '-' if chars.peek() == Some(&'-') => {
+                    chars.by_ref().find(|&c| c == '\n');
+                }
+                '\'' | '"' => {
+                    let mut text = String::new();
+                    while let Some(d) = chars.next() {
+                        match d {
+                            '\\' => text.extend(chars.next()),
+                            _ if d == c => break,
+                            _ => text.push(d),
+                        }
+                    }
+                    out.push(text);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn literals_are_read_from_code_not_comments() {
+        let lua = "-- 'st' in a comment\nlocal x = {'a', \"b\\\"c\"} -- 'd'\n";
+        assert_eq!(literals(lua), ["a", "b\"c"]);
+    }
+
+    /// The scripts take every hash field and key name from the prelude: none spells one.
+    #[test]
+    fn no_script_spells_a_field_or_key_name_itself() {
+        let fields: Vec<&str> = task_field::ALL
+            .iter()
+            .chain(step_field::ALL)
+            .map(|(_, stored)| *stored)
+            .collect();
+        // The literal text of every key template (`:task:{`, `:q:`, …) and the separators.
+        let mut fragments: Vec<String> = Vec::new();
+        for (_, params, build) in lua_builders() {
+            let marked: Vec<String> = params.iter().map(|p| format!("{MARK}{p}{MARK}")).collect();
+            fragments.extend(
+                build(&marked)
+                    .split(MARK)
+                    .step_by(2)
+                    .filter(|part| part.len() > 1)
+                    .map(String::from),
+            );
+        }
+        assert!(fragments.contains(&":task:{".to_string()), "{fragments:?}");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/lua");
+        let mut scripts = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let lua = std::fs::read_to_string(&path).unwrap();
+            for literal in literals(&lua) {
+                let bare = literal.strip_prefix(':').unwrap_or(&literal);
+                assert!(
+                    !fields.contains(&bare) && literal != ":",
+                    "{} spells the field name {literal:?}; use F, S, at_step or member",
+                    path.display()
+                );
+                for fragment in &fragments {
+                    assert!(
+                        !literal.contains(fragment.as_str()),
+                        "{} spells the key fragment {fragment:?}; use the key builders",
+                        path.display()
+                    );
+                }
+            }
+            scripts += 1;
+        }
+        assert_eq!(scripts, 13, "lib.lua and the twelve scripts");
+    }
+}
