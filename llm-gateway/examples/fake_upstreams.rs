@@ -1,33 +1,24 @@
-//! The test fakes of Gemini and Bedrock as a program, for clients outside the Rust tests
-//! (the OpenAI Python SDK tests in `tests/python/`): both answer from the request
-//! (`Reply::Auto`), one JSON line on stdout says where they listen and with which
+//! The fakes of Gemini and Bedrock (`testkit::fakes`) as a program, for clients outside the
+//! Rust tests (the OpenAI Python SDK tests in `tests/python/`): both answer from the
+//! request (`Reply::Auto`), one JSON line on stdout says where they listen and with which
 //! credentials, and the program exits when its stdin closes.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/api/fake.rs"]
-mod fake;
-#[path = "../tests/api/fake_bedrock.rs"]
-mod fake_bedrock;
-#[path = "../tests/api/fake_gemini.rs"]
-mod fake_gemini;
-#[path = "../tests/api/helpers.rs"]
-mod helpers;
-
+use testkit::fakes::{FakeBedrock, FakeGemini, bedrock, gemini};
 use tokio::io::AsyncReadExt;
 
 #[tokio::main]
 async fn main() {
-    let gemini = fake_gemini::FakeGemini::start().await;
-    gemini.always(fake_gemini::Reply::Auto);
-    let bedrock = fake_bedrock::FakeBedrock::start().await;
-    bedrock.always(fake_bedrock::Reply::Auto);
+    let fake_gemini = FakeGemini::start().await;
+    fake_gemini.always(gemini::Reply::Auto);
+    let fake_bedrock = FakeBedrock::start().await;
+    fake_bedrock.always(bedrock::Reply::Auto);
     let ready = serde_json::json!({
-        "gemini_base_url": gemini.url,
-        "gemini_api_key": fake_gemini::GEMINI_KEY,
-        "bedrock_endpoint_url": bedrock.url,
-        "aws_access_key_id": helpers::AWS_ACCESS_KEY,
-        "aws_secret_access_key": helpers::AWS_SECRET_KEY,
-        "aws_region": helpers::AWS_REGION,
+        "gemini_base_url": fake_gemini.url,
+        "gemini_api_key": gemini::GEMINI_KEY,
+        "bedrock_endpoint_url": fake_bedrock.url,
+        "aws_access_key_id": bedrock::AWS_ACCESS_KEY,
+        "aws_secret_access_key": bedrock::AWS_SECRET_KEY,
+        "aws_region": bedrock::AWS_REGION,
     });
     println!("{ready}");
     // Until the parent goes away.

@@ -13,9 +13,11 @@
 //! - [`redis`]: a real `redis-server` (plain, AUTH, ACL user, TLS with generated
 //!   certificates, AOF) on a free loopback port. `try_start` returns errors (the
 //!   launcher); `start` and friends panic (tests).
+//! - [`fakes`]: every fake (worker, master, gateway, Gemini, Bedrock), scripted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fakes;
 pub mod redis;
 pub mod service;
 pub mod system;

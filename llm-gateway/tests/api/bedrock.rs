@@ -2,8 +2,8 @@
 
 use llm_gateway::config::ProviderKind;
 use serde_json::{Value, json};
+use testkit::fakes::bedrock::{FakeBedrock, Frame, Reply, converse_json, stream_frames};
 
-use crate::fake_bedrock::{FakeBedrock, Frame, Reply, converse_json, stream_frames};
 use crate::helpers::{TestApp, ask, ask_stream, spawn_app, test_config, usage, with_alias};
 
 const MODEL: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";

@@ -4,9 +4,9 @@
 use common::config::Secret;
 use llm_gateway::config::ProviderKind;
 use serde_json::{Value, json};
+use testkit::fakes::bedrock::{self as fake_bedrock, FakeBedrock};
+use testkit::fakes::gemini::{self as fake_gemini, FakeGemini, GEMINI_KEY, error_json};
 
-use crate::fake_bedrock::{self, FakeBedrock};
-use crate::fake_gemini::{self, FakeGemini, GEMINI_KEY, error_json};
 use crate::helpers::{TOKEN, TestApp, openai_error, spawn_app, test_config, with_alias};
 
 const TITAN: &str = "amazon.titan-embed-text-v2:0";

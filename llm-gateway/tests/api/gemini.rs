@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use llm_gateway::config::ProviderKind;
 use serde_json::{Value, json};
+use testkit::fakes::gemini::{FakeGemini, GEMINI_KEY, Reply, chunk_json, error_json, reply_json};
 
-use crate::fake_gemini::{FakeGemini, GEMINI_KEY, Reply, chunk_json, error_json, reply_json};
 use crate::helpers::{TestApp, ask, ask_stream, openai_error, spawn_app, test_config, usage};
 
 async fn gateway_over(fake: &FakeGemini) -> TestApp {

@@ -9,12 +9,10 @@ use llm_gateway::Config;
 use llm_gateway::config::{AliasConfig, ProviderKind, Target};
 use llm_gateway::providers::Overrides;
 use serde_json::{Value, json};
+use testkit::fakes::bedrock::{AWS_ACCESS_KEY, AWS_REGION, AWS_SECRET_KEY};
 use tokio_util::sync::CancellationToken;
 
 pub const TOKEN: &str = "test-gateway-token";
-pub const AWS_ACCESS_KEY: &str = "AKIDTESTGATEWAY";
-pub const AWS_SECRET_KEY: &str = "test-secret-key";
-pub const AWS_REGION: &str = "us-east-1";
 
 /// A running gateway; stops when dropped.
 pub struct TestApp {

@@ -6,9 +6,6 @@
 mod bedrock;
 mod embeddings;
 mod errors;
-mod fake;
-mod fake_bedrock;
-mod fake_gemini;
 mod gemini;
 mod helpers;
 mod openai_client;

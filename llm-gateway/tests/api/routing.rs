@@ -2,9 +2,9 @@
 
 use llm_gateway::config::ProviderKind;
 use serde_json::Value;
+use testkit::fakes::bedrock::{self as fake_bedrock, FakeBedrock};
+use testkit::fakes::gemini::{self as fake_gemini, FakeGemini, GEMINI_KEY, error_json};
 
-use crate::fake_bedrock::{self, FakeBedrock};
-use crate::fake_gemini::{self, FakeGemini, GEMINI_KEY, error_json};
 use crate::helpers::{ask, ask_stream, openai_error, spawn_app, test_config, usage, with_alias};
 
 async fn chain() -> (FakeGemini, FakeBedrock, crate::helpers::TestApp) {

@@ -3,11 +3,14 @@
 
 use llm_gateway::config::ProviderKind;
 use serde_json::{Value, json};
-
-use crate::fake_bedrock::{self, FakeBedrock, Frame, converse_content_json, converse_json};
-use crate::fake_gemini::{
-    self, FakeGemini, GEMINI_KEY, chunk_json, function_call_json, reply_json, signature_for,
+use testkit::fakes::bedrock::{
+    self as fake_bedrock, FakeBedrock, Frame, converse_content_json, converse_json,
 };
+use testkit::fakes::gemini::{
+    self as fake_gemini, FakeGemini, GEMINI_KEY, chunk_json, function_call_json, reply_json,
+    signature_for,
+};
+
 use crate::helpers::{TestApp, openai_error, spawn_app, test_config, with_alias};
 
 const BEDROCK_MODEL: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";

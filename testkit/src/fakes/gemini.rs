@@ -11,8 +11,9 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::fake::{Fake, Script};
+use super::server::{Fake, Script};
 
+/// The `x-goog-api-key` the fake accepts: give it to the gateway under test.
 pub const GEMINI_KEY: &str = "fake-gemini-key";
 
 /// One scripted answer.
@@ -49,9 +50,18 @@ pub type FakeGemini = Fake<Reply, Recorded>;
 
 impl FakeGemini {
     pub async fn start() -> Self {
-        Fake::serve("/v1beta", |script, method, uri, headers, body| async move {
-            handle(&script, method, uri, headers, body).await
-        })
+        Self::start_on(0).await.expect("bind a free loopback port")
+    }
+
+    /// Listens on `127.0.0.1:port` (0: a free port), for a gateway configured elsewhere.
+    pub async fn start_on(port: u16) -> std::io::Result<Self> {
+        Fake::serve(
+            port,
+            "/v1beta",
+            |script, method, uri, headers, body| async move {
+                handle(&script, method, uri, headers, body).await
+            },
+        )
         .await
     }
 }

@@ -14,8 +14,12 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::fake::{Fake, Script};
-use crate::helpers::{AWS_ACCESS_KEY, AWS_REGION, AWS_SECRET_KEY};
+use super::server::{Fake, Script};
+
+/// The credentials requests must be signed with: give them to the gateway under test.
+pub const AWS_ACCESS_KEY: &str = "AKIDTESTGATEWAY";
+pub const AWS_SECRET_KEY: &str = "test-secret-key";
+pub const AWS_REGION: &str = "us-east-1";
 
 /// One scripted answer.
 #[derive(Clone)]
@@ -55,10 +59,11 @@ pub type FakeBedrock = Fake<Reply, Recorded>;
 
 impl FakeBedrock {
     pub async fn start() -> Self {
-        Fake::serve("", |script, method, uri, headers, body| async move {
+        Fake::serve(0, "", |script, method, uri, headers, body| async move {
             handle(&script, method, uri, headers, body)
         })
         .await
+        .expect("bind a free loopback port")
     }
 }
 
