@@ -491,7 +491,7 @@ impl TaskStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MAX_PRIORITY, SCORE_EPOCH_MS, queue_score};
+    use crate::store::{MAX_PRIORITY, PlannedStep, SCORE_EPOCH_MS, queue_score};
 
     async fn eval(pool: &RedisPool, lua: &str, args: &[String]) -> redis::RedisResult<Value> {
         let mut conn = pool.get().await.unwrap();
@@ -587,5 +587,91 @@ mod tests {
             let error = eval(&pool, typo, &[]).await.unwrap_err();
             assert!(error.to_string().contains("no field"), "{typo}: {error}");
         }
+    }
+
+    /// Commands Redis has run, those inside scripts included (what the benchmark counts),
+    /// `INFO` itself excluded.
+    async fn commands_run(pool: &RedisPool) -> u64 {
+        let mut conn = pool.get().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    /// What one task costs in Redis commands (DESIGN §11 counts them per task): submit 4,
+    /// claim 7, report 9 (with the worker-load `HDEL`), the result's `HGETALL` 1. Reading
+    /// replies by name must not add any. Lower the budget when it drops.
+    #[tokio::test]
+    async fn a_one_step_task_runs_a_fixed_budget_of_redis_commands() {
+        const BUDGET: u64 = 21;
+        let server = testkit::RedisServer::start();
+        let store = RedisStore::new(RedisPool::new(&server.settings()).unwrap());
+        let cap = Capability::new("echo").unwrap();
+        let worker = WorkerId::new("w1").unwrap();
+        let retry = RetryPolicy {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(10),
+        };
+        let no_limit = RateLimit {
+            per_sec: 0.0,
+            burst: 1,
+        };
+        let retention = Duration::from_secs(60);
+        let mut spent = Vec::new();
+        // The first task loads the scripts; the second one is what a task costs.
+        for _ in 0..2 {
+            let before = commands_run(&store.pool).await;
+            let id = TaskId::generate();
+            let task = NewTask {
+                id: id.clone(),
+                client: "alice".into(),
+                pipeline: Some("bench".into()),
+                steps: vec![PlannedStep {
+                    capability: cap.clone(),
+                    max_attempts: 3,
+                    timeout_ms: 1_000,
+                }],
+                input: "{}".into(),
+                priority: 0,
+                idempotency_key: None,
+                callback_url: None,
+                request_id: "r".into(),
+            };
+            let submitted = store.submit(task, no_limit, retention).await.unwrap();
+            assert_eq!(submitted, SubmitOutcome::Created);
+            let claimed = store
+                .claim(&cap, std::slice::from_ref(&worker), Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert_eq!(claimed.len(), 1);
+            let report = ResultReport {
+                task_id: id.clone(),
+                step: 0,
+                attempt: claimed[0].work.attempt,
+                worker_id: worker.clone(),
+                status: ReportStatus::Succeeded,
+                output: Some(serde_json::json!({})),
+                error: None,
+                duration_ms: None,
+            };
+            let outcome = store.report(&report, retry, 0.5, retention).await.unwrap();
+            assert!(matches!(outcome, ReportOutcome::Done { .. }), "{outcome:?}");
+            assert!(store.get(&id).await.unwrap().is_some());
+            spent.push(commands_run(&store.pool).await - before);
+        }
+        assert!(spent[1] <= BUDGET, "a task ran {} commands", spent[1]);
     }
 }
