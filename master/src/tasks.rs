@@ -359,11 +359,7 @@ impl Tasks {
     pub(crate) async fn cancel(&self, caller: &Caller, id: &str) -> Result<TaskView, ServiceError> {
         let record = self.visible(caller, id).await?;
         let task_id = record.view.task_id.clone();
-        match self
-            .store
-            .cancel(&task_id, self.config.retention())
-            .await?
-        {
+        match self.store.cancel(&task_id, self.config.retention()).await? {
             CancelOutcome::Cancelled => {
                 crate::metrics::task_finished(TaskStatus::Cancelled);
                 self.hub.task_finished(id);
@@ -541,3 +537,6 @@ fn task_result(v: TaskView) -> TaskResult {
         error: v.error,
     }
 }
+
+#[cfg(test)]
+mod tests;

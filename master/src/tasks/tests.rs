@@ -1,0 +1,446 @@
+//! The service layer on its own: no HTTP, no Redis, the in-memory store (and, where a store
+//! must fail part-way, a wrapper around it that fails on cue).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::wire::{
+    Capability, ReportStatus, ResultReport, StepError, StepRef, SubmitTask, TaskId, TaskStatus,
+    WorkerId, WorkerRecord,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Tasks;
+use crate::auth::Caller;
+use crate::config::Config;
+use crate::dispatch::{Dispatcher, WorkerSource};
+use crate::error::ServiceError;
+use crate::hub::Hub;
+use crate::store::{
+    CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease, MemoryStore, NewTask,
+    QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome,
+    RetryPolicy, StoreError, SubmitOutcome, TaskRecord, TaskStore,
+};
+
+/// No worker is alive: nothing is dispatched, so tasks stay where the test puts them.
+struct NoWorkers;
+
+#[async_trait]
+impl WorkerSource for NoWorkers {
+    async fn live(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+/// The service over `store`, with a dispatcher that is never started.
+fn service(config: Config, store: Arc<dyn TaskStore>) -> Tasks {
+    let config = Arc::new(config);
+    let hub = Arc::new(Hub::default());
+    let shutdown = CancellationToken::new();
+    let dispatcher = Dispatcher::new(
+        config.clone(),
+        store.clone(),
+        Arc::new(NoWorkers),
+        hub.clone(),
+        TaskTracker::new(),
+        shutdown.clone(),
+    );
+    Tasks::new(
+        config,
+        store,
+        Arc::new(NoWorkers),
+        dispatcher,
+        hub,
+        shutdown,
+    )
+}
+
+/// One attempt per step, so one failure report dead-letters a task.
+fn one_attempt() -> Config {
+    Config {
+        max_attempts: 1,
+        ..Config::default()
+    }
+}
+
+fn body(value: serde_json::Value) -> SubmitTask {
+    serde_json::from_value(value).expect("a valid submission body")
+}
+
+async fn submit(tasks: &Tasks, client: &str) -> TaskId {
+    let body = body(json!({"steps": ["plan"], "input": {"q": 1}}));
+    tasks
+        .submit(client, body, None, String::new())
+        .await
+        .expect("the submission is accepted")
+        .task_id
+}
+
+/// Claims the queued `plan` step of a task and reports it failed: the task is dead-lettered.
+async fn fail(tasks: &Tasks, store: &dyn TaskStore) {
+    let worker = WorkerId::generate("w");
+    let plan = Capability::new("plan").expect("a valid capability");
+    let claimed = store
+        .claim(
+            &plan,
+            std::slice::from_ref(&worker),
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("the claim succeeds");
+    let step = claimed[0].work.step_ref();
+    let report = ResultReport {
+        task_id: step.task_id,
+        step: step.step,
+        attempt: step.attempt,
+        worker_id: worker,
+        status: ReportStatus::Failed,
+        output: None,
+        error: Some(StepError::permanent("agent", "it broke")),
+        duration_ms: None,
+    };
+    assert!(tasks.record_report(report).await.expect("recorded"));
+}
+
+async fn status(store: &dyn TaskStore, id: &TaskId) -> TaskStatus {
+    store
+        .get(id)
+        .await
+        .expect("the store answers")
+        .expect("the task exists")
+        .view
+        .status
+}
+
+#[tokio::test]
+async fn invalid_submissions_are_refused_naming_the_field() {
+    let tasks = service(Config::default(), Arc::new(MemoryStore::new()));
+    let cases = [
+        (json!({"input": 1, "priority": 101}), None, "`priority`"),
+        (
+            json!({"input": 1, "pipeline": "default", "steps": ["plan"]}),
+            None,
+            "either `pipeline` or `steps`",
+        ),
+        (json!({"input": 1, "pipeline": "nope"}), None, "`pipeline`"),
+        (json!({"input": 1, "steps": []}), None, "`steps`"),
+        (
+            json!({"input": 1, "steps": ["unheard-of"]}),
+            None,
+            "unknown capability",
+        ),
+        (
+            json!({"input": 1, "idempotency_key": "a"}),
+            Some("b"),
+            "`idempotency_key`",
+        ),
+        (
+            json!({"input": 1, "callback_url": "https://example.com/hook"}),
+            None,
+            "CALLBACK_SECRET",
+        ),
+    ];
+    for (value, header_key, field) in cases {
+        let got = tasks
+            .submit(
+                "alice",
+                body(value.clone()),
+                header_key.map(String::from),
+                String::new(),
+            )
+            .await;
+        match got {
+            Err(ServiceError::Invalid(message)) => {
+                assert!(message.contains(field), "{value}: {message}");
+            }
+            other => panic!(
+                "{value}: expected Invalid naming {field}, got {:?}",
+                other.map(|s| s.task_id)
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_is_told_when_to_retry() {
+    let config = Config {
+        rate_limit_per_sec: 0.5,
+        rate_limit_burst: 1,
+        ..Config::default()
+    };
+    let tasks = service(config, Arc::new(MemoryStore::new()));
+    submit(&tasks, "alice").await;
+    let body = body(json!({"input": 2}));
+    match tasks.submit("alice", body, None, String::new()).await {
+        Err(ServiceError::RateLimited { retry_after }) => {
+            assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(2));
+        }
+        other => panic!("expected RateLimited, got {:?}", other.map(|s| s.task_id)),
+    }
+}
+
+#[tokio::test]
+async fn an_idempotent_repeat_names_the_first_task() {
+    let tasks = service(Config::default(), Arc::new(MemoryStore::new()));
+    let submit = |key: &str| {
+        tasks.submit(
+            "alice",
+            body(json!({"input": 1})),
+            Some(key.to_string()),
+            String::new(),
+        )
+    };
+    let first = submit("k1").await.expect("accepted");
+    let again = submit("k1").await.expect("accepted");
+    assert!(first.created && !again.created);
+    assert_eq!(first.task_id, again.task_id);
+    assert_eq!(again.task_status, TaskStatus::Queued);
+}
+
+#[tokio::test]
+async fn another_clients_task_looks_absent_but_an_operator_may_cancel_it() {
+    let store = Arc::new(MemoryStore::new());
+    let tasks = service(Config::default(), store.clone());
+    let id = submit(&tasks, "alice").await;
+    let bob = Caller::Client("bob".into());
+    assert!(matches!(
+        tasks.owned("bob", id.as_str()).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    assert!(matches!(
+        tasks.cancel(&bob, id.as_str()).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    assert_eq!(status(store.as_ref(), &id).await, TaskStatus::Queued);
+
+    let view = tasks
+        .cancel(&Caller::Operator, id.as_str())
+        .await
+        .expect("cancelled");
+    assert_eq!(view.status, TaskStatus::Cancelled);
+    let alice = Caller::Client("alice".into());
+    match tasks.cancel(&alice, id.as_str()).await {
+        Err(ServiceError::Conflict(message)) => assert!(message.contains("cancelled"), "{message}"),
+        other => panic!("expected Conflict, got {:?}", other.map(|v| v.status)),
+    }
+    let malformed = tasks.owned("alice", "not a task id").await;
+    assert!(matches!(malformed, Err(ServiceError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn only_a_failed_task_is_redriven() {
+    let store = Arc::new(MemoryStore::new());
+    let tasks = service(one_attempt(), store.clone());
+    assert!(matches!(
+        tasks.redrive_task("not a task id").await,
+        Err(ServiceError::Invalid(_))
+    ));
+    let unknown = TaskId::generate();
+    assert!(matches!(
+        tasks.redrive_task(unknown.as_str()).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    let id = submit(&tasks, "alice").await;
+    match tasks.redrive_task(id.as_str()).await {
+        Err(ServiceError::Conflict(message)) => {
+            assert!(message.contains("not failed"), "{message}")
+        }
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    fail(&tasks, store.as_ref()).await;
+    assert_eq!(status(store.as_ref(), &id).await, TaskStatus::Failed);
+    assert_eq!(tasks.redrive_task(id.as_str()).await.expect("redriven"), id);
+    // Running again from its failed step, which is queued.
+    assert_eq!(status(store.as_ref(), &id).await, TaskStatus::Running);
+}
+
+#[tokio::test]
+async fn a_store_error_part_way_through_a_redrive_is_the_answer_and_a_repeat_finishes_it() {
+    let store = Arc::new(FailingRedrive::after(1));
+    let tasks = service(one_attempt(), store.clone());
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(submit(&tasks, "alice").await);
+        fail(&tasks, store.as_ref()).await;
+    }
+    let plan = Capability::new("plan").expect("a valid capability");
+    let stopped = tasks.redrive_dead_letters(&plan, None).await;
+    assert!(
+        matches!(stopped, Err(ServiceError::Unavailable)),
+        "{stopped:?}"
+    );
+    let mut redriven = 0;
+    for id in &ids {
+        match status(store.as_ref(), id).await {
+            TaskStatus::Running => redriven += 1,
+            TaskStatus::Failed => {}
+            other => panic!("task {id} is {other:?}"),
+        }
+    }
+    assert_eq!(redriven, 1, "the one redrive before the failure stands");
+
+    store.recover();
+    let rest = tasks
+        .redrive_dead_letters(&plan, None)
+        .await
+        .expect("redriven");
+    assert_eq!(rest.len(), 2);
+    for id in &ids {
+        assert_eq!(status(store.as_ref(), id).await, TaskStatus::Running);
+    }
+}
+
+/// The in-memory store, except that `redrive` fails as if Redis went away after the first
+/// few calls, until [`FailingRedrive::recover`].
+struct FailingRedrive {
+    inner: MemoryStore,
+    /// Redrives that still succeed.
+    left: AtomicUsize,
+}
+
+impl FailingRedrive {
+    fn after(successes: usize) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            left: AtomicUsize::new(successes),
+        }
+    }
+
+    fn recover(&self) {
+        self.left.store(usize::MAX, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl TaskStore for FailingRedrive {
+    async fn redrive(&self, id: &TaskId) -> Result<RedriveOutcome, StoreError> {
+        let spent = self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if spent.is_err() {
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        self.inner.redrive(id).await
+    }
+
+    async fn submit(
+        &self,
+        task: NewTask,
+        limit: RateLimit,
+        retention: Duration,
+    ) -> Result<SubmitOutcome, StoreError> {
+        self.inner.submit(task, limit, retention).await
+    }
+
+    async fn get(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        self.inner.get(id).await
+    }
+
+    async fn claim(
+        &self,
+        capability: &Capability,
+        workers: &[WorkerId],
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        self.inner.claim(capability, workers, lease).await
+    }
+
+    async fn release(
+        &self,
+        step: &StepRef,
+        why: ReleaseReason,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        self.inner.release(step, why).await
+    }
+
+    async fn report(
+        &self,
+        report: &ResultReport,
+        retry: RetryPolicy,
+        jitter: f64,
+        retention: Duration,
+    ) -> Result<ReportOutcome, StoreError> {
+        self.inner.report(report, retry, jitter, retention).await
+    }
+
+    async fn expired_leases(
+        &self,
+        capability: &Capability,
+        limit: usize,
+    ) -> Result<Vec<ExpiredLease>, StoreError> {
+        self.inner.expired_leases(capability, limit).await
+    }
+
+    async fn extend_leases(
+        &self,
+        capability: &Capability,
+        leases: &[(StepRef, u64)],
+    ) -> Result<(), StoreError> {
+        self.inner.extend_leases(capability, leases).await
+    }
+
+    async fn promote_due(&self, capability: &Capability) -> Result<usize, StoreError> {
+        self.inner.promote_due(capability).await
+    }
+
+    async fn claim_callbacks(
+        &self,
+        limit: usize,
+        visibility: Duration,
+        max_attempts: u32,
+    ) -> Result<Vec<CallbackClaim>, StoreError> {
+        self.inner
+            .claim_callbacks(limit, visibility, max_attempts)
+            .await
+    }
+
+    async fn finish_callback(
+        &self,
+        id: &TaskId,
+        attempt: u32,
+        result: &CallbackResult,
+    ) -> Result<bool, StoreError> {
+        self.inner.finish_callback(id, attempt, result).await
+    }
+
+    async fn callbacks_pending(&self) -> Result<u64, StoreError> {
+        self.inner.callbacks_pending().await
+    }
+
+    async fn cancel(&self, id: &TaskId, retention: Duration) -> Result<CancelOutcome, StoreError> {
+        self.inner.cancel(id, retention).await
+    }
+
+    async fn dead_letters(
+        &self,
+        capability: &Capability,
+        limit: usize,
+    ) -> Result<Vec<TaskId>, StoreError> {
+        self.inner.dead_letters(capability, limit).await
+    }
+
+    async fn stats(
+        &self,
+        capabilities: &[Capability],
+        retention: Duration,
+    ) -> Result<Vec<(Capability, QueueStats)>, StoreError> {
+        self.inner.stats(capabilities, retention).await
+    }
+
+    async fn worker_loads(&self) -> Result<HashMap<String, u32>, StoreError> {
+        self.inner.worker_loads().await
+    }
+
+    async fn capabilities(&self) -> Result<Vec<Capability>, StoreError> {
+        self.inner.capabilities().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
