@@ -1,6 +1,6 @@
 //! Wake-ups inside one master process: dispatchers wait for "work queued for capability X",
 //! long-polling clients wait for "task Y finished". Other replicas' events arrive through
-//! Redis pub/sub (see `dispatch::listen`) and land here too.
+//! Redis pub/sub (see `dispatch::events`) and land here too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

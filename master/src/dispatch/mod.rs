@@ -4,6 +4,7 @@
 //! gauges (and CloudWatch EMF lines). Every replica runs all of it: the store's scripts
 //! make the races harmless.
 
+pub(crate) mod events;
 pub mod select;
 
 use std::collections::{HashMap, HashSet};
