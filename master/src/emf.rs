@@ -47,7 +47,7 @@ impl EmfState {
 }
 
 /// One capability's EMF line.
-pub fn queue_line(r: &QueueRow, timestamp_ms: u64) -> String {
+pub(crate) fn queue_line(r: &QueueRow, timestamp_ms: u64) -> String {
     json!({
         "_aws": {
             "Timestamp": timestamp_ms,

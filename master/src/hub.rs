@@ -112,14 +112,6 @@ impl Hub {
         }
     }
 
-    /// How many tasks have waiters.
-    pub fn waiting_tasks(&self) -> usize {
-        self.tasks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .len()
-    }
-
     /// A task finished (or changed in a way a waiter should look at).
     pub fn task_finished(&self, task_id: &str) {
         self.finish(task_id, None);
@@ -160,16 +152,24 @@ impl Hub {
 mod tests {
     use super::*;
 
+    /// How many tasks have waiters.
+    fn waiting_tasks(hub: &Hub) -> usize {
+        hub.tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+
     #[tokio::test]
     async fn a_waiter_is_dropped_with_its_last_holder_even_when_a_poll_is_abandoned() {
         let hub = Arc::new(Hub::default());
         let first = hub.task_waiter("t");
         let second = hub.task_waiter("t");
-        assert_eq!(hub.waiting_tasks(), 1);
+        assert_eq!(waiting_tasks(&hub), 1);
         drop(first);
-        assert_eq!(hub.waiting_tasks(), 1, "still held by the second");
+        assert_eq!(waiting_tasks(&hub), 1, "still held by the second");
         drop(second);
-        assert_eq!(hub.waiting_tasks(), 0);
+        assert_eq!(waiting_tasks(&hub), 0);
         // A long poll whose client hangs up: its future is dropped mid-wait.
         let poll = {
             let hub = hub.clone();
@@ -178,13 +178,13 @@ mod tests {
                 waiter.notify.notified().await;
             })
         };
-        while hub.waiting_tasks() == 0 {
+        while waiting_tasks(&hub) == 0 {
             tokio::task::yield_now().await;
         }
         poll.abort();
         let _ = poll.await;
         assert_eq!(
-            hub.waiting_tasks(),
+            waiting_tasks(&hub),
             0,
             "the abandoned poll left nothing behind"
         );

@@ -1,17 +1,17 @@
 //! The Ensemble master: task intake, the task store, capability dispatch, leases, retries,
 //! dead letters and results.
 
-pub mod app;
-pub mod auth;
-pub mod callbacks;
+pub(crate) mod app;
+pub(crate) mod auth;
+pub(crate) mod callbacks;
 pub mod config;
 pub mod dispatch;
 pub mod emf;
 mod error;
-pub mod hub;
-pub mod limits;
+pub(crate) mod hub;
+pub(crate) mod limits;
 pub mod metrics;
-pub mod routes;
+pub(crate) mod routes;
 pub mod store;
 pub(crate) mod tasks;
 

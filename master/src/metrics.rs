@@ -10,17 +10,17 @@ use common::wire::{Capability, TaskStatus, WorkerRecord};
 use crate::store::{FinishedStep, QueueStats};
 
 /// Tasks this replica recorded as succeeded / failed (for EMF deltas).
-pub static SUCCEEDED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static SUCCEEDED: AtomicU64 = AtomicU64::new(0);
 /// See [`SUCCEEDED`].
-pub static FAILED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static FAILED: AtomicU64 = AtomicU64::new(0);
 
 /// A task was accepted.
-pub fn task_submitted() {
+pub(crate) fn task_submitted() {
     metrics::counter!("ensemble_tasks_submitted_total").increment(1);
 }
 
 /// A task finished.
-pub fn task_finished(status: TaskStatus) {
+pub(crate) fn task_finished(status: TaskStatus) {
     match status {
         TaskStatus::Succeeded => {
             SUCCEEDED.fetch_add(1, Ordering::Relaxed);
@@ -38,13 +38,13 @@ pub fn task_finished(status: TaskStatus) {
 }
 
 /// A step attempt was handed to a worker.
-pub fn step_dispatched(cap: &Capability) {
+pub(crate) fn step_dispatched(cap: &Capability) {
     metrics::counter!("ensemble_steps_dispatched_total", "capability" => cap.to_string())
         .increment(1);
 }
 
 /// A step attempt finished (dispatch to report).
-pub fn step_finished(step: &FinishedStep, succeeded: bool) {
+pub(crate) fn step_finished(step: &FinishedStep, succeeded: bool) {
     let now = common::wire::now_ms();
     let secs = now.saturating_sub(step.dispatched_at_ms) as f64 / 1000.0;
     let outcome = if succeeded { "succeeded" } else { "failed" };
@@ -54,24 +54,24 @@ pub fn step_finished(step: &FinishedStep, succeeded: bool) {
 }
 
 /// A failed step will be retried.
-pub fn step_retried(cap: &Capability) {
+pub(crate) fn step_retried(cap: &Capability) {
     metrics::counter!("ensemble_step_retries_total", "capability" => cap.to_string()).increment(1);
 }
 
 /// A step's lease lapsed.
-pub fn lease_expired(cap: &Capability) {
+pub(crate) fn lease_expired(cap: &Capability) {
     metrics::counter!("ensemble_leases_expired_total", "capability" => cap.to_string())
         .increment(1);
 }
 
 /// A completion callback attempt ended: `delivered`, `retried`, `failed` (no attempts
 /// left), or `stale` (it outlived its claim and another replica took the callback over).
-pub fn callback_attempt(outcome: &'static str) {
+pub(crate) fn callback_attempt(outcome: &'static str) {
     metrics::counter!("ensemble_callbacks_total", "outcome" => outcome).increment(1);
 }
 
 /// The store could not be read for the gauges.
-pub fn redis_error() {
+pub(crate) fn redis_error() {
     metrics::counter!("ensemble_store_errors_total").increment(1);
 }
 
@@ -97,7 +97,7 @@ pub struct QueueRow {
 }
 
 /// Computes the rows and sets the gauges.
-pub fn publish_queue_gauges(
+pub(crate) fn publish_queue_gauges(
     stats: &[(Capability, QueueStats)],
     workers: &[WorkerRecord],
     now_ms: u64,

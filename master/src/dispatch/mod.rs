@@ -5,7 +5,7 @@
 //! make the races harmless.
 
 pub(crate) mod events;
-pub mod select;
+pub(crate) mod select;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -123,7 +123,7 @@ struct View {
 }
 
 /// The dispatcher of one master replica.
-pub struct Dispatcher {
+pub(crate) struct Dispatcher {
     config: Arc<Config>,
     store: Arc<dyn TaskStore>,
     workers: Arc<dyn WorkerSource>,
@@ -143,7 +143,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher; call [`Dispatcher::start`] to run it.
-    pub fn new(
+    pub(crate) fn new(
         config: Arc<Config>,
         store: Arc<dyn TaskStore>,
         workers: Arc<dyn WorkerSource>,
@@ -176,7 +176,7 @@ impl Dispatcher {
 
     /// Starts the refresher, the reaper, the metrics loop and a dispatch loop per
     /// capability (more start as capabilities appear).
-    pub fn start(self: &Arc<Self>) {
+    pub(crate) fn start(self: &Arc<Self>) {
         let me = self.clone();
         self.tracker.spawn(async move { me.refresh_loop().await });
         let me = self.clone();
@@ -189,23 +189,17 @@ impl Dispatcher {
     }
 
     /// The capabilities this replica dispatches.
-    pub fn capabilities(&self) -> Vec<Capability> {
+    pub(crate) fn capabilities(&self) -> Vec<Capability> {
         self.read_view().capabilities.clone()
     }
 
-    /// The live workers and their loads, as last seen.
-    pub fn workers(&self) -> (Vec<WorkerRecord>, HashMap<String, u32>) {
-        let v = self.read_view();
-        (v.workers.clone(), v.load.clone())
-    }
-
     /// Whether a capability is known (configured, served by a live worker, or seen before).
-    pub fn knows(&self, capability: &Capability) -> bool {
+    pub(crate) fn knows(&self, capability: &Capability) -> bool {
         self.configured.contains(capability) || self.read_view().capabilities.contains(capability)
     }
 
     /// Starts a dispatch loop for a capability if it has none.
-    pub fn ensure_loop(self: &Arc<Self>, capability: &Capability) {
+    pub(crate) fn ensure_loop(self: &Arc<Self>, capability: &Capability) {
         let new = self
             .loops
             .lock()
@@ -220,7 +214,7 @@ impl Dispatcher {
     }
 
     /// A step this replica recorded finished: its worker has a free slot again.
-    pub fn step_done(&self, worker: &WorkerId) {
+    pub(crate) fn step_done(&self, worker: &WorkerId) {
         let mut v = self.write_view();
         if let Some(n) = v.load.get_mut(worker.as_str()) {
             *n = n.saturating_sub(1);
@@ -610,7 +604,7 @@ impl Dispatcher {
     }
 
     /// The retry policy from the config.
-    pub fn retry_policy(&self) -> RetryPolicy {
+    pub(crate) fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             base: Duration::from_millis(self.config.retry_base_ms),
             max: Duration::from_millis(self.config.retry_max_ms),
@@ -620,7 +614,7 @@ impl Dispatcher {
     /// Wake-ups and metrics after a report (or lapse) was recorded. A replayed report
     /// (recorded before; its first reply was lost) wakes again, which is harmless, but is
     /// not counted again.
-    pub fn after_report(&self, report: &ResultReport, outcome: &ReportOutcome) {
+    pub(crate) fn after_report(&self, report: &ResultReport, outcome: &ReportOutcome) {
         match outcome {
             ReportOutcome::Discarded => {}
             ReportOutcome::Replayed(first) => self.wake_after(report, first),

@@ -20,7 +20,7 @@ fn available(
 /// degraded or skipped, and have free slots (`max_concurrency` minus `load`). Each step goes to the
 /// worker with the fewest steps in flight at that moment (ties: the order of `workers`), so
 /// a batch spreads evenly.
-pub fn assign(
+pub(crate) fn assign(
     capability: &Capability,
     workers: &[WorkerRecord],
     load: &HashMap<String, u32>,
@@ -52,7 +52,7 @@ pub fn assign(
 }
 
 /// Free slots for a capability across the workers [`assign`] may choose.
-pub fn free_slots(
+pub(crate) fn free_slots(
     capability: &Capability,
     workers: &[WorkerRecord],
     load: &HashMap<String, u32>,
