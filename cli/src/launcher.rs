@@ -1,37 +1,20 @@
 //! `ensemble up`: the llm-gateway, the master and four workers in this process, each on its
 //! own port, on a redis-server the launcher starts (or an existing Redis, or the master's
 //! in-memory store), stopped in order: workers first (they drain and deliver), then the
-//! master, then the gateway, then Redis.
+//! master, then the gateway, then Redis. The system is testkit's; the launcher chooses its
+//! ports and store, loads each service's settings as the service would (defaults, the
+//! TOML file, the environment) and reports what happens.
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use async_trait::async_trait;
-use common::config::Settings;
 use common::redis::RedisSettings;
-use common::wire::{Capability, WorkerRecord};
-use figment::Figment;
-use figment::providers::{Format, Serialized, Toml};
-use master::dispatch::WorkerSource;
-use master::store::{MemoryStore, StoreError};
-use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use testkit::service::Exit;
+use testkit::system::{Base, CAPABILITIES, Store as SystemStore, random_key};
 use tokio_util::sync::CancellationToken;
 
 use crate::args::LaunchArgs;
 use crate::client::Client;
-use crate::redis_server::{RedisProcess, free_port};
-
-/// The four workers, one capability each, in pipeline order.
-pub const CAPABILITIES: [&str; 4] = ["plan", "retrieve", "evaluate", "finalize"];
-
-/// The master's lease in memory mode: workers cannot heartbeat into a store that lives in
-/// the master, so a lease must outlast the longest step (the default step timeout).
-const MEMORY_LEASE_MS: u64 = 300_000;
 
 /// How long start-up may take before the launcher gives up (registration included).
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -57,19 +40,6 @@ impl std::fmt::Display for Store {
     }
 }
 
-/// One service running as a task of this process.
-struct Service {
-    /// For messages.
-    name: String,
-    /// Cancels this service alone, so they can stop in order.
-    stop: CancellationToken,
-    handle: JoinHandle<()>,
-    /// How long its graceful stop may take before it is aborted.
-    grace: Duration,
-    /// Services stop by stage, lowest first, those of one stage together.
-    stage: u8,
-}
-
 /// The running system.
 pub struct System {
     /// The llm-gateway's base URL.
@@ -84,12 +54,7 @@ pub struct System {
     pub api_key: String,
     /// Where tasks live.
     pub store: Store,
-    /// Every service; they stop by stage: workers, master, gateway.
-    services: Vec<Service>,
-    /// Services report here when they end, normally or not.
-    ended: mpsc::UnboundedReceiver<(String, anyhow::Result<()>)>,
-    ended_tx: mpsc::UnboundedSender<(String, anyhow::Result<()>)>,
-    redis: Option<RedisProcess>,
+    system: testkit::System,
 }
 
 /// The ports each service gets, `0` meaning any free one.
@@ -138,249 +103,80 @@ impl Ports {
     }
 }
 
-async fn bind(what: &str, port: u16) -> anyhow::Result<(TcpListener, String)> {
-    let listener = TcpListener::bind(("127.0.0.1", port))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on 127.0.0.1:{port} for the {what} (is another Ensemble running? \
-             pick other ports with --port-offset, or 0 for any free port)"
-            )
-        })?;
-    let url = format!("http://{}", listener.local_addr()?);
-    Ok((listener, url))
-}
-
-/// 32 random hex characters.
-pub fn random_key() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
-/// Loads a service's settings the usual way (defaults, the TOML file, the environment),
-/// with the launcher's own values on top, and validates the result.
-fn load<T: Settings>(service: &str, file: Option<&Path>, overrides: Value) -> anyhow::Result<T> {
-    let mut figment = Figment::from(Serialized::defaults(T::default()));
-    if let Some(path) = file {
-        anyhow::ensure!(
-            path.is_file(),
-            "the config file {} does not exist",
-            path.display()
-        );
-        figment = figment.merge(Toml::file_exact(path));
-    }
-    let figment = figment
-        .merge(common::config::env_provider(T::env_vars()))
-        .merge(Serialized::defaults(overrides));
-    common::config::extract(figment)
-        .with_context(|| format!("the {service}'s configuration is invalid"))
-}
-
-/// The workers the launcher started, for the master in memory mode, where workers cannot
-/// register themselves.
-struct KnownWorkers(Vec<WorkerRecord>);
-
-impl KnownWorkers {
-    /// The records of `(capability, URL, settings)` workers, as they would register.
-    fn new<'a>(
-        workers: impl Iterator<Item = (&'a str, &'a str, &'a worker::Config)>,
-    ) -> anyhow::Result<Self> {
-        let records = workers
-            .map(|(cap, url, config)| {
-                Ok(WorkerRecord {
-                    id: config.worker_id()?,
-                    url: url.to_string(),
-                    capabilities: vec![Capability::new(cap)?],
-                    max_concurrency: config.max_concurrency,
-                    in_flight: Vec::new(),
-                    version: common::VERSION.to_string(),
-                    started_at_ms: common::wire::now_ms(),
-                    draining: false,
-                    heartbeat_at_ms: 0,
-                    degraded: None,
-                })
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Self(records))
-    }
-}
-
-#[async_trait]
-impl WorkerSource for KnownWorkers {
-    async fn live(&self) -> Result<Vec<WorkerRecord>, StoreError> {
-        Ok(self.0.clone())
-    }
-}
-
-/// The gateway's provider: `LLM_PROVIDER` when set, else Gemini when `GEMINI_API_KEY` is,
-/// else the mock.
-fn provider_override() -> Value {
-    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-    if !set("LLM_PROVIDER") && set("GEMINI_API_KEY") {
-        json!({ "llm_provider": "gemini" })
-    } else {
-        json!({})
-    }
-}
-
-/// Merges `extra`'s keys into `base` (both JSON objects).
-fn with(mut base: Value, extra: Value) -> Value {
-    if let (Some(base), Value::Object(extra)) = (base.as_object_mut(), extra) {
-        base.extend(extra);
-    }
-    base
+/// Whether a variable is set to something.
+fn is_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
 }
 
 impl System {
     /// Starts everything and waits until the workers are known to the master.
     pub async fn start(args: &LaunchArgs) -> anyhow::Result<Self> {
         let ports = Ports::from_args(args)?;
-        // Bind first: port 0 works and every URL is known before anything is wired.
-        let (gateway_listener, gateway_url) = bind("llm-gateway", ports.gateway).await?;
-        let (master_listener, master_url) = bind("master", ports.master).await?;
-        let mut worker_listeners = Vec::new();
-        for (cap, port) in CAPABILITIES.iter().zip(ports.workers) {
-            worker_listeners.push((*cap, bind(&format!("{cap} worker"), port).await?));
-        }
-
-        let (store, redis_json, redis) = choose_store(args).await?;
-        let api_key = args
-            .api_key
-            .clone()
-            .filter(|k| !k.is_empty())
-            .unwrap_or_else(random_key);
-        let worker_token = random_key();
-        let gateway_token = random_key();
-        let file = args.config.as_deref();
-        let memory = matches!(store, Store::Memory);
-
-        let gateway: llm_gateway::Config = load(
-            "llm-gateway",
-            file,
-            with(
-                json!({
-                    "host": "127.0.0.1",
-                    "port": port_of(&gateway_url),
-                    "gateway_token": gateway_token,
-                }),
-                provider_override(),
-            ),
-        )?;
-        let provider = gateway.llm_provider.to_string();
-        let mut master_overrides = json!({
-            "host": "127.0.0.1",
-            "port": port_of(&master_url),
-            "redis": redis_json,
-            "api_keys": format!("local:{api_key}"),
-            "operator_api_keys": format!("operator:{api_key}"),
-            "worker_token": worker_token,
-            // Everything runs on this machine, callback receivers included.
-            "callback_allow_private": true,
-        });
-        if memory {
-            master_overrides = with(master_overrides, json!({ "lease_ms": MEMORY_LEASE_MS }));
-        }
-        let mut master: master::Config = load("master", file, master_overrides)?;
-        if master.callback_secret.is_empty() {
-            // Callbacks are always signed; a receiver that checks signatures needs
-            // CALLBACK_SECRET set before the launch.
-            master.callback_secret = common::config::Secret::new(random_key());
-            tracing::info!(
-                "CALLBACK_SECRET is not set: completion callbacks are signed with a generated secret"
-            );
-        }
-        let mut workers = Vec::new();
-        for (cap, (listener, url)) in worker_listeners {
-            let config: worker::Config = load(
-                &format!("{cap} worker"),
-                file,
-                json!({
-                    "host": "127.0.0.1",
-                    "port": port_of(&url),
-                    "redis": redis_json,
-                    "agent_id": format!("worker-{cap}"),
-                    "capabilities": [cap],
-                    "master_url": master_url,
-                    "llm_gateway_url": gateway_url,
-                    "worker_token": worker_token,
-                    "gateway_token": gateway_token,
-                    "advertise_url": url,
-                    // LLM_MODEL names the gateway's model here; workers ask for its alias.
-                    "llm_model": llm_gateway::config::DEFAULT_ALIAS,
-                }),
-            )?;
-            workers.push((cap, listener, url, config));
-        }
-
-        let backends = if memory {
-            let known = workers
-                .iter()
-                .map(|(cap, _, url, config)| (*cap, url.as_str(), config));
-            master::Backends {
-                store: Arc::new(MemoryStore::new()),
-                workers: Arc::new(KnownWorkers::new(known)?),
-                events: None,
-            }
-        } else {
-            master::Backends::redis(&master.redis)?
-        };
-
-        let (ended_tx, ended) = mpsc::unbounded_channel();
-        let mut system = Self {
-            gateway_url,
-            provider,
-            master_url,
-            workers: workers
-                .iter()
-                .map(|(c, _, u, _)| (c.to_string(), u.clone()))
-                .collect(),
-            api_key,
-            store,
-            services: Vec::new(),
-            ended,
-            ended_tx,
-            redis,
-        };
-        for (cap, listener, _, config) in workers {
-            let grace = config.shutdown_grace() + Duration::from_secs(5);
-            system.spawn(format!("{cap} worker"), 0, grace, move |stop| {
-                worker::serve(config, listener, stop)
+        let store = choose_store(args);
+        let mut builder = testkit::System::builder()
+            .store(store.clone())
+            .base(Base::Environment(args.config.clone()))
+            .gateway_port(ports.gateway)
+            .master_ports(vec![ports.master])
+            .worker_ports(ports.workers.to_vec())
+            .workers(CAPABILITIES.len())
+            .port_hint(
+                " (is another Ensemble running? pick other ports with --port-offset, or 0 for \
+                 any free port)",
+            )
+            .ready_within(READY_TIMEOUT)
+            .gateway_config(|gateway| {
+                // Gemini when its key is set and no provider is chosen; the mock otherwise.
+                if !is_set("LLM_PROVIDER") && is_set("GEMINI_API_KEY") {
+                    gateway.llm_provider = llm_gateway::config::ProviderKind::Gemini;
+                }
+            })
+            .master_config(|_, master| {
+                if master.callback_secret.is_empty() {
+                    // Callbacks are always signed; a receiver that checks signatures needs
+                    // CALLBACK_SECRET set before the launch.
+                    master.callback_secret = common::config::Secret::new(random_key());
+                    tracing::info!(
+                        "CALLBACK_SECRET is not set: completion callbacks are signed with a generated secret"
+                    );
+                }
+            })
+            .worker_config(|i, worker| {
+                worker.agent_id = Some(format!("worker-{}", CAPABILITIES[i]));
             });
+        if let Some(key) = args.api_key.clone() {
+            builder = builder.api_key(key);
         }
-        system.spawn("master".into(), 1, Duration::from_secs(20), move |stop| {
-            master::serve_with(master, master_listener, stop, backends)
-        });
-        system.spawn(
-            "llm-gateway".into(),
-            2,
-            Duration::from_secs(10),
-            move |stop| llm_gateway::serve(gateway, gateway_listener, stop),
-        );
-        if let Err(e) = system.wait_ready().await {
-            system.stop().await;
-            return Err(e);
-        }
-        Ok(system)
-    }
-
-    fn spawn<F, Fut>(&mut self, name: String, stage: u8, grace: Duration, serve: F)
-    where
-        F: FnOnce(CancellationToken) -> Fut,
-        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
-        let stop = CancellationToken::new();
-        let served = serve(stop.clone());
-        let ended = self.ended_tx.clone();
-        let label = name.clone();
-        let handle = tokio::spawn(async move {
-            let _ = ended.send((label, served.await));
-        });
-        self.services.push(Service {
-            name,
-            stop,
-            handle,
-            grace,
-            stage,
-        });
+        let system = builder.start().await?;
+        let store = match store {
+            SystemStore::OwnRedis(_) => Store::OwnRedis(
+                system
+                    .redis
+                    .as_ref()
+                    .map(testkit::RedisServer::url)
+                    .unwrap_or_default(),
+            ),
+            SystemStore::Url(url) => Store::Redis(RedisSettings::from_url(url).target()),
+            SystemStore::Memory => Store::Memory,
+        };
+        Ok(Self {
+            gateway_url: system.gateway_url().unwrap_or_default().to_string(),
+            provider: system
+                .gateway_config
+                .as_ref()
+                .map(|g| g.llm_provider.to_string())
+                .unwrap_or_default(),
+            master_url: system.master_url().to_string(),
+            workers: system
+                .worker_configs
+                .iter()
+                .zip(&system.workers)
+                .map(|(config, service)| (config.capabilities.join(","), service.url().to_string()))
+                .collect(),
+            api_key: system.api_key.clone(),
+            store,
+            system,
+        })
     }
 
     /// A client of this system's master.
@@ -388,157 +184,63 @@ impl System {
         Client::with(&self.master_url, Some(self.api_key.clone()))
     }
 
-    /// Waits until the gateway and master are ready and the master sees all four workers;
-    /// fails early if a service ends.
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let client = self.client();
-        let http = common::http::client(Duration::from_secs(2));
-        let gateway_ready = format!("{}/ready", self.gateway_url);
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok((name, result)) = self.ended.try_recv() {
-                return Err(ended_early(&name, result));
-            }
-            let gateway_up = http
-                .get(&gateway_ready)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            let workers = if gateway_up {
-                client.get("/workers").await.ok()
-            } else {
-                None
-            };
-            let known = workers
-                .as_ref()
-                .and_then(|w| w.get("by_capability"))
-                .and_then(Value::as_object)
-                .map_or(0, |by| {
-                    CAPABILITIES.iter().filter(|c| by.contains_key(**c)).count()
-                });
-            if known == CAPABILITIES.len() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                anyhow::bail!(
-                    "the system did not come up within {READY_TIMEOUT:?} (gateway ready: {gateway_up}, \
-                     workers known to the master: {known} of 4)"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Runs until `shutdown` fires (then stops cleanly) or a service ends on its own (then
     /// stops the rest and reports it).
     pub async fn run_until(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let ended = tokio::select! {
             () = shutdown.cancelled() => None,
-            ended = self.ended.recv() => ended,
+            ended = self.system.first_exit() => Some(ended),
         };
-        let failure = ended.map(|(name, result)| ended_early(&name, result));
+        let failure = ended.map(|(name, exit)| ended_early(&name, exit));
         self.stop().await;
         failure.map_or(Ok(()), Err)
     }
 
     /// Stops the services by stage (workers, master, gateway), then Redis. Another
-    /// ctrl-c or SIGTERM meanwhile aborts whatever is still stopping.
-    pub async fn stop(mut self) {
-        let services = std::mem::take(&mut self.services);
-        let aborts: Vec<_> = services.iter().map(|s| s.handle.abort_handle()).collect();
-        tokio::select! {
-            () = stop_in_order(services) => {}
-            () = common::shutdown::wait_for_signal() => {
+    /// ctrl-c or SIGTERM meanwhile kills whatever is still stopping.
+    pub async fn stop(self) {
+        self.system
+            .stop_unless(async {
+                common::shutdown::wait_for_signal().await;
                 eprintln!("quitting without waiting");
-                aborts.iter().for_each(tokio::task::AbortHandle::abort);
-            }
-        }
-        while let Ok((name, result)) = self.ended.try_recv() {
-            if let Err(e) = result {
-                tracing::error!(service = %name, error = %format!("{e:#}"), "stopped with an error");
-            }
-        }
-        if let Some(redis) = self.redis.take() {
-            redis.stop().await;
-        }
+            })
+            .await;
     }
 }
 
-/// Stops the services stage by stage; those of one stage stop together (four workers
-/// draining at once take one grace period, not four).
-async fn stop_in_order(mut services: Vec<Service>) {
-    services.sort_by_key(|s| s.stage);
-    while !services.is_empty() {
-        let stage = services[0].stage;
-        let rest = services.split_off(services.iter().take_while(|s| s.stage == stage).count());
-        futures::future::join_all(services.into_iter().map(stop_one)).await;
-        services = rest;
+fn ended_early(name: &str, exit: Exit) -> anyhow::Error {
+    match exit {
+        Exit::Clean => anyhow::anyhow!("the {name} stopped unexpectedly"),
+        Exit::Failed(e) => anyhow::anyhow!("the {name} failed: {e}"),
+        Exit::Killed => anyhow::anyhow!("the {name} was killed"),
     }
-}
-
-async fn stop_one(service: Service) {
-    service.stop.cancel();
-    let mut handle = service.handle;
-    if tokio::time::timeout(service.grace, &mut handle)
-        .await
-        .is_err()
-    {
-        tracing::warn!(service = %service.name, "did not stop in time; aborting it");
-        handle.abort();
-    }
-}
-
-fn ended_early(name: &str, result: anyhow::Result<()>) -> anyhow::Error {
-    match result {
-        Ok(()) => anyhow::anyhow!("the {name} stopped unexpectedly"),
-        Err(e) => e.context(format!("the {name} failed")),
-    }
-}
-
-fn port_of(url: &str) -> u16 {
-    url.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Whether `args` lead to the in-memory store (`--memory`, or no `--redis-url` and no
 /// redis-server on PATH).
-pub async fn memory_mode(args: &LaunchArgs) -> bool {
-    args.memory || (args.redis_url.is_none() && !RedisProcess::available().await)
+pub fn memory_mode(args: &LaunchArgs) -> bool {
+    args.memory || (args.redis_url.is_none() && !testkit::redis::redis_available())
 }
 
 /// Picks the store: `--memory`, `--redis-url`, a redis-server of our own when one is on
-/// PATH, else memory (said loudly). Returns the `redis` settings every service gets on top
-/// of its own: with `--redis-url` only the URL, so the other `REDIS_*` variables still
-/// apply; otherwise all of them. In memory mode they point at a closed port, so the
-/// workers' heartbeats fail fast.
-async fn choose_store(args: &LaunchArgs) -> anyhow::Result<(Store, Value, Option<RedisProcess>)> {
+/// PATH, else memory (said loudly). With `--redis-url` only the URL is set, so the other
+/// `REDIS_*` variables still apply.
+fn choose_store(args: &LaunchArgs) -> SystemStore {
     if let Some(url) = &args.redis_url {
-        let target = RedisSettings::from_url(url.clone()).target();
-        return Ok((Store::Redis(target), json!({ "url": url }), None));
+        return SystemStore::Url(url.clone());
     }
-    if !args.memory {
-        if RedisProcess::available().await {
-            let redis = RedisProcess::start()
-                .await
-                .context("cannot start redis-server")?;
-            let settings = serde_json::to_value(RedisSettings::from_url(redis.url()))?;
-            return Ok((Store::OwnRedis(redis.url()), settings, Some(redis)));
+    if memory_mode(args) {
+        if !args.memory {
+            eprintln!(
+                "WARNING: redis-server is not on PATH: tasks are kept in the master's memory and \
+                 lost on exit, and the workers will log that Redis is unreachable (they cannot \
+                 register; the launcher tells the master about them). Install Redis to run the \
+                 real thing."
+            );
         }
-        eprintln!(
-            "WARNING: redis-server is not on PATH: tasks are kept in the master's memory and \
-             lost on exit, and the workers will log that Redis is unreachable (they cannot \
-             register; the launcher tells the master about them). Install Redis to run the \
-             real thing."
-        );
+        return SystemStore::Memory;
     }
-    let closed = free_port().await?;
-    let settings = RedisSettings {
-        connect_timeout_ms: 200,
-        ..RedisSettings::from_url(format!("redis://127.0.0.1:{closed}"))
-    };
-    Ok((Store::Memory, serde_json::to_value(settings)?, None))
+    SystemStore::OwnRedis(testkit::RedisOptions::default())
 }
 
 #[cfg(test)]
@@ -585,12 +287,31 @@ mod tests {
         assert!(err.contains("past 65535"), "{err}");
     }
 
-    #[test]
-    fn keys_are_32_random_hex_characters() {
-        let (a, b) = (random_key(), random_key());
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
+    /// The workers' configurations of the launcher's system, started in memory mode on free
+    /// ports (and stopped).
+    fn worker_configs() -> anyhow::Result<Vec<worker::Config>> {
+        let cli = crate::args::Cli::try_parse_from([
+            "ensemble",
+            "up",
+            "--memory",
+            "--gateway-port",
+            "0",
+            "--master-port",
+            "0",
+            "--worker-ports",
+            "0",
+        ])
+        .unwrap();
+        let crate::args::Command::Up(launch) = cli.command else {
+            unreachable!()
+        };
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let system = System::start(&launch).await?;
+            let configs = system.system.worker_configs.clone();
+            system.stop().await;
+            Ok(configs)
+        })
     }
 
     #[test]
@@ -599,24 +320,18 @@ mod tests {
             jail.set_env("PORT", "1");
             jail.set_env("CAPABILITIES", "other");
             jail.set_env("MAX_CONCURRENCY", "3");
-            let config: worker::Config = load(
-                "test worker",
-                None,
-                json!({ "port": 5001, "capabilities": ["plan"], "worker_token": "t" }),
-            )
-            .unwrap();
-            assert_eq!(config.port, 5001);
-            assert_eq!(config.capabilities, ["plan"]);
+            let configs = worker_configs().unwrap();
+            let plan = &configs[0];
+            assert_ne!(plan.port, 1);
+            assert_eq!(plan.capabilities, ["plan"]);
             assert_eq!(
-                config.max_concurrency, 3,
+                plan.max_concurrency, 3,
                 "the rest still comes from the environment"
             );
             jail.set_env("MAX_CONCURRENCY", "0");
-            let err = load::<worker::Config>("plan worker", None, json!({ "worker_token": "t" }))
-                .unwrap_err();
-            let err = format!("{err:#}");
+            let err = format!("{:#}", worker_configs().unwrap_err());
             assert!(
-                err.contains("the plan worker's configuration is invalid"),
+                err.contains("the worker-plan's configuration is invalid"),
                 "{err}"
             );
             assert!(err.contains("MAX_CONCURRENCY"), "{err}");

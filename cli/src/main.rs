@@ -15,7 +15,6 @@ mod client;
 mod commands;
 mod demo;
 mod launcher;
-mod redis_server;
 mod up;
 mod watch;
 
@@ -39,7 +38,7 @@ async fn main() -> ExitCode {
         _ => None,
     };
     let filter = match launch {
-        Some((level, args)) if launcher::memory_mode(args).await => {
+        Some((level, args)) if launcher::memory_mode(args) => {
             format!("{level},worker::heartbeat=error")
         }
         Some((level, _)) => level.to_string(),

@@ -2,15 +2,25 @@
 //! master's memory), an llm-gateway, masters and workers, in this process or as child
 //! processes, wired to each other and stopped in order.
 //!
-//! ```ignore
-//! let system = System::builder().workers(4).start().await?;          // the usual case
+//! ```no_run
+//! # async fn example(bin_dir: std::path::PathBuf) -> anyhow::Result<()> {
+//! use testkit::system::{Binaries, System};
+//!
+//! // The usual case: its own redis-server, a gateway, a master, four workers.
+//! let system = System::builder().workers(4).start().await?;
+//! system.stop().await;
+//!
+//! // Two masters and three workers as child processes, each setting typed, per service.
 //! let system = System::builder()
 //!     .masters(2)
 //!     .workers(3)
 //!     .processes(Binaries::in_dir(bin_dir))
-//!     .worker_config(|_, c| c.max_concurrency = 16)                 // typed, per service
+//!     .worker_config(|_, worker| worker.max_concurrency = 16)
 //!     .start()
 //!     .await?;
+//! system.stop().await;
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! Each service's configuration is its own typed struct (`llm_gateway::Config`,
@@ -384,11 +394,7 @@ impl Builder {
             if let Some(f) = self.master_config.as_mut() {
                 f(i, &mut config);
             }
-            validated(
-                config,
-                &numbered("master", i, self.masters),
-                &mut master_configs,
-            )?;
+            master_configs.push(validated(config, &numbered("master", i, self.masters))?);
         }
         if let Some(first) = master_configs.first() {
             wiring.worker_token = first.worker_token.expose().to_string();
@@ -399,7 +405,8 @@ impl Builder {
             if let Some(f) = self.worker_config.as_mut() {
                 f(i, &mut config);
             }
-            validated(config, &format!("worker {}", i + 1), &mut worker_configs)?;
+            let name = worker_name(&config, i);
+            worker_configs.push(validated(config, &name)?);
         }
         wiring.started_workers = worker_configs.len();
         let operator_key = master_configs
@@ -454,13 +461,20 @@ fn numbered(name: &str, i: usize, of: usize) -> String {
     }
 }
 
-/// Pushes `config` if it is valid; the error names the service.
-fn validated<T: Settings>(config: T, name: &str, into: &mut Vec<T>) -> anyhow::Result<()> {
+/// A worker's name: its id, or `worker-N` when it generates one.
+fn worker_name(config: &worker::Config, i: usize) -> String {
+    config
+        .agent_id
+        .clone()
+        .unwrap_or_else(|| format!("worker-{}", i + 1))
+}
+
+/// `config`, if it is valid; the error names the service.
+fn validated<T: Settings>(config: T, name: &str) -> anyhow::Result<T> {
     config
         .validate()
         .with_context(|| format!("the {name}'s configuration is invalid"))?;
-    into.push(config);
-    Ok(())
+    Ok(config)
 }
 
 /// 32 random hex characters.
@@ -541,10 +555,7 @@ impl Wiring {
         if let Some(f) = customise {
             f(&mut config);
         }
-        config
-            .validate()
-            .context("the llm-gateway's configuration is invalid")?;
-        Ok(config)
+        validated(config, "llm-gateway")
     }
 
     fn master_config(&self, url: &str, api_key: &str) -> anyhow::Result<master::Config> {
@@ -648,11 +659,12 @@ impl Wiring {
         Ok(service.with_grace(STOP_GRACE))
     }
 
-    fn worker(&self, listener: TcpListener, config: worker::Config) -> anyhow::Result<Service> {
-        let name = config
-            .agent_id
-            .clone()
-            .unwrap_or_else(|| format!("worker-{}", self.started_workers));
+    fn worker(
+        &self,
+        name: String,
+        listener: TcpListener,
+        config: worker::Config,
+    ) -> anyhow::Result<Service> {
         let grace = config.shutdown_grace() + Duration::from_secs(5);
         let service = match self.binaries {
             None => Service::in_process(name, listener, |l, stop| worker::serve(config, l, stop))?,
@@ -740,8 +752,11 @@ impl System {
                 .master(&name, listener, config, &self.worker_configs)?;
             self.masters.push(master);
         }
-        for ((listener, _), config) in workers.into_iter().zip(self.worker_configs.clone()) {
-            let worker = self.wiring.worker(listener, config)?;
+        let configs = self.worker_configs.clone();
+        for (i, ((listener, _), config)) in workers.into_iter().zip(configs).enumerate() {
+            let worker = self
+                .wiring
+                .worker(worker_name(&config, i), listener, config)?;
             self.workers.push(worker);
         }
         self.wait_ready(within).await
@@ -815,30 +830,52 @@ impl System {
         }
     }
 
-    /// Starts one more worker (index `workers.len()`, wired like the others), changed by
-    /// `customise`, and waits until it is ready and listed by the first master.
+    /// Starts one more worker (wired like the others), changed by `customise`, and waits
+    /// until it is ready and listed by the first master.
     pub async fn add_worker(
         &mut self,
         customise: impl FnOnce(&mut worker::Config),
     ) -> anyhow::Result<&mut Service> {
+        let mut customise = Some(customise);
+        self.add_workers(1, |_, config| {
+            if let Some(f) = customise.take() {
+                f(config);
+            }
+        })
+        .await?;
+        self.workers.last_mut().context("no worker")
+    }
+
+    /// Starts `n` more workers at once (wired like the others; worker `i`, counted over
+    /// the system's life, changed by `customise(i, _)`), then waits until they are ready
+    /// and listed by the first master. At once, so that workers added to a deep queue (the
+    /// benchmark's Q3) start draining it together, not one start-up after another.
+    pub async fn add_workers(
+        &mut self,
+        n: usize,
+        mut customise: impl FnMut(usize, &mut worker::Config),
+    ) -> anyhow::Result<()> {
         if matches!(self.wiring.store, Store::Memory) {
             bail!("in memory mode the master knows only the workers it started with");
         }
-        let i = self.wiring.started_workers;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = url_of_listener(&listener)?;
-        let mut config = self.wiring.worker_config(i, &url)?;
-        customise(&mut config);
-        let mut configs = Vec::new();
-        validated(config, &format!("worker {}", i + 1), &mut configs)?;
-        let config = configs.remove(0);
-        self.wiring.started_workers += 1;
-        let mut service = self.wiring.worker(listener, config.clone())?;
-        service.wait_ready("/health", READY_TIMEOUT).await?;
-        self.worker_configs.push(config);
-        self.workers.push(service);
-        self.wait_workers_listed(READY_TIMEOUT).await?;
-        Ok(self.workers.last_mut().context("no worker")?)
+        for _ in 0..n {
+            let i = self.wiring.started_workers;
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let url = url_of_listener(&listener)?;
+            let mut config = self.wiring.worker_config(i, &url)?;
+            customise(i, &mut config);
+            let name = worker_name(&config, i);
+            let config = validated(config, &name)?;
+            self.wiring.started_workers += 1;
+            let service = self.wiring.worker(name, listener, config.clone())?;
+            self.worker_configs.push(config);
+            self.workers.push(service);
+        }
+        let added = self.workers.len() - n;
+        for service in &mut self.workers[added..] {
+            service.wait_ready("/health", READY_TIMEOUT).await?;
+        }
+        self.wait_workers_listed(READY_TIMEOUT).await
     }
 
     /// Every service, workers first.
@@ -982,9 +1019,11 @@ pub fn child_env<T: Settings>(
     Ok(env)
 }
 
-/// A setting as a variable's text; `None` for what a variable cannot carry.
+/// A setting as a variable's text; `None` for what a variable cannot carry (an empty
+/// string counts as unset in the environment).
 fn env_text(value: &Value) -> Option<String> {
     match value {
+        Value::String(s) if s.is_empty() => None,
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
@@ -1025,5 +1064,112 @@ impl KnownWorkers {
 impl WorkerSource for KnownWorkers {
     async fn live(&self) -> Result<Vec<WorkerRecord>, StoreError> {
         Ok(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // `figment::Jail` closures return figment's (large) error type.
+    #![allow(clippy::result_large_err)]
+
+    use std::collections::BTreeMap;
+
+    use master::config::{PipelineConfig, StepConfig};
+
+    use super::*;
+
+    /// `child_env` of `config`, loaded back the way the service loads its settings.
+    fn through_env<T: Settings + std::fmt::Debug>(config: &T) -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let env = child_env(config, dir.path(), "service").unwrap();
+        let mut loaded = None;
+        figment::Jail::expect_with(|jail| {
+            for (name, value) in &env {
+                jail.set_env(name, value);
+            }
+            loaded = Some(common::config::load::<T>().unwrap());
+            Ok(())
+        });
+        loaded.unwrap()
+    }
+
+    fn same<T: Settings>(a: &T, b: &T) {
+        assert_eq!(
+            serde_json::to_value(a).unwrap(),
+            serde_json::to_value(b).unwrap()
+        );
+    }
+
+    #[test]
+    fn configs_reach_a_child_process_whole() {
+        let redis = RedisSettings {
+            key_prefix: "kit".into(),
+            command_timeout_ms: 1_234,
+            ..RedisSettings::from_url("redis://:secret@127.0.0.1:6390")
+        };
+
+        let mut worker = worker::Config {
+            redis: redis.clone(),
+            agent_id: Some("w-1".into()),
+            capabilities: vec!["plan".into(), "retrieve".into()],
+            max_concurrency: 7,
+            heartbeat_interval_ms: 250,
+            llm_temperature: Some(0.5),
+            worker_token: Secret::new("12345"),
+            ..worker::Config::default()
+        };
+        worker
+            .prompts
+            .insert("plan".into(), "Plan this: {input}".into());
+        same(&through_env(&worker), &worker);
+
+        let mut master = master::Config {
+            redis,
+            api_keys: Secret::new("a:key-aaaa-1111,b:key-bbbb-2222"),
+            worker_token: Secret::new("token-0123456789"),
+            lease_ms: 4_321,
+            callback_allow_private: true,
+            ..master::Config::default()
+        };
+        master.pipelines = BTreeMap::from([(
+            "two".to_string(),
+            PipelineConfig {
+                steps: vec![
+                    StepConfig::Name(Capability::new("plan").unwrap()),
+                    StepConfig::Name(Capability::new("finalize").unwrap()),
+                ],
+            },
+        )]);
+        same(&through_env(&master), &master);
+
+        let mut gateway = llm_gateway::Config {
+            gateway_token: Secret::new("g"),
+            max_retries: 5,
+            ..llm_gateway::Config::default()
+        };
+        gateway.models.insert(
+            "fast".into(),
+            llm_gateway::config::AliasConfig {
+                targets: vec![llm_gateway::config::Target {
+                    provider: llm_gateway::config::ProviderKind::Mock,
+                    model: "m".into(),
+                }],
+            },
+        );
+        same(&through_env(&gateway), &gateway);
+    }
+
+    #[test]
+    fn keys_are_32_random_hex_characters() {
+        let (a, b) = (random_key(), random_key());
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn the_first_key_of_a_key_list() {
+        assert_eq!(first_key(&Secret::new("ops:k1, other:k2")), "k1");
+        assert_eq!(first_key(&Secret::new("")), "");
     }
 }

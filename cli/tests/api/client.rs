@@ -4,6 +4,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
+use testkit::{Exit, Service, free_port};
 
 use crate::helpers::*;
 
@@ -38,12 +39,13 @@ fn error_line(output: &Output) -> String {
     lines[0].to_string()
 }
 
-#[test]
-fn client_commands_against_ensemble_up() {
-    let dir = tempfile::tempdir().unwrap();
+#[tokio::test]
+async fn client_commands_against_ensemble_up() {
     let port = free_port();
-    let mut up = Proc::start(
-        "up",
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = Service::child(
+        "ensemble up",
+        &url,
         {
             let mut c = ensemble(&[
                 "up",
@@ -59,10 +61,10 @@ fn client_commands_against_ensemble_up() {
             c.env("RUST_LOG", "error");
             c
         },
-        dir.path(),
-    );
-    let banner = up.wait_for_output("Ensemble is up", LIMIT);
-    let url = format!("http://127.0.0.1:{port}");
+        None,
+    )
+    .unwrap();
+    let banner = up.wait_for_log("Ensemble is up", LIMIT).await.unwrap();
     assert!(
         banner.contains(&format!("master           {url}")),
         "{banner}"
@@ -108,6 +110,7 @@ fn client_commands_against_ensemble_up() {
     assert!(text(&waited.stderr).contains("submitted"));
 
     // `submit` prints the id; `status` and `result` print JSON.
+    let dir = tempfile::tempdir().unwrap();
     let input_file = dir.path().join("input.json");
     std::fs::write(&input_file, r#"{"from": "a file"}"#).unwrap();
     let input_arg = format!("@{}", input_file.display());
@@ -186,7 +189,8 @@ fn client_commands_against_ensemble_up() {
     );
 
     // SIGTERM stops everything cleanly.
-    let status = up.terminate(Duration::from_secs(60));
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", up.output());
-    assert!(up.output().contains("stopped"), "{}", up.output());
+    up.signal("TERM").unwrap();
+    let exit = up.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(exit, Some(Exit::Clean), "{}", up.log());
+    assert!(up.log().contains("stopped"), "{}", up.log());
 }

@@ -3,34 +3,21 @@
 //! redis-server with AUTH and TLS. 200 tasks go in through `ensemble submit`, alternating
 //! between the masters; every one must succeed with the llm agent's output at every step.
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use testkit::{RedisOptions, RedisServer};
+use common::config::Secret;
 use common::wire::{StepStatus, TaskStatus, TaskView};
 use serde_json::{Value, json};
+use testkit::RedisOptions;
+use testkit::system::{Binaries, CAPABILITIES, Store, System};
 
 use crate::helpers::*;
 
 const TASKS: usize = 200;
 const API_KEY: &str = "e2e-client-key-0123456789";
 const OPERATOR_KEY: &str = "e2e-operator-key-0123456789";
-const WORKER_TOKEN: &str = "e2e-worker-token-0123456789";
-const GATEWAY_TOKEN: &str = "e2e-gateway-token-0123456789";
 const REDIS_PASSWORD: &str = "e2e-redis-pw-0123456789";
-const CAPABILITIES: [&str; 4] = ["plan", "retrieve", "evaluate", "finalize"];
-
-/// A service binary with only the environment given (plus a quiet log level).
-fn service(bins: &Path, name: &str, env: &[(&str, String)]) -> Command {
-    let mut command = Command::new(bins.join(name));
-    command.env_clear().env("RUST_LOG", "warn");
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command
-}
 
 /// Submits one task with the `ensemble` binary; returns its id.
 fn submit(master: &str, n: usize) -> String {
@@ -83,100 +70,52 @@ fn check_task(view: &TaskView, n: usize) {
     assert_eq!(view.result, view.steps[3].output);
 }
 
+/// Every service's log, for a failure message.
+fn dump(system: &mut System) -> String {
+    let services = system
+        .gateway
+        .iter_mut()
+        .chain(system.masters.iter_mut())
+        .chain(system.workers.iter_mut());
+    services
+        .map(|s| {
+            let running = s.is_running();
+            format!("--- {} (running: {running})\n{}", s.name(), s.log())
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_tasks_through_separate_processes_on_tls_redis_with_auth() {
     let bins = tokio::task::spawn_blocking(service_binaries).await.unwrap();
-    let redis = RedisServer::start_with(RedisOptions {
-        tls: true,
-        password: Some(REDIS_PASSWORD.into()),
-        ..Default::default()
-    });
-    let redis_env = [
-        (
-            "REDIS_URL",
-            format!("rediss://:{REDIS_PASSWORD}@localhost:{}", redis.port()),
-        ),
-        (
-            "REDIS_CA_FILE",
-            redis.tls_files().unwrap().ca_cert.display().to_string(),
-        ),
-        ("REDIS_KEY_PREFIX", "e2e".to_string()),
-    ];
-    let logs = tempfile::tempdir().unwrap();
-    let mut procs = Vec::new();
+    // Each worker reports to the masters in turn (the builder's wiring).
+    let mut system = System::builder()
+        .store(Store::OwnRedis(RedisOptions {
+            tls: true,
+            password: Some(REDIS_PASSWORD.into()),
+            ..Default::default()
+        }))
+        .processes(Binaries::in_dir(bins))
+        .masters(2)
+        .workers(CAPABILITIES.len())
+        .api_key(API_KEY)
+        .master_config(|_, master| {
+            master.operator_api_keys = Secret::new(format!("ops:{OPERATOR_KEY}"));
+        })
+        .worker_config(|i, worker| {
+            worker.agent_id = Some(format!("e2e-{}", CAPABILITIES[i]));
+            worker.heartbeat_interval_ms = 500;
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(
+        system.redis_settings().uses_tls(),
+        "the services talk TLS to Redis"
+    );
+    let masters: Vec<String> = system.masters.iter().map(|m| m.url().to_string()).collect();
 
-    let gateway_port = free_port();
-    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
-    procs.push(Proc::start(
-        "llm-gateway",
-        service(
-            bins,
-            "llm-gateway",
-            &[
-                ("HOST", "127.0.0.1".into()),
-                ("PORT", gateway_port.to_string()),
-                ("GATEWAY_TOKEN", GATEWAY_TOKEN.into()),
-                ("LLM_PROVIDER", "mock".into()),
-            ],
-        ),
-        logs.path(),
-    ));
-
-    let mut masters = Vec::new();
-    for i in 0..2 {
-        let port = free_port();
-        masters.push(format!("http://127.0.0.1:{port}"));
-        let mut env = vec![
-            ("HOST", "127.0.0.1".to_string()),
-            ("PORT", port.to_string()),
-            ("API_KEYS", format!("e2e:{API_KEY}")),
-            ("OPERATOR_API_KEYS", format!("ops:{OPERATOR_KEY}")),
-            ("WORKER_TOKEN", WORKER_TOKEN.into()),
-        ];
-        env.extend(redis_env.iter().cloned());
-        procs.push(Proc::start(
-            &format!("master-{i}"),
-            service(bins, "master", &env),
-            logs.path(),
-        ));
-    }
-
-    for (i, capability) in CAPABILITIES.iter().enumerate() {
-        let port = free_port();
-        let mut env = vec![
-            ("HOST", "127.0.0.1".to_string()),
-            ("PORT", port.to_string()),
-            ("AGENT_ID", format!("e2e-{capability}")),
-            ("CAPABILITIES", format!("[\"{capability}\"]")),
-            ("MASTER_URL", masters[i % 2].clone()),
-            ("LLM_GATEWAY_URL", gateway_url.clone()),
-            ("WORKER_TOKEN", WORKER_TOKEN.into()),
-            ("GATEWAY_TOKEN", GATEWAY_TOKEN.into()),
-            ("ADVERTISE_URL", format!("http://127.0.0.1:{port}")),
-            ("HEARTBEAT_INTERVAL_MS", "500".into()),
-        ];
-        env.extend(redis_env.iter().cloned());
-        procs.push(Proc::start(
-            &format!("worker-{capability}"),
-            service(bins, "worker", &env),
-            logs.path(),
-        ));
-    }
-    let dump = |procs: &mut Vec<Proc>| -> String {
-        procs
-            .iter_mut()
-            .map(|p| {
-                let running = p.is_running();
-                format!("--- {} (running: {running})\n{}", p.name, p.output())
-            })
-            .collect()
-    };
-
-    // Everyone up, and every worker registered in Redis (seen by both masters).
-    wait_http_ok(&format!("{gateway_url}/ready"), Duration::from_secs(30)).await;
-    for master in &masters {
-        wait_http_ok(&format!("{master}/ready"), Duration::from_secs(30)).await;
-    }
+    // Every worker registered in Redis is seen by both masters.
     let http = reqwest::Client::new();
     for master in &masters {
         let registered = testkit::eventually(Duration::from_secs(30), || async {
@@ -191,7 +130,7 @@ async fn two_hundred_tasks_through_separate_processes_on_tls_redis_with_auth() {
         assert!(
             registered.is_some(),
             "workers did not register:\n{}",
-            dump(&mut procs)
+            dump(&mut system)
         );
     }
 
@@ -226,7 +165,7 @@ async fn two_hundred_tasks_through_separate_processes_on_tls_redis_with_auth() {
         assert!(
             finished.is_some(),
             "task {n} ({id}) did not finish:\n{}",
-            dump(&mut procs)
+            dump(&mut system)
         );
         let view: TaskView = get_json(&http, &format!("{master}/task/{id}"), API_KEY)
             .await
@@ -234,7 +173,13 @@ async fn two_hundred_tasks_through_separate_processes_on_tls_redis_with_auth() {
         check_task(&view, n);
     }
 
-    for p in &mut procs {
-        assert!(p.is_running(), "{} died:\n{}", p.name, p.output());
+    for service in system.masters.iter_mut().chain(system.workers.iter_mut()) {
+        assert!(
+            service.is_running(),
+            "{} died:\n{}",
+            service.name(),
+            service.log()
+        );
     }
+    system.stop().await;
 }

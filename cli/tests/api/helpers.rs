@@ -1,5 +1,6 @@
-//! Test helpers: run the `ensemble` binary with a time limit, start `ensemble up` or the
-//! service binaries as child processes (killed on drop), build those binaries once.
+//! Test helpers: run the `ensemble` binary with a time limit, build the service binaries
+//! once. Child processes that keep running (`ensemble up`, the services) are
+//! `testkit::Service`s.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -56,7 +57,7 @@ pub fn run(mut command: Command, limit: Duration) -> Output {
 }
 
 /// Waits for a child to exit, at most `limit`.
-pub fn wait_until(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+fn wait_until(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -74,118 +75,6 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A child process with its output in files; killed on drop.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Starts `command` with stdout and stderr going to `{dir}/{name}.log`.
-    pub fn start(name: &str, mut command: Command, dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = command
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self {
-            name: name.into(),
-            child,
-            log,
-        }
-    }
-
-    /// Everything it printed so far.
-    pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until its output contains `needle`; panics with the output after `limit` or
-    /// if it exits first.
-    pub fn wait_for_output(&mut self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let output = self.output();
-            if output.contains(needle) {
-                return output;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "{} exited ({status}) before printing {needle:?}:\n{output}",
-                    self.name
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not print {needle:?} within {limit:?}:\n{output}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    /// Its process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends SIGTERM and waits up to `limit` for it to exit.
-    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success(), "kill -TERM failed");
-        wait_until(&mut self.child, limit)
-    }
-
-    /// Whether it is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Proc {
-    /// SIGTERM first, so an `ensemble up` stops the redis-server it started; SIGKILL if it
-    /// takes more than a few seconds.
-    fn drop(&mut self) {
-        if self.is_running() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.pid().to_string()])
-                .status();
-            if wait_until(&mut self.child, Duration::from_secs(10)).is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-    }
-}
-
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    testkit::free_port()
-}
-
-/// GETs `url` until it answers 2xx, at most `limit`.
-pub async fn wait_http_ok(url: &str, limit: Duration) {
-    let http = reqwest::Client::new();
-    let ok = testkit::eventually(limit, || async {
-        let r = http
-            .get(url)
-            .timeout(Duration::from_secs(1))
-            .send()
-            .await
-            .ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
-    assert!(ok.is_some(), "{url} was not ready within {limit:?}");
-}
-
 /// `GET url` with a bearer key: the JSON body when the answer is `200`, else `None`.
 pub async fn get_json<T: serde::de::DeserializeOwned>(
     http: &reqwest::Client,
@@ -201,8 +90,7 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(
 
 /// The directory holding the `master`, `worker` and `llm-gateway` binaries, built once per
 /// test run with the same target dir and profile as this test (cargo only builds the
-/// binaries of the package under test). The dependency feature the tests enable is passed
-/// too, so the libraries built for the tests are reused rather than rebuilt.
+/// binaries of the package under test).
 pub fn service_binaries() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -221,8 +109,7 @@ pub fn service_binaries() -> &'static Path {
             .arg("--target-dir")
             .arg(target_dir)
             .args(["-p", "master", "-p", "worker", "-p", "llm-gateway"])
-            .args(["--bin", "master", "--bin", "worker", "--bin", "llm-gateway"])
-            .args(["--features", "common/test-util"]);
+            .args(["--bin", "master", "--bin", "worker", "--bin", "llm-gateway"]);
         let output = run(command, Duration::from_secs(30 * 60));
         assert!(
             output.status.success(),
