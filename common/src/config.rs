@@ -14,12 +14,23 @@
 //! One convention means nobody has to remember which setting takes seconds or a unit; a
 //! value with a unit (`2s`) is refused, not guessed at. A config struct keeps the `u64`
 //! and offers a `Duration` accessor for the code that waits on it.
+//!
+//! A key in the TOML file that the service does not have is refused, named with its table
+//! path and the nearest known key (`unknown key pipelines.x.stepz in the config file: did
+//! you mean steps?`): a mistyped key would otherwise leave its setting at the default
+//! without a word. The file's tables are compared with the service's defaults serialized;
+//! tables of free-form names (`[pipelines.NAME]`, `[models.ALIAS]`) are empty in the
+//! defaults, so their entries are checked by their own types (`#[serde(deny_unknown_fields)]`),
+//! whose unknown-field errors get the same wording. The environment cannot be checked this
+//! way: it holds every other program's variables too.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
+use figment::error::Kind;
 use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
 use serde::de::{self, DeserializeOwned, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -78,7 +89,9 @@ pub fn load_from<T: Settings>(file: Option<&Path>) -> Result<T, ConfigError> {
                 path.display()
             )));
         }
-        figment = figment.merge(Toml::file_exact(path));
+        let toml = Figment::from(Toml::file_exact(path));
+        check_keys(&known_keys::<T>()?, &table(toml.clone())?, "")?;
+        figment = figment.merge(toml);
     }
     figment = figment.merge(env_provider(T::env_vars()));
     extract(figment)
@@ -93,12 +106,71 @@ pub fn env_provider(vars: Vec<&'static str>) -> Env {
 
 /// Extracts and validates `T`, turning figment's errors into ones that name the variable.
 pub fn extract<T: Settings>(figment: Figment) -> Result<T, ConfigError> {
-    let config: T = figment.extract().map_err(|errors| {
-        let lines: Vec<String> = errors.into_iter().map(|e| describe(&e)).collect();
-        ConfigError(lines.join("; "))
-    })?;
+    let config: T = figment
+        .extract()
+        .map_err(|errors| ConfigError(describe_all(errors)))?;
     config.validate()?;
     Ok(config)
+}
+
+/// The keys `T` has: its defaults, serialized.
+fn known_keys<T: Settings>() -> Result<Dict, ConfigError> {
+    table(Figment::from(Serialized::defaults(T::default())))
+}
+
+/// A provider's data as one table.
+fn table(figment: Figment) -> Result<Dict, ConfigError> {
+    figment
+        .extract()
+        .map_err(|errors| ConfigError(describe_all(errors)))
+}
+
+/// Refuses the first key of `file` that `known` does not have, descending into the tables
+/// both have. An empty known table holds free-form names, which are not checked here.
+fn check_keys(known: &Dict, file: &Dict, prefix: &str) -> Result<(), ConfigError> {
+    for (key, value) in file {
+        let path = format!("{prefix}{key}");
+        match (known.get(key), value) {
+            (None, _) => return Err(unknown_key(&path, key, known.keys().map(String::as_str))),
+            (Some(Value::Dict(_, known)), Value::Dict(_, file)) if !known.is_empty() => {
+                check_keys(known, file, &format!("{path}."))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The error for an unknown key, suggesting the nearest of the known ones.
+fn unknown_key<'a>(path: &str, key: &str, known: impl Iterator<Item = &'a str>) -> ConfigError {
+    let nearest = known
+        .map(|k| (edit_distance(key, k), k))
+        .min()
+        .filter(|&(distance, _)| distance <= key.len().div_ceil(2));
+    match nearest {
+        Some((_, k)) => ConfigError(format!(
+            "unknown key {path} in the config file: did you mean {k}?"
+        )),
+        None => ConfigError(format!("unknown key {path} in the config file")),
+    }
+}
+
+/// Levenshtein distance: edits (insert, delete, replace) that turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != cb))
+                .min(above + 1)
+                .min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// `REDIS_PORT` → `redis.port`, `MAX_CONCURRENCY` → `max_concurrency`.
@@ -115,7 +187,16 @@ fn key_to_env(path: &[String]) -> String {
     path.join("_").to_ascii_uppercase()
 }
 
+fn describe_all(errors: figment::Error) -> String {
+    let lines: Vec<String> = errors.into_iter().map(|e| describe(&e)).collect();
+    lines.join("; ")
+}
+
 fn describe(error: &figment::Error) -> String {
+    if let Kind::UnknownField(field, expected) = &error.kind {
+        // figment's path already ends with the unknown field.
+        return unknown_key(&error.path.join("."), field, expected.iter().copied()).0;
+    }
     let from_env = error
         .metadata
         .as_ref()
@@ -141,7 +222,6 @@ fn describe(error: &figment::Error) -> String {
 /// Whether the error is a non-number in a `*_ms` setting, the likeliest cause of which is a
 /// duration written with a unit.
 fn is_millis(error: &figment::Error) -> bool {
-    use figment::error::Kind;
     error.path.last().is_some_and(|key| key.ends_with("_ms"))
         && matches!(error.kind, Kind::InvalidType(..) | Kind::InvalidValue(..))
 }
@@ -332,6 +412,88 @@ mod tests {
         let figment = Figment::from(Serialized::defaults(Timed::default()))
             .merge(Toml::string("grace_ms = 2000"));
         assert_eq!(extract::<Timed>(figment).unwrap().grace_ms, 2000);
+    }
+
+    /// A service's shape in small: a top-level key, a table of known keys, and a table of
+    /// free-form names whose entries have a type of their own.
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default)]
+    struct Shaped {
+        max_attempts: u32,
+        redis: Inner,
+        pipelines: std::collections::BTreeMap<String, Pipeline>,
+        temperature: Option<f64>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default)]
+    struct Inner {
+        port: u16,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Pipeline {
+        steps: Vec<String>,
+    }
+
+    impl Settings for Shaped {
+        fn env_vars() -> Vec<&'static str> {
+            Vec::new()
+        }
+    }
+
+    fn load_toml(text: &str) -> Result<Shaped, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        load_from(Some(&path))
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path_and_the_nearest_key() {
+        for (toml, expected) in [
+            (
+                "max_attempt = 3",
+                "unknown key max_attempt in the config file: did you mean max_attempts?",
+            ),
+            (
+                "[redis]\nprot = 1",
+                "unknown key redis.prot in the config file: did you mean port?",
+            ),
+            (
+                "[pipelines.x]\nstepz = [\"plan\"]",
+                "unknown key pipelines.x.stepz in the config file: did you mean steps?",
+            ),
+            (
+                "completely_unrelated = 1",
+                "unknown key completely_unrelated in the config file",
+            ),
+        ] {
+            let err = load_toml(toml).unwrap_err().to_string();
+            assert_eq!(err, expected, "for {toml:?}");
+        }
+    }
+
+    #[test]
+    fn a_file_of_known_keys_loads() {
+        let config = load_toml(
+            "max_attempts = 5\ntemperature = 0.5\n[redis]\nport = 7\n\
+             [pipelines.fast]\nsteps = [\"plan\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.max_attempts, 5);
+        assert_eq!(config.temperature, Some(0.5));
+        assert_eq!(config.redis.port, 7);
+        assert_eq!(config.pipelines["fast"].steps, ["plan"]);
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("steps", "steps"), 0);
+        assert_eq!(edit_distance("stepz", "steps"), 1);
+        assert_eq!(edit_distance("prot", "port"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
     }
 
     #[test]

@@ -391,4 +391,31 @@ targets = [{provider = "mock", model = "a"}, {provider = "mock", model = "b"}]
             .to_string();
         assert!(err.contains("MODELS"), "{err}");
     }
+
+    #[test]
+    fn a_mistyped_key_is_refused_with_the_nearest_known_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        for (toml, expected) in [
+            (
+                "auth_disabled = true\nrequest_timeout = 5000\n",
+                "unknown key request_timeout in the config file: did you mean request_timeout_ms?",
+            ),
+            (
+                "auth_disabled = true\n[models.smart]\ntargest = []\n",
+                "unknown key models.smart.targest in the config file: did you mean targets?",
+            ),
+            (
+                "auth_disabled = true\n[models.smart]\n\
+                 targets = [{provider = \"mock\", modle = \"a\"}]\n",
+                "unknown key models.smart.targets.0.modle in the config file: did you mean model?",
+            ),
+        ] {
+            std::fs::write(&path, toml).unwrap();
+            let err = common::config::load_from::<Config>(Some(&path))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(err, expected, "for {toml:?}");
+        }
+    }
 }

@@ -414,3 +414,52 @@ impl Config {
         Duration::from_millis(self.task_retention_ms)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.toml");
+        std::fs::write(&path, text).unwrap();
+        common::config::load_from(Some(&path))
+    }
+
+    #[test]
+    fn a_mistyped_key_is_refused_with_the_nearest_known_one() {
+        for (toml, expected) in [
+            (
+                "auth_disabled = true\ntask_retention_secs = 60",
+                "unknown key task_retention_secs in the config file: did you mean task_retention_ms?",
+            ),
+            (
+                "auth_disabled = true\n[redis]\nhots = \"redis\"",
+                "unknown key redis.hots in the config file: did you mean host?",
+            ),
+            (
+                "auth_disabled = true\n[pipelines.x]\nstepz = [\"plan\"]",
+                "unknown key pipelines.x.stepz in the config file: did you mean steps?",
+            ),
+        ] {
+            assert_eq!(load_toml(toml).unwrap_err().to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn a_correct_file_loads() {
+        let config = load_toml(
+            "auth_disabled = true\nlease_ms = 4000\ntask_retention_ms = 60000\n\
+             [redis]\nport = 6380\n\
+             [pipelines.fast]\n\
+             steps = [\"plan\", { capability = \"finalize\", timeout_ms = 500 }]\n",
+        )
+        .unwrap();
+        assert_eq!(config.lease(), Duration::from_secs(4));
+        assert_eq!(config.retention(), Duration::from_secs(60));
+        assert_eq!(config.redis.port, 6380);
+        assert_eq!(config.all_pipelines()["fast"].steps.len(), 2);
+    }
+}

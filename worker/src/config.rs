@@ -285,6 +285,8 @@ mod tests {
     // `figment::Jail` closures return figment's (large) error type.
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
 
+    use std::path::Path;
+
     use figment::Figment;
     use figment::providers::{Format, Serialized, Toml};
 
@@ -323,6 +325,33 @@ mod tests {
                 err.contains("SHUTDOWN_GRACE_MS") && err.contains("milliseconds"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_mistyped_key_in_the_file_is_refused_and_a_correct_file_loads() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "typo.toml",
+                "auth_disabled = true\nheartbeat_interval = 500\n",
+            )?;
+            let err = common::config::load_from::<Config>(Some(Path::new("typo.toml")))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                "unknown key heartbeat_interval in the config file: \
+                 did you mean heartbeat_interval_ms?"
+            );
+            jail.create_file(
+                "good.toml",
+                "auth_disabled = true\nheartbeat_interval_ms = 500\n\
+                 [agents]\nplan = \"echo\"\n[prompts]\nplan = \"{{ task_input }}\"\n",
+            )?;
+            let config = common::config::load_from::<Config>(Some(Path::new("good.toml"))).unwrap();
+            assert_eq!(config.heartbeat_interval(), Duration::from_millis(500));
+            assert_eq!(config.agent_kind_for("plan"), AgentKind::Echo);
             Ok(())
         });
     }
