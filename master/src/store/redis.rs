@@ -564,16 +564,13 @@ mod tests {
         let server = testkit::RedisServer::start();
         let pool = RedisPool::new(&server.settings()).unwrap();
         let mut conn = pool.get().await.unwrap();
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/lua");
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let lua = std::fs::read_to_string(&path).unwrap();
+        for (file, lua) in crate::store::schema::tests::lua_files() {
             let loaded: redis::RedisResult<String> = redis::cmd("SCRIPT")
                 .arg("LOAD")
                 .arg(source(&lua))
                 .query_async(&mut conn)
                 .await;
-            assert!(loaded.is_ok(), "{}: {loaded:?}", path.display());
+            assert!(loaded.is_ok(), "{file}: {loaded:?}");
         }
         let known = eval(&pool, "return {F.status, step_fields(2).output}", &[]).await;
         assert_eq!(

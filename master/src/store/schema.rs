@@ -238,22 +238,41 @@ fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 10] {
 /// Marks where a parameter goes in a builder's output; no key template contains it.
 const MARK: char = '\u{1}';
 
-/// A Lua function that builds what `build` builds: `build` is called with a marked
-/// placeholder for each parameter, and the text between the marks becomes Lua string
-/// literals joined with `..` to the parameters.
-fn lua_function(name: &str, params: &[&str], build: Builder) -> String {
+/// A piece of what a builder builds.
+#[derive(Debug, PartialEq)]
+enum Piece {
+    /// Text the template always has (`:task:{`).
+    Text(String),
+    /// Where a parameter goes, by its name.
+    Param(String),
+}
+
+/// What `build` builds, in pieces: it is called with a marked placeholder for each
+/// parameter, and the marks show where each one went.
+fn pieces(params: &[&str], build: Builder) -> Vec<Piece> {
     let marked: Vec<String> = params.iter().map(|p| format!("{MARK}{p}{MARK}")).collect();
-    let parts: Vec<String> = build(&marked)
+    build(&marked)
         .split(MARK)
         .enumerate()
         .filter(|(_, part)| !part.is_empty())
         // Between marks (odd places) are parameter names; the rest is literal text.
         .map(|(i, part)| {
             if i % 2 == 1 {
-                part.to_string()
+                Piece::Param(part.to_string())
             } else {
-                lua_string(part)
+                Piece::Text(part.to_string())
             }
+        })
+        .collect()
+}
+
+/// A Lua function that builds what `build` builds, out of the same pieces.
+fn lua_function(name: &str, params: &[&str], build: Builder) -> String {
+    let parts: Vec<String> = pieces(params, build)
+        .into_iter()
+        .map(|piece| match piece {
+            Piece::Text(text) => lua_string(&text),
+            Piece::Param(name) => name,
         })
         .collect();
     format!(
@@ -286,6 +305,7 @@ fn lua_string(text: &str) -> String {
                 out.push(c);
             }
             '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
             _ => out.push(c),
         }
     }
@@ -294,8 +314,24 @@ fn lua_string(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// Every file in `lua/` (lib.lua and the scripts): (file name, source).
+    pub(in crate::store) fn lua_files() -> Vec<(String, String)> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/lua");
+        let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read_to_string(&path).unwrap())
+            })
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), 13, "lib.lua and the twelve scripts");
+        files
+    }
 
     #[test]
     fn a_builder_becomes_lua_that_concatenates_the_same_parts() {
@@ -357,40 +393,29 @@ mod tests {
             .map(|(_, stored)| *stored)
             .collect();
         // The literal text of every key template (`:task:{`, `:q:`, …) and the separators.
-        let mut fragments: Vec<String> = Vec::new();
-        for (_, params, build) in lua_builders() {
-            let marked: Vec<String> = params.iter().map(|p| format!("{MARK}{p}{MARK}")).collect();
-            fragments.extend(
-                build(&marked)
-                    .split(MARK)
-                    .step_by(2)
-                    .filter(|part| part.len() > 1)
-                    .map(String::from),
-            );
-        }
+        let fragments: Vec<String> = lua_builders()
+            .into_iter()
+            .flat_map(|(_, params, build)| pieces(params, build))
+            .filter_map(|piece| match piece {
+                Piece::Text(text) if text.len() > 1 => Some(text),
+                _ => None,
+            })
+            .collect();
         assert!(fragments.contains(&":task:{".to_string()), "{fragments:?}");
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/lua");
-        let mut scripts = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let lua = std::fs::read_to_string(&path).unwrap();
+        for (file, lua) in lua_files() {
             for literal in literals(&lua) {
                 let bare = literal.strip_prefix(':').unwrap_or(&literal);
                 assert!(
                     !fields.contains(&bare) && literal != ":",
-                    "{} spells the field name {literal:?}; use F, S, at_step or member",
-                    path.display()
+                    "{file} spells the field name {literal:?}; use F, S, at_step or member"
                 );
                 for fragment in &fragments {
                     assert!(
                         !literal.contains(fragment.as_str()),
-                        "{} spells the key fragment {fragment:?}; use the key builders",
-                        path.display()
+                        "{file} spells the key fragment {fragment:?}; use the key builders"
                     );
                 }
             }
-            scripts += 1;
         }
-        assert_eq!(scripts, 13, "lib.lua and the twelve scripts");
     }
 }
