@@ -19,9 +19,11 @@ use crate::{Config, routes};
 
 /// Where the master keeps its state.
 pub struct Backends {
-    /// The task store.
+    /// Where tasks live: Redis in production, the in-memory store where one process is
+    /// the whole system (the launcher's quick start, tests).
     pub store: Arc<dyn TaskStore>,
-    /// The worker registry.
+    /// Where the dispatcher learns which workers are alive: the Redis registry, or a fixed
+    /// list where the launcher starts the workers itself.
     pub workers: Arc<dyn WorkerSource>,
     /// Redis settings for the events subscription (other replicas' completions and new
     /// workers); `None` with the in-memory store.

@@ -21,11 +21,17 @@ pub const ANONYMOUS: &str = "anonymous";
 
 /// The master's credentials.
 pub struct Auth {
+    /// `AUTH_DISABLED`: for a laptop; every caller is [`ANONYMOUS`] and may do everything.
     disabled: bool,
+    /// `API_KEYS`: key → client id; the id decides whose tasks a caller sees.
     clients: KeyRing,
+    /// `OPERATOR_API_KEYS`: a separate ring, so a client key never opens operator routes.
     operators: KeyRing,
+    /// `WORKER_TOKEN`: only workers may report results.
     worker_token: Secret,
+    /// `JWT_SECRET`, for clients whose identity provider signs HS256 tokens.
     hs256: Option<(DecodingKey, Validation)>,
+    /// `JWT_PUBLIC_KEY_FILE`, for clients whose identity provider signs RS256 tokens.
     rs256: Option<(DecodingKey, Validation)>,
 }
 

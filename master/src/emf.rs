@@ -14,7 +14,9 @@ use crate::metrics::{FAILED, QueueRow, SUCCEEDED};
 /// Remembers counters between intervals to print deltas.
 #[derive(Debug, Default)]
 pub struct EmfState {
+    /// `metrics::SUCCEEDED` at the last line: EMF takes per-interval counts, the counter is total.
     succeeded: u64,
+    /// `metrics::FAILED` at the last line, likewise.
     failed: u64,
 }
 

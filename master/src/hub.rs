@@ -11,15 +11,22 @@ use tokio::sync::Notify;
 /// Per-capability and per-task notifications.
 #[derive(Default, Debug)]
 pub struct Hub {
+    /// One notifier per capability, woken when its queue may have work: its dispatch loop
+    /// claims at once instead of at its next poll.
     capabilities: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Waiters per task id, only while someone long-polls it (see [`WaiterGuard`]), so the
+    /// map stays as small as the number of polled tasks.
     tasks: Mutex<HashMap<String, Arc<TaskWaiter>>>,
 }
 
 /// One holder of a task's waiter; releases it when dropped.
 #[derive(Debug)]
 pub struct WaiterGuard<'a> {
+    /// Whose map the waiter is removed from when the last holder leaves.
     hub: &'a Hub,
+    /// The map's key for it.
     task_id: String,
+    /// Shared by everyone polling this task; counted to know who leaves last.
     waiter: Arc<TaskWaiter>,
 }
 

@@ -200,7 +200,9 @@ impl Concurrency {
 /// One long-lived request's place within the caps; dropping it gives the place back.
 #[derive(Debug)]
 pub struct Permit {
+    /// What the place is given back to.
     limiter: Arc<Concurrency>,
+    /// Whose count goes down when it is.
     client: String,
 }
 

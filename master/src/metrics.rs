@@ -78,7 +78,7 @@ pub(crate) fn redis_error() {
 /// One capability's queue figures, as published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueRow {
-    /// The capability.
+    /// The gauges' `capability` label.
     pub capability: Capability,
     /// Steps waiting (ready or in retry backoff).
     pub queued: u64,

@@ -116,26 +116,38 @@ fn lease_renewal(
 /// What the dispatcher knows about workers, refreshed every [`REFRESH`].
 #[derive(Default)]
 struct View {
+    /// The live workers: whom steps are assigned to, and the URLs they are sent to.
     workers: Vec<WorkerRecord>,
     /// Steps in flight per worker: the store's count, plus what this replica claimed since.
     load: HashMap<String, u32>,
+    /// Configured, served by a live worker, or submitted before: each has a dispatch loop
+    /// and is reaped, and a submission may name it in `steps`.
     capabilities: Vec<Capability>,
 }
 
 /// The dispatcher of one master replica.
 pub(crate) struct Dispatcher {
+    /// Lease, poll interval, dispatch timeout, retry backoff, the worker token.
     config: Arc<Config>,
+    /// Steps are claimed, released, and failed there.
     store: Arc<dyn TaskStore>,
+    /// Read every [`REFRESH`] into the view, not per dispatch.
     workers: Arc<dyn WorkerSource>,
+    /// The loops sleep on it between polls; work queued anywhere wakes them early.
     hub: Arc<Hub>,
+    /// For `POST {worker}/work`, with `DISPATCH_TIMEOUT_MS` as its timeout.
     http: reqwest::Client,
+    /// Read by every dispatch round; written by the refresher and by claims.
     view: RwLock<View>,
     /// Workers not to use until the instant (they refused or failed a dispatch).
     skip: Mutex<HashMap<String, Instant>>,
     /// Capabilities that have a dispatch loop.
     loops: Mutex<HashSet<String>>,
+    /// The pipelines' capabilities: they get loops at start, before any worker registers.
     configured: Vec<Capability>,
+    /// In-flight dispatches finish at shutdown (bounded by the dispatch timeout).
     tracker: TaskTracker,
+    /// Stops every loop.
     shutdown: CancellationToken,
     /// Whether the last store call failed (to log an outage once, not per call).
     store_down: std::sync::atomic::AtomicBool,
