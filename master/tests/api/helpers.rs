@@ -1,26 +1,19 @@
-//! Test helpers: start a master on a free port, and test workers that speak the worker
-//! protocol (registry heartbeat, `POST /work`, `POST {master}/result`).
+//! Test helpers: start a master on a free port, with the kit's fake workers
+//! (`testkit::fakes::worker`) that speak the worker protocol.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::{Json, Router};
-use common::redis::{RedisPool, RedisSettings};
-use common::registry::Registry;
-use common::wire::{
-    Capability, ReportStatus, ResultReport, StepError, StepRef, TaskView, WorkRequest, WorkerId,
-    WorkerRecord,
-};
+use common::redis::RedisSettings;
+use common::wire::{StepRef, TaskView};
 use master::Config;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub const WORKER_TOKEN: &str = "worker-token-123";
+/// The master's tests call the kit's fake worker a test worker.
+pub use testkit::fakes::worker::FakeWorker as TestWorker;
+pub use testkit::fakes::worker::{Behavior, WORKER_TOKEN};
 pub const ALICE: &str = "alice-key-123456";
 pub const BOB: &str = "bob-key-1234567";
 pub const OPERATOR: &str = "ops-key-12345678";
@@ -35,8 +28,8 @@ pub fn test_config(redis: &RedisSettings) -> Config {
         operator_api_keys: common::config::Secret::new(format!("ops:{OPERATOR}")),
         worker_token: common::config::Secret::new(WORKER_TOKEN),
         lease_ms: 1_500,
-        // The test workers below beat every 300 ms.
-        worker_heartbeat_ms: 300,
+        // As often as the fake workers beat.
+        worker_heartbeat_ms: testkit::fakes::worker::HEARTBEAT.as_millis() as u64,
         retry_base_ms: 50,
         retry_max_ms: 200,
         dispatch_poll_ms: 20,
@@ -168,229 +161,6 @@ impl TestMaster {
             .unwrap();
         assert_eq!(r.status(), 200);
         r.json().await.unwrap()
-    }
-}
-
-/// What a test worker does with a step.
-#[derive(Clone, Debug)]
-pub enum Behavior {
-    /// Reports `{"capability", "input", "previous": n, "worker"}` after `delay`.
-    Succeed { delay: Duration },
-    /// Reports a failure.
-    Fail { retryable: bool },
-    /// Accepts and never reports.
-    Hang,
-    /// Answers 429 to everything.
-    Busy,
-    /// Answers `400` to a step whose input has `"poison": true` (as a worker answers a step
-    /// it cannot parse); succeeds with the others like `Succeed` after `delay`.
-    RefusePoison { delay: Duration },
-}
-
-/// Steps a worker received: (task, step, attempt).
-pub type Received = Arc<Mutex<Vec<StepRef>>>;
-
-struct WorkerState {
-    id: WorkerId,
-    behavior: Behavior,
-    master_url: String,
-    received: Received,
-    in_flight: Arc<Mutex<Vec<StepRef>>>,
-    http: reqwest::Client,
-}
-
-/// A protocol-following worker for tests.
-pub struct TestWorker {
-    pub received: Received,
-    stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl TestWorker {
-    /// Starts a worker serving `caps`, registered in `redis`, reporting to `master_url`.
-    pub async fn start(
-        name: &str,
-        caps: &[&str],
-        max: u32,
-        behavior: Behavior,
-        redis: &RedisSettings,
-        master_url: &str,
-    ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let id = WorkerId::new(name).unwrap();
-        let received: Received = Arc::default();
-        let in_flight: Arc<Mutex<Vec<StepRef>>> = Arc::default();
-        let state = Arc::new(WorkerState {
-            id: id.clone(),
-            behavior,
-            master_url: master_url.to_string(),
-            received: received.clone(),
-            in_flight: in_flight.clone(),
-            http: reqwest::Client::new(),
-        });
-        let stop = CancellationToken::new();
-        let app = Router::new()
-            .route("/work", post(work))
-            .with_state(state.clone());
-        let server_stop = stop.clone();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(server_stop.cancelled_owned())
-                .await;
-        });
-        let registry = Registry::new(RedisPool::new(redis).unwrap());
-        let record = WorkerRecord {
-            id: id.clone(),
-            url: format!("http://{addr}"),
-            capabilities: caps.iter().map(|c| Capability::new(*c).unwrap()).collect(),
-            max_concurrency: max,
-            in_flight: vec![],
-            version: "test".into(),
-            started_at_ms: common::wire::now_ms(),
-            draining: false,
-            heartbeat_at_ms: 0,
-            degraded: None,
-        };
-        registry
-            .heartbeat(&record, Duration::from_millis(900))
-            .await
-            .unwrap();
-        let beat_stop = stop.clone();
-        let heartbeat = tokio::spawn(async move {
-            let mut record = record;
-            loop {
-                record.in_flight = in_flight.lock().unwrap().clone();
-                let _ = registry
-                    .heartbeat(&record, Duration::from_millis(900))
-                    .await;
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(300)) => {}
-                    () = beat_stop.cancelled() => return,
-                }
-            }
-        });
-        Self {
-            received,
-            stop,
-            tasks: vec![server, heartbeat],
-        }
-    }
-
-    /// Dies at once: no more heartbeats, no reports, connections refused.
-    pub fn kill(&mut self) {
-        self.stop.cancel();
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
-    }
-
-    pub fn received(&self) -> Vec<StepRef> {
-        self.received.lock().unwrap().clone()
-    }
-}
-
-impl Drop for TestWorker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn work(
-    State(state): State<Arc<WorkerState>>,
-    headers: HeaderMap,
-    Json(step): Json<WorkRequest>,
-) -> StatusCode {
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if token != format!("Bearer {WORKER_TOKEN}") {
-        return StatusCode::UNAUTHORIZED;
-    }
-    state.received.lock().unwrap().push(step.step_ref());
-    if matches!(state.behavior, Behavior::Busy) {
-        return StatusCode::TOO_MANY_REQUESTS;
-    }
-    if matches!(state.behavior, Behavior::RefusePoison { .. }) && step.input["poison"] == true {
-        return StatusCode::BAD_REQUEST;
-    }
-    state.in_flight.lock().unwrap().push(step.step_ref());
-    let st = state.clone();
-    tokio::spawn(async move {
-        let report = match &st.behavior {
-            Behavior::Succeed { delay } | Behavior::RefusePoison { delay } => {
-                tokio::time::sleep(*delay).await;
-                Some(report(
-                    &st.id,
-                    &step,
-                    Ok(json!({
-                        "capability": step.capability,
-                        "input": step.input,
-                        "previous": step.context.previous.len(),
-                        "task_input": step.context.task_input,
-                        "worker": st.id,
-                    })),
-                ))
-            }
-            Behavior::Fail { retryable } => Some(report(
-                &st.id,
-                &step,
-                Err(StepError {
-                    message: "test failure".into(),
-                    retryable: *retryable,
-                    kind: Some("test".into()),
-                }),
-            )),
-            Behavior::Hang | Behavior::Busy => None,
-        };
-        if let Some(report) = report {
-            deliver(&st, &report).await;
-            st.in_flight
-                .lock()
-                .unwrap()
-                .retain(|s| *s != step.step_ref());
-        }
-    });
-    StatusCode::ACCEPTED
-}
-
-pub fn report(
-    worker: &WorkerId,
-    step: &WorkRequest,
-    out: Result<Value, StepError>,
-) -> ResultReport {
-    let (status, output, error) = match out {
-        Ok(v) => (ReportStatus::Succeeded, Some(v), None),
-        Err(e) => (ReportStatus::Failed, None, Some(e)),
-    };
-    ResultReport {
-        task_id: step.task_id.clone(),
-        step: step.step,
-        attempt: step.attempt,
-        worker_id: worker.clone(),
-        status,
-        output,
-        error,
-        duration_ms: Some(1),
-    }
-}
-
-async fn deliver(st: &WorkerState, report: &ResultReport) {
-    for _ in 0..200 {
-        let sent = st
-            .http
-            .post(format!("{}/result", st.master_url))
-            .bearer_auth(WORKER_TOKEN)
-            .json(report)
-            .send()
-            .await;
-        if let Ok(r) = sent
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
