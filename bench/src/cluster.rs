@@ -560,7 +560,7 @@ pub struct Gateway {
 }
 
 /// The Gemini key the fake upstream expects.
-pub const FAKE_GEMINI_KEY: &str = "bench-gemini-key";
+pub const FAKE_GEMINI_KEY: &str = testkit::fakes::gemini::GEMINI_KEY;
 /// The Gemini model name behind the `default` alias.
 pub const FAKE_GEMINI_MODEL: &str = "bench-model";
 

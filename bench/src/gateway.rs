@@ -1,70 +1,19 @@
-//! G1: the llm-gateway's overhead. A fake Gemini upstream answers `generateContent` at
-//! once; the same chat request is timed straight against it and through the gateway.
+//! G1: the llm-gateway's overhead. The kit's fake Gemini (`testkit::fakes::gemini`)
+//! answers `generateContent` at once; the same chat request is timed straight against it
+//! and through the gateway.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::Router;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::post;
+use axum::http::header;
 use bytes::Bytes;
-use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{FAKE_GEMINI_KEY, FAKE_GEMINI_MODEL};
 use crate::stats::Percentiles;
 
 /// The prompt both ways send.
 const PROMPT: &str = "Reply with one word: hello.";
-
-/// Gemini's answer to every call, as Google formats it.
-const GEMINI_REPLY: &str = r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Hello"}]},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":7,"candidatesTokenCount":1,"totalTokenCount":8},"modelVersion":"bench-model","responseId":"bench"}"#;
-
-/// A fake Gemini API: `POST /v1beta/models/{model}:generateContent` answers
-/// [`GEMINI_REPLY`] at once (`403` without the expected `x-goog-api-key`).
-pub struct FakeUpstream {
-    /// What `GEMINI_BASE_URL` should be (`http://127.0.0.1:PORT/v1beta`).
-    pub base_url: String,
-    shutdown: CancellationToken,
-}
-
-impl FakeUpstream {
-    /// Serves on `127.0.0.1:port` (0: a free port).
-    pub async fn start(port: u16) -> anyhow::Result<Self> {
-        let listener = common::http::bind(&format!("127.0.0.1:{port}")).await?;
-        let base_url = format!("http://{}/v1beta", listener.local_addr()?);
-        let router = Router::new().route("/v1beta/models/{call}", post(generate_content));
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
-        Ok(Self { base_url, shutdown })
-    }
-
-    /// Stops serving.
-    pub fn stop(&self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn generate_content(headers: HeaderMap, _body: Bytes) -> impl IntoResponse {
-    if headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) != Some(FAKE_GEMINI_KEY) {
-        return (
-            StatusCode::FORBIDDEN,
-            [(header::CONTENT_TYPE, "application/json")],
-            r#"{"error":{"code":403,"status":"PERMISSION_DENIED","message":"bad key"}}"#,
-        );
-    }
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        GEMINI_REPLY,
-    )
-}
 
 /// Which way a request goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,8 +19,10 @@ use anyhow::Context;
 pub use args::{Args, Bench};
 pub use report::{Report, Target};
 
+use testkit::fakes::FakeGemini;
+
 use crate::cluster::{Gateway, Launch, QueueCluster, load_average};
-use crate::gateway::{Call, FakeUpstream, LoadRun};
+use crate::gateway::{Call, LoadRun};
 use crate::queue::ThroughputRun;
 use crate::stats::median_index;
 
@@ -339,17 +341,21 @@ fn slots_each(slots: u32, workers: usize) -> String {
 }
 
 async fn g1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
-    let upstream = FakeUpstream::start(args.upstream_port.unwrap_or(0)).await?;
+    let port = args.upstream_port.unwrap_or(0);
+    let mut upstream = FakeGemini::start_on(port)
+        .await
+        .with_context(|| format!("the fake Gemini could not listen on port {port}"))?;
+    upstream.stop_recording();
     let gateway = match &args.gateway_url {
         Some(_) => None,
-        None => Some(Gateway::start(launch, &upstream.base_url).await?),
+        None => Some(Gateway::start(launch, &upstream.url).await?),
     };
     let gateway_url = args
         .gateway_url
         .clone()
         .or_else(|| gateway.as_ref().map(|g| g.url.clone()))
         .context("no gateway to measure")?;
-    let direct = Call::direct(&upstream.base_url);
+    let direct = Call::direct(&upstream.url);
     let through = Call::gateway(&gateway_url, &args.model);
     let secs = Duration::from_secs(args.gateway_secs());
     let result = async {
@@ -384,7 +390,7 @@ async fn g1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result
         }
         g.stop().await;
     }
-    upstream.stop();
+    upstream.stop().await;
     result
 }
 

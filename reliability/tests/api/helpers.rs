@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::proxy::Proxy;
 
-pub const WORKER_TOKEN: &str = "chaos-worker-token-123";
+pub use testkit::fakes::worker::WORKER_TOKEN;
 pub const API_KEY: &str = "chaos-client-key-123456";
 pub const OPERATOR_KEY: &str = "chaos-operator-key-123456";
 /// Every master's lease: short, so a dead worker's steps come back within seconds.

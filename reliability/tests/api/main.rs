@@ -9,8 +9,8 @@
 
 mod chaos;
 mod failover;
-mod fakes;
 mod helpers;
 mod lease;
+mod misbehaving;
 mod proxy;
 mod shutdown;
