@@ -146,14 +146,4 @@ impl MasterClient {
             .find(|r| r.capability == capability)
             .map_or((0, 0), |r| (r.queued, r.in_flight)))
     }
-
-    /// `GET /workers`: how many live workers serve `capability`.
-    pub async fn live_workers(&self, capability: &str) -> anyhow::Result<usize> {
-        #[derive(Deserialize)]
-        struct Workers {
-            by_capability: std::collections::BTreeMap<String, Vec<String>>,
-        }
-        let workers: Workers = self.get_json("/workers").await?;
-        Ok(workers.by_capability.get(capability).map_or(0, Vec::len))
-    }
 }

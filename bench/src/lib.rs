@@ -91,7 +91,11 @@ fn header(args: &Args) -> Vec<String> {
 /// A started cluster with workers, or the running one given by URL.
 async fn cluster(args: &Args, launch: &Launch, workers: usize) -> anyhow::Result<QueueCluster> {
     if let Some(url) = &args.master_url {
-        return QueueCluster::external(url, args.redis_url.clone(), &args.pipeline);
+        return Ok(QueueCluster::external(
+            url,
+            args.redis_url.clone(),
+            &args.pipeline,
+        ));
     }
     let mut cluster = QueueCluster::start(launch).await?;
     cluster.start_workers(workers, args.slots).await?;
