@@ -33,17 +33,17 @@ async fn kill_9_workers_mid_step_while_2000_tasks_run() {
     for _ in 0..kills {
         tokio::time::sleep(Duration::from_millis(1_200)).await;
         let records = cluster.live_workers().await;
-        let busiest = (0..cluster.workers.len())
+        let busiest = (0..cluster.system.workers.len())
             .max_by_key(|&i| {
                 records
                     .iter()
-                    .find(|r| r.id.as_str() == cluster.workers[i].name)
+                    .find(|r| r.id.as_str() == cluster.system.workers[i].name())
                     .map_or(0, |r| r.in_flight.len())
             })
             .unwrap_or(0);
         let held = records
             .iter()
-            .find(|r| r.id.as_str() == cluster.workers[busiest].name)
+            .find(|r| r.id.as_str() == cluster.system.workers[busiest].name())
             .map_or(0, |r| r.in_flight.len());
         if held > 0 {
             mid_step += 1;
@@ -79,7 +79,7 @@ async fn kill_9_one_of_two_masters_under_load() {
 
     // Clients of master-0 long-poll it directly; when it dies they ask again through the
     // load balancer, which only has master-1 left.
-    let dead = cluster.client_of(&cluster.masters[0]);
+    let dead = cluster.client_of(&cluster.system.masters[0]);
     let lb = cluster.client();
     let victims = {
         // Tasks submitted to master-0 itself, still running when it dies.
@@ -104,7 +104,7 @@ async fn kill_9_one_of_two_masters_under_load() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    cluster.masters[0].kill9();
+    cluster.system.masters[0].kill().await;
 
     let mut accepted = submitter.await.unwrap();
     let mut switched = 0;
@@ -232,7 +232,7 @@ async fn redis_unreachable_for_10_s_answers_503_then_resumes() {
     let mut probes = 0;
     let mut slowest = Duration::ZERO;
     while Instant::now() + OUTAGE_ANSWER_BOUND < outage_end {
-        let master = &cluster.masters[probes % cluster.masters.len()];
+        let master = &cluster.system.masters[probes % cluster.system.masters.len()];
         let started = Instant::now();
         let answer = cluster
             .client_of(master)
@@ -246,7 +246,7 @@ async fn redis_unreachable_for_10_s_answers_503_then_resumes() {
             }
             other => panic!(
                 "POST /task to {} during the outage: {}\n{}",
-                master.name,
+                master.name(),
                 other.describe(),
                 cluster.logs_tail()
             ),
@@ -342,7 +342,7 @@ async fn workers_cut_off_from_redis_for_4_s_lose_nothing() {
     // The workers' reports for lapsed attempts reached a master and were fenced off.
     let discarded = cluster
         .metric_sum(
-            &cluster.workers,
+            &cluster.system.workers,
             "ensemble_worker_result_deliveries_total",
             "outcome=\"discarded\"",
         )

@@ -8,11 +8,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use testkit::{RedisOptions, RedisServer};
 use serde_json::Value;
+use testkit::{RedisOptions, RedisServer, Service};
 
 use crate::helpers::{
-    Cluster, Node, Options, Submit, Survivors, Via, conclude, scaled, serial, task_input,
+    Cluster, Options, Submit, Survivors, Via, conclude, scaled, serial, task_input,
 };
 
 async fn redis_cmd(port: u16, args: &[&str]) -> redis::Value {
@@ -56,7 +56,7 @@ async fn wait_caught_up(primary: u16, replica: u16) {
 }
 
 /// `/ready` of a node: the status and the JSON reason.
-async fn ready(http: &reqwest::Client, node: &Node) -> (u16, Value) {
+async fn ready(http: &reqwest::Client, node: &Service) -> (u16, Value) {
     match http.get(format!("{}/ready", node.url())).send().await {
         Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or_default()),
         Err(e) => (0, Value::String(e.to_string())),
@@ -64,7 +64,7 @@ async fn ready(http: &reqwest::Client, node: &Node) -> (u16, Value) {
 }
 
 /// Polls until every node's `/ready` answers `status` (bounded); returns how long it took.
-async fn wait_ready_status(cluster: &Cluster, nodes: &[&Node], status: u16, within: Duration) {
+async fn wait_ready_status(cluster: &Cluster, nodes: &[&Service], status: u16, within: Duration) {
     let deadline = Instant::now() + within;
     for node in nodes {
         loop {
@@ -72,15 +72,15 @@ async fn wait_ready_status(cluster: &Cluster, nodes: &[&Node], status: u16, with
             if got == status {
                 // A worker may also say `degraded` (it cannot deliver results to the
                 // masters, which answer 503 now); the masters only see Redis.
-                if status == 503 && node.name.starts_with("master") {
-                    assert_eq!(body["reason"], "read_only", "{}: {body}", node.name);
+                if status == 503 && node.name().starts_with("master") {
+                    assert_eq!(body["reason"], "read_only", "{}: {body}", node.name());
                 }
                 break;
             }
             assert!(
                 Instant::now() < deadline,
                 "{} /ready answered {got} {body}, not {status}, for {within:?}\n{}",
-                node.name,
+                node.name(),
                 cluster.logs_tail()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -132,12 +132,17 @@ async fn redis_failover_recovers_by_itself_and_loses_nothing() {
 
     // The name still points at the old node, now a replica: PING works there, but no
     // service may call itself ready, and a write is a 503 (retry), never a 500.
-    let nodes: Vec<&Node> = cluster.masters.iter().chain(&cluster.workers).collect();
+    let nodes: Vec<&Service> = cluster
+        .system
+        .masters
+        .iter()
+        .chain(&cluster.system.workers)
+        .collect();
     wait_ready_status(&cluster, &nodes, 503, Duration::from_secs(10)).await;
     // Hold it there for two seconds (DNS takes a while to move), probing every master.
     let mut refused = 0;
-    while promoted.elapsed() < Duration::from_secs(2) || refused < cluster.masters.len() {
-        let master = &cluster.masters[refused % cluster.masters.len()];
+    while promoted.elapsed() < Duration::from_secs(2) || refused < cluster.system.masters.len() {
+        let master = &cluster.system.masters[refused % cluster.system.masters.len()];
         match cluster
             .client_of(master)
             .submit_once("chaos", &task_input(n + refused, 0))
@@ -146,7 +151,7 @@ async fn redis_failover_recovers_by_itself_and_loses_nothing() {
             Submit::Refused(503, Some(_)) => refused += 1,
             other => panic!(
                 "POST /task to {} while Redis is a replica: {}",
-                master.name,
+                master.name(),
                 other.describe()
             ),
         }

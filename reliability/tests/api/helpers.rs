@@ -1,19 +1,24 @@
 //! The harness: real `ensemble-node` master and worker processes around a real
 //! `redis-server` (AOF on), a load balancer in front of the masters, a client that submits
 //! and reads tasks the way a real one would (idempotency keys, retries), and the tally that
-//! every scenario prints and asserts.
+//! every scenario prints and asserts. The processes are the test kit's
+//! (`testkit::System` with `ensemble-node` as the binaries): what is the scenarios' own is
+//! here, what starts, signals and stops a service is the kit's.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use testkit::{RedisServer, free_port};
-use common::wire::{StepStatus, TaskStatus, TaskView};
+use common::config::Secret;
+use common::redis::RedisSettings;
+use common::wire::{Capability, StepStatus, TaskStatus, TaskView};
 use futures::StreamExt;
+use master::config::{PipelineConfig, StepConfig};
 use serde_json::{Value, json};
+use testkit::service::tail;
+use testkit::{Binaries, RedisServer, Service, Store, System, free_port};
 
 use crate::proxy::Proxy;
 
@@ -43,120 +48,6 @@ pub fn soak() -> bool {
 /// Scales a count for soak runs.
 pub fn scaled(n: usize) -> usize {
     if soak() { n * 5 } else { n }
-}
-
-// ---------------------------------------------------------------------------------------
-// Processes
-
-/// Which service an `ensemble-node` runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Master,
-    Worker,
-}
-
-/// One `ensemble-node` process. `kill -9`ed on drop.
-pub struct Node {
-    pub name: String,
-    pub port: u16,
-    child: Child,
-    log: PathBuf,
-    exited: Option<ExitStatus>,
-}
-
-impl Node {
-    fn spawn(role: Role, name: &str, port: u16, env: &[(String, String)], dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_ensemble-node"))
-            .arg(match role {
-                Role::Master => "master",
-                Role::Worker => "worker",
-            })
-            .env_clear()
-            .env("RUST_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("start ensemble-node");
-        Self {
-            name: name.to_string(),
-            port,
-            child,
-            log,
-            exited: None,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// `kill -9`.
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        self.exited = self.child.wait().ok();
-    }
-
-    /// `kill -TERM`.
-    pub fn term(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {} failed", self.name);
-    }
-
-    /// Waits up to `within` for the process to exit.
-    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.exited {
-                return Some(status);
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.exited = Some(status);
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `GET /health` answers 200.
-    async fn wait_healthy(&mut self, http: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(r) = http.get(format!("{}/health", self.url())).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited with {status}; log:\n{}", self.name, self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{} did not become healthy; log:\n{}", self.name, self.log());
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -204,47 +95,91 @@ pub enum Via {
 }
 
 /// Pipelines every master knows: `chaos` runs two echo steps, the others one step each on
-/// a misbehaving test worker's capability (`tests/api/fakes.rs`).
-const PIPELINES: &str = r#"
-[pipelines.chaos]
-steps = ["echo", "echo"]
-[pipelines.silent]
-steps = ["silent"]
-[pipelines.garbage]
-steps = ["garbage"]
-[pipelines.twice]
-steps = ["twice"]
-[pipelines.late]
-steps = ["late"]
-"#;
+/// a misbehaving fake worker's capability (`testkit::fakes::worker`).
+const PIPELINES: [(&str, &[&str]); 5] = [
+    ("chaos", &["echo", "echo"]),
+    ("silent", &["silent"]),
+    ("garbage", &["garbage"]),
+    ("twice", &["twice"]),
+    ("late", &["late"]),
+];
 
-/// Redis, masters, workers, and the load balancer in front of the masters.
+/// What the scenarios set on every master and worker, on top of the kit's wiring; kept to
+/// configure replacement workers the same way.
+#[derive(Clone, Debug)]
+struct Settings {
+    options: Options,
+    /// What the masters and the workers reach Redis with (a proxy's URL, say).
+    master_redis: RedisSettings,
+    worker_redis: RedisSettings,
+    /// The masters' load balancer, the workers' `MASTER_URL`.
+    lb_url: String,
+}
+
+impl Settings {
+    fn master(&self, config: &mut master::Config) {
+        config.redis = self.master_redis.clone();
+        config.api_keys = Secret::new(format!("chaos:{API_KEY}"));
+        config.operator_api_keys = Secret::new(format!("ops:{OPERATOR_KEY}"));
+        config.worker_token = Secret::new(WORKER_TOKEN.to_string());
+        config.lease_ms = self.options.lease_ms;
+        config.worker_heartbeat_ms = self.options.heartbeat_ms;
+        config.retry_base_ms = 50;
+        config.retry_max_ms = 500;
+        // Under chaos a step may lose several attempts in a row to kills; the scenarios are
+        // about losing nothing, not about the retry budget.
+        config.max_attempts = 10;
+        config.rate_limit_per_sec = 0.0;
+        config.dispatch_poll_ms = 20;
+        config.dispatch_timeout_ms = 2_000;
+        config.metrics_interval_ms = 500;
+        config.pipelines = PIPELINES
+            .iter()
+            .map(|(name, steps)| {
+                let steps = steps
+                    .iter()
+                    .map(|s| StepConfig::Name(Capability::new(*s).expect("a capability")))
+                    .collect();
+                (name.to_string(), PipelineConfig { steps })
+            })
+            .collect();
+    }
+
+    /// Worker `i` (over the cluster's life) is `worker-{i}`: a fresh id, as a replacement
+    /// ECS task gets.
+    fn worker(&self, i: usize, config: &mut worker::Config) {
+        config.redis = self.worker_redis.clone();
+        config.agent_id = Some(format!("worker-{i}"));
+        config.capabilities = vec!["echo".into()];
+        config.agent_kind = worker::AgentKind::Echo;
+        config.master_url = self.lb_url.clone();
+        config.heartbeat_interval_ms = self.options.heartbeat_ms;
+        config.max_concurrency = self.options.worker_slots;
+        config.shutdown_grace_ms = self.options.shutdown_grace_ms;
+        config.result_delivery_timeout_ms = 60_000;
+    }
+}
+
+/// Redis, masters, workers (`ensemble-node` child processes of the kit's system), and the
+/// load balancer in front of the masters.
 pub struct Cluster {
+    /// The masters and the workers. Declared first, so that they stop (SIGTERM, drain)
+    /// while Redis and the proxies are still there.
+    pub system: System,
     pub redis: RedisServer,
     /// Between the services and Redis, when [`Options::redis_via_proxy`].
     pub redis_proxy: Option<Proxy>,
     pub prefix: String,
-    pub masters: Vec<Node>,
-    pub workers: Vec<Node>,
     /// The masters' load balancer: what workers (`MASTER_URL`) and clients call.
     pub lb: Proxy,
     pub http: reqwest::Client,
-    options: Options,
-    dir: tempfile::TempDir,
-    config_file: PathBuf,
-    spawned_workers: usize,
+    settings: Settings,
 }
 
 impl Cluster {
     pub async fn start(options: Options) -> Self {
         let redis = RedisServer::with_aof();
         let prefix = redis.settings().key_prefix;
-        let dir = tempfile::Builder::new()
-            .prefix("ensemble-reliability-")
-            .tempdir()
-            .expect("temp dir");
-        let config_file = dir.path().join("master.toml");
-        std::fs::write(&config_file, PIPELINES).expect("write master.toml");
         let redis_proxy = if options.redis_via_proxy != Via::Nobody {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], redis.port()));
             Some(Proxy::start(vec![addr]).await)
@@ -259,144 +194,74 @@ impl Cluster {
                 .collect(),
         )
         .await;
+        // The URL a service uses for Redis (the proxy's, when it goes through one).
+        let redis_of = |proxied: bool| {
+            let url = match &redis_proxy {
+                Some(p) if proxied => format!("redis://{}", p.addr()),
+                _ => redis.url(),
+            };
+            RedisSettings {
+                key_prefix: prefix.clone(),
+                connect_timeout_ms: REDIS_TIMEOUT_MS,
+                command_timeout_ms: REDIS_TIMEOUT_MS,
+                ..RedisSettings::from_url(url)
+            }
+        };
+        let settings = Settings {
+            master_redis: redis_of(options.redis_via_proxy == Via::Everyone),
+            worker_redis: redis_of(options.redis_via_proxy != Via::Nobody),
+            lb_url: lb.url(),
+            options: options.clone(),
+        };
+        let (for_masters, for_workers) = (settings.clone(), settings.clone());
+        let system = System::builder()
+            .processes(Binaries::from_fn(|role| {
+                let mut node = std::process::Command::new(env!("CARGO_BIN_EXE_ensemble-node"));
+                node.arg(role.binary());
+                node
+            }))
+            .store(Store::Url(redis.url()))
+            .gateway(false)
+            .masters(options.masters)
+            .master_ports(master_ports)
+            .workers(options.workers)
+            .master_config(move |_, config| for_masters.master(config))
+            .worker_config(move |i, config| for_workers.worker(i, config))
+            .child_env("RUST_LOG", "info")
+            .start()
+            .await
+            .expect("the cluster starts");
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .expect("http client");
-        let mut cluster = Self {
+        Self {
+            system,
             redis,
             redis_proxy,
             prefix,
-            masters: Vec::new(),
-            workers: Vec::new(),
             lb,
             http,
-            options: options.clone(),
-            dir,
-            config_file,
-            spawned_workers: 0,
-        };
-        for (i, port) in master_ports.into_iter().enumerate() {
-            let node = cluster.spawn_master(&format!("master-{i}"), port).await;
-            cluster.masters.push(node);
-        }
-        for _ in 0..options.workers {
-            let node = cluster.spawn_worker().await;
-            cluster.workers.push(node);
-        }
-        cluster.wait_workers_seen(options.workers).await;
-        cluster
-    }
-
-    /// The URL a service uses for Redis (the proxy's, when it goes through one).
-    fn redis_url(&self, role: Role) -> String {
-        let proxied = match self.options.redis_via_proxy {
-            Via::Nobody => false,
-            Via::Everyone => true,
-            Via::Workers => role == Role::Worker,
-        };
-        match &self.redis_proxy {
-            Some(p) if proxied => format!("redis://{}", p.addr()),
-            _ => self.redis.url(),
+            settings,
         }
     }
 
-    fn redis_env(&self, role: Role) -> Vec<(String, String)> {
-        vec![
-            ("REDIS_URL".into(), self.redis_url(role)),
-            ("REDIS_KEY_PREFIX".into(), self.prefix.clone()),
-            (
-                "REDIS_CONNECT_TIMEOUT_MS".into(),
-                REDIS_TIMEOUT_MS.to_string(),
-            ),
-            (
-                "REDIS_COMMAND_TIMEOUT_MS".into(),
-                REDIS_TIMEOUT_MS.to_string(),
-            ),
-        ]
-    }
-
-    async fn spawn_master(&self, name: &str, port: u16) -> Node {
-        let mut env = self.redis_env(Role::Master);
-        env.extend(
-            [
-                ("HOST", "127.0.0.1".to_string()),
-                ("PORT", port.to_string()),
-                ("API_KEYS", format!("chaos:{API_KEY}")),
-                ("OPERATOR_API_KEYS", format!("ops:{OPERATOR_KEY}")),
-                ("WORKER_TOKEN", WORKER_TOKEN.into()),
-                ("LEASE_MS", self.options.lease_ms.to_string()),
-                ("WORKER_HEARTBEAT_MS", self.options.heartbeat_ms.to_string()),
-                ("RETRY_BASE_MS", "50".into()),
-                ("RETRY_MAX_MS", "500".into()),
-                // Under chaos a step may lose several attempts in a row to kills; the
-                // scenarios are about losing nothing, not about the retry budget.
-                ("MAX_ATTEMPTS", "10".into()),
-                ("RATE_LIMIT_PER_SEC", "0".into()),
-                ("DISPATCH_POLL_MS", "20".into()),
-                ("DISPATCH_TIMEOUT_MS", "2000".into()),
-                ("METRICS_INTERVAL_MS", "500".into()),
-                ("ENSEMBLE_CONFIG", self.config_file.display().to_string()),
-            ]
-            .map(|(k, v)| (k.to_string(), v)),
-        );
-        let mut node = Node::spawn(Role::Master, name, port, &env, self.dir.path());
-        node.wait_healthy(&self.http).await;
-        node
-    }
-
-    /// Starts one more echo worker (`worker-N`, a fresh id, as a replacement task gets).
-    pub async fn spawn_worker(&mut self) -> Node {
-        let n = self.spawned_workers;
-        self.spawned_workers += 1;
-        let port = free_port();
-        let name = format!("worker-{n}");
-        let mut env = self.redis_env(Role::Worker);
-        env.extend(
-            [
-                ("HOST", "127.0.0.1".to_string()),
-                ("PORT", port.to_string()),
-                ("AGENT_ID", name.clone()),
-                ("CAPABILITIES", "echo".into()),
-                ("AGENT_KIND", "echo".into()),
-                ("MASTER_URL", self.lb.url()),
-                ("WORKER_TOKEN", WORKER_TOKEN.into()),
-                ("ADVERTISE_URL", format!("http://127.0.0.1:{port}")),
-                (
-                    "HEARTBEAT_INTERVAL_MS",
-                    self.options.heartbeat_ms.to_string(),
-                ),
-                ("MAX_CONCURRENCY", self.options.worker_slots.to_string()),
-                (
-                    "SHUTDOWN_GRACE_MS",
-                    self.options.shutdown_grace_ms.to_string(),
-                ),
-                ("RESULT_DELIVERY_TIMEOUT_MS", "60000".into()),
-            ]
-            .map(|(k, v)| (k.to_string(), v)),
-        );
-        let mut node = Node::spawn(Role::Worker, &name, port, &env, self.dir.path());
-        node.wait_healthy(&self.http).await;
-        node
-    }
-
-    /// Replaces `workers[i]` with a fresh worker after `kill -9`.
+    /// Replaces `workers[i]` with a fresh worker (a new id) after `kill -9`.
     pub async fn kill_and_replace_worker(&mut self, i: usize) {
-        self.workers[i].kill9();
-        let fresh = self.spawn_worker().await;
-        self.workers[i] = fresh;
-    }
-
-    /// Waits until `n` workers are listed by the first live master (`GET /workers`).
-    async fn wait_workers_seen(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.live_workers().await.len() >= n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the masters never saw {n} workers");
+        let system = &mut self.system;
+        system.workers[i].kill().await;
+        system.workers.remove(i);
+        system.worker_configs.remove(i);
+        let settings = &self.settings;
+        system
+            .add_workers(1, |n, config| settings.worker(n, config))
+            .await
+            .expect("a replacement worker starts");
+        let (fresh, config) = (system.workers.pop(), system.worker_configs.pop());
+        system.workers.insert(i, fresh.expect("the new worker"));
+        system
+            .worker_configs
+            .insert(i, config.expect("its configuration"));
     }
 
     /// The worker records in the registry now.
@@ -423,51 +288,43 @@ impl Cluster {
     }
 
     /// A client pinned to one master, not the load balancer.
-    pub fn client_of(&self, master: &Node) -> Client {
+    pub fn client_of(&self, master: &Service) -> Client {
         Client {
             http: self.http.clone(),
-            base: master.url(),
+            base: master.url().to_string(),
         }
     }
 
     /// Σ `ensemble_tasks_succeeded_total` over the masters that are still running.
     pub async fn succeeded_counter(&self) -> u64 {
-        self.metric_sum(&self.masters, "ensemble_tasks_succeeded_total", "")
+        self.metric_sum(&self.system.masters, "ensemble_tasks_succeeded_total", "")
             .await
     }
 
-    /// Σ of a metric's samples whose line contains `label` over some running nodes.
-    pub async fn metric_sum(&self, nodes: &[Node], name: &str, label: &str) -> u64 {
+    /// Σ of a metric's samples whose line contains `label` over some running services.
+    pub async fn metric_sum(&self, services: &[Service], name: &str, label: &str) -> u64 {
         let mut sum = 0;
-        for node in nodes {
+        for service in services {
             let text = match self
                 .http
-                .get(format!("{}/metrics", node.url()))
+                .get(format!("{}/metrics", service.url()))
                 .send()
                 .await
             {
                 Ok(r) => r.text().await.unwrap_or_default(),
-                Err(e) => panic!("{} has no /metrics: {e}", node.name),
+                Err(e) => panic!("{} has no /metrics: {e}", service.name()),
             };
             sum += metric(&text, name, label);
         }
         sum
     }
 
-    /// The logs of every process, for a failure message.
+    /// The end of every process's log, for a failure message.
     pub fn logs_tail(&self) -> String {
-        let mut out = String::new();
-        for n in self.masters.iter().chain(&self.workers) {
-            let log = n.log();
-            let lines: Vec<&str> = log.lines().collect();
-            let from = lines.len().saturating_sub(15);
-            out.push_str(&format!(
-                "--- {} ---\n{}\n",
-                n.name,
-                lines[from..].join("\n")
-            ));
-        }
-        out
+        let services = self.system.masters.iter().chain(&self.system.workers);
+        services
+            .map(|s| format!("--- {} ---\n{}\n", s.name(), tail(&s.log())))
+            .collect()
     }
 }
 

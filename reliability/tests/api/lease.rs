@@ -44,13 +44,13 @@ async fn a_killed_workers_step_is_requeued_within_one_lease_of_its_last_heartbea
         view.steps[0].attempts, 1,
         "the lease was extended while beating"
     );
-    cluster.workers[0].kill9();
+    cluster.system.workers[0].kill().await;
     // The record outlives the process: its heartbeat time is the last beat.
     let last_beat = cluster
         .live_workers()
         .await
         .into_iter()
-        .find(|w| w.id.as_str() == cluster.workers[0].name)
+        .find(|w| w.id.as_str() == cluster.system.workers[0].name())
         .map(|w| w.heartbeat_at_ms)
         .expect("the dead worker's record is still listed");
     assert!(last_beat > dispatched_at);

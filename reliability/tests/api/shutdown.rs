@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use common::wire::StepRef;
 use serde_json::Value;
+use testkit::Exit;
 
 use crate::helpers::{
     API_KEY, Accepted, Cluster, Options, Survivors, conclude, scaled, serial, task_input,
@@ -30,7 +31,7 @@ async fn sigterm_a_worker_mid_step_drains_and_exits_0() {
         .await;
 
     // SIGTERM worker-0 while its heartbeat lists steps in flight.
-    let name = cluster.workers[0].name.clone();
+    let name = cluster.system.workers[0].name().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     let held: Vec<StepRef> = loop {
         let held = cluster
@@ -46,12 +47,14 @@ async fn sigterm_a_worker_mid_step_drains_and_exits_0() {
         assert!(Instant::now() < deadline, "{name} never held 3 steps");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    cluster.workers[0].term();
-    let status = cluster.workers[0].wait_exit(Duration::from_secs(25)).await;
+    cluster.system.workers[0].signal("TERM").expect("SIGTERM");
+    let status = cluster.system.workers[0]
+        .wait_exit(Duration::from_secs(25))
+        .await;
     assert!(
-        status.is_some_and(|s| s.success()),
+        status == Some(Exit::Clean),
         "{name} after SIGTERM: {status:?}; log:\n{}",
-        cluster.workers[0].log()
+        cluster.system.workers[0].log()
     );
 
     let (_, ctx) = conclude(
@@ -97,7 +100,7 @@ async fn sigterm_a_master_answers_in_flight_http_and_exits_0() {
     done.wait_finished(n / 5, Duration::from_secs(60)).await;
 
     // Slow tasks on master-0, and its clients long-polling master-0 for them.
-    let direct = cluster.client_of(&cluster.masters[0]);
+    let direct = cluster.client_of(&cluster.system.masters[0]);
     let slow: Vec<Value> = (0..10).map(|i| task_input(n + i, 3_000)).collect();
     let slow = direct
         .submit_all("chaos", slow, 10, Duration::from_secs(10))
@@ -150,7 +153,7 @@ async fn sigterm_a_master_answers_in_flight_http_and_exits_0() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    cluster.masters[0].term();
+    cluster.system.masters[0].signal("TERM").expect("SIGTERM");
 
     for p in polls {
         let answer = p.await.unwrap();
@@ -174,11 +177,13 @@ async fn sigterm_a_master_answers_in_flight_http_and_exits_0() {
         "sigterm-master: burst of 40 to master-0: {answered} answered, {refused} refused at connect, {} dropped after connect {dropped:?}",
         dropped.len()
     );
-    let status = cluster.masters[0].wait_exit(Duration::from_secs(25)).await;
+    let status = cluster.system.masters[0]
+        .wait_exit(Duration::from_secs(25))
+        .await;
     assert!(
-        status.is_some_and(|s| s.success()),
+        status == Some(Exit::Clean),
         "master-0 after SIGTERM: {status:?}; log:\n{}",
-        cluster.masters[0].log()
+        cluster.system.masters[0].log()
     );
 
     // Whatever the burst did not get an answer for, the client sends again through the
