@@ -915,7 +915,7 @@ impl System {
         let ordered = async {
             stop_together(&mut self.workers).await;
             stop_together(&mut self.masters).await;
-            stop_together(self.gateway.as_mut().into_iter()).await;
+            stop_together(self.gateway.as_mut()).await;
         };
         let hurried = tokio::select! {
             () = ordered => false,
