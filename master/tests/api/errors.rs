@@ -2,21 +2,242 @@
 
 use std::time::Duration;
 
-use testkit::RedisServer;
+use reqwest::Method;
 use serde_json::{Value, json};
+use testkit::RedisServer;
 
 use crate::helpers::*;
 
-async fn expect(r: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(r.status().as_u16(), status, "{:?}", r.text().await);
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty())
-    );
-    body
+/// One client mistake: the request, and the status, error code and message fragment the
+/// answer must carry.
+struct Case {
+    name: &'static str,
+    method: Method,
+    path: String,
+    /// The bearer key sent, if any.
+    key: Option<&'static str>,
+    body: Body,
+    status: u16,
+    code: &'static str,
+    /// A fragment the error message must contain ("" for any non-empty message).
+    message: &'static str,
+}
+
+enum Body {
+    None,
+    Json(Value),
+    /// A body sent as is, with this content type (none when `None`).
+    Raw(Option<&'static str>, &'static str),
+}
+
+impl Case {
+    fn new(name: &'static str, method: Method, path: impl Into<String>) -> Self {
+        Self {
+            name,
+            method,
+            path: path.into(),
+            key: None,
+            body: Body::None,
+            status: 0,
+            code: "",
+            message: "",
+        }
+    }
+
+    fn key(self, key: &'static str) -> Self {
+        Self {
+            key: Some(key),
+            ..self
+        }
+    }
+
+    fn json(self, body: Value) -> Self {
+        Self {
+            body: Body::Json(body),
+            ..self
+        }
+    }
+
+    fn raw(self, content_type: Option<&'static str>, body: &'static str) -> Self {
+        Self {
+            body: Body::Raw(content_type, body),
+            ..self
+        }
+    }
+
+    fn expect(self, status: u16, code: &'static str) -> Self {
+        Self {
+            status,
+            code,
+            ..self
+        }
+    }
+
+    fn mentioning(self, message: &'static str) -> Self {
+        Self { message, ..self }
+    }
+
+    /// Sends the request; `None` when the answer is what the case expects, else what was
+    /// wrong with it.
+    async fn check(&self, master: &TestMaster) -> Option<String> {
+        let mut request = master
+            .http
+            .request(self.method.clone(), format!("{}{}", master.url, self.path));
+        if let Some(key) = self.key {
+            request = request.bearer_auth(key);
+        }
+        request = match &self.body {
+            Body::None => request,
+            Body::Json(body) => request.json(body),
+            Body::Raw(Some(content_type), body) => {
+                request.header("content-type", *content_type).body(*body)
+            }
+            Body::Raw(None, body) => request.body(*body),
+        };
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        let right = status == self.status
+            && body["error"]["code"] == self.code
+            && !message.is_empty()
+            && message.contains(self.message);
+        (!right).then(|| {
+            format!(
+                "{}: expected {} {} mentioning {:?}, got {status} {body}",
+                self.name, self.status, self.code, self.message
+            )
+        })
+    }
+}
+
+/// Every client mistake the API documents, against one task `id` that alice owns.
+fn cases(id: &str) -> Vec<Case> {
+    use Method as M;
+    let task = |name| Case::new(name, M::POST, "/task");
+    vec![
+        // 401 and 403: missing or misused credentials.
+        task("no key").json(json!({})).expect(401, "unauthorized"),
+        task("wrong key")
+            .key("nope-nope-nope")
+            .json(json!({}))
+            .expect(401, "unauthorized"),
+        task("worker token as a client key")
+            .key(WORKER_TOKEN)
+            .json(json!({}))
+            .expect(401, "unauthorized"),
+        Case::new("client key as the worker token", M::POST, "/result")
+            .key(ALICE)
+            .json(json!({}))
+            .expect(401, "unauthorized"),
+        Case::new("client key as an operator key", M::GET, "/queues")
+            .key(ALICE)
+            .expect(403, "forbidden"),
+        // 400 and 415: not JSON.
+        task("malformed JSON")
+            .key(ALICE)
+            .raw(Some("application/json"), "{\"steps\": [")
+            .expect(400, "invalid_json"),
+        task("no JSON content type")
+            .key(ALICE)
+            .raw(None, "steps=plan")
+            .expect(415, "unsupported_media_type"),
+        // 422: a task that cannot be run.
+        task("steps of the wrong type")
+            .key(ALICE)
+            .json(json!({"steps": "plan"}))
+            .expect(422, "invalid")
+            .mentioning("steps"),
+        task("unknown pipeline")
+            .key(ALICE)
+            .json(json!({"pipeline": "nope"}))
+            .expect(422, "invalid")
+            .mentioning("pipeline"),
+        task("unknown capability")
+            .key(ALICE)
+            .json(json!({"steps": ["teleport"]}))
+            .expect(422, "invalid")
+            .mentioning("teleport"),
+        task("empty steps")
+            .key(ALICE)
+            .json(json!({"steps": []}))
+            .expect(422, "invalid"),
+        task("both steps and pipeline")
+            .key(ALICE)
+            .json(json!({"steps": ["plan"], "pipeline": "default"}))
+            .expect(422, "invalid"),
+        task("malformed capability")
+            .key(ALICE)
+            .json(json!({"steps": ["Bad Cap"]}))
+            .expect(422, "invalid"),
+        task("priority out of range")
+            .key(ALICE)
+            .json(json!({"steps": ["plan"], "priority": 1000}))
+            .expect(422, "invalid"),
+        task("callback_url not http")
+            .key(ALICE)
+            .json(json!({"steps": ["plan"], "callback_url": "ftp://x"}))
+            .expect(422, "invalid"),
+        task("unknown field")
+            .key(ALICE)
+            .json(json!({"steps": ["plan"], "inptu": 1}))
+            .expect(422, "invalid")
+            .mentioning("inptu"),
+        // 413: over BODY_LIMIT_BYTES (4096 here).
+        task("body over the limit")
+            .key(ALICE)
+            .json(json!({"steps": ["plan"], "input": "x".repeat(10_000)}))
+            .expect(413, "payload_too_large"),
+        // 404 and 405: nothing there for this caller.
+        Case::new("another client's task", M::GET, format!("/task/{id}"))
+            .key(BOB)
+            .expect(404, "not_found"),
+        Case::new("another client's result", M::GET, format!("/result/{id}"))
+            .key(BOB)
+            .expect(404, "not_found"),
+        Case::new(
+            "unknown task",
+            M::GET,
+            "/task/0190a0a0-0000-7000-8000-000000000000",
+        )
+        .key(ALICE)
+        .expect(404, "not_found"),
+        Case::new("malformed task id", M::GET, "/task/..%2Fetc")
+            .key(ALICE)
+            .expect(404, "not_found"),
+        Case::new("unknown route", M::GET, "/nope")
+            .key(ALICE)
+            .expect(404, "not_found"),
+        Case::new("wrong method", M::PUT, "/task").expect(405, "method_not_allowed"),
+        // 422: a bad long-poll wait, malformed worker reports, an empty redrive.
+        Case::new(
+            "wait over the maximum",
+            M::GET,
+            format!("/result/{id}?wait=61"),
+        )
+        .key(ALICE)
+        .expect(422, "invalid"),
+        Case::new(
+            "wait not a number",
+            M::GET,
+            format!("/result/{id}?wait=soon"),
+        )
+        .key(ALICE)
+        .expect(422, "invalid"),
+        Case::new("report missing fields", M::POST, "/result")
+            .key(WORKER_TOKEN)
+            .json(json!({"task_id": id, "step": 0}))
+            .expect(422, "invalid"),
+        Case::new("failed report without an error", M::POST, "/result")
+            .key(WORKER_TOKEN)
+            .json(json!({"task_id": id, "step": 0, "attempt": 1,
+                "worker_id": "w", "status": "failed"}))
+            .expect(422, "invalid"),
+        Case::new("redrive without a capability", M::POST, "/dispatch")
+            .key(OPERATOR)
+            .json(json!({}))
+            .expect(422, "invalid"),
+    ]
 }
 
 #[tokio::test]
@@ -27,318 +248,17 @@ async fn client_mistakes_get_clear_errors() {
     config.body_limit_bytes = 4096;
     let master = TestMaster::start(config).await;
     let _w = TestWorker::start("w", &["plan"], 2, Behavior::Hang, &settings, &master.url).await;
-    let url = &master.url;
-    let http = &master.http;
-
-    // 401: no key, wrong key, worker token as a client key.
-    expect(
-        http.post(format!("{url}/task"))
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
-        401,
-        "unauthorized",
-    )
-    .await;
-    expect(
-        master
-            .post("/task", "nope-nope-nope")
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
-        401,
-        "unauthorized",
-    )
-    .await;
-    expect(
-        master
-            .post("/task", WORKER_TOKEN)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
-        401,
-        "unauthorized",
-    )
-    .await;
-    // ... and a client key as the worker token, or as an operator key.
-    expect(
-        master
-            .post("/result", ALICE)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
-        401,
-        "unauthorized",
-    )
-    .await;
-    expect(
-        master.get("/queues", ALICE).send().await.unwrap(),
-        403,
-        "forbidden",
-    )
-    .await;
-
-    // 400 malformed JSON; 415 no JSON content type.
-    let r = master
-        .post("/task", ALICE)
-        .header("content-type", "application/json")
-        .body("{\"steps\": [")
-        .send()
-        .await
-        .unwrap();
-    expect(r, 400, "invalid_json").await;
-    let r = master
-        .post("/task", ALICE)
-        .body("steps=plan")
-        .send()
-        .await
-        .unwrap();
-    expect(r, 415, "unsupported_media_type").await;
-
-    // 422: wrong types, unknown pipeline/capability, empty steps, both, unknown field.
-    let body = expect(
-        master
-            .post("/task", ALICE)
-            .json(&json!({"steps": "plan"}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("steps"),
-        "{body}"
-    );
-    let body = expect(
-        master
-            .post("/task", ALICE)
-            .json(&json!({"pipeline": "nope"}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("pipeline"),
-        "{body}"
-    );
-    let body = expect(
-        master
-            .post("/task", ALICE)
-            .json(&json!({"steps": ["teleport"]}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("teleport"),
-        "{body}"
-    );
-    expect(
-        master
-            .post("/task", ALICE)
-            .json(&json!({"steps": []}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    expect(
-        master
-            .post("/task", ALICE)
-            .json(&json!({"steps": ["plan"], "pipeline": "default"}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    expect(
-        master
-            .post("/task", ALICE)
-            .json(&json!({"steps": ["Bad Cap"]}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    expect(
-        master
-            .post("/task", ALICE)
-            .json(&json!({"steps": ["plan"], "priority": 1000}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    expect(
-        master
-            .post("/task", ALICE)
-            .json(&json!({"steps": ["plan"], "callback_url": "ftp://x"}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    let body = expect(
-        master
-            .post("/task", ALICE)
-            .json(&json!({"steps": ["plan"], "inptu": 1}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("inptu"),
-        "{body}"
-    );
-
-    // 413 over the body limit.
-    let big = json!({"steps": ["plan"], "input": "x".repeat(10_000)});
-    expect(
-        master.post("/task", ALICE).json(&big).send().await.unwrap(),
-        413,
-        "payload_too_large",
-    )
-    .await;
-
-    // 404: unknown task, malformed id, another client's task, unknown route; 405.
     let id = master.submit(json!({"steps": ["plan"]})).await;
-    expect(
-        master
-            .get(&format!("/task/{id}"), BOB)
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    expect(
-        master
-            .get(&format!("/result/{id}"), BOB)
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    expect(
-        master
-            .get("/task/0190a0a0-0000-7000-8000-000000000000", ALICE)
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    expect(
-        master.get("/task/..%2Fetc", ALICE).send().await.unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    expect(
-        master.get("/nope", ALICE).send().await.unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    expect(
-        http.put(format!("{url}/task")).send().await.unwrap(),
-        405,
-        "method_not_allowed",
-    )
-    .await;
 
-    // 422 on a bad wait and on malformed worker reports.
-    expect(
-        master
-            .get(&format!("/result/{id}?wait=61"), ALICE)
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    expect(
-        master
-            .get(&format!("/result/{id}?wait=soon"), ALICE)
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
-    let r = master
-        .post("/result", WORKER_TOKEN)
-        .json(&json!({"task_id": id, "step": 0}))
-        .send()
-        .await
-        .unwrap();
-    expect(r, 422, "invalid").await;
-    let r = master
-        .post("/result", WORKER_TOKEN)
-        .json(&json!({"task_id": id, "step": 0, "attempt": 1,
-        "worker_id": "w", "status": "failed"}))
-        .send()
-        .await
-        .unwrap();
-    expect(r, 422, "invalid").await;
-    expect(
-        master
-            .post("/dispatch", OPERATOR)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
-        422,
-        "invalid",
-    )
-    .await;
+    let mut wrong = Vec::new();
+    for case in cases(&id) {
+        wrong.extend(case.check(&master).await);
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 
     // Still healthy, and the accepted task is intact.
-    assert_eq!(
-        http.get(format!("{url}/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let ready = master.http.get(format!("{}/ready", master.url)).send();
+    assert_eq!(ready.await.unwrap().status(), 200);
     let r = master
         .get(&format!("/result/{id}"), ALICE)
         .send()
