@@ -107,8 +107,10 @@ impl Auth {
         self.disabled
     }
 
-    /// The calling client's id.
-    pub fn client(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+    /// The calling client's id. This check and the two below are private: a handler takes
+    /// the extractor ([`Client`], [`Operator`], [`Worker`], [`Caller`]) and never checks by
+    /// hand.
+    fn client(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         if self.disabled {
             return Ok(ANONYMOUS.to_string());
         }
@@ -158,7 +160,7 @@ impl Auth {
     }
 
     /// Checks an operator credential.
-    pub fn operator(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    fn operator(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if self.disabled {
             return Ok(());
         }
@@ -177,7 +179,7 @@ impl Auth {
     }
 
     /// Checks the worker token.
-    pub fn worker(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    fn worker(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if self.disabled {
             return Ok(());
         }
