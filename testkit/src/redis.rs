@@ -16,7 +16,7 @@ use common::config::Secret;
 use common::redis::RedisSettings;
 
 use crate::free_port;
-use crate::service::{signal, tail};
+use crate::service::{stop_child, tail};
 
 /// How long a fresh server may take to log that it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -387,20 +387,9 @@ impl RedisServer {
     /// Stops it gracefully: SIGTERM (it writes nothing: snapshots are off, AOF is synced on
     /// every write), then SIGKILL if it takes longer than a few seconds.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if signal(child.id(), "TERM").is_ok() {
-            let deadline = Instant::now() + STOP_GRACE;
-            while Instant::now() < deadline {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, STOP_GRACE);
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Whether the process is running.

@@ -360,18 +360,7 @@ impl Service {
                     handle.abort();
                 }
             }
-            Run::Child { child, .. } => {
-                let _ = signal(child.id(), "TERM");
-                let deadline = Instant::now() + self.grace;
-                while Instant::now() < deadline {
-                    if matches!(child.try_wait(), Ok(Some(_))) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            Run::Child { child, .. } => stop_child(child, self.grace),
         }
     }
 }
@@ -407,6 +396,22 @@ fn status_exit(status: ExitStatus) -> Exit {
     } else {
         Exit::Failed(status.to_string())
     }
+}
+
+/// Stops a child without a runtime: SIGTERM, then SIGKILL if it is still running after
+/// `grace`. Blocks until it has exited.
+pub(crate) fn stop_child(child: &mut Child, grace: Duration) {
+    if signal(child.id(), "TERM").is_ok() {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// `kill -{name} {pid}`: the `kill` command, since the workspace forbids `unsafe`.

@@ -125,15 +125,6 @@ impl Binaries {
     pub fn from_fn(command: impl Fn(Role) -> Command + Send + Sync + 'static) -> Self {
         Self(Arc::new(command))
     }
-
-    /// Fails unless every binary `in_dir` would run exists.
-    pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
-        for role in [Role::Gateway, Role::Master, Role::Worker] {
-            let path = dir.join(role.binary());
-            anyhow::ensure!(path.is_file(), "{} does not exist", path.display());
-        }
-        Ok(())
-    }
 }
 
 /// Where each service's configuration starts from, before the builder wires it.
@@ -1009,7 +1000,8 @@ pub fn child_env<T: Settings>(
     }
     if !rest.is_empty() {
         let file = dir.join(format!("{name}.toml"));
-        let text = toml::to_string(&rest).context("cannot write the configuration as TOML")?;
+        let text = toml::to_string(&without_nulls(Value::Object(rest)))
+            .context("cannot write the configuration as TOML")?;
         std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
         env.push((
             common::config::CONFIG_FILE_ENV.to_string(),
@@ -1017,6 +1009,20 @@ pub fn child_env<T: Settings>(
         ));
     }
     Ok(env)
+}
+
+/// `value` without its `null`s, which TOML cannot write (an unset option is left out).
+fn without_nulls(value: Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
+        other => other,
+    }
 }
 
 /// A setting as a variable's text; `None` for what a variable cannot carry (an empty
@@ -1136,7 +1142,11 @@ mod tests {
             PipelineConfig {
                 steps: vec![
                     StepConfig::Name(Capability::new("plan").unwrap()),
-                    StepConfig::Name(Capability::new("finalize").unwrap()),
+                    StepConfig::Detailed {
+                        capability: Capability::new("finalize").unwrap(),
+                        max_attempts: Some(2),
+                        timeout_ms: None,
+                    },
                 ],
             },
         )]);
