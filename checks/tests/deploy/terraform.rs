@@ -819,7 +819,7 @@ fn the_redis_errors_alarm_matches_the_message_the_services_log() {
     // Where the services log an outage: each must log the constant, not words of its own.
     for path in [
         "common/src/http.rs",
-        "master/src/tasks.rs",
+        "master/src/error.rs",
         "master/src/dispatch/mod.rs",
         "worker/src/heartbeat.rs",
     ] {
