@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::server::{Fake, Script};
+use super::server::{Fake, Script, results_text};
 
 /// The credentials requests must be signed with: give them to the gateway under test.
 pub const AWS_ACCESS_KEY: &str = "AKIDTESTGATEWAY";
@@ -376,20 +376,13 @@ fn auto_content(body: &Value) -> (Vec<Value>, &'static str) {
     let blocks = last["content"].as_array().cloned().unwrap_or_default();
     let results: Vec<&Value> = blocks.iter().filter_map(|b| b.get("toolResult")).collect();
     if !results.is_empty() {
-        let quoted: Vec<String> = results
-            .iter()
-            .map(|r| {
-                format!(
-                    "{}={}",
-                    r["toolUseId"].as_str().unwrap_or_default(),
-                    r["content"][0]["text"].as_str().unwrap_or_default()
-                )
-            })
-            .collect();
-        return (
-            vec![json!({"text": format!("Results: {}", quoted.join("; "))})],
-            "end_turn",
-        );
+        let quoted = results.iter().map(|r| {
+            (
+                r["toolUseId"].as_str().unwrap_or_default(),
+                r["content"][0]["text"].as_str().unwrap_or_default().into(),
+            )
+        });
+        return (vec![results_text(quoted)], "end_turn");
     }
     let prompt: String = blocks
         .iter()
@@ -472,6 +465,11 @@ pub fn content_frames(content: &[Value], stop_reason: &str) -> Vec<Frame> {
             json!({"contentBlockIndex": index}),
         ));
     }
+    finish(frames, stop_reason, 9, 4)
+}
+
+/// `frames` closed as ConverseStream closes a message: the stop reason, then usage.
+fn finish(mut frames: Vec<Frame>, stop_reason: &str, input: u32, output: u32) -> Vec<Frame> {
     frames.push(Frame::Event(
         "messageStop",
         json!({"stopReason": stop_reason}),
@@ -479,7 +477,7 @@ pub fn content_frames(content: &[Value], stop_reason: &str) -> Vec<Frame> {
     frames.push(Frame::Event(
         "metadata",
         json!({
-            "usage": {"inputTokens": 9, "outputTokens": 4, "totalTokens": 13},
+            "usage": {"inputTokens": input, "outputTokens": output, "totalTokens": input + output},
             "metrics": {"latencyMs": 7}
         }),
     ));
@@ -535,18 +533,7 @@ pub fn stream_frames(pieces: &[&str], stop_reason: &str, input: u32, output: u32
         "contentBlockStop",
         json!({"contentBlockIndex": 0}),
     ));
-    frames.push(Frame::Event(
-        "messageStop",
-        json!({"stopReason": stop_reason}),
-    ));
-    frames.push(Frame::Event(
-        "metadata",
-        json!({
-            "usage": {"inputTokens": input, "outputTokens": output, "totalTokens": input + output},
-            "metrics": {"latencyMs": 7}
-        }),
-    ));
-    frames
+    finish(frames, stop_reason, input, output)
 }
 
 /// The fake's vector for `text` from `model`: deterministic, unit length, and unlike the

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::server::{Fake, Script};
+use super::server::{Fake, Script, results_text};
 
 /// The `x-goog-api-key` the fake accepts: give it to the gateway under test.
 pub const GEMINI_KEY: &str = "fake-gemini-key";
@@ -362,17 +362,13 @@ fn auto_parts(body: &Value) -> Vec<Value> {
         .filter_map(|p| p.get("functionResponse"))
         .collect();
     if !responses.is_empty() {
-        let quoted: Vec<String> = responses
-            .iter()
-            .map(|r| {
-                format!(
-                    "{}={}",
-                    r["name"].as_str().unwrap_or_default(),
-                    r["response"]
-                )
-            })
-            .collect();
-        return vec![json!({"text": format!("Results: {}", quoted.join("; "))})];
+        let quoted = responses.iter().map(|r| {
+            (
+                r["name"].as_str().unwrap_or_default(),
+                r["response"].to_string(),
+            )
+        });
+        return vec![results_text(quoted)];
     }
     let prompt: String = last_parts
         .iter()

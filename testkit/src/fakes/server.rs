@@ -13,6 +13,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::Response;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -215,4 +216,13 @@ pub(crate) async fn wait_for<T>(
         Some(seen) => seen,
         None => panic!("expected {n}, {}", describe(what())),
     }
+}
+
+/// What a provider fake's automatic answer says after tool results: `{"text": "Results:
+/// name=result; …"}`, so a test sees each result reached the model.
+pub(crate) fn results_text<'a>(results: impl Iterator<Item = (&'a str, String)>) -> Value {
+    let quoted: Vec<String> = results
+        .map(|(name, result)| format!("{name}={result}"))
+        .collect();
+    json!({"text": format!("Results: {}", quoted.join("; "))})
 }
