@@ -10,7 +10,7 @@ use llm_gateway::config::{AliasConfig, ProviderKind, Target};
 use llm_gateway::providers::Overrides;
 use serde_json::{Value, json};
 use testkit::fakes::bedrock::{AWS_ACCESS_KEY, AWS_REGION, AWS_SECRET_KEY};
-use tokio_util::sync::CancellationToken;
+use testkit::service::Service;
 
 pub const TOKEN: &str = "test-gateway-token";
 
@@ -18,13 +18,7 @@ pub const TOKEN: &str = "test-gateway-token";
 pub struct TestApp {
     pub address: String,
     pub http: reqwest::Client,
-    shutdown: CancellationToken,
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+    _service: Service,
 }
 
 /// Settings for tests: a token, short backoffs, short timeouts.
@@ -67,9 +61,6 @@ pub async fn spawn_app(config: Config) -> TestApp {
 /// Like [`spawn_app`], with Bedrock signing with `aws_secret`.
 pub async fn spawn_app_with_aws_secret(config: Config, aws_secret: &str) -> TestApp {
     common::telemetry::init_tracing();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
     let aws = aws_config::defaults(BehaviorVersion::latest())
         .credentials_provider(Credentials::new(
             AWS_ACCESS_KEY,
@@ -84,29 +75,20 @@ pub async fn spawn_app_with_aws_secret(config: Config, aws_secret: &str) -> Test
     let overrides = Overrides {
         aws_config: Some(aws),
     };
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        if let Err(e) = llm_gateway::serve_with(config, overrides, listener, token).await {
-            panic!("the gateway stopped: {e:#}");
-        }
-    });
-    let app = TestApp {
-        address,
-        http: reqwest::Client::new(),
-        shutdown,
-    };
-    // Bounded wait until it answers.
-    testkit::eventually(Duration::from_secs(5), || async {
-        app.http
-            .get(format!("{}/health", app.address))
-            .send()
-            .await
-            .is_ok()
-            .then_some(())
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut service = Service::in_process("llm-gateway", listener, |listener, stop| {
+        llm_gateway::serve_with(config, overrides, listener, stop)
     })
-    .await
-    .expect("the gateway did not start");
-    app
+    .unwrap();
+    service
+        .wait_ready("/health", Duration::from_secs(5))
+        .await
+        .unwrap();
+    TestApp {
+        address: service.url().to_string(),
+        http: reqwest::Client::new(),
+        _service: service,
+    }
 }
 
 impl TestApp {

@@ -4,6 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
+use testkit::service::Exit;
 
 use crate::helpers::*;
 
@@ -54,7 +55,7 @@ async fn sigterm_during_a_slow_step_finishes_it_delivers_and_exits_zero() {
     );
 
     let status = worker.wait_exit().await;
-    assert!(status.success(), "exit {status:?}; log:\n{}", worker.log());
+    assert_eq!(status, Exit::Clean, "log:\n{}", worker.log());
     let reports = master.reports();
     assert_eq!(reports.len(), 1, "log:\n{}", worker.log());
     assert_eq!(reports[0].body.task_id, step.task_id);
@@ -91,7 +92,7 @@ async fn an_idle_worker_deregisters_and_stops_at_once() {
     eventually_record(&redis, &id, &worker).await;
     worker.signal("TERM");
     let status = worker.wait_exit().await;
-    assert!(status.success(), "exit {status:?}; log:\n{}", worker.log());
+    assert_eq!(status, Exit::Clean, "log:\n{}", worker.log());
     assert!(redis.record(&id).await.is_none());
 }
 

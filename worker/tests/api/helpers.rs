@@ -2,8 +2,7 @@
 //! master and fake llm-gateway (`testkit::fakes`), and agents whose timing the test
 //! controls.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -14,11 +13,10 @@ use common::registry::Registry;
 use common::wire::{Capability, StepContext, StepError, TaskId, WorkRequest, WorkerRecord, now_ms};
 use serde_json::{Value, json};
 pub use testkit::fakes::{FakeGateway, FakeMaster};
+use testkit::service::{Exit, Service};
 use testkit::{RedisServer, eventually};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use worker::{Agent, AgentKind, Agents, Config};
 
 /// The worker token every test worker uses.
@@ -115,29 +113,24 @@ pub struct TestWorker {
     /// Its id.
     pub id: String,
     pub client: reqwest::Client,
-    pub shutdown: CancellationToken,
-    pub task: JoinHandle<anyhow::Result<()>>,
+    service: Service,
 }
 
 /// Starts a worker and waits for its first heartbeat.
 pub async fn spawn_worker(redis: &TestRedis, config: Config, agents: Agents) -> TestWorker {
     let id = config.agent_id.clone().expect("tests set AGENT_ID");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(worker::serve_with_agents(
-        config,
-        listener,
-        shutdown.clone(),
-        agents,
-    ));
+    let service = Service::in_process("worker", listener, |listener, stop| {
+        worker::serve_with_agents(config, listener, stop, agents)
+    })
+    .expect("start the worker")
+    .with_grace(WAIT);
     redis.wait_for_record(&id, |_| true).await;
     TestWorker {
-        url,
+        url: service.url().to_string(),
         id,
         client: reqwest::Client::new(),
-        shutdown,
-        task,
+        service,
     }
 }
 
@@ -165,13 +158,12 @@ impl TestWorker {
         request.send().await.expect("POST /work")
     }
 
-    /// Cancels it and waits for the drain to finish.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("the worker did not stop in time")
-            .expect("the worker task panicked")
+    /// Cancels it and waits for the drain to finish; an error says how it ended otherwise.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        match self.service.stop().await {
+            Exit::Clean => Ok(()),
+            other => Err(anyhow::anyhow!("the worker ended {other:?}")),
+        }
     }
 }
 
@@ -263,64 +255,35 @@ pub fn cap(name: &str) -> Capability {
 }
 
 /// The real `worker` binary, run with a clean environment.
-pub struct BinaryWorker {
-    pub child: Child,
-    pub log: PathBuf,
-    _dir: tempfile::TempDir,
-}
+pub struct BinaryWorker(Service);
 
 impl BinaryWorker {
     pub fn spawn(env: &[(&str, String)]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join("worker.log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+        command
             .env_clear()
             .env("RUST_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        // On port 0: where it listens is in its registry record.
+        let service = Service::child("worker", "http://127.0.0.1:0", command, None)
             .expect("start the worker binary");
-        Self {
-            child,
-            log,
-            _dir: dir,
-        }
+        Self(service)
     }
 
     /// What it logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.log()
     }
 
     /// Sends a signal by name (`TERM`, `KILL`).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
+        self.0.signal(name).expect("send the signal");
     }
 
     /// Waits for it to exit.
-    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let child = &mut self.child;
-        let status = eventually(WAIT, || {
-            let status = child.try_wait().expect("try_wait");
-            async move { status }
-        })
-        .await;
-        status.unwrap_or_else(|| panic!("the worker did not exit; log:\n{}", self.log()))
-    }
-}
-
-impl Drop for BinaryWorker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub async fn wait_exit(&mut self) -> Exit {
+        let exit = self.0.wait_exit(WAIT).await;
+        exit.unwrap_or_else(|| panic!("the worker did not exit; log:\n{}", self.log()))
     }
 }
 
