@@ -1,5 +1,7 @@
-//! Task intake and the client-facing operations: turning a `POST /task` body into a stored
-//! task, reading, waiting for, cancelling and redriving tasks, recording worker reports.
+//! The service layer: task intake and every operation the routes offer — turning a
+//! `POST /task` body into a stored task, reading, waiting for, cancelling and redriving
+//! tasks, recording worker reports, and the operators' views of workers and queues. It
+//! answers in [`ServiceError`], never in HTTP terms; `routes/` does the mapping.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -74,3 +74,48 @@ impl From<ServiceError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn each_service_error_has_its_status_code_and_retry_after() {
+        let cases = [
+            (ServiceError::NotFound("t".into()), 404, "not_found", None),
+            (
+                ServiceError::Invalid("`x` bad".into()),
+                422,
+                "invalid",
+                None,
+            ),
+            (ServiceError::Conflict("done".into()), 409, "conflict", None),
+            (
+                ServiceError::RateLimited {
+                    retry_after: Duration::from_millis(1_200),
+                },
+                429,
+                "rate_limited",
+                Some(2),
+            ),
+            (ServiceError::Unavailable, 503, "unavailable", Some(1)),
+            (ServiceError::StorageFull, 507, "storage_full", None),
+            (
+                ServiceError::Internal("secret".into()),
+                500,
+                "internal",
+                None,
+            ),
+        ];
+        for (error, status, code, retry_after) in cases {
+            let shown = error.to_string();
+            let answer = ApiError::from(error);
+            assert_eq!(answer.status.as_u16(), status, "{shown}");
+            assert_eq!(answer.code, code, "{shown}");
+            assert_eq!(answer.retry_after, retry_after, "{shown}");
+            assert!(!answer.message.contains("secret"), "a 5xx hides its detail");
+        }
+    }
+}
