@@ -32,7 +32,9 @@ pub(super) fn source(script: &str) -> String {
 
 /// A script, with its file name for error messages.
 struct Lua {
+    /// Names the script when its reply does not decode.
     file: &'static str,
+    /// The prelude and the script, run by SHA (loaded on first use).
     script: Script,
 }
 

@@ -29,6 +29,7 @@ pub(super) fn corrupt(what: impl std::fmt::Display) -> StoreError {
 pub(super) struct Reply {
     /// The script, for error messages.
     script: &'static str,
+    /// The values by name: decoding reads names, so a script can add or reorder them.
     fields: HashMap<String, Value>,
 }
 
@@ -359,4 +360,59 @@ pub(super) fn record(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRec
         callback_url,
         request_id: get(task_field::REQUEST_ID).unwrap_or_default().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(items: &[&str]) -> Result<Reply, StoreError> {
+        let items = items
+            .iter()
+            .map(|s| Value::BulkString(s.as_bytes().to_vec()))
+            .collect();
+        Reply::parse("test.lua", Value::Array(items))
+    }
+
+    #[test]
+    fn values_are_read_by_name_in_any_order() {
+        let a = reply(&["delay_ms", "250", "outcome", "retry", "capability", "plan"]);
+        let b = reply(&["outcome", "retry", "delay_ms", "250", "capability", "plan"]);
+        for r in [a, b] {
+            match r.unwrap().report().unwrap() {
+                ReportOutcome::Retry { finished, delay } => {
+                    assert_eq!(finished.capability.as_str(), "plan");
+                    assert_eq!(finished.dispatched_at_ms, 0, "a missing figure reads 0");
+                    assert_eq!(delay, Duration::from_millis(250));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let replayed = reply(&["replayed", "1", "outcome", "discarded"]).unwrap();
+        assert_eq!(
+            replayed.report().unwrap(),
+            ReportOutcome::Replayed(Box::new(ReportOutcome::Discarded))
+        );
+    }
+
+    #[test]
+    fn a_reply_that_does_not_decode_is_corrupt_and_says_where() {
+        let cases: [(&[&str], &str); 4] = [
+            (&["outcome", "created", "odd"], "odd-length"),
+            (&["outcome", "exists"], "without `task_id`"),
+            (
+                &["outcome", "limited", "retry_after_ms", "soon"],
+                "`retry_after_ms` is \"soon\"",
+            ),
+            (&["outcome", "maybe"], "outcome"),
+        ];
+        for (items, expected) in cases {
+            let error = reply(items).and_then(|r| r.submit()).unwrap_err();
+            let StoreError::Corrupt(message) = error else {
+                panic!("{items:?}: {error:?}");
+            };
+            assert!(message.contains("test.lua"), "{message}");
+            assert!(message.contains(expected), "{items:?}: {message}");
+        }
+    }
 }

@@ -188,7 +188,7 @@ pub fn at_step(step: impl std::fmt::Display, field: &str) -> String {
 /// [`task_field`], `S` for [`step_field`], lower-case; reading a name that is not there is
 /// an error, not a silent `nil`), the key builders, the queue-score constants and
 /// `at_step`, all derived from the Rust above.
-pub fn lua_prelude() -> String {
+pub(super) fn lua_prelude() -> String {
     let mut lua =
         String::from("-- Generated from store/schema.rs: names of the task hash and keys.\n");
     lua += &lua_table("F", task_field::ALL);
