@@ -8,8 +8,8 @@ use common::redis::RedisSettings;
 use common::wire::{StepRef, TaskView};
 use master::Config;
 use serde_json::Value;
+use testkit::service::Service;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 /// The master's tests call the kit's fake worker a test worker.
 pub use testkit::fakes::worker::FakeWorker as TestWorker;
@@ -43,42 +43,33 @@ pub fn test_config(redis: &RedisSettings) -> Config {
 /// A master running in this process.
 pub struct TestMaster {
     pub url: String,
-    pub shutdown: CancellationToken,
-    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub http: reqwest::Client,
+    service: Service,
 }
 
 impl TestMaster {
+    /// Starts a master with `config` and waits until it answers `/health`.
     pub async fn start(config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(master::serve(config, listener, shutdown.clone()));
-        let master = Self {
-            url: format!("http://{addr}"),
-            shutdown,
-            handle,
+        let mut service = Service::in_process("master", listener, |listener, stop| {
+            master::serve(config, listener, stop)
+        })
+        .unwrap()
+        .with_grace(Duration::from_secs(20));
+        service
+            .wait_ready("/health", Duration::from_secs(5))
+            .await
+            .unwrap();
+        Self {
+            url: service.url().to_string(),
             http: reqwest::Client::new(),
-        };
-        master.wait_healthy().await;
-        master
-    }
-
-    async fn wait_healthy(&self) {
-        for _ in 0..200 {
-            if let Ok(r) = self.http.get(format!("{}/health", self.url)).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            service,
         }
-        panic!("master did not come up");
     }
 
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.handle).await;
+    /// Stops it the way SIGTERM does: the dispatch loop and open requests finish first.
+    pub async fn stop(mut self) {
+        self.service.stop().await;
     }
 
     pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
