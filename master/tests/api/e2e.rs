@@ -12,9 +12,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn default_pipeline_runs_through_four_workers_with_context() {
     let redis = RedisServer::start();
-    let settings = redis.settings();
-    let master = TestMaster::start(test_config(&settings)).await;
-    let _workers = default_workers(&settings, &master.url).await;
+    let (master, _workers) = spawn_app(&redis).await;
 
     let id = master
         .submit(json!({"pipeline": "default", "input": {"question": "why?"}}))

@@ -8,7 +8,9 @@ use common::redis::RedisSettings;
 use common::wire::{StepRef, TaskView};
 use master::Config;
 use serde_json::Value;
+use testkit::RedisServer;
 use testkit::service::Service;
+use testkit::system::CAPABILITIES;
 use tokio::net::TcpListener;
 
 /// The master's tests call the kit's fake worker a test worker.
@@ -155,25 +157,22 @@ impl TestMaster {
     }
 }
 
-/// Four workers for the default pipeline.
-pub async fn default_workers(redis: &RedisSettings, master_url: &str) -> Vec<TestWorker> {
-    let mut out = Vec::new();
-    for cap in ["plan", "retrieve", "evaluate", "finalize"] {
-        out.push(
-            TestWorker::start(
-                &format!("w-{cap}"),
-                &[cap],
-                4,
-                Behavior::Succeed {
-                    delay: Duration::from_millis(5),
-                },
-                redis,
-                master_url,
-            )
-            .await,
-        );
+/// What most tests start, in one line: a master with [`test_config`] on `redis`, and a
+/// fake worker for each capability of the default pipeline (`w-plan`, …).
+pub async fn spawn_app(redis: &RedisServer) -> (TestMaster, Vec<TestWorker>) {
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let mut workers = Vec::new();
+    for capability in CAPABILITIES {
+        let succeed = Behavior::Succeed {
+            delay: Duration::from_millis(5),
+        };
+        let name = format!("w-{capability}");
+        let worker =
+            TestWorker::start(&name, &[capability], 4, succeed, &settings, &master.url).await;
+        workers.push(worker);
     }
-    out
+    (master, workers)
 }
 
 /// Counts duplicates in a list of received steps.

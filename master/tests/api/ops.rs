@@ -12,9 +12,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn redis_restart_under_load_loses_no_accepted_task() {
     let mut redis = RedisServer::with_aof();
-    let settings = redis.settings();
-    let master = TestMaster::start(test_config(&settings)).await;
-    let workers = default_workers(&settings, &master.url).await;
+    let (master, workers) = spawn_app(&redis).await;
     let mut accepted = Vec::new();
     for i in 0..50 {
         accepted.push(
