@@ -68,10 +68,13 @@ struct WorkerLoad {
     leased: u32,
 }
 
-/// One capability's row of `GET /queues`.
+/// One capability's row of `GET /queues`: the figures published as gauges (see
+/// [`crate::metrics::QueueRow`], whose fields the undocumented ones here are), with the
+/// ready and the delayed steps apart, where the gauge adds them up.
 #[derive(Debug, Serialize)]
 pub(crate) struct QueueView {
     capability: Capability,
+    /// Ready to be claimed now.
     queued: u64,
     /// Waiting out a retry backoff: queued soon, but not claimable now.
     delayed: u64,
