@@ -51,7 +51,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::redis::{RedisOptions, RedisServer};
-use crate::service::{Exit, Service};
+use crate::service::{Exit, Service, tail};
 
 /// One capability per worker, in the `default` pipeline's order: worker `i` serves
 /// `CAPABILITIES[i % 4]` unless its closure says otherwise.
@@ -811,9 +811,15 @@ impl System {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
+                // Child processes' logs say why; in-process services log to this process.
+                let logs: String = self
+                    .services_mut()
+                    .filter(|s| s.pid().is_some())
+                    .map(|s| format!("\n--- {}:\n{}", s.name(), tail(&s.log())))
+                    .collect();
                 bail!(
                     "the system did not come up within {within:?} (workers known to the master: \
-                     {known} of {})",
+                     {known} of {}){logs}",
                     ids.len()
                 );
             }
