@@ -49,6 +49,13 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
         Vec::new()
     }
 
+    /// Environment variables the service no longer reads, with the ones that replaced them.
+    /// A deployment still setting an old name is refused at start rather than left at the
+    /// default without a word.
+    fn renamed_env_vars() -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
+
     /// Checks that cannot be expressed in types (for example "one of A or B must be set").
     /// The error names the setting.
     fn validate(&self) -> Result<(), ConfigError> {
@@ -92,6 +99,14 @@ pub fn load_from<T: Settings>(file: Option<&Path>) -> Result<T, ConfigError> {
         let toml = Figment::from(Toml::file_exact(path));
         check_keys(&known_keys::<T>()?, &table(toml.clone())?, "")?;
         figment = figment.merge(toml);
+    }
+    if let Some((old, new)) = T::renamed_env_vars()
+        .into_iter()
+        .find(|(old, _)| std::env::var_os(old).is_some())
+    {
+        return Err(ConfigError(format!(
+            "{old} is no longer read: set {new} instead (durations are whole milliseconds)"
+        )));
     }
     figment = figment.merge(env_provider(T::env_vars()));
     extract(figment)

@@ -129,6 +129,10 @@ impl Settings for Config {
         vec!["GATEWAY_TOKEN", "LLM_PROVIDER"]
     }
 
+    fn renamed_env_vars() -> Vec<(&'static str, &'static str)> {
+        vec![("REQUEST_TIMEOUT", "REQUEST_TIMEOUT_MS")]
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.gateway_token.is_empty() && !self.auth_disabled {
             return Err(ConfigError::invalid(

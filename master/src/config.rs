@@ -256,6 +256,10 @@ impl Settings for Config {
         vec!["WORKER_TOKEN"]
     }
 
+    fn renamed_env_vars() -> Vec<(&'static str, &'static str)> {
+        vec![("TASK_RETENTION_SECS", "TASK_RETENTION_MS")]
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.redis.validate()?;
         if self.body_limit_bytes < 1024 {

@@ -219,6 +219,14 @@ impl Settings for Config {
         vec!["MASTER_URL", "WORKER_TOKEN", "CAPABILITIES", "REDIS_HOST"]
     }
 
+    fn renamed_env_vars() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("HEARTBEAT_INTERVAL", "HEARTBEAT_INTERVAL_MS"),
+            ("SHUTDOWN_GRACE", "SHUTDOWN_GRACE_MS"),
+            ("RESULT_DELIVERY_TIMEOUT", "RESULT_DELIVERY_TIMEOUT_MS"),
+        ]
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.redis.validate()?;
         self.worker_id()?;
@@ -352,6 +360,23 @@ mod tests {
             let config = common::config::load_from::<Config>(Some(Path::new("good.toml"))).unwrap();
             assert_eq!(config.heartbeat_interval(), Duration::from_millis(500));
             assert_eq!(config.agent_kind_for("plan"), AgentKind::Echo);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_former_duration_name_is_refused_with_its_replacement() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AUTH_DISABLED", "true");
+            jail.set_env("SHUTDOWN_GRACE", "25s");
+            let err = common::config::load_from::<Config>(None)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                "SHUTDOWN_GRACE is no longer read: set SHUTDOWN_GRACE_MS instead \
+                 (durations are whole milliseconds)"
+            );
             Ok(())
         });
     }
