@@ -121,6 +121,15 @@ impl Binaries {
         Self(Arc::new(move |role| Command::new(dir.join(role.binary()))))
     }
 
+    /// Fails unless every binary [`Self::in_dir`] would run exists.
+    pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
+        for role in [Role::Gateway, Role::Master, Role::Worker] {
+            let path = dir.join(role.binary());
+            anyhow::ensure!(path.is_file(), "{} does not exist", path.display());
+        }
+        Ok(())
+    }
+
     /// Any command per role (a binary that runs several services, say).
     pub fn from_fn(command: impl Fn(Role) -> Command + Send + Sync + 'static) -> Self {
         Self(Arc::new(command))
