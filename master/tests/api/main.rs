@@ -1,5 +1,5 @@
-//! Integration tests of the master: real redis-server, real HTTP, an in-crate test worker
-//! that follows the worker protocol.
+//! Integration tests of the master: real redis-server, real HTTP, and the kit's fake
+//! workers (`testkit::fakes::worker`), which follow the worker protocol.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::server::{Fake, Script, results_text};
+use super::server::{Fake, Script, header, results_text};
 
 /// The credentials requests must be signed with: give them to the gateway under test.
 pub const AWS_ACCESS_KEY: &str = "AKIDTESTGATEWAY";
@@ -75,14 +75,8 @@ pub fn check_sigv4(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(), String> {
-    let auth = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .ok_or("no Authorization header")?;
-    let amz_date = headers
-        .get("x-amz-date")
-        .and_then(|v| v.to_str().ok())
-        .ok_or("no x-amz-date header")?;
+    let auth = header(headers, "authorization").ok_or("no Authorization header")?;
+    let amz_date = header(headers, "x-amz-date").ok_or("no x-amz-date header")?;
     let rest = auth
         .strip_prefix("AWS4-HMAC-SHA256 ")
         .ok_or("not AWS4-HMAC-SHA256")?;
@@ -129,20 +123,14 @@ fn expected_signature(
     body: &[u8],
 ) -> Result<String, String> {
     use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
-    let host = headers
-        .get("host")
-        .and_then(|v| v.to_str().ok())
-        .ok_or("no host header")?;
+    let host = header(headers, "host").ok_or("no host header")?;
     let url = format!(
         "http://{host}{}",
         uri.path_and_query().map_or("/", |p| p.as_str())
     );
     let mut pairs = Vec::new();
     for name in signed {
-        let value = headers
-            .get(*name)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(format!("signed header {name} is missing"))?;
+        let value = header(headers, name).ok_or(format!("signed header {name} is missing"))?;
         pairs.push((*name, value));
     }
     let identity = Credentials::new(AWS_ACCESS_KEY, AWS_SECRET_KEY, None, None, "fake").into();
@@ -196,9 +184,7 @@ fn handle(
 ) -> Response {
     let recorded = Recorded {
         path: uri.path().to_string(),
-        authorization: headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
+        authorization: header(&headers, "authorization")
             .unwrap_or_default()
             .to_string(),
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
@@ -251,14 +237,14 @@ fn handle(
             for frame in frames {
                 let message = match frame {
                     Frame::Event(kind, payload) => Message::new(payload.to_string().into_bytes())
-                        .add_header(header(":message-type", "event"))
-                        .add_header(header(":event-type", kind))
-                        .add_header(header(":content-type", "application/json")),
+                        .add_header(frame_header(":message-type", "event"))
+                        .add_header(frame_header(":event-type", kind))
+                        .add_header(frame_header(":content-type", "application/json")),
                     Frame::Exception(kind, payload) => {
                         Message::new(payload.to_string().into_bytes())
-                            .add_header(header(":message-type", "exception"))
-                            .add_header(header(":exception-type", kind))
-                            .add_header(header(":content-type", "application/json"))
+                            .add_header(frame_header(":message-type", "exception"))
+                            .add_header(frame_header(":exception-type", kind))
+                            .add_header(frame_header(":content-type", "application/json"))
                     }
                 };
                 aws_smithy_eventstream::frame::write_message_to(&message, &mut bytes).unwrap();
@@ -494,7 +480,8 @@ pub fn converse_content_json(content: Value, stop_reason: &str) -> Value {
     })
 }
 
-fn header(name: &'static str, value: &'static str) -> Header {
+/// An event-stream frame header.
+fn frame_header(name: &'static str, value: &'static str) -> Header {
     Header::new(name, HeaderValue::String(value.into()))
 }
 
@@ -552,8 +539,7 @@ fn invoke(script: &Script<Reply, Recorded>, headers: &HeaderMap, recorded: &Reco
         .and_then(|p| p.strip_suffix("/invoke"))
         .unwrap_or_default()
         .replace("%3A", ":");
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if header("content-type") != Some("application/json") {
+    if header(headers, "content-type") != Some("application/json") {
         return error(
             400,
             "ValidationException",

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::server::{Fake, Script, results_text};
+use super::server::{Fake, Script, header, results_text};
 
 /// The `x-goog-api-key` the fake accepts: give it to the gateway under test.
 pub const GEMINI_KEY: &str = "fake-gemini-key";
@@ -73,12 +73,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    };
+    let header = |name| header(&headers, name).map(String::from);
     let recorded = Recorded {
         path: uri.path().to_string(),
         query: uri.query().map(String::from),

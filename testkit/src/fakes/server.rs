@@ -183,18 +183,17 @@ pub struct Received<T> {
 
 impl<T> Received<T> {
     pub(crate) fn new(headers: &HeaderMap, body: T) -> Self {
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(String::from)
-        };
         Self {
             body,
-            authorization: header("authorization"),
-            request_id: header("x-request-id"),
+            authorization: header(headers, "authorization").map(String::from),
+            request_id: header(headers, "x-request-id").map(String::from),
         }
     }
+}
+
+/// A request header's value, if it is text.
+pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// How long a fake's `wait_for_*` waits for what should happen promptly.

@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::server::header;
+
 /// The token between masters and workers that fake workers expect and send.
 pub const WORKER_TOKEN: &str = "worker-token-123";
 
@@ -214,11 +216,7 @@ async fn work(
     headers: HeaderMap,
     Json(step): Json<WorkRequest>,
 ) -> StatusCode {
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if token != format!("Bearer {WORKER_TOKEN}") {
+    if header(&headers, "authorization") != Some(&format!("Bearer {WORKER_TOKEN}")) {
         return StatusCode::UNAUTHORIZED;
     }
     shared
