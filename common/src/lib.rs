@@ -12,7 +12,6 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod wire;
 
-
 /// The version every service reports (in `/health`, worker records and logs).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -379,7 +379,11 @@ impl Router {
 }
 
 fn timeout_error(kind: ProviderKind) -> ProviderError {
-    ProviderError::new(kind, ErrorKind::Timeout, "no answer within REQUEST_TIMEOUT_MS")
+    ProviderError::new(
+        kind,
+        ErrorKind::Timeout,
+        "no answer within REQUEST_TIMEOUT_MS",
+    )
 }
 
 /// Hands a routed stream's events on: bounds each wait by `REQUEST_TIMEOUT_MS`, ends after an

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use common::redis::RedisPool;
 use common::registry::{Registry, keys};
-use testkit::{RedisServer, eventually};
 use common::wire::{Capability, StepRef, TaskId, WorkerId, WorkerRecord};
+use testkit::{RedisServer, eventually};
 
 fn record(id: &str) -> WorkerRecord {
     WorkerRecord {

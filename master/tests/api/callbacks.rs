@@ -11,13 +11,13 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use common::config::Secret;
 use common::redis::{RedisPool, RedisSettings};
-use testkit::{RedisServer, eventually};
 use common::wire::{
     CallbackStatus, CallbackView, Capability, ReportStatus, ResultReport, TaskView, WorkerId,
 };
 use master::Config;
 use master::store::{NewTask, PlannedStep, RateLimit, RedisStore, TaskStore};
 use serde_json::{Value, json};
+use testkit::{RedisServer, eventually};
 use tokio::time::Instant;
 
 use crate::helpers::{ALICE, Behavior, TestMaster, TestWorker, test_config};

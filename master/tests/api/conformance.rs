@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::redis::RedisPool;
-use testkit::RedisServer;
 use common::wire::{
     CallbackStatus, CallbackView, Capability, ReportStatus, ResultReport, StepError, StepStatus,
     TaskId, TaskStatus, WorkerId,
@@ -16,6 +15,7 @@ use master::store::{
     TaskStore,
 };
 use serde_json::json;
+use testkit::RedisServer;
 
 const RETENTION: Duration = Duration::from_secs(3600);
 const NO_LIMIT: RateLimit = RateLimit {

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use testkit::RedisServer;
 use common::wire::{StepStatus, TaskStatus};
 use serde_json::{Value, json};
+use testkit::RedisServer;
 
 use crate::helpers::*;
 

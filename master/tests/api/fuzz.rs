@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use testkit::RedisServer;
 use proptest::prelude::*;
 use serde_json::{Value, json};
+use testkit::RedisServer;
 
 use crate::helpers::*;
 

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use testkit::RedisServer;
 use common::wire::{StepStatus, TaskStatus};
 use serde_json::{Value, json};
+use testkit::RedisServer;
 
 use crate::helpers::*;
 

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use common::http::ErrorBody;
 use common::redis::RedisSettings;
-use testkit::{RedisServer, eventually};
 use master::Config;
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{RedisServer, eventually};
 use tokio::task::JoinHandle;
 
 use crate::helpers::*;

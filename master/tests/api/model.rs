@@ -27,7 +27,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::redis::RedisPool;
-use testkit::RedisServer;
 use common::wire::{
     CallbackStatus, CallbackView, Capability, PriorOutput, ReportStatus, ResultReport, StepContext,
     StepError, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
@@ -42,6 +41,7 @@ use master::store::{
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
+use testkit::RedisServer;
 
 const CAPS: [&str; 2] = ["plan", "retrieve"];
 /// Clients; the last one submits under [`RATE`], the others without a limit.

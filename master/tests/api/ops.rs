@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use testkit::{RedisOptions, RedisServer, eventually};
 use common::wire::TaskStatus;
 use serde_json::{Value, json};
+use testkit::{RedisOptions, RedisServer, eventually};
 
 use crate::helpers::*;
 

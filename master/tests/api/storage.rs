@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use common::redis::RedisPool;
-use testkit::{RedisServer, eventually};
 use serde_json::{Value, json};
+use testkit::{RedisServer, eventually};
 
 use crate::helpers::*;
 

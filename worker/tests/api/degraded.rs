@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use common::http::ErrorBody;
-use testkit::eventually;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use testkit::eventually;
 use worker::Agents;
 
 use crate::helpers::*;

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use testkit::eventually;
 use serde_json::json;
+use testkit::eventually;
 use worker::Agents;
 
 use crate::helpers::*;

@@ -77,10 +77,8 @@ async fn without_metadata_the_bound_address_is_advertised() {
     let master = FakeMaster::start().await;
     let mut config = test_config(&redis, &master);
     // An endpoint that does not answer: the worker falls back rather than failing.
-    config.ecs_container_metadata_uri_v4 = Some(format!(
-        "http://127.0.0.1:{}/v4/x",
-        testkit::free_port()
-    ));
+    config.ecs_container_metadata_uri_v4 =
+        Some(format!("http://127.0.0.1:{}/v4/x", testkit::free_port()));
     let worker = spawn_worker(&redis, config, Agents::new()).await;
     let record = redis.record(&worker.id).await.unwrap();
     assert_eq!(record.url, worker.url);
