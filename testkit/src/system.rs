@@ -1062,22 +1062,16 @@ struct KnownWorkers(Vec<WorkerRecord>);
 impl KnownWorkers {
     /// The record a worker with `config` would register.
     fn record(config: &worker::Config) -> anyhow::Result<WorkerRecord> {
-        Ok(WorkerRecord {
-            id: config.worker_id()?,
-            url: config.advertise_url.clone().unwrap_or_default(),
-            capabilities: config
+        Ok(WorkerRecord::starting(
+            config.worker_id()?,
+            config.advertise_url.clone().unwrap_or_default(),
+            config
                 .capabilities
                 .iter()
                 .map(|c| Capability::new(c.as_str()))
                 .collect::<Result<_, _>>()?,
-            max_concurrency: config.max_concurrency,
-            in_flight: Vec::new(),
-            version: common::VERSION.to_string(),
-            started_at_ms: common::wire::now_ms(),
-            draining: false,
-            heartbeat_at_ms: 0,
-            degraded: None,
-        })
+            config.max_concurrency,
+        ))
     }
 }
 

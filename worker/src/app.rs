@@ -90,18 +90,12 @@ pub async fn serve_with_agents(
     let in_flight = InFlight::new(config.max_concurrency as usize, worker_id.as_str());
     let heartbeat = Heartbeat::new(
         Registry::new(pool.clone()),
-        WorkerRecord {
-            id: worker_id.clone(),
+        WorkerRecord::starting(
+            worker_id.clone(),
             url,
-            capabilities: agents.capabilities(),
-            max_concurrency: config.max_concurrency,
-            in_flight: Vec::new(),
-            version: common::VERSION.to_string(),
-            started_at_ms: common::wire::now_ms(),
-            draining: false,
-            heartbeat_at_ms: 0,
-            degraded: None,
-        },
+            agents.capabilities(),
+            config.max_concurrency,
+        ),
         in_flight.clone(),
         config.heartbeat_interval(),
         config.heartbeat_ttl(),

@@ -214,6 +214,28 @@ pub struct WorkerRecord {
 }
 
 impl WorkerRecord {
+    /// The record a worker starting now registers: nothing in flight, not draining, not
+    /// degraded, this build's version.
+    pub fn starting(
+        id: WorkerId,
+        url: String,
+        capabilities: Vec<Capability>,
+        max_concurrency: u32,
+    ) -> Self {
+        Self {
+            id,
+            url,
+            capabilities,
+            max_concurrency,
+            in_flight: Vec::new(),
+            version: crate::VERSION.to_string(),
+            started_at_ms: crate::wire::now_ms(),
+            draining: false,
+            heartbeat_at_ms: 0,
+            degraded: None,
+        }
+    }
+
     /// Free slots by its own count.
     pub fn free_slots(&self) -> u32 {
         self.max_concurrency

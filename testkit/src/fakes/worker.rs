@@ -154,19 +154,16 @@ impl FakeWorker {
         });
         let registry = Registry::new(RedisPool::new(redis).unwrap());
         let mut record = WorkerRecord {
-            id: shared.id.clone(),
-            url: format!("http://{addr}"),
-            capabilities: behaviors
-                .iter()
-                .map(|(c, _)| Capability::new(*c).unwrap())
-                .collect(),
-            max_concurrency: max,
-            in_flight: vec![],
             version: "fake".into(),
-            started_at_ms: common::wire::now_ms(),
-            draining: false,
-            heartbeat_at_ms: 0,
-            degraded: None,
+            ..WorkerRecord::starting(
+                shared.id.clone(),
+                format!("http://{addr}"),
+                behaviors
+                    .iter()
+                    .map(|(c, _)| Capability::new(*c).unwrap())
+                    .collect(),
+                max,
+            )
         };
         registry.heartbeat(&record, RECORD_TTL).await.unwrap();
         let beating = shared.clone();
