@@ -82,14 +82,7 @@ async fn scenarios(stack: &Stack) -> Result<()> {
 /// step runs on the worker the master leased it to.
 async fn scaled_workers(stack: &Stack, api: &Api) -> Result<()> {
     let step = Instant::now();
-    stack.compose(&[
-        "up",
-        "-d",
-        "--no-build",
-        "--no-recreate",
-        "--scale",
-        "worker-a=3",
-    ])?;
+    stack.scale("worker-a", 3)?;
     let planners = wait_for(
         Duration::from_secs(60),
         "three live `plan` workers",
@@ -143,14 +136,7 @@ async fn scaled_workers(stack: &Stack, api: &Api) -> Result<()> {
         ran_on.len() >= 2,
         "six plan steps over three replicas all ran on {ran_on:?}"
     );
-    stack.compose(&[
-        "up",
-        "-d",
-        "--no-build",
-        "--no-recreate",
-        "--scale",
-        "worker-a=1",
-    ])?;
+    stack.scale("worker-a", 1)?;
     println!(
         "scaled worker-a to 3: steps spread over {} replicas, each on the worker it was leased to ({:.0?})",
         ran_on.len(),
@@ -401,6 +387,12 @@ impl Stack {
             .arg(self.env_file.path())
             .args(["-f", "docker-compose.yml"])
             .args(args))
+    }
+
+    /// `up --scale service=replicas`, leaving the other containers as they are.
+    fn scale(&self, service: &str, replicas: u32) -> Result<String> {
+        let scale = format!("{service}={replicas}");
+        self.compose(&["up", "-d", "--no-build", "--no-recreate", "--scale", &scale])
     }
 
     fn docker(&self, args: &[&str]) -> Result<String> {
