@@ -14,9 +14,14 @@
 //!   certificates, AOF) on a free loopback port. `try_start` returns errors (the
 //!   launcher); `start` and friends panic (tests).
 //! - [`fakes`]: every fake (worker, master, gateway, Gemini, Bedrock), scripted.
+//! - [`events`]: completions counted per task from the store's own announcements, for a
+//!   test that must show something finished exactly once.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
+// The launcher builds on `system`, `service` and `redis`, which return errors. The fakes,
+// the event counter and `free_port` serve tests only, where a panic is the failure report.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod events;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod fakes;
 pub mod redis;
 pub mod service;
@@ -25,11 +30,13 @@ pub mod system;
 use std::net::TcpListener;
 use std::time::Duration;
 
+pub use events::DoneEvents;
 pub use redis::{RedisOptions, RedisServer, RedisStartError, TlsFiles};
 pub use service::{Exit, Service};
 pub use system::{Base, Binaries, Role, Store, System};
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+#[allow(clippy::expect_used)]
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
