@@ -10,54 +10,36 @@ use common::redis::{RedisPool, RedisSettings};
 use common::registry::Registry;
 use common::wire::{TaskStatus, WorkerRecord};
 use serde_json::json;
-use testkit::{RedisServer, eventually, free_port};
+use testkit::{Exit, RedisServer, Service, eventually, free_port};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
-/// A real worker (the `worker` crate) running in this process.
-struct RealWorker {
-    url: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl RealWorker {
-    /// An echo worker for `plan`, reporting to `master_url`, beating every 300 ms (the
-    /// test master's `WORKER_HEARTBEAT_MS`).
-    async fn start(id: &str, redis: &RedisSettings, master_url: String) -> Self {
-        let config = worker::Config {
-            host: "127.0.0.1".into(),
-            port: 0,
-            redis: redis.clone(),
-            agent_id: Some(id.into()),
-            capabilities: vec!["plan".into()],
-            master_url,
-            worker_token: Secret::new(WORKER_TOKEN),
-            agent_kind: worker::AgentKind::Echo,
-            max_concurrency: 4,
-            heartbeat_interval_ms: 300,
-            shutdown_grace_ms: 500,
-            ..worker::Config::default()
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(worker::serve(config, listener, shutdown.clone()));
-        Self {
-            url,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let stopped = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-        stopped.unwrap().unwrap().unwrap();
-    }
+/// A real worker (the `worker` crate) running in this process: an echo worker for
+/// `plan`, reporting to `master_url`, beating every 300 ms (the test master's
+/// `WORKER_HEARTBEAT_MS`).
+async fn real_worker(id: &str, redis: &RedisSettings, master_url: String) -> Service {
+    let config = worker::Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        redis: redis.clone(),
+        agent_id: Some(id.into()),
+        capabilities: vec!["plan".into()],
+        master_url,
+        worker_token: Secret::new(WORKER_TOKEN),
+        agent_kind: worker::AgentKind::Echo,
+        max_concurrency: 4,
+        heartbeat_interval_ms: 300,
+        shutdown_grace_ms: 500,
+        ..worker::Config::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Service::in_process(id, listener, |listener, stop| {
+        worker::serve(config, listener, stop)
+    })
+    .unwrap()
+    .with_grace(Duration::from_secs(10))
 }
 
 async fn record(registry: &Registry, id: &str) -> Option<WorkerRecord> {
@@ -76,8 +58,8 @@ async fn a_worker_that_cannot_reach_the_master_does_not_swallow_tasks() {
     let registry = Registry::new(RedisPool::new(&settings).unwrap());
     // Nothing listens on this loopback port: every result the bad worker sends is refused.
     let nowhere = format!("http://127.0.0.1:{}", free_port());
-    let bad = RealWorker::start("cut-off", &settings, nowhere.clone()).await;
-    let good = RealWorker::start("healthy", &settings, master.url.clone()).await;
+    let mut bad = real_worker("cut-off", &settings, nowhere.clone()).await;
+    let mut good = real_worker("healthy", &settings, master.url.clone()).await;
     for id in ["cut-off", "healthy"] {
         eventually(Duration::from_secs(10), || record(&registry, id))
             .await
@@ -125,7 +107,7 @@ async fn a_worker_that_cannot_reach_the_master_does_not_swallow_tasks() {
     );
     let ready = master
         .http
-        .get(format!("{}/ready", bad.url))
+        .get(format!("{}/ready", bad.url()))
         .send()
         .await
         .unwrap();
@@ -133,7 +115,7 @@ async fn a_worker_that_cannot_reach_the_master_does_not_swallow_tasks() {
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["reason"], "degraded");
 
-    bad.stop().await;
-    good.stop().await;
+    assert_eq!(bad.stop().await, Exit::Clean);
+    assert_eq!(good.stop().await, Exit::Clean);
     master.stop().await;
 }
