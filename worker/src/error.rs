@@ -3,7 +3,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use common::http::ApiError;
-use common::wire::Capability;
+use common::wire::{Capability, WorkerId};
 
 /// Why `POST /work` refused a step.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +27,12 @@ pub enum WorkError {
     /// now would only wait for its lease to lapse.
     #[error("the worker is degraded and takes no new work: {0}")]
     Degraded(String),
+    /// The step is leased to another worker (the id it names): this worker's address also
+    /// reaches that one's, and running it here would run it where the master did not lease it.
+    #[error(
+        "this step is leased to worker `{0}`, not this one (`{1}`): two workers share an address"
+    )]
+    Misdirected(WorkerId, WorkerId),
 }
 
 impl WorkError {
@@ -39,6 +45,7 @@ impl WorkError {
             Self::AtCapacity => "at_capacity",
             Self::Draining => "draining",
             Self::Degraded(_) => "degraded",
+            Self::Misdirected(..) => "misdirected",
         }
     }
 }
@@ -64,6 +71,9 @@ impl IntoResponse for WorkError {
             // Retry after about one probe of the master: by then it may be reachable again.
             Self::Degraded(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "degraded", message).retry_after(1)
+            }
+            Self::Misdirected(..) => {
+                ApiError::new(StatusCode::MISDIRECTED_REQUEST, "misdirected", message)
             }
         };
         error.into_response()

@@ -71,6 +71,14 @@ impl Runner {
 
     /// Checks and admits a step, and starts it in the background.
     pub fn accept(&self, step: WorkRequest, request_id: String) -> Result<Accepted, WorkError> {
+        if let Some(leased_to) = &step.worker_id
+            && *leased_to != self.worker_id
+        {
+            return Err(WorkError::Misdirected(
+                leased_to.clone(),
+                self.worker_id.clone(),
+            ));
+        }
         if step.attempt == 0 {
             return Err(WorkError::Invalid("`attempt` starts at 1".into()));
         }

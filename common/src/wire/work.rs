@@ -25,6 +25,12 @@ pub struct WorkRequest {
     pub context: StepContext,
     /// When the step must be finished (ms since the epoch); the worker's timeout.
     pub deadline_ms: u64,
+    /// The worker this attempt is leased to. A worker that is someone else refuses the
+    /// request (`421 misdirected`): an address shared by several workers (a name that DNS
+    /// spreads over replicas) must not let a step run on a worker the master did not lease
+    /// it to. Absent from older masters; then any worker takes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<WorkerId>,
 }
 
 impl WorkRequest {

@@ -33,6 +33,7 @@ fn protocol_types_round_trip() {
             total_steps: 4,
         },
         deadline_ms: 1_700_000_000_000,
+        worker_id: Some(WorkerId::new("worker-1").unwrap()),
     });
     round_trip(&ResultReport {
         task_id: task_id.clone(),

@@ -488,6 +488,21 @@ impl Dispatcher {
                 "worker unavailable (503: draining or degraded)".into(),
             );
         }
+        if status == reqwest::StatusCode::MISDIRECTED_REQUEST {
+            // Another worker answered at this worker's address (two records share it), and
+            // it refused a step not leased to it. Not the step's fault: free, like a failed
+            // connection, and this worker is skipped for a while so the step goes elsewhere.
+            tracing::error!(
+                worker_id = %claimed.worker,
+                url,
+                "another worker answers at this worker's advertised address; give each worker                  an address of its own (ADVERTISE_URL)"
+            );
+            self.skip_worker(&claimed.worker, Duration::from_secs(10));
+            return Sent::Failed(
+                Duration::ZERO,
+                format!("another worker answers at {url} (421 misdirected)"),
+            );
+        }
         if status.is_client_error() {
             let detail = error_detail(response).await;
             let message = format!(

@@ -353,6 +353,7 @@ impl TaskStore for MemoryStore {
                         total_steps: task.steps.len() as u32,
                     },
                     deadline_ms: now + st.timeout_ms,
+                    worker_id: Some(worker.clone()),
                 };
                 let request_id = task.request_id.clone();
                 s.leases

@@ -219,6 +219,7 @@ impl Reply {
             .last()
             .map_or_else(|| task_input.clone(), |p| p.output.clone());
         let timeout_ms = self.figure("timeout_ms");
+        let worker = self.worker("worker")?;
         Ok(Claimed {
             work: WorkRequest {
                 task_id: self.task_id("task_id")?,
@@ -233,8 +234,9 @@ impl Reply {
                     total_steps: self.parsed("total_steps")?,
                 },
                 deadline_ms: common::wire::now_ms() + timeout_ms,
+                worker_id: Some(worker.clone()),
             },
-            worker: self.worker("worker")?,
+            worker,
             request_id: self.text("request_id")?,
         })
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::config::Secret;
 use common::redis::{RedisPool, RedisSettings};
 use common::registry::Registry;
-use common::wire::{TaskStatus, WorkerRecord};
+use common::wire::{Capability, TaskStatus, WorkerId, WorkerRecord};
 use serde_json::json;
 use testkit::{Exit, RedisServer, Service, eventually, free_port};
 use tokio::net::TcpListener;
@@ -117,5 +117,64 @@ async fn a_worker_that_cannot_reach_the_master_does_not_swallow_tasks() {
 
     assert_eq!(bad.stop().await, Exit::Clean);
     assert_eq!(good.stop().await, Exit::Clean);
+    master.stop().await;
+}
+
+/// Two worker records with one address (a shared `ADVERTISE_URL`, a DNS name over several
+/// replicas): a step leased to one must never run on the other. The worker that answers
+/// refuses a step leased to someone else (`421`); the master puts it back without spending
+/// an attempt and leases it to a worker that answers for itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_is_never_run_by_a_worker_it_was_not_leased_to() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let registry = Registry::new(RedisPool::new(&settings).unwrap());
+    let mut real = real_worker("real", &settings, master.url.clone()).await;
+    eventually(Duration::from_secs(10), || record(&registry, "real"))
+        .await
+        .expect("the real worker registered");
+    // A second record at the real worker's address, kept alive as a worker would.
+    let ghost = WorkerRecord::starting(
+        WorkerId::new("ghost").unwrap(),
+        real.url().to_string(),
+        vec![Capability::new("plan").unwrap()],
+        4,
+    );
+    let beating = tokio::spawn({
+        let registry = Registry::new(RedisPool::new(&settings).unwrap());
+        async move {
+            loop {
+                registry
+                    .heartbeat(&ghost, Duration::from_secs(2))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    eventually(Duration::from_secs(10), || record(&registry, "ghost"))
+        .await
+        .expect("the ghost record is listed");
+
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(master.submit(json!({"steps": ["plan"], "input": i})).await);
+    }
+    for id in &ids {
+        let view = master.wait(id, Duration::from_secs(20)).await;
+        assert_eq!(view.status, TaskStatus::Succeeded, "{view:?}");
+        let step = &view.steps[0];
+        assert_eq!(
+            step.worker_id.as_ref().map(WorkerId::as_str),
+            Some("real"),
+            "{view:?}"
+        );
+        // Run once, by the worker it was leased to: a step leased to the ghost was refused
+        // at once (free), not run by the real worker and left to lapse.
+        assert_eq!(step.attempts, 1, "{view:?}");
+    }
+    beating.abort();
+    assert_eq!(real.stop().await, Exit::Clean);
     master.stop().await;
 }

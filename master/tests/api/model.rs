@@ -758,6 +758,8 @@ impl Model {
                     total_steps: t.steps.len() as u32,
                 },
                 deadline_ms: IN_WINDOW,
+                // The lease holder, so another worker at the same address refuses it.
+                worker_id: Some(worker.clone()),
             };
             let step = work.step_ref();
             self.handed_out.push((step, worker.clone()));

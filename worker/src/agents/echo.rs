@@ -43,6 +43,7 @@ mod tests {
             input,
             context: StepContext::default(),
             deadline_ms: u64::MAX,
+            worker_id: None,
         }
     }
 

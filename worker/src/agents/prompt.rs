@@ -182,6 +182,7 @@ mod tests {
                 total_steps: 3,
             },
             deadline_ms: 0,
+            worker_id: None,
         }
     }
 

@@ -182,6 +182,7 @@ pub fn work_request(capability: &str, input: Value) -> WorkRequest {
             total_steps: 1,
         },
         deadline_ms: now_ms() + 30_000,
+        worker_id: None,
     }
 }
 

@@ -1,9 +1,10 @@
 //! `POST /work`: auth, validation, capacity, duplicates, deadlines and agent errors.
 
-use common::wire::{ReportStatus, StepError, StepRef, now_ms};
+use common::wire::{ReportStatus, StepError, StepRef, WorkerId, now_ms};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::sync::Arc;
+use std::time::Duration;
 use worker::Agents;
 
 use crate::helpers::*;
@@ -343,4 +344,43 @@ async fn metrics_count_steps_per_capability() {
     let text = metrics().await.unwrap_or_default();
     assert!(found.is_some(), "missing series in\n{text}");
     worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_step_leased_to_another_worker_is_refused_421_and_not_run() {
+    let redis = TestRedis::start();
+    let master = FakeMaster::start().await;
+    let worker = spawn_worker(&redis, test_config(&redis, &master), Agents::new()).await;
+
+    // Two workers behind one address: the master leased this step to the other one.
+    let mut elsewhere = work_request("echo", json!("not mine"));
+    elsewhere.worker_id = Some(WorkerId::new("someone-else").unwrap());
+    let response = worker.post_work_as(Some(TOKEN), &elsewhere, "r-1").await;
+    assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "misdirected");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("someone-else") && message.contains(&worker.id),
+        "{message}"
+    );
+
+    // Its own lease (and a step from a master that names no worker) runs as usual.
+    let mut mine = work_request("echo", json!("mine"));
+    mine.worker_id = Some(WorkerId::new(worker.id.clone()).unwrap());
+    let unnamed = work_request("echo", json!("unnamed"));
+    for step in [&mine, &unnamed] {
+        let response = worker.post_work_as(Some(TOKEN), step, "r-2").await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    let reports = master.wait_for_reports(2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let outputs: Vec<_> = master
+        .reports()
+        .into_iter()
+        .map(|r| r.body.output)
+        .collect();
+    assert_eq!(reports.len(), 2);
+    assert_eq!(outputs.len(), 2, "the refused step ran: {outputs:?}");
+    assert!(!outputs.contains(&Some(json!("not mine"))), "{outputs:?}");
 }
