@@ -112,6 +112,21 @@ impl Service {
         })
     }
 
+    /// The one-line start of a test suite: `serve` in this process on a free loopback port,
+    /// returned once it answers `GET /health`.
+    pub async fn start_local<F, Fut>(name: impl Into<String>, serve: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(TcpListener, CancellationToken) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let mut service = Self::in_process(name, listener, serve)?;
+        service
+            .wait_ready("/health", Duration::from_secs(10))
+            .await?;
+        Ok(service)
+    }
+
     /// Starts `command` with stdin closed and stdout and stderr in `{log_dir}/{name}.log`
     /// (a temp dir of its own when `log_dir` is `None`). `url` is where it will serve.
     pub fn child(

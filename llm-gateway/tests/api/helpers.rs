@@ -75,15 +75,11 @@ pub async fn spawn_app_with_aws_secret(config: Config, aws_secret: &str) -> Test
     let overrides = Overrides {
         aws_config: Some(aws),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut service = Service::in_process("llm-gateway", listener, |listener, stop| {
+    let service = Service::start_local("llm-gateway", |listener, stop| {
         llm_gateway::serve_with(config, overrides, listener, stop)
     })
+    .await
     .unwrap();
-    service
-        .wait_ready("/health", Duration::from_secs(5))
-        .await
-        .unwrap();
     TestApp {
         address: service.url().to_string(),
         http: reqwest::Client::new(),

@@ -11,7 +11,6 @@ use common::registry::Registry;
 use common::wire::{Capability, TaskStatus, WorkerId, WorkerRecord};
 use serde_json::json;
 use testkit::{Exit, RedisServer, Service, eventually, free_port};
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::helpers::*;
@@ -34,12 +33,10 @@ async fn real_worker(id: &str, redis: &RedisSettings, master_url: String) -> Ser
         shutdown_grace_ms: 500,
         ..worker::Config::default()
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Service::in_process(id, listener, |listener, stop| {
-        worker::serve(config, listener, stop)
-    })
-    .unwrap()
-    .with_grace(Duration::from_secs(10))
+    Service::start_local(id, |listener, stop| worker::serve(config, listener, stop))
+        .await
+        .unwrap()
+        .with_grace(Duration::from_secs(10))
 }
 
 async fn record(registry: &Registry, id: &str) -> Option<WorkerRecord> {

@@ -11,7 +11,6 @@ use serde_json::Value;
 use testkit::RedisServer;
 use testkit::service::Service;
 use testkit::system::CAPABILITIES;
-use tokio::net::TcpListener;
 
 /// The master's tests call the kit's fake worker a test worker.
 pub use testkit::fakes::worker::FakeWorker as TestWorker;
@@ -52,16 +51,12 @@ pub struct TestMaster {
 impl TestMaster {
     /// Starts a master with `config` and waits until it answers `/health`.
     pub async fn start(config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut service = Service::in_process("master", listener, |listener, stop| {
+        let service = Service::start_local("master", |listener, stop| {
             master::serve(config, listener, stop)
         })
+        .await
         .unwrap()
         .with_grace(Duration::from_secs(20));
-        service
-            .wait_ready("/health", Duration::from_secs(5))
-            .await
-            .unwrap();
         Self {
             url: service.url().to_string(),
             http: reqwest::Client::new(),
