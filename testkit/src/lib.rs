@@ -35,11 +35,34 @@ pub use redis::{RedisOptions, RedisServer, RedisStartError, TlsFiles};
 pub use service::{Exit, Service};
 pub use system::{Base, Binaries, Role, Store, System};
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// A free TCP port on 127.0.0.1 for something else to bind (a child process, a server
+/// started later): see [`reserve_port`].
 #[allow(clippy::expect_used)]
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let l = reserve_port().expect("a free loopback port");
     l.local_addr().expect("local addr").port()
+}
+
+/// A listener on a free loopback port below the kernel's ephemeral range, to be released
+/// when another process is about to bind the port. Port 0 would come from the ephemeral
+/// range, where every outgoing connection of every test running at the same time also takes
+/// its local port: released, such a port was taken again before a child could bind it
+/// ("Address already in use"). Below the range only other reservations like this one
+/// compete, at random.
+pub fn reserve_port() -> std::io::Result<TcpListener> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 12_000 {
+        for _ in 0..200 {
+            let port = rand::random_range(10_000..low);
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+                return Ok(listener);
+            }
+        }
+    }
+    TcpListener::bind("127.0.0.1:0")
 }
 
 /// Polls `check` every 20 ms until it returns `Some` or `timeout` passes.

@@ -439,14 +439,19 @@ impl Builder {
     }
 
     async fn bind(&self, what: &str, port: u16) -> anyhow::Result<(TcpListener, String)> {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on 127.0.0.1:{port} for the {what}{}",
-                    self.port_hint
-                )
-            })?;
+        let listener = if port == 0 && self.binaries.is_some() {
+            // A child binds it after this listener is dropped (see `reserve_port`).
+            reserved().with_context(|| format!("no free port for the {what}"))?
+        } else {
+            TcpListener::bind(("127.0.0.1", port))
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on 127.0.0.1:{port} for the {what}{}",
+                        self.port_hint
+                    )
+                })?
+        };
         let url = format!("http://{}", listener.local_addr()?);
         Ok((listener, url))
     }
@@ -866,7 +871,10 @@ impl System {
         }
         for _ in 0..n {
             let i = self.wiring.started_workers;
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let listener = match self.wiring.binaries {
+                Some(_) => reserved()?,
+                None => TcpListener::bind("127.0.0.1:0").await?,
+            };
             let url = url_of_listener(&listener)?;
             let mut config = self.wiring.worker_config(i, &url)?;
             customise(i, &mut config);
@@ -962,6 +970,13 @@ fn port_of(url: &str) -> u16 {
 
 fn url_of_listener(listener: &TcpListener) -> anyhow::Result<String> {
     Ok(format!("http://{}", listener.local_addr()?))
+}
+
+/// [`crate::reserve_port`] as a tokio listener.
+fn reserved() -> std::io::Result<TcpListener> {
+    let listener = crate::reserve_port()?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 /// A child binds its own port: the listener only reserved it until now.
