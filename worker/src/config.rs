@@ -93,6 +93,9 @@ pub struct Config {
     pub body_limit_bytes: usize,
 }
 
+/// The longest duration setting: one day.
+const MAX_DURATION_MS: u64 = 24 * 60 * 60 * 1000;
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -265,6 +268,23 @@ impl Settings for Config {
                 "must be more than zero",
             ));
         }
+        // Each is added to the time now somewhere (a deadline); a day is far past any sensible
+        // value and keeps that sum from overflowing.
+        for (name, ms) in [
+            ("HEARTBEAT_INTERVAL_MS", self.heartbeat_interval_ms),
+            ("SHUTDOWN_GRACE_MS", self.shutdown_grace_ms),
+            (
+                "RESULT_DELIVERY_TIMEOUT_MS",
+                self.result_delivery_timeout_ms,
+            ),
+        ] {
+            if ms > MAX_DURATION_MS {
+                return Err(ConfigError::invalid(
+                    name,
+                    format!("must be at most {MAX_DURATION_MS} (one day)"),
+                ));
+            }
+        }
         if self.body_limit_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "BODY_LIMIT_BYTES",
@@ -377,6 +397,25 @@ mod tests {
                 "SHUTDOWN_GRACE is no longer read: set SHUTDOWN_GRACE_MS instead \
                  (durations are whole milliseconds)"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn durations_past_a_day_are_refused_naming_the_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AUTH_DISABLED", "true");
+            for name in [
+                "HEARTBEAT_INTERVAL_MS",
+                "SHUTDOWN_GRACE_MS",
+                "RESULT_DELIVERY_TIMEOUT_MS",
+            ] {
+                jail.set_env(name, u64::MAX.to_string());
+                let err = load("").unwrap_err().to_string();
+                assert!(err.contains(name) && err.contains("at most"), "{err}");
+                jail.set_env(name, MAX_DURATION_MS.to_string());
+                assert!(load("").is_ok(), "{name} of one day");
+            }
             Ok(())
         });
     }
