@@ -7,8 +7,9 @@ mod work;
 
 pub use ids::{Capability, IdError, TaskId, WorkerId};
 pub use task::{
-    CallbackStatus, CallbackView, StepStatus, StepView, SubmitResponse, SubmitTask, TaskResult,
-    TaskStatus, TaskView,
+    CallbackStatus, CallbackView, MapDef, MapView, OnTimeout, SignalRequest, SignalResponse,
+    SignalStatus, StepDef, StepKind, StepSpec, StepStatus, StepView, SubmitResponse, SubmitTask,
+    TaskResult, TaskStatus, TaskView, WaitDef, WaitView,
 };
 pub use work::{
     AckStatus, PriorOutput, ReportStatus, ResultAck, ResultReport, StepContext, StepError, StepRef,

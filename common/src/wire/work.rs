@@ -58,17 +58,37 @@ pub struct StepContext {
     pub pipeline: Option<String>,
     /// How many steps the task has.
     pub total_steps: u32,
+    /// The step's id in the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<String>,
+    /// For a map instance: its element's index (its element is `input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub element_index: Option<u32>,
 }
 
-/// An earlier step's output, in a [`StepContext`].
+/// A needed step's outcome, in a [`StepContext`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PriorOutput {
     /// The step's index.
     pub step: u32,
-    /// Its capability.
-    pub capability: Capability,
-    /// Its output.
+    /// Its id.
+    #[serde(default)]
+    pub id: String,
+    /// Its capability (none for a wait or sleep step).
+    #[serde(default)]
+    pub capability: Option<Capability>,
+    /// `succeeded`, `skipped`, or `failed` (a step allowed to fail).
+    #[serde(default = "succeeded")]
+    pub status: super::StepStatus,
+    /// Its output (`null` when skipped or failed).
     pub output: Value,
+    /// Its error, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StepError>,
+}
+
+fn succeeded() -> super::StepStatus {
+    super::StepStatus::Succeeded
 }
 
 /// A step's outcome, as a worker reports it.

@@ -99,16 +99,100 @@ impl StoreError {
     }
 }
 
-/// One step of a task about to be submitted.
+/// One step of a task about to be submitted (validated: ids unique, `needs` point at
+/// other steps of the task, no cycles; see `docs/workflows.md`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedStep {
-    /// What it needs.
-    pub capability: Capability,
-    /// Attempts before it fails for good.
-    pub max_attempts: u32,
-    /// How long one attempt may run.
-    pub timeout_ms: u64,
+    /// Its id in the task.
+    pub id: String,
+    /// The indices of the steps it needs (empty: ready at submit).
+    pub needs: Vec<u32>,
+    /// When it fails for good, the task goes on and its dependants receive its error.
+    pub allow_failure: bool,
+    /// What it is.
+    pub kind: PlannedKind,
 }
+
+/// What a planned step is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlannedKind {
+    /// Runs on a worker.
+    Work {
+        /// What it needs.
+        capability: Capability,
+        /// Attempts before it fails for good.
+        max_attempts: u32,
+        /// How long one attempt may run.
+        timeout_ms: u64,
+        /// Its fan-out, when it maps over an array.
+        map: Option<MapPlan>,
+        /// Its output's `next` picks which of its dependants run.
+        router: bool,
+    },
+    /// Waits for a signal.
+    Wait {
+        /// The signal's name.
+        signal: String,
+        /// How long it waits.
+        timeout_ms: u64,
+        /// What a timeout does.
+        on_timeout: common::wire::OnTimeout,
+    },
+    /// Sleeps.
+    Sleep {
+        /// For this long.
+        ms: u64,
+    },
+}
+
+/// Where a map step's array is and how wide it may run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapPlan {
+    /// `over` as written (shown in the task view).
+    pub over: String,
+    /// The step whose output holds the array (one the map step needs), or `None` for the
+    /// task input.
+    pub from: Option<u32>,
+    /// Object keys and array indices (as text) from there to the array.
+    pub path: Vec<String>,
+    /// Most instances running at once.
+    pub concurrency: u32,
+}
+
+impl PlannedStep {
+    /// Step `index` of a chain: a worker step that needs the step before it.
+    pub fn chain_link(
+        index: u32,
+        id: impl Into<String>,
+        capability: Capability,
+        max_attempts: u32,
+        timeout_ms: u64,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            needs: index.checked_sub(1).into_iter().collect(),
+            allow_failure: false,
+            kind: PlannedKind::Work {
+                capability,
+                max_attempts,
+                timeout_ms,
+                map: None,
+                router: false,
+            },
+        }
+    }
+
+    /// Its capability, for a worker step.
+    pub fn capability(&self) -> Option<&Capability> {
+        match &self.kind {
+            PlannedKind::Work { capability, .. } => Some(capability),
+            _ => None,
+        }
+    }
+}
+
+/// Most elements a map step may fan out over (more fails the step, `map_too_wide`).
+pub const MAX_MAP_WIDTH: usize = 1_000;
 
 /// A task about to be submitted (already validated).
 #[derive(Debug, Clone)]
@@ -226,12 +310,13 @@ pub enum ReportOutcome {
     /// This report (same attempt, same worker) was recorded before, and this is its
     /// outcome. Its effects in the store happened once; the caller answers `recorded`.
     Replayed(Box<ReportOutcome>),
-    /// Recorded; the next step was queued.
+    /// Recorded; the task goes on. The steps it made ready were queued (none when other
+    /// branches still run, or only waits started).
     Next {
         /// The reported step's capability and when its attempt was dispatched.
         finished: FinishedStep,
-        /// The next step's capability.
-        next: Capability,
+        /// The capabilities of the steps it queued (each once).
+        queued: Vec<Capability>,
     },
     /// Recorded a retryable failure; the step will be queued again after `delay`.
     Retry {
@@ -248,7 +333,61 @@ pub enum ReportOutcome {
         status: TaskStatus,
         /// Whether the task has a callback URL to notify.
         callback: bool,
+        /// The task's result when it succeeded and it is not the reported output (a graph
+        /// whose final step is not the one reported, or with several final steps).
+        result: Option<serde_json::Value>,
     },
+}
+
+/// What a transition that the master makes by itself (a signal, a timer) set going.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Advance {
+    /// The capabilities of the steps it queued (each once).
+    pub queued: Vec<Capability>,
+    /// The task's final status, when it finished, with whether it has a callback URL and
+    /// its result when it succeeded.
+    pub done: Option<Finished>,
+}
+
+/// A task that finished in a transition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    /// Succeeded or failed.
+    pub status: TaskStatus,
+    /// Whether the task has a callback URL to notify.
+    pub callback: bool,
+    /// The result, when it succeeded.
+    pub result: Option<serde_json::Value>,
+    /// The error, when it failed.
+    pub error: Option<StepError>,
+}
+
+/// What `signal` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SignalOutcome {
+    /// A wait step was waiting for it: it succeeded with the payload.
+    Delivered(Advance),
+    /// Its wait step has not been reached yet: kept until it is.
+    Buffered,
+    /// No wait step of the task listens for this name.
+    UnknownSignal,
+    /// Its wait step already received a signal (or timed out, or was skipped).
+    AlreadyReceived,
+    /// The task has finished with this status.
+    Finished(TaskStatus),
+    /// No such task.
+    NotFound,
+}
+
+/// A wait or sleep step whose timer fired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FiredTimer {
+    /// The task.
+    pub task_id: TaskId,
+    /// The step's slot.
+    pub step: u32,
+    /// What it set going.
+    pub advance: Advance,
 }
 
 /// The step a report was about, for metrics.
@@ -324,8 +463,9 @@ pub const CALLBACK_ABANDONED: &str =
 /// What `redrive` did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RedriveOutcome {
-    /// The failed step is queued again (attempts reset).
-    Redriven(Capability),
+    /// The failed and stopped steps run again (attempts reset); these capabilities got
+    /// steps queued.
+    Redriven(Vec<Capability>),
     /// The task is not failed.
     NotFailed(TaskStatus),
     /// No such task.
@@ -444,8 +584,28 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Cancels a task. A task with a callback URL enters the callback outbox.
     async fn cancel(&self, id: &TaskId, retention: Duration) -> Result<CancelOutcome, StoreError>;
 
-    /// Queues a failed task's failed step again, with its attempts reset.
+    /// Runs a failed task's failed and stopped steps again, with their attempts reset;
+    /// steps that succeeded keep their outputs.
     async fn redrive(&self, id: &TaskId) -> Result<RedriveOutcome, StoreError>;
+
+    /// Delivers a signal to the task's wait step that listens for `name`: the step
+    /// succeeds with `payload` (JSON text) and the task goes on. A signal whose step has
+    /// not been reached yet is kept and used when it is.
+    async fn signal(
+        &self,
+        id: &TaskId,
+        name: &str,
+        payload: &str,
+        retention: Duration,
+    ) -> Result<SignalOutcome, StoreError>;
+
+    /// Fires up to `limit` wait and sleep timers that are due: a sleep succeeds, a wait
+    /// times out (fails, or succeeds with `{"timed_out": true}`).
+    async fn fire_timers(
+        &self,
+        limit: usize,
+        retention: Duration,
+    ) -> Result<Vec<FiredTimer>, StoreError>;
 
     /// Dead-lettered tasks whose failed step has this capability.
     async fn dead_letters(
@@ -497,3 +657,46 @@ pub const PRIORITY_WEIGHT: i64 = 10_000_000_000_000;
 
 /// 2025-01-01, subtracted from queue times to keep scores small.
 pub const SCORE_EPOCH_MS: i64 = 1_735_689_600_000;
+
+/// The task's result from its declared steps once it succeeded: the output of the step
+/// no other step needs (the last step of a chain), or, when there are several such steps,
+/// an object of their outputs by id (skipped ones left out). Both stores build
+/// `TaskView::result` with it, and the Lua that finishes a task builds the same.
+pub fn graph_result(steps: &[common::wire::StepView]) -> serde_json::Value {
+    let needed: std::collections::HashSet<&str> = steps
+        .iter()
+        .flat_map(|s| s.needs.iter().map(String::as_str))
+        .collect();
+    let sinks: Vec<&common::wire::StepView> = steps
+        .iter()
+        .filter(|s| !needed.contains(s.id.as_str()))
+        .collect();
+    match sinks.as_slice() {
+        [one] => one.output.clone().unwrap_or_default(),
+        several => serde_json::Value::Object(
+            several
+                .iter()
+                .filter(|s| s.status != common::wire::StepStatus::Skipped)
+                .map(|s| (s.id.clone(), s.output.clone().unwrap_or_default()))
+                .collect(),
+        ),
+    }
+}
+
+/// `running` becomes `waiting` when nothing of the task is queued or running and a wait or
+/// sleep step holds it. Both stores derive the status shown this way.
+pub fn derive_waiting(view: &mut TaskView) {
+    use common::wire::StepStatus;
+    if view.status != TaskStatus::Running {
+        return;
+    }
+    let all = || {
+        view.steps
+            .iter()
+            .flat_map(|s| std::iter::once(s).chain(s.instances.iter()))
+    };
+    let busy = all().any(|s| matches!(s.status, StepStatus::Queued | StepStatus::Dispatched));
+    if !busy && all().any(|s| s.status == StepStatus::Waiting) {
+        view.status = TaskStatus::Waiting;
+    }
+}
