@@ -16,3 +16,4 @@ mod longpoll;
 mod model;
 mod ops;
 mod storage;
+mod workflows;

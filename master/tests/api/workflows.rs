@@ -1,0 +1,991 @@
+//! DAG workflows end to end (`docs/workflows.md`): a real master on a real redis-server,
+//! and scripted workers that speak the worker protocol and answer what a graph needs (a
+//! plan with `queries`, a router's `next`), counting what they ran and how much of it at
+//! once. Fan-out and fan-in, routing, waits released by signals (buffered, delivered,
+//! across a master restart, timed out), cancel and redrive of a graph, and the signal
+//! endpoint under misuse.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use common::redis::{RedisPool, RedisSettings};
+use common::registry::Registry;
+use common::wire::{
+    Capability, StepError, StepKind, StepRef, StepStatus, StepView, TaskStatus, TaskView,
+    WorkRequest, WorkerId, WorkerRecord,
+};
+use serde_json::{Value, json};
+use testkit::RedisServer;
+use testkit::fakes::worker::{HEARTBEAT, report};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+// ---------------------------------------------------------------------------------------
+// A scripted worker
+
+/// What an agent answers for a step: its output or its failure.
+type Script = Arc<dyn Fn(&WorkRequest) -> Result<Value, StepError> + Send + Sync>;
+
+/// Which steps wait for a permit before they run.
+type Hold = Arc<dyn Fn(&WorkRequest) -> bool + Send + Sync>;
+
+/// One capability's agent.
+#[derive(Clone)]
+struct Agent {
+    script: Script,
+    /// How long a step runs before it reports: long enough for steps that the store
+    /// wrongly lets run together to be seen together.
+    delay: Duration,
+    /// Steps for which `hold` is true wait for a permit of `permits` before the script
+    /// runs (so a test decides when they finish, and flags the script reads are read then).
+    gate: Option<(Arc<Semaphore>, Hold)>,
+}
+
+/// What the worker saw, for assertions.
+#[derive(Default)]
+struct Records {
+    /// Every `POST /work` with the right token, in arrival order.
+    received: Vec<WorkRequest>,
+    /// Steps running now per capability, and the most ever running at once.
+    running: HashMap<String, usize>,
+    peak: HashMap<String, usize>,
+    /// The master's answer to each report: `recorded`, `discarded`, `http NNN`.
+    acks: Vec<(StepRef, String)>,
+}
+
+struct Shared {
+    id: WorkerId,
+    agents: HashMap<String, Agent>,
+    /// Changed when the master is replaced by a new one on another port.
+    master_url: Mutex<String>,
+    http: reqwest::Client,
+    /// Listed in the heartbeat, so the master extends these leases.
+    in_flight: Mutex<Vec<StepRef>>,
+    records: Mutex<Records>,
+    stop: CancellationToken,
+}
+
+/// A worker whose agents are closures, one per capability.
+struct GraphWorker {
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Builds a [`GraphWorker`].
+struct Builder {
+    name: String,
+    agents: HashMap<String, Agent>,
+}
+
+impl Builder {
+    /// `capability` answers `script(step)` after `delay`.
+    fn agent(
+        mut self,
+        capability: &str,
+        delay: Duration,
+        script: impl Fn(&WorkRequest) -> Result<Value, StepError> + Send + Sync + 'static,
+    ) -> Self {
+        self.agents.insert(
+            capability.to_string(),
+            Agent {
+                script: Arc::new(script),
+                delay,
+                gate: None,
+            },
+        );
+        self
+    }
+
+    /// Steps of `capability` for which `hold` is true wait for a permit of `permits`.
+    fn gate(
+        mut self,
+        capability: &str,
+        permits: &Arc<Semaphore>,
+        hold: impl Fn(&WorkRequest) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        let agent = self
+            .agents
+            .get_mut(capability)
+            .expect("gate an agent added before");
+        agent.gate = Some((permits.clone(), Arc::new(hold)));
+        self
+    }
+
+    /// Starts it: it registers in `redis` (16 slots) and reports to `master_url`.
+    async fn start(self, redis: &RedisSettings, master_url: &str) -> GraphWorker {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            id: WorkerId::new(&self.name).unwrap(),
+            agents: self.agents,
+            master_url: Mutex::new(master_url.to_string()),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            in_flight: Mutex::default(),
+            records: Mutex::default(),
+            stop: CancellationToken::new(),
+        });
+        let app = Router::new()
+            .route("/work", post(work))
+            .with_state(shared.clone());
+        let stop = shared.stop.clone();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+        let registry = Registry::new(RedisPool::new(redis).unwrap());
+        let mut record = WorkerRecord::starting(
+            shared.id.clone(),
+            format!("http://{addr}"),
+            shared
+                .agents
+                .keys()
+                .map(|c| Capability::new(c.as_str()).unwrap())
+                .collect(),
+            16,
+        );
+        registry.heartbeat(&record, HEARTBEAT * 3).await.unwrap();
+        let beating = shared.clone();
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                record.in_flight = beating.in_flight.lock().unwrap().clone();
+                let _ = registry.heartbeat(&record, HEARTBEAT * 3).await;
+                tokio::select! {
+                    () = tokio::time::sleep(HEARTBEAT) => {}
+                    () = beating.stop.cancelled() => return,
+                }
+            }
+        });
+        GraphWorker {
+            shared,
+            tasks: vec![server, heartbeat],
+        }
+    }
+}
+
+impl GraphWorker {
+    fn builder(name: &str) -> Builder {
+        Builder {
+            name: name.to_string(),
+            agents: HashMap::new(),
+        }
+    }
+
+    /// Reports go to `url` from now on (a replacement master).
+    fn set_master(&self, url: &str) {
+        *self.shared.master_url.lock().unwrap() = url.to_string();
+    }
+
+    /// The steps of `capability` of task `task` it received, in arrival order.
+    fn received(&self, task: &str, capability: &str) -> Vec<WorkRequest> {
+        self.shared
+            .records
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .filter(|r| r.task_id.as_str() == task && r.capability.as_str() == capability)
+            .cloned()
+            .collect()
+    }
+
+    /// The most steps of `capability` it ever ran at once.
+    fn peak(&self, capability: &str) -> usize {
+        let records = self.shared.records.lock().unwrap();
+        records.peak.get(capability).copied().unwrap_or(0)
+    }
+
+    /// The master's answers to its reports about task `task`.
+    fn acks(&self, task: &str) -> Vec<(StepRef, String)> {
+        let records = self.shared.records.lock().unwrap();
+        records
+            .acks
+            .iter()
+            .filter(|(s, _)| s.task_id.as_str() == task)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for GraphWorker {
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+async fn work(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Json(step): Json<WorkRequest>,
+) -> StatusCode {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if token != format!("Bearer {WORKER_TOKEN}") {
+        return StatusCode::UNAUTHORIZED;
+    }
+    if step.worker_id.as_ref().is_some_and(|w| *w != shared.id) {
+        return StatusCode::MISDIRECTED_REQUEST;
+    }
+    let Some(agent) = shared.agents.get(step.capability.as_str()).cloned() else {
+        return StatusCode::BAD_REQUEST;
+    };
+    {
+        let mut records = shared.records.lock().unwrap();
+        records.received.push(step.clone());
+        let capability = step.capability.to_string();
+        let running = records.running.entry(capability.clone()).or_default();
+        *running += 1;
+        let now = *running;
+        let peak = records.peak.entry(capability).or_default();
+        *peak = (*peak).max(now);
+    }
+    shared.in_flight.lock().unwrap().push(step.step_ref());
+    let worker = shared.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = worker.run(agent, step) => {}
+            () = worker.stop.cancelled() => {}
+        }
+    });
+    StatusCode::ACCEPTED
+}
+
+impl Shared {
+    async fn run(&self, agent: Agent, step: WorkRequest) {
+        if let Some((permits, hold)) = &agent.gate
+            && hold(&step)
+        {
+            permits.acquire().await.unwrap().forget();
+        }
+        tokio::time::sleep(agent.delay).await;
+        let outcome = (agent.script)(&step);
+        // No longer running before the report goes out: the report is what lets the
+        // store queue the next step, which must not be counted as running alongside.
+        *self
+            .records
+            .lock()
+            .unwrap()
+            .running
+            .entry(step.capability.to_string())
+            .or_default() -= 1;
+        let ack = self.send(&report(&self.id, &step, outcome)).await;
+        self.records
+            .lock()
+            .unwrap()
+            .acks
+            .push((step.step_ref(), ack));
+        let done = step.step_ref();
+        self.in_flight.lock().unwrap().retain(|s| *s != done);
+    }
+
+    /// Delivers a report as a worker does: again after a `5xx`, a `429` or no answer (a
+    /// master restarting), for up to 20 s.
+    async fn send(&self, report: &common::wire::ResultReport) -> String {
+        for _ in 0..200 {
+            let url = format!("{}/result", self.master_url.lock().unwrap());
+            let sent = self
+                .http
+                .post(url)
+                .bearer_auth(WORKER_TOKEN)
+                .json(report)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status() == StatusCode::OK => {
+                    let body: Value = r.json().await.unwrap_or_default();
+                    return body["status"].as_str().unwrap_or("unreadable").to_string();
+                }
+                Ok(r)
+                    if !r.status().is_server_error()
+                        && r.status() != StatusCode::TOO_MANY_REQUESTS =>
+                {
+                    return format!("http {}", r.status());
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        "undelivered".into()
+    }
+}
+
+/// An agent that echoes its input.
+fn echo(step: &WorkRequest) -> Result<Value, StepError> {
+    Ok(step.input.clone())
+}
+
+/// An agent that answers its input and what it was told about its needs.
+fn seen(step: &WorkRequest) -> Result<Value, StepError> {
+    Ok(json!({
+        "capability": step.capability,
+        "input": step.input,
+        "previous": step.context.previous.iter().map(|p| json!({
+            "id": p.id, "status": p.status, "output": p.output,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading tasks
+
+/// The declared step `id` of a view.
+fn step<'a>(view: &'a TaskView, id: &str) -> &'a StepView {
+    view.steps
+        .iter()
+        .find(|s| s.id == id)
+        .unwrap_or_else(|| panic!("no step {id} in {view:#?}"))
+}
+
+/// Waits (bounded) until the view of `id` satisfies `ready`; returns that view.
+async fn until(
+    master: &TestMaster,
+    id: &str,
+    what: &str,
+    ready: impl Fn(&TaskView) -> bool,
+) -> TaskView {
+    let found = testkit::eventually(Duration::from_secs(15), || async {
+        let view = master.view(id).await;
+        ready(&view).then_some(view)
+    })
+    .await;
+    match found {
+        Some(view) => view,
+        None => panic!(
+            "task {id} never came to {what}: {:#?}",
+            master.view(id).await
+        ),
+    }
+}
+
+/// The task is `waiting` with its step `wait_id` waiting.
+fn waiting_on(wait_id: &'static str) -> impl Fn(&TaskView) -> bool {
+    move |v| v.status == TaskStatus::Waiting && step(v, wait_id).status == StepStatus::Waiting
+}
+
+/// `POST /task/{id}/signal` as `key`: the status and the body.
+async fn signal(master: &TestMaster, key: &str, id: &str, body: &Value) -> (u16, Value) {
+    let r = master
+        .post(&format!("/task/{id}/signal"), key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+// ---------------------------------------------------------------------------------------
+// Fan-out and fan-in
+
+#[tokio::test]
+async fn plan_fans_out_over_its_queries_two_at_a_time_and_the_join_gets_them_in_order() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let queries: Vec<String> = (0..7).map(|i| format!("query {i}")).collect();
+    let planned = queries.clone();
+    let worker = GraphWorker::builder("w-graph")
+        .agent("plan", Duration::ZERO, move |_| {
+            Ok(json!({"queries": planned}))
+        })
+        // Long enough that instances the store let run together are seen together.
+        .agent("retrieve", Duration::from_millis(150), |s| {
+            Ok(json!({"doc": s.input, "element": s.context.element_index}))
+        })
+        .agent("evaluate", Duration::ZERO, seen)
+        .start(&settings, &master.url)
+        .await;
+
+    let id = master
+        .submit(json!({
+            "steps": [
+                {"id": "plan", "capability": "plan", "needs": []},
+                {"id": "retrieve", "capability": "retrieve", "needs": ["plan"],
+                 "map": {"over": "plan.queries", "concurrency": 2}},
+                {"id": "evaluate", "capability": "evaluate", "needs": ["retrieve"]},
+            ],
+            "input": {"question": "why is the sky blue?"},
+        }))
+        .await;
+    let view = master.wait(&id, Duration::from_secs(30)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+
+    // Every instance ran once, on its own element, with the task input alongside.
+    assert_eq!(worker.received(&id, "plan").len(), 1);
+    let mut instances = worker.received(&id, "retrieve");
+    assert_eq!(instances.len(), queries.len(), "one run per element");
+    instances.sort_by_key(|s| s.context.element_index);
+    for (i, s) in instances.iter().enumerate() {
+        assert_eq!(s.context.element_index, Some(i as u32), "{s:?}");
+        assert_eq!(
+            s.input,
+            json!(queries[i]),
+            "instance {i}'s input is its element"
+        );
+        assert_eq!(s.attempt, 1);
+        assert_eq!(s.context.task_input, view.input);
+    }
+    assert!(
+        worker.peak("retrieve") <= 2,
+        "{} instances ran at once with concurrency 2",
+        worker.peak("retrieve")
+    );
+
+    // The join ran once and received the instances' outputs in element order.
+    let expected: Vec<Value> = (0..queries.len())
+        .map(|i| json!({"doc": queries[i], "element": i}))
+        .collect();
+    let joins = worker.received(&id, "evaluate");
+    assert_eq!(joins.len(), 1, "the join ran once");
+    assert_eq!(joins[0].input, json!(expected), "outputs in element order");
+    let previous = &joins[0].context.previous;
+    assert_eq!(previous.len(), 1, "one entry per need");
+    assert_eq!(previous[0].id, "retrieve");
+    assert_eq!(previous[0].status, StepStatus::Succeeded);
+    assert_eq!(previous[0].output, json!(expected));
+
+    // The view says the same.
+    let retrieve = step(&view, "retrieve");
+    assert_eq!(retrieve.status, StepStatus::Succeeded);
+    assert_eq!(retrieve.output, Some(json!(expected)));
+    let map = retrieve.map.as_ref().expect("a map view");
+    assert_eq!(map.concurrency, 2);
+    assert_eq!(map.total, Some(queries.len() as u32));
+    assert_eq!(map.finished, queries.len() as u32);
+    assert_eq!(retrieve.instances.len(), queries.len());
+    for (i, instance) in retrieve.instances.iter().enumerate() {
+        assert_eq!(instance.element_index, Some(i as u32));
+        assert_eq!(instance.status, StepStatus::Succeeded);
+        assert_eq!(instance.attempts, 1);
+        assert_eq!(instance.output.as_ref(), Some(&expected[i]));
+    }
+    assert_eq!(view.result, step(&view, "evaluate").output);
+    master.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Routing
+
+#[tokio::test]
+async fn a_router_runs_one_specialist_skips_the_other_and_the_join_runs() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let worker = GraphWorker::builder("w-route")
+        .agent("triage", Duration::ZERO, |s| {
+            Ok(json!({"next": s.input["route"], "ticket": s.input["ticket"]}))
+        })
+        .agent("billing", Duration::ZERO, seen)
+        .agent("tech", Duration::ZERO, seen)
+        .agent("reply", Duration::ZERO, seen)
+        .start(&settings, &master.url)
+        .await;
+    let graph = |route: &str| {
+        json!({
+            "steps": [
+                {"id": "triage", "capability": "triage", "needs": [], "router": true},
+                {"id": "billing", "capability": "billing", "needs": ["triage"]},
+                {"id": "tech", "capability": "tech", "needs": ["triage"]},
+                {"id": "reply", "capability": "reply", "needs": ["billing", "tech"]},
+            ],
+            "input": {"route": route, "ticket": 42},
+        })
+    };
+
+    for (chosen, other) in [("billing", "tech"), ("tech", "billing")] {
+        let id = master.submit(graph(chosen)).await;
+        let view = master.wait(&id, Duration::from_secs(20)).await;
+        assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+        assert_eq!(step(&view, chosen).status, StepStatus::Succeeded);
+        assert_eq!(step(&view, other).status, StepStatus::Skipped);
+        assert!(
+            worker.received(&id, other).is_empty(),
+            "the step the router did not pick never reached a worker"
+        );
+        assert_eq!(worker.received(&id, chosen).len(), 1);
+        let reply = worker.received(&id, "reply");
+        assert_eq!(reply.len(), 1, "the join after both ran once");
+        let previous = &reply[0].context.previous;
+        assert_eq!(previous.len(), 2, "{previous:?}");
+        assert_eq!(previous[0].id, "billing", "in needs order");
+        assert_eq!(previous[1].id, "tech");
+        let of = |id: &str| previous.iter().find(|p| p.id == id).unwrap();
+        assert_eq!(of(chosen).status, StepStatus::Succeeded);
+        assert_eq!(
+            Some(&of(chosen).output),
+            step(&view, chosen).output.as_ref()
+        );
+        assert_eq!(of(other).status, StepStatus::Skipped);
+        assert_eq!(
+            of(other).output,
+            Value::Null,
+            "a skipped need has no output"
+        );
+        assert_eq!(view.result, step(&view, "reply").output);
+    }
+
+    // A `next` that names a step that is not one of the router's successors fails it for
+    // good, without a retry, and nothing after it runs.
+    let id = master.submit(graph("reply")).await;
+    let view = master.wait(&id, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Failed, "{view:#?}");
+    let triage = step(&view, "triage");
+    assert_eq!(triage.status, StepStatus::Failed);
+    assert_eq!(triage.attempts, 1, "a bad route is not retried");
+    assert_eq!(
+        view.error.as_ref().and_then(|e| e.kind.as_deref()),
+        Some("route")
+    );
+    for id_ in ["billing", "tech", "reply"] {
+        assert!(worker.received(&id, id_).is_empty(), "{id_} ran");
+    }
+    master.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Waits and signals
+
+/// `draft` (a worker) → `approve` (a wait for signal `approval`) → `publish`.
+fn approval_graph(hold_draft: bool, timeout_ms: u64) -> Value {
+    json!({
+        "steps": [
+            {"id": "draft", "capability": "draft", "needs": []},
+            {"id": "approve", "needs": ["draft"],
+             "wait": {"signal": "approval", "timeout_ms": timeout_ms}},
+            {"id": "publish", "capability": "publish", "needs": ["approve"]},
+        ],
+        "input": {"hold": hold_draft},
+    })
+}
+
+/// A worker for [`approval_graph`]: `draft` steps whose input says `hold` wait for a
+/// permit of `gate`.
+async fn approval_worker(
+    settings: &RedisSettings,
+    master: &TestMaster,
+    gate: &Arc<Semaphore>,
+) -> GraphWorker {
+    GraphWorker::builder("w-approval")
+        .agent("draft", Duration::ZERO, |_| Ok(json!({"draft": "text"})))
+        .gate("draft", gate, |s| s.input["hold"] == true)
+        .agent("publish", Duration::ZERO, echo)
+        .start(settings, &master.url)
+        .await
+}
+
+#[tokio::test]
+async fn a_signal_before_the_wait_is_buffered_and_one_after_is_delivered() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let worker = approval_worker(&settings, &master, &gate).await;
+
+    // Before: the signal arrives while `draft` still runs, so `approve` is pending.
+    let early = master.submit(approval_graph(true, 60_000)).await;
+    testkit::eventually(Duration::from_secs(10), || async {
+        (!worker.received(&early, "draft").is_empty()).then_some(())
+    })
+    .await
+    .expect("draft reached the worker");
+    let payload = json!({"by": "alice", "ok": true});
+    let (status, body) = signal(
+        &master,
+        ALICE,
+        &early,
+        &json!({"name": "approval", "payload": payload}),
+    )
+    .await;
+    assert_eq!((status, &body), (202, &json!({"status": "buffered"})));
+    assert_eq!(
+        step(&master.view(&early).await, "approve").status,
+        StepStatus::Pending,
+        "buffered, the wait is not reached yet"
+    );
+    let (status, _) = signal(
+        &master,
+        ALICE,
+        &early,
+        &json!({"name": "approval", "payload": "again"}),
+    )
+    .await;
+    assert_eq!(status, 409, "a second signal before the step is reached");
+    gate.add_permits(1);
+    let view = master.wait(&early, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+    let approve = step(&view, "approve");
+    assert_eq!(approve.kind, StepKind::Wait);
+    assert_eq!(approve.output, Some(payload.clone()), "the first payload");
+    let publish = worker.received(&early, "publish");
+    assert_eq!(publish.len(), 1);
+    assert_eq!(publish[0].input, payload);
+    assert_eq!(view.result, Some(payload));
+
+    // After: the task shows `waiting`, the signal is delivered and releases it.
+    let late = master.submit(approval_graph(false, 60_000)).await;
+    let view = until(&master, &late, "waiting", waiting_on("approve")).await;
+    let approve = step(&view, "approve");
+    let wait = approve.wait.as_ref().expect("a wait view");
+    assert_eq!(wait.signal, "approval");
+    assert_eq!(wait.timeout_ms, 60_000);
+    assert!(
+        approve.wakes_at_ms.is_some(),
+        "a waiting wait shows its timer"
+    );
+    assert!(worker.received(&late, "publish").is_empty());
+    let (status, body) = signal(
+        &master,
+        ALICE,
+        &late,
+        &json!({"name": "approval", "payload": {"by": "bob"}}),
+    )
+    .await;
+    assert_eq!((status, &body), (202, &json!({"status": "delivered"})));
+    let view = master.wait(&late, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+    assert_eq!(view.result, Some(json!({"by": "bob"})));
+    let (status, _) = signal(
+        &master,
+        ALICE,
+        &late,
+        &json!({"name": "approval", "payload": 1}),
+    )
+    .await;
+    assert_eq!(status, 409, "the task has finished");
+    master.stop().await;
+}
+
+#[tokio::test]
+async fn a_wait_survives_a_master_restart_and_the_new_master_takes_the_signal() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let first = TestMaster::start(test_config(&settings)).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let worker = approval_worker(&settings, &first, &gate).await;
+    let id = first.submit(approval_graph(false, 120_000)).await;
+    until(&first, &id, "waiting", waiting_on("approve")).await;
+    first.stop().await;
+
+    // A new master on the same Redis: the wait, and its timer, are in Redis.
+    let second = TestMaster::start(test_config(&settings)).await;
+    worker.set_master(&second.url);
+    let view = second.view(&id).await;
+    assert_eq!(view.status, TaskStatus::Waiting, "{view:#?}");
+    assert_eq!(step(&view, "approve").status, StepStatus::Waiting);
+    let (status, body) = signal(
+        &second,
+        ALICE,
+        &id,
+        &json!({"name": "approval", "payload": "go"}),
+    )
+    .await;
+    assert_eq!((status, &body), (202, &json!({"status": "delivered"})));
+    let view = second.wait(&id, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+    assert_eq!(view.result, Some(json!("go")));
+    assert_eq!(
+        worker.received(&id, "draft").len(),
+        1,
+        "draft did not run again"
+    );
+    assert_eq!(worker.received(&id, "publish").len(), 1);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_wait_that_times_out_fails_the_task_or_continues() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let worker = GraphWorker::builder("w-timeout")
+        .agent("publish", Duration::ZERO, echo)
+        .start(&settings, &master.url)
+        .await;
+    let graph = |on_timeout: &str| {
+        json!({
+            "steps": [
+                {"id": "gate", "needs": [],
+                 "wait": {"timeout_ms": 200, "on_timeout": on_timeout}},
+                {"id": "after", "capability": "publish", "needs": ["gate"]},
+            ],
+            "input": 1,
+        })
+    };
+
+    let failing = master.submit(graph("fail")).await;
+    let view = master.wait(&failing, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Failed, "{view:#?}");
+    assert_eq!(
+        view.error.as_ref().and_then(|e| e.kind.as_deref()),
+        Some("wait_timeout")
+    );
+    let gate = step(&view, "gate");
+    assert_eq!(gate.status, StepStatus::Failed);
+    assert_eq!(
+        gate.wait.as_ref().unwrap().signal,
+        "gate",
+        "defaults to the id"
+    );
+    assert_eq!(step(&view, "after").status, StepStatus::Pending);
+    assert!(worker.received(&failing, "publish").is_empty());
+    assert_eq!(
+        master.queue("publish").await["dead_lettered"],
+        0,
+        "a timed-out wait has no capability to be dead-lettered under"
+    );
+    let (status, _) = signal(&master, ALICE, &failing, &json!({"name": "gate"})).await;
+    assert_eq!(status, 409, "too late: the task has failed");
+
+    let continuing = master.submit(graph("continue")).await;
+    let view = master.wait(&continuing, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+    assert_eq!(step(&view, "gate").output, Some(json!({"timed_out": true})));
+    let after = worker.received(&continuing, "publish");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].input, json!({"timed_out": true}));
+    master.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Cancel and redrive
+
+#[tokio::test]
+async fn cancel_mid_graph_stops_every_branch_and_fences_late_reports() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let worker = GraphWorker::builder("w-cancel")
+        .agent("slow", Duration::ZERO, echo)
+        .gate("slow", &gate, |_| true)
+        .agent("publish", Duration::ZERO, echo)
+        .start(&settings, &master.url)
+        .await;
+    let id = master
+        .submit(json!({
+            "steps": [
+                {"id": "slow", "capability": "slow", "needs": []},
+                {"id": "hold", "needs": [], "wait": {"timeout_ms": 600_000}},
+                {"id": "later", "capability": "publish", "needs": ["slow", "hold"]},
+            ],
+            "input": {"x": 1},
+        }))
+        .await;
+    until(&master, &id, "running with its wait waiting", |v| {
+        v.status == TaskStatus::Running
+            && step(v, "slow").status == StepStatus::Dispatched
+            && step(v, "hold").status == StepStatus::Waiting
+    })
+    .await;
+
+    let r = master
+        .http
+        .delete(format!("{}/task/{id}", master.url))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let view = master.view(&id).await;
+    assert_eq!(view.status, TaskStatus::Cancelled, "{view:#?}");
+    assert_eq!(step(&view, "slow").status, StepStatus::Cancelled);
+    assert_eq!(step(&view, "hold").status, StepStatus::Cancelled);
+    assert_eq!(step(&view, "later").status, StepStatus::Pending);
+    assert!(step(&view, "hold").wakes_at_ms.is_none(), "{view:#?}");
+
+    // The timer is gone from Redis.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let timers: Vec<String> = redis::cmd("ZRANGE")
+        .arg(master::store::schema::keys::timers(&settings.key_prefix))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !timers.iter().any(|t| t.starts_with(&id)),
+        "the cancelled wait's timer is still set: {timers:?}"
+    );
+    let (status, _) = signal(&master, ALICE, &id, &json!({"name": "hold"})).await;
+    assert_eq!(status, 409, "a cancelled task takes no signal");
+
+    // The running step finishes now: its report is fenced off.
+    gate.add_permits(1);
+    let acks = testkit::eventually(Duration::from_secs(10), || async {
+        let acks = worker.acks(&id);
+        (!acks.is_empty()).then_some(acks)
+    })
+    .await
+    .expect("the held step reported");
+    assert_eq!(acks[0].1, "discarded", "{acks:?}");
+    let view = master.view(&id).await;
+    assert_eq!(view.status, TaskStatus::Cancelled);
+    assert_eq!(step(&view, "slow").output, None);
+    assert!(worker.received(&id, "publish").is_empty());
+    master.stop().await;
+}
+
+#[tokio::test]
+async fn redrive_reruns_only_the_failed_branch_and_keeps_what_succeeded() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let broken = Arc::new(AtomicBool::new(true));
+    let gate = Arc::new(Semaphore::new(0));
+    let flag = broken.clone();
+    let worker = GraphWorker::builder("w-redrive")
+        .agent("root", Duration::ZERO, |_| Ok(json!({"root": 1})))
+        .agent("left", Duration::ZERO, |_| Ok(json!({"left": "done"})))
+        .agent("right", Duration::ZERO, move |s| {
+            if flag.load(Ordering::SeqCst) {
+                Err(StepError::permanent("test", "right is broken"))
+            } else {
+                Ok(json!({"right": s.attempt}))
+            }
+        })
+        // The first run of `right` waits until `left` has succeeded, so what fails the
+        // task is only `right`.
+        .gate("right", &gate, |_| true)
+        .agent("join", Duration::ZERO, seen)
+        .start(&settings, &master.url)
+        .await;
+    let id = master
+        .submit(json!({
+            "steps": [
+                {"id": "root", "capability": "root", "needs": []},
+                {"id": "left", "capability": "left", "needs": ["root"]},
+                {"id": "right", "capability": "right", "needs": ["root"]},
+                {"id": "join", "capability": "join", "needs": ["left", "right"]},
+            ],
+            "input": {},
+        }))
+        .await;
+    until(&master, &id, "left succeeded", |v| {
+        step(v, "left").status == StepStatus::Succeeded
+    })
+    .await;
+    gate.add_permits(1);
+    let view = master.wait(&id, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Failed, "{view:#?}");
+    assert_eq!(step(&view, "right").status, StepStatus::Failed);
+    assert_eq!(step(&view, "left").status, StepStatus::Succeeded);
+    assert_eq!(step(&view, "join").status, StepStatus::Pending);
+    assert_eq!(master.queue("right").await["dead_lettered"], 1);
+
+    broken.store(false, Ordering::SeqCst);
+    gate.add_permits(1);
+    let r = master
+        .post("/dispatch", OPERATOR)
+        .json(&json!({"task_id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let view = master.wait(&id, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+    assert_eq!(master.queue("right").await["dead_lettered"], 0);
+    assert_eq!(
+        worker.received(&id, "root").len(),
+        1,
+        "root kept its output"
+    );
+    assert_eq!(
+        worker.received(&id, "left").len(),
+        1,
+        "left kept its output"
+    );
+    assert_eq!(worker.received(&id, "right").len(), 2, "right ran again");
+    let join = worker.received(&id, "join");
+    assert_eq!(join.len(), 1, "the join ran once, after the redrive");
+    assert_eq!(
+        join[0].input,
+        json!({"left": {"left": "done"}, "right": step(&view, "right").output}),
+        "a step with several needs receives an object by need id"
+    );
+    master.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The signal endpoint under misuse
+
+#[tokio::test]
+async fn signals_to_others_tasks_too_large_or_unknown_are_refused() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let _worker = approval_worker(&settings, &master, &gate).await;
+    let id = master.submit(approval_graph(false, 60_000)).await;
+    until(&master, &id, "waiting", waiting_on("approve")).await;
+    let good = json!({"name": "approval", "payload": "yes"});
+
+    let (status, _) = signal(&master, BOB, &id, &good).await;
+    assert_eq!(status, 404, "bob may not signal alice's task");
+    let unknown_task = common::wire::TaskId::generate().to_string();
+    let (status, _) = signal(&master, ALICE, &unknown_task, &good).await;
+    assert_eq!(status, 404, "no such task");
+    let r = master
+        .post(&format!("/task/{id}/signal"), "not-a-key-at-all")
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "no valid key");
+
+    let huge = "x".repeat(common::http::DEFAULT_BODY_LIMIT + 1024);
+    let r = master
+        .post(&format!("/task/{id}/signal"), ALICE)
+        .json(&json!({"name": "approval", "payload": huge}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413, "a payload over the body limit");
+
+    let (status, body) = signal(
+        &master,
+        ALICE,
+        &id,
+        &json!({"name": "nobody-listens", "payload": 1}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = signal(&master, ALICE, &id, &json!({"name": "", "payload": 1})).await;
+    assert_eq!(status, 422, "an empty signal name: {body}");
+    let (status, body) = signal(
+        &master,
+        ALICE,
+        &id,
+        &json!({"name": "n".repeat(65), "payload": 1}),
+    )
+    .await;
+    assert_eq!(status, 422, "a signal name over 64 characters: {body}");
+
+    // None of that touched the task: it still waits, and the right signal releases it.
+    let view = master.view(&id).await;
+    assert_eq!(view.status, TaskStatus::Waiting, "{view:#?}");
+    let (status, body) = signal(&master, ALICE, &id, &good).await;
+    assert_eq!((status, &body), (202, &json!({"status": "delivered"})));
+    let view = master.wait(&id, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+    assert_eq!(view.result, Some(json!("yes")));
+    master.stop().await;
+}
