@@ -14,3 +14,4 @@ mod lease;
 mod misbehaving;
 mod proxy;
 mod shutdown;
+mod workflows;
