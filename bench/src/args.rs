@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-/// Ensemble's benchmark: queue throughput (Q1), latency (Q2), scaling (Q3) and the
-/// llm-gateway's overhead (G1). Prints one table; each figure is the median of `--runs`.
+/// Ensemble's benchmark: queue throughput (Q1), latency (Q2), scaling (Q3), a workflow's
+/// fan-out (F1) and the llm-gateway's overhead (G1). Prints one table; each figure is the median of `--runs`.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "ensemble-bench", version)]
 pub struct Args {
@@ -14,8 +14,8 @@ pub struct Args {
     /// one run.
     #[arg(long)]
     pub quick: bool,
-    /// Benchmarks to run, comma separated: q1, q2, q3, g1.
-    #[arg(long, value_delimiter = ',', default_value = "q1,q2,q3,g1")]
+    /// Benchmarks to run, comma separated: q1, q2, q3, f1, g1.
+    #[arg(long, value_delimiter = ',', default_value = "q1,q2,q3,f1,g1")]
     pub only: Vec<Bench>,
     /// Runs per figure (the table shows the median and the spread). Default 3, 1 with
     /// `--quick`.
@@ -45,6 +45,13 @@ pub struct Args {
     /// Q2: seconds offered. Default 20, 3 with `--quick`.
     #[arg(long)]
     pub latency_secs: Option<u64>,
+    /// F1: elements the task maps over (at most 1,000, the widest map).
+    #[arg(long, default_value_t = 1_000)]
+    pub fanout_width: usize,
+    /// F1: the map's `concurrency`, instances queued at once. Default: the width (all of
+    /// them), so that the worker slots, not the map, bound the pace.
+    #[arg(long)]
+    pub fanout_concurrency: Option<usize>,
     /// G1: seconds per measurement. Default 15, 3 with `--quick`.
     #[arg(long)]
     pub gateway_secs: Option<u64>,
@@ -102,6 +109,8 @@ pub enum Bench {
     Q2,
     /// Throughput per worker count, and dispatch rate against queue depth.
     Q3,
+    /// One task fanning a no-op step out over 1,000 elements, then a join.
+    F1,
     /// Gateway overhead against a direct call.
     G1,
 }
@@ -127,6 +136,11 @@ impl Args {
     pub fn deep_queue(&self) -> usize {
         self.deep_queue
             .unwrap_or(if self.quick { 10_000 } else { 100_000 })
+    }
+
+    /// F1's map concurrency.
+    pub fn fanout_concurrency(&self) -> usize {
+        self.fanout_concurrency.unwrap_or(self.fanout_width)
     }
 
     /// Q2's duration in seconds.

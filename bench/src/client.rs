@@ -115,6 +115,11 @@ impl MasterClient {
         }
     }
 
+    /// `GET /result/{id}` as JSON (the status, and the result or the error).
+    pub async fn result(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+        self.get_json(&format!("/result/{id}")).await
+    }
+
     /// `GET {path}` as JSON; a non-2xx answer is an error.
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         Ok(self

@@ -1,11 +1,12 @@
 //! `ensemble-bench`: Ensemble's own benchmark. It starts what it needs (a redis-server on a
 //! free port, the master, echo workers, the llm-gateway and a fake Gemini upstream), in
 //! this process or as child processes, or targets running services by URL, and prints one
-//! table: Q1 throughput, Q2 latency, Q3 scaling, G1 gateway overhead.
+//! table: Q1 throughput, Q2 latency, Q3 scaling, F1 fan-out, G1 gateway overhead.
 
 pub mod args;
 pub mod client;
 pub mod cluster;
+pub mod fanout;
 pub mod gateway;
 pub mod queue;
 pub mod report;
@@ -51,6 +52,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     if args.selected(Bench::Q3) {
         q3(args, &launch, &mut report).await?;
         loads.push(format!("after Q3: {}", load_average()));
+    }
+    if args.selected(Bench::F1) {
+        f1(args, &launch, &mut report).await?;
+        loads.push(format!("after F1: {}", load_average()));
     }
     if args.selected(Bench::G1) {
         g1(args, &launch, &mut report).await?;
@@ -175,7 +180,7 @@ async fn q1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result
     let mid = &runs[median_index(&of(&|r| r.drive.rate()))];
     report.note(
         "Q1 Redis commands per task, by command (median run):",
-        commands_breakdown(&mid.commands, mid.drive.tasks),
+        commands_breakdown(&mid.commands, mid.drive.tasks, "task"),
     );
     report.note(
         "Q1 CPU seconds during the drive (median run):",
@@ -184,7 +189,8 @@ async fn q1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result
     Ok(())
 }
 
-fn commands_breakdown(commands: &BTreeMap<String, u64>, tasks: usize) -> Vec<String> {
+/// One line per Redis command: calls per `unit` (of which there were `count`), most first.
+fn commands_breakdown(commands: &BTreeMap<String, u64>, count: usize, unit: &str) -> Vec<String> {
     if commands.is_empty() {
         return vec!["(no Redis URL: pass --redis-url)".into()];
     }
@@ -193,8 +199,8 @@ fn commands_breakdown(commands: &BTreeMap<String, u64>, tasks: usize) -> Vec<Str
     rows.into_iter()
         .map(|(name, n)| {
             format!(
-                "{name:<14} {:>8.3} per task  ({n} calls)",
-                *n as f64 / tasks as f64
+                "{name:<14} {:>8.3} per {unit}  ({n} calls)",
+                *n as f64 / count.max(1) as f64
             )
         })
         .collect()
@@ -225,6 +231,51 @@ fn cpu_split(run: &ThroughputRun) -> Vec<String> {
         lines.push(line("redis-server", redis));
     }
     lines
+}
+
+/// F1: one fan-out task per run, each on a fresh cluster with `--workers` and `--slots`.
+async fn f1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
+    let (width, concurrency) = (args.fanout_width, args.fanout_concurrency());
+    let mut runs = Vec::new();
+    for _ in 0..args.runs() {
+        let cluster = cluster(args, launch, args.workers).await?;
+        let run = fanout::fan_out(&cluster, width, concurrency).await;
+        cluster.stop().await;
+        runs.push(run?);
+    }
+    let of = |f: &dyn Fn(&fanout::FanOutRun) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+    let label = format!(
+        "F1 fan-out of {} (concurrency {}) + join, {} slots",
+        report::number(width as f64),
+        report::number(concurrency as f64),
+        args.slots
+    );
+    report.add(
+        format!("{label}, submit to result"),
+        "ms",
+        of(&|r| stats::ms(r.elapsed)),
+        None,
+    );
+    report.add(
+        "F1 steps per second (instances + join)",
+        "steps/s",
+        of(&fanout::FanOutRun::steps_per_sec),
+        None,
+    );
+    if runs.iter().all(|r| r.commands_per_element().is_some()) {
+        report.add(
+            "F1 Redis commands per element",
+            "",
+            of(&|r| r.commands_per_element().unwrap_or(f64::NAN)),
+            None,
+        );
+        let mid = &runs[median_index(&of(&|r| stats::ms(r.elapsed)))];
+        report.note(
+            "F1 Redis commands per element, by command (median run):",
+            commands_breakdown(&mid.commands, mid.width, "element"),
+        );
+    }
+    Ok(())
 }
 
 async fn q2(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
