@@ -8,6 +8,7 @@ pub mod config;
 pub mod dispatch;
 pub mod emf;
 mod error;
+pub mod graph;
 pub(crate) mod hub;
 pub(crate) mod limits;
 pub mod metrics;
