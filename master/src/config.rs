@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::auth::KeyRing;
 use common::config::{ConfigError, Secret, Settings};
 use common::redis::{REDIS_ENV_VARS, RedisSettings};
-use common::wire::Capability;
+use common::wire::{Capability, MapDef, StepDef, StepSpec};
 use serde::{Deserialize, Serialize};
 
 /// The master's configuration: defaults, then `--config`/`ENSEMBLE_CONFIG` TOML, then the
@@ -118,49 +118,45 @@ pub struct Config {
     pub callback_poll_ms: u64,
 }
 
-/// A named pipeline: an ordered list of steps.
+/// A named pipeline: its steps, in the shape of `POST /task`'s `steps` (capability names
+/// for a chain, tables for a graph; see `docs/workflows.md`). Checked at start with
+/// [`crate::graph::plan_steps`]: a pipeline that would be refused at submit keeps the
+/// master from starting.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
-    /// The steps, in order.
-    pub steps: Vec<StepConfig>,
+    /// The steps as written.
+    pub steps: Vec<StepSpec>,
 }
 
-/// One step of a pipeline: a capability, or a table with per-step limits.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum StepConfig {
-    /// Just the capability.
-    Name(Capability),
-    /// A capability with limits.
-    Detailed {
-        /// The capability.
-        capability: Capability,
-        /// Attempts before the step fails for good.
-        #[serde(default)]
-        max_attempts: Option<u32>,
-        /// How long one attempt may run, in milliseconds.
-        #[serde(default)]
-        timeout_ms: Option<u64>,
-    },
-}
-
-impl StepConfig {
-    /// The step's capability.
-    pub fn capability(&self) -> &Capability {
-        match self {
-            Self::Name(c) | Self::Detailed { capability: c, .. } => c,
-        }
+impl PipelineConfig {
+    /// The capabilities its worker steps need: the dispatcher knows them from the start.
+    pub fn capabilities(&self) -> impl Iterator<Item = &Capability> {
+        self.steps.iter().filter_map(|s| match s {
+            StepSpec::Name(c) => Some(c),
+            StepSpec::Def(d) => d.capability.as_ref(),
+        })
     }
 }
 
-/// The built-in `default` pipeline: `plan → retrieve → evaluate → finalize`.
+/// The built-in `default` pipeline: `plan`, then `retrieve` once per element of the
+/// plan's `queries` (8 at a time), then `evaluate` over what they found, then `finalize`.
 pub fn default_pipeline() -> PipelineConfig {
+    let name = |c: &str| Capability::new(c).ok().map(StepSpec::Name);
+    let retrieve = Capability::new("retrieve").ok().map(|c| {
+        StepSpec::Def(Box::new(StepDef {
+            capability: Some(c),
+            map: Some(MapDef {
+                over: "plan.queries".into(),
+                concurrency: Some(8),
+            }),
+            ..StepDef::default()
+        }))
+    });
     PipelineConfig {
-        steps: ["plan", "retrieve", "evaluate", "finalize"]
+        steps: [name("plan"), retrieve, name("evaluate"), name("finalize")]
             .into_iter()
-            .filter_map(|c| Capability::new(c).ok())
-            .map(StepConfig::Name)
+            .flatten()
             .collect(),
     }
 }
@@ -332,18 +328,8 @@ impl Settings for Config {
             ));
         }
         for (name, pipeline) in &self.pipelines {
-            if pipeline.steps.is_empty() {
-                return Err(ConfigError::invalid(
-                    &format!("pipelines.{name}"),
-                    "a pipeline needs at least one step",
-                ));
-            }
-            if pipeline.steps.len() > MAX_STEPS {
-                return Err(ConfigError::invalid(
-                    &format!("pipelines.{name}"),
-                    format!("a pipeline has at most {MAX_STEPS} steps"),
-                ));
-            }
+            crate::graph::plan_steps(&pipeline.steps, self.into())
+                .map_err(|e| ConfigError::invalid(&format!("pipelines.{name}"), e.message))?;
         }
         if self.callback_max_attempts == 0 {
             return Err(ConfigError::invalid(
@@ -390,7 +376,7 @@ impl Settings for Config {
 }
 
 /// Most steps a task may have.
-pub const MAX_STEPS: usize = 64;
+pub use crate::graph::MAX_STEPS;
 
 impl Config {
     /// The named pipelines, with the built-in `default` unless configured otherwise.
@@ -465,5 +451,72 @@ mod tests {
         assert_eq!(config.retention(), Duration::from_secs(60));
         assert_eq!(config.redis.port, 6380);
         assert_eq!(config.all_pipelines()["fast"].steps.len(), 2);
+    }
+
+    #[test]
+    fn a_pipeline_is_a_graph_of_strings_and_tables_in_one_shape() {
+        let config = load_toml(
+            "auth_disabled = true\n\
+             [pipelines.review]\n\
+             steps = [\n\
+               \"plan\",\n\
+               { id = \"search\", capability = \"retrieve\", map = { over = \"plan.queries\", concurrency = 4 } },\n\
+               { id = \"approve\", needs = [\"plan\"], wait = { timeout_ms = 60000, on_timeout = \"continue\" } },\n\
+               { capability = \"finalize\", needs = [\"search\", \"approve\"], allow_failure = true },\n\
+             ]\n",
+        )
+        .unwrap();
+        let review = &config.all_pipelines()["review"];
+        let planned = crate::graph::plan_steps(&review.steps, (&config).into()).unwrap();
+        let ids: Vec<&str> = planned.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["plan", "search", "approve", "finalize"]);
+        assert_eq!(planned[3].needs, [1, 2]);
+        let caps: Vec<&str> = review.capabilities().map(|c| c.as_str()).collect();
+        assert_eq!(caps, ["plan", "retrieve", "finalize"]);
+    }
+
+    #[test]
+    fn a_pipeline_the_graph_refuses_keeps_the_master_from_starting_naming_it() {
+        for (steps, why) in [
+            ("[]", "at least one step"),
+            (
+                "[{ id = \"a\", capability = \"x\", needs = [\"b\"] }, { id = \"b\", capability = \"y\", needs = [\"a\"] }]",
+                "a → b → a",
+            ),
+            (
+                "[{ wait = { signal = \"go\" } }]",
+                "`wait.timeout_ms` is required",
+            ),
+            (
+                "[{ capability = \"x\", map = { over = \"input\", concurrency = 0 } }]",
+                "`map.concurrency`",
+            ),
+        ] {
+            let text = format!("auth_disabled = true\n[pipelines.broken]\nsteps = {steps}\n");
+            let error = load_toml(&text).unwrap_err().to_string();
+            assert!(
+                error.contains("pipelines.broken") && error.contains(why),
+                "{steps}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_pipeline_maps_retrieve_over_the_plans_queries() {
+        let planned =
+            crate::graph::plan_steps(&default_pipeline().steps, (&Config::default()).into())
+                .unwrap();
+        let ids: Vec<&str> = planned.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["plan", "retrieve", "evaluate", "finalize"]);
+        match &planned[1].kind {
+            crate::store::PlannedKind::Work { map: Some(map), .. } => {
+                assert_eq!(
+                    (map.from, map.path.as_slice()),
+                    (Some(0), &["queries".to_string()][..])
+                );
+                assert_eq!(map.concurrency, 8);
+            }
+            other => panic!("retrieve does not map: {other:?}"),
+        }
     }
 }

@@ -9,21 +9,22 @@ use std::time::Duration;
 
 use common::registry::MalformedRecord;
 use common::wire::{
-    Capability, MAX_JSON_DEPTH, ResultReport, SubmitTask, TaskId, TaskResult, TaskStatus, TaskView,
-    WorkerRecord, json_depth, now_ms,
+    Capability, MAX_JSON_DEPTH, ResultReport, SignalRequest, SignalResponse, SignalStatus,
+    SubmitTask, TaskId, TaskResult, TaskStatus, TaskView, WorkerRecord, json_depth, now_ms,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Caller;
-use crate::config::{Config, PipelineConfig, StepConfig};
+use crate::config::{Config, PipelineConfig};
 use crate::dispatch::{Dispatcher, WorkerSource};
 use crate::error::ServiceError;
+use crate::graph::{self, GraphError};
 use crate::hub::Hub;
 use crate::metrics::publish_queue_gauges;
 use crate::store::{
-    CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, RateLimit, RedriveOutcome, ReportOutcome,
-    SubmitOutcome, TaskRecord, TaskStore,
+    Advance, CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, RateLimit, RedriveOutcome,
+    ReportOutcome, SignalOutcome, SubmitOutcome, TaskRecord, TaskStore,
 };
 
 /// Longest `?wait=` on `GET /result/{id}`, in seconds.
@@ -127,7 +128,8 @@ impl Tasks {
         }
     }
 
-    /// Validates and stores a new task, and wakes the dispatcher of its first step.
+    /// Validates and stores a new task, and wakes the dispatchers of the steps that start
+    /// at once (those that need nothing).
     pub(crate) async fn submit(
         &self,
         client: &str,
@@ -176,7 +178,22 @@ impl Tasks {
         let input = serde_json::to_string(&body.input)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let id = TaskId::generate();
-        let first = steps[0].capability.clone();
+        // Every capability of the graph gets a dispatch loop now: a step queued later (by a
+        // report, a signal, a timer) only wakes its loop, it does not start one. The roots
+        // are queued by the submission itself.
+        let mut every: Vec<Capability> = steps
+            .iter()
+            .filter_map(|s| s.capability().cloned())
+            .collect();
+        every.sort();
+        every.dedup();
+        let mut roots: Vec<Capability> = steps
+            .iter()
+            .filter(|s| s.needs.is_empty())
+            .filter_map(|s| s.capability().cloned())
+            .collect();
+        roots.sort();
+        roots.dedup();
         let task = NewTask {
             id: id.clone(),
             client: client.to_string(),
@@ -199,8 +216,12 @@ impl Tasks {
         {
             SubmitOutcome::Created => {
                 crate::metrics::task_submitted();
-                self.dispatcher.ensure_loop(&first);
-                self.hub.work_queued(first.as_str());
+                for capability in &every {
+                    self.dispatcher.ensure_loop(capability);
+                }
+                for capability in &roots {
+                    self.hub.work_queued(capability.as_str());
+                }
                 tracing::info!(task_id = %id, client, "task accepted");
                 Ok(Submitted {
                     task_id: id,
@@ -226,53 +247,25 @@ impl Tasks {
         }
     }
 
-    /// The pipeline name and steps of a submission.
+    /// The pipeline name and steps of a submission, planned into a checked graph.
     fn plan(&self, body: &SubmitTask) -> Result<(Option<String>, Vec<PlannedStep>), ServiceError> {
-        let config = &self.config;
-        let planned = |s: &StepConfig| match s {
-            StepConfig::Name(c) => PlannedStep {
-                capability: c.clone(),
-                max_attempts: config.max_attempts,
-                timeout_ms: config.step_timeout_ms,
-            },
-            StepConfig::Detailed {
-                capability,
-                max_attempts,
-                timeout_ms,
-            } => PlannedStep {
-                capability: capability.clone(),
-                max_attempts: max_attempts.unwrap_or(config.max_attempts).max(1),
-                timeout_ms: timeout_ms.unwrap_or(config.step_timeout_ms).max(1),
-            },
-        };
+        let defaults = graph::StepDefaults::from(self.config.as_ref());
         match (&body.pipeline, &body.steps) {
             (Some(_), Some(_)) => Err(ServiceError::Invalid(
                 "give either `pipeline` or `steps`, not both".into(),
             )),
             (None, Some(steps)) => {
-                if steps.is_empty() {
-                    return Err(ServiceError::Invalid("`steps` must not be empty".into()));
-                }
-                if steps.len() > crate::config::MAX_STEPS {
-                    return Err(ServiceError::Invalid(format!(
-                        "`steps` has at most {} entries",
-                        crate::config::MAX_STEPS
-                    )));
-                }
-                if let Some(unknown) = steps.iter().find(|c| !self.dispatcher.knows(c)) {
+                let planned = graph::plan_steps(steps, defaults).map_err(|e| invalid_steps(&e))?;
+                if let Some(unknown) = planned
+                    .iter()
+                    .filter_map(PlannedStep::capability)
+                    .find(|c| !self.dispatcher.knows(c))
+                {
                     return Err(ServiceError::Invalid(format!(
                         "`steps`: unknown capability `{unknown}` (no pipeline uses it and no live worker serves it)"
                     )));
                 }
-                Ok((
-                    None,
-                    steps
-                        .iter()
-                        .cloned()
-                        .map(StepConfig::Name)
-                        .map(|s| planned(&s))
-                        .collect(),
-                ))
+                Ok((None, planned))
             }
             (name, None) => {
                 // Neither given: the `default` pipeline, like a queue's default task.
@@ -280,7 +273,12 @@ impl Tasks {
                 let pipeline = self.pipelines.get(&name).ok_or_else(|| {
                     ServiceError::Invalid(format!("`pipeline`: unknown pipeline `{name}`"))
                 })?;
-                Ok((Some(name), pipeline.steps.iter().map(planned).collect()))
+                // Checked at start (`Config::validate`); a failure here means a pipeline
+                // that skipped that check, and the caller is told which.
+                let planned = graph::plan_steps(&pipeline.steps, defaults).map_err(|e| {
+                    ServiceError::Invalid(format!("`pipeline` `{name}` cannot run: {e}"))
+                })?;
+                Ok((Some(name), planned))
             }
         }
     }
@@ -381,6 +379,83 @@ impl Tasks {
         Ok(self.visible(caller, id).await?.view)
     }
 
+    /// Delivers a signal to a task's wait step: by the task's client, or by an operator
+    /// (any task). Another client's task is `NotFound`, as everywhere.
+    pub(crate) async fn signal(
+        &self,
+        caller: &Caller,
+        id: &str,
+        request: SignalRequest,
+    ) -> Result<SignalResponse, ServiceError> {
+        if !graph::valid_name(&request.name) {
+            return Err(ServiceError::Invalid(format!(
+                "`name` must be 1 to {} characters of `a-z`, `0-9`, `_` and `-`",
+                graph::MAX_ID_LEN
+            )));
+        }
+        if json_depth(&request.payload) > MAX_JSON_DEPTH {
+            // It becomes the wait step's output, and so a later step's input.
+            return Err(ServiceError::Invalid(format!(
+                "`payload` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+            )));
+        }
+        let record = self.visible(caller, id).await?;
+        let task_id = record.view.task_id;
+        let payload = serde_json::to_string(&request.payload)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let name = &request.name;
+        let outcome = self
+            .store
+            .signal(&task_id, name, &payload, self.config.retention())
+            .await?;
+        let status = match outcome {
+            SignalOutcome::Delivered(advance) => {
+                self.advanced(&task_id, &advance);
+                SignalStatus::Delivered
+            }
+            SignalOutcome::Buffered => SignalStatus::Buffered,
+            SignalOutcome::UnknownSignal => {
+                return Err(ServiceError::Invalid(format!(
+                    "`name`: no wait step of task `{task_id}` listens for signal `{name}`"
+                )));
+            }
+            SignalOutcome::AlreadyReceived => {
+                return Err(ServiceError::Conflict(format!(
+                    "the wait step for signal `{name}` is no longer waiting for it (it already \
+                     received it, timed out or was skipped)"
+                )));
+            }
+            SignalOutcome::Finished(status) => {
+                return Err(ServiceError::Conflict(format!(
+                    "task already finished ({})",
+                    status.as_str()
+                )));
+            }
+            SignalOutcome::NotFound => return Err(ServiceError::NotFound(id.to_string())),
+        };
+        tracing::info!(task_id = %task_id, signal = %name, status = ?status, "signal received");
+        Ok(SignalResponse { status })
+    }
+
+    /// What a transition the master made by itself (a signal, a timer) set going: wake the
+    /// dispatchers of the steps it queued, and the long polls of a task it finished.
+    pub(crate) fn advanced(&self, task_id: &TaskId, advance: &Advance) {
+        for capability in &advance.queued {
+            self.dispatcher.ensure_loop(capability);
+            self.hub.work_queued(capability.as_str());
+        }
+        if let Some(done) = &advance.done {
+            crate::metrics::task_finished(done.status);
+            self.hub.task_finished_with(TaskResult {
+                task_id: task_id.clone(),
+                status: done.status,
+                result: done.result.clone(),
+                error: done.error.clone(),
+            });
+            tracing::info!(task_id = %task_id, status = done.status.as_str(), "task finished");
+        }
+    }
+
     /// Records a worker's report.
     pub(crate) async fn record_report(&self, report: ResultReport) -> Result<bool, ServiceError> {
         report.validate().map_err(ServiceError::Invalid)?;
@@ -464,13 +539,16 @@ impl Tasks {
         Ok(redriven)
     }
 
-    /// Queues a failed task's failed step again and wakes its dispatcher.
+    /// Runs a failed task's failed and stopped steps again and wakes the dispatchers of
+    /// those it queued.
     async fn redrive(&self, id: &TaskId) -> Result<(), ServiceError> {
-        match self.store.redrive(id).await? {
-            RedriveOutcome::Redriven(cap) => {
-                self.dispatcher.ensure_loop(&cap);
-                self.hub.work_queued(cap.as_str());
-                tracing::info!(task_id = %id, capability = %cap, "task redriven");
+        match self.store.redrive(id, self.config.retention()).await? {
+            RedriveOutcome::Redriven(queued) => {
+                for capability in &queued {
+                    self.dispatcher.ensure_loop(capability);
+                    self.hub.work_queued(capability.as_str());
+                }
+                tracing::info!(task_id = %id, capabilities = ?queued, "task redriven");
                 Ok(())
             }
             RedriveOutcome::NotFailed(status) => Err(ServiceError::Conflict(format!(
@@ -532,6 +610,11 @@ impl Tasks {
             })
             .collect())
     }
+}
+
+/// A graph the planner refused, as the `422` of `POST /task`.
+fn invalid_steps(e: &GraphError) -> ServiceError {
+    ServiceError::Invalid(format!("`steps`: {e}"))
 }
 
 fn task_result(v: TaskView) -> TaskResult {

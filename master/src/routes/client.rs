@@ -1,4 +1,4 @@
-//! Client routes: submit, status, result (long-poll), cancel.
+//! Client routes: submit, status, result (long-poll), cancel, signal.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use common::http::{ApiError, JsonBody};
 use common::telemetry::RequestId;
-use common::wire::{SubmitResponse, SubmitTask, TaskView};
+use common::wire::{SignalRequest, SignalResponse, SubmitResponse, SubmitTask, TaskView};
 use serde::Deserialize;
 
 use crate::auth::{Caller, Client};
@@ -116,4 +116,17 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
     Ok(Json(tasks.cancel(&caller, &id).await?))
+}
+
+/// `POST /task/{id}/signal`: by the task's client, or by an operator (any task). `202`
+/// whether the signal was delivered to a waiting step or kept for one not reached yet.
+pub(super) async fn signal(
+    State(tasks): State<Arc<Tasks>>,
+    // Before the body: a caller without credentials never gets the body read.
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<SignalRequest>,
+) -> Result<(StatusCode, Json<SignalResponse>), ApiError> {
+    let answer = tasks.signal(&caller, &id, body).await?;
+    Ok((StatusCode::ACCEPTED, Json(answer)))
 }

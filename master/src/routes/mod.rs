@@ -1,6 +1,6 @@
 //! HTTP handlers: parse, call one function, map the result. Client routes (`/task`,
-//! `/result`), the worker route (`POST /result`), operator routes (`/dispatch`, `/workers`,
-//! `/queues`) and `/openapi.json`.
+//! `/task/{id}/signal`, `/result`), the worker route (`POST /result`), operator routes
+//! (`/dispatch`, `/workers`, `/queues`) and `/openapi.json`.
 
 mod client;
 mod operator;
@@ -37,6 +37,7 @@ pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/task", post(client::submit))
         .route("/task/{id}", get(client::status).delete(client::cancel))
+        .route("/task/{id}/signal", post(client::signal))
         .route("/result", post(worker::report))
         .route("/result/{id}", get(client::result))
         .route("/dispatch", post(operator::dispatch))
