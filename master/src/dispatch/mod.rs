@@ -555,7 +555,6 @@ impl Dispatcher {
             for cap in self.capabilities() {
                 self.reap(&cap).await;
             }
-            self.fire_timers().await;
             tokio::select! {
                 () = tokio::time::sleep(REAP) => {}
                 () = self.shutdown.cancelled() => return,
@@ -631,47 +630,6 @@ impl Dispatcher {
         }
     }
 
-    /// Fires the wait and sleep timers that are due (any replica may; each fires once,
-    /// atomically, in the store).
-    async fn fire_timers(&self) {
-        loop {
-            let fired = self
-                .store
-                .fire_timers(TIMERS_PER_ROUND, self.config.retention())
-                .await;
-            let Some(fired) = self.store_result("firing timers", fired) else {
-                return;
-            };
-            let more = fired.len() == TIMERS_PER_ROUND;
-            for timer in fired {
-                tracing::info!(task_id = %timer.task_id, step = timer.step, "timer fired");
-                self.after_advance(&timer.task_id, &timer.advance);
-            }
-            if !more {
-                return;
-            }
-        }
-    }
-
-    /// Wake-ups and metrics after a transition the master made by itself (a signal, a
-    /// timer): dispatch what it queued; hand a final outcome to the long polls.
-    pub(crate) fn after_advance(&self, task_id: &TaskId, advance: &Advance) {
-        for cap in &advance.queued {
-            self.ensure_loop(cap);
-            self.hub.work_queued(cap.as_str());
-        }
-        if let Some(done) = &advance.done {
-            metrics::task_finished(done.status);
-            let succeeded = done.status == common::wire::TaskStatus::Succeeded;
-            self.hub.task_finished_with(common::wire::TaskResult {
-                task_id: task_id.clone(),
-                status: done.status,
-                result: succeeded.then(|| done.result.clone().unwrap_or_default()),
-                error: done.error.clone(),
-            });
-        }
-    }
-
     /// The retry policy from the config.
     pub(crate) fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
@@ -712,35 +670,22 @@ impl Dispatcher {
     fn wake_after(&self, report: &ResultReport, outcome: &ReportOutcome) {
         match outcome {
             ReportOutcome::Discarded | ReportOutcome::Replayed(_) => {}
-            ReportOutcome::Next { finished, queued } => {
-                for cap in queued {
-                    self.ensure_loop(cap);
-                    self.hub.work_queued(cap.as_str());
-                }
+            ReportOutcome::Next { finished, next } => {
+                self.hub.work_queued(next.as_str());
                 self.hub.work_queued(finished.capability.as_str());
             }
             ReportOutcome::Retry { finished, .. } => {
                 self.hub.work_queued(finished.capability.as_str());
             }
             ReportOutcome::Done {
-                finished,
-                status,
-                result,
-                ..
+                finished, status, ..
             } => {
                 self.hub.work_queued(finished.capability.as_str());
                 let succeeded = *status == common::wire::TaskStatus::Succeeded;
                 self.hub.task_finished_with(common::wire::TaskResult {
                     task_id: report.task_id.clone(),
                     status: *status,
-                    // A graph's result is not always the reported output (several final
-                    // steps, or a map instance that finished its map step).
-                    result: succeeded.then(|| {
-                        result
-                            .clone()
-                            .or_else(|| report.output.clone())
-                            .unwrap_or_default()
-                    }),
+                    result: succeeded.then(|| report.output.clone().unwrap_or_default()),
                     error: (!succeeded).then(|| report.error.clone()).flatten(),
                 });
             }
