@@ -33,7 +33,7 @@ pub(crate) fn task_finished(status: TaskStatus) {
         TaskStatus::Cancelled => {
             metrics::counter!("ensemble_tasks_cancelled_total").increment(1);
         }
-        TaskStatus::Queued | TaskStatus::Running => {}
+        TaskStatus::Queued | TaskStatus::Running | TaskStatus::Waiting => {}
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::registry::{MalformedRecord, Registry};
 use common::wire::{
-    Capability, ReportStatus, ResultReport, StepError, WorkerId, WorkerRecord, now_ms,
+    Capability, ReportStatus, ResultReport, StepError, TaskId, WorkerId, WorkerRecord, now_ms,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics;
 use crate::store::{
-    Claimed, ExpiredLease, MAX_FREE_DISPATCH_FAILURES, ReleaseOutcome, ReleaseReason,
+    Advance, Claimed, ExpiredLease, MAX_FREE_DISPATCH_FAILURES, ReleaseOutcome, ReleaseReason,
     ReportOutcome, RetryPolicy, StoreError, TaskStore, lease_expired_error,
 };
 
@@ -58,6 +58,9 @@ const BATCH: usize = 64;
 const REFRESH: Duration = Duration::from_millis(250);
 /// How often leases and retry backoffs are checked.
 const REAP: Duration = Duration::from_millis(250);
+
+/// Most timers fired in one store call (the reaper calls again while it gets this many).
+const TIMERS_PER_ROUND: usize = 100;
 
 /// What became of one `POST {worker}/work`.
 enum Sent {
@@ -555,6 +558,7 @@ impl Dispatcher {
             for cap in self.capabilities() {
                 self.reap(&cap).await;
             }
+            self.fire_timers().await;
             tokio::select! {
                 () = tokio::time::sleep(REAP) => {}
                 () = self.shutdown.cancelled() => return,
@@ -630,6 +634,47 @@ impl Dispatcher {
         }
     }
 
+    /// Fires the wait and sleep timers that are due (any replica may; each fires once,
+    /// atomically, in the store).
+    async fn fire_timers(self: &Arc<Self>) {
+        loop {
+            let fired = self
+                .store
+                .fire_timers(TIMERS_PER_ROUND, self.config.retention())
+                .await;
+            let Some(fired) = self.store_result("firing timers", fired) else {
+                return;
+            };
+            let more = fired.len() == TIMERS_PER_ROUND;
+            for timer in fired {
+                tracing::info!(task_id = %timer.task_id, step = timer.step, "timer fired");
+                self.after_advance(&timer.task_id, &timer.advance);
+            }
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// Wake-ups and metrics after a transition the master made by itself (a signal, a
+    /// timer): dispatch what it queued; hand a final outcome to the long polls.
+    pub(crate) fn after_advance(self: &Arc<Self>, task_id: &TaskId, advance: &Advance) {
+        for cap in &advance.queued {
+            self.ensure_loop(cap);
+            self.hub.work_queued(cap.as_str());
+        }
+        if let Some(done) = &advance.done {
+            metrics::task_finished(done.status);
+            let succeeded = done.status == common::wire::TaskStatus::Succeeded;
+            self.hub.task_finished_with(common::wire::TaskResult {
+                task_id: task_id.clone(),
+                status: done.status,
+                result: succeeded.then(|| done.result.clone().unwrap_or_default()),
+                error: done.error.clone(),
+            });
+        }
+    }
+
     /// The retry policy from the config.
     pub(crate) fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
@@ -670,22 +715,34 @@ impl Dispatcher {
     fn wake_after(&self, report: &ResultReport, outcome: &ReportOutcome) {
         match outcome {
             ReportOutcome::Discarded | ReportOutcome::Replayed(_) => {}
-            ReportOutcome::Next { finished, next } => {
-                self.hub.work_queued(next.as_str());
+            ReportOutcome::Next { finished, queued } => {
+                for cap in queued {
+                    self.hub.work_queued(cap.as_str());
+                }
                 self.hub.work_queued(finished.capability.as_str());
             }
             ReportOutcome::Retry { finished, .. } => {
                 self.hub.work_queued(finished.capability.as_str());
             }
             ReportOutcome::Done {
-                finished, status, ..
+                finished,
+                status,
+                result,
+                ..
             } => {
                 self.hub.work_queued(finished.capability.as_str());
                 let succeeded = *status == common::wire::TaskStatus::Succeeded;
                 self.hub.task_finished_with(common::wire::TaskResult {
                     task_id: report.task_id.clone(),
                     status: *status,
-                    result: succeeded.then(|| report.output.clone().unwrap_or_default()),
+                    // A graph's result is not always the reported output (several final
+                    // steps, or a map instance that finished its map step).
+                    result: succeeded.then(|| {
+                        result
+                            .clone()
+                            .or_else(|| report.output.clone())
+                            .unwrap_or_default()
+                    }),
                     error: (!succeeded).then(|| report.error.clone()).flatten(),
                 });
             }

@@ -586,7 +586,8 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Runs a failed task's failed and stopped steps again, with their attempts reset;
     /// steps that succeeded keep their outputs.
-    async fn redrive(&self, id: &TaskId) -> Result<RedriveOutcome, StoreError>;
+    async fn redrive(&self, id: &TaskId, retention: Duration)
+    -> Result<RedriveOutcome, StoreError>;
 
     /// Delivers a signal to the task's wait step that listens for `name`: the step
     /// succeeds with `payload` (JSON text) and the task goes on. A signal whose step has
@@ -698,5 +699,23 @@ pub fn derive_waiting(view: &mut TaskView) {
     let busy = all().any(|s| matches!(s.status, StepStatus::Queued | StepStatus::Dispatched));
     if !busy && all().any(|s| s.status == StepStatus::Waiting) {
         view.status = TaskStatus::Waiting;
+    }
+}
+
+/// A step's `input` from its needs (docs/workflows.md): the task input with none, the
+/// output of its one need, or an object of its needs' outputs by id. Both stores use it.
+pub fn step_input(
+    previous: &[common::wire::PriorOutput],
+    task_input: &serde_json::Value,
+) -> serde_json::Value {
+    match previous {
+        [] => task_input.clone(),
+        [one] => one.output.clone(),
+        several => serde_json::Value::Object(
+            several
+                .iter()
+                .map(|p| (p.id.clone(), p.output.clone()))
+                .collect(),
+        ),
     }
 }

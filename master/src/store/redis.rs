@@ -19,6 +19,7 @@ use super::{
     ReleaseReason, ReportOutcome, RetryPolicy, StoreError, SubmitOutcome, TaskRecord, TaskStore,
     lost_on_worker,
 };
+use super::{FiredTimer, PlannedKind, SignalOutcome};
 
 /// The helpers every script starts with: the names generated from `schema.rs`, then
 /// `lua/lib.lua`.
@@ -28,6 +29,12 @@ static PRELUDE: LazyLock<String> =
 /// A script's source: the prelude, then the script.
 pub(super) fn source(script: &str) -> String {
     format!("{}{script}", *PRELUDE)
+}
+
+/// A script that moves a task through its graph: the prelude, `lua/graph.lua`, then the
+/// script.
+pub(super) fn graph_source(script: &str) -> String {
+    format!("{}{}{script}", *PRELUDE, include_str!("lua/graph.lua"))
 }
 
 /// A script, with its file name for error messages.
@@ -40,22 +47,27 @@ struct Lua {
 
 macro_rules! script {
     ($name:ident, $file:literal) => {
+        script!($name, $file, source);
+    };
+    ($name:ident, $file:literal, $source:ident) => {
         static $name: LazyLock<Lua> = LazyLock::new(|| Lua {
             file: $file,
-            script: Script::new(&source(include_str!(concat!("lua/", $file)))),
+            script: Script::new(&$source(include_str!(concat!("lua/", $file)))),
         });
     };
 }
 
-script!(SUBMIT, "submit.lua");
+script!(SUBMIT, "submit.lua", graph_source);
 script!(CLAIM, "claim.lua");
 script!(RELEASE, "release.lua");
-script!(REPORT, "report.lua");
+script!(REPORT, "report.lua", graph_source);
 script!(EXPIRED, "expired.lua");
 script!(EXTEND, "extend.lua");
 script!(PROMOTE, "promote.lua");
-script!(CANCEL, "cancel.lua");
-script!(REDRIVE, "redrive.lua");
+script!(CANCEL, "cancel.lua", graph_source);
+script!(REDRIVE, "redrive.lua", graph_source);
+script!(SIGNAL, "signal.lua", graph_source);
+script!(TIMERS, "timers.lua", graph_source);
 script!(STATS, "stats.lua");
 script!(CALLBACK_CLAIM, "callback_claim.lua");
 script!(CALLBACK_FINISH, "callback_finish.lua");
@@ -91,18 +103,16 @@ impl TaskStore for RedisStore {
     ) -> Result<SubmitOutcome, StoreError> {
         let p = self.prefix();
         let id = task.id.as_str();
-        let first = task
-            .steps
-            .first()
-            .ok_or_else(|| corrupt("a task needs at least one step"))?;
-        let caps: Vec<&str> = task.steps.iter().map(|s| s.capability.as_str()).collect();
+        if task.steps.is_empty() {
+            return Err(corrupt("a task needs at least one step"));
+        }
+        let graph = submit_fields(&task);
         let idem = task.idempotency_key.as_deref();
         let mut invocation = SUBMIT.script.prepare_invoke();
         invocation
             .key(keys::task(p, id))
             .key(keys::idempotency(p, &task.client, idem.unwrap_or("-")))
             .key(keys::rate(p, &task.client))
-            .key(keys::queue(p, first.capability.as_str()))
             .key(keys::capabilities(p))
             .arg(p)
             .arg(id)
@@ -118,49 +128,19 @@ impl TaskStore for RedisStore {
         // Inline steps may name capabilities no pipeline lists; remember them so every
         // replica watches their queues.
         if task.pipeline.is_none() {
-            invocation.arg(caps.len());
-            for cap in &caps {
-                invocation.arg(*cap);
+            invocation.arg(graph.capabilities.len());
+            for cap in &graph.capabilities {
+                invocation.arg(cap.as_str());
             }
         } else {
             invocation.arg(0);
         }
-        invocation
-            .arg(task_field::CLIENT)
-            .arg(&task.client)
-            .arg(task_field::PRIORITY)
-            .arg(task.priority)
-            .arg(task_field::INPUT)
-            .arg(&task.input)
-            .arg(task_field::STEP_COUNT)
-            .arg(task.steps.len())
-            .arg(task_field::CAPABILITIES)
-            .arg(caps.join(","))
-            .arg(task_field::REQUEST_ID)
-            .arg(&task.request_id);
-        if let Some(pipeline) = &task.pipeline {
-            invocation.arg(task_field::PIPELINE).arg(pipeline);
+        invocation.arg(graph.roots.len());
+        for root in &graph.roots {
+            invocation.arg(*root);
         }
-        if let Some(url) = &task.callback_url {
-            invocation.arg(task_field::CALLBACK_URL).arg(url);
-        }
-        for (i, step) in task.steps.iter().enumerate() {
-            invocation
-                .arg(at_step(i, step_field::CAPABILITY))
-                .arg(step.capability.as_str())
-                .arg(at_step(i, step_field::MAX_ATTEMPTS))
-                .arg(step.max_attempts)
-                .arg(at_step(i, step_field::TIMEOUT_MS))
-                .arg(step.timeout_ms)
-                .arg(at_step(i, step_field::ATTEMPT))
-                .arg(0)
-                .arg(at_step(i, step_field::TRIES))
-                .arg(0);
-            if i > 0 {
-                invocation
-                    .arg(at_step(i, step_field::STATUS))
-                    .arg("pending");
-            }
+        for (field, value) in &graph.fields {
+            invocation.arg(field).arg(value);
         }
         let mut conn = self.pool.get().await?;
         let value: Value = invocation.invoke_async(&mut conn).await?;
@@ -406,7 +386,11 @@ impl TaskStore for RedisStore {
         Reply::parse(CANCEL.file, value)?.cancel()
     }
 
-    async fn redrive(&self, id: &TaskId) -> Result<RedriveOutcome, StoreError> {
+    async fn redrive(
+        &self,
+        id: &TaskId,
+        retention: Duration,
+    ) -> Result<RedriveOutcome, StoreError> {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let value: Value = REDRIVE
@@ -414,9 +398,53 @@ impl TaskStore for RedisStore {
             .key(keys::task(p, id.as_str()))
             .arg(p)
             .arg(id.as_str())
+            .arg(ms(retention))
             .invoke_async(&mut conn)
             .await?;
         Reply::parse(REDRIVE.file, value)?.redrive()
+    }
+
+    async fn signal(
+        &self,
+        id: &TaskId,
+        name: &str,
+        payload: &str,
+        retention: Duration,
+    ) -> Result<SignalOutcome, StoreError> {
+        let p = self.prefix();
+        let mut conn = self.pool.get().await?;
+        let value: Value = SIGNAL
+            .script
+            .key(keys::task(p, id.as_str()))
+            .arg(p)
+            .arg(id.as_str())
+            .arg(name)
+            .arg(payload)
+            .arg(ms(retention))
+            .invoke_async(&mut conn)
+            .await?;
+        Reply::parse(SIGNAL.file, value)?.signal()
+    }
+
+    async fn fire_timers(
+        &self,
+        limit: usize,
+        retention: Duration,
+    ) -> Result<Vec<FiredTimer>, StoreError> {
+        let p = self.prefix();
+        let mut conn = self.pool.get().await?;
+        let value: Value = TIMERS
+            .script
+            .key(keys::timers(p))
+            .arg(p)
+            .arg(limit.max(1))
+            .arg(ms(retention))
+            .invoke_async(&mut conn)
+            .await?;
+        Reply::rows(TIMERS.file, value)?
+            .iter()
+            .map(Reply::fired_timer)
+            .collect()
     }
 
     async fn dead_letters(
@@ -672,5 +700,128 @@ mod tests {
             spent.push(commands_run(&store.pool).await - before);
         }
         assert!(spent[1] <= BUDGET, "a task ran {} commands", spent[1]);
+    }
+}
+
+/// What `submit.lua` writes for a task's graph: the hash's fields, the slots ready at
+/// submit, and the capabilities its steps need.
+struct SubmitFields {
+    fields: Vec<(String, String)>,
+    roots: Vec<usize>,
+    capabilities: Vec<Capability>,
+}
+
+/// The task hash of a new task (`schema.rs`): its own fields, then each declared step's,
+/// with the graph's edges both ways (`needs`, `dependants`) so a transition finds what a
+/// finished step makes ready without reading the whole task.
+fn submit_fields(task: &NewTask) -> SubmitFields {
+    let n = task.steps.len();
+    let mut dependants: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for (i, step) in task.steps.iter().enumerate() {
+        for &need in &step.needs {
+            if let Some(d) = dependants.get_mut(need as usize) {
+                d.push(i as u32);
+            }
+        }
+    }
+    let list = |slots: &[u32]| {
+        slots
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let sinks: Vec<u32> = (0..n as u32)
+        .filter(|&i| dependants[i as usize].is_empty())
+        .collect();
+    let mut fields: Vec<(String, String)> = vec![
+        (task_field::CLIENT.into(), task.client.clone()),
+        (task_field::PRIORITY.into(), task.priority.to_string()),
+        (task_field::INPUT.into(), task.input.clone()),
+        (task_field::STEP_COUNT.into(), n.to_string()),
+        (task_field::DECLARED.into(), n.to_string()),
+        (task_field::OPEN.into(), n.to_string()),
+        (task_field::SINKS.into(), list(&sinks)),
+        (task_field::REQUEST_ID.into(), task.request_id.clone()),
+    ];
+    if let Some(pipeline) = &task.pipeline {
+        fields.push((task_field::PIPELINE.into(), pipeline.clone()));
+    }
+    if let Some(url) = &task.callback_url {
+        fields.push((task_field::CALLBACK_URL.into(), url.clone()));
+    }
+    let mut capabilities: Vec<Capability> = Vec::new();
+    let mut listens = Vec::new();
+    for (i, step) in task.steps.iter().enumerate() {
+        let mut put = |field: &str, value: String| fields.push((at_step(i, field), value));
+        put(step_field::ID, step.id.clone());
+        put(step_field::STATUS, "pending".into());
+        put(step_field::ATTEMPT, "0".into());
+        put(step_field::TRIES, "0".into());
+        if !step.needs.is_empty() {
+            put(step_field::NEEDS, list(&step.needs));
+            put(step_field::OPEN_NEEDS, step.needs.len().to_string());
+        }
+        if !dependants[i].is_empty() {
+            put(step_field::DEPENDANTS, list(&dependants[i]));
+        }
+        if step.allow_failure {
+            put(step_field::ALLOW_FAILURE, "1".into());
+        }
+        match &step.kind {
+            PlannedKind::Work {
+                capability,
+                max_attempts,
+                timeout_ms,
+                map,
+                router,
+            } => {
+                put(step_field::CAPABILITY, capability.to_string());
+                put(step_field::MAX_ATTEMPTS, max_attempts.to_string());
+                put(step_field::TIMEOUT_MS, timeout_ms.to_string());
+                if *router {
+                    put(step_field::ROUTER, "1".into());
+                }
+                if let Some(map) = map {
+                    put(step_field::MAP_OVER, map.over.clone());
+                    put(
+                        step_field::MAP_FROM,
+                        map.from.map_or_else(|| "i".to_string(), |s| s.to_string()),
+                    );
+                    put(
+                        step_field::MAP_PATH,
+                        serde_json::to_string(&map.path).unwrap_or_else(|_| "[]".into()),
+                    );
+                    put(step_field::MAP_CONCURRENCY, map.concurrency.to_string());
+                }
+                if !capabilities.contains(capability) {
+                    capabilities.push(capability.clone());
+                }
+            }
+            PlannedKind::Wait {
+                signal,
+                timeout_ms,
+                on_timeout,
+            } => {
+                put(step_field::KIND, "wait".into());
+                put(step_field::SIGNAL, signal.clone());
+                put(step_field::WAIT_MS, timeout_ms.to_string());
+                if *on_timeout == common::wire::OnTimeout::Continue {
+                    put(step_field::ON_TIMEOUT, "continue".into());
+                }
+                listens.push((schema::signal_field(signal), i.to_string()));
+            }
+            PlannedKind::Sleep { ms } => {
+                put(step_field::KIND, "sleep".into());
+                put(step_field::WAIT_MS, ms.to_string());
+            }
+        }
+    }
+    fields.extend(listens);
+    let roots = (0..n).filter(|&i| task.steps[i].needs.is_empty()).collect();
+    SubmitFields {
+        fields,
+        roots,
+        capabilities,
     }
 }

@@ -8,16 +8,18 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use common::wire::{
-    CallbackStatus, CallbackView, Capability, PriorOutput, StepContext, StepError, StepRef,
-    StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
+    CallbackStatus, CallbackView, Capability, MapView, OnTimeout, PriorOutput, StepContext,
+    StepError, StepKind, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WaitView,
+    WorkRequest, WorkerId,
 };
 use redis::{FromRedisValue, Value};
 use serde::de::DeserializeOwned;
 
 use super::schema::{at_step, step_field, task_field};
 use super::{
-    CallbackClaim, CancelOutcome, Claimed, ExpiredLease, FinishedStep, QueueStats, RedriveOutcome,
-    ReleaseOutcome, ReportOutcome, StoreError, SubmitOutcome, TaskRecord,
+    Advance, CallbackClaim, CancelOutcome, Claimed, ExpiredLease, Finished, FinishedStep,
+    FiredTimer, QueueStats, RedriveOutcome, ReleaseOutcome, ReportOutcome, SignalOutcome,
+    StoreError, SubmitOutcome, TaskRecord,
 };
 
 /// Stored data or a reply that does not have the expected shape.
@@ -148,7 +150,7 @@ impl Reply {
             "discarded" => ReportOutcome::Discarded,
             "next" => ReportOutcome::Next {
                 finished: finished()?,
-                next: self.capability("next_capability")?,
+                queued: self.queued()?,
             },
             "retry" => ReportOutcome::Retry {
                 finished: finished()?,
@@ -158,6 +160,7 @@ impl Reply {
                 finished: finished()?,
                 status: serde_text(&self.text("status")?)?,
                 callback: self.text("callback")? == "1",
+                result: self.optional_json("result")?,
             },
             _ => return self.unexpected(),
         };
@@ -181,13 +184,71 @@ impl Reply {
 
     pub(super) fn redrive(&self) -> Result<RedriveOutcome, StoreError> {
         match self.text("outcome")?.as_str() {
-            "redriven" => Ok(RedriveOutcome::Redriven(self.capability("capability")?)),
+            "redriven" => Ok(RedriveOutcome::Redriven(self.queued()?)),
             "not_failed" => Ok(RedriveOutcome::NotFailed(serde_text(
                 &self.text("status")?,
             )?)),
             "missing" => Ok(RedriveOutcome::NotFound),
             _ => self.unexpected(),
         }
+    }
+
+    /// The capabilities a transition queued steps of (`queued`, comma-separated; absent
+    /// when none).
+    fn queued(&self) -> Result<Vec<Capability>, StoreError> {
+        self.get::<String>("queued")?
+            .unwrap_or_default()
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(|c| Capability::new(c).map_err(corrupt))
+            .collect()
+    }
+
+    fn optional_json(&self, name: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        self.get::<String>(name)?
+            .map(|t| serde_json::from_str(&t).map_err(corrupt))
+            .transpose()
+    }
+
+    /// What a transition the master made by itself set going (graph.lua's `g_end`).
+    fn advance(&self) -> Result<Advance, StoreError> {
+        let done = match self.get::<String>("status")? {
+            None => None,
+            Some(status) => Some(Finished {
+                status: serde_text(&status)?,
+                callback: self.text("callback")? == "1",
+                result: self.optional_json("result")?,
+                error: self
+                    .get::<String>("error")?
+                    .map(|t| serde_json::from_str(&t).map_err(corrupt))
+                    .transpose()?,
+            }),
+        };
+        Ok(Advance {
+            queued: self.queued()?,
+            done,
+        })
+    }
+
+    pub(super) fn signal(&self) -> Result<SignalOutcome, StoreError> {
+        match self.text("outcome")?.as_str() {
+            "delivered" => Ok(SignalOutcome::Delivered(self.advance()?)),
+            "buffered" => Ok(SignalOutcome::Buffered),
+            "unknown" => Ok(SignalOutcome::UnknownSignal),
+            "already" => Ok(SignalOutcome::AlreadyReceived),
+            "finished" => Ok(SignalOutcome::Finished(serde_text(&self.text("status")?)?)),
+            "missing" => Ok(SignalOutcome::NotFound),
+            _ => self.unexpected(),
+        }
+    }
+
+    /// A row of `timers.lua`.
+    pub(super) fn fired_timer(&self) -> Result<FiredTimer, StoreError> {
+        Ok(FiredTimer {
+            task_id: self.task_id("task_id")?,
+            step: self.parsed("step")?,
+            advance: self.advance()?,
+        })
     }
 
     /// Whether `callback_finish.lua` recorded the attempt.
@@ -199,27 +260,28 @@ impl Reply {
         }
     }
 
-    /// A row of `claim.lua`, claimed from `capability`'s queue.
+    /// A row of `claim.lua`, claimed from `capability`'s queue: the step's input is its
+    /// element (a map instance), the output of its one need, an object of its needs'
+    /// outputs by id, or the task input (no needs); see docs/workflows.md.
     pub(super) fn claimed(&self, capability: &Capability) -> Result<Claimed, StoreError> {
         let step: u32 = self.parsed("step")?;
         let task_input = self.json("input")?;
-        let previous = match step.checked_sub(1) {
-            Some(before) => {
-                let caps = self.text("capabilities")?;
-                let cap = caps.split(',').nth(before as usize).unwrap_or_default();
-                vec![PriorOutput {
-                    step: before,
-                    capability: Capability::new(cap).map_err(corrupt)?,
-                    output: self.json("previous_output")?,
-                }]
-            }
-            None => Vec::new(),
+        let needs: Vec<Vec<String>> = self.get("needs")?.unwrap_or_default();
+        let previous = needs
+            .iter()
+            .map(|row| prior_output(self.script, row))
+            .collect::<Result<Vec<_>, _>>()?;
+        let element_index = self
+            .get::<String>("element_index")?
+            .and_then(|t| t.parse().ok());
+        let input = if let Some(element) = self.get::<String>("element")? {
+            serde_json::from_str(&element).map_err(corrupt)?
+        } else {
+            super::step_input(&previous, &task_input)
         };
-        let input = previous
-            .last()
-            .map_or_else(|| task_input.clone(), |p| p.output.clone());
         let timeout_ms = self.figure("timeout_ms");
         let worker = self.worker("worker")?;
+        let step_id = self.get::<String>("step_id")?.filter(|s| !s.is_empty());
         Ok(Claimed {
             work: WorkRequest {
                 task_id: self.task_id("task_id")?,
@@ -232,6 +294,8 @@ impl Reply {
                     previous,
                     pipeline: self.get("pipeline")?,
                     total_steps: self.parsed("total_steps")?,
+                    step_id,
+                    element_index,
                 },
                 deadline_ms: common::wire::now_ms() + timeout_ms,
                 worker_id: Some(worker.clone()),
@@ -285,6 +349,46 @@ impl Reply {
     }
 }
 
+/// One need of a claimed step: `{slot, id, capability or '', status, output or '', error
+/// or ''}`.
+fn prior_output(script: &str, row: &[String]) -> Result<PriorOutput, StoreError> {
+    let [slot, id, capability, status, output, error] = row else {
+        return Err(corrupt(format!(
+            "{script}: a need has {} values",
+            row.len()
+        )));
+    };
+    let parse = |text: &str| -> Result<serde_json::Value, StoreError> {
+        if text.is_empty() {
+            Ok(serde_json::Value::Null)
+        } else {
+            serde_json::from_str(text).map_err(corrupt)
+        }
+    };
+    Ok(PriorOutput {
+        step: slot
+            .parse()
+            .map_err(|_| corrupt(format!("{script}: need slot {slot:?}")))?,
+        id: id.clone(),
+        capability: if capability.is_empty() {
+            None
+        } else {
+            Some(Capability::new(capability.as_str()).map_err(corrupt)?)
+        },
+        status: StepStatus::parse(status).unwrap_or(StepStatus::Pending),
+        output: if status == "succeeded" {
+            parse(output)?
+        } else {
+            serde_json::Value::Null
+        },
+        error: if error.is_empty() || status != "failed" {
+            None
+        } else {
+            Some(serde_json::from_str(error).map_err(corrupt)?)
+        },
+    })
+}
+
 /// A status stored as its wire name.
 fn serde_text<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
     serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(corrupt)
@@ -308,14 +412,81 @@ pub(super) fn record(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRec
         .unwrap_or("0")
         .parse()
         .map_err(|_| corrupt("the step count is not a number"))?;
-    let mut steps = Vec::with_capacity(n as usize);
+    // A task stored before graphs has no `dn`: every slot is declared, a chain.
+    let legacy = get(task_field::DECLARED).is_none();
+    let declared: u32 = match get(task_field::DECLARED) {
+        Some(d) => d
+            .parse()
+            .map_err(|_| corrupt("the declared step count is not a number"))?,
+        None => n,
+    };
+    let ids: Vec<String> = (0..n)
+        .map(|i| get(&at_step(i, step_field::ID)).map_or_else(|| format!("step-{i}"), String::from))
+        .collect();
+    let mut all = Vec::with_capacity(n as usize);
     for i in 0..n {
         let at = |field: &str| at_step(i, field);
-        let capability = get(&at(step_field::CAPABILITY)).unwrap_or_default();
-        steps.push(StepView {
+        let kind = match get(&at(step_field::KIND)) {
+            Some("wait") => StepKind::Wait,
+            Some("sleep") => StepKind::Sleep,
+            _ => StepKind::Work,
+        };
+        let needs: Vec<String> = if get(&at(step_field::PARENT)).is_some() {
+            Vec::new()
+        } else if legacy {
+            i.checked_sub(1)
+                .map(|b| ids[b as usize].clone())
+                .into_iter()
+                .collect()
+        } else {
+            get(&at(step_field::NEEDS))
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|s| s.parse::<usize>().ok())
+                .filter_map(|s| ids.get(s).cloned())
+                .collect()
+        };
+        let status = StepStatus::parse(get(&at(step_field::STATUS)).unwrap_or("pending"))
+            .ok_or_else(|| corrupt(format!("step {i} has an unknown status")))?;
+        let wait_ms = num(&at(step_field::WAIT_MS));
+        all.push(StepView {
             index: i,
-            capability: Capability::new(capability).map_err(corrupt)?,
-            status: serde_text::<StepStatus>(get(&at(step_field::STATUS)).unwrap_or("pending"))?,
+            id: ids[i as usize].clone(),
+            kind,
+            capability: get(&at(step_field::CAPABILITY))
+                .map(|c| Capability::new(c).map_err(corrupt))
+                .transpose()?,
+            needs,
+            router: get(&at(step_field::ROUTER)) == Some("1"),
+            allow_failure: get(&at(step_field::ALLOW_FAILURE)) == Some("1"),
+            map: get(&at(step_field::MAP_OVER)).map(|over| MapView {
+                over: over.to_string(),
+                concurrency: num(&at(step_field::MAP_CONCURRENCY)).unwrap_or(0) as u32,
+                total: num(&at(step_field::MAP_COUNT)).map(|t| t as u32),
+                finished: num(&at(step_field::MAP_DONE)).unwrap_or(0) as u32,
+            }),
+            instances: Vec::new(),
+            element_index: num(&at(step_field::ELEMENT_INDEX)).map(|e| e as u32),
+            wait: (kind == StepKind::Wait).then(|| WaitView {
+                signal: get(&at(step_field::SIGNAL)).unwrap_or_default().to_string(),
+                timeout_ms: wait_ms.unwrap_or(0),
+                on_timeout: if get(&at(step_field::ON_TIMEOUT)) == Some("continue") {
+                    OnTimeout::Continue
+                } else {
+                    OnTimeout::Fail
+                },
+            }),
+            sleep_ms: if kind == StepKind::Sleep {
+                wait_ms
+            } else {
+                None
+            },
+            wakes_at_ms: if status == StepStatus::Waiting {
+                num(&at(step_field::WAKES_AT))
+            } else {
+                None
+            },
+            status,
             worker_id: get(&at(step_field::WORKER)).and_then(|w| WorkerId::new(w).ok()),
             attempts: num(&at(step_field::TRIES)).unwrap_or(0) as u32,
             output: json(&at(step_field::OUTPUT))?,
@@ -325,14 +496,22 @@ pub(super) fn record(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRec
             finished_at_ms: num(&at(step_field::FINISHED_AT)),
         });
     }
+    // Map instances (slots after the declared ones) go under their map step, in element
+    // order (the order their slots were added).
+    let instances = all.split_off((declared as usize).min(all.len()));
+    let mut steps = all;
+    for (offset, instance) in instances.into_iter().enumerate() {
+        let slot = declared as usize + offset;
+        let parent = get(&at_step(slot, step_field::PARENT))
+            .and_then(|p| p.parse::<usize>().ok())
+            .and_then(|p| steps.get_mut(p))
+            .ok_or_else(|| corrupt(format!("map instance {slot} has no map step")))?;
+        parent.instances.push(instance);
+    }
     let status: TaskStatus = serde_text(get(task_field::STATUS).unwrap_or("queued"))?;
-    let result = if status == TaskStatus::Succeeded {
-        steps.last().and_then(|s| s.output.clone())
-    } else {
-        None
-    };
+    let result = (status == TaskStatus::Succeeded).then(|| super::graph_result(&steps));
     let callback_url = get(task_field::CALLBACK_URL).map(String::from);
-    Ok(TaskRecord {
+    let mut record = TaskRecord {
         view: TaskView {
             task_id: id.clone(),
             status,
@@ -361,7 +540,9 @@ pub(super) fn record(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRec
         client: get(task_field::CLIENT).unwrap_or_default().to_string(),
         callback_url,
         request_id: get(task_field::REQUEST_ID).unwrap_or_default().to_string(),
-    })
+    };
+    super::derive_waiting(&mut record.view);
+    Ok(record)
 }
 
 #[cfg(test)]

@@ -70,6 +70,11 @@ pub mod keys {
         format!("{prefix}:rate:{client}")
     }
 
+    /// Wait and sleep timers: sorted set of [`member`]s by when they fire.
+    pub fn timers(prefix: &str) -> String {
+        format!("{prefix}:timers")
+    }
+
     /// What separates a [`member`]'s task id from its step. Task ids cannot contain it.
     pub const MEMBER_SEPARATOR: char = ':';
 
@@ -134,6 +139,14 @@ fields! {
         CALLBACK_ATTEMPTS = "cbn",
         /// The last delivery error: callback_claim, callback_finish.
         CALLBACK_ERROR = "cbe",
+        /// How many steps were declared (slots before the map instances): submit.
+        DECLARED = "dn",
+        /// Declared steps not finished yet; the task has succeeded when it reaches 0:
+        /// submit, then every transition that finishes a step (graph.lua), redrive.
+        OPEN = "op",
+        /// The declared steps no other step needs (the result's steps), comma-separated
+        /// slots: submit.
+        SINKS = "sk",
     }
 }
 
@@ -176,7 +189,66 @@ fields! {
         REPORT_REPLY = "rr",
         /// The worker the last attempt was lost on, so claim prefers another: report.
         AVOID_WORKER = "av",
+        /// The step's id in the task: submit (a map instance's: expansion).
+        ID = "id",
+        /// `wait` or `sleep`; absent for a worker step: submit.
+        KIND = "k",
+        /// The slots it needs, comma-separated (a map instance: its map step's): submit,
+        /// expansion.
+        NEEDS = "nd",
+        /// The slots that need it, comma-separated: submit.
+        DEPENDANTS = "dp",
+        /// Needs not finished yet: submit, then lowered as they finish.
+        OPEN_NEEDS = "on",
+        /// Needs that were skipped: raised as they are.
+        SKIPPED_NEEDS = "sn",
+        /// `1` when a router it needs did not pick it: report (the router's).
+        ROUTED_OUT = "ro",
+        /// `1` for a router: submit.
+        ROUTER = "rt",
+        /// `1` when its failure does not fail the task: submit.
+        ALLOW_FAILURE = "af",
+        /// A map step's `over` as written: submit.
+        MAP_OVER = "mo",
+        /// Where its array is: `i` (the task input) or the slot of a step it needs: submit.
+        MAP_FROM = "mf",
+        /// The path from there to the array (JSON array of keys and indices): submit.
+        MAP_PATH = "mp",
+        /// Most of its instances queued or running at once: submit.
+        MAP_CONCURRENCY = "mc",
+        /// Its first instance's slot: expansion.
+        MAP_BASE = "mb",
+        /// How many instances it has: expansion.
+        MAP_COUNT = "mn",
+        /// The next instance to queue (element index): expansion, then as instances finish.
+        MAP_NEXT = "mx",
+        /// Instances finished: raised as they finish.
+        MAP_DONE = "md",
+        /// A map instance's map step (slot): expansion.
+        PARENT = "pa",
+        /// A map instance's element (JSON text, as written): expansion.
+        ELEMENT = "el",
+        /// A map instance's element index: expansion.
+        ELEMENT_INDEX = "ei",
+        /// A wait step's signal name: submit.
+        SIGNAL = "sg",
+        /// A wait step's timeout, or a sleep step's delay (ms): submit.
+        WAIT_MS = "wm",
+        /// `continue` when a wait's timeout succeeds it (else it fails): submit.
+        ON_TIMEOUT = "ot",
+        /// When a waiting step's timer fires: when it starts waiting.
+        WAKES_AT = "wa",
     }
+}
+
+/// The task field naming the slot of the wait step that listens for signal `name`.
+pub fn signal_field(name: &str) -> String {
+    format!("g:{name}")
+}
+
+/// The task field keeping a signal's payload that arrived before its wait step was reached.
+pub fn buffered_field(name: &str) -> String {
+    format!("b:{name}")
 }
 
 /// Where step `step`'s `field` (one of [`step_field`]) lives in its task's hash.
@@ -201,9 +273,10 @@ pub(super) fn lua_prelude() -> String {
         lua_string(&keys::MEMBER_SEPARATOR.to_string())
     );
     lua += &format!(
-        "local PRIORITY_WEIGHT = {}\nlocal SCORE_EPOCH_MS = {}\n",
+        "local PRIORITY_WEIGHT = {}\nlocal SCORE_EPOCH_MS = {}\nlocal MAX_MAP_WIDTH = {}\n",
         super::PRIORITY_WEIGHT,
-        super::SCORE_EPOCH_MS
+        super::SCORE_EPOCH_MS,
+        super::MAX_MAP_WIDTH
     );
     lua
 }
@@ -212,7 +285,7 @@ pub(super) fn lua_prelude() -> String {
 type Builder = fn(&[String]) -> String;
 
 /// The key (and field) builders the scripts use, with their Lua names and parameters.
-fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 10] {
+fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 13] {
     [
         ("task_key", &["prefix", "id"], |a| keys::task(&a[0], &a[1])),
         ("queue_key", &["prefix", "cap"], |a| {
@@ -230,6 +303,9 @@ fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 10] {
         ("events_channel", &["prefix"], |a| {
             common::registry::keys::events(&a[0])
         }),
+        ("timers_key", &["prefix"], |a| keys::timers(&a[0])),
+        ("signal_field", &["name"], |a| signal_field(&a[0])),
+        ("buffered_field", &["name"], |a| buffered_field(&a[0])),
         ("member", &["id", "step"], |a| keys::member(&a[0], &a[1])),
         ("at_step", &["step", "field"], |a| at_step(&a[0], &a[1])),
     ]

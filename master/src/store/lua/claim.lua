@@ -6,10 +6,13 @@
 -- ARGV[1] prefix   ARGV[2] lease ms   ARGV[3 ..] worker ids, one per step wanted
 -- Returns one row per claimed step:
 --   {'task_id', id, 'step', n, 'attempt', n, 'worker', id, 'timeout_ms', ms,
---    'total_steps', n, 'capabilities', caps, 'request_id', id, 'input', json,
---    ['pipeline', name,] ['previous_output', json of the step before (step > 0)]}
--- A step carries the task input and the output of the step before it, never the whole
--- history, so a request to a worker does not grow with the pipeline's length.
+--    'total_steps', n, 'request_id', id, 'input', json, 'step_id', id,
+--    ['pipeline', name,] ['element', json, 'element_index', n,]
+--    ['needs', {{slot, id, capability or '', status, output or '', error or ''}, ...}]}
+-- A step carries the task input and the outcomes of the steps it needs (a map instance:
+-- its element and its map step's needs), never the whole history, so a request to a
+-- worker does not grow with the pipeline's length. In a chain the step before is read
+-- with the step's own fields (one HMGET); other needs with one more.
 local now = now_ms()
 local lease_until = int(now + tonumber(ARGV[2]))
 local pool = {}
@@ -40,8 +43,13 @@ while #claimed < #pool do
     local tkey = task_key(ARGV[1], id)
     local k = step_fields(step)
     local fields = {F.status, k.status, k.attempt, k.tries, k.timeout_ms, F.pipeline,
-      F.step_count, F.capabilities, F.request_id, F.input, k.avoid_worker}
-    if s > 0 then fields[#fields + 1] = at_step(s - 1, S.output) end
+      F.declared, F.step_count, F.request_id, F.input, k.avoid_worker, k.needs, k.id,
+      k.element, k.element_index}
+    if s > 0 then
+      for _, name in ipairs({'id', 'capability', 'status', 'output', 'error'}) do
+        fields[#fields + 1] = at_step(s - 1, S[name])
+      end
+    end
     local v = redis.call('HMGET', tkey, unpack(fields))
     if (v[1] == 'queued' or v[1] == 'running') and v[2] == 'queued' then
       local worker = take(v[11])
@@ -57,15 +65,42 @@ while #claimed < #pool do
       redis.call('ZADD', KEYS[2], lease_until, m)
       redis.call('HINCRBY', KEYS[3], worker, 1)
       local row = {'task_id', id, 'step', step, 'attempt', attempt, 'worker', worker,
-        'timeout_ms', v[5] or '0', 'total_steps', v[7] or '1', 'capabilities', v[8] or '',
-        'request_id', v[9] or '', 'input', v[10] or 'null'}
+        'timeout_ms', v[5] or '0', 'total_steps', v[7] or v[8] or '1',
+        'request_id', v[9] or '', 'input', v[10] or 'null', 'step_id', v[13] or ''}
       if v[6] then
         row[#row + 1] = 'pipeline'
         row[#row + 1] = v[6]
       end
-      if s > 0 then
-        row[#row + 1] = 'previous_output'
-        row[#row + 1] = v[12] or 'null'
+      if v[14] then
+        row[#row + 1] = 'element'
+        row[#row + 1] = v[14]
+        row[#row + 1] = 'element_index'
+        row[#row + 1] = v[15] or '0'
+      end
+      local needs = split_commas(v[12])
+      -- A task stored before graphs is a chain.
+      if not v[7] and s > 0 then needs = {tostring(s - 1)} end
+      if #needs > 0 then
+        local rows = {}
+        if #needs == 1 and tonumber(needs[1]) == s - 1 then
+          rows[1] = {tostring(s - 1), v[16] or '', v[17] or '', v[18] or 'pending',
+            v[19] or '', v[20] or ''}
+        else
+          local nf = {}
+          for _, n in ipairs(needs) do
+            for _, name in ipairs({'id', 'capability', 'status', 'output', 'error'}) do
+              nf[#nf + 1] = at_step(n, S[name])
+            end
+          end
+          local nv = redis.call('HMGET', tkey, unpack(nf))
+          for i, n in ipairs(needs) do
+            local b = (i - 1) * 5
+            rows[i] = {n, nv[b + 1] or '', nv[b + 2] or '', nv[b + 3] or 'pending',
+              nv[b + 4] or '', nv[b + 5] or ''}
+          end
+        end
+        row[#row + 1] = 'needs'
+        row[#row + 1] = rows
       end
       claimed[#claimed + 1] = row
     end

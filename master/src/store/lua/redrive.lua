@@ -1,29 +1,64 @@
--- Re-runs a failed task from its failed step: attempts reset, out of the dead-letter set
--- (and its callback out of the outbox: the next finish queues a fresh one).
+-- Re-runs a failed task from its failed and stopped steps (docs/workflows.md, rule 10):
+-- attempts reset, steps that succeeded keep their outputs; out of the dead-letter set (and
+-- its callback out of the outbox: the next finish queues a fresh one).
 -- KEYS[1] task hash
--- ARGV[1] prefix   ARGV[2] task id
--- Returns {'outcome', 'redriven', 'capability', cap} | {'outcome', 'not_failed', 'status', status}
---       | {'outcome', 'missing'}
-local v = redis.call('HMGET', KEYS[1], F.status, F.step_count, F.priority, F.started_at)
+-- ARGV[1] prefix   ARGV[2] task id   ARGV[3] retention ms (if a step it re-runs finishes the
+-- task at once)
+-- Returns {'outcome', 'redriven'[, 'queued', caps]}
+--       | {'outcome', 'not_failed', 'status', status} | {'outcome', 'missing'}
+local now = now_ms()
+g_begin(ARGV[1], ARGV[2], KEYS[1], now)
+g_legacy()
+local v = g_read({F.status, F.step_count, F.started_at})
 if not v[1] then return {'outcome', 'missing'} end
 if v[1] ~= 'failed' then return {'outcome', 'not_failed', 'status', v[1]} end
-local now = now_ms()
-for i = 0, tonumber(v[2]) - 1 do
-  local k = step_fields(i)
-  local s = redis.call('HMGET', KEYS[1], k.status, k.capability)
-  if s[1] == 'failed' then
-    local status = 'queued'
-    if v[4] then status = 'running' end
-    redis.call('HSET', KEYS[1], k.status, 'queued', k.tries, '0', k.queued_at, int(now),
-      F.status, status)
-    -- The failure's callback, delivered or not, is superseded by the next finish's.
-    redis.call('HDEL', KEYS[1], F.finished_at, F.error, k.finished_at, F.callback_status,
-      F.callback_attempts, F.callback_error)
-    redis.call('ZREM', callbacks_key(ARGV[1]), ARGV[2])
-    redis.call('PERSIST', KEYS[1])
-    redis.call('ZREM', dead_key(ARGV[1], s[2]), ARGV[2])
-    redis.call('ZADD', queue_key(ARGV[1], s[2]), score(v[3], now), member(ARGV[2], i))
-    return {'outcome', 'redriven', 'capability', s[2]}
+local n = tonumber(v[2] or '0')
+local fields = {}
+for i = 0, n - 1 do
+  for _, name in ipairs({'status', 'capability', 'allow_failure', 'parent', 'kind',
+      'map_from', 'map_base', 'wait_ms'}) do
+    fields[#fields + 1] = at(i, name)
   end
 end
-return {'outcome', 'not_failed', 'status', v[1]}
+local s = g_read(fields)
+local again = {}
+for i = 0, n - 1 do
+  local b = i * 8
+  local status, cap, allow, parent = s[b + 1], s[b + 2], s[b + 3], s[b + 4]
+  local allowed = allow == '1'
+  if parent then allowed = s[tonumber(parent) * 8 + 3] == '1' end
+  if status == 'cancelled' or (status == 'failed' and not allowed) then
+    again[#again + 1] = i
+    if cap then redis.call('ZREM', dead_key(ARGV[1], cap), ARGV[2]) end
+  end
+end
+if #again == 0 then return {'outcome', 'not_failed', 'status', v[1]} end
+local status = 'queued'
+if v[3] then status = 'running' end
+g_set(F.status, status)
+g_del(F.finished_at)
+g_del(F.error)
+-- The failure's callback, delivered or not, is superseded by the next finish's.
+g_del(F.callback_status)
+g_del(F.callback_attempts)
+g_del(F.callback_error)
+redis.call('ZREM', callbacks_key(ARGV[1]), ARGV[2])
+redis.call('PERSIST', KEYS[1])
+for _, i in ipairs(again) do
+  local b = i * 8
+  g_del(at(i, 'finished_at'))
+  g_del(at(i, 'error'))
+  g_set(at(i, 'tries'), '0')
+  g_set(at(i, 'free_failures'), '0')
+  if s[b + 6] and s[b + 7] then
+    -- A map step that had expanded: its instances run again by this same rule.
+    g_set(at(i, 'status'), 'running')
+  elseif s[b + 5] or s[b + 6] then
+    ready(i)
+  else
+    g_queue(i)
+  end
+end
+local reply = {'outcome', 'redriven'}
+for _, x in ipairs(g_end(nil, ARGV[3])) do reply[#reply + 1] = x end
+return reply

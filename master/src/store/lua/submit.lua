@@ -1,12 +1,14 @@
--- Submits a task: idempotency, per-client rate limit (GCRA), the task hash, step 0 queued.
+-- Submits a task: idempotency, per-client rate limit (GCRA), the task hash, and the steps
+-- that need nothing made ready (graph.lua: queued, waiting, or a map expanded).
 -- KEYS[1] task hash              KEYS[2] idempotency key (used when ARGV[6] == '1')
--- KEYS[3] rate-limit key         KEYS[4] queue of step 0's capability
--- KEYS[5] set of capabilities seen in inline steps
+-- KEYS[3] rate-limit key         KEYS[4] set of capabilities seen in inline steps
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] rate per second (0 = no limit)   ARGV[4] burst
--- ARGV[5] retention ms   ARGV[6] '1' with an idempotency key   ARGV[7] priority
--- ARGV[8] k = capabilities to remember; ARGV[9 .. 8+k] those; ARGV[9+k ..] field/value
--- pairs of the task hash.
--- Returns {'outcome', 'created'} | {'outcome', 'exists', 'task_id', id}
+-- ARGV[5] retention ms   ARGV[6] '1' with an idempotency key   ARGV[7] priority (unused:
+-- the hash's F.priority is read)
+-- ARGV[8] k = capabilities to remember; ARGV[9 .. 8+k] those; ARGV[9+k] r = roots;
+-- ARGV[10+k .. 9+k+r] the root slots; ARGV[10+k+r ..] field/value pairs of the task hash.
+-- Returns {'outcome', 'created'[, 'queued', caps][, 'status', s, ...]}
+--       | {'outcome', 'exists', 'task_id', id}
 --       | {'outcome', 'limited', 'retry_after_ms', ms}
 local now = now_ms()
 if ARGV[6] == '1' then
@@ -34,12 +36,16 @@ local k = tonumber(ARGV[8])
 if k > 0 then
   local caps = {}
   for i = 1, k do caps[i] = ARGV[8 + i] end
-  redis.call('SADD', KEYS[5], unpack(caps))
+  redis.call('SADD', KEYS[4], unpack(caps))
 end
-local first = step_fields(0)
-local fields = {F.status, 'queued', F.created_at, int(now), first.status, 'queued',
-  first.queued_at, int(now)}
-for i = 9 + k, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('ZADD', KEYS[4], score(ARGV[7], now), member(ARGV[2], 0))
-return {'outcome', 'created'}
+local r = tonumber(ARGV[9 + k])
+g_begin(ARGV[1], ARGV[2], KEYS[1], now)
+G.complete = true
+-- The hash as given is written with the transition's one HSET, and read from the cache.
+g_set(F.status, 'queued')
+g_set(F.created_at, int(now))
+for i = 10 + k + r, #ARGV, 2 do g_set(ARGV[i], ARGV[i + 1]) end
+for i = 10 + k, 9 + k + r do ready(tonumber(ARGV[i])) end
+local reply = {'outcome', 'created'}
+for _, x in ipairs(g_end(nil, ARGV[5])) do reply[#reply + 1] = x end
+return reply
