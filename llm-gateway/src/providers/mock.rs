@@ -9,6 +9,14 @@
 //! built from the tool's schema and the prompt. After `tool` messages it answers text
 //! quoting their results.
 //!
+//! A `response_format` `json_schema` named [`PLAN_SCHEMA`] (`ensemble_plan`: what the
+//! worker's `llm` agent asks of a `plan` step with the built-in template) is answered with
+//! a plan for the task: `{"text": numbered plan, "queries": [2 to 4 questions]}`. The task
+//! is the text after the prompt's last `Task:` line (the built-in plan template ends with
+//! it), or the whole prompt; a task that is JSON counts by its strings. How many questions
+//! and which aspects they ask about follow from a hash of the task, so the same task always
+//! gets the same plan and the default pipeline's `retrieve` really fans out.
+//!
 //! Embeddings are unit vectors seeded from a hash of each text: equal texts get equal
 //! vectors, different texts different ones; `dimensions` is honoured (default
 //! [`DEFAULT_DIMENSIONS`]).
@@ -31,6 +39,23 @@ pub const DEFAULT_DIMENSIONS: u32 = 256;
 
 /// How many words of the prompt the reply quotes.
 const QUOTED_WORDS: usize = 8;
+
+/// The `json_schema` name the mock answers with a plan (`{"text", "queries"}`); the
+/// worker's `llm` agent sends it for a `plan` step.
+pub const PLAN_SCHEMA: &str = "ensemble_plan";
+
+/// How many words of the task a plan's question quotes.
+const TOPIC_WORDS: usize = 16;
+
+/// What a plan's questions ask about the task, in turn from a hash-chosen start.
+const ASPECTS: &[&str] = &[
+    "background and key facts",
+    "options and trade-offs",
+    "risks and common mistakes",
+    "costs and figures",
+    "recent examples",
+    "how to check the result",
+];
 
 /// The deterministic provider.
 #[derive(Debug, Clone)]
@@ -242,7 +267,11 @@ pub fn reply(model: &str, request: &ChatRequest) -> Completion {
         };
     }
     let mut text = if let Some(named) = &request.json_schema {
-        schema::example(&named.schema, prompt).to_string()
+        if named.name == PLAN_SCHEMA {
+            plan(model, prompt, reference).to_string()
+        } else {
+            schema::example(&named.schema, prompt).to_string()
+        }
     } else if !results.is_empty() {
         let quoted: Vec<String> = results
             .iter()
@@ -293,6 +322,73 @@ pub fn reply(model: &str, request: &ChatRequest) -> Completion {
         tool_calls: Vec::new(),
         finish,
         usage: Usage::new(input, output),
+    }
+}
+
+/// A plan for the task in `prompt` (see the module's doc): `{"text", "queries"}` with 2 to
+/// 4 questions, each the task's first words and an aspect.
+pub fn plan(model: &str, prompt: &str, reference: u64) -> serde_json::Value {
+    let task = task_of(prompt);
+    let hash = fnv1a_bytes(task.as_bytes());
+    let words: Vec<&str> = task.split_whitespace().collect();
+    let mut topic = words
+        .iter()
+        .take(TOPIC_WORDS)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if words.len() > TOPIC_WORDS {
+        topic.push_str(" ...");
+    }
+    let topic = topic.trim_end_matches(['?', '.', '!', ':', ';', ',']);
+    let topic = if topic.is_empty() { "the task" } else { topic };
+    // 2, 3 or 4 questions; aspects in turn from a start the hash picks.
+    let count = 2 + (hash % 3) as usize;
+    let start = ((hash >> 8) % ASPECTS.len() as u64) as usize;
+    let queries: Vec<String> = (0..count)
+        .map(|i| format!("{topic} ({})", ASPECTS[(start + i) % ASPECTS.len()]))
+        .collect();
+    let steps: Vec<String> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, q)| format!("{}. {q}", i + 1))
+        .collect();
+    serde_json::json!({
+        "text": format!(
+            "Mock plan from {model} ({count} questions, ref {reference:016x}):\n{}",
+            steps.join("\n")
+        ),
+        "queries": queries,
+    })
+}
+
+/// The task a plan prompt is about: what follows its last `Task:` line, else all of it; a
+/// task that is JSON is read as its strings, in order.
+fn task_of(prompt: &str) -> String {
+    let task = prompt
+        .rfind("Task:\n")
+        .map_or(prompt, |at| &prompt[at + "Task:\n".len()..])
+        .trim();
+    match serde_json::from_str::<serde_json::Value>(task) {
+        Ok(value) => {
+            let mut strings = Vec::new();
+            collect_strings(&value, &mut strings);
+            if strings.is_empty() {
+                task.to_string()
+            } else {
+                strings.join(" ")
+            }
+        }
+        Err(_) => task.to_string(),
+    }
+}
+
+fn collect_strings<'a>(value: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+    match value {
+        serde_json::Value::String(s) => out.push(s),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_strings(v, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| collect_strings(v, out)),
+        _ => {}
     }
 }
 
@@ -367,6 +463,65 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&reply("m", &r).text).unwrap();
         assert!(v.is_object());
         assert_eq!(v["prompt_words"], 3);
+    }
+
+    fn plan_request(prompt: &str) -> ChatRequest {
+        let mut r = ask(prompt);
+        r.json = true;
+        r.json_schema = Some(super::super::NamedSchema {
+            name: PLAN_SCHEMA.into(),
+            description: None,
+            schema: serde_json::json!({"type": "object"}),
+        });
+        r
+    }
+
+    fn queries(c: &Completion) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&c.text).unwrap();
+        assert!(
+            v["text"].as_str().unwrap().starts_with("Mock plan from m"),
+            "{v}"
+        );
+        serde_json::from_value(v["queries"].clone()).unwrap()
+    }
+
+    #[test]
+    fn a_plan_schema_gets_two_to_four_queries_about_the_task() {
+        let prompt = "You plan.\n\nTask:\n{\n  \"question\": \"Why is the sky blue?\"\n}";
+        let a = reply("m", &plan_request(prompt));
+        assert_eq!(a, reply("m", &plan_request(prompt)), "deterministic");
+        let q = queries(&a);
+        assert!((2..=4).contains(&q.len()), "{q:?}");
+        for query in &q {
+            // The task's words, out of the JSON and without the question mark.
+            assert!(query.starts_with("Why is the sky blue ("), "{query}");
+        }
+        let unique: std::collections::BTreeSet<&String> = q.iter().collect();
+        assert_eq!(unique.len(), q.len(), "{q:?}");
+        // Different tasks get different plans, and every count occurs.
+        let mut counts = std::collections::BTreeSet::new();
+        for n in 0..40 {
+            let q = queries(&reply("m", &plan_request(&format!("Task:\ntopic {n}"))));
+            assert!(q[0].starts_with(&format!("topic {n} (")), "{q:?}");
+            counts.insert(q.len());
+        }
+        assert_eq!(counts, [2, 3, 4].into_iter().collect());
+        // Without a `Task:` line the whole prompt is the task; a long one is cut.
+        let long = (1..=30)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let q = queries(&reply("m", &plan_request(&long)));
+        assert!(
+            q[0].starts_with("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 ... ("),
+            "{q:?}"
+        );
+        // Other schemas still get an example.
+        let mut other = plan_request("Task:\nx");
+        if let Some(s) = other.json_schema.as_mut() {
+            s.name = "weather".into();
+        }
+        assert_eq!(reply("m", &other).text, "{}");
     }
 
     #[test]

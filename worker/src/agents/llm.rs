@@ -1,6 +1,16 @@
 //! The `llm` agent: renders the capability's prompt template with the step and sends it to
-//! the llm-gateway's OpenAI-compatible `POST /v1/chat/completions`. Output:
-//! `{"text", "model", "usage"}`.
+//! the llm-gateway's OpenAI-compatible `POST /v1/chat/completions`.
+//!
+//! Output: `{"text", "model", "usage"}`, except when the model's answer is a JSON object
+//! (after trimming, and without a surrounding Markdown code fence such as a model may add,
+//! `` ```json … ``` ``): then the output is that object, as it is, so that later steps can
+//! name its fields (`map.over = "plan.queries"`). Any other answer, a JSON array or number
+//! too, stays text.
+//!
+//! With the built-in `plan` template the agent asks for structured output
+//! (`response_format` `json_schema`, [`prompt::default_schema`]): an object with the plan
+//! as `text` and the research questions as `queries`, which the default pipeline fans out
+//! over.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -82,6 +92,20 @@ impl LlmAgent {
             .get(capability)
             .map_or_else(|| prompt::default_template(capability), String::as_str)
     }
+
+    /// The `response_format` for a capability: the built-in template's schema, when it has
+    /// one and no template is configured in its place.
+    fn response_format(&self, capability: &str) -> Option<Value> {
+        if self.settings.prompts.contains_key(capability) {
+            return None;
+        }
+        prompt::default_schema(capability).map(|(name, schema)| {
+            json!({
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema}
+            })
+        })
+    }
 }
 
 #[async_trait]
@@ -97,6 +121,7 @@ impl Agent for LlmAgent {
             }],
             temperature: self.settings.temperature,
             max_tokens: self.settings.max_tokens,
+            response_format: self.response_format(step.capability.as_str()),
             stream: false,
         };
         let mut request = self.client.post(&self.endpoint).json(&body);
@@ -134,11 +159,37 @@ impl Agent for LlmAgent {
             .message
             .content
             .unwrap_or_default();
-        Ok(json!({
+        Ok(output_of(text, reply.model, reply.usage))
+    }
+}
+
+/// A step's output from the model's answer: the answer itself when it is a JSON object
+/// (see the module's doc), else `{"text", "model", "usage"}`.
+fn output_of(text: String, model: String, usage: Option<Value>) -> Value {
+    match json_object(&text) {
+        Some(object) => object,
+        None => json!({
             "text": text,
-            "model": reply.model,
-            "usage": reply.usage.unwrap_or(Value::Null),
-        }))
+            "model": model,
+            "usage": usage.unwrap_or(Value::Null),
+        }),
+    }
+}
+
+/// The answer as a JSON object, when it is one: trimmed, and out of a Markdown code fence
+/// (`` ```json `` or `` ``` ``) that wraps all of it.
+fn json_object(text: &str) -> Option<Value> {
+    let trimmed = text.trim();
+    let body = trimmed
+        .strip_prefix("```")
+        .and_then(|rest| rest.strip_suffix("```"))
+        .map_or(trimmed, |inner| {
+            // The fence's info string (`json`) runs to the end of its line.
+            inner.split_once('\n').map_or(inner, |(_, code)| code)
+        });
+    match serde_json::from_str::<Value>(body.trim()) {
+        Ok(value @ Value::Object(_)) => Some(value),
+        _ => None,
     }
 }
 
@@ -174,6 +225,8 @@ struct ChatRequest<'a> {
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<Value>,
     stream: bool,
 }
 
@@ -235,5 +288,73 @@ mod tests {
         );
         assert_eq!(e.message, "llm-gateway answered 400: unknown model `x`");
         assert_eq!(e.kind.as_deref(), Some("upstream"));
+    }
+
+    #[test]
+    fn a_json_object_answer_is_the_output_and_anything_else_is_text() {
+        let usage = || Some(json!({"total_tokens": 5}));
+        let object = json!({"text": "1. look", "queries": ["a", "b"]});
+        for answer in [
+            object.to_string(),
+            format!("  {object}\n"),
+            format!("```json\n{object}\n```"),
+            format!("```\n{object}\n```\n"),
+        ] {
+            assert_eq!(
+                output_of(answer.clone(), "m".into(), usage()),
+                object,
+                "{answer}"
+            );
+        }
+        for answer in [
+            "plain words",
+            "[1, 2]",
+            "42",
+            "{not json",
+            "```json\n[1]\n```",
+            "",
+        ] {
+            assert_eq!(
+                output_of(answer.into(), "m".into(), usage()),
+                json!({"text": answer, "model": "m", "usage": {"total_tokens": 5}}),
+                "{answer}"
+            );
+        }
+        assert_eq!(
+            output_of("x".into(), "m".into(), None)["usage"],
+            Value::Null
+        );
+    }
+
+    fn agent(prompts: &[(&str, &str)]) -> LlmAgent {
+        LlmAgent::new(LlmSettings {
+            gateway_url: "http://127.0.0.1:1".into(),
+            token: Secret::default(),
+            model: "m".into(),
+            temperature: None,
+            max_tokens: None,
+            prompts: prompts
+                .iter()
+                .map(|(c, t)| (c.to_string(), t.to_string()))
+                .collect(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_built_in_plan_template_asks_for_its_schema_and_a_configured_one_does_not() {
+        let format = agent(&[]).response_format("plan").unwrap();
+        assert_eq!(format["type"], "json_schema");
+        assert_eq!(format["json_schema"]["name"], prompt::PLAN_SCHEMA);
+        assert_eq!(
+            format["json_schema"]["schema"]["required"],
+            json!(["text", "queries"])
+        );
+        assert!(agent(&[]).response_format("retrieve").is_none());
+        assert!(
+            agent(&[("plan", "Plan: {{input}}")])
+                .response_format("plan")
+                .is_none()
+        );
     }
 }
