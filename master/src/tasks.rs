@@ -178,22 +178,7 @@ impl Tasks {
         let input = serde_json::to_string(&body.input)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let id = TaskId::generate();
-        // Every capability of the graph gets a dispatch loop now: a step queued later (by a
-        // report, a signal, a timer) only wakes its loop, it does not start one. The roots
-        // are queued by the submission itself.
-        let mut every: Vec<Capability> = steps
-            .iter()
-            .filter_map(|s| s.capability().cloned())
-            .collect();
-        every.sort();
-        every.dedup();
-        let mut roots: Vec<Capability> = steps
-            .iter()
-            .filter(|s| s.needs.is_empty())
-            .filter_map(|s| s.capability().cloned())
-            .collect();
-        roots.sort();
-        roots.dedup();
+        let (every, roots) = capabilities_to_wake(&steps);
         let task = NewTask {
             id: id.clone(),
             client: client.to_string(),
@@ -610,6 +595,33 @@ impl Tasks {
             })
             .collect())
     }
+}
+
+/// What a new task's submission wakes: every capability of the graph gets a dispatch loop
+/// (a step queued later, by a report, a signal or a timer, only wakes its loop, it does
+/// not start one), and the capabilities of the steps that need nothing are queued by the
+/// submission itself. Each sorted, once.
+fn capabilities_to_wake(steps: &[PlannedStep]) -> (Vec<Capability>, Vec<Capability>) {
+    let sorted = |caps: Vec<Capability>| {
+        let mut caps = caps;
+        caps.sort();
+        caps.dedup();
+        caps
+    };
+    let every = sorted(
+        steps
+            .iter()
+            .filter_map(|s| s.capability().cloned())
+            .collect(),
+    );
+    let roots = sorted(
+        steps
+            .iter()
+            .filter(|s| s.needs.is_empty())
+            .filter_map(|s| s.capability().cloned())
+            .collect(),
+    );
+    (every, roots)
 }
 
 /// A graph the planner refused, as the `422` of `POST /task`.

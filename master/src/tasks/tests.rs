@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::wire::{
-    Capability, ReportStatus, ResultReport, StepError, StepRef, SubmitTask, TaskId, TaskStatus,
-    WorkerId, WorkerRecord,
+    Capability, ReportStatus, ResultReport, SignalRequest, SignalStatus, StepError, StepRef,
+    StepStatus, SubmitTask, TaskId, TaskStatus, WorkerId, WorkerRecord,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -22,9 +22,9 @@ use crate::dispatch::{Dispatcher, WorkerSource};
 use crate::error::ServiceError;
 use crate::hub::Hub;
 use crate::store::{
-    CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease, MemoryStore, NewTask,
-    QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome,
-    RetryPolicy, StoreError, SubmitOutcome, TaskRecord, TaskStore,
+    CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease, FiredTimer, MemoryStore,
+    NewTask, PlannedStep, QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome, ReleaseReason,
+    ReportOutcome, RetryPolicy, SignalOutcome, StoreError, SubmitOutcome, TaskRecord, TaskStore,
 };
 
 /// No worker is alive: nothing is dispatched, so tasks stay where the test puts them.
@@ -295,6 +295,248 @@ async fn a_store_error_part_way_through_a_redrive_is_the_answer_and_a_repeat_fin
     }
 }
 
+/// Submits `steps` for alice and answers the planner's refusal message.
+async fn refusal(tasks: &Tasks, steps: serde_json::Value) -> String {
+    let shown = steps.to_string();
+    match tasks
+        .submit("alice", body(json!({"steps": steps})), None, String::new())
+        .await
+    {
+        Err(ServiceError::Invalid(message)) => message,
+        other => panic!(
+            "{shown}: expected Invalid, got {:?}",
+            other.map(|s| s.task_id)
+        ),
+    }
+}
+
+#[tokio::test]
+async fn a_graph_that_cannot_run_is_refused_naming_the_step_and_the_limit() {
+    let tasks = service(Config::default(), Arc::new(MemoryStore::new()));
+    let many: Vec<serde_json::Value> = (0..65).map(|_| json!("plan")).collect();
+    let cases = [
+        (
+            json!([
+                {"id": "a", "capability": "plan", "needs": ["b"]},
+                {"id": "b", "capability": "retrieve", "needs": ["a"]},
+            ]),
+            vec!["`steps`", "cycle", "a → b → a"],
+        ),
+        (
+            json!(["plan", {"id": "x", "capability": "retrieve", "needs": ["nope"]}]),
+            vec!["`steps`", "step 1 (`x`)", "`nope`"],
+        ),
+        (
+            json!(["plan", {"id": "plan", "capability": "retrieve"}]),
+            vec!["`steps`", "step 1", "`plan`", "unique"],
+        ),
+        (
+            json!([{"id": "m", "capability": "retrieve", "map": {"over": "input", "concurrency": 0}}]),
+            vec!["step 0 (`m`)", "`map.concurrency`", "1 to 1000"],
+        ),
+        (
+            json!([{"id": "m", "capability": "retrieve", "map": {"over": "input", "concurrency": 1001}}]),
+            vec!["step 0 (`m`)", "`map.concurrency`", "1001"],
+        ),
+        (
+            json!(["plan", {"id": "ok", "wait": {"signal": "ok"}}]),
+            vec!["step 1 (`ok`)", "`wait.timeout_ms` is required"],
+        ),
+        (
+            serde_json::Value::Array(many),
+            vec!["65 steps", "at most 64"],
+        ),
+        (json!([]), vec!["`steps`", "at least one step"]),
+        // The unknown-capability check covers every worker step, not only the first.
+        (
+            json!(["plan", {"capability": "teleport", "needs": []}]),
+            vec!["unknown capability `teleport`"],
+        ),
+    ];
+    for (steps, fragments) in cases {
+        let shown = steps.to_string();
+        let message = refusal(&tasks, steps).await;
+        for f in fragments {
+            assert!(message.contains(f), "{shown}: {message} lacks {f:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_graph_is_stored_with_its_ids_and_needs() {
+    let store = Arc::new(MemoryStore::new());
+    let tasks = service(Config::default(), store.clone());
+    let steps = json!([
+        "plan",
+        {"id": "search", "capability": "retrieve", "map": {"over": "plan.queries", "concurrency": 2}},
+        {"id": "approve", "needs": [], "wait": {"timeout_ms": 60_000}},
+        {"capability": "finalize", "needs": ["search", "approve"]},
+    ]);
+    let id = tasks
+        .submit("alice", body(json!({"steps": steps})), None, String::new())
+        .await
+        .expect("accepted")
+        .task_id;
+    let view = store.get(&id).await.expect("read").expect("stored").view;
+    let ids: Vec<&str> = view.steps.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["plan", "search", "approve", "finalize"]);
+    assert_eq!(view.steps[3].needs, ["search", "approve"]);
+}
+
+#[test]
+fn submit_wakes_the_roots_and_gives_every_capability_a_loop() {
+    let cap = |c: &str| Capability::new(c).expect("a valid capability");
+    let mut steps = vec![
+        PlannedStep::chain_link(0, "a", cap("plan"), 1, 1),
+        PlannedStep::chain_link(0, "b", cap("retrieve"), 1, 1),
+        PlannedStep::chain_link(1, "c", cap("evaluate"), 1, 1),
+        PlannedStep::chain_link(0, "d", cap("plan"), 1, 1),
+    ];
+    steps[2].needs = vec![0, 1];
+    let (every, roots) = super::capabilities_to_wake(&steps);
+    assert_eq!(every, [cap("evaluate"), cap("plan"), cap("retrieve")]);
+    assert_eq!(roots, [cap("plan"), cap("retrieve")]);
+}
+
+fn signal(name: &str, payload: serde_json::Value) -> SignalRequest {
+    SignalRequest {
+        name: name.into(),
+        payload,
+    }
+}
+
+/// A task of alice's whose first step waits for `approve`, then `plan` runs.
+async fn waiting_task(tasks: &Tasks) -> TaskId {
+    let steps = json!([{"id": "approve", "wait": {"timeout_ms": 3_600_000}}, "plan"]);
+    tasks
+        .submit("alice", body(json!({"steps": steps})), None, String::new())
+        .await
+        .expect("accepted")
+        .task_id
+}
+
+#[tokio::test]
+async fn a_signal_reaches_the_owners_waiting_step_once() {
+    let store = Arc::new(MemoryStore::new());
+    let tasks = service(Config::default(), store.clone());
+    let id = waiting_task(&tasks).await;
+    let alice = Caller::Client("alice".into());
+    let bob = Caller::Client("bob".into());
+
+    let someone_elses = tasks
+        .signal(&bob, id.as_str(), signal("approve", json!(1)))
+        .await;
+    assert!(
+        matches!(someone_elses, Err(ServiceError::NotFound(_))),
+        "{someone_elses:?}"
+    );
+    let unknown = tasks
+        .signal(
+            &alice,
+            TaskId::generate().as_str(),
+            signal("approve", json!(1)),
+        )
+        .await;
+    assert!(
+        matches!(unknown, Err(ServiceError::NotFound(_))),
+        "{unknown:?}"
+    );
+    match tasks
+        .signal(&alice, id.as_str(), signal("nobody-listens", json!(1)))
+        .await
+    {
+        Err(ServiceError::Invalid(m)) => assert!(m.contains("`nobody-listens`"), "{m}"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+
+    let answer = tasks
+        .signal(&alice, id.as_str(), signal("approve", json!({"ok": true})))
+        .await
+        .expect("delivered");
+    assert_eq!(answer.status, SignalStatus::Delivered);
+    let view = store.get(&id).await.expect("read").expect("stored").view;
+    assert_eq!(view.steps[0].status, StepStatus::Succeeded);
+    assert_eq!(view.steps[0].output, Some(json!({"ok": true})));
+    assert_eq!(
+        view.steps[1].status,
+        StepStatus::Queued,
+        "the step after it runs"
+    );
+
+    match tasks
+        .signal(&alice, id.as_str(), signal("approve", json!(2)))
+        .await
+    {
+        Err(ServiceError::Conflict(m)) => assert!(m.contains("`approve`"), "{m}"),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_signal_before_its_step_is_buffered_and_an_operator_may_send_one() {
+    let store = Arc::new(MemoryStore::new());
+    let tasks = service(Config::default(), store.clone());
+    let steps = json!(["plan", {"id": "approve", "wait": {"timeout_ms": 3_600_000}}]);
+    let id = tasks
+        .submit("alice", body(json!({"steps": steps})), None, String::new())
+        .await
+        .expect("accepted")
+        .task_id;
+    let answer = tasks
+        .signal(
+            &Caller::Operator,
+            id.as_str(),
+            signal("approve", json!("yes")),
+        )
+        .await
+        .expect("buffered");
+    assert_eq!(answer.status, SignalStatus::Buffered);
+    let view = store.get(&id).await.expect("read").expect("stored").view;
+    assert_eq!(view.steps[1].status, StepStatus::Pending, "not reached yet");
+    let again = tasks
+        .signal(
+            &Caller::Operator,
+            id.as_str(),
+            signal("approve", json!("no")),
+        )
+        .await;
+    assert!(matches!(again, Err(ServiceError::Conflict(_))), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_signal_to_a_finished_task_conflicts_and_a_bad_signal_is_refused() {
+    let store = Arc::new(MemoryStore::new());
+    let tasks = service(Config::default(), store.clone());
+    let alice = Caller::Client("alice".into());
+    let id = waiting_task(&tasks).await;
+
+    let mut deep = json!(1);
+    for _ in 0..100 {
+        deep = json!([deep]);
+    }
+    for (request, field) in [
+        (signal("", json!(1)), "`name`"),
+        (signal(&"n".repeat(65), json!(1)), "`name`"),
+        (signal("Not A Name", json!(1)), "`name`"),
+        (signal("approve", deep), "`payload`"),
+    ] {
+        match tasks.signal(&alice, id.as_str(), request).await {
+            Err(ServiceError::Invalid(m)) => assert!(m.contains(field), "{m}"),
+            other => panic!("expected Invalid naming {field}, got {other:?}"),
+        }
+    }
+    assert_eq!(status(store.as_ref(), &id).await, TaskStatus::Waiting);
+
+    tasks.cancel(&alice, id.as_str()).await.expect("cancelled");
+    match tasks
+        .signal(&alice, id.as_str(), signal("approve", json!(1)))
+        .await
+    {
+        Err(ServiceError::Conflict(m)) => assert!(m.contains("cancelled"), "{m}"),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+}
+
 /// The in-memory store, except that `redrive` fails as if Redis went away after the first
 /// few calls, until [`FailingRedrive::recover`].
 struct FailingRedrive {
@@ -318,14 +560,36 @@ impl FailingRedrive {
 
 #[async_trait]
 impl TaskStore for FailingRedrive {
-    async fn redrive(&self, id: &TaskId) -> Result<RedriveOutcome, StoreError> {
+    async fn redrive(
+        &self,
+        id: &TaskId,
+        retention: Duration,
+    ) -> Result<RedriveOutcome, StoreError> {
         let spent = self
             .left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if spent.is_err() {
             return Err(StoreError::Unavailable("connection refused".into()));
         }
-        self.inner.redrive(id).await
+        self.inner.redrive(id, retention).await
+    }
+
+    async fn signal(
+        &self,
+        id: &TaskId,
+        name: &str,
+        payload: &str,
+        retention: Duration,
+    ) -> Result<SignalOutcome, StoreError> {
+        self.inner.signal(id, name, payload, retention).await
+    }
+
+    async fn fire_timers(
+        &self,
+        limit: usize,
+        retention: Duration,
+    ) -> Result<Vec<FiredTimer>, StoreError> {
+        self.inner.fire_timers(limit, retention).await
     }
 
     async fn submit(
