@@ -1,6 +1,8 @@
 //! The in-memory task store: the same transitions as the Redis store, for the all-in-one
 //! launcher when no `redis-server` is available, and as the reference the conformance
-//! tests hold both stores to. State lives in one mutex; nothing survives a restart.
+//! tests hold both stores to. State lives in one mutex; nothing survives a restart. The
+//! graph transitions follow `docs/workflows.md` ("The transitions, precisely") rule by
+//! rule, in the same order as `lua/graph.lua`, so both stores agree on every cascade.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -8,17 +10,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::wire::{
-    CallbackStatus, CallbackView, Capability, PriorOutput, ReportStatus, ResultReport, StepContext,
-    StepError, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
-    now_ms,
+    CallbackStatus, CallbackView, Capability, MapView, OnTimeout, PriorOutput, ReportStatus,
+    ResultReport, StepContext, StepError, StepKind, StepRef, StepStatus, StepView, TaskId,
+    TaskStatus, TaskView, WaitView, WorkRequest, WorkerId, now_ms,
 };
 use serde_json::Value;
 
 use super::{
-    CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease,
-    FinishedStep, MAX_FREE_DISPATCH_FAILURES, NewTask, QueueStats, RateLimit, RedriveOutcome,
-    ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, StoreError, SubmitOutcome,
-    TaskRecord, TaskStore, lost_on_worker, queue_score,
+    Advance, CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed,
+    ExpiredLease, Finished, FinishedStep, FiredTimer, MAX_FREE_DISPATCH_FAILURES, MAX_MAP_WIDTH,
+    MapPlan, NewTask, PlannedKind, QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome,
+    ReleaseReason, ReportOutcome, RetryPolicy, SignalOutcome, StoreError, SubmitOutcome,
+    TaskRecord, TaskStore, derive_waiting, graph_result, lost_on_worker, queue_score,
 };
 
 /// The in-memory [`TaskStore`].
@@ -68,6 +71,9 @@ struct State {
     capabilities: BTreeSet<String>,
     /// The completion-callback outbox: task id → when its delivery is due.
     outbox: HashMap<String, u64>,
+    /// Wait and sleep timers: (due, member `task_id:slot`, task id, slot), so they fire in
+    /// the order of the Redis sorted set (score, then member).
+    timers: BTreeSet<(u64, String, String, u32)>,
 }
 
 struct Task {
@@ -84,7 +90,17 @@ struct Task {
     started: Option<u64>,
     finished: Option<u64>,
     expires_at: Option<u64>,
+    /// Declared steps first (in the order written), then map instances as their steps
+    /// expand: a step's index here is its slot.
     steps: Vec<Step>,
+    /// How many of `steps` were declared (the rest are map instances).
+    declared: usize,
+    /// Declared steps not finished yet: at 0 the task has succeeded (rule 4).
+    open: usize,
+    /// Declared steps no other step needs: where the result comes from.
+    sinks: Vec<u32>,
+    /// Signals that arrived before their wait step was reached: name → payload.
+    buffered: HashMap<String, Value>,
     /// The callback's delivery since the task last finished; `None` before that (the
     /// Redis hash has no `CALLBACK_STATUS` then).
     delivery: Option<Delivery>,
@@ -99,8 +115,63 @@ struct Delivery {
     last_error: Option<String>,
 }
 
+/// What a slot is; map instances are worker steps.
+#[derive(Clone)]
+enum Kind {
+    Work {
+        /// Its output's `next` picks its dependants (declared steps only).
+        router: bool,
+        /// Its fan-out (declared steps only).
+        map: Option<MapPlan>,
+    },
+    Wait {
+        signal: String,
+        timeout_ms: u64,
+        on_timeout: OnTimeout,
+    },
+    Sleep {
+        ms: u64,
+    },
+}
+
+/// A map step's instances once it expanded.
+#[derive(Clone, Copy)]
+struct Fan {
+    /// The slot of element 0's instance.
+    first: u32,
+    /// How many instances (elements).
+    total: u32,
+    /// The next instance to queue (element index): the ones from here on are pending.
+    next: u32,
+    /// Instances finished (succeeded, or failed when the map step allows it).
+    done: u32,
+}
+
 struct Step {
-    capability: Capability,
+    /// Its id; `<map id>[<i>]` for an instance.
+    id: String,
+    kind: Kind,
+    /// What a worker needs to run it; `None` for wait and sleep steps.
+    capability: Option<Capability>,
+    /// The slots it needs (an instance: its map step's, for its context).
+    needs: Vec<u32>,
+    /// The slots that need it, in slot order.
+    dependants: Vec<u32>,
+    allow_failure: bool,
+    /// Needs not finished yet; at 0 the step is resolved (rule 5).
+    open_needs: usize,
+    /// Needs that finished skipped.
+    skipped_needs: usize,
+    /// A router it needs did not pick it.
+    routed_out: bool,
+    /// A map step's instances, once expanded.
+    fan: Option<Fan>,
+    /// An instance's map step.
+    parent: Option<u32>,
+    /// An instance's element index and element.
+    element: Option<(u32, Value)>,
+    /// When a waiting wait or sleep step's timer fires.
+    wakes_at: Option<u64>,
     status: StepStatus,
     attempt: u32,
     tries: u32,
@@ -121,8 +192,66 @@ struct Step {
     recorded: Option<(u32, WorkerId, ReportStatus, ReportOutcome)>,
 }
 
+impl Step {
+    fn new(id: String, kind: Kind, capability: Option<Capability>) -> Self {
+        Self {
+            id,
+            kind,
+            capability,
+            needs: Vec::new(),
+            dependants: Vec::new(),
+            allow_failure: false,
+            open_needs: 0,
+            skipped_needs: 0,
+            routed_out: false,
+            fan: None,
+            parent: None,
+            element: None,
+            wakes_at: None,
+            status: StepStatus::Pending,
+            attempt: 0,
+            tries: 0,
+            max_attempts: 1,
+            timeout_ms: 0,
+            worker: None,
+            output: None,
+            error: None,
+            queued: None,
+            dispatched: None,
+            finished: None,
+            avoid: None,
+            free_failures: 0,
+            recorded: None,
+        }
+    }
+
+    fn is_router(&self) -> bool {
+        matches!(self.kind, Kind::Work { router: true, .. })
+    }
+
+    fn map(&self) -> Option<&MapPlan> {
+        match &self.kind {
+            Kind::Work { map, .. } => map.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn timer_member(id: &str, slot: u32) -> String {
+    format!("{id}:{slot}")
+}
+
+/// How a slot finished (rule 4).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    Skipped,
+    /// Failed with its failure allowed.
+    Failed,
 }
 
 impl State {
@@ -136,6 +265,21 @@ impl State {
             self.tasks.remove(id);
         }
         self.tasks.get_mut(id)
+    }
+
+    /// Runs `f` on a live task taken out of the map (so that the rest of the state can be
+    /// changed beside it) and puts it back.
+    fn transition<T>(
+        &mut self,
+        id: &str,
+        now: u64,
+        f: impl FnOnce(&mut State, &mut Task) -> T,
+    ) -> Option<T> {
+        self.task(id, now)?;
+        let mut task = self.tasks.remove(id)?;
+        let out = f(self, &mut task);
+        self.tasks.insert(id.to_string(), task);
+        Some(out)
     }
 
     fn release_load(&mut self, worker: Option<&WorkerId>) {
@@ -157,15 +301,13 @@ impl State {
     }
 
     /// A finished task's callback enters the outbox, due now (lib.lua: queue_callback).
-    fn queue_callback(&mut self, id: &str, now: u64) {
-        if let Some(t) = self.tasks.get_mut(id) {
-            t.delivery = Some(Delivery {
-                status: CallbackStatus::Pending,
-                attempts: 0,
-                last_error: None,
-            });
-            self.outbox.insert(id.to_string(), now);
-        }
+    fn queue_callback(&mut self, t: &mut Task, now: u64) {
+        t.delivery = Some(Delivery {
+            status: CallbackStatus::Pending,
+            attempts: 0,
+            last_error: None,
+        });
+        self.outbox.insert(t.id.to_string(), now);
     }
 
     fn remove_lease(&mut self, cap: &Capability, id: &str, step: u32) -> bool {
@@ -173,6 +315,517 @@ impl State {
             .get_mut(cap.as_str())
             .and_then(|l| l.remove(&(id.to_string(), step)))
             .is_some()
+    }
+
+    fn remove_timer(&mut self, id: &str, slot: u32, due: Option<u64>) {
+        if let Some(due) = due {
+            self.timers
+                .remove(&(due, timer_member(id, slot), id.to_string(), slot));
+        }
+    }
+}
+
+/// One graph transition on one task (graph.lua's `G`): what it queued, and whether the
+/// task failed in it. The cascade rules are methods; `end` settles the task.
+struct Tx<'a> {
+    s: &'a mut State,
+    t: &'a mut Task,
+    now: u64,
+    /// Capabilities of the steps queued, in the order queued, each once (rule 14).
+    queued: Vec<Capability>,
+    /// The error the task failed with in this transition.
+    failed: Option<StepError>,
+}
+
+impl<'a> Tx<'a> {
+    fn new(s: &'a mut State, t: &'a mut Task, now: u64) -> Self {
+        Self {
+            s,
+            t,
+            now,
+            queued: Vec::new(),
+            failed: None,
+        }
+    }
+
+    fn step(&mut self, slot: u32) -> &mut Step {
+        &mut self.t.steps[slot as usize]
+    }
+
+    /// Puts a worker step (or instance) in its capability's queue.
+    fn queue(&mut self, slot: u32) {
+        let now = self.now;
+        let priority = self.t.priority;
+        let st = self.step(slot);
+        st.status = StepStatus::Queued;
+        st.queued = Some(now);
+        let Some(cap) = st.capability.clone() else {
+            return;
+        };
+        let id = self.t.id.to_string();
+        self.s.enqueue(&cap, priority, now, &id, slot);
+        if !self.queued.contains(&cap) {
+            self.queued.push(cap);
+        }
+    }
+
+    /// A wait or sleep step starts waiting for `wait_ms`; the task is running from now.
+    fn timer(&mut self, slot: u32, wait_ms: u64) {
+        let due = self.now.saturating_add(wait_ms);
+        let st = self.step(slot);
+        st.status = StepStatus::Waiting;
+        st.wakes_at = Some(due);
+        let id = self.t.id.to_string();
+        self.s
+            .timers
+            .insert((due, timer_member(&id, slot), id, slot));
+        if self.t.status == TaskStatus::Queued {
+            self.t.status = TaskStatus::Running;
+            self.t.started.get_or_insert(self.now);
+        }
+    }
+
+    fn succeed(&mut self, slot: u32, output: Value) {
+        let now = self.now;
+        let st = self.step(slot);
+        st.status = StepStatus::Succeeded;
+        st.output = Some(output);
+        st.finished = Some(now);
+    }
+
+    /// Rule 6: slot `d` has all it needs.
+    fn ready(&mut self, d: u32) {
+        if self.failed.is_some() {
+            return;
+        }
+        match self.step(d).kind.clone() {
+            Kind::Wait {
+                signal, timeout_ms, ..
+            } => {
+                if let Some(payload) = self.t.buffered.remove(&signal) {
+                    self.succeed(d, payload);
+                    self.finish(d, Outcome::Succeeded);
+                } else {
+                    self.timer(d, timeout_ms);
+                }
+            }
+            Kind::Sleep { ms } => self.timer(d, ms),
+            Kind::Work { map: Some(_), .. } => self.expand(d),
+            Kind::Work { map: None, .. } => self.queue(d),
+        }
+    }
+
+    /// Rule 7: map step `m` runs once per element of its array.
+    fn expand(&mut self, m: u32) {
+        let Some(plan) = self.step(m).map().cloned() else {
+            return self.queue(m);
+        };
+        let source = match plan.from {
+            None => Some(&self.t.input),
+            Some(n) => self.t.steps.get(n as usize).and_then(|s| s.output.as_ref()),
+        };
+        let elements = source
+            .and_then(|v| walk(v, &plan.path))
+            .and_then(Value::as_array)
+            .cloned();
+        let Some(elements) = elements else {
+            let e = StepError::permanent(
+                "map_source",
+                format!("`map.over` ({}) does not lead to an array", plan.over),
+            );
+            return self.fail_for_good(m, e);
+        };
+        if elements.len() > MAX_MAP_WIDTH {
+            let e = StepError::permanent(
+                "map_too_wide",
+                format!(
+                    "`map.over` ({}) has {} elements; a map step runs over at most {MAX_MAP_WIDTH}",
+                    plan.over,
+                    elements.len()
+                ),
+            );
+            return self.fail_for_good(m, e);
+        }
+        let first = self.t.steps.len() as u32;
+        let total = elements.len() as u32;
+        if total == 0 {
+            self.step(m).fan = Some(Fan {
+                first,
+                total: 0,
+                next: 0,
+                done: 0,
+            });
+            self.succeed(m, Value::Array(Vec::new()));
+            return self.finish(m, Outcome::Succeeded);
+        }
+        let map_step = &self.t.steps[m as usize];
+        let (cap, max_attempts, timeout_ms, needs, id) = (
+            map_step.capability.clone(),
+            map_step.max_attempts,
+            map_step.timeout_ms,
+            map_step.needs.clone(),
+            map_step.id.clone(),
+        );
+        for (i, element) in elements.into_iter().enumerate() {
+            let mut inst = Step::new(
+                format!("{id}[{i}]"),
+                Kind::Work {
+                    router: false,
+                    map: None,
+                },
+                cap.clone(),
+            );
+            inst.max_attempts = max_attempts;
+            inst.timeout_ms = timeout_ms;
+            inst.needs = needs.clone();
+            inst.parent = Some(m);
+            inst.element = Some((i as u32, element));
+            self.t.steps.push(inst);
+        }
+        let width = total.min(plan.concurrency.max(1));
+        let st = self.step(m);
+        st.status = StepStatus::Running;
+        st.fan = Some(Fan {
+            first,
+            total,
+            next: width,
+            done: 0,
+        });
+        for i in 0..width {
+            self.queue(first + i);
+        }
+    }
+
+    /// Rule 4 for a map instance: its map step counts it, queues the next instance, and
+    /// succeeds when every instance has finished.
+    fn instance_done(&mut self, p: u32) {
+        if self.step(p).status != StepStatus::Running {
+            return;
+        }
+        let Some(mut fan) = self.step(p).fan else {
+            return;
+        };
+        fan.done += 1;
+        if fan.next < fan.total && self.failed.is_none() {
+            self.queue(fan.first + fan.next);
+            fan.next += 1;
+        }
+        self.step(p).fan = Some(fan);
+        if fan.done < fan.total {
+            return;
+        }
+        let outputs: Vec<Value> = (fan.first..fan.first + fan.total)
+            .map(|i| {
+                let inst = &self.t.steps[i as usize];
+                if inst.status == StepStatus::Succeeded {
+                    inst.output.clone().unwrap_or(Value::Null)
+                } else {
+                    let error = inst
+                        .error
+                        .as_ref()
+                        .and_then(|e| serde_json::to_value(e).ok())
+                        .unwrap_or(Value::Null);
+                    serde_json::json!({ "error": error })
+                }
+            })
+            .collect();
+        self.succeed(p, Value::Array(outputs));
+        self.finish(p, Outcome::Succeeded);
+    }
+
+    /// Rule 4: slot `slot` finished; its dependants count it and are resolved (rule 5)
+    /// when nothing they need is open.
+    fn finish(&mut self, slot: u32, outcome: Outcome) {
+        if let Some(p) = self.step(slot).parent {
+            return self.instance_done(p);
+        }
+        self.t.open = self.t.open.saturating_sub(1);
+        if self.failed.is_some() {
+            return;
+        }
+        let now = self.now;
+        for d in self.step(slot).dependants.clone() {
+            let dep = self.step(d);
+            if dep.status != StepStatus::Pending {
+                continue;
+            }
+            dep.open_needs = dep.open_needs.saturating_sub(1);
+            if outcome == Outcome::Skipped {
+                dep.skipped_needs += 1;
+            }
+            if dep.open_needs > 0 {
+                continue;
+            }
+            if dep.routed_out || dep.skipped_needs >= dep.needs.len() {
+                dep.status = StepStatus::Skipped;
+                dep.finished = Some(now);
+                self.finish(d, Outcome::Skipped);
+            } else {
+                self.ready(d);
+            }
+        }
+    }
+
+    /// Rule 8: slot `slot` failed for good with `e`.
+    fn fail_for_good(&mut self, slot: u32, e: StepError) {
+        let now = self.now;
+        let st = self.step(slot);
+        st.status = StepStatus::Failed;
+        st.error = Some(e.clone());
+        st.finished = Some(now);
+        let (parent, allowed, cap) = (st.parent, st.allow_failure, st.capability.clone());
+        if let Some(p) = parent {
+            if self.step(p).allow_failure {
+                return self.instance_done(p);
+            }
+            let map_step = self.step(p);
+            map_step.status = StepStatus::Failed;
+            map_step.error = Some(e.clone());
+            map_step.finished = Some(now);
+            return self.fail_task(cap, e);
+        }
+        if allowed {
+            return self.finish(slot, Outcome::Failed);
+        }
+        self.fail_task(cap, e);
+    }
+
+    /// The task fails with `e` (the first failure counts): dead-lettered under `cap`; the
+    /// other branches are stopped by `end`.
+    fn fail_task(&mut self, cap: Option<Capability>, e: StepError) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.failed = Some(e.clone());
+        self.t.status = TaskStatus::Failed;
+        self.t.error = Some(e);
+        self.t.finished = Some(self.now);
+        if let Some(cap) = cap {
+            self.s
+                .dead
+                .entry(cap.to_string())
+                .or_default()
+                .insert(self.t.id.to_string(), self.now);
+        }
+    }
+
+    /// Rule 2: a router's output picks its dependants; false (the router failed for good)
+    /// when it does not.
+    fn route(&mut self, slot: u32, output: &Value) -> bool {
+        let picks: Vec<String> = match output.get("next") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let deps = self.step(slot).dependants.clone();
+        let ids: Vec<String> = deps
+            .iter()
+            .map(|d| self.t.steps[*d as usize].id.clone())
+            .collect();
+        if let Some(unknown) = picks.iter().find(|p| !ids.contains(p)) {
+            let e = StepError::permanent(
+                "route",
+                format!("the router picked `{unknown}`, which is not one of its successors"),
+            );
+            self.fail_for_good(slot, e);
+            return false;
+        }
+        if picks.is_empty() {
+            let e = StepError::permanent(
+                "route",
+                "a router must answer an output with `next`: a successor id or a list of them",
+            );
+            self.fail_for_good(slot, e);
+            return false;
+        }
+        for (d, id) in deps.into_iter().zip(ids) {
+            if !picks.contains(&id) {
+                self.step(d).routed_out = true;
+            }
+        }
+        true
+    }
+
+    /// Every slot that is queued, dispatched, waiting or running (but `except`) becomes
+    /// `cancelled` with `e`: out of its queue, lease and timer.
+    fn stop_all(&mut self, except: Option<u32>, e: &StepError) {
+        let id = self.t.id.to_string();
+        for i in 0..self.t.steps.len() {
+            let slot = i as u32;
+            let st = &mut self.t.steps[i];
+            if Some(slot) == except
+                || !matches!(
+                    st.status,
+                    StepStatus::Queued
+                        | StepStatus::Dispatched
+                        | StepStatus::Waiting
+                        | StepStatus::Running
+                )
+            {
+                continue;
+            }
+            if let Some(cap) = &st.capability {
+                if let Some(q) = self.s.queues.get_mut(cap.as_str()) {
+                    q.retain(|(_, t, s)| !(t == &id && *s == slot));
+                }
+                if let Some(d) = self.s.delayed.get_mut(cap.as_str()) {
+                    d.retain(|(_, t, s)| !(t == &id && *s == slot));
+                }
+                let cap = cap.clone();
+                if self.s.remove_lease(&cap, &id, slot) {
+                    let worker = self.t.steps[i].worker.clone();
+                    self.s.release_load(worker.as_ref());
+                }
+            }
+            let st = &mut self.t.steps[i];
+            if st.status == StepStatus::Waiting {
+                let due = st.wakes_at.take();
+                self.s.remove_timer(&id, slot, due);
+            }
+            let st = &mut self.t.steps[i];
+            st.status = StepStatus::Cancelled;
+            st.error = Some(e.clone());
+            st.finished = Some(self.now);
+        }
+    }
+
+    /// Ends the transition (graph.lua's `g_end`): stops the other branches of a task that
+    /// failed, or finishes a task with nothing open; a finished task enters the outbox
+    /// and expires after `retention` (never, with `None`). `reported` is the slot the
+    /// transition was about: the result is left out when it is the only final step.
+    fn end(&mut self, reported: Option<u32>, retention: Option<u64>) -> Option<Finished> {
+        let status = if self.failed.is_some() {
+            let stopped = StepError::permanent(
+                "stopped",
+                "stopped: another step of the task failed for good",
+            );
+            self.stop_all(reported, &stopped);
+            TaskStatus::Failed
+        } else if self.t.open == 0 && !self.t.status.is_terminal() {
+            self.t.status = TaskStatus::Succeeded;
+            self.t.finished = Some(self.now);
+            TaskStatus::Succeeded
+        } else {
+            return None;
+        };
+        let callback = self.t.callback_url.is_some();
+        if callback {
+            self.s.queue_callback(self.t, self.now);
+        }
+        self.t.expires_at = retention.map(|r| self.now.saturating_add(r));
+        let result = (status == TaskStatus::Succeeded)
+            .then(|| {
+                let only = self.t.sinks.len() == 1 && reported == self.t.sinks.first().copied();
+                (!only).then(|| graph_result(&declared_views(self.t)))
+            })
+            .flatten();
+        Some(Finished {
+            status,
+            callback,
+            result,
+            error: self.failed.clone(),
+        })
+    }
+}
+
+/// The value at `path` (object keys, array indices as text) in `v`.
+fn walk<'v>(v: &'v Value, path: &[String]) -> Option<&'v Value> {
+    path.iter().try_fold(v, |at, seg| match at {
+        Value::Object(map) => map.get(seg),
+        Value::Array(list) => seg.parse::<usize>().ok().and_then(|i| list.get(i)),
+        _ => None,
+    })
+}
+
+/// The steps of a new task, with their graph links.
+fn build_steps(task: &NewTask) -> Vec<Step> {
+    let mut steps: Vec<Step> = task
+        .steps
+        .iter()
+        .map(|p| {
+            let (kind, capability, max_attempts, timeout_ms) = match &p.kind {
+                PlannedKind::Work {
+                    capability,
+                    max_attempts,
+                    timeout_ms,
+                    map,
+                    router,
+                } => (
+                    Kind::Work {
+                        router: *router,
+                        map: map.clone(),
+                    },
+                    Some(capability.clone()),
+                    *max_attempts,
+                    *timeout_ms,
+                ),
+                PlannedKind::Wait {
+                    signal,
+                    timeout_ms,
+                    on_timeout,
+                } => (
+                    Kind::Wait {
+                        signal: signal.clone(),
+                        timeout_ms: *timeout_ms,
+                        on_timeout: *on_timeout,
+                    },
+                    None,
+                    1,
+                    0,
+                ),
+                PlannedKind::Sleep { ms } => (Kind::Sleep { ms: *ms }, None, 1, 0),
+            };
+            let mut st = Step::new(p.id.clone(), kind, capability);
+            st.needs = p.needs.clone();
+            st.open_needs = p.needs.len();
+            st.allow_failure = p.allow_failure;
+            st.max_attempts = max_attempts;
+            st.timeout_ms = timeout_ms;
+            st
+        })
+        .collect();
+    for d in 0..steps.len() {
+        for n in steps[d].needs.clone() {
+            if let Some(need) = steps.get_mut(n as usize)
+                && !need.dependants.contains(&(d as u32))
+            {
+                need.dependants.push(d as u32);
+            }
+        }
+    }
+    steps
+}
+
+/// What a report that finished its step answers (the task went on, or it finished).
+fn settle(tx: &mut Tx<'_>, slot: u32, finished: FinishedStep, retention: u64) -> ReportOutcome {
+    match tx.end(Some(slot), Some(retention)) {
+        Some(done) => ReportOutcome::Done {
+            finished,
+            status: done.status,
+            callback: done.callback,
+            result: done.result,
+        },
+        None => ReportOutcome::Next {
+            finished,
+            queued: std::mem::take(&mut tx.queued),
+        },
+    }
+}
+
+/// What a transition the master makes by itself set going.
+fn advance(tx: &mut Tx<'_>, retention: u64) -> Advance {
+    // Unlike a report, nothing else carries the result: it is always given.
+    let done = tx.end(None, Some(retention));
+    Advance {
+        queued: if done.is_some() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut tx.queued)
+        },
+        done,
     }
 }
 
@@ -218,58 +871,46 @@ impl TaskStore for MemoryStore {
                     .insert(key, (task.id.to_string(), now + ms(retention)));
             }
             if task.pipeline.is_none() {
-                for step in &task.steps {
-                    s.capabilities.insert(step.capability.to_string());
+                for cap in task.steps.iter().filter_map(|p| p.capability()) {
+                    s.capabilities.insert(cap.to_string());
                 }
             }
-            let steps: Vec<Step> = task
-                .steps
-                .iter()
-                .enumerate()
-                .map(|(i, p)| Step {
-                    capability: p.capability.clone(),
-                    status: if i == 0 {
-                        StepStatus::Queued
-                    } else {
-                        StepStatus::Pending
-                    },
-                    attempt: 0,
-                    tries: 0,
-                    max_attempts: p.max_attempts,
-                    timeout_ms: p.timeout_ms,
-                    worker: None,
-                    output: None,
-                    error: None,
-                    queued: (i == 0).then_some(now),
-                    dispatched: None,
-                    finished: None,
-                    avoid: None,
-                    free_failures: 0,
-                    recorded: None,
-                })
+            let steps = build_steps(&task);
+            let declared = steps.len();
+            let needed: BTreeSet<u32> = steps.iter().flat_map(|st| st.needs.clone()).collect();
+            let sinks = (0..declared as u32)
+                .filter(|i| !needed.contains(i))
                 .collect();
-            let first = steps[0].capability.clone();
-            s.enqueue(&first, task.priority, now, task.id.as_str(), 0);
-            s.tasks.insert(
-                task.id.to_string(),
-                Task {
-                    id: task.id.clone(),
-                    client: task.client,
-                    pipeline: task.pipeline,
-                    priority: task.priority,
-                    input,
-                    status: TaskStatus::Queued,
-                    error: None,
-                    callback_url: task.callback_url,
-                    request_id: task.request_id,
-                    created: now,
-                    started: None,
-                    finished: None,
-                    expires_at: None,
-                    steps,
-                    delivery: None,
-                },
-            );
+            let roots: Vec<u32> = (0..declared as u32)
+                .filter(|i| steps[*i as usize].needs.is_empty())
+                .collect();
+            let mut t = Task {
+                id: task.id.clone(),
+                client: task.client,
+                pipeline: task.pipeline,
+                priority: task.priority,
+                input,
+                status: TaskStatus::Queued,
+                error: None,
+                callback_url: task.callback_url,
+                request_id: task.request_id,
+                created: now,
+                started: None,
+                finished: None,
+                expires_at: None,
+                steps,
+                declared,
+                open: declared,
+                sinks,
+                buffered: HashMap::new(),
+                delivery: None,
+            };
+            let mut tx = Tx::new(s, &mut t, now);
+            for root in roots {
+                tx.ready(root);
+            }
+            tx.end(None, Some(ms(retention)));
+            s.tasks.insert(task.id.to_string(), t);
             Ok(SubmitOutcome::Created)
         })?
     }
@@ -326,35 +967,7 @@ impl TaskStore for MemoryStore {
                 st.status = StepStatus::Dispatched;
                 st.worker = Some(worker.clone());
                 st.dispatched = Some(now);
-                // The step before only, never the whole history (see claim.lua).
-                let previous: Vec<PriorOutput> = idx
-                    .checked_sub(1)
-                    .map(|i| PriorOutput {
-                        step: i as u32,
-                        capability: task.steps[i].capability.clone(),
-                        output: task.steps[i].output.clone().unwrap_or(Value::Null),
-                    })
-                    .into_iter()
-                    .collect();
-                let st = &task.steps[idx];
-                let work = WorkRequest {
-                    task_id: task.id.clone(),
-                    step,
-                    attempt: st.attempt,
-                    capability: capability.clone(),
-                    input: previous
-                        .last()
-                        .map(|p| p.output.clone())
-                        .unwrap_or_else(|| task.input.clone()),
-                    context: StepContext {
-                        task_input: task.input.clone(),
-                        previous,
-                        pipeline: task.pipeline.clone(),
-                        total_steps: task.steps.len() as u32,
-                    },
-                    deadline_ms: now + st.timeout_ms,
-                    worker_id: Some(worker.clone()),
-                };
+                let work = work_request(task, step, capability, worker, now);
                 let request_id = task.request_id.clone();
                 s.leases
                     .entry(capability.to_string())
@@ -391,6 +1004,9 @@ impl TaskStore for MemoryStore {
             {
                 return ReleaseOutcome::Stale;
             }
+            let Some(cap) = st.capability.clone() else {
+                return ReleaseOutcome::Stale;
+            };
             if why == ReleaseReason::Failure {
                 st.free_failures += 1;
                 if st.free_failures > MAX_FREE_DISPATCH_FAILURES {
@@ -400,7 +1016,7 @@ impl TaskStore for MemoryStore {
             }
             st.status = StepStatus::Queued;
             st.tries = st.tries.saturating_sub(1);
-            let (cap, worker, queued) = (st.capability.clone(), st.worker.clone(), st.queued);
+            let (worker, queued) = (st.worker.clone(), st.queued);
             s.remove_lease(&cap, step.task_id.as_str(), step.step);
             s.release_load(worker.as_ref());
             s.enqueue(
@@ -446,95 +1062,89 @@ impl TaskStore for MemoryStore {
                     _ => ReportOutcome::Discarded,
                 };
             }
+            let Some(cap) = st.capability.clone() else {
+                return ReportOutcome::Discarded;
+            };
             let lost = lost_on_worker(report);
-            let priority = task.priority;
-            let has_callback = task.callback_url.is_some();
-            let total = task.steps.len();
-            let st = &mut task.steps[idx];
             let finished = FinishedStep {
-                capability: st.capability.clone(),
+                capability: cap.clone(),
                 dispatched_at_ms: st.dispatched.unwrap_or(0),
             };
             let worker = st.worker.clone();
-            let outcome = match report.status {
-                ReportStatus::Succeeded => {
-                    st.status = StepStatus::Succeeded;
-                    st.output = Some(report.output.clone().unwrap_or(Value::Null));
-                    st.finished = Some(now);
-                    if idx + 1 < total {
-                        let next = &mut task.steps[idx + 1];
-                        next.status = StepStatus::Queued;
-                        next.queued = Some(now);
-                        let cap = next.capability.clone();
-                        s.enqueue(&cap, priority, now, id, report.step + 1);
-                        ReportOutcome::Next {
-                            finished: finished.clone(),
-                            next: cap,
+            let slot = report.step;
+            let outcome = s
+                .transition(id, now, |s, task| {
+                    let mut tx = Tx::new(s, task, now);
+                    match report.status {
+                        ReportStatus::Succeeded => {
+                            let output = report.output.clone().unwrap_or(Value::Null);
+                            tx.succeed(slot, output.clone());
+                            let router =
+                                tx.step(slot).is_router() && tx.step(slot).parent.is_none();
+                            if !router || tx.route(slot, &output) {
+                                tx.finish(slot, Outcome::Succeeded);
+                            }
+                            settle(&mut tx, slot, finished.clone(), ms(retention))
                         }
-                    } else {
-                        task.status = TaskStatus::Succeeded;
-                        task.finished = Some(now);
-                        task.expires_at = Some(now + ms(retention));
-                        ReportOutcome::Done {
-                            finished: finished.clone(),
-                            status: TaskStatus::Succeeded,
-                            callback: has_callback,
-                        }
-                    }
-                }
-                ReportStatus::Failed => {
-                    let error = report.error.clone().unwrap_or_else(|| {
-                        StepError::permanent("agent", "the worker reported a failure without error")
-                    });
-                    let retryable = error.retryable;
-                    st.error = Some(error.clone());
-                    if retryable && st.tries < st.max_attempts {
-                        let delay = retry.delay_with(st.tries.saturating_sub(1), jitter);
-                        let due = now + ms(delay);
-                        st.status = StepStatus::Queued;
-                        st.queued = Some(due);
-                        if lost {
-                            st.avoid = worker.clone();
-                        }
-                        s.delayed
-                            .entry(finished.capability.to_string())
-                            .or_default()
-                            .insert((due, id.to_string(), report.step));
-                        ReportOutcome::Retry {
-                            finished: finished.clone(),
-                            delay: Duration::from_millis(ms(delay)),
-                        }
-                    } else {
-                        st.status = StepStatus::Failed;
-                        st.finished = Some(now);
-                        task.status = TaskStatus::Failed;
-                        task.error = Some(error);
-                        task.finished = Some(now);
-                        task.expires_at = Some(now + ms(retention));
-                        s.dead
-                            .entry(finished.capability.to_string())
-                            .or_default()
-                            .insert(id.to_string(), now);
-                        ReportOutcome::Done {
-                            finished: finished.clone(),
-                            status: TaskStatus::Failed,
-                            callback: has_callback,
+                        ReportStatus::Failed => {
+                            let error = report.error.clone().unwrap_or_else(|| {
+                                StepError::permanent(
+                                    "agent",
+                                    "the worker reported a failure without error",
+                                )
+                            });
+                            let st = tx.step(slot);
+                            if error.retryable && st.tries < st.max_attempts {
+                                let delay = retry.delay_with(st.tries.saturating_sub(1), jitter);
+                                let due = now + ms(delay);
+                                st.error = Some(error);
+                                st.status = StepStatus::Queued;
+                                st.queued = Some(due);
+                                if lost {
+                                    st.avoid = worker.clone();
+                                }
+                                tx.s.delayed.entry(cap.to_string()).or_default().insert((
+                                    due,
+                                    id.to_string(),
+                                    slot,
+                                ));
+                                ReportOutcome::Retry {
+                                    finished: finished.clone(),
+                                    delay: Duration::from_millis(ms(delay)),
+                                }
+                            } else {
+                                tx.fail_for_good(slot, error);
+                                settle(&mut tx, slot, finished.clone(), ms(retention))
+                            }
                         }
                     }
-                }
-            };
-            if matches!(outcome, ReportOutcome::Done { callback: true, .. }) {
-                s.queue_callback(id, now);
-            }
+                })
+                .unwrap_or(ReportOutcome::Discarded);
             if !lost && let Some(t) = s.tasks.get_mut(id) {
+                // A replay answers without the result (report.lua remembers the reply
+                // without it): its caller reads the task when it needs it.
+                let remembered = match &outcome {
+                    ReportOutcome::Done {
+                        finished,
+                        status,
+                        callback,
+                        ..
+                    } => ReportOutcome::Done {
+                        finished: finished.clone(),
+                        status: *status,
+                        callback: *callback,
+                        result: None,
+                    },
+                    other => other.clone(),
+                };
                 t.steps[idx].recorded = Some((
                     report.attempt,
                     report.worker_id.clone(),
                     report.status,
-                    outcome.clone(),
+                    remembered,
                 ));
             }
-            s.remove_lease(&finished.capability, id, report.step);
+            s.remove_lease(&cap, id, report.step);
             s.release_load(worker.as_ref());
             outcome
         })
@@ -585,7 +1195,6 @@ impl TaskStore for MemoryStore {
             out
         })
     }
-
     async fn extend_leases(
         &self,
         capability: &Capability,
@@ -725,81 +1334,195 @@ impl TaskStore for MemoryStore {
     async fn cancel(&self, id: &TaskId, retention: Duration) -> Result<CancelOutcome, StoreError> {
         let now = now_ms();
         self.with(|s| {
-            let Some(task) = s.task(id.as_str(), now) else {
-                return CancelOutcome::NotFound;
-            };
-            if task.status.is_terminal() {
-                return CancelOutcome::AlreadyFinished(task.status);
-            }
-            let mut active = Vec::new();
-            for (i, st) in task.steps.iter_mut().enumerate() {
-                if matches!(st.status, StepStatus::Queued | StepStatus::Dispatched) {
-                    active.push((i as u32, st.capability.clone(), st.worker.clone()));
-                    st.status = StepStatus::Failed;
-                    st.error = Some(StepError::permanent("cancelled", "task cancelled"));
-                    st.finished = Some(now);
+            s.transition(id.as_str(), now, |s, task| {
+                if task.status.is_terminal() {
+                    return CancelOutcome::AlreadyFinished(task.status);
                 }
-            }
-            task.status = TaskStatus::Cancelled;
-            task.finished = Some(now);
-            task.expires_at = Some(now + ms(retention));
-            if task.callback_url.is_some() {
-                s.queue_callback(id.as_str(), now);
-            }
-            for (step, cap, worker) in active {
-                if let Some(q) = s.queues.get_mut(cap.as_str()) {
-                    q.retain(|(_, t, st)| !(t == id.as_str() && *st == step));
+                let mut tx = Tx::new(s, task, now);
+                tx.stop_all(None, &StepError::permanent("cancelled", "task cancelled"));
+                task.status = TaskStatus::Cancelled;
+                task.finished = Some(now);
+                task.expires_at = Some(now + ms(retention));
+                if task.callback_url.is_some() {
+                    s.queue_callback(task, now);
                 }
-                if let Some(d) = s.delayed.get_mut(cap.as_str()) {
-                    d.retain(|(_, t, st)| !(t == id.as_str() && *st == step));
-                }
-                if s.remove_lease(&cap, id.as_str(), step) {
-                    s.release_load(worker.as_ref());
-                }
-            }
-            CancelOutcome::Cancelled
+                CancelOutcome::Cancelled
+            })
+            .unwrap_or(CancelOutcome::NotFound)
         })
     }
 
     async fn redrive(&self, id: &TaskId) -> Result<RedriveOutcome, StoreError> {
         let now = now_ms();
         self.with(|s| {
-            let Some(task) = s.task(id.as_str(), now) else {
-                return RedriveOutcome::NotFound;
-            };
-            if task.status != TaskStatus::Failed {
-                return RedriveOutcome::NotFailed(task.status);
+            s.transition(id.as_str(), now, |s, task| {
+                if task.status != TaskStatus::Failed {
+                    return RedriveOutcome::NotFailed(task.status);
+                }
+                // Rule 10: the stopped steps, and the failed ones whose failure was not
+                // allowed (an instance's is allowed by its map step).
+                let again: Vec<u32> = (0..task.steps.len() as u32)
+                    .filter(|&i| {
+                        let st = &task.steps[i as usize];
+                        let allowed = match st.parent {
+                            Some(p) => task.steps[p as usize].allow_failure,
+                            None => st.allow_failure,
+                        };
+                        st.status == StepStatus::Cancelled
+                            || (st.status == StepStatus::Failed && !allowed)
+                    })
+                    .collect();
+                if again.is_empty() {
+                    return RedriveOutcome::NotFailed(task.status);
+                }
+                for i in &again {
+                    if let Some(cap) = &task.steps[*i as usize].capability
+                        && let Some(d) = s.dead.get_mut(cap.as_str())
+                    {
+                        d.remove(id.as_str());
+                    }
+                }
+                task.status = if task.started.is_some() {
+                    TaskStatus::Running
+                } else {
+                    TaskStatus::Queued
+                };
+                task.finished = None;
+                task.error = None;
+                task.expires_at = None;
+                // The failure's callback is superseded by the next finish's (redrive.lua).
+                task.delivery = None;
+                s.outbox.remove(id.as_str());
+                let mut tx = Tx::new(s, task, now);
+                for i in again {
+                    let st = tx.step(i);
+                    st.finished = None;
+                    st.error = None;
+                    st.tries = 0;
+                    st.free_failures = 0;
+                    let expanded = st.map().is_some() && st.fan.is_some();
+                    let graph = st.map().is_some() || !matches!(st.kind, Kind::Work { .. });
+                    if expanded {
+                        // Its instances run again by this same rule.
+                        st.status = StepStatus::Running;
+                    } else if graph {
+                        tx.ready(i);
+                    } else {
+                        tx.queue(i);
+                    }
+                }
+                // A redrive that fails again at once (a map step's array is still not
+                // one) leaves the task failed without an expiry.
+                match tx.end(None, None) {
+                    Some(_) => RedriveOutcome::Redriven(Vec::new()),
+                    None => RedriveOutcome::Redriven(std::mem::take(&mut tx.queued)),
+                }
+            })
+            .unwrap_or(RedriveOutcome::NotFound)
+        })
+    }
+
+    async fn signal(
+        &self,
+        id: &TaskId,
+        name: &str,
+        payload: &str,
+        retention: Duration,
+    ) -> Result<SignalOutcome, StoreError> {
+        let payload: Value = serde_json::from_str(payload)
+            .map_err(|e| StoreError::Corrupt(format!("signal payload is not JSON: {e}")))?;
+        let now = now_ms();
+        self.with(|s| {
+            s.transition(id.as_str(), now, |s, task| {
+                if task.status.is_terminal() {
+                    return SignalOutcome::Finished(task.status);
+                }
+                let Some(slot) = (0..task.declared).find(
+                    |&i| matches!(&task.steps[i].kind, Kind::Wait { signal, .. } if signal == name),
+                ) else {
+                    return SignalOutcome::UnknownSignal;
+                };
+                let slot = slot as u32;
+                match task.steps[slot as usize].status {
+                    StepStatus::Pending if task.buffered.contains_key(name) => {
+                        SignalOutcome::AlreadyReceived
+                    }
+                    StepStatus::Pending => {
+                        task.buffered.insert(name.to_string(), payload);
+                        SignalOutcome::Buffered
+                    }
+                    StepStatus::Waiting => {
+                        let due = task.steps[slot as usize].wakes_at.take();
+                        s.remove_timer(id.as_str(), slot, due);
+                        let mut tx = Tx::new(s, task, now);
+                        tx.succeed(slot, payload);
+                        tx.finish(slot, Outcome::Succeeded);
+                        SignalOutcome::Delivered(advance(&mut tx, ms(retention)))
+                    }
+                    _ => SignalOutcome::AlreadyReceived,
+                }
+            })
+            .unwrap_or(SignalOutcome::NotFound)
+        })
+    }
+
+    async fn fire_timers(
+        &self,
+        limit: usize,
+        retention: Duration,
+    ) -> Result<Vec<FiredTimer>, StoreError> {
+        let now = now_ms();
+        self.with(|s| {
+            let mut due = Vec::new();
+            while due.len() < limit && s.timers.first().is_some_and(|(at, ..)| *at <= now) {
+                if let Some(entry) = s.timers.pop_first() {
+                    due.push(entry);
+                }
             }
-            let Some(idx) = task
-                .steps
-                .iter()
-                .position(|st| st.status == StepStatus::Failed)
-            else {
-                return RedriveOutcome::NotFailed(task.status);
-            };
-            task.status = if task.started.is_some() {
-                TaskStatus::Running
-            } else {
-                TaskStatus::Queued
-            };
-            task.finished = None;
-            task.error = None;
-            task.expires_at = None;
-            // The failure's callback is superseded by the next finish's (redrive.lua).
-            task.delivery = None;
-            let priority = task.priority;
-            let st = &mut task.steps[idx];
-            st.status = StepStatus::Queued;
-            st.tries = 0;
-            st.queued = Some(now);
-            st.finished = None;
-            let cap = st.capability.clone();
-            if let Some(d) = s.dead.get_mut(cap.as_str()) {
-                d.remove(id.as_str());
+            let mut fired = Vec::new();
+            for (_, _, id, slot) in due {
+                let advanced = s.transition(&id, now, |s, task| {
+                    if task.status.is_terminal()
+                        || task.steps.get(slot as usize).map(|st| st.status)
+                            != Some(StepStatus::Waiting)
+                    {
+                        return None;
+                    }
+                    let kind = task.steps[slot as usize].kind.clone();
+                    task.steps[slot as usize].wakes_at = None;
+                    let mut tx = Tx::new(s, task, now);
+                    match kind {
+                        Kind::Sleep { .. } => {
+                            tx.succeed(slot, Value::Null);
+                            tx.finish(slot, Outcome::Succeeded);
+                        }
+                        Kind::Wait {
+                            on_timeout: OnTimeout::Continue,
+                            ..
+                        } => {
+                            tx.succeed(slot, serde_json::json!({ "timed_out": true }));
+                            tx.finish(slot, Outcome::Succeeded);
+                        }
+                        Kind::Wait {
+                            signal, timeout_ms, ..
+                        } => {
+                            let e = StepError::permanent(
+                                "wait_timeout",
+                                format!("no signal `{signal}` within {timeout_ms} ms"),
+                            );
+                            tx.fail_for_good(slot, e);
+                        }
+                        Kind::Work { .. } => return None,
+                    }
+                    Some(FiredTimer {
+                        task_id: tx.t.id.clone(),
+                        step: slot,
+                        advance: advance(&mut tx, ms(retention)),
+                    })
+                });
+                fired.extend(advanced.flatten());
             }
-            s.outbox.remove(id.as_str());
-            s.enqueue(&cap, priority, now, id.as_str(), idx as u32);
-            RedriveOutcome::Redriven(cap)
+            fired
         })
     }
 
@@ -876,50 +1599,165 @@ impl TaskStore for MemoryStore {
     }
 }
 
-fn record(t: &Task) -> TaskRecord {
-    let steps: Vec<StepView> = t
-        .steps
+/// What a claimed slot is sent (rule 11): its input, and the outcomes of the steps it
+/// needs (a map instance: its element, and its map step's needs).
+fn work_request(
+    t: &Task,
+    step: u32,
+    capability: &Capability,
+    worker: &WorkerId,
+    now: u64,
+) -> WorkRequest {
+    let st = &t.steps[step as usize];
+    let previous: Vec<PriorOutput> = st
+        .needs
         .iter()
-        .enumerate()
-        .map(|(i, st)| StepView {
-            index: i as u32,
-            capability: st.capability.clone(),
-            status: st.status,
-            worker_id: st.worker.clone(),
-            attempts: st.tries,
-            output: st.output.clone(),
-            error: st.error.clone(),
-            queued_at_ms: st.queued,
-            dispatched_at_ms: st.dispatched,
-            finished_at_ms: st.finished,
+        .filter_map(|&n| {
+            let need = t.steps.get(n as usize)?;
+            let failed = need.status == StepStatus::Failed;
+            Some(PriorOutput {
+                step: n,
+                id: need.id.clone(),
+                capability: need.capability.clone(),
+                status: need.status,
+                output: if need.status == StepStatus::Succeeded {
+                    need.output.clone().unwrap_or(Value::Null)
+                } else {
+                    Value::Null
+                },
+                error: if failed { need.error.clone() } else { None },
+            })
         })
         .collect();
-    let result = (t.status == TaskStatus::Succeeded)
-        .then(|| steps.last().and_then(|s| s.output.clone()))
-        .flatten();
-    TaskRecord {
-        view: TaskView {
-            task_id: t.id.clone(),
-            status: t.status,
+    let input = match (&st.element, previous.as_slice()) {
+        (Some((_, element)), _) => element.clone(),
+        (None, []) => t.input.clone(),
+        (None, [one]) => one.output.clone(),
+        (None, several) => Value::Object(
+            several
+                .iter()
+                .map(|p| (p.id.clone(), p.output.clone()))
+                .collect(),
+        ),
+    };
+    WorkRequest {
+        task_id: t.id.clone(),
+        step,
+        attempt: st.attempt,
+        capability: capability.clone(),
+        input,
+        context: StepContext {
+            task_input: t.input.clone(),
+            previous,
             pipeline: t.pipeline.clone(),
-            priority: t.priority,
-            input: t.input.clone(),
-            steps,
-            result,
-            error: t.error.clone(),
-            created_at_ms: t.created,
-            started_at_ms: t.started,
-            finished_at_ms: t.finished,
-            callback: t.callback_url.as_ref().map(|url| {
-                let d = t.delivery.as_ref();
-                CallbackView {
-                    url: url.clone(),
-                    status: d.map_or(CallbackStatus::Pending, |d| d.status),
-                    attempts: d.map_or(0, |d| d.attempts),
-                    last_error: d.and_then(|d| d.last_error.clone()),
-                }
-            }),
+            total_steps: t.declared as u32,
+            step_id: Some(st.id.clone()),
+            element_index: st.element.as_ref().map(|(i, _)| *i),
         },
+        deadline_ms: now + st.timeout_ms,
+        worker_id: Some(worker.clone()),
+    }
+}
+
+/// One slot as `GET /task/{id}` shows it (without instances).
+fn step_view(t: &Task, slot: u32) -> StepView {
+    let st = &t.steps[slot as usize];
+    let (kind, router, wait, sleep_ms) = match &st.kind {
+        Kind::Work { router, .. } => (StepKind::Work, *router, None, None),
+        Kind::Wait {
+            signal,
+            timeout_ms,
+            on_timeout,
+        } => (
+            StepKind::Wait,
+            false,
+            Some(WaitView {
+                signal: signal.clone(),
+                timeout_ms: *timeout_ms,
+                on_timeout: *on_timeout,
+            }),
+            None,
+        ),
+        Kind::Sleep { ms } => (StepKind::Sleep, false, None, Some(*ms)),
+    };
+    StepView {
+        index: slot,
+        id: st.id.clone(),
+        kind,
+        capability: st.capability.clone(),
+        needs: st
+            .needs
+            .iter()
+            .filter_map(|n| t.steps.get(*n as usize).map(|s| s.id.clone()))
+            .collect(),
+        router,
+        allow_failure: st.allow_failure,
+        map: st.map().map(|plan| MapView {
+            over: plan.over.clone(),
+            concurrency: plan.concurrency,
+            total: st.fan.map(|f| f.total),
+            finished: st.fan.map_or(0, |f| f.done),
+        }),
+        instances: Vec::new(),
+        element_index: st.element.as_ref().map(|(i, _)| *i),
+        wait,
+        sleep_ms,
+        wakes_at_ms: st.wakes_at.filter(|_| st.status == StepStatus::Waiting),
+        status: st.status,
+        worker_id: st.worker.clone(),
+        attempts: st.tries,
+        output: st.output.clone(),
+        error: st.error.clone(),
+        queued_at_ms: st.queued,
+        dispatched_at_ms: st.dispatched,
+        finished_at_ms: st.finished,
+    }
+}
+
+/// The declared steps, each map step with its instances in element order.
+fn declared_views(t: &Task) -> Vec<StepView> {
+    (0..t.declared as u32)
+        .map(|slot| {
+            let mut view = step_view(t, slot);
+            if let Some(fan) = t.steps[slot as usize].fan {
+                view.instances = (fan.first..fan.first + fan.total)
+                    .filter(|i| (*i as usize) < t.steps.len())
+                    .map(|i| step_view(t, i))
+                    .collect();
+            }
+            view
+        })
+        .collect()
+}
+
+fn record(t: &Task) -> TaskRecord {
+    let steps = declared_views(t);
+    let result = (t.status == TaskStatus::Succeeded).then(|| graph_result(&steps));
+    let mut view = TaskView {
+        task_id: t.id.clone(),
+        status: t.status,
+        pipeline: t.pipeline.clone(),
+        priority: t.priority,
+        input: t.input.clone(),
+        steps,
+        result,
+        error: t.error.clone(),
+        created_at_ms: t.created,
+        started_at_ms: t.started,
+        finished_at_ms: t.finished,
+        callback: t.callback_url.as_ref().map(|url| {
+            let d = t.delivery.as_ref();
+            CallbackView {
+                url: url.clone(),
+                status: d.map_or(CallbackStatus::Pending, |d| d.status),
+                attempts: d.map_or(0, |d| d.attempts),
+                last_error: d.and_then(|d| d.last_error.clone()),
+            }
+        }),
+    };
+    derive_waiting(&mut view);
+    TaskRecord {
+        view,
         client: t.client.clone(),
         callback_url: t.callback_url.clone(),
         request_id: t.request_id.clone(),
