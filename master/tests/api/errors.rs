@@ -111,10 +111,17 @@ impl Case {
     }
 }
 
-/// Every client mistake the API documents, against one task `id` that alice owns.
-fn cases(id: &str) -> Vec<Case> {
+/// Every client mistake the API documents, against one running task `id` that alice owns
+/// and one task of hers that has finished (`done`).
+fn cases(id: &str, done: &str) -> Vec<Case> {
     use Method as M;
     let task = |name| Case::new(name, M::POST, "/task");
+    let signal = |name, task: &str| Case::new(name, M::POST, format!("/task/{task}/signal"));
+    let mut nested = json!(1);
+    for _ in 0..100 {
+        nested = json!([nested]);
+    }
+    let too_many: Vec<Value> = (0..65).map(|_| json!("plan")).collect();
     vec![
         // 401 and 403: missing or misused credentials.
         task("no key").json(json!({})).expect(401, "unauthorized"),
@@ -183,6 +190,79 @@ fn cases(id: &str) -> Vec<Case> {
             .json(json!({"steps": ["plan"], "inptu": 1}))
             .expect(422, "invalid")
             .mentioning("inptu"),
+        // 422: a graph that cannot run, naming the step and the limit.
+        task("a cycle")
+            .key(ALICE)
+            .json(json!({"steps": [
+                {"id": "a", "capability": "plan", "needs": ["b"]},
+                {"id": "b", "capability": "plan", "needs": ["a"]},
+            ]}))
+            .expect(422, "invalid")
+            .mentioning("a → b → a"),
+        task("a need that is no step")
+            .key(ALICE)
+            .json(json!({"steps": ["plan", {"id": "x", "capability": "plan", "needs": ["nope"]}]}))
+            .expect(422, "invalid")
+            .mentioning("`nope`"),
+        task("a duplicate id")
+            .key(ALICE)
+            .json(json!({"steps": ["plan", {"id": "plan", "capability": "plan"}]}))
+            .expect(422, "invalid")
+            .mentioning("id `plan` is already"),
+        task("map concurrency 0")
+            .key(ALICE)
+            .json(json!({"steps": [{"id": "m", "capability": "plan",
+                "map": {"over": "input", "concurrency": 0}}]}))
+            .expect(422, "invalid")
+            .mentioning("`map.concurrency` must be 1 to 1000"),
+        task("map concurrency 1001")
+            .key(ALICE)
+            .json(json!({"steps": [{"id": "m", "capability": "plan",
+                "map": {"over": "input", "concurrency": 1001}}]}))
+            .expect(422, "invalid")
+            .mentioning("not 1001"),
+        task("a wait without a timeout")
+            .key(ALICE)
+            .json(json!({"steps": [{"id": "w", "wait": {"signal": "go"}}]}))
+            .expect(422, "invalid")
+            .mentioning("`wait.timeout_ms` is required"),
+        task("65 steps")
+            .key(ALICE)
+            .json(json!({"steps": too_many}))
+            .expect(422, "invalid")
+            .mentioning("at most 64 steps"),
+        // Signals: 401, 404, 409, 413 and 422.
+        signal("a signal without a key", id)
+            .json(json!({"name": "go"}))
+            .expect(401, "unauthorized"),
+        signal("a signal to another client's task", id)
+            .key(BOB)
+            .json(json!({"name": "go"}))
+            .expect(404, "not_found"),
+        signal("a signal to a finished task", done)
+            .key(ALICE)
+            .json(json!({"name": "go"}))
+            .expect(409, "conflict")
+            .mentioning("cancelled"),
+        signal("a signal no wait step listens for", id)
+            .key(ALICE)
+            .json(json!({"name": "nobody-listens"}))
+            .expect(422, "invalid")
+            .mentioning("`nobody-listens`"),
+        signal("a signal payload nested too deep", id)
+            .key(ALICE)
+            .json(json!({"name": "go", "payload": nested}))
+            .expect(422, "invalid")
+            .mentioning("`payload`"),
+        signal("a signal with an unknown field", id)
+            .key(ALICE)
+            .json(json!({"name": "go", "paylod": 1}))
+            .expect(422, "invalid")
+            .mentioning("paylod"),
+        signal("a signal body over the limit", id)
+            .key(ALICE)
+            .json(json!({"name": "go", "payload": "x".repeat(10_000)}))
+            .expect(413, "payload_too_large"),
         // 413: over BODY_LIMIT_BYTES (4096 here).
         task("body over the limit")
             .key(ALICE)
@@ -249,9 +329,13 @@ async fn client_mistakes_get_clear_errors() {
     let master = TestMaster::start(config).await;
     let _w = TestWorker::start("w", &["plan"], 2, Behavior::Hang, &settings, &master.url).await;
     let id = master.submit(json!({"steps": ["plan"]})).await;
+    let done = master.submit(json!({"steps": ["plan"]})).await;
+    let cancel = master.http.delete(format!("{}/task/{done}", master.url));
+    let cancelled = cancel.bearer_auth(ALICE).send().await.unwrap();
+    assert_eq!(cancelled.status(), 200);
 
     let mut wrong = Vec::new();
-    for case in cases(&id) {
+    for case in cases(&id, &done) {
         wrong.extend(case.check(&master).await);
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
