@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use common::redis::RedisSettings;
-use common::wire::Capability;
-use master::config::{PipelineConfig, StepConfig};
+use common::wire::{Capability, StepSpec};
+use master::config::PipelineConfig;
 use testkit::system::Builder;
 use testkit::{Binaries, Service, Store, System};
 
@@ -305,7 +305,7 @@ impl QueueCluster {
 
 /// The `bench` pipeline: one `echo` step.
 fn bench_pipelines() -> anyhow::Result<BTreeMap<String, PipelineConfig>> {
-    let step = StepConfig::Name(Capability::new(CAPABILITY)?);
+    let step = StepSpec::Name(Capability::new(CAPABILITY)?);
     Ok(BTreeMap::from([(
         PIPELINE.to_string(),
         PipelineConfig { steps: vec![step] },

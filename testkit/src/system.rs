@@ -1104,7 +1104,8 @@ mod tests {
 
     use std::collections::BTreeMap;
 
-    use master::config::{PipelineConfig, StepConfig};
+    use common::wire::{StepDef, StepSpec};
+    use master::config::PipelineConfig;
 
     use super::*;
 
@@ -1165,12 +1166,12 @@ mod tests {
             "two".to_string(),
             PipelineConfig {
                 steps: vec![
-                    StepConfig::Name(Capability::new("plan").unwrap()),
-                    StepConfig::Detailed {
-                        capability: Capability::new("finalize").unwrap(),
+                    StepSpec::Name(Capability::new("plan").unwrap()),
+                    StepSpec::Def(Box::new(StepDef {
+                        capability: Some(Capability::new("finalize").unwrap()),
                         max_attempts: Some(2),
-                        timeout_ms: None,
-                    },
+                        ..StepDef::default()
+                    })),
                 ],
             },
         )]);

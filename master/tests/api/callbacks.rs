@@ -414,11 +414,7 @@ async fn a_callback_claimed_by_a_replica_that_died_is_delivered_by_another() {
         id: common::wire::TaskId::generate(),
         client: "alice".into(),
         pipeline: None,
-        steps: vec![PlannedStep {
-            capability: plan.clone(),
-            max_attempts: 1,
-            timeout_ms: 60_000,
-        }],
+        steps: vec![PlannedStep::chain_link(0, "plan", plan.clone(), 1, 60_000)],
         input: "1".into(),
         priority: 0,
         idempotency_key: None,

@@ -1991,10 +1991,15 @@ impl Run<'_> {
             pipeline: pipeline.then(|| PIPELINE.to_string()),
             steps: steps
                 .iter()
-                .map(|c| PlannedStep {
-                    capability: cap(*c),
-                    max_attempts: *max_attempts,
-                    timeout_ms: timeout_s * 1000,
+                .enumerate()
+                .map(|(i, c)| {
+                    let unique = steps.iter().filter(|x| *x == c).count() == 1;
+                    let id = if unique {
+                        c.to_string()
+                    } else {
+                        format!("{c}-{i}")
+                    };
+                    PlannedStep::chain_link(i as u32, id, cap(*c), *max_attempts, timeout_s * 1000)
                 })
                 .collect(),
             input: json!({"n": self.submitted, "payload": payload_json(self.submitted)})

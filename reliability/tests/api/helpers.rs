@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::config::Secret;
 use common::redis::RedisSettings;
-use common::wire::{Capability, StepStatus, TaskStatus, TaskView};
+use common::wire::{Capability, StepSpec, StepStatus, TaskStatus, TaskView};
 use futures::StreamExt;
-use master::config::{PipelineConfig, StepConfig};
+use master::config::PipelineConfig;
 use serde_json::{Value, json};
 use testkit::service::tail;
 use testkit::{Binaries, DoneEvents, RedisServer, Service, Store, System, free_port};
@@ -137,7 +137,7 @@ impl Settings {
             .map(|(name, steps)| {
                 let steps = steps
                     .iter()
-                    .map(|s| StepConfig::Name(Capability::new(*s).expect("a capability")))
+                    .map(|s| StepSpec::Name(Capability::new(*s).expect("a capability")))
                     .collect();
                 (name.to_string(), PipelineConfig { steps })
             })
