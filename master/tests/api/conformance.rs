@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use common::redis::RedisPool;
 use common::wire::{
-    CallbackStatus, CallbackView, Capability, ReportStatus, ResultReport, StepError, StepStatus,
-    TaskId, TaskStatus, WorkerId,
+    CallbackStatus, CallbackView, Capability, OnTimeout, ReportStatus, ResultReport, StepError,
+    StepStatus, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
 };
 use master::store::{
-    CALLBACK_ABANDONED, CallbackResult, CancelOutcome, NewTask, PlannedStep, RateLimit, RedisStore,
-    RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, SubmitOutcome,
-    TaskStore,
+    Advance, CALLBACK_ABANDONED, CallbackResult, CancelOutcome, FiredTimer, MapPlan, NewTask,
+    PlannedKind, PlannedStep, RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome, ReleaseReason,
+    ReportOutcome, RetryPolicy, SignalOutcome, SubmitOutcome, TaskStore,
 };
 use serde_json::json;
 use testkit::RedisServer;
@@ -42,10 +42,15 @@ fn task(caps: &[&str], priority: i32, max_attempts: u32) -> NewTask {
         pipeline: None,
         steps: caps
             .iter()
-            .map(|c| PlannedStep {
-                capability: cap(c),
-                max_attempts,
-                timeout_ms: 60_000,
+            .enumerate()
+            .map(|(i, c)| {
+                let unique = caps.iter().filter(|x| *x == c).count() == 1;
+                let id = if unique {
+                    c.to_string()
+                } else {
+                    format!("{c}-{i}")
+                };
+                PlannedStep::chain_link(i as u32, id, cap(c), max_attempts, 60_000)
             })
             .collect(),
         input: json!({"question": "q"}).to_string(),
@@ -102,6 +107,12 @@ async fn report(store: &dyn TaskStore, r: ResultReport) -> ReportOutcome {
 }
 
 macro_rules! both_stores {
+    ($group:ident { $($name:ident),* $(,)? }) => {
+        mod $group {
+            use super::*;
+            both_stores!($($name),*);
+        }
+    };
     ($($name:ident),* $(,)?) => {
         mod memory {
             $(
@@ -259,7 +270,7 @@ async fn a_step_carries_the_step_before_not_the_whole_history(store: Arc<dyn Tas
     assert_eq!(w.context.task_input, json!({"question": "q"}));
     assert_eq!(w.context.previous.len(), 1, "only the step before");
     assert_eq!(w.context.previous[0].step, 1);
-    assert_eq!(w.context.previous[0].capability, cap("retrieve"));
+    assert_eq!(w.context.previous[0].capability, Some(cap("retrieve")));
 }
 
 async fn the_masters_own_report_of_a_lost_attempt_is_not_replayed(store: Arc<dyn TaskStore>) {
@@ -320,7 +331,7 @@ async fn pipeline_passes_outputs_and_context(store: Arc<dyn TaskStore>) {
 
     let out = report(s, ok(&id, 0, 1, json!({"plan": ["a"]}))).await;
     assert!(
-        matches!(out, ReportOutcome::Next { ref next, .. } if next == &cap("retrieve")),
+        matches!(out, ReportOutcome::Next { ref queued, .. } if queued == &[cap("retrieve")]),
         "{out:?}"
     );
     assert_eq!(
@@ -345,7 +356,7 @@ async fn pipeline_passes_outputs_and_context(store: Arc<dyn TaskStore>) {
         "step 1's input is step 0's output"
     );
     assert_eq!(w.context.previous.len(), 1);
-    assert_eq!(w.context.previous[0].capability, cap("plan"));
+    assert_eq!(w.context.previous[0].capability, Some(cap("plan")));
     assert_eq!(w.context.previous[0].output, json!({"plan": ["a"]}));
 
     // Only the worker holding the lease can complete the step.
@@ -465,7 +476,7 @@ async fn retries_then_dead_letter_then_redrive(store: Arc<dyn TaskStore>) {
 
     assert_eq!(
         s.redrive(&id).await.unwrap(),
-        RedriveOutcome::Redriven(plan.clone())
+        RedriveOutcome::Redriven(vec![plan.clone()])
     );
     assert!(s.dead_letters(&plan, 10).await.unwrap().is_empty());
     assert!(matches!(
@@ -998,4 +1009,1095 @@ async fn a_redriven_task_leaves_the_outbox(store: Arc<dyn TaskStore>) {
         (claims[0].attempt, claims[0].record.view.status),
         (1, TaskStatus::Succeeded)
     );
+}
+
+// The workflow graph (docs/workflows.md, "The transitions, precisely"): the same cases
+// against both stores.
+
+both_stores!(graph {
+    a_diamond_runs_both_branches_then_the_join,
+    a_map_over_the_task_input_runs_at_most_its_concurrency_and_joins_in_order,
+    a_map_over_a_needed_steps_output,
+    an_empty_map_succeeds_at_once,
+    a_map_source_that_is_not_an_array_or_too_wide_fails_the_step,
+    a_router_picks_successors_and_what_depends_only_on_skipped_steps_is_skipped,
+    a_router_that_names_no_successor_fails,
+    an_allowed_failure_passes_its_error_on,
+    signals_are_delivered_buffered_or_refused,
+    a_wait_times_out_failing_or_continuing,
+    a_sleep_succeeds_with_null,
+    cancel_stops_every_branch,
+    redrive_reruns_only_the_failed_and_stopped_branches,
+    a_redriven_map_reruns_only_its_failed_and_stopped_instances,
+    several_final_steps_make_an_object_result,
+});
+
+/// A worker step of a graph.
+fn work(id: &str, capability: &str, needs: &[u32]) -> PlannedStep {
+    PlannedStep {
+        id: id.into(),
+        needs: needs.to_vec(),
+        allow_failure: false,
+        kind: PlannedKind::Work {
+            capability: cap(capability),
+            max_attempts: 1,
+            timeout_ms: 60_000,
+            map: None,
+            router: false,
+        },
+    }
+}
+
+/// A map step over `over` (`from`: the step whose output holds it).
+fn map_step(
+    id: &str,
+    capability: &str,
+    needs: &[u32],
+    over: &str,
+    from: Option<u32>,
+    concurrency: u32,
+) -> PlannedStep {
+    let mut step = work(id, capability, needs);
+    let mut segments = over.split('.').map(String::from);
+    segments.next();
+    if let PlannedKind::Work { map, .. } = &mut step.kind {
+        *map = Some(MapPlan {
+            over: over.into(),
+            from,
+            path: segments.collect(),
+            concurrency,
+        });
+    }
+    step
+}
+
+fn router(mut step: PlannedStep) -> PlannedStep {
+    if let PlannedKind::Work { router, .. } = &mut step.kind {
+        *router = true;
+    }
+    step
+}
+
+fn allowed(mut step: PlannedStep) -> PlannedStep {
+    step.allow_failure = true;
+    step
+}
+
+fn wait_step(id: &str, signal: &str, timeout_ms: u64, on: OnTimeout, needs: &[u32]) -> PlannedStep {
+    PlannedStep {
+        id: id.into(),
+        needs: needs.to_vec(),
+        allow_failure: false,
+        kind: PlannedKind::Wait {
+            signal: signal.into(),
+            timeout_ms,
+            on_timeout: on,
+        },
+    }
+}
+
+fn sleep_step(id: &str, ms: u64, needs: &[u32]) -> PlannedStep {
+    PlannedStep {
+        id: id.into(),
+        needs: needs.to_vec(),
+        allow_failure: false,
+        kind: PlannedKind::Sleep { ms },
+    }
+}
+
+fn graph(steps: Vec<PlannedStep>, input: serde_json::Value) -> NewTask {
+    NewTask {
+        steps,
+        input: input.to_string(),
+        ..task(&["plan"], 0, 1)
+    }
+}
+
+/// Claims one step of `capability` for w1 (it must be queued).
+async fn claim_one(s: &dyn TaskStore, capability: &str) -> WorkRequest {
+    let mut c = s
+        .claim(&cap(capability), &[worker("w1")], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 1, "one {capability} step queued");
+    c.remove(0).work
+}
+
+/// Claims every queued step of `capability`.
+async fn claim_all(s: &dyn TaskStore, capability: &str) -> Vec<WorkRequest> {
+    let ws: Vec<WorkerId> = (0..50).map(|i| worker(&format!("w{i}"))).collect();
+    s.claim(&cap(capability), &ws, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.work)
+        .collect()
+}
+
+/// The report of a claimed step's success, from the worker it was claimed for.
+fn done(w: &WorkRequest, out: serde_json::Value) -> ResultReport {
+    by(
+        ok(&w.task_id, w.step, w.attempt, out),
+        w.worker_id.as_ref().unwrap().as_str(),
+    )
+}
+
+/// The report of a claimed step's permanent failure.
+fn broke(w: &WorkRequest) -> ResultReport {
+    by(
+        failed(&w.task_id, w.step, w.attempt, false),
+        w.worker_id.as_ref().unwrap().as_str(),
+    )
+}
+
+fn queued(caps: &[&str]) -> Vec<Capability> {
+    caps.iter().map(|c| cap(c)).collect()
+}
+
+/// The capabilities a report queued, when the task went on.
+fn next_of(out: &ReportOutcome) -> Vec<Capability> {
+    match out {
+        ReportOutcome::Next { queued, .. } => queued.clone(),
+        other => panic!("expected Next, got {other:?}"),
+    }
+}
+
+async fn view(s: &dyn TaskStore, id: &TaskId) -> TaskView {
+    s.get(id).await.unwrap().unwrap().view
+}
+
+fn statuses(v: &TaskView) -> Vec<(String, StepStatus)> {
+    v.steps.iter().map(|s| (s.id.clone(), s.status)).collect()
+}
+
+fn st(pairs: &[(&str, StepStatus)]) -> Vec<(String, StepStatus)> {
+    pairs.iter().map(|(i, s)| (i.to_string(), *s)).collect()
+}
+
+async fn a_diamond_runs_both_branches_then_the_join(store: Arc<dyn TaskStore>) {
+    use StepStatus::*;
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![
+                work("a", "plan", &[]),
+                work("b", "retrieve", &[0]),
+                work("c", "evaluate", &[0]),
+                work("d", "finalize", &[1, 2]),
+            ],
+            json!({"q": 1}),
+        ),
+    )
+    .await;
+    let v = view(s, &id).await;
+    assert_eq!(v.status, TaskStatus::Queued);
+    assert_eq!(
+        statuses(&v),
+        st(&[
+            ("a", Queued),
+            ("b", Pending),
+            ("c", Pending),
+            ("d", Pending)
+        ])
+    );
+    assert_eq!(v.steps[3].needs, vec!["b".to_string(), "c".to_string()]);
+    let a = claim_one(s, "plan").await;
+    assert_eq!(a.input, json!({"q": 1}), "a root gets the task input");
+    assert_eq!(a.context.total_steps, 4);
+    assert_eq!(a.context.step_id.as_deref(), Some("a"));
+    let out = report(s, done(&a, json!("A"))).await;
+    assert_eq!(
+        next_of(&out),
+        queued(&["retrieve", "evaluate"]),
+        "both branches, in slot order"
+    );
+    let b = claim_one(s, "retrieve").await;
+    let c = claim_one(s, "evaluate").await;
+    for w in [&b, &c] {
+        assert_eq!(w.input, json!("A"), "one need: its output");
+        assert_eq!(w.context.previous.len(), 1);
+        assert_eq!(w.context.previous[0].id, "a");
+        assert_eq!(w.context.previous[0].step, 0);
+        assert_eq!(w.context.previous[0].status, Succeeded);
+    }
+    assert_eq!(
+        statuses(&view(s, &id).await),
+        st(&[
+            ("a", Succeeded),
+            ("b", Dispatched),
+            ("c", Dispatched),
+            ("d", Pending)
+        ])
+    );
+    assert_eq!(next_of(&report(s, done(&c, json!("C"))).await), vec![]);
+    assert_eq!(
+        view(s, &id).await.steps[3].status,
+        Pending,
+        "d still needs b"
+    );
+    assert_eq!(
+        next_of(&report(s, done(&b, json!("B"))).await),
+        queued(&["finalize"])
+    );
+    let d = claim_one(s, "finalize").await;
+    assert_eq!(d.input, json!({"b": "B", "c": "C"}), "several needs: by id");
+    let prev: Vec<(&str, u32, serde_json::Value)> = d
+        .context
+        .previous
+        .iter()
+        .map(|p| (p.id.as_str(), p.step, p.output.clone()))
+        .collect();
+    assert_eq!(prev, vec![("b", 1, json!("B")), ("c", 2, json!("C"))]);
+    assert_eq!(d.context.previous[0].capability, Some(cap("retrieve")));
+    let out = report(s, done(&d, json!("D"))).await;
+    assert!(
+        matches!(
+            out,
+            ReportOutcome::Done {
+                status: TaskStatus::Succeeded,
+                result: None,
+                ..
+            }
+        ),
+        "the reported step is the only final one: {out:?}"
+    );
+    let v = view(s, &id).await;
+    assert_eq!(v.result, Some(json!("D")));
+}
+
+/// Claims and reports instances of `capability` until nothing is queued, checking that no
+/// more than `bound` are ever queued or dispatched; reports the later-claimed first.
+async fn run_instances(
+    s: &dyn TaskStore,
+    capability: &str,
+    bound: u64,
+    out: impl Fn(&WorkRequest) -> serde_json::Value,
+) -> Vec<ReportOutcome> {
+    let mut outcomes = Vec::new();
+    loop {
+        let stats = s.stats(&[cap(capability)], RETENTION).await.unwrap();
+        assert!(
+            stats[0].1.queued + stats[0].1.in_flight <= bound,
+            "at most {bound} instances at once: {:?}",
+            stats[0].1
+        );
+        let mut claimed = claim_all(s, capability).await;
+        if claimed.is_empty() {
+            return outcomes;
+        }
+        claimed.reverse();
+        for w in claimed {
+            outcomes.push(report(s, done(&w, out(&w))).await);
+        }
+    }
+}
+
+async fn a_map_over_the_task_input_runs_at_most_its_concurrency_and_joins_in_order(
+    store: Arc<dyn TaskStore>,
+) {
+    let s = store.as_ref();
+    // Elements whose text must survive as written: a big integer, a float, nesting.
+    let input = r#"{"qs": [18446744073709551615, 0.1, {"k": [1, "two"]}, "four", null]}"#;
+    let mut t = graph(
+        vec![
+            map_step("m", "retrieve", &[], "input.qs", None, 2),
+            work("j", "finalize", &[0]),
+        ],
+        json!(null),
+    );
+    t.input = input.into();
+    let id = submit(s, t).await;
+    let v = view(s, &id).await;
+    assert_eq!(v.status, TaskStatus::Queued);
+    assert_eq!(v.steps[0].status, StepStatus::Running);
+    let map = v.steps[0].map.clone().unwrap();
+    assert_eq!((map.total, map.finished, map.concurrency), (Some(5), 0, 2));
+    let ids: Vec<(&str, Option<u32>, StepStatus)> = v.steps[0]
+        .instances
+        .iter()
+        .map(|i| (i.id.as_str(), i.element_index, i.status))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            ("m[0]", Some(0), StepStatus::Queued),
+            ("m[1]", Some(1), StepStatus::Queued),
+            ("m[2]", Some(2), StepStatus::Pending),
+            ("m[3]", Some(3), StepStatus::Pending),
+            ("m[4]", Some(4), StepStatus::Pending),
+        ]
+    );
+    let first = claim_all(s, "retrieve").await;
+    assert_eq!(first.len(), 2, "concurrency 2");
+    let elements: serde_json::Value = serde_json::from_str(input).unwrap();
+    for w in &first {
+        let i = w.context.element_index.unwrap();
+        assert_eq!(w.input, elements["qs"][i as usize], "its element");
+        assert_eq!(w.context.step_id, Some(format!("m[{i}]")));
+        assert_eq!(w.context.total_steps, 2);
+    }
+    // The second finishes first: the next instance (element 2) is queued.
+    let out = report(s, done(&first[1], json!({"i": 1}))).await;
+    assert_eq!(next_of(&out), queued(&["retrieve"]));
+    report(s, done(&first[0], json!({"i": 0}))).await;
+    let outcomes = run_instances(
+        s,
+        "retrieve",
+        2,
+        |w| json!({"i": w.context.element_index.unwrap()}),
+    )
+    .await;
+    assert_eq!(
+        next_of(outcomes.last().unwrap()),
+        queued(&["finalize"]),
+        "the last instance finishes the map step: the join is queued"
+    );
+    let v = view(s, &id).await;
+    assert_eq!(v.steps[0].status, StepStatus::Succeeded);
+    assert_eq!(v.steps[0].map.as_ref().unwrap().finished, 5);
+    let j = claim_one(s, "finalize").await;
+    let want: Vec<serde_json::Value> = (0..5).map(|i| json!({"i": i})).collect();
+    assert_eq!(j.input, json!(want), "outputs in element order");
+    assert_eq!(j.context.previous[0].id, "m");
+}
+
+async fn a_map_over_a_needed_steps_output(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![
+                work("p", "plan", &[]),
+                map_step("m", "retrieve", &[0], "p.items.0.subs", Some(0), 16),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let p = claim_one(s, "plan").await;
+    let out = report(s, done(&p, json!({"items": [{"subs": ["x", "y"]}]}))).await;
+    assert_eq!(next_of(&out), queued(&["retrieve"]));
+    let mut inst = claim_all(s, "retrieve").await;
+    assert_eq!(inst.len(), 2);
+    inst.sort_by_key(|w| w.context.element_index);
+    assert_eq!((&inst[0].input, &inst[1].input), (&json!("x"), &json!("y")));
+    assert_eq!(inst[0].context.previous[0].id, "p", "its map step's needs");
+    report(s, done(&inst[1], json!("Y"))).await;
+    let out = report(s, done(&inst[0], json!("X"))).await;
+    match out {
+        ReportOutcome::Done {
+            status: TaskStatus::Succeeded,
+            result,
+            ..
+        } => assert_eq!(
+            result,
+            Some(json!(["X", "Y"])),
+            "an instance is not the final step: the result is given"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(view(s, &id).await.result, Some(json!(["X", "Y"])));
+}
+
+async fn an_empty_map_succeeds_at_once(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![
+                map_step("m", "retrieve", &[], "input.qs", None, 4),
+                work("j", "finalize", &[0]),
+            ],
+            json!({"qs": []}),
+        ),
+    )
+    .await;
+    let v = view(s, &id).await;
+    assert_eq!(v.steps[0].status, StepStatus::Succeeded);
+    assert_eq!(v.steps[0].output, Some(json!([])));
+    assert!(v.steps[0].instances.is_empty());
+    assert!(claim_all(s, "retrieve").await.is_empty());
+    let j = claim_one(s, "finalize").await;
+    assert_eq!(j.input, json!([]));
+    // A task that is only an empty map has succeeded at submit.
+    let only = submit(
+        s,
+        graph(
+            vec![map_step("m", "retrieve", &[], "input", None, 4)],
+            json!([]),
+        ),
+    )
+    .await;
+    let v = view(s, &only).await;
+    assert_eq!(v.status, TaskStatus::Succeeded);
+    assert_eq!(v.result, Some(json!([])));
+}
+
+async fn a_map_source_that_is_not_an_array_or_too_wide_fails_the_step(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let missing = submit(
+        s,
+        graph(
+            vec![map_step("m", "retrieve", &[], "input.nope", None, 4)],
+            json!({"qs": [1]}),
+        ),
+    )
+    .await;
+    let v = view(s, &missing).await;
+    assert_eq!(v.status, TaskStatus::Failed);
+    assert_eq!(v.steps[0].status, StepStatus::Failed);
+    let e = v.error.unwrap();
+    assert_eq!(
+        (e.kind.as_deref(), e.retryable),
+        (Some("map_source"), false)
+    );
+    assert_eq!(
+        s.dead_letters(&cap("retrieve"), 10).await.unwrap(),
+        vec![missing.clone()]
+    );
+    let wide: Vec<u32> = (0..=master::store::MAX_MAP_WIDTH as u32).collect();
+    let too_wide = submit(
+        s,
+        graph(
+            vec![map_step("m", "retrieve", &[], "input", None, 4)],
+            json!(wide),
+        ),
+    )
+    .await;
+    let v = view(s, &too_wide).await;
+    assert_eq!(v.status, TaskStatus::Failed);
+    assert_eq!(v.error.unwrap().kind.as_deref(), Some("map_too_wide"));
+    assert!(
+        claim_all(s, "retrieve").await.is_empty(),
+        "no instance made"
+    );
+    // A map step allowed to fail: its dependant runs and gets the error.
+    let id = submit(
+        s,
+        graph(
+            vec![
+                work("p", "plan", &[]),
+                allowed(map_step("m", "retrieve", &[0], "p.list", Some(0), 4)),
+                work("j", "finalize", &[1]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let p = claim_one(s, "plan").await;
+    let out = report(s, done(&p, json!({"list": "not an array"}))).await;
+    assert_eq!(next_of(&out), queued(&["finalize"]));
+    let j = claim_one(s, "finalize").await;
+    let prev = &j.context.previous[0];
+    assert_eq!((prev.id.as_str(), prev.status), ("m", StepStatus::Failed));
+    assert_eq!(prev.output, json!(null));
+    assert_eq!(
+        prev.error.as_ref().unwrap().kind.as_deref(),
+        Some("map_source")
+    );
+    assert_eq!(view(s, &id).await.status, TaskStatus::Running);
+}
+
+async fn a_router_picks_successors_and_what_depends_only_on_skipped_steps_is_skipped(
+    store: Arc<dyn TaskStore>,
+) {
+    use StepStatus::*;
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![
+                router(work("r", "plan", &[])),
+                work("x", "retrieve", &[0]),
+                work("y", "evaluate", &[0]),
+                work("z", "evaluate", &[2]),
+                work("j", "finalize", &[1, 3]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let r = claim_one(s, "plan").await;
+    let out = report(s, done(&r, json!({"next": "x", "why": "because"}))).await;
+    assert_eq!(next_of(&out), queued(&["retrieve"]));
+    assert_eq!(
+        statuses(&view(s, &id).await),
+        st(&[
+            ("r", Succeeded),
+            ("x", Queued),
+            ("y", Skipped),
+            ("z", Skipped),
+            ("j", Pending),
+        ])
+    );
+    assert!(claim_all(s, "evaluate").await.is_empty());
+    let x = claim_one(s, "retrieve").await;
+    assert_eq!(x.input, json!({"next": "x", "why": "because"}));
+    let out = report(s, done(&x, json!("X"))).await;
+    assert_eq!(
+        next_of(&out),
+        queued(&["finalize"]),
+        "a join with one need that ran still runs"
+    );
+    let j = claim_one(s, "finalize").await;
+    let prev: Vec<(&str, StepStatus, serde_json::Value)> = j
+        .context
+        .previous
+        .iter()
+        .map(|p| (p.id.as_str(), p.status, p.output.clone()))
+        .collect();
+    assert_eq!(
+        prev,
+        vec![("x", Succeeded, json!("X")), ("z", Skipped, json!(null))]
+    );
+    assert!(matches!(
+        report(s, done(&j, json!("J"))).await,
+        ReportOutcome::Done {
+            status: TaskStatus::Succeeded,
+            ..
+        }
+    ));
+    // A list picks several.
+    let id = submit(
+        s,
+        graph(
+            vec![
+                router(work("r", "plan", &[])),
+                work("x", "retrieve", &[0]),
+                work("y", "evaluate", &[0]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let r = claim_one(s, "plan").await;
+    let out = report(s, done(&r, json!({"next": ["y", "x"]}))).await;
+    assert_eq!(next_of(&out), queued(&["retrieve", "evaluate"]));
+    assert_eq!(view(s, &id).await.status, TaskStatus::Running);
+}
+
+async fn a_router_that_names_no_successor_fails(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    for bad in [
+        json!({"next": "elsewhere"}),
+        json!({"no": "next"}),
+        json!("x"),
+    ] {
+        let id = submit(
+            s,
+            graph(
+                vec![router(work("r", "plan", &[])), work("x", "retrieve", &[0])],
+                json!({}),
+            ),
+        )
+        .await;
+        let r = claim_one(s, "plan").await;
+        let out = report(s, done(&r, bad.clone())).await;
+        assert!(
+            matches!(
+                out,
+                ReportOutcome::Done {
+                    status: TaskStatus::Failed,
+                    ..
+                }
+            ),
+            "{bad}: {out:?}"
+        );
+        let v = view(s, &id).await;
+        assert_eq!(v.steps[0].status, StepStatus::Failed);
+        assert_eq!(v.error.unwrap().kind.as_deref(), Some("route"), "{bad}");
+        assert_eq!(v.steps[1].status, StepStatus::Pending);
+    }
+}
+
+async fn an_allowed_failure_passes_its_error_on(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![allowed(work("a", "plan", &[])), work("b", "retrieve", &[0])],
+            json!({"q": 1}),
+        ),
+    )
+    .await;
+    let a = claim_one(s, "plan").await;
+    let out = report(s, broke(&a)).await;
+    assert_eq!(next_of(&out), queued(&["retrieve"]));
+    let b = claim_one(s, "retrieve").await;
+    let prev = &b.context.previous[0];
+    assert_eq!(prev.status, StepStatus::Failed);
+    assert_eq!(prev.output, json!(null));
+    assert_eq!(prev.error.as_ref().unwrap().message, "boom");
+    assert_eq!(b.context.task_input, json!({"q": 1}));
+    assert!(matches!(
+        report(s, done(&b, json!("B"))).await,
+        ReportOutcome::Done {
+            status: TaskStatus::Succeeded,
+            ..
+        }
+    ));
+    assert!(
+        s.dead_letters(&cap("plan"), 10).await.unwrap().is_empty(),
+        "an allowed failure is not dead-lettered"
+    );
+    assert_eq!(view(s, &id).await.result, Some(json!("B")));
+}
+
+async fn signals_are_delivered_buffered_or_refused(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let hour = 3_600_000;
+    // Buffered: the signal comes before its wait step is reached.
+    let early = submit(
+        s,
+        graph(
+            vec![
+                work("a", "plan", &[]),
+                wait_step("w", "approve", hour, OnTimeout::Fail, &[0]),
+                work("b", "retrieve", &[1]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let sig = |id: TaskId, name: &'static str, payload: &'static str| async move {
+        s.signal(&id, name, payload, RETENTION).await.unwrap()
+    };
+    assert_eq!(
+        sig(early.clone(), "approve", r#"{"ok": true}"#).await,
+        SignalOutcome::Buffered
+    );
+    assert_eq!(
+        sig(early.clone(), "approve", "1").await,
+        SignalOutcome::AlreadyReceived
+    );
+    assert_eq!(
+        sig(early.clone(), "nope", "1").await,
+        SignalOutcome::UnknownSignal
+    );
+    assert_eq!(
+        sig(TaskId::generate(), "approve", "1").await,
+        SignalOutcome::NotFound
+    );
+    let a = claim_one(s, "plan").await;
+    let out = report(s, done(&a, json!("A"))).await;
+    assert_eq!(
+        next_of(&out),
+        queued(&["retrieve"]),
+        "the wait step took the kept signal at once"
+    );
+    let b = claim_one(s, "retrieve").await;
+    assert_eq!(
+        b.input,
+        json!({"ok": true}),
+        "the payload is the wait's output"
+    );
+    assert_eq!(b.context.previous[0].capability, None);
+
+    // Delivered: the task waits at a root wait step.
+    let id = submit(
+        s,
+        graph(
+            vec![
+                wait_step("w", "go", hour, OnTimeout::Fail, &[]),
+                work("b", "retrieve", &[0]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let v = view(s, &id).await;
+    assert_eq!(v.status, TaskStatus::Waiting);
+    assert_eq!(v.steps[0].status, StepStatus::Waiting);
+    assert_eq!(v.steps[0].capability, None);
+    assert!(v.steps[0].wakes_at_ms.is_some());
+    assert!(v.started_at_ms.is_some());
+    let got = sig(id.clone(), "go", r#""payload""#).await;
+    assert_eq!(
+        got,
+        SignalOutcome::Delivered(Advance {
+            queued: queued(&["retrieve"]),
+            done: None,
+        })
+    );
+    let v = view(s, &id).await;
+    assert_eq!(v.status, TaskStatus::Running);
+    assert_eq!(v.steps[0].output, Some(json!("payload")));
+    assert_eq!(v.steps[0].wakes_at_ms, None);
+    assert_eq!(
+        sig(id.clone(), "go", "2").await,
+        SignalOutcome::AlreadyReceived
+    );
+    let b = claim_one(s, "retrieve").await;
+    report(s, done(&b, json!("B"))).await;
+    assert_eq!(
+        sig(id.clone(), "go", "3").await,
+        SignalOutcome::Finished(TaskStatus::Succeeded)
+    );
+    // A signal that finishes the task.
+    let last = submit(
+        s,
+        graph(
+            vec![wait_step("w", "go", hour, OnTimeout::Fail, &[])],
+            json!({}),
+        ),
+    )
+    .await;
+    match sig(last.clone(), "go", "7").await {
+        SignalOutcome::Delivered(Advance {
+            queued,
+            done: Some(done),
+        }) => {
+            assert!(queued.is_empty());
+            assert_eq!(done.status, TaskStatus::Succeeded);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(view(s, &last).await.result, Some(json!(7)));
+    assert!(s.fire_timers(10, RETENTION).await.unwrap().is_empty());
+}
+
+/// Fires timers until one fires (they are due within milliseconds).
+async fn fire(s: &dyn TaskStore) -> Vec<FiredTimer> {
+    testkit::eventually(Duration::from_secs(5), || async {
+        let fired = s.fire_timers(10, RETENTION).await.unwrap();
+        (!fired.is_empty()).then_some(fired)
+    })
+    .await
+    .expect("a timer fires")
+}
+
+async fn a_wait_times_out_failing_or_continuing(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let failing = submit(
+        s,
+        graph(
+            vec![
+                wait_step("w", "go", 20, OnTimeout::Fail, &[]),
+                work("b", "retrieve", &[]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let b = claim_one(s, "retrieve").await;
+    let fired = fire(s).await;
+    assert_eq!(fired.len(), 1);
+    assert_eq!((&fired[0].task_id, fired[0].step), (&failing, 0));
+    let done = fired[0].advance.done.clone().unwrap();
+    assert_eq!(done.status, TaskStatus::Failed);
+    assert_eq!(
+        done.error.as_ref().unwrap().kind.as_deref(),
+        Some("wait_timeout")
+    );
+    let v = view(s, &failing).await;
+    assert_eq!(v.status, TaskStatus::Failed);
+    assert_eq!(
+        (v.steps[0].status, v.steps[1].status),
+        (StepStatus::Failed, StepStatus::Cancelled),
+        "the other branch is stopped"
+    );
+    assert_eq!(report(s, done_of(&b)).await, ReportOutcome::Discarded);
+    assert!(
+        s.dead_letters(&cap("retrieve"), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a wait that timed out has no capability to be dead-lettered under"
+    );
+    assert_eq!(
+        s.signal(&failing, "go", "1", RETENTION).await.unwrap(),
+        SignalOutcome::Finished(TaskStatus::Failed)
+    );
+
+    let continuing = submit(
+        s,
+        graph(
+            vec![
+                wait_step("w", "go", 20, OnTimeout::Continue, &[]),
+                work("b", "retrieve", &[0]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let fired = fire(s).await;
+    assert_eq!(
+        fired,
+        vec![FiredTimer {
+            task_id: continuing.clone(),
+            step: 0,
+            advance: Advance {
+                queued: queued(&["retrieve"]),
+                done: None,
+            },
+        }]
+    );
+    let b = claim_one(s, "retrieve").await;
+    assert_eq!(b.input, json!({"timed_out": true}));
+}
+
+fn done_of(w: &WorkRequest) -> ResultReport {
+    done(w, json!("late"))
+}
+
+async fn a_sleep_succeeds_with_null(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![sleep_step("nap", 20, &[]), work("b", "retrieve", &[0])],
+            json!({}),
+        ),
+    )
+    .await;
+    let v = view(s, &id).await;
+    assert_eq!(v.status, TaskStatus::Waiting);
+    assert_eq!(v.steps[0].sleep_ms, Some(20));
+    assert_eq!(v.steps[0].kind, common::wire::StepKind::Sleep);
+    let fired = fire(s).await;
+    assert_eq!(fired[0].advance.queued, queued(&["retrieve"]));
+    let b = claim_one(s, "retrieve").await;
+    assert_eq!(b.input, json!(null));
+    assert_eq!(b.context.previous[0].id, "nap");
+}
+
+async fn cancel_stops_every_branch(store: Arc<dyn TaskStore>) {
+    use StepStatus::*;
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![
+                work("a", "plan", &[]),
+                wait_step("w", "go", 3_600_000, OnTimeout::Fail, &[0]),
+                work("c", "retrieve", &[0]),
+                map_step("m", "evaluate", &[0], "a.items", Some(0), 1),
+                work("j", "finalize", &[1, 2, 3]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let a = claim_one(s, "plan").await;
+    let out = report(s, done(&a, json!({"items": [1, 2]}))).await;
+    assert_eq!(next_of(&out), queued(&["retrieve", "evaluate"]));
+    let c = claim_one(s, "retrieve").await;
+    assert_eq!(view(s, &id).await.status, TaskStatus::Running);
+    assert_eq!(
+        s.cancel(&id, RETENTION).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let v = view(s, &id).await;
+    assert_eq!(v.status, TaskStatus::Cancelled);
+    assert_eq!(
+        statuses(&v),
+        st(&[
+            ("a", Succeeded),
+            ("w", Cancelled),
+            ("c", Cancelled),
+            ("m", Cancelled),
+            ("j", Pending),
+        ])
+    );
+    let inst: Vec<StepStatus> = v.steps[3].instances.iter().map(|i| i.status).collect();
+    assert_eq!(inst, vec![Cancelled, Pending]);
+    assert_eq!(
+        v.steps[2].error.as_ref().unwrap().kind.as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(report(s, done_of(&c)).await, ReportOutcome::Discarded);
+    assert!(claim_all(s, "evaluate").await.is_empty());
+    assert_eq!(
+        s.worker_loads()
+            .await
+            .unwrap()
+            .values()
+            .copied()
+            .sum::<u32>(),
+        0
+    );
+    let stats = s
+        .stats(&queued(&["retrieve", "evaluate"]), RETENTION)
+        .await
+        .unwrap();
+    for (_, q) in stats {
+        assert_eq!((q.queued, q.in_flight), (0, 0));
+    }
+    assert_eq!(
+        s.signal(&id, "go", "1", RETENTION).await.unwrap(),
+        SignalOutcome::Finished(TaskStatus::Cancelled)
+    );
+}
+
+async fn redrive_reruns_only_the_failed_and_stopped_branches(store: Arc<dyn TaskStore>) {
+    use StepStatus::*;
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![
+                work("a", "plan", &[]),
+                work("b", "retrieve", &[0]),
+                work("c", "evaluate", &[0]),
+                work("e", "finalize", &[0]),
+                work("d", "plan", &[1, 2, 3]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let a = claim_one(s, "plan").await;
+    report(s, done(&a, json!("A"))).await;
+    let b = claim_one(s, "retrieve").await;
+    report(s, done(&b, json!("B"))).await;
+    let e = claim_one(s, "finalize").await;
+    let c = claim_one(s, "evaluate").await;
+    let out = report(s, broke(&c)).await;
+    assert!(
+        matches!(
+            out,
+            ReportOutcome::Done {
+                status: TaskStatus::Failed,
+                result: None,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    let v = view(s, &id).await;
+    assert_eq!(
+        statuses(&v),
+        st(&[
+            ("a", Succeeded),
+            ("b", Succeeded),
+            ("c", Failed),
+            ("e", Cancelled),
+            ("d", Pending),
+        ])
+    );
+    assert_eq!(
+        v.steps[3].error.as_ref().unwrap().kind.as_deref(),
+        Some("stopped")
+    );
+    assert_eq!(
+        s.dead_letters(&cap("evaluate"), 10).await.unwrap(),
+        vec![id.clone()]
+    );
+    assert_eq!(
+        report(s, done(&e, json!("late"))).await,
+        ReportOutcome::Discarded
+    );
+    assert_eq!(
+        s.redrive(&id).await.unwrap(),
+        RedriveOutcome::Redriven(queued(&["evaluate", "finalize"]))
+    );
+    let v = view(s, &id).await;
+    assert_eq!(v.status, TaskStatus::Running);
+    assert_eq!(
+        statuses(&v),
+        st(&[
+            ("a", Succeeded),
+            ("b", Succeeded),
+            ("c", Queued),
+            ("e", Queued),
+            ("d", Pending),
+        ])
+    );
+    assert_eq!(v.steps[1].output, Some(json!("B")), "kept");
+    assert_eq!(v.steps[2].attempts, 0, "attempts reset");
+    assert!(
+        s.dead_letters(&cap("evaluate"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        claim_all(s, "retrieve").await.is_empty(),
+        "b is not run again"
+    );
+    let c = claim_one(s, "evaluate").await;
+    assert_eq!(c.attempt, 2, "a new fencing number");
+    report(s, done(&c, json!("C"))).await;
+    let e = claim_one(s, "finalize").await;
+    assert_eq!(
+        next_of(&report(s, done(&e, json!("E"))).await),
+        queued(&["plan"])
+    );
+    let d = claim_one(s, "plan").await;
+    assert_eq!(d.input, json!({"b": "B", "c": "C", "e": "E"}));
+    report(s, done(&d, json!("D"))).await;
+    assert_eq!(view(s, &id).await.status, TaskStatus::Succeeded);
+}
+
+async fn a_redriven_map_reruns_only_its_failed_and_stopped_instances(store: Arc<dyn TaskStore>) {
+    use StepStatus::*;
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![map_step("m", "retrieve", &[], "input", None, 3)],
+            json!(["x", "y", "z"]),
+        ),
+    )
+    .await;
+    let mut inst = claim_all(s, "retrieve").await;
+    inst.sort_by_key(|w| w.context.element_index);
+    report(s, done(&inst[0], json!("X"))).await;
+    report(s, broke(&inst[1])).await;
+    let v = view(s, &id).await;
+    assert_eq!(v.status, TaskStatus::Failed);
+    assert_eq!(v.steps[0].status, Failed, "an instance failed the map step");
+    let got: Vec<StepStatus> = v.steps[0].instances.iter().map(|i| i.status).collect();
+    assert_eq!(got, vec![Succeeded, Failed, Cancelled]);
+    assert_eq!(
+        s.redrive(&id).await.unwrap(),
+        RedriveOutcome::Redriven(queued(&["retrieve"]))
+    );
+    let v = view(s, &id).await;
+    assert_eq!(v.steps[0].status, Running);
+    let got: Vec<StepStatus> = v.steps[0].instances.iter().map(|i| i.status).collect();
+    assert_eq!(got, vec![Succeeded, Queued, Queued]);
+    let again = claim_all(s, "retrieve").await;
+    assert_eq!(again.len(), 2, "the succeeded instance is not run again");
+    for w in &again {
+        let i = w.context.element_index.unwrap();
+        report(s, done(w, json!(format!("again {i}")))).await;
+    }
+    let v = view(s, &id).await;
+    assert_eq!(v.status, TaskStatus::Succeeded);
+    assert_eq!(v.result, Some(json!(["X", "again 1", "again 2"])));
+}
+
+async fn several_final_steps_make_an_object_result(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![
+                router(work("r", "plan", &[])),
+                work("x", "retrieve", &[0]),
+                work("y", "evaluate", &[0]),
+                work("z", "finalize", &[0]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let r = claim_one(s, "plan").await;
+    report(s, done(&r, json!({"next": ["x", "z"]}))).await;
+    let x = claim_one(s, "retrieve").await;
+    let z = claim_one(s, "finalize").await;
+    assert_eq!(next_of(&report(s, done(&z, json!("Z"))).await), vec![]);
+    let out = report(s, done(&x, json!("X"))).await;
+    let want = json!({"x": "X", "z": "Z"});
+    match out {
+        ReportOutcome::Done {
+            status: TaskStatus::Succeeded,
+            result,
+            ..
+        } => assert_eq!(result, Some(want.clone()), "skipped y is left out"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(view(s, &id).await.result, Some(want));
 }
