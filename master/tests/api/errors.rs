@@ -206,7 +206,7 @@ fn cases(id: &str, done: &str) -> Vec<Case> {
             .mentioning("`nope`"),
         task("a duplicate id")
             .key(ALICE)
-            .json(json!({"steps": ["plan", {"id": "plan", "capability": "plan"}]}))
+            .json(json!({"steps": ["plan", {"id": "plan", "capability": "retrieve"}]}))
             .expect(422, "invalid")
             .mentioning("id `plan` is already"),
         task("map concurrency 0")
