@@ -666,11 +666,7 @@ mod tests {
                 id: id.clone(),
                 client: "alice".into(),
                 pipeline: Some("bench".into()),
-                steps: vec![PlannedStep {
-                    capability: cap.clone(),
-                    max_attempts: 3,
-                    timeout_ms: 1_000,
-                }],
+                steps: vec![PlannedStep::chain_link(0, "bench", cap.clone(), 3, 1_000)],
                 input: "{}".into(),
                 priority: 0,
                 idempotency_key: None,
