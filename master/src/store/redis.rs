@@ -597,7 +597,7 @@ mod tests {
         for (file, lua) in crate::store::schema::tests::lua_files() {
             let loaded: redis::RedisResult<String> = redis::cmd("SCRIPT")
                 .arg("LOAD")
-                .arg(source(&lua))
+                .arg(graph_source(&lua))
                 .query_async(&mut conn)
                 .await;
             assert!(loaded.is_ok(), "{file}: {loaded:?}");

@@ -190,7 +190,7 @@ fields! {
         /// The worker the last attempt was lost on, so claim prefers another: report.
         AVOID_WORKER = "av",
         /// The step's id in the task: submit (a map instance's: expansion).
-        ID = "id",
+        ID = "nm",
         /// `wait` or `sleep`; absent for a worker step: submit.
         KIND = "k",
         /// The slots it needs, comma-separated (a map instance: its map step's): submit,
@@ -405,7 +405,7 @@ pub(super) mod tests {
             })
             .collect();
         files.sort();
-        assert_eq!(files.len(), 13, "lib.lua and the twelve scripts");
+        assert_eq!(files.len(), 16, "lib.lua, graph.lua and the fourteen scripts");
         files
     }
 

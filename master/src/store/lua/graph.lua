@@ -467,7 +467,7 @@ local function g_result(reported)
   local parts = {}
   for i = 1, #sinks do
     if v[3 * i - 1] ~= 'skipped' then
-      parts[#parts + 1] = cjson.encode(v[3 * i - 2] or '') .. ':' .. (v[3 * i] or 'null')
+      parts[#parts + 1] = string.format('%s:%s', cjson.encode(v[3 * i - 2] or ''), v[3 * i] or 'null')
     end
   end
   return '{' .. table.concat(parts, ',') .. '}'
