@@ -8,8 +8,18 @@
 //! completion-callback outbox (claim, finish). Every answer of both stores is compared
 //! field by field with the model's, and after every operation so is every task's view, the
 //! queue figures, worker loads, dead letters, pending callbacks and remembered
-//! capabilities. The model itself checks that no task is lost (a live task has exactly one
-//! active step) and that an attempt's outcome is recorded once.
+//! capabilities. The model itself checks that no task is lost (a live task has an active
+//! step, a pending step waits for a need, a started one had all it needs) and that an
+//! attempt's outcome is recorded once.
+//!
+//! Tasks are small random graphs of worker steps (docs/workflows.md): chains, several
+//! roots, joins, steps whose failure is allowed, and routers, whose successful reports
+//! name some of their dependants in `next` (sometimes none, or an unknown id). The model
+//! follows the spec's rules on its own (`Cascade`): what a report queues, what is skipped,
+//! what a failure stops, what a redrive runs again, and the task's result.
+//!
+//! `MODEL_TEST_MEMORY_ONLY=1` runs a second memory store in place of the Redis one, for
+//! when a change has reached the memory store and the model but not the Lua yet.
 //!
 //! Time. The stores read real clocks (Redis `TIME`, the process clock), so the test cannot
 //! stop time. It keeps instead, for every operation, the window `[start, end]` of its own
@@ -29,14 +39,15 @@ use std::time::Duration;
 use common::redis::RedisPool;
 use common::wire::{
     CallbackStatus, CallbackView, Capability, PriorOutput, ReportStatus, ResultReport, StepContext,
-    StepError, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
-    now_ms,
+    StepError, StepKind, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest,
+    WorkerId, now_ms,
 };
 use master::store::{
     CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease,
-    FinishedStep, MAX_FREE_DISPATCH_FAILURES, MemoryStore, NewTask, PlannedStep, QueueStats,
-    RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome,
-    RetryPolicy, SubmitOutcome, TaskRecord, TaskStore, lease_expired_error,
+    FinishedStep, MAX_FREE_DISPATCH_FAILURES, MemoryStore, NewTask, PlannedKind, PlannedStep,
+    QueueStats, RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome, ReleaseReason,
+    ReportOutcome, RetryPolicy, SubmitOutcome, TaskRecord, TaskStore, graph_result,
+    lease_expired_error,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -95,9 +106,12 @@ const PAYLOADS: [&str; 10] = [
 
 #[derive(Debug, Clone, Copy)]
 enum Verdict {
-    /// Succeeds with an output carrying `PAYLOADS[payload]`.
+    /// Succeeds with an output carrying `PAYLOADS[payload]`; a router's output also has
+    /// a `next` naming the dependants whose bits are set in `route` (none: no `next`), and
+    /// with bit 7 an id that is not one of them.
     Succeed {
         payload: usize,
+        route: u8,
     },
     Fail {
         retryable: bool,
@@ -117,6 +131,10 @@ enum Op {
         /// An idempotency key (`k0`, `k1`), per client.
         key: Option<usize>,
         steps: Vec<usize>,
+        /// Per step: which earlier steps it needs ([`CHAIN`]: the one before it; a bit
+        /// mask otherwise, 0 a root; the first step is a root), whether its failure is
+        /// allowed, and whether it is a router (when something needs it).
+        links: Vec<(u8, bool, bool)>,
         priority: i32,
         max_attempts: u32,
         timeout_s: u64,
@@ -207,7 +225,11 @@ enum Op {
 
 fn verdict() -> impl Strategy<Value = Verdict> {
     prop_oneof![
-        3 => (0..PAYLOADS.len()).prop_map(|payload| Verdict::Succeed { payload }),
+        4 => (
+            0..PAYLOADS.len(),
+            prop_oneof![2 => Just(0x7fu8), 3 => 1..4u8, 1 => any::<u8>()]
+        )
+            .prop_map(|(payload, route)| Verdict::Succeed { payload, route }),
         2 => any::<bool>().prop_map(|retryable| Verdict::Fail { retryable }),
         2 => (0..LOST_KINDS.len()).prop_map(|kind| Verdict::Lost { kind }),
         1 => Just(Verdict::Bare),
@@ -223,11 +245,26 @@ fn jitter() -> impl Strategy<Value = f64> {
     ]
 }
 
+/// Needs mask meaning "the step before" (a chain link).
+const CHAIN: u8 = u8::MAX;
+
+/// How a step links to the earlier ones (see [`Op::Submit`]): mostly a chain.
+fn link() -> impl Strategy<Value = (u8, bool, bool)> {
+    (
+        prop_oneof![2 => Just(CHAIN), 1 => Just(1u8), 2 => 0..16u8],
+        prop::bool::weighted(0.4),
+        prop::bool::weighted(0.4),
+    )
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (
             (0..3usize, prop::option::weighted(0.4, 0..2usize)),
-            prop::collection::vec(0..2usize, 1..4),
+            (
+                prop::collection::vec(0..2usize, 1..5),
+                prop::collection::vec(link(), 4),
+            ),
             -2..3i32,
             1..4u32,
             1..60u64,
@@ -235,11 +272,21 @@ fn op() -> impl Strategy<Value = Op> {
             prop::bool::weighted(0.2),
         )
             .prop_map(
-                |((client, key), steps, priority, max_attempts, timeout_s, callback, pipeline)| {
+                |(
+                    (client, key),
+                    (steps, links),
+                    priority,
+                    max_attempts,
+                    timeout_s,
+                    callback,
+                    pipeline,
+                )| {
+                    let links = links[..steps.len()].to_vec();
                     Op::Submit {
                         client,
                         key,
                         steps,
+                        links,
                         priority,
                         max_attempts,
                         timeout_s,
@@ -411,7 +458,18 @@ impl Clock {
 
 #[derive(Debug, Clone)]
 struct ModelStep {
+    id: String,
     cap: usize,
+    /// The steps it needs, and the ones that need it (slot order).
+    needs: Vec<usize>,
+    dependants: Vec<usize>,
+    allow_failure: bool,
+    router: bool,
+    /// Needs not finished yet, and how many finished skipped.
+    open_needs: usize,
+    skipped_needs: usize,
+    /// A router it needs did not pick it.
+    routed_out: bool,
     status: StepStatus,
     /// The last attempt handed out (the fencing token).
     attempt: u32,
@@ -465,6 +523,10 @@ struct ModelTask {
     /// When it was dead-lettered and under which capability, while it is.
     dead: Option<(Window, usize)>,
     steps: Vec<ModelStep>,
+    /// Steps not finished yet: at 0 the task has succeeded.
+    open: usize,
+    /// The steps nothing needs: the result comes from them.
+    sinks: Vec<usize>,
     /// The completion callback's delivery since the task last finished.
     delivery: Option<Delivery>,
     /// When its callback is due in the outbox, while it is there.
@@ -492,6 +554,196 @@ impl ModelTask {
             self.outbox = Some(w);
         }
     }
+}
+
+/// One transition of a model task: the graph rules of docs/workflows.md for worker steps
+/// (needs, routers, allowed failures), written from the spec, not from a store.
+struct Cascade<'a> {
+    t: &'a mut ModelTask,
+    w: Window,
+    /// Capabilities queued, in order, each once.
+    queued: Vec<Capability>,
+    /// The task failed in this transition.
+    failed: bool,
+}
+
+impl Cascade<'_> {
+    fn queue(&mut self, i: usize) {
+        let s = &mut self.t.steps[i];
+        s.status = StepStatus::Queued;
+        s.queued = Some(self.w);
+        s.backoff = false;
+        let c = cap(s.cap);
+        if !self.queued.contains(&c) {
+            self.queued.push(c);
+        }
+    }
+
+    /// A step whose needs all finished: skipped, or queued.
+    fn resolve(&mut self, d: usize) {
+        let s = &self.t.steps[d];
+        if s.routed_out || s.skipped_needs >= s.needs.len() {
+            let s = &mut self.t.steps[d];
+            s.status = StepStatus::Skipped;
+            s.finished = Some(self.w);
+            self.finish(d, true);
+        } else if !self.failed {
+            self.queue(d);
+        }
+    }
+
+    fn finish(&mut self, i: usize, skipped: bool) {
+        self.t.open -= 1;
+        if self.failed {
+            return;
+        }
+        for d in self.t.steps[i].dependants.clone() {
+            let s = &mut self.t.steps[d];
+            if s.status != StepStatus::Pending {
+                continue;
+            }
+            s.open_needs -= 1;
+            s.skipped_needs += usize::from(skipped);
+            if s.open_needs == 0 {
+                self.resolve(d);
+            }
+        }
+    }
+
+    fn succeed(&mut self, i: usize, output: Value) {
+        let s = &mut self.t.steps[i];
+        s.status = StepStatus::Succeeded;
+        s.output = Some(output.clone());
+        s.finished = Some(self.w);
+        if s.router && !self.route(i, &output) {
+            return;
+        }
+        self.finish(i, false);
+    }
+
+    /// A router's `next` must name dependants; the others are routed out.
+    fn route(&mut self, i: usize, output: &Value) -> bool {
+        let picks: Vec<&str> = match output.get("next") {
+            Some(Value::String(one)) => vec![one.as_str()],
+            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let deps = self.t.steps[i].dependants.clone();
+        let ids: Vec<String> = deps.iter().map(|d| self.t.steps[*d].id.clone()).collect();
+        let bad = if let Some(p) = picks.iter().find(|p| !ids.iter().any(|id| id == *p)) {
+            Some(format!(
+                "the router picked `{p}`, which is not one of its successors"
+            ))
+        } else if picks.is_empty() {
+            Some(
+                "a router must answer an output with `next`: a successor id or a list of them"
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        if let Some(message) = bad {
+            self.fail_for_good(i, StepError::permanent("route", message));
+            return false;
+        }
+        for (d, id) in deps.into_iter().zip(ids) {
+            if !picks.contains(&id.as_str()) {
+                self.t.steps[d].routed_out = true;
+            }
+        }
+        true
+    }
+
+    fn fail_for_good(&mut self, i: usize, e: StepError) {
+        let s = &mut self.t.steps[i];
+        s.status = StepStatus::Failed;
+        s.error = Some(e.clone());
+        s.finished = Some(self.w);
+        if s.allow_failure {
+            return self.finish(i, false);
+        }
+        if self.failed {
+            return;
+        }
+        self.failed = true;
+        let c = s.cap;
+        self.t.status = TaskStatus::Failed;
+        self.t.error = Some(e);
+        self.t.finished = Some(self.w);
+        self.t.dead = Some((self.w, c));
+    }
+
+    /// Every queued or dispatched step becomes `cancelled` with `e`.
+    fn stop_all(&mut self, e: &StepError) {
+        for s in &mut self.t.steps {
+            if matches!(s.status, StepStatus::Queued | StepStatus::Dispatched) {
+                s.status = StepStatus::Cancelled;
+                s.error = Some(e.clone());
+                s.finished = Some(self.w);
+                s.lease = None;
+                s.backoff = false;
+            }
+        }
+    }
+
+    /// Settles the task: stops the other branches of a failed one, finishes one with
+    /// nothing open. The final status and the result (left out when the reported step is
+    /// the only final one).
+    fn end(&mut self, reported: Option<usize>) -> Option<(TaskStatus, Option<Value>)> {
+        let done = if self.failed {
+            self.stop_all(&StepError::permanent(
+                "stopped",
+                "stopped: another step of the task failed for good",
+            ));
+            (TaskStatus::Failed, None)
+        } else if self.t.open == 0 {
+            self.t.status = TaskStatus::Succeeded;
+            self.t.finished = Some(self.w);
+            let only = self.t.sinks.len() == 1 && reported == Some(self.t.sinks[0]);
+            (TaskStatus::Succeeded, (!only).then(|| result_of(self.t)))
+        } else {
+            return None;
+        };
+        self.t.queue_callback(self.w);
+        Some(done)
+    }
+}
+
+/// The model's task view of its steps (timestamps as [`IN_WINDOW`]).
+fn step_views(t: &ModelTask) -> Vec<StepView> {
+    let in_window = |w: Option<Window>| w.map(|_| IN_WINDOW);
+    t.steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| StepView {
+            index: i as u32,
+            id: s.id.clone(),
+            kind: StepKind::Work,
+            capability: Some(cap(s.cap)),
+            needs: s.needs.iter().map(|n| t.steps[*n].id.clone()).collect(),
+            router: s.router,
+            allow_failure: s.allow_failure,
+            map: None,
+            instances: Vec::new(),
+            element_index: None,
+            wait: None,
+            sleep_ms: None,
+            wakes_at_ms: None,
+            status: s.status,
+            worker_id: s.worker.clone(),
+            attempts: s.tries,
+            output: s.output.clone(),
+            error: s.error.clone(),
+            queued_at_ms: in_window(s.queued),
+            dispatched_at_ms: in_window(s.dispatched),
+            finished_at_ms: in_window(s.finished),
+        })
+        .collect()
+}
+
+/// A succeeded task's result, from the model's own view of its steps.
+fn result_of(t: &ModelTask) -> Value {
+    graph_result(&step_views(t))
 }
 
 /// What a report should do, known before it is sent.
@@ -602,6 +854,28 @@ impl Model {
             .collect()
     }
 
+    /// A router's `next` for its report (`route`: see [`Verdict::Succeed`]): an id, or a
+    /// list of them; `None` for a step that is not a router, or when nothing is picked.
+    fn next_for(&self, step: &StepRef, route: u8) -> Option<Value> {
+        let t = &self.tasks[self.find(&step.task_id)?];
+        let s = t.steps.get(step.step as usize).filter(|s| s.router)?;
+        let mut picks: Vec<String> = s
+            .dependants
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| route & (1 << k) != 0)
+            .map(|(_, d)| t.steps[*d].id.clone())
+            .collect();
+        if route & 0x80 != 0 {
+            picks.push("elsewhere".into());
+        }
+        match picks.as_slice() {
+            [] => None,
+            [one] => Some(json!(one)),
+            several => Some(json!(several)),
+        }
+    }
+
     /// Answers a submission; for a rate-limited one, also the range its retry-after must
     /// be in.
     fn submit(
@@ -644,44 +918,66 @@ impl Model {
             .steps
             .iter()
             .map(|p| {
-                CAPS.iter()
-                    .position(|c| *c == p.capability.as_str())
-                    .unwrap()
+                let c = p.capability().unwrap();
+                CAPS.iter().position(|x| *x == c.as_str()).unwrap()
             })
             .collect();
         if task.pipeline.is_none() {
             self.caps_seen.extend(caps.iter().copied());
         }
-        let steps = task
+        let mut steps: Vec<ModelStep> = task
             .steps
             .iter()
             .zip(&caps)
-            .enumerate()
-            .map(|(i, (p, c))| ModelStep {
-                cap: *c,
-                status: if i == 0 {
-                    StepStatus::Queued
-                } else {
-                    StepStatus::Pending
-                },
-                attempt: 0,
-                tries: 0,
-                max_attempts: p.max_attempts,
-                timeout_ms: p.timeout_ms,
-                worker: None,
-                output: None,
-                error: None,
-                queued: (i == 0).then_some(w),
-                dispatched: None,
-                finished: None,
-                backoff: false,
-                lease: None,
-                avoid: None,
-                free_failures: 0,
-                last_record: None,
+            .map(|(p, c)| {
+                let PlannedKind::Work {
+                    max_attempts,
+                    timeout_ms,
+                    router,
+                    ..
+                } = &p.kind
+                else {
+                    unreachable!("the model submits worker steps")
+                };
+                ModelStep {
+                    id: p.id.clone(),
+                    cap: *c,
+                    needs: p.needs.iter().map(|n| *n as usize).collect(),
+                    dependants: Vec::new(),
+                    allow_failure: p.allow_failure,
+                    router: *router,
+                    open_needs: p.needs.len(),
+                    skipped_needs: 0,
+                    routed_out: false,
+                    status: StepStatus::Pending,
+                    attempt: 0,
+                    tries: 0,
+                    max_attempts: *max_attempts,
+                    timeout_ms: *timeout_ms,
+                    worker: None,
+                    output: None,
+                    error: None,
+                    queued: None,
+                    dispatched: None,
+                    finished: None,
+                    backoff: false,
+                    lease: None,
+                    avoid: None,
+                    free_failures: 0,
+                    last_record: None,
+                }
             })
             .collect();
-        self.tasks.push(ModelTask {
+        for d in 0..steps.len() {
+            for n in steps[d].needs.clone() {
+                steps[n].dependants.push(d);
+            }
+        }
+        let sinks = (0..steps.len())
+            .filter(|i| steps[*i].dependants.is_empty())
+            .collect();
+        let open = steps.len();
+        let mut t = ModelTask {
             id: task.id.clone(),
             client,
             pipeline: task.pipeline.is_some(),
@@ -696,9 +992,23 @@ impl Model {
             finished: None,
             dead: None,
             steps,
+            open,
+            sinks,
             delivery: None,
             outbox: None,
-        });
+        };
+        let mut tx = Cascade {
+            t: &mut t,
+            w,
+            queued: Vec::new(),
+            failed: false,
+        };
+        for i in 0..tx.t.steps.len() {
+            if tx.t.steps[i].needs.is_empty() {
+                tx.queue(i);
+            }
+        }
+        self.tasks.push(t);
         (SubmitOutcome::Created, None)
     }
 
@@ -733,29 +1043,50 @@ impl Model {
             s.dispatched = Some(w);
             s.lease = Some(w.later(LEASE_MS));
             let (attempt, timeout_ms) = (s.attempt, s.timeout_ms);
-            // The step before only, not the whole history.
-            let previous: Vec<PriorOutput> = si
-                .checked_sub(1)
-                .map(|i| PriorOutput {
-                    step: i as u32,
-                    capability: cap(t.steps[i].cap),
-                    output: t.steps[i].output.clone().unwrap_or(Value::Null),
+            // The outcomes of the steps it needs, not the whole history.
+            let previous: Vec<PriorOutput> = t.steps[si]
+                .needs
+                .iter()
+                .map(|&i| {
+                    let n = &t.steps[i];
+                    PriorOutput {
+                        step: i as u32,
+                        id: n.id.clone(),
+                        capability: Some(cap(n.cap)),
+                        status: n.status,
+                        output: match n.status {
+                            StepStatus::Succeeded => n.output.clone().unwrap_or(Value::Null),
+                            _ => Value::Null,
+                        },
+                        error: (n.status == StepStatus::Failed)
+                            .then(|| n.error.clone())
+                            .flatten(),
+                    }
                 })
-                .into_iter()
                 .collect();
+            let input = match previous.as_slice() {
+                [] => t.input.clone(),
+                [one] => one.output.clone(),
+                several => Value::Object(
+                    several
+                        .iter()
+                        .map(|p| (p.id.clone(), p.output.clone()))
+                        .collect(),
+                ),
+            };
             let work = WorkRequest {
                 task_id: t.id.clone(),
                 step: si as u32,
                 attempt,
                 capability: cap(c),
-                input: previous
-                    .last()
-                    .map_or_else(|| t.input.clone(), |p| p.output.clone()),
+                input,
                 context: StepContext {
                     task_input: t.input.clone(),
                     previous,
                     pipeline: t.pipeline.then(|| PIPELINE.to_string()),
                     total_steps: t.steps.len() as u32,
+                    step_id: Some(t.steps[si].id.clone()),
+                    element_index: None,
                 },
                 deadline_ms: IN_WINDOW,
                 // The lease holder, so another worker at the same address refuses it.
@@ -835,7 +1166,6 @@ impl Model {
             .and_then(|e| e.kind.as_deref())
             .is_some_and(|k| LOST_KINDS.contains(&k));
         let t = &mut self.tasks[ti];
-        let total = t.steps.len();
         let s = &mut t.steps[si];
         let dispatched = s.dispatched;
         let finished = FinishedStep {
@@ -843,73 +1173,73 @@ impl Model {
             dispatched_at_ms: IN_WINDOW,
         };
         s.lease = None;
-        let outcome = match r.status {
-            ReportStatus::Succeeded => {
-                s.status = StepStatus::Succeeded;
-                s.output = Some(r.output.clone().unwrap_or(Value::Null));
-                s.finished = Some(w);
-                if si + 1 < total {
-                    let next = &mut t.steps[si + 1];
-                    next.status = StepStatus::Queued;
-                    next.queued = Some(w);
-                    ReportOutcome::Next {
-                        finished,
-                        next: cap(next.cap),
-                    }
-                } else {
-                    t.status = TaskStatus::Succeeded;
-                    t.finished = Some(w);
-                    t.queue_callback(w);
-                    ReportOutcome::Done {
-                        finished,
-                        status: TaskStatus::Succeeded,
-                        callback: t.callback,
-                    }
+        let error = r.error.clone().unwrap_or_else(|| {
+            StepError::permanent("agent", "the worker reported a failure without error")
+        });
+        let outcome =
+            if r.status == ReportStatus::Failed && error.retryable && s.tries < s.max_attempts {
+                let delay = backoff_ms(s.tries, jitter);
+                s.error = Some(error);
+                s.status = StepStatus::Queued;
+                s.backoff = true;
+                s.queued = Some(w.later(delay));
+                if lost {
+                    s.avoid = Some(r.worker_id.clone());
                 }
-            }
-            ReportStatus::Failed => {
-                let error = r.error.clone().unwrap_or_else(|| {
-                    StepError::permanent("agent", "the worker reported a failure without error")
-                });
-                s.error = Some(error.clone());
-                if error.retryable && s.tries < s.max_attempts {
-                    let delay = backoff_ms(s.tries, jitter);
-                    s.status = StepStatus::Queued;
-                    s.backoff = true;
-                    s.queued = Some(w.later(delay));
-                    if lost {
-                        s.avoid = Some(r.worker_id.clone());
-                    }
-                    ReportOutcome::Retry {
-                        finished,
-                        delay: Duration::from_millis(delay),
-                    }
-                } else {
-                    s.status = StepStatus::Failed;
-                    s.finished = Some(w);
-                    let c = s.cap;
-                    t.status = TaskStatus::Failed;
-                    t.error = Some(error);
-                    t.finished = Some(w);
-                    t.dead = Some((w, c));
-                    t.queue_callback(w);
-                    ReportOutcome::Done {
-                        finished,
-                        status: TaskStatus::Failed,
-                        callback: t.callback,
-                    }
+                ReportOutcome::Retry {
+                    finished,
+                    delay: Duration::from_millis(delay),
                 }
-            }
+            } else {
+                let mut tx = Cascade {
+                    t: &mut *t,
+                    w,
+                    queued: Vec::new(),
+                    failed: false,
+                };
+                match r.status {
+                    ReportStatus::Succeeded => {
+                        tx.succeed(si, r.output.clone().unwrap_or(Value::Null));
+                    }
+                    ReportStatus::Failed => tx.fail_for_good(si, error),
+                }
+                match tx.end(Some(si)) {
+                    Some((status, result)) => ReportOutcome::Done {
+                        finished,
+                        status,
+                        callback: t.callback,
+                        result,
+                    },
+                    None => ReportOutcome::Next {
+                        finished,
+                        queued: tx.queued,
+                    },
+                }
+            };
+        // A replay answers without the result.
+        let remembered = match &outcome {
+            ReportOutcome::Done {
+                finished,
+                status,
+                callback,
+                ..
+            } => ReportOutcome::Done {
+                finished: finished.clone(),
+                status: *status,
+                callback: *callback,
+                result: None,
+            },
+            other => other.clone(),
         };
-        let answer = (outcome, dispatched);
         if !lost {
             t.steps[si].last_record = Some(Recorded {
                 attempt: r.attempt,
                 worker: r.worker_id.clone(),
                 status: r.status,
-                answer: answer.clone(),
+                answer: (remembered, dispatched),
             });
         }
+        let answer = (outcome, dispatched);
         let attempt = StepRef {
             task_id: r.task_id.clone(),
             step: r.step,
@@ -1026,21 +1356,20 @@ impl Model {
         if t.status.is_terminal() {
             return CancelOutcome::AlreadyFinished(t.status);
         }
-        for s in &mut t.steps {
-            if matches!(s.status, StepStatus::Queued | StepStatus::Dispatched) {
-                s.status = StepStatus::Failed;
-                s.error = Some(StepError::permanent("cancelled", "task cancelled"));
-                s.finished = Some(w);
-                s.lease = None;
-                s.backoff = false;
-            }
-        }
+        let mut tx = Cascade {
+            t: &mut *t,
+            w,
+            queued: Vec::new(),
+            failed: false,
+        };
+        tx.stop_all(&StepError::permanent("cancelled", "task cancelled"));
         t.status = TaskStatus::Cancelled;
         t.finished = Some(w);
         t.queue_callback(w);
         CancelOutcome::Cancelled
     }
 
+    /// Runs the failed (not allowed) and stopped steps again, in slot order.
     fn redrive(&mut self, id: &TaskId, w: Window) -> RedriveOutcome {
         let Some(ti) = self.find(id) else {
             return RedriveOutcome::NotFound;
@@ -1049,16 +1378,6 @@ impl Model {
         if t.status != TaskStatus::Failed {
             return RedriveOutcome::NotFailed(t.status);
         }
-        let s = t
-            .steps
-            .iter_mut()
-            .find(|s| s.status == StepStatus::Failed)
-            .unwrap();
-        s.status = StepStatus::Queued;
-        s.tries = 0;
-        s.queued = Some(w);
-        s.finished = None;
-        let c = s.cap;
         t.status = if t.started.is_some() {
             TaskStatus::Running
         } else {
@@ -1070,7 +1389,25 @@ impl Model {
         // The failure's callback is superseded by the next finish's.
         t.delivery = None;
         t.outbox = None;
-        RedriveOutcome::Redriven(cap(c))
+        let mut tx = Cascade {
+            t,
+            w,
+            queued: Vec::new(),
+            failed: false,
+        };
+        for i in 0..tx.t.steps.len() {
+            let s = &mut tx.t.steps[i];
+            if s.status == StepStatus::Cancelled
+                || (s.status == StepStatus::Failed && !s.allow_failure)
+            {
+                s.tries = 0;
+                s.free_failures = 0;
+                s.finished = None;
+                s.error = None;
+                tx.queue(i);
+            }
+        }
+        RedriveOutcome::Redriven(tx.queued)
     }
 
     /// Callbacks due in the outbox: the instants they come due.
@@ -1165,26 +1502,8 @@ impl Model {
 
     fn record(&self, t: &ModelTask) -> RecordView {
         let in_window = |w: Option<Window>| w.map(|_| IN_WINDOW);
-        let steps: Vec<StepView> = t
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| StepView {
-                index: i as u32,
-                capability: cap(s.cap),
-                status: s.status,
-                worker_id: s.worker.clone(),
-                attempts: s.tries,
-                output: s.output.clone(),
-                error: s.error.clone(),
-                queued_at_ms: in_window(s.queued),
-                dispatched_at_ms: in_window(s.dispatched),
-                finished_at_ms: in_window(s.finished),
-            })
-            .collect();
-        let result = (t.status == TaskStatus::Succeeded)
-            .then(|| steps.last().and_then(|s| s.output.clone()))
-            .flatten();
+        let steps = step_views(t);
+        let result = (t.status == TaskStatus::Succeeded).then(|| graph_result(&steps));
         RecordView {
             view: TaskView {
                 task_id: t.id.clone(),
@@ -1276,18 +1595,20 @@ impl Model {
                 );
                 assert!(t.finished.is_some());
             } else {
-                assert_eq!(active.len(), 1, "a live task has one active step: {t:?}");
-                let a = active[0];
-                assert!(
-                    t.steps[..a]
-                        .iter()
-                        .all(|s| s.status == StepStatus::Succeeded)
-                );
-                assert!(
-                    t.steps[a + 1..]
-                        .iter()
-                        .all(|s| s.status == StepStatus::Pending)
-                );
+                assert!(!active.is_empty(), "a live task has an active step: {t:?}");
+                let finished = |n: &usize| {
+                    let s = &t.steps[*n];
+                    matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped)
+                        || (s.status == StepStatus::Failed && s.allow_failure)
+                };
+                for (i, s) in t.steps.iter().enumerate() {
+                    let open = s.needs.iter().filter(|n| !finished(n)).count();
+                    if s.status == StepStatus::Pending {
+                        assert!(open > 0, "a pending step waits for a need: {i} of {t:?}");
+                    } else {
+                        assert_eq!(open, 0, "a started step had all it needs: {i} of {t:?}");
+                    }
+                }
             }
             for s in &t.steps {
                 assert!(
@@ -1358,9 +1679,21 @@ fn norm_record(record: TaskRecord, t: &ModelTask) -> RecordView {
         .into_iter()
         .enumerate()
         .map(|(i, s)| {
+            // Every field named, so a new timestamp is not compared raw by mistake.
             let StepView {
                 index,
+                id,
+                kind,
                 capability,
+                needs,
+                router,
+                allow_failure,
+                map,
+                instances,
+                element_index,
+                wait,
+                sleep_ms,
+                wakes_at_ms,
                 status,
                 worker_id,
                 attempts,
@@ -1373,7 +1706,18 @@ fn norm_record(record: TaskRecord, t: &ModelTask) -> RecordView {
             let want = t.steps.get(i);
             StepView {
                 index,
+                id,
+                kind,
                 capability,
+                needs,
+                router,
+                allow_failure,
+                map,
+                instances,
+                element_index,
+                wait,
+                sleep_ms,
+                wakes_at_ms,
                 status,
                 worker_id,
                 attempts,
@@ -1451,9 +1795,9 @@ fn norm_report(outcome: ReportOutcome, dispatched: Option<Window>) -> ReportOutc
         ReportOutcome::Replayed(first) => {
             ReportOutcome::Replayed(Box::new(norm_report(*first, dispatched)))
         }
-        ReportOutcome::Next { finished, next } => ReportOutcome::Next {
+        ReportOutcome::Next { finished, queued } => ReportOutcome::Next {
             finished: fix(finished),
-            next,
+            queued,
         },
         ReportOutcome::Retry { finished, delay } => ReportOutcome::Retry {
             finished: fix(finished),
@@ -1463,10 +1807,12 @@ fn norm_report(outcome: ReportOutcome, dispatched: Option<Window>) -> ReportOutc
             finished,
             status,
             callback,
+            result,
         } => ReportOutcome::Done {
             finished: fix(finished),
             status,
             callback,
+            result,
         },
     }
 }
@@ -1524,7 +1870,9 @@ async fn wait_past(instants: &[Window]) {
 /// One sequence on both stores and the model.
 struct Run<'a> {
     mem: MemoryStore,
-    red: RedisStore,
+    /// The Redis store; another memory store with `MODEL_TEST_MEMORY_ONLY=1` (while the
+    /// Redis side of a change is not there yet).
+    red: Box<dyn TaskStore>,
     model: Model,
     clock: Clock,
     caps: Vec<Capability>,
@@ -1554,6 +1902,7 @@ impl Run<'_> {
                         client: RATED,
                         key: None,
                         steps: vec![0],
+                        links: vec![(CHAIN, false, false)],
                         priority: 0,
                         max_attempts: 1,
                         timeout_s: 1,
@@ -1591,16 +1940,18 @@ impl Run<'_> {
                 let (step, held_by) = pool[pick % pool.len()].clone();
                 let from = if *holder { held_by } else { worker(INTRUDER) };
                 let (status, output, error) = match verdict {
-                    Verdict::Succeed { payload } => (
-                        ReportStatus::Succeeded,
-                        Some(json!({
+                    Verdict::Succeed { payload, route } => {
+                        let mut out = json!({
                             "step": step.step,
                             "attempt": step.attempt,
                             "by": from,
                             "payload": payload_json(*payload),
-                        })),
-                        None,
-                    ),
+                        });
+                        if let Some(next) = self.model.next_for(&step, *route) {
+                            out["next"] = next;
+                        }
+                        (ReportStatus::Succeeded, Some(out), None)
+                    }
                     Verdict::Fail { retryable } => (
                         ReportStatus::Failed,
                         None,
@@ -1974,6 +2325,7 @@ impl Run<'_> {
             client,
             key,
             steps,
+            links,
             priority,
             max_attempts,
             timeout_s,
@@ -1983,6 +2335,13 @@ impl Run<'_> {
         else {
             unreachable!()
         };
+        let needs: Vec<Vec<u32>> = (0..steps.len() as u32)
+            .map(|i| match links[i as usize].0 {
+                _ if i == 0 => Vec::new(),
+                CHAIN => vec![i - 1],
+                mask => (0..i).filter(|j| mask & (1 << j) != 0).collect(),
+            })
+            .collect();
         self.submitted += 1;
         let id = TaskId::generate();
         let task = NewTask {
@@ -1993,13 +2352,21 @@ impl Run<'_> {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    let unique = steps.iter().filter(|x| *x == c).count() == 1;
-                    let id = if unique {
-                        c.to_string()
-                    } else {
-                        format!("{c}-{i}")
-                    };
-                    PlannedStep::chain_link(i as u32, id, cap(*c), *max_attempts, timeout_s * 1000)
+                    let mut step = PlannedStep::chain_link(
+                        i as u32,
+                        format!("s{i}"),
+                        cap(*c),
+                        *max_attempts,
+                        timeout_s * 1000,
+                    );
+                    step.needs = needs[i].clone();
+                    let (_, allow, router) = links[i];
+                    step.allow_failure = allow;
+                    let needed = needs.iter().any(|n| n.contains(&(i as u32)));
+                    if let PlannedKind::Work { router: r, .. } = &mut step.kind {
+                        *r = router && needed;
+                    }
+                    step
                 })
                 .collect(),
             input: json!({"n": self.submitted, "payload": payload_json(self.submitted)})
@@ -2077,7 +2444,15 @@ impl Run<'_> {
         self.count(match want {
             ReportOutcome::Discarded => "report: discarded",
             ReportOutcome::Replayed(_) => "report: replayed",
-            ReportOutcome::Next { .. } => "report: next step queued",
+            ReportOutcome::Next { ref queued, .. } if queued.is_empty() => {
+                "report: went on, nothing queued"
+            }
+            ReportOutcome::Next { .. } => "report: went on, steps queued",
+            ReportOutcome::Done {
+                status: TaskStatus::Succeeded,
+                result: Some(_),
+                ..
+            } => "report: done, succeeded, result given",
             ReportOutcome::Retry { .. } => "report: retry after backoff",
             ReportOutcome::Done {
                 status: TaskStatus::Succeeded,
@@ -2146,7 +2521,11 @@ impl Run<'_> {
 async fn run(ops: Vec<Op>, redis: &RedisServer, tally: &Mutex<Tally>) {
     let mut run = Run {
         mem: MemoryStore::new(),
-        red: RedisStore::new(RedisPool::new(&redis.settings()).unwrap()),
+        red: if std::env::var("MODEL_TEST_MEMORY_ONLY").is_ok_and(|v| v == "1") {
+            Box::new(MemoryStore::new())
+        } else {
+            Box::new(RedisStore::new(RedisPool::new(&redis.settings()).unwrap()))
+        },
         model: Model::default(),
         clock: Clock::default(),
         caps: (0..CAPS.len()).map(cap).collect(),
@@ -2159,11 +2538,33 @@ async fn run(ops: Vec<Op>, redis: &RedisServer, tally: &Mutex<Tally>) {
         run.apply(op).await;
         run.check().await;
     }
+    let mut tally = tally.lock().unwrap();
     *tally
-        .lock()
-        .unwrap()
         .entry("claim: lost step given to another worker")
         .or_default() += run.model.swaps;
+    for t in &run.model.tasks {
+        for s in &t.steps {
+            let what = match s.status {
+                StepStatus::Skipped if s.routed_out => "step at the end: skipped (routed out)",
+                StepStatus::Skipped => "step at the end: skipped (its needs were)",
+                StepStatus::Failed if s.allow_failure => "step at the end: failed, allowed",
+                StepStatus::Cancelled => "step at the end: cancelled or stopped",
+                _ => continue,
+            };
+            *tally.entry(what).or_default() += 1;
+        }
+        for s in t.steps.iter().filter(|s| s.router) {
+            let what = match (s.status, s.error.as_ref().and_then(|e| e.kind.as_deref())) {
+                (StepStatus::Succeeded, _) => "router at the end: succeeded",
+                (StepStatus::Failed, Some("route")) => "router at the end: failed to route",
+                _ => "router at the end: other",
+            };
+            *tally.entry(what).or_default() += 1;
+        }
+        if t.steps.iter().filter(|s| s.needs.is_empty()).count() > 1 {
+            *tally.entry("task: several roots").or_default() += 1;
+        }
+    }
 }
 
 #[test]
