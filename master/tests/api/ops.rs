@@ -17,7 +17,7 @@ async fn redis_restart_under_load_loses_no_accepted_task() {
     for i in 0..50 {
         accepted.push(
             master
-                .submit(json!({"pipeline": "default", "input": i}))
+                .submit(json!({"steps": ["plan", "retrieve", "evaluate", "finalize"], "input": i}))
                 .await,
         );
     }
@@ -59,7 +59,7 @@ async fn redis_restart_under_load_loses_no_accepted_task() {
     for i in 0..20 {
         accepted.push(
             master
-                .submit(json!({"pipeline": "default", "input": 100 + i}))
+                .submit(json!({"steps": ["plan", "retrieve", "evaluate", "finalize"], "input": 100 + i}))
                 .await,
         );
     }
