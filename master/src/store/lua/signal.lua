@@ -30,5 +30,5 @@ g_set(at(slot, 'output'), ARGV[4])
 g_set(at(slot, 'finished_at'), int(now))
 finish(slot, 'succeeded')
 local reply = {'outcome', 'delivered'}
-for _, x in ipairs(g_end(slot, ARGV[5])) do reply[#reply + 1] = x end
+for _, x in ipairs(g_end(nil, ARGV[5])) do reply[#reply + 1] = x end
 return reply

@@ -31,7 +31,7 @@ for _, m in ipairs(due) do
         '` within ' .. (v[6] or '?') .. ' ms'))
     end
     local row = {'task_id', id, 'step', step}
-    for _, x in ipairs(g_end(slot, ARGV[3])) do row[#row + 1] = x end
+    for _, x in ipairs(g_end(nil, ARGV[3])) do row[#row + 1] = x end
     rows[#rows + 1] = row
   end
 end
