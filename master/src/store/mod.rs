@@ -194,6 +194,11 @@ impl PlannedStep {
 /// Most elements a map step may fan out over (more fails the step, `map_too_wide`).
 pub const MAX_MAP_WIDTH: usize = 1_000;
 
+/// Largest output of a map step, its instances' outputs together (more fails the step,
+/// `map_output_too_large`): it is kept in one hash field and sent whole to the steps that
+/// need it.
+pub const MAX_MAP_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+
 /// A task about to be submitted (already validated).
 #[derive(Debug, Clone)]
 pub struct NewTask {

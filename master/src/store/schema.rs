@@ -273,10 +273,12 @@ pub(super) fn lua_prelude() -> String {
         lua_string(&keys::MEMBER_SEPARATOR.to_string())
     );
     lua += &format!(
-        "local PRIORITY_WEIGHT = {}\nlocal SCORE_EPOCH_MS = {}\nlocal MAX_MAP_WIDTH = {}\n",
+        "local PRIORITY_WEIGHT = {}\nlocal SCORE_EPOCH_MS = {}\nlocal MAX_MAP_WIDTH = {}\n\
+         local MAX_MAP_OUTPUT_BYTES = {}\n",
         super::PRIORITY_WEIGHT,
         super::SCORE_EPOCH_MS,
-        super::MAX_MAP_WIDTH
+        super::MAX_MAP_WIDTH,
+        super::MAX_MAP_OUTPUT_BYTES
     );
     lua
 }

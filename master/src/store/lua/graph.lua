@@ -244,12 +244,19 @@ local function instance_done(p)
   end
   local out = g_read(fields)
   local parts = {}
+  local size = 0
   for i = 0, n - 1 do
     if out[3 * i + 1] == 'succeeded' then
       parts[#parts + 1] = out[3 * i + 2] or 'null'
     else
       parts[#parts + 1] = '{"error":' .. (out[3 * i + 3] or 'null') .. '}'
     end
+    size = size + #parts[#parts] + 1
+  end
+  if size > MAX_MAP_OUTPUT_BYTES then
+    return fail_for_good(p, error_json('map_output_too_large', 'the outputs of the ' .. n ..
+      ' instances add up to ' .. size .. ' bytes; a map step\'s output is at most ' ..
+      MAX_MAP_OUTPUT_BYTES))
   end
   g_set(at(p, 'status'), 'succeeded')
   g_set(at(p, 'output'), '[' .. table.concat(parts, ',') .. ']')
