@@ -1352,7 +1352,11 @@ impl TaskStore for MemoryStore {
         })
     }
 
-    async fn redrive(&self, id: &TaskId) -> Result<RedriveOutcome, StoreError> {
+    async fn redrive(
+        &self,
+        id: &TaskId,
+        retention: Duration,
+    ) -> Result<RedriveOutcome, StoreError> {
         let now = now_ms();
         self.with(|s| {
             s.transition(id.as_str(), now, |s, task| {
@@ -1411,9 +1415,8 @@ impl TaskStore for MemoryStore {
                         tx.queue(i);
                     }
                 }
-                // A redrive that fails again at once (a map step's array is still not
-                // one) leaves the task failed without an expiry.
-                match tx.end(None, None) {
+                // A redrive can fail again at once (a map step's array is still not one).
+                match tx.end(None, Some(ms(retention))) {
                     Some(_) => RedriveOutcome::Redriven(Vec::new()),
                     None => RedriveOutcome::Redriven(std::mem::take(&mut tx.queued)),
                 }

@@ -475,12 +475,12 @@ async fn retries_then_dead_letter_then_redrive(store: Arc<dyn TaskStore>) {
     assert_eq!(s.dead_letters(&plan, 10).await.unwrap(), vec![id.clone()]);
 
     assert_eq!(
-        s.redrive(&id).await.unwrap(),
+        s.redrive(&id, RETENTION).await.unwrap(),
         RedriveOutcome::Redriven(vec![plan.clone()])
     );
     assert!(s.dead_letters(&plan, 10).await.unwrap().is_empty());
     assert!(matches!(
-        s.redrive(&id).await.unwrap(),
+        s.redrive(&id, RETENTION).await.unwrap(),
         RedriveOutcome::NotFailed(_)
     ));
     let c = s
@@ -514,7 +514,7 @@ async fn retries_then_dead_letter_then_redrive(store: Arc<dyn TaskStore>) {
         }
     ));
     assert_eq!(
-        s.redrive(&TaskId::generate()).await.unwrap(),
+        s.redrive(&TaskId::generate(), RETENTION).await.unwrap(),
         RedriveOutcome::NotFound
     );
 }
@@ -993,7 +993,7 @@ async fn a_redriven_task_leaves_the_outbox(store: Arc<dyn TaskStore>) {
     finish(s, false).await;
     assert_eq!(s.callbacks_pending().await.unwrap(), 1);
     assert!(matches!(
-        s.redrive(&id).await.unwrap(),
+        s.redrive(&id, RETENTION).await.unwrap(),
         RedriveOutcome::Redriven(_)
     ));
     assert_eq!(s.callbacks_pending().await.unwrap(), 0);
@@ -1989,7 +1989,7 @@ async fn redrive_reruns_only_the_failed_and_stopped_branches(store: Arc<dyn Task
         ReportOutcome::Discarded
     );
     assert_eq!(
-        s.redrive(&id).await.unwrap(),
+        s.redrive(&id, RETENTION).await.unwrap(),
         RedriveOutcome::Redriven(queued(&["evaluate", "finalize"]))
     );
     let v = view(s, &id).await;
@@ -2051,7 +2051,7 @@ async fn a_redriven_map_reruns_only_its_failed_and_stopped_instances(store: Arc<
     let got: Vec<StepStatus> = v.steps[0].instances.iter().map(|i| i.status).collect();
     assert_eq!(got, vec![Succeeded, Failed, Cancelled]);
     assert_eq!(
-        s.redrive(&id).await.unwrap(),
+        s.redrive(&id, RETENTION).await.unwrap(),
         RedriveOutcome::Redriven(queued(&["retrieve"]))
     );
     let v = view(s, &id).await;

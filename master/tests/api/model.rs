@@ -2148,8 +2148,8 @@ impl Run<'_> {
                     // Queues the step now: away from backoffs ending, for a clear order.
                     let avoid = self.model.backoffs();
                     let s = self.clock.begin(&avoid).await;
-                    let a = self.mem.redrive(&id).await.unwrap();
-                    let b = self.red.redrive(&id).await.unwrap();
+                    let a = self.mem.redrive(&id, RETENTION).await.unwrap();
+                    let b = self.red.redrive(&id, RETENTION).await.unwrap();
                     let w = self.clock.end(s, &avoid, op);
                     let want = self.model.redrive(&id, w);
                     self.same("redrive", &want, &a, &b);
