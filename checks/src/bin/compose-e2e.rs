@@ -118,7 +118,9 @@ async fn scaled_workers(stack: &Stack, api: &Api) -> Result<()> {
                 let task = held["task_id"].as_str().context("in_flight task_id")?;
                 let index = held["step"].as_u64().context("in_flight step")?;
                 let view = api.task(task).await?;
-                let step = &view["steps"][usize::try_from(index)?];
+                let Some(step) = slot(&view, index) else {
+                    continue;
+                };
                 if step["status"] == "dispatched" {
                     ensure!(
                         step["worker_id"] == worker["id"],
@@ -152,6 +154,20 @@ async fn scaled_workers(stack: &Stack, api: &Api) -> Result<()> {
     Ok(())
 }
 
+/// Step `index` (a slot: a declared step, or a map instance under its step) of a task view.
+fn slot(view: &Value, index: u64) -> Option<&Value> {
+    view["steps"]
+        .as_array()?
+        .iter()
+        .flat_map(|s| std::iter::once(s).chain(instances(s)))
+        .find(|s| s["index"].as_u64() == Some(index))
+}
+
+/// A map step's instances (none for other steps).
+fn instances(step: &Value) -> impl Iterator<Item = &Value> {
+    step["instances"].as_array().into_iter().flatten()
+}
+
 /// `docker stop` (the worker drains) or `docker kill` (the lease lapses and the step runs
 /// again) on the `retrieve` worker while it runs a step: the task still succeeds.
 async fn worker_stopped_mid_step(stack: &Stack, api: &Api, how: &str) -> Result<()> {
@@ -162,7 +178,10 @@ async fn worker_stopped_mid_step(stack: &Stack, api: &Api, how: &str) -> Result<
         "the retrieve step to start",
         || async {
             let view = api.task(&id).await.ok()?;
-            (view["steps"][1]["status"] == "dispatched").then_some(())
+            // The default pipeline maps `retrieve` over the plan's queries: any instance.
+            instances(&view["steps"][1])
+                .any(|i| i["status"] == "dispatched")
+                .then_some(())
         },
     )
     .await?;
@@ -175,8 +194,10 @@ async fn worker_stopped_mid_step(stack: &Stack, api: &Api, how: &str) -> Result<
     stack.docker(&["start", container])?;
     let view = api.wait_succeeded(&id, Duration::from_secs(120)).await?;
     println!(
-        "worker-b: `docker {how}` in the middle of a step: the task succeeded, retrieve after {} attempt(s) ({:.0?})",
-        view["steps"][1]["attempts"],
+        "worker-b: `docker {how}` in the middle of a step: the task succeeded, retrieve's instances after {:?} attempt(s) ({:.0?})",
+        instances(&view["steps"][1])
+            .map(|i| i["attempts"].as_u64().unwrap_or(0))
+            .collect::<Vec<_>>(),
         step.elapsed()
     );
     Ok(())
