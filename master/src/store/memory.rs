@@ -449,12 +449,7 @@ impl<'a> Tx<'a> {
         let first = self.t.steps.len() as u32;
         let total = elements.len() as u32;
         if total == 0 {
-            self.step(m).fan = Some(Fan {
-                first,
-                total: 0,
-                next: 0,
-                done: 0,
-            });
+            // Nothing to expand: no instances, and the view shows no total (as Redis).
             self.succeed(m, Value::Array(Vec::new()));
             return self.finish(m, Outcome::Succeeded);
         }
@@ -1688,9 +1683,12 @@ fn step_view(t: &Task, slot: u32) -> StepView {
         id: st.id.clone(),
         kind,
         capability: st.capability.clone(),
+        // An instance's needs are its map step's (it gets their outcomes when claimed);
+        // the view shows them once, on the map step.
         needs: st
             .needs
             .iter()
+            .filter(|_| st.parent.is_none())
             .filter_map(|n| t.steps.get(*n as usize).map(|s| s.id.clone()))
             .collect(),
         router,

@@ -38,14 +38,14 @@ use std::time::Duration;
 
 use common::redis::RedisPool;
 use common::wire::{
-    CallbackStatus, CallbackView, Capability, PriorOutput, ReportStatus, ResultReport, StepContext,
-    StepError, StepKind, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView, WorkRequest,
-    WorkerId, now_ms,
+    CallbackStatus, CallbackView, Capability, MapView, PriorOutput, ReportStatus, ResultReport,
+    StepContext, StepError, StepKind, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView,
+    WorkRequest, WorkerId, now_ms,
 };
 use master::store::{
     CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease,
-    FinishedStep, MAX_FREE_DISPATCH_FAILURES, MemoryStore, NewTask, PlannedKind, PlannedStep,
-    QueueStats, RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome, ReleaseReason,
+    FinishedStep, MAX_FREE_DISPATCH_FAILURES, MapPlan, MemoryStore, NewTask, PlannedKind,
+    PlannedStep, QueueStats, RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome, ReleaseReason,
     ReportOutcome, RetryPolicy, SubmitOutcome, TaskRecord, TaskStore, graph_result,
     lease_expired_error,
 };
@@ -133,8 +133,10 @@ enum Op {
         steps: Vec<usize>,
         /// Per step: which earlier steps it needs ([`CHAIN`]: the one before it; a bit
         /// mask otherwise, 0 a root; the first step is a root), whether its failure is
-        /// allowed, and whether it is a router (when something needs it).
-        links: Vec<(u8, bool, bool)>,
+        /// allowed, whether it is a router (when something needs it), and its map: 0-2
+        /// none, 3 and 4 over the input's `items` with a concurrency of 1 and 2, 5 over
+        /// its first need's `payload` (not always an array).
+        links: Vec<(u8, bool, bool, u8)>,
         priority: i32,
         max_attempts: u32,
         timeout_s: u64,
@@ -249,11 +251,12 @@ fn jitter() -> impl Strategy<Value = f64> {
 const CHAIN: u8 = u8::MAX;
 
 /// How a step links to the earlier ones (see [`Op::Submit`]): mostly a chain.
-fn link() -> impl Strategy<Value = (u8, bool, bool)> {
+fn link() -> impl Strategy<Value = (u8, bool, bool, u8)> {
     (
         prop_oneof![2 => Just(CHAIN), 1 => Just(1u8), 2 => 0..16u8],
         prop::bool::weighted(0.4),
         prop::bool::weighted(0.4),
+        0..6u8,
     )
 }
 
@@ -470,6 +473,13 @@ struct ModelStep {
     skipped_needs: usize,
     /// A router it needs did not pick it.
     routed_out: bool,
+    /// A map step's fan-out as planned, and once expanded its instances: first slot,
+    /// how many, the next to queue, how many finished.
+    map: Option<MapPlan>,
+    fan: Option<(usize, usize, usize, usize)>,
+    /// An instance's map step, and its element index and element.
+    parent: Option<usize>,
+    element: Option<(u32, Value)>,
     status: StepStatus,
     /// The last attempt handed out (the fencing token).
     attempt: u32,
@@ -527,6 +537,8 @@ struct ModelTask {
     open: usize,
     /// The steps nothing needs: the result comes from them.
     sinks: Vec<usize>,
+    /// Declared steps (map instances come after them).
+    declared: usize,
     /// The completion callback's delivery since the task last finished.
     delivery: Option<Delivery>,
     /// When its callback is due in the outbox, while it is there.
@@ -587,12 +599,110 @@ impl Cascade<'_> {
             s.status = StepStatus::Skipped;
             s.finished = Some(self.w);
             self.finish(d, true);
-        } else if !self.failed {
-            self.queue(d);
+        } else {
+            self.ready(d);
         }
     }
 
+    /// A worker step is queued; a map step expands.
+    fn ready(&mut self, d: usize) {
+        if self.failed {
+            return;
+        }
+        match self.t.steps[d].map.clone() {
+            Some(plan) => self.expand(d, &plan),
+            None => self.queue(d),
+        }
+    }
+
+    /// One instance per element of the map step's array; the first `concurrency` queued.
+    fn expand(&mut self, m: usize, plan: &MapPlan) {
+        let source = match plan.from {
+            None => Some(&self.t.input),
+            Some(n) => self.t.steps[n as usize].output.as_ref(),
+        };
+        let elements = source
+            .and_then(|v| plan.path.iter().try_fold(v, |at, key| at.get(key)))
+            .and_then(Value::as_array)
+            .cloned();
+        let Some(elements) = elements else {
+            let message = format!("`map.over` ({}) does not lead to an array", plan.over);
+            return self.fail_for_good(m, StepError::permanent("map_source", message));
+        };
+        let first = self.t.steps.len();
+        if elements.is_empty() {
+            let s = &mut self.t.steps[m];
+            s.status = StepStatus::Succeeded;
+            s.output = Some(json!([]));
+            s.finished = Some(self.w);
+            return self.finish(m, false);
+        }
+        let total = elements.len();
+        let width = total.min(plan.concurrency as usize);
+        for (k, element) in elements.into_iter().enumerate() {
+            let map_step = &self.t.steps[m];
+            let instance = ModelStep {
+                id: format!("{}[{k}]", map_step.id),
+                dependants: Vec::new(),
+                allow_failure: false,
+                router: false,
+                open_needs: 0,
+                skipped_needs: 0,
+                map: None,
+                fan: None,
+                parent: Some(m),
+                element: Some((k as u32, element)),
+                status: StepStatus::Pending,
+                queued: None,
+                finished: None,
+                ..map_step.clone()
+            };
+            self.t.steps.push(instance);
+        }
+        let s = &mut self.t.steps[m];
+        s.status = StepStatus::Running;
+        s.fan = Some((first, total, width, 0));
+        for i in first..first + width {
+            self.queue(i);
+        }
+    }
+
+    /// An instance finished: its map step counts it, queues the next one, and succeeds
+    /// with the outputs in element order when all have.
+    fn instance_done(&mut self, p: usize) {
+        if self.t.steps[p].status != StepStatus::Running {
+            return;
+        }
+        let Some((first, total, mut next, mut done)) = self.t.steps[p].fan else {
+            return;
+        };
+        done += 1;
+        if next < total && !self.failed {
+            self.queue(first + next);
+            next += 1;
+        }
+        self.t.steps[p].fan = Some((first, total, next, done));
+        if done < total {
+            return;
+        }
+        let outputs: Vec<Value> = self.t.steps[first..first + total]
+            .iter()
+            .map(|s| match s.status {
+                StepStatus::Succeeded => s.output.clone().unwrap_or(Value::Null),
+                _ => json!({ "error": s.error }),
+            })
+            .collect();
+        let s = &mut self.t.steps[p];
+        s.status = StepStatus::Succeeded;
+        s.output = Some(Value::Array(outputs));
+        s.finished = Some(self.w);
+        self.finish(p, false);
+    }
+
     fn finish(&mut self, i: usize, skipped: bool) {
+        if let Some(p) = self.t.steps[i].parent {
+            return self.instance_done(p);
+        }
         self.t.open -= 1;
         if self.failed {
             return;
@@ -659,24 +769,35 @@ impl Cascade<'_> {
         s.status = StepStatus::Failed;
         s.error = Some(e.clone());
         s.finished = Some(self.w);
-        if s.allow_failure {
+        let (parent, c) = (s.parent, s.cap);
+        if let Some(p) = parent {
+            let map_step = &mut self.t.steps[p];
+            if map_step.allow_failure {
+                return self.instance_done(p);
+            }
+            map_step.status = StepStatus::Failed;
+            map_step.error = Some(e.clone());
+            map_step.finished = Some(self.w);
+        } else if s.allow_failure {
             return self.finish(i, false);
         }
         if self.failed {
             return;
         }
         self.failed = true;
-        let c = s.cap;
         self.t.status = TaskStatus::Failed;
         self.t.error = Some(e);
         self.t.finished = Some(self.w);
         self.t.dead = Some((self.w, c));
     }
 
-    /// Every queued or dispatched step becomes `cancelled` with `e`.
+    /// Every queued or dispatched step (and running map step) becomes `cancelled`.
     fn stop_all(&mut self, e: &StepError) {
         for s in &mut self.t.steps {
-            if matches!(s.status, StepStatus::Queued | StepStatus::Dispatched) {
+            if matches!(
+                s.status,
+                StepStatus::Queued | StepStatus::Dispatched | StepStatus::Running
+            ) {
                 s.status = StepStatus::Cancelled;
                 s.error = Some(e.clone());
                 s.finished = Some(self.w);
@@ -711,34 +832,48 @@ impl Cascade<'_> {
 
 /// The model's task view of its steps (timestamps as [`IN_WINDOW`]).
 fn step_views(t: &ModelTask) -> Vec<StepView> {
+    (0..t.declared).map(|i| step_view(t, i)).collect()
+}
+
+/// Slot `i` as the view shows it (a map step with its instances).
+fn step_view(t: &ModelTask, i: usize) -> StepView {
     let in_window = |w: Option<Window>| w.map(|_| IN_WINDOW);
-    t.steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| StepView {
-            index: i as u32,
-            id: s.id.clone(),
-            kind: StepKind::Work,
-            capability: Some(cap(s.cap)),
-            needs: s.needs.iter().map(|n| t.steps[*n].id.clone()).collect(),
-            router: s.router,
-            allow_failure: s.allow_failure,
-            map: None,
-            instances: Vec::new(),
-            element_index: None,
-            wait: None,
-            sleep_ms: None,
-            wakes_at_ms: None,
-            status: s.status,
-            worker_id: s.worker.clone(),
-            attempts: s.tries,
-            output: s.output.clone(),
-            error: s.error.clone(),
-            queued_at_ms: in_window(s.queued),
-            dispatched_at_ms: in_window(s.dispatched),
-            finished_at_ms: in_window(s.finished),
-        })
-        .collect()
+    let s = &t.steps[i];
+    StepView {
+        index: i as u32,
+        id: s.id.clone(),
+        kind: StepKind::Work,
+        capability: Some(cap(s.cap)),
+        needs: match s.parent {
+            // Shown once, on the map step.
+            Some(_) => Vec::new(),
+            None => s.needs.iter().map(|n| t.steps[*n].id.clone()).collect(),
+        },
+        router: s.router,
+        allow_failure: s.allow_failure,
+        map: s.map.as_ref().map(|plan| MapView {
+            over: plan.over.clone(),
+            concurrency: plan.concurrency,
+            total: s.fan.map(|f| f.1 as u32),
+            finished: s.fan.map_or(0, |f| f.3 as u32),
+        }),
+        instances: s
+            .fan
+            .map(|(first, total, _, _)| (first..first + total).map(|k| step_view(t, k)).collect())
+            .unwrap_or_default(),
+        element_index: s.element.as_ref().map(|e| e.0),
+        wait: None,
+        sleep_ms: None,
+        wakes_at_ms: None,
+        status: s.status,
+        worker_id: s.worker.clone(),
+        attempts: s.tries,
+        output: s.output.clone(),
+        error: s.error.clone(),
+        queued_at_ms: in_window(s.queued),
+        dispatched_at_ms: in_window(s.dispatched),
+        finished_at_ms: in_window(s.finished),
+    }
 }
 
 /// A succeeded task's result, from the model's own view of its steps.
@@ -934,6 +1069,7 @@ impl Model {
                     max_attempts,
                     timeout_ms,
                     router,
+                    map,
                     ..
                 } = &p.kind
                 else {
@@ -949,6 +1085,10 @@ impl Model {
                     open_needs: p.needs.len(),
                     skipped_needs: 0,
                     routed_out: false,
+                    map: map.clone(),
+                    fan: None,
+                    parent: None,
+                    element: None,
                     status: StepStatus::Pending,
                     attempt: 0,
                     tries: 0,
@@ -994,6 +1134,7 @@ impl Model {
             steps,
             open,
             sinks,
+            declared: open,
             delivery: None,
             outbox: None,
         };
@@ -1005,9 +1146,10 @@ impl Model {
         };
         for i in 0..tx.t.steps.len() {
             if tx.t.steps[i].needs.is_empty() {
-                tx.queue(i);
+                tx.ready(i);
             }
         }
+        tx.end(None);
         self.tasks.push(t);
         (SubmitOutcome::Created, None)
     }
@@ -1064,7 +1206,9 @@ impl Model {
                     }
                 })
                 .collect();
+            let element = t.steps[si].element.clone();
             let input = match previous.as_slice() {
+                _ if element.is_some() => element.as_ref().unwrap().1.clone(),
                 [] => t.input.clone(),
                 [one] => one.output.clone(),
                 several => Value::Object(
@@ -1084,9 +1228,9 @@ impl Model {
                     task_input: t.input.clone(),
                     previous,
                     pipeline: t.pipeline.then(|| PIPELINE.to_string()),
-                    total_steps: t.steps.len() as u32,
+                    total_steps: t.declared as u32,
                     step_id: Some(t.steps[si].id.clone()),
-                    element_index: None,
+                    element_index: element.map(|e| e.0),
                 },
                 deadline_ms: IN_WINDOW,
                 // The lease holder, so another worker at the same address refuses it.
@@ -1396,18 +1540,32 @@ impl Model {
             failed: false,
         };
         for i in 0..tx.t.steps.len() {
+            let allowed = match tx.t.steps[i].parent {
+                Some(p) => tx.t.steps[p].allow_failure,
+                None => tx.t.steps[i].allow_failure,
+            };
             let s = &mut tx.t.steps[i];
-            if s.status == StepStatus::Cancelled
-                || (s.status == StepStatus::Failed && !s.allow_failure)
-            {
+            if s.status == StepStatus::Cancelled || (s.status == StepStatus::Failed && !allowed) {
                 s.tries = 0;
                 s.free_failures = 0;
                 s.finished = None;
                 s.error = None;
-                tx.queue(i);
+                if s.map.is_some() && s.fan.is_some() {
+                    // Its instances run again by this same rule.
+                    s.status = StepStatus::Running;
+                } else if s.map.is_some() {
+                    // Expands again (and may fail again at once).
+                    tx.ready(i);
+                } else {
+                    // Queued even when an earlier one failed again: then stopped.
+                    tx.queue(i);
+                }
             }
         }
-        RedriveOutcome::Redriven(tx.queued)
+        match tx.end(None) {
+            Some(_) => RedriveOutcome::Redriven(Vec::new()),
+            None => RedriveOutcome::Redriven(tx.queued),
+        }
     }
 
     /// Callbacks due in the outbox: the instants they come due.
@@ -1603,7 +1761,7 @@ impl Model {
                 };
                 for (i, s) in t.steps.iter().enumerate() {
                     let open = s.needs.iter().filter(|n| !finished(n)).count();
-                    if s.status == StepStatus::Pending {
+                    if s.status == StepStatus::Pending && s.parent.is_none() {
                         assert!(open > 0, "a pending step waits for a need: {i} of {t:?}");
                     } else {
                         assert_eq!(open, 0, "a started step had all it needs: {i} of {t:?}");
@@ -1654,6 +1812,58 @@ struct ClaimView {
     request_id: String,
 }
 
+/// A step view (and its instances) with timestamps checked against the model's windows.
+fn norm_step(s: StepView, t: &ModelTask) -> StepView {
+    // Every field named, so a new timestamp is not compared raw by mistake.
+    let StepView {
+        index,
+        id,
+        kind,
+        capability,
+        needs,
+        router,
+        allow_failure,
+        map,
+        instances,
+        element_index,
+        wait,
+        sleep_ms,
+        wakes_at_ms,
+        status,
+        worker_id,
+        attempts,
+        output,
+        error,
+        queued_at_ms,
+        dispatched_at_ms,
+        finished_at_ms,
+    } = s;
+    let want = t.steps.get(index as usize);
+    StepView {
+        index,
+        id,
+        kind,
+        capability,
+        needs,
+        router,
+        allow_failure,
+        map,
+        instances: instances.into_iter().map(|i| norm_step(i, t)).collect(),
+        element_index,
+        wait,
+        sleep_ms,
+        wakes_at_ms,
+        status,
+        worker_id,
+        attempts,
+        output,
+        error,
+        queued_at_ms: opt_stamp(queued_at_ms, want.and_then(|m| m.queued)),
+        dispatched_at_ms: opt_stamp(dispatched_at_ms, want.and_then(|m| m.dispatched)),
+        finished_at_ms: opt_stamp(finished_at_ms, want.and_then(|m| m.finished)),
+    }
+}
+
 fn norm_record(record: TaskRecord, t: &ModelTask) -> RecordView {
     let TaskRecord {
         view,
@@ -1675,60 +1885,7 @@ fn norm_record(record: TaskRecord, t: &ModelTask) -> RecordView {
         finished_at_ms,
         callback,
     } = view;
-    let steps = steps
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            // Every field named, so a new timestamp is not compared raw by mistake.
-            let StepView {
-                index,
-                id,
-                kind,
-                capability,
-                needs,
-                router,
-                allow_failure,
-                map,
-                instances,
-                element_index,
-                wait,
-                sleep_ms,
-                wakes_at_ms,
-                status,
-                worker_id,
-                attempts,
-                output,
-                error,
-                queued_at_ms,
-                dispatched_at_ms,
-                finished_at_ms,
-            } = s;
-            let want = t.steps.get(i);
-            StepView {
-                index,
-                id,
-                kind,
-                capability,
-                needs,
-                router,
-                allow_failure,
-                map,
-                instances,
-                element_index,
-                wait,
-                sleep_ms,
-                wakes_at_ms,
-                status,
-                worker_id,
-                attempts,
-                output,
-                error,
-                queued_at_ms: opt_stamp(queued_at_ms, want.and_then(|m| m.queued)),
-                dispatched_at_ms: opt_stamp(dispatched_at_ms, want.and_then(|m| m.dispatched)),
-                finished_at_ms: opt_stamp(finished_at_ms, want.and_then(|m| m.finished)),
-            }
-        })
-        .collect();
+    let steps = steps.into_iter().map(|s| norm_step(s, t)).collect();
     RecordView {
         view: TaskView {
             task_id,
@@ -1902,7 +2059,7 @@ impl Run<'_> {
                         client: RATED,
                         key: None,
                         steps: vec![0],
-                        links: vec![(CHAIN, false, false)],
+                        links: vec![(CHAIN, false, false, 0)],
                         priority: 0,
                         max_attempts: 1,
                         timeout_s: 1,
@@ -2360,17 +2517,41 @@ impl Run<'_> {
                         timeout_s * 1000,
                     );
                     step.needs = needs[i].clone();
-                    let (_, allow, router) = links[i];
+                    let (_, allow, router, mapped) = links[i];
                     step.allow_failure = allow;
                     let needed = needs.iter().any(|n| n.contains(&(i as u32)));
-                    if let PlannedKind::Work { router: r, .. } = &mut step.kind {
-                        *r = router && needed;
+                    let first_need = needs[i].first().copied();
+                    let plan = match mapped {
+                        3 | 4 => Some(MapPlan {
+                            over: "input.items".into(),
+                            from: None,
+                            path: vec!["items".into()],
+                            concurrency: u32::from(mapped) - 2,
+                        }),
+                        5 => first_need.map(|n| MapPlan {
+                            over: format!("s{n}.payload"),
+                            from: Some(n),
+                            path: vec!["payload".into()],
+                            concurrency: 2,
+                        }),
+                        _ => None,
+                    };
+                    if let PlannedKind::Work {
+                        router: r, map: m, ..
+                    } = &mut step.kind
+                    {
+                        *r = router && needed && plan.is_none();
+                        *m = plan;
                     }
                     step
                 })
                 .collect(),
-            input: json!({"n": self.submitted, "payload": payload_json(self.submitted)})
-                .to_string(),
+            input: json!({
+                "n": self.submitted,
+                "payload": payload_json(self.submitted),
+                "items": (0..self.submitted % 4).map(payload_json).collect::<Vec<_>>(),
+            })
+            .to_string(),
             priority: *priority,
             idempotency_key: key.map(|k| format!("k{k}")),
             callback_url: callback.then(|| callback_url(&id)),
@@ -2550,6 +2731,15 @@ async fn run(ops: Vec<Op>, redis: &RedisServer, tally: &Mutex<Tally>) {
                 StepStatus::Failed if s.allow_failure => "step at the end: failed, allowed",
                 StepStatus::Cancelled => "step at the end: cancelled or stopped",
                 _ => continue,
+            };
+            *tally.entry(what).or_default() += 1;
+        }
+        for s in t.steps.iter().filter(|s| s.map.is_some()) {
+            let what = match (s.status, s.error.as_ref().and_then(|e| e.kind.as_deref())) {
+                (StepStatus::Succeeded, _) => "map step at the end: succeeded",
+                (StepStatus::Failed, Some("map_source")) => "map step at the end: map_source",
+                (StepStatus::Failed, _) => "map step at the end: an instance failed it",
+                _ => "map step at the end: other",
             };
             *tally.entry(what).or_default() += 1;
         }
