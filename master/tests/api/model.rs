@@ -12,11 +12,14 @@
 //! step, a pending step waits for a need, a started one had all it needs) and that an
 //! attempt's outcome is recorded once.
 //!
-//! Tasks are small random graphs of worker steps (docs/workflows.md): chains, several
-//! roots, joins, steps whose failure is allowed, and routers, whose successful reports
-//! name some of their dependants in `next` (sometimes none, or an unknown id). The model
-//! follows the spec's rules on its own (`Cascade`): what a report queues, what is skipped,
-//! what a failure stops, what a redrive runs again, and the task's result.
+//! Tasks are small random graphs (docs/workflows.md): chains, several roots, joins, steps
+//! whose failure is allowed, routers, whose successful reports name some of their
+//! dependants in `next` (sometimes none, or an unknown id), map steps over the task input
+//! or over a need's output, wait steps released by signals or timing out, and sleeps.
+//! Signals (delivered, buffered, unknown, repeated) and timer firings are operations like
+//! the others. The model follows the spec's rules on its own (`Cascade`): what a
+//! transition queues, what is skipped, what a failure stops, what a redrive runs again,
+//! and the task's result.
 //!
 //! `MODEL_TEST_MEMORY_ONLY=1` runs a second memory store in place of the Redis one, for
 //! when a change has reached the memory store and the model but not the Lua yet.
@@ -38,16 +41,16 @@ use std::time::Duration;
 
 use common::redis::RedisPool;
 use common::wire::{
-    CallbackStatus, CallbackView, Capability, MapView, PriorOutput, ReportStatus, ResultReport,
-    StepContext, StepError, StepKind, StepRef, StepStatus, StepView, TaskId, TaskStatus, TaskView,
-    WorkRequest, WorkerId, now_ms,
+    CallbackStatus, CallbackView, Capability, MapView, OnTimeout, PriorOutput, ReportStatus,
+    ResultReport, StepContext, StepError, StepKind, StepRef, StepStatus, StepView, TaskId,
+    TaskStatus, TaskView, WaitView, WorkRequest, WorkerId, now_ms,
 };
 use master::store::{
-    CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed, ExpiredLease,
-    FinishedStep, MAX_FREE_DISPATCH_FAILURES, MapPlan, MemoryStore, NewTask, PlannedKind,
-    PlannedStep, QueueStats, RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome, ReleaseReason,
-    ReportOutcome, RetryPolicy, SubmitOutcome, TaskRecord, TaskStore, graph_result,
-    lease_expired_error,
+    Advance, CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed,
+    ExpiredLease, Finished, FinishedStep, FiredTimer, MAX_FREE_DISPATCH_FAILURES, MapPlan,
+    MemoryStore, NewTask, PlannedKind, PlannedStep, QueueStats, RateLimit, RedisStore,
+    RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, SignalOutcome,
+    SubmitOutcome, TaskRecord, TaskStore, derive_waiting, graph_result, lease_expired_error,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -135,7 +138,9 @@ enum Op {
         /// mask otherwise, 0 a root; the first step is a root), whether its failure is
         /// allowed, whether it is a router (when something needs it), and its map: 0-2
         /// none, 3 and 4 over the input's `items` with a concurrency of 1 and 2, 5 over
-        /// its first need's `payload` (not always an array).
+        /// its first need's `payload` (not always an array); or not a worker step: 6 a
+        /// wait for the signal `s<i>` for an hour, 7 for [`SHORT_WAIT_MS`] (timing out,
+        /// failing or continuing as `allow` says), 8 a sleep of [`SHORT_WAIT_MS`].
         links: Vec<(u8, bool, bool, u8)>,
         priority: i32,
         max_attempts: u32,
@@ -220,6 +225,18 @@ enum Op {
         result: usize,
         delay_ms: u64,
     },
+    /// A signal to a task (mostly one with a wait step): `name` picks one of its wait
+    /// steps' signals, or one nothing listens for.
+    Signal {
+        pick: usize,
+        name: usize,
+        payload: usize,
+    },
+    /// Fires due wait and sleep timers (`wait`: first wait for the next one).
+    FireTimers {
+        limit: usize,
+        wait: bool,
+    },
     Wait {
         ms: u64,
     },
@@ -247,6 +264,12 @@ fn jitter() -> impl Strategy<Value = f64> {
     ]
 }
 
+/// The `cap` of a wait or sleep step (it has none).
+const NO_CAP: usize = usize::MAX;
+
+/// How long the short waits and sleeps last.
+const SHORT_WAIT_MS: u64 = 40;
+
 /// Needs mask meaning "the step before" (a chain link).
 const CHAIN: u8 = u8::MAX;
 
@@ -256,7 +279,7 @@ fn link() -> impl Strategy<Value = (u8, bool, bool, u8)> {
         prop_oneof![2 => Just(CHAIN), 1 => Just(1u8), 2 => 0..16u8],
         prop::bool::weighted(0.4),
         prop::bool::weighted(0.4),
-        0..6u8,
+        prop_oneof![6 => 0..6u8, 1 => 6..9u8],
     )
 }
 
@@ -353,6 +376,10 @@ fn op() -> impl Strategy<Value = Op> {
                 delay_ms,
             }
         }),
+        2 => (any::<usize>(), 0..5usize, 0..PAYLOADS.len())
+            .prop_map(|(pick, name, payload)| Op::Signal { pick, name, payload }),
+        2 => (prop_oneof![Just(1usize), Just(100)], prop::bool::weighted(0.5))
+            .prop_map(|(limit, wait)| Op::FireTimers { limit, wait }),
         3 => (10..150u64).prop_map(|ms| Op::Wait { ms }),
     ]
 }
@@ -477,6 +504,11 @@ struct ModelStep {
     /// how many, the next to queue, how many finished.
     map: Option<MapPlan>,
     fan: Option<(usize, usize, usize, usize)>,
+    /// A wait step's signal, timeout and what a timeout does; a sleep's length.
+    wait: Option<(String, u64, OnTimeout)>,
+    sleep_ms: Option<u64>,
+    /// When a waiting wait or sleep step's timer fires.
+    wakes: Option<Window>,
     /// An instance's map step, and its element index and element.
     parent: Option<usize>,
     element: Option<(u32, Value)>,
@@ -539,6 +571,8 @@ struct ModelTask {
     sinks: Vec<usize>,
     /// Declared steps (map instances come after them).
     declared: usize,
+    /// Signals that came before their wait step was reached.
+    buffered: HashMap<String, Value>,
     /// The completion callback's delivery since the task last finished.
     delivery: Option<Delivery>,
     /// When its callback is due in the outbox, while it is there.
@@ -609,9 +643,29 @@ impl Cascade<'_> {
         if self.failed {
             return;
         }
-        match self.t.steps[d].map.clone() {
-            Some(plan) => self.expand(d, &plan),
-            None => self.queue(d),
+        let s = &self.t.steps[d];
+        if let Some((signal, timeout_ms, _)) = s.wait.clone() {
+            match self.t.buffered.remove(&signal) {
+                Some(payload) => self.succeed(d, payload),
+                None => self.timer(d, timeout_ms),
+            }
+        } else if let Some(ms) = s.sleep_ms {
+            self.timer(d, ms);
+        } else if let Some(plan) = s.map.clone() {
+            self.expand(d, &plan);
+        } else {
+            self.queue(d);
+        }
+    }
+
+    /// A wait or sleep step starts waiting; the task is running from now.
+    fn timer(&mut self, d: usize, ms: u64) {
+        let s = &mut self.t.steps[d];
+        s.status = StepStatus::Waiting;
+        s.wakes = Some(self.w.later(ms));
+        if self.t.status == TaskStatus::Queued {
+            self.t.status = TaskStatus::Running;
+            self.t.started.get_or_insert(self.w);
         }
     }
 
@@ -788,7 +842,9 @@ impl Cascade<'_> {
         self.t.status = TaskStatus::Failed;
         self.t.error = Some(e);
         self.t.finished = Some(self.w);
-        self.t.dead = Some((self.w, c));
+        if c != NO_CAP {
+            self.t.dead = Some((self.w, c));
+        }
     }
 
     /// Every queued or dispatched step (and running map step) becomes `cancelled`.
@@ -796,8 +852,12 @@ impl Cascade<'_> {
         for s in &mut self.t.steps {
             if matches!(
                 s.status,
-                StepStatus::Queued | StepStatus::Dispatched | StepStatus::Running
+                StepStatus::Queued
+                    | StepStatus::Dispatched
+                    | StepStatus::Running
+                    | StepStatus::Waiting
             ) {
+                s.wakes = None;
                 s.status = StepStatus::Cancelled;
                 s.error = Some(e.clone());
                 s.finished = Some(self.w);
@@ -842,8 +902,12 @@ fn step_view(t: &ModelTask, i: usize) -> StepView {
     StepView {
         index: i as u32,
         id: s.id.clone(),
-        kind: StepKind::Work,
-        capability: Some(cap(s.cap)),
+        kind: match (&s.wait, s.sleep_ms) {
+            (Some(_), _) => StepKind::Wait,
+            (_, Some(_)) => StepKind::Sleep,
+            _ => StepKind::Work,
+        },
+        capability: (s.cap != NO_CAP).then(|| cap(s.cap)),
         needs: match s.parent {
             // Shown once, on the map step.
             Some(_) => Vec::new(),
@@ -862,9 +926,16 @@ fn step_view(t: &ModelTask, i: usize) -> StepView {
             .map(|(first, total, _, _)| (first..first + total).map(|k| step_view(t, k)).collect())
             .unwrap_or_default(),
         element_index: s.element.as_ref().map(|e| e.0),
-        wait: None,
-        sleep_ms: None,
-        wakes_at_ms: None,
+        wait: s
+            .wait
+            .as_ref()
+            .map(|(signal, timeout_ms, on_timeout)| WaitView {
+                signal: signal.clone(),
+                timeout_ms: *timeout_ms,
+                on_timeout: *on_timeout,
+            }),
+        sleep_ms: s.sleep_ms,
+        wakes_at_ms: in_window(s.wakes),
         status: s.status,
         worker_id: s.worker.clone(),
         attempts: s.tries,
@@ -873,6 +944,26 @@ fn step_view(t: &ModelTask, i: usize) -> StepView {
         queued_at_ms: in_window(s.queued),
         dispatched_at_ms: in_window(s.dispatched),
         finished_at_ms: in_window(s.finished),
+    }
+}
+
+/// What a transition the master makes by itself (a signal, a timer) set going: the
+/// result is always given (no reported output carries it).
+fn advance(mut tx: Cascade<'_>) -> Advance {
+    let done = tx.end(None);
+    let t = &*tx.t;
+    Advance {
+        queued: if done.is_some() {
+            Vec::new()
+        } else {
+            tx.queued
+        },
+        done: done.map(|(status, result)| Finished {
+            status,
+            callback: t.callback,
+            result,
+            error: t.error.clone(),
+        }),
     }
 }
 
@@ -1052,28 +1143,41 @@ impl Model {
         let caps: Vec<usize> = task
             .steps
             .iter()
-            .map(|p| {
-                let c = p.capability().unwrap();
-                CAPS.iter().position(|x| *x == c.as_str()).unwrap()
+            .map(|p| match p.capability() {
+                Some(c) => CAPS.iter().position(|x| *x == c.as_str()).unwrap(),
+                None => NO_CAP,
             })
             .collect();
         if task.pipeline.is_none() {
-            self.caps_seen.extend(caps.iter().copied());
+            self.caps_seen
+                .extend(caps.iter().copied().filter(|c| *c != NO_CAP));
         }
         let mut steps: Vec<ModelStep> = task
             .steps
             .iter()
             .zip(&caps)
             .map(|(p, c)| {
-                let PlannedKind::Work {
-                    max_attempts,
-                    timeout_ms,
-                    router,
-                    map,
-                    ..
-                } = &p.kind
-                else {
-                    unreachable!("the model submits worker steps")
+                let (max_attempts, timeout_ms, router, map, wait, sleep_ms) = match &p.kind {
+                    PlannedKind::Work {
+                        max_attempts,
+                        timeout_ms,
+                        router,
+                        map,
+                        ..
+                    } => (max_attempts, timeout_ms, router, map, None, None),
+                    PlannedKind::Wait {
+                        signal,
+                        timeout_ms,
+                        on_timeout,
+                    } => (
+                        &1,
+                        &0,
+                        &false,
+                        &None,
+                        Some((signal.clone(), *timeout_ms, *on_timeout)),
+                        None,
+                    ),
+                    PlannedKind::Sleep { ms } => (&1, &0, &false, &None, None, Some(*ms)),
                 };
                 ModelStep {
                     id: p.id.clone(),
@@ -1087,6 +1191,9 @@ impl Model {
                     routed_out: false,
                     map: map.clone(),
                     fan: None,
+                    wait,
+                    sleep_ms,
+                    wakes: None,
                     parent: None,
                     element: None,
                     status: StepStatus::Pending,
@@ -1135,6 +1242,7 @@ impl Model {
             open,
             sinks,
             declared: open,
+            buffered: HashMap::new(),
             delivery: None,
             outbox: None,
         };
@@ -1194,7 +1302,7 @@ impl Model {
                     PriorOutput {
                         step: i as u32,
                         id: n.id.clone(),
-                        capability: Some(cap(n.cap)),
+                        capability: (n.cap != NO_CAP).then(|| cap(n.cap)),
                         status: n.status,
                         output: match n.status {
                             StepStatus::Succeeded => n.output.clone().unwrap_or(Value::Null),
@@ -1568,6 +1676,107 @@ impl Model {
         }
     }
 
+    /// Timers running: the instants they fire.
+    fn timers(&self) -> Vec<Window> {
+        self.tasks
+            .iter()
+            .filter(|t| !t.status.is_terminal())
+            .flat_map(|t| &t.steps)
+            .filter(|s| s.status == StepStatus::Waiting)
+            .filter_map(|s| s.wakes)
+            .collect()
+    }
+
+    /// Rule 12: a signal to a task's wait step.
+    fn signal(&mut self, id: &TaskId, name: &str, payload: &str, w: Window) -> SignalOutcome {
+        let Some(ti) = self.find(id) else {
+            return SignalOutcome::NotFound;
+        };
+        let t = &mut self.tasks[ti];
+        if t.status.is_terminal() {
+            return SignalOutcome::Finished(t.status);
+        }
+        let Some(slot) =
+            (0..t.declared).find(|i| t.steps[*i].wait.as_ref().is_some_and(|(n, _, _)| n == name))
+        else {
+            return SignalOutcome::UnknownSignal;
+        };
+        let payload: Value = serde_json::from_str(payload).unwrap();
+        match t.steps[slot].status {
+            StepStatus::Pending if t.buffered.contains_key(name) => SignalOutcome::AlreadyReceived,
+            StepStatus::Pending => {
+                t.buffered.insert(name.to_string(), payload);
+                SignalOutcome::Buffered
+            }
+            StepStatus::Waiting => {
+                t.steps[slot].wakes = None;
+                let mut tx = Cascade {
+                    t,
+                    w,
+                    queued: Vec::new(),
+                    failed: false,
+                };
+                tx.succeed(slot, payload);
+                SignalOutcome::Delivered(advance(tx))
+            }
+            _ => SignalOutcome::AlreadyReceived,
+        }
+    }
+
+    /// Rule 13: due timers, oldest first (then by `task:slot`), at most `limit`.
+    fn fire(&mut self, limit: usize, w: Window) -> Vec<FiredTimer> {
+        let mut due: Vec<(u64, String, usize, usize)> = Vec::new();
+        for (ti, t) in self.tasks.iter().enumerate() {
+            if t.status.is_terminal() {
+                continue;
+            }
+            for (si, s) in t.steps.iter().enumerate() {
+                let Some(wakes) = s.wakes.filter(|_| s.status == StepStatus::Waiting) else {
+                    continue;
+                };
+                assert!(wakes.before(w) || w.before(wakes), "timer edge avoided");
+                if wakes.before(w) {
+                    due.push((wakes.start, format!("{}:{si}", t.id), ti, si));
+                }
+            }
+        }
+        due.sort();
+        due.truncate(limit);
+        let mut fired = Vec::new();
+        for (_, _, ti, si) in due {
+            let t = &mut self.tasks[ti];
+            t.steps[si].wakes = None;
+            let task_id = t.id.clone();
+            let (wait, sleep) = (t.steps[si].wait.clone(), t.steps[si].sleep_ms);
+            let mut tx = Cascade {
+                t,
+                w,
+                queued: Vec::new(),
+                failed: false,
+            };
+            match (wait, sleep) {
+                (Some((_, _, OnTimeout::Continue)), _) => {
+                    tx.succeed(si, json!({ "timed_out": true }));
+                }
+                (Some((signal, timeout_ms, OnTimeout::Fail)), _) => tx.fail_for_good(
+                    si,
+                    StepError::permanent(
+                        "wait_timeout",
+                        format!("no signal `{signal}` within {timeout_ms} ms"),
+                    ),
+                ),
+                (None, Some(_)) => tx.succeed(si, Value::Null),
+                (None, None) => unreachable!("only waits and sleeps have timers"),
+            }
+            fired.push(FiredTimer {
+                task_id,
+                step: si as u32,
+                advance: advance(tx),
+            });
+        }
+        fired
+    }
+
     /// Callbacks due in the outbox: the instants they come due.
     fn outbox(&self) -> Vec<Window> {
         self.tasks.iter().filter_map(|t| t.outbox).collect()
@@ -1662,10 +1871,25 @@ impl Model {
         let in_window = |w: Option<Window>| w.map(|_| IN_WINDOW);
         let steps = step_views(t);
         let result = (t.status == TaskStatus::Succeeded).then(|| graph_result(&steps));
+        let mut shown = TaskView {
+            task_id: t.id.clone(),
+            status: t.status,
+            pipeline: None,
+            priority: 0,
+            input: Value::Null,
+            steps: steps.clone(),
+            result: None,
+            error: None,
+            created_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+            callback: None,
+        };
+        derive_waiting(&mut shown);
         RecordView {
             view: TaskView {
                 task_id: t.id.clone(),
-                status: t.status,
+                status: shown.status,
                 pipeline: t.pipeline.then(|| PIPELINE.to_string()),
                 priority: t.priority,
                 input: t.input.clone(),
@@ -1753,7 +1977,11 @@ impl Model {
                 );
                 assert!(t.finished.is_some());
             } else {
-                assert!(!active.is_empty(), "a live task has an active step: {t:?}");
+                let waiting = t.steps.iter().any(|s| s.status == StepStatus::Waiting);
+                assert!(
+                    !active.is_empty() || waiting,
+                    "a live task has an active or waiting step: {t:?}"
+                );
                 let finished = |n: &usize| {
                     let s = &t.steps[*n];
                     matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped)
@@ -1852,7 +2080,7 @@ fn norm_step(s: StepView, t: &ModelTask) -> StepView {
         element_index,
         wait,
         sleep_ms,
-        wakes_at_ms,
+        wakes_at_ms: opt_stamp(wakes_at_ms, want.and_then(|m| m.wakes)),
         status,
         worker_id,
         attempts,
@@ -2421,6 +2649,74 @@ impl Run<'_> {
                     (true, CallbackResult::Failed { .. }) => "callback: failed",
                 });
             }
+            Op::Signal {
+                pick,
+                name,
+                payload,
+            } => {
+                let waits = |t: &&ModelTask| t.steps.iter().any(|s| s.wait.is_some());
+                let mut ids: Vec<TaskId> = self
+                    .model
+                    .tasks
+                    .iter()
+                    .filter(waits)
+                    .map(|t| t.id.clone())
+                    .collect();
+                if ids.is_empty() || pick % 5 == 0 {
+                    ids = self.model.tasks.iter().map(|t| t.id.clone()).collect();
+                    ids.push(TaskId::generate());
+                }
+                let id = ids[pick / 5 % ids.len()].clone();
+                let signal = format!("s{name}");
+                let payload = PAYLOADS[*payload];
+                // Queues steps and starts timers now: away from backoffs and timers.
+                let mut avoid = self.model.backoffs();
+                avoid.extend(self.model.timers());
+                avoid.extend(self.model.outbox());
+                let s = self.clock.begin(&avoid).await;
+                let a = self
+                    .mem
+                    .signal(&id, &signal, payload, RETENTION)
+                    .await
+                    .unwrap();
+                let b = self
+                    .red
+                    .signal(&id, &signal, payload, RETENTION)
+                    .await
+                    .unwrap();
+                let w = self.clock.end(s, &avoid, op);
+                let want = self.model.signal(&id, &signal, payload, w);
+                self.same("signal", &want, &a, &b);
+                self.count(match want {
+                    SignalOutcome::Delivered(_) => "signal: delivered",
+                    SignalOutcome::Buffered => "signal: buffered",
+                    SignalOutcome::UnknownSignal => "signal: unknown",
+                    SignalOutcome::AlreadyReceived => "signal: already received",
+                    SignalOutcome::Finished(_) => "signal: task finished",
+                    SignalOutcome::NotFound => "signal: not found",
+                });
+            }
+            Op::FireTimers { limit, wait } => {
+                if *wait {
+                    wait_past(&self.model.timers()).await;
+                }
+                let mut avoid = self.model.timers();
+                avoid.extend(self.model.backoffs());
+                avoid.extend(self.model.outbox());
+                let s = self.clock.begin(&avoid).await;
+                let a = self.mem.fire_timers(*limit, RETENTION).await.unwrap();
+                let b = self.red.fire_timers(*limit, RETENTION).await.unwrap();
+                let w = self.clock.end(s, &avoid, op);
+                let want = self.model.fire(*limit, w);
+                self.same("fired timers", &want, &a, &b);
+                for f in &want {
+                    self.count(match &f.advance.done {
+                        Some(d) if d.status == TaskStatus::Failed => "timer: fired, task failed",
+                        Some(_) => "timer: fired, task succeeded",
+                        None => "timer: fired, task goes on",
+                    });
+                }
+            }
             Op::Wait { ms } => tokio::time::sleep(Duration::from_millis(*ms)).await,
         }
     }
@@ -2543,6 +2839,23 @@ impl Run<'_> {
                         *r = router && needed && plan.is_none();
                         *m = plan;
                     }
+                    step.kind = match mapped {
+                        6 | 7 => PlannedKind::Wait {
+                            signal: format!("s{i}"),
+                            timeout_ms: if mapped == 6 {
+                                3_600_000
+                            } else {
+                                SHORT_WAIT_MS
+                            },
+                            on_timeout: if allow {
+                                OnTimeout::Continue
+                            } else {
+                                OnTimeout::Fail
+                            },
+                        },
+                        8 => PlannedKind::Sleep { ms: SHORT_WAIT_MS },
+                        _ => step.kind,
+                    };
                     step
                 })
                 .collect(),
