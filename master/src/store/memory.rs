@@ -18,10 +18,11 @@ use serde_json::Value;
 
 use super::{
     Advance, CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed,
-    ExpiredLease, Finished, FinishedStep, FiredTimer, MAX_FREE_DISPATCH_FAILURES, MAX_MAP_WIDTH,
-    MapPlan, NewTask, PlannedKind, QueueStats, RateLimit, RedriveOutcome, ReleaseOutcome,
-    ReleaseReason, ReportOutcome, RetryPolicy, SignalOutcome, StoreError, SubmitOutcome,
-    TaskRecord, TaskStore, derive_waiting, graph_result, lost_on_worker, queue_score,
+    ExpiredLease, Finished, FinishedStep, FiredTimer, MAX_FREE_DISPATCH_FAILURES,
+    MAX_MAP_OUTPUT_BYTES, MAX_MAP_WIDTH, MapPlan, NewTask, PlannedKind, QueueStats, RateLimit,
+    RedriveOutcome, ReleaseOutcome, ReleaseReason, ReportOutcome, RetryPolicy, SignalOutcome,
+    StoreError, SubmitOutcome, TaskRecord, TaskStore, derive_waiting, graph_result, lost_on_worker,
+    queue_score,
 };
 
 /// The in-memory [`TaskStore`].
@@ -524,6 +525,21 @@ impl<'a> Tx<'a> {
                 }
             })
             .collect();
+        // Counted as graph.lua does: each element's JSON text and a separator.
+        let size: usize = outputs
+            .iter()
+            .map(|o| serde_json::to_string(o).map_or(0, |t| t.len()) + 1)
+            .sum();
+        if size > MAX_MAP_OUTPUT_BYTES {
+            let e = StepError::permanent(
+                "map_output_too_large",
+                format!(
+                    "the outputs of the {} instances add up to {size} bytes; a map step's output is at most {MAX_MAP_OUTPUT_BYTES}",
+                    fan.total
+                ),
+            );
+            return self.fail_for_good(p, e);
+        }
         self.succeed(p, Value::Array(outputs));
         self.finish(p, Outcome::Succeeded);
     }

@@ -1030,6 +1030,7 @@ both_stores!(graph {
     redrive_reruns_only_the_failed_and_stopped_branches,
     a_redriven_map_reruns_only_its_failed_and_stopped_instances,
     several_final_steps_make_an_object_result,
+    a_map_whose_outputs_are_too_large_together_fails,
 });
 
 /// A worker step of a graph.
@@ -2100,4 +2101,41 @@ async fn several_final_steps_make_an_object_result(store: Arc<dyn TaskStore>) {
         other => panic!("{other:?}"),
     }
     assert_eq!(view(s, &id).await.result, Some(want));
+}
+
+async fn a_map_whose_outputs_are_too_large_together_fails(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![map_step("m", "retrieve", &[], "input", None, 2)],
+            json!([1, 2]),
+        ),
+    )
+    .await;
+    // Each output is under the limit; the two together are over it.
+    let half = "x".repeat(master::store::MAX_MAP_OUTPUT_BYTES / 2 + 16);
+    let inst = claim_all(s, "retrieve").await;
+    assert_eq!(
+        next_of(&report(s, done(&inst[0], json!(half))).await),
+        vec![]
+    );
+    let out = report(s, done(&inst[1], json!(half))).await;
+    assert!(
+        matches!(
+            out,
+            ReportOutcome::Done {
+                status: TaskStatus::Failed,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    let v = view(s, &id).await;
+    assert_eq!(v.steps[0].status, StepStatus::Failed);
+    assert_eq!(
+        v.error.unwrap().kind.as_deref(),
+        Some("map_output_too_large")
+    );
+    assert_eq!(v.steps[0].output, None);
 }
