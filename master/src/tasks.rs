@@ -175,6 +175,9 @@ impl Tasks {
             )));
         }
         let (pipeline, steps) = self.plan(&body)?;
+        if pipeline.is_none() {
+            self.check_capabilities(&steps).await?;
+        }
         let input = serde_json::to_string(&body.input)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let id = TaskId::generate();
@@ -241,15 +244,6 @@ impl Tasks {
             )),
             (None, Some(steps)) => {
                 let planned = graph::plan_steps(steps, defaults).map_err(|e| invalid_steps(&e))?;
-                if let Some(unknown) = planned
-                    .iter()
-                    .filter_map(PlannedStep::capability)
-                    .find(|c| !self.dispatcher.knows(c))
-                {
-                    return Err(ServiceError::Invalid(format!(
-                        "`steps`: unknown capability `{unknown}` (no pipeline uses it and no live worker serves it)"
-                    )));
-                }
                 Ok((None, planned))
             }
             (name, None) => {
@@ -265,6 +259,30 @@ impl Tasks {
                 })?;
                 Ok((Some(name), planned))
             }
+        }
+    }
+
+    /// Every worker step of inline `steps` needs a capability the master knows: one a
+    /// pipeline uses, one seen before, or one a live worker serves. The dispatcher's view
+    /// of the live workers is refreshed now and then; a capability it does not know is
+    /// looked up in the registry itself before it is refused, so a worker that has just
+    /// registered can be used at once.
+    async fn check_capabilities(&self, steps: &[PlannedStep]) -> Result<(), ServiceError> {
+        let unknown: Vec<&Capability> = steps
+            .iter()
+            .filter_map(PlannedStep::capability)
+            .filter(|c| !self.dispatcher.knows(c))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let live = self.workers.live().await?;
+        let served = |c: &Capability| live.iter().any(|w| w.capabilities.contains(c));
+        match unknown.into_iter().find(|c| !served(c)) {
+            Some(c) => Err(ServiceError::Invalid(format!(
+                "`steps`: unknown capability `{c}` (no pipeline uses it and no live worker serves it)"
+            ))),
+            None => Ok(()),
         }
     }
 

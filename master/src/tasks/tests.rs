@@ -37,8 +37,34 @@ impl WorkerSource for NoWorkers {
     }
 }
 
+/// One live worker, serving `draft`, that the (never started) dispatcher has not seen: only
+/// a fresh look at the registry finds it.
+struct JustRegistered;
+
+#[async_trait]
+impl WorkerSource for JustRegistered {
+    async fn live(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+        let draft = Capability::new("draft").expect("a valid capability");
+        Ok(vec![WorkerRecord::starting(
+            WorkerId::generate("w"),
+            "http://127.0.0.1:1".into(),
+            vec![draft],
+            1,
+        )])
+    }
+}
+
 /// The service over `store`, with a dispatcher that is never started.
 fn service(config: Config, store: Arc<dyn TaskStore>) -> Tasks {
+    service_with(config, store, Arc::new(NoWorkers))
+}
+
+/// [`service`] with the service's own view of the live workers.
+fn service_with(
+    config: Config,
+    store: Arc<dyn TaskStore>,
+    workers: Arc<dyn WorkerSource>,
+) -> Tasks {
     let config = Arc::new(config);
     let hub = Arc::new(Hub::default());
     let shutdown = CancellationToken::new();
@@ -50,14 +76,7 @@ fn service(config: Config, store: Arc<dyn TaskStore>) -> Tasks {
         TaskTracker::new(),
         shutdown.clone(),
     );
-    Tasks::new(
-        config,
-        store,
-        Arc::new(NoWorkers),
-        dispatcher,
-        hub,
-        shutdown,
-    )
+    Tasks::new(config, store, workers, dispatcher, hub, shutdown)
 }
 
 /// One attempt per step, so one failure report dead-letters a task.
@@ -360,6 +379,23 @@ async fn a_graph_that_cannot_run_is_refused_naming_the_step_and_the_limit() {
             assert!(message.contains(f), "{shown}: {message} lacks {f:?}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_capability_of_a_worker_registered_since_the_last_refresh_is_accepted() {
+    let steps = json!(["plan", {"capability": "draft", "needs": []}]);
+    let fresh = service_with(
+        Config::default(),
+        Arc::new(MemoryStore::new()),
+        Arc::new(JustRegistered),
+    );
+    let submitted = fresh
+        .submit("alice", body(json!({"steps": steps})), None, String::new())
+        .await;
+    assert!(submitted.is_ok(), "{:?}", submitted.map(|s| s.task_id));
+    let nobody = service(Config::default(), Arc::new(MemoryStore::new()));
+    let message = refusal(&nobody, steps).await;
+    assert!(message.contains("unknown capability `draft`"), "{message}");
 }
 
 #[tokio::test]
