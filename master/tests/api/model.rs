@@ -1661,8 +1661,9 @@ impl Model {
                 if s.map.is_some() && s.fan.is_some() {
                     // Its instances run again by this same rule.
                     s.status = StepStatus::Running;
-                } else if s.map.is_some() {
-                    // Expands again (and may fail again at once).
+                } else if s.map.is_some() || s.wait.is_some() || s.sleep_ms.is_some() {
+                    // Expands again (and may fail again at once), or waits again with a
+                    // fresh timer.
                     tx.ready(i);
                 } else {
                     // Queued even when an earlier one failed again: then stopped.
