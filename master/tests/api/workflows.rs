@@ -743,11 +743,6 @@ async fn a_wait_that_times_out_fails_the_task_or_continues() {
     );
     assert_eq!(step(&view, "after").status, StepStatus::Pending);
     assert!(worker.received(&failing, "publish").is_empty());
-    assert_eq!(
-        master.queue("publish").await["dead_lettered"],
-        0,
-        "a timed-out wait has no capability to be dead-lettered under"
-    );
     let (status, _) = signal(&master, ALICE, &failing, &json!({"name": "gate"})).await;
     assert_eq!(status, 409, "too late: the task has failed");
 
@@ -758,6 +753,12 @@ async fn a_wait_that_times_out_fails_the_task_or_continues() {
     let after = worker.received(&continuing, "publish");
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].input, json!({"timed_out": true}));
+    // (Read once `publish` has a queue row, which it has once a step was queued.)
+    assert_eq!(
+        master.queue("publish").await["dead_lettered"],
+        0,
+        "a timed-out wait has no capability to be dead-lettered under"
+    );
     master.stop().await;
 }
 
@@ -931,7 +932,11 @@ async fn redrive_reruns_only_the_failed_branch_and_keeps_what_succeeded() {
 async fn signals_to_others_tasks_too_large_or_unknown_are_refused() {
     let redis = RedisServer::start();
     let settings = redis.settings();
-    let master = TestMaster::start(test_config(&settings)).await;
+    let master = TestMaster::start(master::Config {
+        body_limit_bytes: 4_096,
+        ..test_config(&settings)
+    })
+    .await;
     let gate = Arc::new(Semaphore::new(0));
     let _worker = approval_worker(&settings, &master, &gate).await;
     let id = master.submit(approval_graph(false, 60_000)).await;
@@ -951,14 +956,16 @@ async fn signals_to_others_tasks_too_large_or_unknown_are_refused() {
         .unwrap();
     assert_eq!(r.status(), 401, "no valid key");
 
-    let huge = "x".repeat(common::http::DEFAULT_BODY_LIMIT + 1024);
-    let r = master
-        .post(&format!("/task/{id}/signal"), ALICE)
-        .json(&json!({"name": "approval", "payload": huge}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 413, "a payload over the body limit");
+    // The payload may be as large as a request body may be, and no larger.
+    let (status, body) = signal(
+        &master,
+        ALICE,
+        &id,
+        &json!({"name": "approval", "payload": "x".repeat(10_000)}),
+    )
+    .await;
+    assert_eq!(status, 413, "a payload over the body limit: {body}");
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
 
     let (status, body) = signal(
         &master,

@@ -39,11 +39,8 @@ async fn submit_graph(client: &Client, steps: &Value, input: &Value) -> String {
                 return body["task_id"].as_str().unwrap().to_string();
             }
             Ok(r) if r.status().is_client_error() && r.status() != 429 => {
-                panic!(
-                    "POST /task answered {}: {}",
-                    r.status(),
-                    r.text().await.unwrap()
-                )
+                let status = r.status();
+                panic!("POST /task answered {status}: {}", r.text().await.unwrap())
             }
             _ => {}
         }
