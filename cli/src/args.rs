@@ -24,10 +24,15 @@ pub enum Command {
     /// `up`, then one task on the `default` pipeline, shown step by step; exits 0 when it
     /// succeeded.
     Demo(DemoArgs),
-    /// Submit a task; prints its id (with `--wait`, follows it and prints its result).
+    /// Submit a task; prints its id (with `--wait`, follows it, drawing its steps as a
+    /// tree, and prints its result).
     Submit(SubmitArgs),
-    /// A task's full status (`GET /task/{id}`), as JSON.
-    Status(TaskArgs),
+    /// A task's status (`GET /task/{id}`): its steps as a tree on a terminal, the full view
+    /// as JSON otherwise (or with `--json`); `--watch` follows it to its end.
+    Status(StatusArgs),
+    /// Sends a signal to a task's wait step (`POST /task/{id}/signal`), releasing it with
+    /// the payload as its output (or kept until the step is reached).
+    Signal(SignalArgs),
     /// A task's result (`GET /result/{id}`), as JSON; exit code 0 succeeded, 3 failed or
     /// cancelled, 4 still running.
     Result(ResultArgs),
@@ -102,9 +107,13 @@ pub struct SubmitArgs {
     /// A named pipeline (`default` unless `--steps` is given).
     #[arg(long, conflicts_with = "steps")]
     pub pipeline: Option<String>,
-    /// Inline steps: capabilities, comma separated (`plan,finalize`).
-    #[arg(long, value_delimiter = ',')]
+    /// Inline steps: capabilities, comma separated (`plan,finalize`), a chain.
+    #[arg(long, value_delimiter = ',', conflicts_with = "graph")]
     pub steps: Option<Vec<String>>,
+    /// Inline steps as JSON (or `@file`): the `steps` array of `POST /task`, step objects
+    /// with `id`, `needs`, `map`, `router`, `wait`, … (see docs/workflows.md).
+    #[arg(long, conflicts_with = "pipeline")]
+    pub graph: Option<String>,
     /// The task's input: JSON, `@file` for a file's JSON, `@-` for standard input.
     #[arg(long)]
     pub input: String,
@@ -130,6 +139,41 @@ pub struct TaskArgs {
     pub target: Target,
     /// The task's id.
     pub id: String,
+}
+
+/// `status`'s flags.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The task.
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Print the full view as JSON, even on a terminal.
+    #[arg(long, conflicts_with = "tree")]
+    pub json: bool,
+    /// Draw the tree, even when stdout is not a terminal.
+    #[arg(long)]
+    pub tree: bool,
+    /// Follow the task until it finishes (or `--timeout`), redrawing the tree.
+    #[arg(long, conflicts_with = "json")]
+    pub watch: bool,
+    /// With `--watch`: give up after this many seconds (exit code 4).
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+}
+
+/// `signal`'s arguments.
+#[derive(Debug, Args)]
+pub struct SignalArgs {
+    /// The master.
+    #[command(flatten)]
+    pub target: Target,
+    /// The task's id.
+    pub id: String,
+    /// The signal's name (a wait step's `signal`, by default its id).
+    pub name: String,
+    /// The payload, which becomes the wait step's output: JSON, `@file`, or `@-` for
+    /// standard input; `null` when left out.
+    pub payload: Option<String>,
 }
 
 /// `result`'s flags.

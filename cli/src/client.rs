@@ -1,4 +1,4 @@
-//! A small client of the master's HTTP API: submit, status, result, workers, queues. An
+//! A small client of the master's HTTP API: submit, status, signal, result, workers, queues. An
 //! error answer (`{"error":{"code","message"}}`) becomes an [`ApiFailure`] that prints as one
 //! line: `422 invalid: pipeline: unknown pipeline x`.
 
@@ -6,7 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use anyhow::Context;
-use common::wire::{SubmitResponse, TaskId, TaskResult, TaskView};
+use common::wire::{SignalRequest, SignalResponse, SubmitResponse, TaskId, TaskResult, TaskView};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -87,6 +87,18 @@ impl Client {
             reqwest::Method::GET,
             &format!("/task/{}", path_segment(id)?),
         ))
+        .await
+    }
+
+    /// `POST /task/{id}/signal`.
+    pub async fn signal(&self, id: &str, signal: &SignalRequest) -> anyhow::Result<SignalResponse> {
+        self.call(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/task/{}/signal", path_segment(id)?),
+            )
+            .json(signal),
+        )
         .await
     }
 

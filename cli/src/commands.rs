@@ -1,61 +1,74 @@
-//! The client commands: `submit`, `status`, `result`, `workers`, `queues`. JSON goes to
-//! stdout, everything meant for a person (progress, notes) to stderr.
+//! The client commands: `submit`, `status`, `signal`, `result`, `workers`, `queues`. JSON
+//! goes to stdout, everything meant for a person (progress, notes) to stderr; `status` on a
+//! terminal draws the task's tree on stdout instead.
 
 use std::io::Read;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use common::wire::{TaskResult, TaskStatus, TaskView};
+use common::wire::{SignalRequest, TaskResult, TaskStatus, TaskView};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::args::{ResultArgs, SubmitArgs, Target, TaskArgs};
+use crate::args::{ResultArgs, SignalArgs, StatusArgs, SubmitArgs, Target};
 use crate::client::Client;
-use crate::watch::{StepsBar, Watched, follow};
+use crate::tree::{self, Style};
+use crate::watch::{Stream, TreeView, Watched, follow};
 
 /// Exit code: the task failed or was cancelled.
 pub const TASK_FAILED: u8 = 3;
 /// Exit code: the task was still running when the wait ended.
 pub const STILL_RUNNING: u8 = 4;
 
-/// The exit code for a task in `status`: 0 succeeded, 3 failed or cancelled, 4 running.
+/// The exit code for a task in `status`: 0 succeeded, 3 failed or cancelled, 4 not
+/// finished (queued, running or waiting).
 pub fn exit_for(status: TaskStatus) -> ExitCode {
     match status {
         TaskStatus::Succeeded => ExitCode::SUCCESS,
         TaskStatus::Failed | TaskStatus::Cancelled => ExitCode::from(TASK_FAILED),
-        TaskStatus::Queued | TaskStatus::Running => ExitCode::from(STILL_RUNNING),
+        TaskStatus::Queued | TaskStatus::Running | TaskStatus::Waiting => {
+            ExitCode::from(STILL_RUNNING)
+        }
     }
 }
 
 /// Reads `--input`: JSON text, `@file`, or `@-` for standard input.
 pub fn read_input(arg: &str) -> anyhow::Result<Value> {
+    read_json(arg, "--input")
+}
+
+/// Reads a JSON argument named `what` (`--input`, `--graph`, the payload): JSON text,
+/// `@file`, or `@-` for standard input.
+pub fn read_json(arg: &str, what: &str) -> anyhow::Result<Value> {
     let (text, origin) = match arg.strip_prefix('@') {
         Some("-") => {
             let mut text = String::new();
             std::io::stdin()
                 .read_to_string(&mut text)
-                .context("cannot read --input from standard input")?;
+                .with_context(|| format!("cannot read {what} from standard input"))?;
             (text, "standard input".to_string())
         }
         Some(path) => (
             std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --input file {path}"))?,
+                .with_context(|| format!("cannot read {what} file {path}"))?,
             path.to_string(),
         ),
-        None => (arg.to_string(), "--input".to_string()),
+        None => (arg.to_string(), what.to_string()),
     };
-    serde_json::from_str(&text).with_context(|| {
-        format!("{origin} is not JSON (a string needs quotes: --input '\"some text\"')")
-    })
+    serde_json::from_str(&text)
+        .with_context(|| format!("{origin} is not JSON (a string needs quotes: '\"some text\"')"))
 }
 
-/// The `POST /task` body for `submit`'s flags.
-fn submit_body(args: &SubmitArgs, input: Value) -> Value {
+/// The `POST /task` body for `submit`'s flags (`graph`: `--graph`'s steps, read).
+fn submit_body(args: &SubmitArgs, input: Value, graph: Option<Value>) -> Value {
     let mut body = json!({ "input": input });
-    match &args.steps {
-        Some(steps) => body["steps"] = json!(steps),
-        None => body["pipeline"] = json!(args.pipeline.as_deref().unwrap_or("default")),
+    match (&args.steps, graph) {
+        (_, Some(graph)) => body["steps"] = graph,
+        (Some(steps), None) => body["steps"] = json!(steps),
+        (None, None) => {
+            body["pipeline"] = json!(args.pipeline.as_deref().unwrap_or("default"));
+        }
     }
     if let Some(priority) = args.priority {
         body["priority"] = json!(priority);
@@ -82,9 +95,20 @@ pub fn result_of(view: &TaskView) -> TaskResult {
     }
 }
 
+/// Reads `--graph`: a JSON array of steps (or `@file`).
+fn read_graph(arg: &str) -> anyhow::Result<Value> {
+    let graph = read_json(arg, "--graph")?;
+    anyhow::ensure!(
+        graph.is_array(),
+        "--graph must be a JSON array of steps (names or step objects), as `steps` in POST /task"
+    );
+    Ok(graph)
+}
+
 /// `ensemble submit`.
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let body = submit_body(&args, read_input(&args.input)?);
+    let graph = args.graph.as_deref().map(read_graph).transpose()?;
+    let body = submit_body(&args, read_input(&args.input)?, graph);
     let client = Client::new(&args.target);
     let submitted = client.submit(&body).await?;
     let id = submitted.task_id.to_string();
@@ -93,18 +117,21 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!("task {id} submitted");
-    let bar = StepsBar::new();
+    let mut tree = TreeView::new(Stream::Stderr);
     let watched = follow(
         &client,
         &id,
         Duration::from_secs(args.timeout),
-        |_, view| bar.show(view),
+        |_, view| tree.show(view),
     )
-    .await;
-    bar.finish();
-    let view = match watched? {
-        Watched::Finished(view) => view,
+    .await?;
+    let view = match watched {
+        Watched::Finished(view) => {
+            tree.finish(&view);
+            view
+        }
         Watched::TimedOut(view) => {
+            tree.finish(&view);
             eprintln!(
                 "task {id} is still {} after {} s",
                 view.status.as_str(),
@@ -117,10 +144,47 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     Ok(exit_for(view.status))
 }
 
-/// `ensemble status ID`.
-pub async fn status(args: TaskArgs) -> anyhow::Result<ExitCode> {
-    let view = Client::new(&args.target).task(&args.id).await?;
-    print_json(&view)?;
+/// `ensemble status ID [--json | --tree] [--watch]`: the tree on a terminal (or with
+/// `--tree`), the JSON view otherwise; `--watch` follows the task with a live tree and
+/// exits as `result` does.
+pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.task.target);
+    let id = &args.task.id;
+    if args.watch {
+        let mut tree = TreeView::new(Stream::Stdout);
+        let watched = follow(&client, id, Duration::from_secs(args.timeout), |_, view| {
+            tree.show(view);
+        })
+        .await?;
+        let (Watched::Finished(view) | Watched::TimedOut(view)) = watched;
+        tree.finish(&view);
+        say!("task {}", view.status.as_str());
+        return Ok(exit_for(view.status));
+    }
+    let view = client.task(id).await?;
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    if args.tree || (terminal && !args.json) {
+        let style = if terminal { Style::Color } else { Style::Plain };
+        say!("{}", tree::render(&view, common::wire::now_ms(), style));
+    } else {
+        print_json(&view)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ensemble signal ID NAME [PAYLOAD]`: prints the master's answer
+/// (`{"status": "delivered"}` or `"buffered"`).
+pub async fn signal(args: SignalArgs) -> anyhow::Result<ExitCode> {
+    let payload = match &args.payload {
+        Some(text) => read_json(text, "the payload")?,
+        None => Value::Null,
+    };
+    let request = SignalRequest {
+        name: args.name.clone(),
+        payload,
+    };
+    let answer = Client::new(&args.target).signal(&args.id, &request).await?;
+    print_json(&answer)?;
     Ok(ExitCode::SUCCESS)
 }
 

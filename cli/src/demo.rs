@@ -1,17 +1,18 @@
-//! `ensemble demo`: start the system, run one task on the `default` pipeline showing each
-//! step as it changes, print the result, stop everything. Exit code 0 when the task
-//! succeeded.
+//! `ensemble demo`: start the system, run one task on the `default` pipeline (`plan`, then
+//! `retrieve` once per query of the plan, `evaluate`, `finalize`) showing its tree as it
+//! runs, print the result, stop everything. Exit code 0 when the task succeeded.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use common::wire::{StepStatus, StepView, TaskStatus, TaskView};
+use common::wire::{TaskStatus, TaskView};
 use serde_json::{Value, json};
 
 use crate::args::DemoArgs;
 use crate::commands::{STILL_RUNNING, exit_for, print_json, read_input};
 use crate::launcher::System;
-use crate::watch::{Watched, changed_steps, follow};
+use crate::tree;
+use crate::watch::{Stream, TreeView, Watched, follow};
 
 /// The sample task.
 fn sample_input() -> Value {
@@ -62,21 +63,21 @@ async fn run_task(system: &System, input: Value, timeout: Duration) -> anyhow::R
         .submit(&json!({ "pipeline": "default", "input": input }))
         .await?;
     let id = submitted.task_id.to_string();
+    let mut tree = TreeView::new(Stream::Stdout);
     let watched = follow(&client, &id, timeout, |before, now| {
         if before.is_none() {
-            let steps: Vec<&str> = now.steps.iter().map(|s| s.capability.as_str()).collect();
-            say!("task {id}: pipeline `default`: {}", steps.join(" -> "));
+            say!("task {id}: pipeline `default`: {}", describe(now));
         }
-        for step in changed_steps(before, now) {
-            if let Some(line) = step_line(step, now.steps.len()) {
-                say!("{line}");
-            }
-        }
+        tree.show(now);
     })
     .await?;
     let view = match watched {
-        Watched::Finished(view) => view,
+        Watched::Finished(view) => {
+            tree.finish(&view);
+            view
+        }
         Watched::TimedOut(view) => {
+            tree.finish(&view);
             say!(
                 "task still {} after {} s; giving up",
                 view.status.as_str(),
@@ -89,43 +90,13 @@ async fn run_task(system: &System, input: Value, timeout: Duration) -> anyhow::R
     Ok(exit_for(view.status))
 }
 
-/// `  [2/4] retrieve   succeeded  worker-retrieve  12 ms`; `None` for states not worth a
-/// line (pending).
-fn step_line(step: &StepView, total: usize) -> Option<String> {
-    let worker = step
-        .worker_id
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    let detail = match step.status {
-        StepStatus::Pending => return None,
-        StepStatus::Queued => match &step.error {
-            Some(e) if step.attempts > 0 => format!("retrying after: {}", e.message),
-            _ => String::new(),
-        },
-        StepStatus::Dispatched => format!("{worker}  attempt {}", step.attempts),
-        StepStatus::Succeeded => match (step.dispatched_at_ms, step.finished_at_ms) {
-            (Some(start), Some(end)) => format!("{worker}  {} ms", end.saturating_sub(start)),
-            _ => worker,
-        },
-        StepStatus::Failed => format!(
-            "{worker}  {}",
-            step.error
-                .as_ref()
-                .map(|e| e.message.as_str())
-                .unwrap_or("")
-        ),
-    };
-    Some(
-        format!(
-            "  [{}/{total}] {:<10} {:<10} {detail}",
-            step.index + 1,
-            step.capability.as_str(),
-            step.status.as_str()
-        )
-        .trim_end()
-        .to_string(),
-    )
+/// The graph in a line: `plan -> retrieve -> evaluate -> finalize` for a chain (a map step
+/// is one link: its fan-out shows in the tree), else its step ids.
+fn describe(view: &TaskView) -> String {
+    tree::chain(view).unwrap_or_else(|| {
+        let ids: Vec<&str> = view.steps.iter().map(|s| s.id.as_str()).collect();
+        format!("a graph of {} steps ({})", ids.len(), ids.join(", "))
+    })
 }
 
 fn print_outcome(view: &TaskView) -> anyhow::Result<()> {

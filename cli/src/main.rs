@@ -1,5 +1,5 @@
 //! The `ensemble` command: `up` (the whole system in one process), `demo`, and a client of
-//! the master's API (`submit`, `status`, `result`, `workers`, `queues`).
+//! the master's API (`submit`, `status`, `signal`, `result`, `workers`, `queues`).
 
 /// `println!` that does not panic when stdout is closed early (`ensemble demo | head`):
 /// output nobody reads is dropped.
@@ -15,6 +15,7 @@ mod client;
 mod commands;
 mod demo;
 mod launcher;
+mod tree;
 mod up;
 mod watch;
 
@@ -56,6 +57,7 @@ async fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args).await,
         Command::Submit(args) => commands::submit(args).await,
         Command::Status(args) => commands::status(args).await,
+        Command::Signal(args) => commands::signal(args).await,
         Command::Result(args) => commands::result(args).await,
         Command::Workers(target) => commands::operator_view(target, "/workers").await,
         Command::Queues(target) => commands::operator_view(target, "/queues").await,

@@ -1,16 +1,23 @@
-//! Following a task to its end: polls `GET /task/{id}` and reports every change, for the
-//! demo's step-by-step lines and `submit --wait`'s progress bar.
+//! Following a task to its end: polls `GET /task/{id}` and shows its graph as a tree
+//! ([`crate::tree`]), redrawn at every poll on a terminal, or as one line per change
+//! otherwise.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use common::wire::{StepStatus, StepView, TaskView};
-use indicatif::{ProgressBar, ProgressStyle};
+use common::wire::{TaskStatus, TaskView};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::client::Client;
+use crate::tree::{self, Row, Style};
 
-/// Time between polls: short enough that a few-millisecond step still shows as a change.
+/// Time between polls at first and after every change: short enough that a
+/// few-millisecond step still shows as a change.
 const POLL: Duration = Duration::from_millis(50);
+
+/// Longest time between polls: while nothing changes (a wait step holding the task for an
+/// hour), polls slow down to this.
+const MAX_POLL: Duration = Duration::from_secs(1);
 
 /// How a wait ended.
 pub enum Watched {
@@ -20,21 +27,26 @@ pub enum Watched {
     TimedOut(TaskView),
 }
 
-/// Polls the task until it finishes or `timeout` passes, calling `on_change(before, now)`
-/// with every view that differs from the one before (and with the first).
+/// Polls the task until it finishes or `timeout` passes, calling `on_view(before, now)` at
+/// every poll (`before`: the view of the poll before, `None` the first time). Polls come
+/// every 50 ms, slowing to one a second while the task does not change.
 pub async fn follow(
     client: &Client,
     id: &str,
     timeout: Duration,
-    mut on_change: impl FnMut(Option<&TaskView>, &TaskView),
+    mut on_view: impl FnMut(Option<&TaskView>, &TaskView),
 ) -> anyhow::Result<Watched> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last: Option<TaskView> = None;
+    let mut pause = POLL;
     loop {
         let view = client.task(id).await?;
-        if last.as_ref() != Some(&view) {
-            on_change(last.as_ref(), &view);
-        }
+        pause = if last.as_ref() == Some(&view) {
+            (pause * 2).min(MAX_POLL)
+        } else {
+            POLL
+        };
+        on_view(last.as_ref(), &view);
         if view.status.is_terminal() {
             return Ok(Watched::Finished(view));
         }
@@ -42,87 +54,106 @@ pub async fn follow(
             return Ok(Watched::TimedOut(view));
         }
         last = Some(view);
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
-/// The steps whose status or worker changed between two views (every step when there is
-/// no earlier view).
-pub fn changed_steps<'a>(
-    before: Option<&TaskView>,
-    now: &'a TaskView,
-) -> impl Iterator<Item = &'a StepView> {
-    now.steps.iter().filter(move |step| {
-        let old = before.and_then(|b| b.steps.get(step.index as usize));
-        old.is_none_or(|o| o.status != step.status || o.worker_id != step.worker_id)
-    })
+/// Where a [`TreeView`] draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output (`demo`, `status --watch`).
+    Stdout,
+    /// Standard error, so stdout carries only JSON (`submit --wait`).
+    Stderr,
 }
 
-/// A progress bar of steps done out of all, with the current step's capability and worker;
-/// hidden when standard output is not a terminal. Drawn on stderr, so stdout stays JSON.
-pub struct StepsBar {
-    bar: ProgressBar,
-    /// Whether it is drawn (on a terminal); it starts ticking at the first view, so it never
-    /// shows an empty `0/0`.
-    visible: bool,
-    ticking: std::cell::Cell<bool>,
+/// A task's tree as it runs: on a terminal, redrawn in place at every view; elsewhere, one
+/// line per step whose status, worker or attempt changed.
+pub struct TreeView {
+    stream: Stream,
+    /// The live drawing, on a terminal.
+    bar: Option<ProgressBar>,
+    /// The rows of the view before, for the changes.
+    last: Vec<Row>,
+    /// The task's status in the view before.
+    status: Option<TaskStatus>,
+    style: Style,
 }
 
-impl StepsBar {
-    /// A bar (hidden unless stdout is a terminal).
-    pub fn new() -> Self {
-        let visible = std::io::stdout().is_terminal();
-        let bar = if visible {
-            let bar = ProgressBar::new(0);
-            let style = ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:24} {pos}/{len} steps  {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
+impl TreeView {
+    /// A tree on `stream`: live if it is a terminal.
+    pub fn new(stream: Stream) -> Self {
+        let terminal = match stream {
+            Stream::Stdout => std::io::stdout().is_terminal(),
+            Stream::Stderr => std::io::stderr().is_terminal(),
+        };
+        let style = if terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) {
+            Style::Color
+        } else {
+            Style::Plain
+        };
+        let bar = terminal.then(|| {
+            let target = match stream {
+                Stream::Stdout => ProgressDrawTarget::stdout(),
+                Stream::Stderr => ProgressDrawTarget::stderr(),
+            };
+            let bar = ProgressBar::with_draw_target(None, target);
+            let style = ProgressStyle::with_template("{msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);
             bar
-        } else {
-            ProgressBar::hidden()
-        };
+        });
         Self {
+            stream,
             bar,
-            visible,
-            ticking: std::cell::Cell::new(false),
+            last: Vec::new(),
+            status: None,
+            style,
         }
     }
 
-    /// Shows a view.
-    pub fn show(&self, view: &TaskView) {
-        let done = view
-            .steps
-            .iter()
-            .filter(|s| s.status == StepStatus::Succeeded)
-            .count();
-        self.bar.set_length(view.steps.len() as u64);
-        self.bar.set_position(done as u64);
-        let current = view
-            .steps
-            .iter()
-            .find(|s| !matches!(s.status, StepStatus::Succeeded | StepStatus::Pending));
-        let message = match current {
-            Some(step) => format!(
-                "{} {}{}",
-                step.capability,
-                step.status.as_str(),
-                step.worker_id
-                    .as_ref()
-                    .map(|w| format!(" on {w}"))
-                    .unwrap_or_default()
-            ),
-            None => view.status.as_str().to_string(),
+    /// Shows a view (at the current time).
+    pub fn show(&mut self, view: &TaskView) {
+        let now = common::wire::now_ms();
+        match &self.bar {
+            Some(bar) => bar.set_message(tree::render(view, now, self.style)),
+            None => {
+                let rows = tree::all_rows(view, now);
+                let mut lines = tree::changes(&self.last, &rows);
+                self.last = rows;
+                // The task's own changes while it runs (its end is the caller's to say).
+                let before = self.status.replace(view.status);
+                if before.is_some_and(|b| b != view.status) && !view.status.is_terminal() {
+                    lines.push(format!("task {}", view.status.as_str()));
+                }
+                self.write(&lines);
+            }
+        }
+    }
+
+    /// Leaves the last view's tree: in place on a terminal, printed whole after the
+    /// changes elsewhere.
+    pub fn finish(&self, view: &TaskView) {
+        let picture = tree::render(view, common::wire::now_ms(), self.style);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_message(picture);
+                bar.finish();
+            }
+            None => self.write(&[String::new(), picture]),
+        }
+    }
+
+    fn write(&self, lines: &[String]) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        // Output nobody reads (`ensemble demo | head`) is dropped.
+        let _ = match self.stream {
+            Stream::Stdout => std::io::stdout().write_all(text.as_bytes()),
+            Stream::Stderr => std::io::stderr().write_all(text.as_bytes()),
         };
-        self.bar.set_message(message);
-        if self.visible && !self.ticking.replace(true) {
-            self.bar.enable_steady_tick(Duration::from_millis(100));
-        }
-    }
-
-    /// Removes the bar.
-    pub fn finish(&self) {
-        self.bar.finish_and_clear();
     }
 }
