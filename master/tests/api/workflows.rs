@@ -478,6 +478,61 @@ async fn plan_fans_out_over_its_queries_two_at_a_time_and_the_join_gets_them_in_
     master.stop().await;
 }
 
+/// Runs a graph whose `fan` step maps `echo` over [`master::store::MAX_MAP_WIDTH`]
+/// numbers (from the task input, or from `plan`'s output when `after_plan`), then joins:
+/// every element runs once and the join gets them all, in order.
+async fn widest_map(after_plan: bool) {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let width = master::store::MAX_MAP_WIDTH;
+    let items: Vec<usize> = (0..width).collect();
+    let planned = items.clone();
+    let worker = GraphWorker::builder("w-wide")
+        .agent("plan", Duration::ZERO, move |_| {
+            Ok(json!({"items": planned}))
+        })
+        .agent("echo", Duration::ZERO, echo)
+        .start(&settings, &master.url)
+        .await;
+    let (steps, input) = match after_plan {
+        false => (
+            json!([
+                {"id": "fan", "capability": "echo", "needs": [],
+                 "map": {"over": "input.items", "concurrency": width}},
+                {"id": "join", "capability": "echo", "needs": ["fan"]},
+            ]),
+            json!({"items": items}),
+        ),
+        true => (
+            json!([
+                {"id": "plan", "capability": "plan", "needs": []},
+                {"id": "fan", "capability": "echo", "needs": ["plan"],
+                 "map": {"over": "plan.items", "concurrency": width}},
+                {"id": "join", "capability": "echo", "needs": ["fan"]},
+            ]),
+            json!({}),
+        ),
+    };
+    let id = master.submit(json!({"steps": steps, "input": input})).await;
+    let view = master.wait(&id, Duration::from_secs(30)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{:?}", view.error);
+    assert_eq!(view.result, Some(json!(items)), "every element, in order");
+    assert_eq!(step(&view, "fan").instances.len(), width);
+    assert_eq!(worker.received(&id, "echo").len(), width + 1, "each once");
+    master.stop().await;
+}
+
+#[tokio::test]
+async fn a_root_map_as_wide_as_allowed_expands_at_submit_and_runs_every_element() {
+    widest_map(false).await;
+}
+
+#[tokio::test]
+async fn a_map_as_wide_as_allowed_expands_when_its_need_reports_and_runs_every_element() {
+    widest_map(true).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Routing
 
