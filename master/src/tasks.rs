@@ -23,8 +23,8 @@ use crate::graph::{self, GraphError};
 use crate::hub::Hub;
 use crate::metrics::publish_queue_gauges;
 use crate::store::{
-    Advance, CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, RateLimit, RedriveOutcome,
-    ReportOutcome, SignalOutcome, SubmitOutcome, TaskRecord, TaskStore,
+    CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, RateLimit, RedriveOutcome, ReportOutcome,
+    SignalOutcome, SubmitOutcome, TaskRecord, TaskStore,
 };
 
 /// Longest `?wait=` on `GET /result/{id}`, in seconds.
@@ -413,7 +413,7 @@ impl Tasks {
             .await?;
         let status = match outcome {
             SignalOutcome::Delivered(advance) => {
-                self.advanced(&task_id, &advance);
+                self.dispatcher.after_advance(&task_id, &advance);
                 SignalStatus::Delivered
             }
             SignalOutcome::Buffered => SignalStatus::Buffered,
@@ -438,25 +438,6 @@ impl Tasks {
         };
         tracing::info!(task_id = %task_id, signal = %name, status = ?status, "signal received");
         Ok(SignalResponse { status })
-    }
-
-    /// What a transition the master made by itself (a signal, a timer) set going: wake the
-    /// dispatchers of the steps it queued, and the long polls of a task it finished.
-    pub(crate) fn advanced(&self, task_id: &TaskId, advance: &Advance) {
-        for capability in &advance.queued {
-            self.dispatcher.ensure_loop(capability);
-            self.hub.work_queued(capability.as_str());
-        }
-        if let Some(done) = &advance.done {
-            crate::metrics::task_finished(done.status);
-            self.hub.task_finished_with(TaskResult {
-                task_id: task_id.clone(),
-                status: done.status,
-                result: done.result.clone(),
-                error: done.error.clone(),
-            });
-            tracing::info!(task_id = %task_id, status = done.status.as_str(), "task finished");
-        }
     }
 
     /// Records a worker's report.

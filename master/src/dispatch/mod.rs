@@ -672,6 +672,7 @@ impl Dispatcher {
                 result: succeeded.then(|| done.result.clone().unwrap_or_default()),
                 error: done.error.clone(),
             });
+            tracing::info!(task_id = %task_id, status = done.status.as_str(), "task finished");
         }
     }
 

@@ -271,6 +271,7 @@ async fn openapi_describes_every_route() {
         ("/task", "post"),
         ("/task/{id}", "get"),
         ("/task/{id}", "delete"),
+        ("/task/{id}/signal", "post"),
         ("/result/{id}", "get"),
         ("/result", "post"),
         ("/dispatch", "post"),

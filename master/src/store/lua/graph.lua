@@ -5,6 +5,8 @@
 -- HSET, one HDEL), so a chain costs what it did before graphs, and what an earlier part
 -- of a cascade wrote is what a later part reads.
 local G = {}
+-- Most values given to one command: Lua's unpack stops at a few thousand.
+local CHUNK = 1000
 
 -- Starts a transition on task `id` (hash `key`) at `now` (ms).
 local function g_begin(prefix, id, key, now)
@@ -22,8 +24,11 @@ local function g_read(fields)
   if #missing > 0 and G.complete then
     for _, f in ipairs(missing) do G.cache[f] = false end
   elseif #missing > 0 then
-    local v = redis.call('HMGET', G.key, unpack(missing))
-    for j, f in ipairs(missing) do G.cache[f] = v[j] or false end
+    for first = 1, #missing, CHUNK do
+      local last = math.min(first + CHUNK - 1, #missing)
+      local v = redis.call('HMGET', G.key, unpack(missing, first, last))
+      for j = first, last do G.cache[missing[j]] = v[j - first + 1] or false end
+    end
   end
   local out = {}
   for i, f in ipairs(fields) do
@@ -64,10 +69,15 @@ local function g_flush()
       args[#args + 1] = v
     end
   end
-  if #args > 0 then redis.call('HSET', G.key, unpack(args)) end
+  -- In pieces: Lua's unpack takes a few thousand values at most (a wide map writes more).
+  for first = 1, #args, 2 * CHUNK do
+    redis.call('HSET', G.key, unpack(args, first, math.min(first + 2 * CHUNK - 1, #args)))
+  end
   local dels = {}
   for f in pairs(G.dels) do dels[#dels + 1] = f end
-  if #dels > 0 then redis.call('HDEL', G.key, unpack(dels)) end
+  for first = 1, #dels, CHUNK do
+    redis.call('HDEL', G.key, unpack(dels, first, math.min(first + CHUNK - 1, #dels)))
+  end
 end
 
 -- Field `name` (a key of S) of slot `slot`.
