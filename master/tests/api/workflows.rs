@@ -763,7 +763,7 @@ async fn a_wait_survives_a_master_restart_and_the_new_master_takes_the_signal() 
 }
 
 #[tokio::test]
-async fn a_wait_that_times_out_fails_the_task_or_continues() {
+async fn a_wait_that_times_out_fails_the_task_or_continues_and_a_sleep_wakes() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
@@ -808,6 +808,26 @@ async fn a_wait_that_times_out_fails_the_task_or_continues() {
     let after = worker.received(&continuing, "publish");
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].input, json!({"timed_out": true}));
+    // A sleep is a timer too: it succeeds with `null`, which its dependant receives.
+    let slept = master
+        .submit(json!({
+            "steps": [
+                {"id": "nap", "needs": [], "sleep_ms": 100},
+                {"id": "after", "capability": "publish", "needs": ["nap"]},
+            ],
+            "input": 1,
+        }))
+        .await;
+    let view = master.wait(&slept, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+    let nap = step(&view, "nap");
+    assert_eq!(
+        (nap.kind, nap.status),
+        (StepKind::Sleep, StepStatus::Succeeded)
+    );
+    let after = worker.received(&slept, "publish");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].input, Value::Null);
     // (Read once `publish` has a queue row, which it has once a step was queued.)
     assert_eq!(
         master.queue("publish").await["dead_lettered"],
@@ -976,6 +996,89 @@ async fn redrive_reruns_only_the_failed_branch_and_keeps_what_succeeded() {
         join[0].input,
         json!({"left": {"left": "done"}, "right": step(&view, "right").output}),
         "a step with several needs receives an object by need id"
+    );
+    master.stop().await;
+}
+
+#[tokio::test]
+async fn redrive_of_a_map_reruns_only_its_failed_instance() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let broken = Arc::new(AtomicBool::new(true));
+    let gate = Arc::new(Semaphore::new(0));
+    let flag = broken.clone();
+    let worker = GraphWorker::builder("w-map-redrive")
+        .agent("part", Duration::ZERO, move |s| {
+            if s.input == "bad" && flag.load(Ordering::SeqCst) {
+                Err(StepError::permanent("test", "bad element"))
+            } else {
+                Ok(json!({"part": s.input}))
+            }
+        })
+        // The bad element runs once the others have succeeded, so only it fails.
+        .gate("part", &gate, |s| s.input == "bad")
+        .agent("join", Duration::ZERO, echo)
+        .start(&settings, &master.url)
+        .await;
+    let id = master
+        .submit(json!({
+            "steps": [
+                {"id": "parts", "capability": "part", "needs": [],
+                 "map": {"over": "input.items", "concurrency": 4}},
+                {"id": "join", "capability": "join", "needs": ["parts"]},
+            ],
+            "input": {"items": ["a", "b", "bad", "c"]},
+        }))
+        .await;
+    until(&master, &id, "three instances succeeded", |v| {
+        step(v, "parts")
+            .instances
+            .iter()
+            .filter(|i| i.status == StepStatus::Succeeded)
+            .count()
+            == 3
+    })
+    .await;
+    gate.add_permits(1);
+    let view = master.wait(&id, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Failed, "{view:#?}");
+    let parts = step(&view, "parts");
+    assert_eq!(
+        parts.status,
+        StepStatus::Failed,
+        "an instance failed the map"
+    );
+    assert_eq!(parts.instances[2].status, StepStatus::Failed);
+    assert_eq!(step(&view, "join").status, StepStatus::Pending);
+
+    broken.store(false, Ordering::SeqCst);
+    gate.add_permits(1);
+    let r = master
+        .post("/dispatch", OPERATOR)
+        .json(&json!({"task_id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let view = master.wait(&id, Duration::from_secs(20)).await;
+    assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
+    let runs = |element: &str| {
+        worker
+            .received(&id, "part")
+            .iter()
+            .filter(|s| s.input == element)
+            .count()
+    };
+    for good in ["a", "b", "c"] {
+        assert_eq!(runs(good), 1, "{good} kept its output");
+    }
+    assert_eq!(runs("bad"), 2, "the failed instance ran again");
+    let join = worker.received(&id, "join");
+    assert_eq!(join.len(), 1);
+    assert_eq!(
+        join[0].input,
+        json!([{"part": "a"}, {"part": "b"}, {"part": "bad"}, {"part": "c"}])
     );
     master.stop().await;
 }
