@@ -331,17 +331,20 @@ pub fn plan(model: &str, prompt: &str, reference: u64) -> serde_json::Value {
     let task = task_of(prompt);
     let hash = fnv1a_bytes(task.as_bytes());
     let words: Vec<&str> = task.split_whitespace().collect();
+    let cut = words.len() > TOPIC_WORDS;
     let mut topic = words
         .iter()
         .take(TOPIC_WORDS)
         .copied()
         .collect::<Vec<_>>()
-        .join(" ");
-    if words.len() > TOPIC_WORDS {
+        .join(" ")
+        .trim_end_matches(['?', '.', '!', ':', ';', ','])
+        .to_string();
+    if topic.is_empty() {
+        topic = "the task".to_string();
+    } else if cut {
         topic.push_str(" ...");
     }
-    let topic = topic.trim_end_matches(['?', '.', '!', ':', ';', ',']);
-    let topic = if topic.is_empty() { "the task" } else { topic };
     // 2, 3 or 4 questions; aspects in turn from a start the hash picks.
     let count = 2 + (hash % 3) as usize;
     let start = ((hash >> 8) % ASPECTS.len() as u64) as usize;

@@ -215,12 +215,20 @@ fn value_of(name: &str, step: &WorkRequest) -> String {
     }
 }
 
-/// Whether the step's input is its several needs' outputs by id (a join), which reads
-/// better as `{{previous}}` does than as one JSON object.
+/// Whether the step's input is its several needs' outputs by id (a join: an object whose
+/// keys are exactly the needs' ids), which reads better as `{{previous}}` does than as one
+/// JSON object.
 fn joins(step: &WorkRequest) -> bool {
-    step.context.previous.len() > 1
-        && step.context.element_index.is_none()
-        && step.input.is_object()
+    let needs = &step.context.previous;
+    match &step.input {
+        Value::Object(map) if needs.len() > 1 && step.context.element_index.is_none() => {
+            map.len() == needs.len()
+                && needs
+                    .iter()
+                    .all(|p| !p.id.is_empty() && map.contains_key(&p.id))
+        }
+        _ => false,
+    }
 }
 
 /// The needed steps' outcomes, each under a `[step N: …]` line.

@@ -180,6 +180,8 @@ pub fn work_request(capability: &str, input: Value) -> WorkRequest {
             previous: Vec::new(),
             pipeline: None,
             total_steps: 1,
+            step_id: None,
+            element_index: None,
         },
         deadline_ms: now_ms() + 30_000,
         worker_id: None,
