@@ -407,7 +407,11 @@ pub(super) mod tests {
             })
             .collect();
         files.sort();
-        assert_eq!(files.len(), 16, "lib.lua, graph.lua and the fourteen scripts");
+        assert_eq!(
+            files.len(),
+            16,
+            "lib.lua, graph.lua and the fourteen scripts"
+        );
         files
     }
 
