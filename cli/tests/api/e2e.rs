@@ -34,38 +34,75 @@ fn submit(master: &str, n: usize) -> String {
     text(&output.stdout).trim().to_string()
 }
 
+/// A model answer as the llm agent records it: `{model, text, usage}`.
+fn check_llm_output(output: &Value) {
+    let mut fields: Vec<&str> = output
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["model", "text", "usage"], "{output}");
+    assert!(
+        output["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Mock reply from "),
+        "{output}"
+    );
+    assert!(!output["model"].as_str().unwrap().is_empty(), "{output}");
+    assert!(
+        output["usage"]["total_tokens"].as_u64().unwrap() > 0,
+        "{output}"
+    );
+}
+
+/// The default pipeline ran as its graph: plan answered sub-queries (the mock's structured
+/// plan), retrieve ran once per query on the retrieve worker and its output is theirs in
+/// order, evaluate and finalize answered, and the result is finalize's output.
 fn check_task(view: &TaskView, n: usize) {
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:?}");
     assert_eq!(view.input, json!({ "n": n }));
     assert_eq!(view.steps.len(), 4, "{view:?}");
     for (step, capability) in view.steps.iter().zip(CAPABILITIES) {
-        assert_eq!(step.capability.as_str(), capability);
+        assert_eq!(
+            step.capability.as_ref().map(|c| c.as_str()),
+            Some(capability)
+        );
         assert_eq!(step.status, StepStatus::Succeeded, "{view:?}");
+    }
+    assert_eq!(
+        view.steps[0].worker_id.as_ref().map(|w| w.as_str()),
+        Some("e2e-plan")
+    );
+    let plan = view.steps[0].output.as_ref().expect("plan's output");
+    let queries = plan["queries"].as_array().expect("plan answers queries");
+    assert!(
+        (2..=4).contains(&queries.len()) && queries.iter().all(Value::is_string),
+        "{plan}"
+    );
+    let retrieve = &view.steps[1];
+    assert_eq!(retrieve.instances.len(), queries.len(), "{retrieve:?}");
+    let mut outputs = Vec::new();
+    for (i, instance) in retrieve.instances.iter().enumerate() {
+        assert_eq!(instance.element_index, Some(i as u32));
+        assert_eq!(instance.status, StepStatus::Succeeded, "{instance:?}");
+        assert_eq!(
+            instance.worker_id.as_ref().map(|w| w.as_str().to_string()),
+            Some("e2e-retrieve".to_string())
+        );
+        let output = instance.output.clone().expect("an instance output");
+        check_llm_output(&output);
+        outputs.push(output);
+    }
+    assert_eq!(retrieve.output, Some(Value::Array(outputs)));
+    for step in &view.steps[2..] {
         assert_eq!(
             step.worker_id.as_ref().map(|w| w.as_str().to_string()),
-            Some(format!("e2e-{capability}"))
+            step.capability.as_ref().map(|c| format!("e2e-{c}"))
         );
-        let output = step.output.as_ref().expect("a step output");
-        let mut fields: Vec<&str> = output
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        fields.sort_unstable();
-        assert_eq!(fields, ["model", "text", "usage"], "{output}");
-        assert!(
-            output["text"]
-                .as_str()
-                .unwrap()
-                .starts_with("Mock reply from "),
-            "{output}"
-        );
-        assert!(!output["model"].as_str().unwrap().is_empty(), "{output}");
-        assert!(
-            output["usage"]["total_tokens"].as_u64().unwrap() > 0,
-            "{output}"
-        );
+        check_llm_output(step.output.as_ref().expect("a step output"));
     }
     assert_eq!(view.result, view.steps[3].output);
 }
