@@ -32,13 +32,31 @@ pub struct SubmitTask {
 
 /// One step as written in `POST /task` `steps` and in a pipeline's TOML: a capability
 /// name (a link of a chain: it needs the step before it), or a [`StepDef`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum StepSpec {
     /// Just the capability.
     Name(Capability),
     /// A step with an id, dependencies and options.
     Def(Box<StepDef>),
+}
+
+/// By hand rather than `untagged`, so that what is wrong with a step reaches the user
+/// ("invalid capability …", "unknown field `capabilty` …") instead of "data did not match
+/// any variant".
+impl<'de> Deserialize<'de> for StepSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(deserializer)? {
+            Value::String(name) => Capability::new(name).map(Self::Name).map_err(Error::custom),
+            object @ Value::Object(_) => serde_json::from_value(object)
+                .map(|def| Self::Def(Box::new(def)))
+                .map_err(Error::custom),
+            other => Err(Error::custom(format!(
+                "a step is a capability name or a step object, not {other}"
+            ))),
+        }
+    }
 }
 
 impl From<Capability> for StepSpec {

@@ -26,11 +26,16 @@ fn protocol_types_round_trip() {
             task_input: json!({"question": "why?"}),
             previous: vec![PriorOutput {
                 step: 0,
-                capability: plan.clone(),
+                id: "plan".into(),
+                capability: Some(plan.clone()),
+                status: StepStatus::Succeeded,
                 output: json!({"plan": ["a", "b"]}),
+                error: None,
             }],
             pipeline: Some("default".into()),
             total_steps: 4,
+            step_id: Some("retrieve[1]".into()),
+            element_index: Some(1),
         },
         deadline_ms: 1_700_000_000_000,
         worker_id: Some(WorkerId::new("worker-1").unwrap()),
@@ -62,18 +67,85 @@ fn protocol_types_round_trip() {
         pipeline: None,
         priority: 0,
         input: json!(null),
-        steps: vec![StepView {
-            index: 0,
-            capability: plan,
-            status: StepStatus::Dispatched,
-            worker_id: Some(WorkerId::new("w").unwrap()),
-            attempts: 1,
-            output: None,
-            error: None,
-            queued_at_ms: Some(1),
-            dispatched_at_ms: Some(2),
-            finished_at_ms: None,
-        }],
+        steps: vec![
+            StepView {
+                index: 0,
+                id: "plan".into(),
+                kind: StepKind::Work,
+                capability: Some(plan.clone()),
+                needs: vec![],
+                router: false,
+                allow_failure: false,
+                map: Some(MapView {
+                    over: "input.queries".into(),
+                    concurrency: 2,
+                    total: Some(1),
+                    finished: 0,
+                }),
+                instances: vec![StepView {
+                    index: 2,
+                    id: "plan[0]".into(),
+                    kind: StepKind::Work,
+                    capability: Some(plan),
+                    needs: vec![],
+                    router: false,
+                    allow_failure: false,
+                    map: None,
+                    instances: vec![],
+                    element_index: Some(0),
+                    wait: None,
+                    sleep_ms: None,
+                    wakes_at_ms: None,
+                    status: StepStatus::Dispatched,
+                    worker_id: Some(WorkerId::new("w").unwrap()),
+                    attempts: 1,
+                    output: None,
+                    error: None,
+                    queued_at_ms: Some(1),
+                    dispatched_at_ms: Some(2),
+                    finished_at_ms: None,
+                }],
+                element_index: None,
+                wait: None,
+                sleep_ms: None,
+                wakes_at_ms: None,
+                status: StepStatus::Running,
+                worker_id: None,
+                attempts: 0,
+                output: None,
+                error: None,
+                queued_at_ms: Some(1),
+                dispatched_at_ms: None,
+                finished_at_ms: None,
+            },
+            StepView {
+                index: 1,
+                id: "approve".into(),
+                kind: StepKind::Wait,
+                capability: None,
+                needs: vec!["plan".into()],
+                router: false,
+                allow_failure: true,
+                map: None,
+                instances: vec![],
+                element_index: None,
+                wait: Some(WaitView {
+                    signal: "approve".into(),
+                    timeout_ms: 60_000,
+                    on_timeout: OnTimeout::Continue,
+                }),
+                sleep_ms: None,
+                wakes_at_ms: Some(61_000),
+                status: StepStatus::Waiting,
+                worker_id: None,
+                attempts: 0,
+                output: None,
+                error: None,
+                queued_at_ms: None,
+                dispatched_at_ms: None,
+                finished_at_ms: None,
+            },
+        ],
         result: None,
         error: None,
         created_at_ms: 1,
@@ -86,6 +158,46 @@ fn protocol_types_round_trip() {
             last_error: None,
         }),
     });
+}
+
+#[test]
+fn steps_are_capability_names_or_step_objects_in_one_list() {
+    let submit: SubmitTask = serde_json::from_value(json!({
+        "steps": [
+            "plan",
+            {"id": "fetch", "capability": "retrieve", "needs": ["plan"],
+             "map": {"over": "plan.queries", "concurrency": 4}},
+            {"id": "ok", "wait": {"timeout_ms": 1000, "on_timeout": "continue"}},
+            {"sleep_ms": 5, "needs": []}
+        ]
+    }))
+    .unwrap();
+    let steps = submit.steps.clone().unwrap();
+    assert_eq!(steps[0], StepSpec::Name(Capability::new("plan").unwrap()));
+    let StepSpec::Def(fetch) = &steps[1] else {
+        panic!("{steps:?}")
+    };
+    assert_eq!(fetch.map.as_ref().unwrap().concurrency, Some(4));
+    let StepSpec::Def(wait) = &steps[2] else {
+        panic!("{steps:?}")
+    };
+    assert_eq!(wait.wait.as_ref().unwrap().on_timeout, OnTimeout::Continue);
+    round_trip(&submit);
+    // A misspelt field of a step object is refused, not ignored.
+    assert!(
+        serde_json::from_value::<SubmitTask>(json!({"steps": [{"capabilty": "plan"}]})).is_err()
+    );
+    round_trip(&SignalRequest {
+        name: "approve".into(),
+        payload: json!({"ok": true}),
+    });
+    assert_eq!(
+        serde_json::to_value(SignalResponse {
+            status: SignalStatus::Buffered
+        })
+        .unwrap(),
+        json!({"status": "buffered"})
+    );
 }
 
 #[test]
