@@ -5,339 +5,41 @@
 //! across a master restart, timed out), cancel and redrive of a graph, and the signal
 //! endpoint under misuse.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::{Json, Router};
-use common::redis::{RedisPool, RedisSettings};
-use common::registry::Registry;
-use common::wire::{
-    Capability, StepError, StepKind, StepRef, StepStatus, StepView, TaskStatus, TaskView,
-    WorkRequest, WorkerId, WorkerRecord,
-};
+use common::redis::RedisSettings;
+use common::wire::{StepError, StepKind, StepStatus, StepView, TaskStatus, TaskView};
 use serde_json::{Value, json};
 use testkit::RedisServer;
-use testkit::fakes::worker::{HEARTBEAT, report};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use testkit::fakes::worker::{Answer, FakeWorker, Gate};
 
 use crate::helpers::*;
 
 // ---------------------------------------------------------------------------------------
-// A scripted worker
+// Answers of the scripted worker (`testkit::fakes::worker::FakeWorker`, `Behavior::Answer`)
 
-/// What an agent answers for a step: its output or its failure.
-type Script = Arc<dyn Fn(&WorkRequest) -> Result<Value, StepError> + Send + Sync>;
+/// How many steps a worker here runs at once: more than any test has running together.
+const SLOTS: u32 = 16;
 
-/// Which steps wait for a permit before they run.
-type Hold = Arc<dyn Fn(&WorkRequest) -> bool + Send + Sync>;
-
-/// One capability's agent.
-#[derive(Clone)]
-struct Agent {
-    script: Script,
-    /// How long a step runs before it reports: long enough for steps that the store
-    /// wrongly lets run together to be seen together.
-    delay: Duration,
-    /// Steps for which `hold` is true wait for a permit of `permits` before the script
-    /// runs (so a test decides when they finish, and flags the script reads are read then).
-    gate: Option<(Arc<Semaphore>, Hold)>,
+/// Echoes the step's input.
+fn echo() -> Behavior {
+    Answer::new(|step| Ok(step.input.clone())).into()
 }
 
-/// What the worker saw, for assertions.
-#[derive(Default)]
-struct Records {
-    /// Every `POST /work` with the right token, in arrival order.
-    received: Vec<WorkRequest>,
-    /// Steps running now per capability, and the most ever running at once.
-    running: HashMap<String, usize>,
-    peak: HashMap<String, usize>,
-    /// The master's answer to each report: `recorded`, `discarded`, `http NNN`.
-    acks: Vec<(StepRef, String)>,
-}
-
-struct Shared {
-    id: WorkerId,
-    agents: HashMap<String, Agent>,
-    /// Changed when the master is replaced by a new one on another port.
-    master_url: Mutex<String>,
-    http: reqwest::Client,
-    /// Listed in the heartbeat, so the master extends these leases.
-    in_flight: Mutex<Vec<StepRef>>,
-    records: Mutex<Records>,
-    stop: CancellationToken,
-}
-
-/// A worker whose agents are closures, one per capability.
-struct GraphWorker {
-    shared: Arc<Shared>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// Builds a [`GraphWorker`].
-struct Builder {
-    name: String,
-    agents: HashMap<String, Agent>,
-}
-
-impl Builder {
-    /// `capability` answers `script(step)` after `delay`.
-    fn agent(
-        mut self,
-        capability: &str,
-        delay: Duration,
-        script: impl Fn(&WorkRequest) -> Result<Value, StepError> + Send + Sync + 'static,
-    ) -> Self {
-        self.agents.insert(
-            capability.to_string(),
-            Agent {
-                script: Arc::new(script),
-                delay,
-                gate: None,
-            },
-        );
-        self
-    }
-
-    /// Steps of `capability` for which `hold` is true wait for a permit of `permits`.
-    fn gate(
-        mut self,
-        capability: &str,
-        permits: &Arc<Semaphore>,
-        hold: impl Fn(&WorkRequest) -> bool + Send + Sync + 'static,
-    ) -> Self {
-        let agent = self
-            .agents
-            .get_mut(capability)
-            .expect("gate an agent added before");
-        agent.gate = Some((permits.clone(), Arc::new(hold)));
-        self
-    }
-
-    /// Starts it: it registers in `redis` (16 slots) and reports to `master_url`.
-    async fn start(self, redis: &RedisSettings, master_url: &str) -> GraphWorker {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shared = Arc::new(Shared {
-            id: WorkerId::new(&self.name).unwrap(),
-            agents: self.agents,
-            master_url: Mutex::new(master_url.to_string()),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
-            in_flight: Mutex::default(),
-            records: Mutex::default(),
-            stop: CancellationToken::new(),
-        });
-        let app = Router::new()
-            .route("/work", post(work))
-            .with_state(shared.clone());
-        let stop = shared.stop.clone();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        });
-        let registry = Registry::new(RedisPool::new(redis).unwrap());
-        let mut record = WorkerRecord::starting(
-            shared.id.clone(),
-            format!("http://{addr}"),
-            shared
-                .agents
-                .keys()
-                .map(|c| Capability::new(c.as_str()).unwrap())
-                .collect(),
-            16,
-        );
-        registry.heartbeat(&record, HEARTBEAT * 3).await.unwrap();
-        let beating = shared.clone();
-        let heartbeat = tokio::spawn(async move {
-            loop {
-                record.in_flight = beating.in_flight.lock().unwrap().clone();
-                let _ = registry.heartbeat(&record, HEARTBEAT * 3).await;
-                tokio::select! {
-                    () = tokio::time::sleep(HEARTBEAT) => {}
-                    () = beating.stop.cancelled() => return,
-                }
-            }
-        });
-        GraphWorker {
-            shared,
-            tasks: vec![server, heartbeat],
-        }
-    }
-}
-
-impl GraphWorker {
-    fn builder(name: &str) -> Builder {
-        Builder {
-            name: name.to_string(),
-            agents: HashMap::new(),
-        }
-    }
-
-    /// Reports go to `url` from now on (a replacement master).
-    fn set_master(&self, url: &str) {
-        *self.shared.master_url.lock().unwrap() = url.to_string();
-    }
-
-    /// The steps of `capability` of task `task` it received, in arrival order.
-    fn received(&self, task: &str, capability: &str) -> Vec<WorkRequest> {
-        self.shared
-            .records
-            .lock()
-            .unwrap()
-            .received
-            .iter()
-            .filter(|r| r.task_id.as_str() == task && r.capability.as_str() == capability)
-            .cloned()
-            .collect()
-    }
-
-    /// The most steps of `capability` it ever ran at once.
-    fn peak(&self, capability: &str) -> usize {
-        let records = self.shared.records.lock().unwrap();
-        records.peak.get(capability).copied().unwrap_or(0)
-    }
-
-    /// The master's answers to its reports about task `task`.
-    fn acks(&self, task: &str) -> Vec<(StepRef, String)> {
-        let records = self.shared.records.lock().unwrap();
-        records
-            .acks
-            .iter()
-            .filter(|(s, _)| s.task_id.as_str() == task)
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for GraphWorker {
-    fn drop(&mut self) {
-        self.shared.stop.cancel();
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
-    }
-}
-
-async fn work(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Json(step): Json<WorkRequest>,
-) -> StatusCode {
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if token != format!("Bearer {WORKER_TOKEN}") {
-        return StatusCode::UNAUTHORIZED;
-    }
-    if step.worker_id.as_ref().is_some_and(|w| *w != shared.id) {
-        return StatusCode::MISDIRECTED_REQUEST;
-    }
-    let Some(agent) = shared.agents.get(step.capability.as_str()).cloned() else {
-        return StatusCode::BAD_REQUEST;
-    };
-    {
-        let mut records = shared.records.lock().unwrap();
-        records.received.push(step.clone());
-        let capability = step.capability.to_string();
-        let running = records.running.entry(capability.clone()).or_default();
-        *running += 1;
-        let now = *running;
-        let peak = records.peak.entry(capability).or_default();
-        *peak = (*peak).max(now);
-    }
-    shared.in_flight.lock().unwrap().push(step.step_ref());
-    let worker = shared.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            () = worker.run(agent, step) => {}
-            () = worker.stop.cancelled() => {}
-        }
-    });
-    StatusCode::ACCEPTED
-}
-
-impl Shared {
-    async fn run(&self, agent: Agent, step: WorkRequest) {
-        if let Some((permits, hold)) = &agent.gate
-            && hold(&step)
-        {
-            permits.acquire().await.unwrap().forget();
-        }
-        tokio::time::sleep(agent.delay).await;
-        let outcome = (agent.script)(&step);
-        // No longer running before the report goes out: the report is what lets the
-        // store queue the next step, which must not be counted as running alongside.
-        *self
-            .records
-            .lock()
-            .unwrap()
-            .running
-            .entry(step.capability.to_string())
-            .or_default() -= 1;
-        let ack = self.send(&report(&self.id, &step, outcome)).await;
-        self.records
-            .lock()
-            .unwrap()
-            .acks
-            .push((step.step_ref(), ack));
-        let done = step.step_ref();
-        self.in_flight.lock().unwrap().retain(|s| *s != done);
-    }
-
-    /// Delivers a report as a worker does: again after a `5xx`, a `429` or no answer (a
-    /// master restarting), for up to 20 s.
-    async fn send(&self, report: &common::wire::ResultReport) -> String {
-        for _ in 0..200 {
-            let url = format!("{}/result", self.master_url.lock().unwrap());
-            let sent = self
-                .http
-                .post(url)
-                .bearer_auth(WORKER_TOKEN)
-                .json(report)
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status() == StatusCode::OK => {
-                    let body: Value = r.json().await.unwrap_or_default();
-                    return body["status"].as_str().unwrap_or("unreadable").to_string();
-                }
-                Ok(r)
-                    if !r.status().is_server_error()
-                        && r.status() != StatusCode::TOO_MANY_REQUESTS =>
-                {
-                    return format!("http {}", r.status());
-                }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        "undelivered".into()
-    }
-}
-
-/// An agent that echoes its input.
-fn echo(step: &WorkRequest) -> Result<Value, StepError> {
-    Ok(step.input.clone())
-}
-
-/// An agent that answers its input and what it was told about its needs.
-fn seen(step: &WorkRequest) -> Result<Value, StepError> {
-    Ok(json!({
-        "capability": step.capability,
-        "input": step.input,
-        "previous": step.context.previous.iter().map(|p| json!({
-            "id": p.id, "status": p.status, "output": p.output,
-        })).collect::<Vec<_>>(),
-    }))
+/// Answers the step's input and what it was told about its needs.
+fn seen() -> Behavior {
+    Answer::new(|step| {
+        Ok(json!({
+            "capability": step.capability,
+            "input": step.input,
+            "previous": step.context.previous.iter().map(|p| json!({
+                "id": p.id, "status": p.status, "output": p.output,
+            })).collect::<Vec<_>>(),
+        }))
+    })
+    .into()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -399,17 +101,28 @@ async fn plan_fans_out_over_its_queries_two_at_a_time_and_the_join_gets_them_in_
     let master = TestMaster::start(test_config(&settings)).await;
     let queries: Vec<String> = (0..7).map(|i| format!("query {i}")).collect();
     let planned = queries.clone();
-    let worker = GraphWorker::builder("w-graph")
-        .agent("plan", Duration::ZERO, move |_| {
-            Ok(json!({"queries": planned}))
-        })
-        // Long enough that instances the store let run together are seen together.
-        .agent("retrieve", Duration::from_millis(150), |s| {
-            Ok(json!({"doc": s.input, "element": s.context.element_index}))
-        })
-        .agent("evaluate", Duration::ZERO, seen)
-        .start(&settings, &master.url)
-        .await;
+    let worker = FakeWorker::start_mixed(
+        "w-graph",
+        &[
+            (
+                "plan",
+                Answer::new(move |_| Ok(json!({"queries": planned}))).into(),
+            ),
+            (
+                "retrieve",
+                Answer::new(|s| Ok(json!({"doc": s.input, "element": s.context.element_index})))
+                    // Long enough that instances the store let run together are seen
+                    // together.
+                    .after(Duration::from_millis(150))
+                    .into(),
+            ),
+            ("evaluate", seen()),
+        ],
+        SLOTS,
+        &settings,
+        &master.url,
+    )
+    .await;
 
     let id = master
         .submit(json!({
@@ -426,8 +139,8 @@ async fn plan_fans_out_over_its_queries_two_at_a_time_and_the_join_gets_them_in_
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
 
     // Every instance ran once, on its own element, with the task input alongside.
-    assert_eq!(worker.received(&id, "plan").len(), 1);
-    let mut instances = worker.received(&id, "retrieve");
+    assert_eq!(worker.requests(&id, "plan").len(), 1);
+    let mut instances = worker.requests(&id, "retrieve");
     assert_eq!(instances.len(), queries.len(), "one run per element");
     instances.sort_by_key(|s| s.context.element_index);
     for (i, s) in instances.iter().enumerate() {
@@ -450,7 +163,7 @@ async fn plan_fans_out_over_its_queries_two_at_a_time_and_the_join_gets_them_in_
     let expected: Vec<Value> = (0..queries.len())
         .map(|i| json!({"doc": queries[i], "element": i}))
         .collect();
-    let joins = worker.received(&id, "evaluate");
+    let joins = worker.requests(&id, "evaluate");
     assert_eq!(joins.len(), 1, "the join ran once");
     assert_eq!(joins[0].input, json!(expected), "outputs in element order");
     let previous = &joins[0].context.previous;
@@ -488,13 +201,20 @@ async fn widest_map(after_plan: bool) {
     let width = master::store::MAX_MAP_WIDTH;
     let items: Vec<usize> = (0..width).collect();
     let planned = items.clone();
-    let worker = GraphWorker::builder("w-wide")
-        .agent("plan", Duration::ZERO, move |_| {
-            Ok(json!({"items": planned}))
-        })
-        .agent("echo", Duration::ZERO, echo)
-        .start(&settings, &master.url)
-        .await;
+    let worker = FakeWorker::start_mixed(
+        "w-wide",
+        &[
+            (
+                "plan",
+                Answer::new(move |_| Ok(json!({"items": planned}))).into(),
+            ),
+            ("echo", echo()),
+        ],
+        SLOTS,
+        &settings,
+        &master.url,
+    )
+    .await;
     let (steps, input) = match after_plan {
         false => (
             json!([
@@ -519,7 +239,7 @@ async fn widest_map(after_plan: bool) {
     assert_eq!(view.status, TaskStatus::Succeeded, "{:?}", view.error);
     assert_eq!(view.result, Some(json!(items)), "every element, in order");
     assert_eq!(step(&view, "fan").instances.len(), width);
-    assert_eq!(worker.received(&id, "echo").len(), width + 1, "each once");
+    assert_eq!(worker.requests(&id, "echo").len(), width + 1, "each once");
     master.stop().await;
 }
 
@@ -541,15 +261,23 @@ async fn a_router_runs_one_specialist_skips_the_other_and_the_join_runs() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
-    let worker = GraphWorker::builder("w-route")
-        .agent("triage", Duration::ZERO, |s| {
-            Ok(json!({"next": s.input["route"], "ticket": s.input["ticket"]}))
-        })
-        .agent("billing", Duration::ZERO, seen)
-        .agent("tech", Duration::ZERO, seen)
-        .agent("reply", Duration::ZERO, seen)
-        .start(&settings, &master.url)
-        .await;
+    let worker = FakeWorker::start_mixed(
+        "w-route",
+        &[
+            (
+                "triage",
+                Answer::new(|s| Ok(json!({"next": s.input["route"], "ticket": s.input["ticket"]})))
+                    .into(),
+            ),
+            ("billing", seen()),
+            ("tech", seen()),
+            ("reply", seen()),
+        ],
+        SLOTS,
+        &settings,
+        &master.url,
+    )
+    .await;
     let graph = |route: &str| {
         json!({
             "steps": [
@@ -569,11 +297,11 @@ async fn a_router_runs_one_specialist_skips_the_other_and_the_join_runs() {
         assert_eq!(step(&view, chosen).status, StepStatus::Succeeded);
         assert_eq!(step(&view, other).status, StepStatus::Skipped);
         assert!(
-            worker.received(&id, other).is_empty(),
+            worker.requests(&id, other).is_empty(),
             "the step the router did not pick never reached a worker"
         );
-        assert_eq!(worker.received(&id, chosen).len(), 1);
-        let reply = worker.received(&id, "reply");
+        assert_eq!(worker.requests(&id, chosen).len(), 1);
+        let reply = worker.requests(&id, "reply");
         assert_eq!(reply.len(), 1, "the join after both ran once");
         let previous = &reply[0].context.previous;
         assert_eq!(previous.len(), 2, "{previous:?}");
@@ -607,7 +335,7 @@ async fn a_router_runs_one_specialist_skips_the_other_and_the_join_runs() {
         Some("route")
     );
     for id_ in ["billing", "tech", "reply"] {
-        assert!(worker.received(&id, id_).is_empty(), "{id_} ran");
+        assert!(worker.requests(&id, id_).is_empty(), "{id_} ran");
     }
     master.stop().await;
 }
@@ -630,17 +358,17 @@ fn approval_graph(hold_draft: bool, timeout_ms: u64) -> Value {
 
 /// A worker for [`approval_graph`]: `draft` steps whose input says `hold` wait for a
 /// permit of `gate`.
-async fn approval_worker(
-    settings: &RedisSettings,
-    master: &TestMaster,
-    gate: &Arc<Semaphore>,
-) -> GraphWorker {
-    GraphWorker::builder("w-approval")
-        .agent("draft", Duration::ZERO, |_| Ok(json!({"draft": "text"})))
-        .gate("draft", gate, |s| s.input["hold"] == true)
-        .agent("publish", Duration::ZERO, echo)
-        .start(settings, &master.url)
-        .await
+async fn approval_worker(settings: &RedisSettings, master: &TestMaster, gate: &Gate) -> FakeWorker {
+    let draft =
+        Answer::new(|_| Ok(json!({"draft": "text"}))).held(gate, |s| s.input["hold"] == true);
+    FakeWorker::start_mixed(
+        "w-approval",
+        &[("draft", draft.into()), ("publish", echo())],
+        SLOTS,
+        settings,
+        &master.url,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -648,13 +376,13 @@ async fn a_signal_before_the_wait_is_buffered_and_one_after_is_delivered() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
-    let gate = Arc::new(Semaphore::new(0));
+    let gate = Gate::new();
     let worker = approval_worker(&settings, &master, &gate).await;
 
     // Before: the signal arrives while `draft` still runs, so `approve` is pending.
     let early = master.submit(approval_graph(true, 60_000)).await;
     testkit::eventually(Duration::from_secs(10), || async {
-        (!worker.received(&early, "draft").is_empty()).then_some(())
+        (!worker.requests(&early, "draft").is_empty()).then_some(())
     })
     .await
     .expect("draft reached the worker");
@@ -680,13 +408,13 @@ async fn a_signal_before_the_wait_is_buffered_and_one_after_is_delivered() {
     )
     .await;
     assert_eq!(status, 409, "a second signal before the step is reached");
-    gate.add_permits(1);
+    gate.release(1);
     let view = master.wait(&early, Duration::from_secs(20)).await;
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
     let approve = step(&view, "approve");
     assert_eq!(approve.kind, StepKind::Wait);
     assert_eq!(approve.output, Some(payload.clone()), "the first payload");
-    let publish = worker.received(&early, "publish");
+    let publish = worker.requests(&early, "publish");
     assert_eq!(publish.len(), 1);
     assert_eq!(publish[0].input, payload);
     assert_eq!(view.result, Some(payload));
@@ -702,7 +430,7 @@ async fn a_signal_before_the_wait_is_buffered_and_one_after_is_delivered() {
         approve.wakes_at_ms.is_some(),
         "a waiting wait shows its timer"
     );
-    assert!(worker.received(&late, "publish").is_empty());
+    assert!(worker.requests(&late, "publish").is_empty());
     let (status, body) = signal(
         &master,
         ALICE,
@@ -730,7 +458,7 @@ async fn a_wait_survives_a_master_restart_and_the_new_master_takes_the_signal() 
     let redis = RedisServer::start();
     let settings = redis.settings();
     let first = TestMaster::start(test_config(&settings)).await;
-    let gate = Arc::new(Semaphore::new(0));
+    let gate = Gate::new();
     let worker = approval_worker(&settings, &first, &gate).await;
     let id = first.submit(approval_graph(false, 120_000)).await;
     until(&first, &id, "waiting", waiting_on("approve")).await;
@@ -754,11 +482,11 @@ async fn a_wait_survives_a_master_restart_and_the_new_master_takes_the_signal() 
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
     assert_eq!(view.result, Some(json!("go")));
     assert_eq!(
-        worker.received(&id, "draft").len(),
+        worker.requests(&id, "draft").len(),
         1,
         "draft did not run again"
     );
-    assert_eq!(worker.received(&id, "publish").len(), 1);
+    assert_eq!(worker.requests(&id, "publish").len(), 1);
     second.stop().await;
 }
 
@@ -767,10 +495,14 @@ async fn a_wait_that_times_out_fails_the_task_or_continues_and_a_sleep_wakes() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
-    let worker = GraphWorker::builder("w-timeout")
-        .agent("publish", Duration::ZERO, echo)
-        .start(&settings, &master.url)
-        .await;
+    let worker = FakeWorker::start_mixed(
+        "w-timeout",
+        &[("publish", echo())],
+        SLOTS,
+        &settings,
+        &master.url,
+    )
+    .await;
     let graph = |on_timeout: &str| {
         json!({
             "steps": [
@@ -797,7 +529,7 @@ async fn a_wait_that_times_out_fails_the_task_or_continues_and_a_sleep_wakes() {
         "defaults to the id"
     );
     assert_eq!(step(&view, "after").status, StepStatus::Pending);
-    assert!(worker.received(&failing, "publish").is_empty());
+    assert!(worker.requests(&failing, "publish").is_empty());
     let (status, _) = signal(&master, ALICE, &failing, &json!({"name": "gate"})).await;
     assert_eq!(status, 409, "too late: the task has failed");
 
@@ -805,7 +537,7 @@ async fn a_wait_that_times_out_fails_the_task_or_continues_and_a_sleep_wakes() {
     let view = master.wait(&continuing, Duration::from_secs(20)).await;
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
     assert_eq!(step(&view, "gate").output, Some(json!({"timed_out": true})));
-    let after = worker.received(&continuing, "publish");
+    let after = worker.requests(&continuing, "publish");
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].input, json!({"timed_out": true}));
     // A sleep is a timer too: it succeeds with `null`, which its dependant receives.
@@ -825,7 +557,7 @@ async fn a_wait_that_times_out_fails_the_task_or_continues_and_a_sleep_wakes() {
         (nap.kind, nap.status),
         (StepKind::Sleep, StepStatus::Succeeded)
     );
-    let after = worker.received(&slept, "publish");
+    let after = worker.requests(&slept, "publish");
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].input, Value::Null);
     // (Read once `publish` has a queue row, which it has once a step was queued.)
@@ -845,13 +577,16 @@ async fn cancel_mid_graph_stops_every_branch_and_fences_late_reports() {
     let redis = RedisServer::start();
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
-    let gate = Arc::new(Semaphore::new(0));
-    let worker = GraphWorker::builder("w-cancel")
-        .agent("slow", Duration::ZERO, echo)
-        .gate("slow", &gate, |_| true)
-        .agent("publish", Duration::ZERO, echo)
-        .start(&settings, &master.url)
-        .await;
+    let gate = Gate::new();
+    let slow = Answer::new(|s| Ok(s.input.clone())).held(&gate, |_| true);
+    let worker = FakeWorker::start_mixed(
+        "w-cancel",
+        &[("slow", slow.into()), ("publish", echo())],
+        SLOTS,
+        &settings,
+        &master.url,
+    )
+    .await;
     let id = master
         .submit(json!({
             "steps": [
@@ -905,18 +640,21 @@ async fn cancel_mid_graph_stops_every_branch_and_fences_late_reports() {
     assert_eq!(status, 409, "a cancelled task takes no signal");
 
     // The running step finishes now: its report is fenced off.
-    gate.add_permits(1);
+    gate.release(1);
     let acks = testkit::eventually(Duration::from_secs(10), || async {
-        let acks = worker.acks(&id);
+        let acks: Vec<String> = (worker.journal().acks.iter())
+            .filter(|((task, _), _)| *task == id)
+            .flat_map(|(_, acks)| acks.clone())
+            .collect();
         (!acks.is_empty()).then_some(acks)
     })
     .await
     .expect("the held step reported");
-    assert_eq!(acks[0].1, "discarded", "{acks:?}");
+    assert_eq!(acks[0], "discarded", "{acks:?}");
     let view = master.view(&id).await;
     assert_eq!(view.status, TaskStatus::Cancelled);
     assert_eq!(step(&view, "slow").output, None);
-    assert!(worker.received(&id, "publish").is_empty());
+    assert!(worker.requests(&id, "publish").is_empty());
     master.stop().await;
 }
 
@@ -926,24 +664,31 @@ async fn redrive_reruns_only_the_failed_branch_and_keeps_what_succeeded() {
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
     let broken = Arc::new(AtomicBool::new(true));
-    let gate = Arc::new(Semaphore::new(0));
+    let gate = Gate::new();
     let flag = broken.clone();
-    let worker = GraphWorker::builder("w-redrive")
-        .agent("root", Duration::ZERO, |_| Ok(json!({"root": 1})))
-        .agent("left", Duration::ZERO, |_| Ok(json!({"left": "done"})))
-        .agent("right", Duration::ZERO, move |s| {
-            if flag.load(Ordering::SeqCst) {
-                Err(StepError::permanent("test", "right is broken"))
-            } else {
-                Ok(json!({"right": s.attempt}))
-            }
-        })
-        // The first run of `right` waits until `left` has succeeded, so what fails the
-        // task is only `right`.
-        .gate("right", &gate, |_| true)
-        .agent("join", Duration::ZERO, seen)
-        .start(&settings, &master.url)
-        .await;
+    let right = Answer::new(move |s| {
+        if flag.load(Ordering::SeqCst) {
+            Err(StepError::permanent("test", "right is broken"))
+        } else {
+            Ok(json!({"right": s.attempt}))
+        }
+    })
+    // The first run of `right` waits until `left` has succeeded, so what fails the task
+    // is only `right`.
+    .held(&gate, |_| true);
+    let worker = FakeWorker::start_mixed(
+        "w-redrive",
+        &[
+            ("root", Answer::new(|_| Ok(json!({"root": 1}))).into()),
+            ("left", Answer::new(|_| Ok(json!({"left": "done"}))).into()),
+            ("right", right.into()),
+            ("join", seen()),
+        ],
+        SLOTS,
+        &settings,
+        &master.url,
+    )
+    .await;
     let id = master
         .submit(json!({
             "steps": [
@@ -959,7 +704,7 @@ async fn redrive_reruns_only_the_failed_branch_and_keeps_what_succeeded() {
         step(v, "left").status == StepStatus::Succeeded
     })
     .await;
-    gate.add_permits(1);
+    gate.release(1);
     let view = master.wait(&id, Duration::from_secs(20)).await;
     assert_eq!(view.status, TaskStatus::Failed, "{view:#?}");
     assert_eq!(step(&view, "right").status, StepStatus::Failed);
@@ -968,7 +713,7 @@ async fn redrive_reruns_only_the_failed_branch_and_keeps_what_succeeded() {
     assert_eq!(master.queue("right").await["dead_lettered"], 1);
 
     broken.store(false, Ordering::SeqCst);
-    gate.add_permits(1);
+    gate.release(1);
     let r = master
         .post("/dispatch", OPERATOR)
         .json(&json!({"task_id": id}))
@@ -980,17 +725,17 @@ async fn redrive_reruns_only_the_failed_branch_and_keeps_what_succeeded() {
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
     assert_eq!(master.queue("right").await["dead_lettered"], 0);
     assert_eq!(
-        worker.received(&id, "root").len(),
+        worker.requests(&id, "root").len(),
         1,
         "root kept its output"
     );
     assert_eq!(
-        worker.received(&id, "left").len(),
+        worker.requests(&id, "left").len(),
         1,
         "left kept its output"
     );
-    assert_eq!(worker.received(&id, "right").len(), 2, "right ran again");
-    let join = worker.received(&id, "join");
+    assert_eq!(worker.requests(&id, "right").len(), 2, "right ran again");
+    let join = worker.requests(&id, "join");
     assert_eq!(join.len(), 1, "the join ran once, after the redrive");
     assert_eq!(
         join[0].input,
@@ -1006,21 +751,25 @@ async fn redrive_of_a_map_reruns_only_its_failed_instance() {
     let settings = redis.settings();
     let master = TestMaster::start(test_config(&settings)).await;
     let broken = Arc::new(AtomicBool::new(true));
-    let gate = Arc::new(Semaphore::new(0));
+    let gate = Gate::new();
     let flag = broken.clone();
-    let worker = GraphWorker::builder("w-map-redrive")
-        .agent("part", Duration::ZERO, move |s| {
-            if s.input == "bad" && flag.load(Ordering::SeqCst) {
-                Err(StepError::permanent("test", "bad element"))
-            } else {
-                Ok(json!({"part": s.input}))
-            }
-        })
-        // The bad element runs once the others have succeeded, so only it fails.
-        .gate("part", &gate, |s| s.input == "bad")
-        .agent("join", Duration::ZERO, echo)
-        .start(&settings, &master.url)
-        .await;
+    let part = Answer::new(move |s| {
+        if s.input == "bad" && flag.load(Ordering::SeqCst) {
+            Err(StepError::permanent("test", "bad element"))
+        } else {
+            Ok(json!({"part": s.input}))
+        }
+    })
+    // The bad element runs once the others have succeeded, so only it fails.
+    .held(&gate, |s| s.input == "bad");
+    let worker = FakeWorker::start_mixed(
+        "w-map-redrive",
+        &[("part", part.into()), ("join", echo())],
+        SLOTS,
+        &settings,
+        &master.url,
+    )
+    .await;
     let id = master
         .submit(json!({
             "steps": [
@@ -1040,7 +789,7 @@ async fn redrive_of_a_map_reruns_only_its_failed_instance() {
             == 3
     })
     .await;
-    gate.add_permits(1);
+    gate.release(1);
     let view = master.wait(&id, Duration::from_secs(20)).await;
     assert_eq!(view.status, TaskStatus::Failed, "{view:#?}");
     let parts = step(&view, "parts");
@@ -1053,7 +802,7 @@ async fn redrive_of_a_map_reruns_only_its_failed_instance() {
     assert_eq!(step(&view, "join").status, StepStatus::Pending);
 
     broken.store(false, Ordering::SeqCst);
-    gate.add_permits(1);
+    gate.release(1);
     let r = master
         .post("/dispatch", OPERATOR)
         .json(&json!({"task_id": id}))
@@ -1065,7 +814,7 @@ async fn redrive_of_a_map_reruns_only_its_failed_instance() {
     assert_eq!(view.status, TaskStatus::Succeeded, "{view:#?}");
     let runs = |element: &str| {
         worker
-            .received(&id, "part")
+            .requests(&id, "part")
             .iter()
             .filter(|s| s.input == element)
             .count()
@@ -1074,7 +823,7 @@ async fn redrive_of_a_map_reruns_only_its_failed_instance() {
         assert_eq!(runs(good), 1, "{good} kept its output");
     }
     assert_eq!(runs("bad"), 2, "the failed instance ran again");
-    let join = worker.received(&id, "join");
+    let join = worker.requests(&id, "join");
     assert_eq!(join.len(), 1);
     assert_eq!(
         join[0].input,
@@ -1095,7 +844,7 @@ async fn signals_to_others_tasks_too_large_or_unknown_are_refused() {
         ..test_config(&settings)
     })
     .await;
-    let gate = Arc::new(Semaphore::new(0));
+    let gate = Gate::new();
     let _worker = approval_worker(&settings, &master, &gate).await;
     let id = master.submit(approval_graph(false, 60_000)).await;
     until(&master, &id, "waiting", waiting_on("approve")).await;

@@ -2,7 +2,10 @@
 //! heartbeats like a real worker (`common::registry`), takes `POST /work` with the worker
 //! token, and reports to the master's `POST /result` on time, late, twice, never, with
 //! garbage first, or with a failure; or it refuses steps with `429` or `400`; or it dies.
-//! Everything it received and every answer the master gave is kept in a [`Journal`].
+//! Or it answers what a closure says ([`Answer`]), after a delay, optionally holding chosen
+//! steps until the test opens a [`Gate`]. Everything it received, every answer the master
+//! gave and the most steps it ran at once are kept in a [`Journal`]; its master may be
+//! replaced ([`FakeWorker::set_master`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,7 @@ use common::wire::{
 };
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::server::header;
@@ -60,6 +64,101 @@ pub enum Behavior {
     /// Echoes every step and delivers the report three times: twice at once, then once
     /// more.
     Duplicate,
+    /// Reports what the [`Answer`] says, after its delay (and its gate, if it holds the
+    /// step).
+    Answer(Answer),
+}
+
+/// What a step's answer is: its output or its failure.
+type Script = Arc<dyn Fn(&WorkRequest) -> Result<Value, StepError> + Send + Sync>;
+
+/// Which steps wait at a gate.
+type Holds = Arc<dyn Fn(&WorkRequest) -> bool + Send + Sync>;
+
+/// A scripted answer for [`Behavior::Answer`]: a closure of the step, called when the
+/// step has waited its delay (so flags it reads are read then), listed in the heartbeat
+/// meanwhile.
+#[derive(Clone)]
+pub struct Answer {
+    script: Script,
+    delay: Duration,
+    gate: Option<(Gate, Holds)>,
+}
+
+impl Answer {
+    /// Answers `script(step)` at once.
+    pub fn new(
+        script: impl Fn(&WorkRequest) -> Result<Value, StepError> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            script: Arc::new(script),
+            delay: Duration::ZERO,
+            gate: None,
+        }
+    }
+
+    /// Answers after `delay` (long enough, say, for steps that run together to be seen
+    /// together).
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Steps for which `holds` is true wait at `gate` until the test lets one through
+    /// ([`Gate::release`]); the others do not.
+    pub fn held(
+        mut self,
+        gate: &Gate,
+        holds: impl Fn(&WorkRequest) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.gate = Some((gate.clone(), Arc::new(holds)));
+        self
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("delay", &self.delay)
+            .field("held", &self.gate.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<Answer> for Behavior {
+    fn from(answer: Answer) -> Self {
+        Behavior::Answer(answer)
+    }
+}
+
+/// Where held steps wait (see [`Answer::held`]): closed until the test releases steps,
+/// one per permit.
+#[derive(Clone, Debug)]
+pub struct Gate(Arc<Semaphore>);
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Self {
+        Self(Arc::new(Semaphore::new(0)))
+    }
+
+    /// Lets `steps` more held steps through (now, or when they arrive).
+    pub fn release(&self, steps: usize) {
+        self.0.add_permits(steps);
+    }
+
+    /// Waits for a permit and uses it up.
+    async fn pass(&self) {
+        if let Ok(permit) = self.0.acquire().await {
+            permit.forget();
+        }
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// How many garbage reports [`Behavior::GarbageOnce`] sends per step.
@@ -70,6 +169,13 @@ pub const GARBAGE_REPORTS: usize = 15;
 pub struct Journal {
     /// Every step that reached `POST /work` with the right token, in order.
     pub received: Vec<StepRef>,
+    /// The same steps in full, as the master sent them.
+    pub requests: Vec<WorkRequest>,
+    /// Steps accepted and not reported yet, per capability (a step never reported stays
+    /// counted).
+    pub running: HashMap<String, usize>,
+    /// The most steps of a capability that were running at once, per capability.
+    pub peak: HashMap<String, usize>,
     /// The master's answers to on-time reports, per (task, step): the `status` of a `200`
     /// (`recorded`, `discarded`), `http NNN`, or `undelivered`.
     pub acks: HashMap<(String, u32), Vec<String>>,
@@ -84,7 +190,8 @@ pub struct Journal {
 struct Shared {
     id: WorkerId,
     behaviors: HashMap<String, Behavior>,
-    master_url: String,
+    /// Changed by [`FakeWorker::set_master`] (a replacement master).
+    master_url: Mutex<String>,
     http: reqwest::Client,
     /// What the heartbeat lists, so the master renews these leases.
     in_flight: Mutex<Vec<StepRef>>,
@@ -134,7 +241,7 @@ impl FakeWorker {
                 .iter()
                 .map(|(c, b)| (c.to_string(), b.clone()))
                 .collect(),
-            master_url: master_url.to_string(),
+            master_url: Mutex::new(master_url.to_string()),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -196,6 +303,26 @@ impl FakeWorker {
         self.journal().received.clone()
     }
 
+    /// The steps of `capability` of task `task` it received, in full, in arrival order.
+    pub fn requests(&self, task: &str, capability: &str) -> Vec<WorkRequest> {
+        self.journal()
+            .requests
+            .iter()
+            .filter(|r| r.task_id.as_str() == task && r.capability.as_str() == capability)
+            .cloned()
+            .collect()
+    }
+
+    /// The most steps of `capability` it ever ran at once.
+    pub fn peak(&self, capability: &str) -> usize {
+        self.journal().peak.get(capability).copied().unwrap_or(0)
+    }
+
+    /// Reports go to `url` from now on (a master replaced by one on another port).
+    pub fn set_master(&self, url: &str) {
+        *self.shared.master_url.lock().unwrap() = url.to_string();
+    }
+
     /// What it saw and was told; hold the guard briefly, the worker writes to it.
     pub fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
         self.shared.journal.lock().unwrap()
@@ -216,12 +343,15 @@ async fn work(
     if header(&headers, "authorization") != Some(&format!("Bearer {WORKER_TOKEN}")) {
         return StatusCode::UNAUTHORIZED;
     }
-    shared
-        .journal
-        .lock()
-        .unwrap()
-        .received
-        .push(step.step_ref());
+    // A step meant for another worker is refused, as a worker does.
+    if step.worker_id.as_ref().is_some_and(|w| *w != shared.id) {
+        return StatusCode::MISDIRECTED_REQUEST;
+    }
+    {
+        let mut journal = shared.journal.lock().unwrap();
+        journal.received.push(step.step_ref());
+        journal.requests.push(step.clone());
+    }
     let Some(behavior) = shared.behaviors.get(step.capability.as_str()).cloned() else {
         return StatusCode::BAD_REQUEST;
     };
@@ -231,6 +361,16 @@ async fn work(
             return StatusCode::BAD_REQUEST;
         }
         _ => {}
+    }
+    // Counted as running from before the master hears it was accepted.
+    {
+        let mut journal = shared.journal.lock().unwrap();
+        let capability = step.capability.to_string();
+        let running = journal.running.entry(capability.clone()).or_default();
+        *running += 1;
+        let now = *running;
+        let peak = journal.peak.entry(capability).or_default();
+        *peak = (*peak).max(now);
     }
     let worker = shared.clone();
     tokio::spawn(async move {
@@ -255,7 +395,7 @@ impl Shared {
                     "task_input": step.context.task_input,
                     "worker": self.id,
                 });
-                self.run(&step, delay, Ok(output), 1).await;
+                self.run(&step, None, delay, || Ok(output), 1).await;
             }
             Behavior::Fail { retryable } => {
                 let error = StepError {
@@ -263,7 +403,8 @@ impl Shared {
                     retryable,
                     kind: Some("test".into()),
                 };
-                self.run(&step, Duration::ZERO, Err(error), 1).await;
+                self.run(&step, None, Duration::ZERO, || Err(error), 1)
+                    .await;
             }
             Behavior::Hang => self.in_flight.lock().unwrap().push(step.step_ref()),
             // Refused with `429` before it got here.
@@ -275,6 +416,7 @@ impl Shared {
             Behavior::LateOnce => {
                 let held = self.journal.lock().unwrap().held.remove(&task);
                 if let Some(old) = held {
+                    self.reported(&old);
                     let stale = report(&self.id, &old, Ok(json!({"stale": true})));
                     let ack = self.send(&stale).await;
                     self.journal.lock().unwrap().late_acks.insert(task, ack);
@@ -289,29 +431,58 @@ impl Shared {
             Behavior::SilentOnce | Behavior::GarbageOnce => {
                 self.echo(&step, 1).await;
             }
+            Behavior::Answer(answer) => {
+                let gate = answer
+                    .gate
+                    .as_ref()
+                    .filter(|(_, holds)| holds(&step))
+                    .map(|(gate, _)| gate);
+                let script = &answer.script;
+                self.run(&step, gate, answer.delay, || script(&step), 1)
+                    .await;
+            }
         }
+    }
+
+    /// The step's report is about to go out: it no longer counts as running (the report
+    /// lets the master queue what follows, which must not be counted alongside).
+    fn reported(&self, step: &WorkRequest) {
+        let mut journal = self.journal.lock().unwrap();
+        if let Some(n) = journal.running.get_mut(step.capability.as_str()) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Where reports go now.
+    fn master_url(&self) -> String {
+        self.master_url.lock().unwrap().clone()
     }
 
     /// Reports the input as the output after 10 ms, `times` times.
     async fn echo(&self, step: &WorkRequest, times: usize) {
         let output = step.input.clone();
-        self.run(step, Duration::from_millis(10), Ok(output), times)
+        self.run(step, None, Duration::from_millis(10), || Ok(output), times)
             .await;
     }
 
-    /// Works on the step for `delay`, listed in flight, and delivers its report `times`
-    /// times: twice at once, then one by one.
+    /// Works on the step, listed in flight: passes `gate` if given, waits `delay`, then
+    /// delivers the report of `outcome()` `times` times: twice at once, then one by one.
     async fn run(
         &self,
         step: &WorkRequest,
+        gate: Option<&Gate>,
         delay: Duration,
-        outcome: Result<Value, StepError>,
+        outcome: impl FnOnce() -> Result<Value, StepError>,
         times: usize,
     ) {
         let r = step.step_ref();
         self.in_flight.lock().unwrap().push(r.clone());
+        if let Some(gate) = gate {
+            gate.pass().await;
+        }
         tokio::time::sleep(delay).await;
-        let report = report(&self.id, step, outcome);
+        let report = report(&self.id, step, outcome());
+        self.reported(step);
         let mut acks = Vec::new();
         if times >= 2 {
             let (a, b) = tokio::join!(self.send(&report), self.send(&report));
@@ -336,7 +507,7 @@ impl Shared {
         for _ in 0..200 {
             let sent = self
                 .http
-                .post(format!("{}/result", self.master_url))
+                .post(format!("{}/result", self.master_url()))
                 .bearer_auth(WORKER_TOKEN)
                 .json(report)
                 .send()
@@ -416,7 +587,7 @@ impl Shared {
         for (name, token, body) in variants {
             let mut request = self
                 .http
-                .post(format!("{}/result", self.master_url))
+                .post(format!("{}/result", self.master_url()))
                 .header("content-type", "application/json")
                 .body(body);
             if let Some(t) = token {
