@@ -479,11 +479,8 @@ impl<'a> Tx<'a> {
             self.t.steps.push(inst);
         }
         let width = total.min(plan.concurrency.max(1));
-        let now = self.now;
         let st = self.step(m);
         st.status = StepStatus::Running;
-        // When it expanded: its instances were queued then.
-        st.queued = Some(now);
         st.fan = Some(Fan {
             first,
             total,

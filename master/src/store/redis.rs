@@ -518,6 +518,129 @@ impl TaskStore for RedisStore {
     }
 }
 
+/// What `submit.lua` writes for a task's graph: the hash's fields, the slots ready at
+/// submit, and the capabilities its steps need.
+struct SubmitFields {
+    fields: Vec<(String, String)>,
+    roots: Vec<usize>,
+    capabilities: Vec<Capability>,
+}
+
+/// The task hash of a new task (`schema.rs`): its own fields, then each declared step's,
+/// with the graph's edges both ways (`needs`, `dependants`) so a transition finds what a
+/// finished step makes ready without reading the whole task.
+fn submit_fields(task: &NewTask) -> SubmitFields {
+    let n = task.steps.len();
+    let mut dependants: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for (i, step) in task.steps.iter().enumerate() {
+        for &need in &step.needs {
+            if let Some(d) = dependants.get_mut(need as usize) {
+                d.push(i as u32);
+            }
+        }
+    }
+    let list = |slots: &[u32]| {
+        slots
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let sinks: Vec<u32> = (0..n as u32)
+        .filter(|&i| dependants[i as usize].is_empty())
+        .collect();
+    let mut fields: Vec<(String, String)> = vec![
+        (task_field::CLIENT.into(), task.client.clone()),
+        (task_field::PRIORITY.into(), task.priority.to_string()),
+        (task_field::INPUT.into(), task.input.clone()),
+        (task_field::STEP_COUNT.into(), n.to_string()),
+        (task_field::DECLARED.into(), n.to_string()),
+        (task_field::OPEN.into(), n.to_string()),
+        (task_field::SINKS.into(), list(&sinks)),
+        (task_field::REQUEST_ID.into(), task.request_id.clone()),
+    ];
+    if let Some(pipeline) = &task.pipeline {
+        fields.push((task_field::PIPELINE.into(), pipeline.clone()));
+    }
+    if let Some(url) = &task.callback_url {
+        fields.push((task_field::CALLBACK_URL.into(), url.clone()));
+    }
+    let mut capabilities: Vec<Capability> = Vec::new();
+    let mut listens = Vec::new();
+    for (i, step) in task.steps.iter().enumerate() {
+        let mut put = |field: &str, value: String| fields.push((at_step(i, field), value));
+        put(step_field::ID, step.id.clone());
+        put(step_field::STATUS, "pending".into());
+        put(step_field::ATTEMPT, "0".into());
+        put(step_field::TRIES, "0".into());
+        if !step.needs.is_empty() {
+            put(step_field::NEEDS, list(&step.needs));
+            put(step_field::OPEN_NEEDS, step.needs.len().to_string());
+        }
+        if !dependants[i].is_empty() {
+            put(step_field::DEPENDANTS, list(&dependants[i]));
+        }
+        if step.allow_failure {
+            put(step_field::ALLOW_FAILURE, "1".into());
+        }
+        match &step.kind {
+            PlannedKind::Work {
+                capability,
+                max_attempts,
+                timeout_ms,
+                map,
+                router,
+            } => {
+                put(step_field::CAPABILITY, capability.to_string());
+                put(step_field::MAX_ATTEMPTS, max_attempts.to_string());
+                put(step_field::TIMEOUT_MS, timeout_ms.to_string());
+                if *router {
+                    put(step_field::ROUTER, "1".into());
+                }
+                if let Some(map) = map {
+                    put(step_field::MAP_OVER, map.over.clone());
+                    put(
+                        step_field::MAP_FROM,
+                        map.from.map_or_else(|| "i".to_string(), |s| s.to_string()),
+                    );
+                    put(
+                        step_field::MAP_PATH,
+                        serde_json::to_string(&map.path).unwrap_or_else(|_| "[]".into()),
+                    );
+                    put(step_field::MAP_CONCURRENCY, map.concurrency.to_string());
+                }
+                if !capabilities.contains(capability) {
+                    capabilities.push(capability.clone());
+                }
+            }
+            PlannedKind::Wait {
+                signal,
+                timeout_ms,
+                on_timeout,
+            } => {
+                put(step_field::KIND, "wait".into());
+                put(step_field::SIGNAL, signal.clone());
+                put(step_field::WAIT_MS, timeout_ms.to_string());
+                if *on_timeout == common::wire::OnTimeout::Continue {
+                    put(step_field::ON_TIMEOUT, "continue".into());
+                }
+                listens.push((schema::signal_field(signal), i.to_string()));
+            }
+            PlannedKind::Sleep { ms } => {
+                put(step_field::KIND, "sleep".into());
+                put(step_field::WAIT_MS, ms.to_string());
+            }
+        }
+    }
+    fields.extend(listens);
+    let roots = (0..n).filter(|&i| task.steps[i].needs.is_empty()).collect();
+    SubmitFields {
+        fields,
+        roots,
+        capabilities,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,128 +819,5 @@ mod tests {
             spent.push(commands_run(&store.pool).await - before);
         }
         assert!(spent[1] <= BUDGET, "a task ran {} commands", spent[1]);
-    }
-}
-
-/// What `submit.lua` writes for a task's graph: the hash's fields, the slots ready at
-/// submit, and the capabilities its steps need.
-struct SubmitFields {
-    fields: Vec<(String, String)>,
-    roots: Vec<usize>,
-    capabilities: Vec<Capability>,
-}
-
-/// The task hash of a new task (`schema.rs`): its own fields, then each declared step's,
-/// with the graph's edges both ways (`needs`, `dependants`) so a transition finds what a
-/// finished step makes ready without reading the whole task.
-fn submit_fields(task: &NewTask) -> SubmitFields {
-    let n = task.steps.len();
-    let mut dependants: Vec<Vec<u32>> = vec![Vec::new(); n];
-    for (i, step) in task.steps.iter().enumerate() {
-        for &need in &step.needs {
-            if let Some(d) = dependants.get_mut(need as usize) {
-                d.push(i as u32);
-            }
-        }
-    }
-    let list = |slots: &[u32]| {
-        slots
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let sinks: Vec<u32> = (0..n as u32)
-        .filter(|&i| dependants[i as usize].is_empty())
-        .collect();
-    let mut fields: Vec<(String, String)> = vec![
-        (task_field::CLIENT.into(), task.client.clone()),
-        (task_field::PRIORITY.into(), task.priority.to_string()),
-        (task_field::INPUT.into(), task.input.clone()),
-        (task_field::STEP_COUNT.into(), n.to_string()),
-        (task_field::DECLARED.into(), n.to_string()),
-        (task_field::OPEN.into(), n.to_string()),
-        (task_field::SINKS.into(), list(&sinks)),
-        (task_field::REQUEST_ID.into(), task.request_id.clone()),
-    ];
-    if let Some(pipeline) = &task.pipeline {
-        fields.push((task_field::PIPELINE.into(), pipeline.clone()));
-    }
-    if let Some(url) = &task.callback_url {
-        fields.push((task_field::CALLBACK_URL.into(), url.clone()));
-    }
-    let mut capabilities: Vec<Capability> = Vec::new();
-    let mut listens = Vec::new();
-    for (i, step) in task.steps.iter().enumerate() {
-        let mut put = |field: &str, value: String| fields.push((at_step(i, field), value));
-        put(step_field::ID, step.id.clone());
-        put(step_field::STATUS, "pending".into());
-        put(step_field::ATTEMPT, "0".into());
-        put(step_field::TRIES, "0".into());
-        if !step.needs.is_empty() {
-            put(step_field::NEEDS, list(&step.needs));
-            put(step_field::OPEN_NEEDS, step.needs.len().to_string());
-        }
-        if !dependants[i].is_empty() {
-            put(step_field::DEPENDANTS, list(&dependants[i]));
-        }
-        if step.allow_failure {
-            put(step_field::ALLOW_FAILURE, "1".into());
-        }
-        match &step.kind {
-            PlannedKind::Work {
-                capability,
-                max_attempts,
-                timeout_ms,
-                map,
-                router,
-            } => {
-                put(step_field::CAPABILITY, capability.to_string());
-                put(step_field::MAX_ATTEMPTS, max_attempts.to_string());
-                put(step_field::TIMEOUT_MS, timeout_ms.to_string());
-                if *router {
-                    put(step_field::ROUTER, "1".into());
-                }
-                if let Some(map) = map {
-                    put(step_field::MAP_OVER, map.over.clone());
-                    put(
-                        step_field::MAP_FROM,
-                        map.from.map_or_else(|| "i".to_string(), |s| s.to_string()),
-                    );
-                    put(
-                        step_field::MAP_PATH,
-                        serde_json::to_string(&map.path).unwrap_or_else(|_| "[]".into()),
-                    );
-                    put(step_field::MAP_CONCURRENCY, map.concurrency.to_string());
-                }
-                if !capabilities.contains(capability) {
-                    capabilities.push(capability.clone());
-                }
-            }
-            PlannedKind::Wait {
-                signal,
-                timeout_ms,
-                on_timeout,
-            } => {
-                put(step_field::KIND, "wait".into());
-                put(step_field::SIGNAL, signal.clone());
-                put(step_field::WAIT_MS, timeout_ms.to_string());
-                if *on_timeout == common::wire::OnTimeout::Continue {
-                    put(step_field::ON_TIMEOUT, "continue".into());
-                }
-                listens.push((schema::signal_field(signal), i.to_string()));
-            }
-            PlannedKind::Sleep { ms } => {
-                put(step_field::KIND, "sleep".into());
-                put(step_field::WAIT_MS, ms.to_string());
-            }
-        }
-    }
-    fields.extend(listens);
-    let roots = (0..n).filter(|&i| task.steps[i].needs.is_empty()).collect();
-    SubmitFields {
-        fields,
-        roots,
-        capabilities,
     }
 }

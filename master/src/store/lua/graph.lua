@@ -322,8 +322,6 @@ local function expand(m)
   local n = #elements
   g_set(F.step_count, tostring(base + n))
   g_set(at(m, 'status'), 'running')
-  -- When it expanded: its instances were queued then.
-  g_set(at(m, 'queued_at'), int(G.now))
   g_set(at(m, 'map_base'), tostring(base))
   g_set(at(m, 'map_count'), tostring(n))
   g_set(at(m, 'map_done'), '0')
