@@ -260,11 +260,16 @@ pub fn at_step(step: impl std::fmt::Display, field: &str) -> String {
 /// [`task_field`], `S` for [`step_field`], lower-case; reading a name that is not there is
 /// an error, not a silent `nil`), the key builders, the queue-score constants and
 /// `at_step`, all derived from the Rust above.
-pub(super) fn lua_prelude() -> String {
+///
+/// `guarded`: the tables answer an unknown name with an error (needs `setmetatable`, which
+/// a script run by `EVAL` has and a Redis Functions library does not; there, a misspelt
+/// name is a `nil` that fails the script at its first use).
+pub(super) fn lua_prelude(guarded: bool) -> String {
     let mut lua =
         String::from("-- Generated from store/schema.rs: names of the task hash and keys.\n");
-    lua += &lua_table("F", task_field::ALL);
-    lua += &lua_table("S", step_field::ALL);
+    lua += &lua_table("F", task_field::ALL, guarded);
+    lua += &lua_table("S", step_field::ALL, guarded);
+    lua += &format!("local GUARDED = {guarded}\n");
     for (name, params, build) in lua_builders() {
         lua += &lua_function(name, params, build);
     }
@@ -360,12 +365,16 @@ fn lua_function(name: &str, params: &[&str], build: Builder) -> String {
     )
 }
 
-/// `local NAME = setmetatable({ lower_name = 'stored', ... }, <error on unknown names>)`.
-fn lua_table(name: &str, fields: &[(&str, &str)]) -> String {
+/// `local NAME = setmetatable({ lower_name = 'stored', ... }, <error on unknown names>)`,
+/// or the plain table when not `guarded`.
+fn lua_table(name: &str, fields: &[(&str, &str)], guarded: bool) -> String {
     let entries: Vec<String> = fields
         .iter()
         .map(|(rust, stored)| format!("{} = {}", rust.to_ascii_lowercase(), lua_string(stored)))
         .collect();
+    if !guarded {
+        return format!("local {name} = {{{}}}\n", entries.join(", "));
+    }
     format!(
         "local {name} = setmetatable({{{}}}, {{__index = function(_, k) \
          error('no field ' .. tostring(k) .. ' in {name}') end}})\n",

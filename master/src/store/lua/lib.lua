@@ -19,7 +19,8 @@ end
 local function step_fields(i)
   local out = {}
   for name, field in pairs(S) do out[name] = at_step(i, field) end
-  return setmetatable(out, getmetatable(S))
+  if GUARDED then return setmetatable(out, getmetatable(S)) end
+  return out
 end
 local function terminal(status)
   return status == 'succeeded' or status == 'failed' or status == 'cancelled'
