@@ -112,32 +112,48 @@ struct Lua {
     file: &'static str,
     /// Its function in the library.
     function: String,
+    /// The same script on its own (prelude, graph.lua, script), run with `EVALSHA` by a
+    /// Redis older than 7.0, which has no Functions.
+    script: redis::Script,
 }
 
 impl Lua {
     fn new(file: &'static str) -> Self {
         let hash = LIBRARY.name.trim_start_matches("ensemble_");
+        let source = SCRIPTS
+            .iter()
+            .find(|(f, _)| *f == file)
+            .map_or("", |(_, source)| source);
         Self {
             file,
             function: function_name(hash, file),
+            script: redis::Script::new(&format!(
+                "{}{}{}{source}",
+                schema::lua_prelude(true),
+                include_str!("lua/lib.lua"),
+                include_str!("lua/graph.lua")
+            )),
         }
     }
 
     /// A call of the script, to which keys and arguments are added.
     fn call(&self) -> Call<'_> {
         Call {
-            function: &self.function,
+            lua: self,
             keys: Vec::new(),
             args: Vec::new(),
         }
     }
 }
 
+/// Whether this Redis has no Functions (older than 7.0): 0 unknown, 1 has them, 2 has not.
+static NO_FUNCTIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 /// `FCALL function numkeys keys… args…`, loading the library first when this Redis does
 /// not have it (a new server, a flushed one, or one that failed over to a server that never
 /// had it).
 struct Call<'a> {
-    function: &'a str,
+    lua: &'a Lua,
     keys: Vec<Vec<u8>>,
     args: Vec<Vec<u8>>,
 }
@@ -157,9 +173,13 @@ impl Call<'_> {
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
     ) -> redis::RedisResult<T> {
+        use std::sync::atomic::Ordering;
+        if NO_FUNCTIONS.load(Ordering::Relaxed) == 2 {
+            return self.eval(conn).await;
+        }
         let fcall = || {
             let mut cmd = redis::cmd("FCALL");
-            cmd.arg(self.function).arg(self.keys.len());
+            cmd.arg(&self.lua.function).arg(self.keys.len());
             for key in &self.keys {
                 cmd.arg(key);
             }
@@ -173,8 +193,38 @@ impl Call<'_> {
                 load_library(conn).await?;
                 fcall().query_async(conn).await
             }
-            other => other,
+            Err(e)
+                if e.to_string()
+                    .to_ascii_lowercase()
+                    .contains("unknown command") =>
+            {
+                tracing::warn!(
+                    "this Redis has no Functions (it is older than 7.0): the store's scripts \
+                     run with EVALSHA, which costs more Redis time per transition"
+                );
+                NO_FUNCTIONS.store(2, Ordering::Relaxed);
+                self.eval(conn).await
+            }
+            other => {
+                NO_FUNCTIONS.store(1, Ordering::Relaxed);
+                other
+            }
         }
+    }
+
+    /// The script run on its own, for a Redis without Functions.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> redis::RedisResult<T> {
+        let mut invocation = self.lua.script.prepare_invoke();
+        for key in &self.keys {
+            invocation.key(key);
+        }
+        for arg in &self.args {
+            invocation.arg(arg);
+        }
+        invocation.invoke_async(conn).await
     }
 }
 
@@ -893,6 +943,70 @@ mod tests {
             let error = eval(&pool, typo, &[]).await.unwrap_err();
             assert!(error.to_string().contains("no field"), "{typo}: {error}");
         }
+    }
+
+    /// A Redis without Functions (older than 7.0; here `FCALL` renamed away) runs the same
+    /// scripts with `EVALSHA`: a task goes through submit, claim and report.
+    #[tokio::test]
+    async fn a_redis_without_functions_runs_the_scripts_with_evalsha() {
+        let server = testkit::RedisServer::with_args(&["--rename-command", "FCALL", ""]);
+        let store = RedisStore::new(RedisPool::new(&server.settings()).unwrap());
+        let cap = Capability::new("echo").unwrap();
+        let worker = WorkerId::new("w1").unwrap();
+        let id = TaskId::generate();
+        let task = NewTask {
+            id: id.clone(),
+            client: "alice".into(),
+            pipeline: None,
+            steps: vec![PlannedStep::chain_link(0, "echo", cap.clone(), 3, 1_000)],
+            input: "{\"q\":1}".into(),
+            priority: 0,
+            idempotency_key: None,
+            callback_url: None,
+            request_id: "r".into(),
+        };
+        let limit = RateLimit {
+            per_sec: 0.0,
+            burst: 1,
+        };
+        let retention = Duration::from_secs(60);
+        assert_eq!(
+            store.submit(task, limit, retention).await.unwrap(),
+            SubmitOutcome::Created
+        );
+        let claimed = store
+            .claim(&cap, std::slice::from_ref(&worker), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].work.input, serde_json::json!({"q": 1}));
+        let report = ResultReport {
+            task_id: id.clone(),
+            step: 0,
+            attempt: claimed[0].work.attempt,
+            worker_id: worker,
+            status: ReportStatus::Succeeded,
+            output: Some(serde_json::json!("done")),
+            error: None,
+            duration_ms: None,
+        };
+        let retry = RetryPolicy {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(10),
+        };
+        let outcome = store.report(&report, retry, 0.5, retention).await.unwrap();
+        assert!(
+            matches!(
+                outcome,
+                ReportOutcome::Done {
+                    status: common::wire::TaskStatus::Succeeded,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+        let view = store.get(&id).await.unwrap().unwrap().view;
+        assert_eq!(view.result, Some(serde_json::json!("done")));
     }
 
     /// Commands Redis has run, those inside scripts included (what the benchmark counts),

@@ -32,6 +32,8 @@ local function take(avoid)
   next_worker = next_worker + 1
   return worker
 end
+local CLAIM_FIELDS = {'status', 'attempt', 'tries', 'timeout_ms', 'avoid_worker', 'needs',
+  'id', 'element', 'element_index', 'worker', 'dispatched_at'}
 local claimed = {}
 while #claimed < #pool do
   local popped = redis.call('ZPOPMIN', KEYS[1], #pool - #claimed)
@@ -41,7 +43,9 @@ while #claimed < #pool do
     local id, step = split_member(m)
     local s = tonumber(step)
     local tkey = task_key(ARGV[1], id)
-    local k = step_fields(step)
+    -- Only the fields a claim uses (step_fields would build all of them, per step).
+    local k = {}
+    for _, name in ipairs(CLAIM_FIELDS) do k[name] = at_step(step, S[name]) end
     local fields = {F.status, k.status, k.attempt, k.tries, k.timeout_ms, F.pipeline,
       F.declared, F.step_count, F.request_id, F.input, k.avoid_worker, k.needs, k.id,
       k.element, k.element_index}
