@@ -22,7 +22,7 @@ async fn quick_q1_finishes_every_task_and_prints_the_table() {
     assert!(text.contains("| figure"), "{text}");
     assert!(text.contains("Q1 Redis commands per task"), "{text}");
     assert!(
-        text.contains("evalsha"),
+        text.contains("fcall"),
         "the breakdown lists Redis commands: {text}"
     );
 }

@@ -3,7 +3,7 @@
 //! script's arguments in its header, and what comes back is decoded in `reply.rs`.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -136,24 +136,24 @@ impl Lua {
         }
     }
 
-    /// A call of the script, to which keys and arguments are added.
-    fn call(&self) -> Call<'_> {
+    /// A call of the script on a store's Redis, to which keys and arguments are added.
+    fn call<'a>(&'a self, store: &'a RedisStore) -> Call<'a> {
         Call {
             lua: self,
+            no_functions: &store.no_functions,
             keys: Vec::new(),
             args: Vec::new(),
         }
     }
 }
 
-/// Whether this Redis has no Functions (older than 7.0): 0 unknown, 1 has them, 2 has not.
-static NO_FUNCTIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
 /// `FCALL function numkeys keys… args…`, loading the library first when this Redis does
 /// not have it (a new server, a flushed one, or one that failed over to a server that never
 /// had it).
 struct Call<'a> {
     lua: &'a Lua,
+    /// Set once the store's Redis turned out to have no Functions.
+    no_functions: &'a std::sync::atomic::AtomicBool,
     keys: Vec<Vec<u8>>,
     args: Vec<Vec<u8>>,
 }
@@ -174,7 +174,7 @@ impl Call<'_> {
         conn: &mut impl redis::aio::ConnectionLike,
     ) -> redis::RedisResult<T> {
         use std::sync::atomic::Ordering;
-        if NO_FUNCTIONS.load(Ordering::Relaxed) == 2 {
+        if self.no_functions.load(Ordering::Relaxed) {
             return self.eval(conn).await;
         }
         let fcall = || {
@@ -202,13 +202,10 @@ impl Call<'_> {
                     "this Redis has no Functions (it is older than 7.0): the store's scripts \
                      run with EVALSHA, which costs more Redis time per transition"
                 );
-                NO_FUNCTIONS.store(2, Ordering::Relaxed);
+                self.no_functions.store(true, Ordering::Relaxed);
                 self.eval(conn).await
             }
-            other => {
-                NO_FUNCTIONS.store(1, Ordering::Relaxed);
-                other
-            }
+            other => other,
         }
     }
 
@@ -266,12 +263,17 @@ script!(CALLBACK_FINISH, "callback_finish.lua");
 #[derive(Clone, Debug)]
 pub struct RedisStore {
     pool: RedisPool,
+    /// Its Redis has no Functions (older than 7.0): the scripts run with `EVALSHA`.
+    no_functions: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RedisStore {
     /// A store on a pool; keys go under the pool's prefix.
     pub fn new(pool: RedisPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            no_functions: Arc::default(),
+        }
     }
 
     fn prefix(&self) -> &str {
@@ -298,7 +300,7 @@ impl TaskStore for RedisStore {
         }
         let graph = submit_fields(&task);
         let idem = task.idempotency_key.as_deref();
-        let mut invocation = SUBMIT.call();
+        let mut invocation = SUBMIT.call(self);
         invocation
             .key(keys::task(p, id))
             .key(keys::idempotency(p, &task.client, idem.unwrap_or("-")))
@@ -359,7 +361,7 @@ impl TaskStore for RedisStore {
             return Ok(Vec::new());
         }
         let p = self.prefix();
-        let mut invocation = CLAIM.call();
+        let mut invocation = CLAIM.call(self);
         invocation
             .key(keys::queue(p, capability.as_str()))
             .key(keys::leases(p, capability.as_str()))
@@ -385,7 +387,7 @@ impl TaskStore for RedisStore {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let value: Value = RELEASE
-            .call()
+            .call(self)
             .key(keys::task(p, step.task_id.as_str()))
             .arg(p)
             .arg(step.task_id.as_str())
@@ -425,7 +427,7 @@ impl TaskStore for RedisStore {
         let payload = payload.map_err(corrupt)?;
         let mut conn = self.pool.get().await?;
         let value: Value = REPORT
-            .call()
+            .call(self)
             .key(keys::task(p, report.task_id.as_str()))
             .arg(p)
             .arg(report.task_id.as_str())
@@ -453,7 +455,7 @@ impl TaskStore for RedisStore {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let value: Value = EXPIRED
-            .call()
+            .call(self)
             .key(keys::leases(p, capability.as_str()))
             .arg(p)
             .arg(limit.max(1))
@@ -473,7 +475,7 @@ impl TaskStore for RedisStore {
         if leases.is_empty() {
             return Ok(());
         }
-        let mut invocation = EXTEND.call();
+        let mut invocation = EXTEND.call(self);
         invocation.key(keys::leases(self.prefix(), capability.as_str()));
         for (s, until) in leases {
             invocation
@@ -489,7 +491,7 @@ impl TaskStore for RedisStore {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let moved: usize = PROMOTE
-            .call()
+            .call(self)
             .key(keys::delayed(p, capability.as_str()))
             .key(keys::queue(p, capability.as_str()))
             .arg(p)
@@ -508,7 +510,7 @@ impl TaskStore for RedisStore {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let value: Value = CALLBACK_CLAIM
-            .call()
+            .call(self)
             .key(keys::callbacks(p))
             .arg(p)
             .arg(limit.max(1))
@@ -537,7 +539,7 @@ impl TaskStore for RedisStore {
         };
         let mut conn = self.pool.get().await?;
         let value: Value = CALLBACK_FINISH
-            .call()
+            .call(self)
             .key(keys::task(p, id.as_str()))
             .key(keys::callbacks(p))
             .arg(id.as_str())
@@ -565,7 +567,7 @@ impl TaskStore for RedisStore {
             .map_err(corrupt)?;
         let mut conn = self.pool.get().await?;
         let value: Value = CANCEL
-            .call()
+            .call(self)
             .key(keys::task(p, id.as_str()))
             .arg(p)
             .arg(id.as_str())
@@ -584,7 +586,7 @@ impl TaskStore for RedisStore {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let value: Value = REDRIVE
-            .call()
+            .call(self)
             .key(keys::task(p, id.as_str()))
             .arg(p)
             .arg(id.as_str())
@@ -604,7 +606,7 @@ impl TaskStore for RedisStore {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let value: Value = SIGNAL
-            .call()
+            .call(self)
             .key(keys::task(p, id.as_str()))
             .arg(p)
             .arg(id.as_str())
@@ -624,7 +626,7 @@ impl TaskStore for RedisStore {
         let p = self.prefix();
         let mut conn = self.pool.get().await?;
         let value: Value = TIMERS
-            .call()
+            .call(self)
             .key(keys::timers(p))
             .arg(p)
             .arg(limit.max(1))
@@ -663,7 +665,7 @@ impl TaskStore for RedisStore {
             return Ok(Vec::new());
         }
         let p = self.prefix();
-        let mut invocation = STATS.call();
+        let mut invocation = STATS.call(self);
         invocation.arg(p).arg(ms(retention));
         for c in capabilities {
             invocation.arg(c.as_str());
