@@ -173,18 +173,24 @@ fn instances(step: &Value) -> impl Iterator<Item = &Value> {
 async fn worker_stopped_mid_step(stack: &Stack, api: &Api, how: &str) -> Result<()> {
     let step = Instant::now();
     let id = api.submit(&format!("worker {how}")).await?;
-    wait_for(
+    let started = wait_for(
         Duration::from_secs(30),
         "the retrieve step to start",
         || async {
             let view = api.task(&id).await.ok()?;
-            // The default pipeline maps `retrieve` over the plan's queries: any instance.
-            instances(&view["steps"][1])
-                .any(|i| i["status"] == "dispatched")
-                .then_some(())
+            // The tasks here are the chain PIPELINE; were retrieve a map step, any of its
+            // instances would do.
+            let retrieve = &view["steps"][1];
+            (retrieve["status"] == "dispatched"
+                || instances(retrieve).any(|i| i["status"] == "dispatched"))
+            .then_some(())
         },
     )
-    .await?;
+    .await;
+    if let Err(e) = started {
+        let view = api.task(&id).await.unwrap_or_default();
+        bail!("{e:#}; the task: {view}");
+    }
     let container = stack.containers("worker-b")?;
     let container = container.first().context("no worker-b container")?;
     // `stop` returns once the worker has drained: it finished and delivered its step. After
@@ -194,10 +200,8 @@ async fn worker_stopped_mid_step(stack: &Stack, api: &Api, how: &str) -> Result<
     stack.docker(&["start", container])?;
     let view = api.wait_succeeded(&id, Duration::from_secs(120)).await?;
     println!(
-        "worker-b: `docker {how}` in the middle of a step: the task succeeded, retrieve's instances after {:?} attempt(s) ({:.0?})",
-        instances(&view["steps"][1])
-            .map(|i| i["attempts"].as_u64().unwrap_or(0))
-            .collect::<Vec<_>>(),
+        "worker-b: `docker {how}` in the middle of a step: the task succeeded, retrieve after {} attempt(s) ({:.0?})",
+        view["steps"][1]["attempts"],
         step.elapsed()
     );
     Ok(())
