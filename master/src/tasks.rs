@@ -3,7 +3,7 @@
 //! tasks, recording worker reports, and the operators' views of workers and queues. It
 //! answers in [`ServiceError`], never in HTTP terms; `routes/` does the mapping.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,7 +105,16 @@ pub(crate) struct Tasks {
     pipelines: BTreeMap<String, PipelineConfig>,
     /// Long polls answer early at shutdown, so they do not hold the drain up.
     shutdown: CancellationToken,
+    /// The capabilities the live workers served at the last registry read made for a
+    /// submission naming one the dispatcher did not know, and when. Submissions in the
+    /// next [`REGISTRY_READ_EVERY`] share that read, so a client repeating bad submissions
+    /// cannot make every one of them read the whole registry.
+    served: tokio::sync::Mutex<Option<(std::time::Instant, HashSet<Capability>)>>,
 }
+
+/// Most one registry read per this long for submissions naming unknown capabilities (the
+/// dispatcher's own view refreshes at about the same pace).
+const REGISTRY_READ_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Tasks {
     /// The service over these parts; `dispatcher` need not be started.
@@ -125,6 +134,7 @@ impl Tasks {
             dispatcher,
             hub,
             shutdown,
+            served: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -276,8 +286,16 @@ impl Tasks {
         if unknown.is_empty() {
             return Ok(());
         }
-        let live = self.workers.live().await?;
-        let served = |c: &Capability| live.iter().any(|w| w.capabilities.contains(c));
+        let mut last = self.served.lock().await;
+        let fresh = last
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < REGISTRY_READ_EVERY);
+        if !fresh {
+            let live = self.workers.live().await?;
+            let caps = live.into_iter().flat_map(|w| w.capabilities).collect();
+            *last = Some((std::time::Instant::now(), caps));
+        }
+        let served = |c: &Capability| last.as_ref().is_some_and(|(_, caps)| caps.contains(c));
         match unknown.into_iter().find(|c| !served(c)) {
             Some(c) => Err(ServiceError::Invalid(format!(
                 "`steps`: unknown capability `{c}` (no pipeline uses it and no live worker serves it)"

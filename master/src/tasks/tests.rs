@@ -744,3 +744,47 @@ impl TaskStore for FailingRedrive {
         self.inner.ping().await
     }
 }
+
+/// Counts its registry reads; no worker is alive.
+#[derive(Default)]
+struct CountingReads(std::sync::atomic::AtomicUsize);
+
+#[async_trait]
+impl WorkerSource for CountingReads {
+    async fn live(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn repeated_submissions_naming_unknown_capabilities_share_one_registry_read() {
+    let workers = Arc::new(CountingReads::default());
+    let tasks = service_with(
+        Config::default(),
+        Arc::new(MemoryStore::new()),
+        workers.clone(),
+    );
+    for i in 0..50 {
+        let body = body(json!({"steps": [format!("nobody-serves-{i}")]}));
+        let Err(error) = tasks.submit("alice", body, None, String::new()).await else {
+            panic!("no worker serves nobody-serves-{i}");
+        };
+        assert!(error.to_string().contains("unknown capability"), "{error}");
+    }
+    assert_eq!(
+        workers.0.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "50 refusals within the window read the registry once"
+    );
+    // After the window a new capability is looked up again (a worker may have come).
+    tokio::time::sleep(super::REGISTRY_READ_EVERY + std::time::Duration::from_millis(20)).await;
+    let body = body(json!({"steps": ["nobody-serves-late"]}));
+    assert!(
+        tasks
+            .submit("alice", body, None, String::new())
+            .await
+            .is_err()
+    );
+    assert_eq!(workers.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
