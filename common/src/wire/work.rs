@@ -155,9 +155,35 @@ pub struct ResultReport {
     /// The error, when failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<StepError>,
-    /// How long the agent ran, in milliseconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// How long the agent ran, in milliseconds: any non-negative JSON number (a fraction is
+    /// rounded to the nearest millisecond, as a worker timing with floats would send it).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "milliseconds"
+    )]
     pub duration_ms: Option<u64>,
+}
+
+/// Reads a duration in milliseconds from any non-negative JSON number, rounding a fraction,
+/// so a worker that times steps with floats is not refused for it.
+fn milliseconds<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(de)? else {
+        return Ok(None);
+    };
+    if let Some(ms) = n.as_u64() {
+        return Ok(Some(ms));
+    }
+    match n.as_f64() {
+        Some(ms) if ms.is_finite() && ms >= 0.0 => {
+            // Saturates at u64::MAX, which no real duration reaches.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Ok(Some(ms.round() as u64))
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "`duration_ms` must be a non-negative number of milliseconds, got {n}"
+        ))),
+    }
 }
 
 impl ResultReport {
@@ -237,6 +263,12 @@ pub struct WorkerRecord {
     /// so its steps go to a healthy worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
+    /// Why the worker takes no new steps for now, although it can still finish and report
+    /// the ones it holds (for example: the agent service behind an `http` agent fails its
+    /// health check). Dispatchers skip it but keep extending the leases it lists, unlike
+    /// `degraded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 impl WorkerRecord {
@@ -259,6 +291,7 @@ impl WorkerRecord {
             draining: false,
             heartbeat_at_ms: 0,
             degraded: None,
+            unavailable: None,
         }
     }
 

@@ -24,6 +24,7 @@ fn record(id: &str) -> WorkerRecord {
         draining: false,
         heartbeat_at_ms: 0,
         degraded: None,
+        unavailable: None,
     }
 }
 

@@ -246,3 +246,21 @@ fn reports_must_be_consistent() {
     report.attempt = 0;
     assert!(report.validate().is_err());
 }
+
+#[test]
+fn a_report_s_duration_is_any_non_negative_number_of_milliseconds() {
+    let report = |duration: serde_json::Value| {
+        serde_json::from_value::<ResultReport>(json!({
+            "task_id": TaskId::generate(), "step": 0, "attempt": 1, "worker_id": "w",
+            "status": "succeeded", "output": 1, "duration_ms": duration,
+        }))
+    };
+    assert_eq!(report(json!(12)).unwrap().duration_ms, Some(12));
+    assert_eq!(report(json!(12.6)).unwrap().duration_ms, Some(13));
+    assert_eq!(report(json!(0.2)).unwrap().duration_ms, Some(0));
+    assert_eq!(report(serde_json::Value::Null).unwrap().duration_ms, None);
+    for bad in [json!(-1), json!(-0.5), json!("12")] {
+        let err = report(bad.clone()).unwrap_err().to_string();
+        assert!(err.contains("duration_ms") || err.contains("number"), "{bad}: {err}");
+    }
+}

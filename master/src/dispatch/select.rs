@@ -7,13 +7,18 @@ use common::wire::{Capability, WorkerId, WorkerRecord};
 
 /// Whether `worker` may be given a new step of `capability`: it serves it, is neither
 /// draining nor degraded (its results cannot reach a master, so a step sent to it would only
-/// wait for its lease to lapse), and the caller does not skip it.
+/// wait for its lease to lapse) nor unavailable (its agent is down), and the caller does not
+/// skip it.
 fn available(
     worker: &WorkerRecord,
     capability: &Capability,
     skip: &dyn Fn(&WorkerId) -> bool,
 ) -> bool {
-    !worker.draining && worker.degraded.is_none() && worker.serves(capability) && !skip(&worker.id)
+    !worker.draining
+        && worker.degraded.is_none()
+        && worker.unavailable.is_none()
+        && worker.serves(capability)
+        && !skip(&worker.id)
 }
 
 /// Assigns up to `wanted` steps of `capability` to workers that serve it, are not draining,
@@ -84,6 +89,7 @@ mod tests {
             draining: false,
             heartbeat_at_ms: 0,
             degraded: None,
+            unavailable: None,
         }
     }
 
@@ -152,5 +158,18 @@ mod tests {
             0,
             "a degraded worker's idle slots are not capacity"
         );
+    }
+
+    #[test]
+    fn a_worker_whose_agent_is_down_gets_no_steps_until_it_is_back() {
+        let critique = Capability::new("critique").unwrap();
+        let mut sidecar = worker("sidecar", &["critique"], 4);
+        sidecar.unavailable = Some("agent http://127.0.0.1:9000/health: connection refused".into());
+        let workers = vec![sidecar.clone()];
+        let load = HashMap::new();
+        assert!(assign(&critique, &workers, &load, &none, 1).is_empty());
+        assert_eq!(free_slots(&critique, &workers, &load, &none), 0);
+        sidecar.unavailable = None;
+        assert_eq!(assign(&critique, &[sidecar], &load, &none, 1).len(), 1);
     }
 }
