@@ -60,6 +60,22 @@ locals {
     linuxParameters        = { initProcessEnabled = true }
     mountPoints            = [{ sourceVolume = "tmp", containerPath = "/tmp", readOnly = false }]
   }
+
+  # Per worker group, its agent sidecar as a list of none or one, for the task definition.
+  worker_agents = { for g, w in var.worker_groups : g => w.agent == null ? [] : [w.agent] }
+
+  # Per worker group, the agent that serves its steps: the built-in llm one, or its sidecar
+  # over HTTP. While the sidecar's health check fails the worker's /ready is 503 and its
+  # registry record says unavailable, so the master sends it no steps.
+  worker_agent_env = {
+    for g, w in var.worker_groups : g => w.agent == null ? [
+      { name = "AGENT_KIND", value = "llm" },
+      ] : [
+      { name = "AGENT_KIND", value = "http" },
+      { name = "AGENT_URL", value = "http://127.0.0.1:${w.agent.port}${w.agent.path}" },
+      { name = "AGENT_HEALTH_URL", value = "http://127.0.0.1:${w.agent.port}${w.agent.health_path}" },
+    ]
+  }
 }
 
 # No ECS Exec: its SSM agent needs a writable root filesystem, which every container here
@@ -283,14 +299,20 @@ resource "aws_ecs_service" "gateway" {
 }
 
 # --- workers: one task definition and service per capability.
+#
+# A group with `agent` runs the sidecar pattern: a second essential container, `agent`, in
+# the same task. In awsvpc mode both share one network namespace, so the worker reaches the
+# agent on 127.0.0.1 (AGENT_KIND=http) and nothing else can: the agent has no port
+# mappings, it is meant to listen on 127.0.0.1, and even were it to listen on every
+# interface, the workers' security group admits only the master, on 5000.
 resource "aws_ecs_task_definition" "worker" {
   for_each = var.worker_groups
 
   family                   = "${local.prefix}-worker-${each.key}"
   requires_compatibilities = ["FARGATE"]
   network_mode             = "awsvpc"
-  cpu                      = each.value.cpu
-  memory                   = each.value.memory
+  cpu                      = each.value.agent == null ? each.value.cpu : each.value.cpu + each.value.agent.cpu
+  memory                   = each.value.agent == null ? each.value.memory : each.value.memory + each.value.agent.memory
   execution_role_arn       = aws_iam_role.execution["worker"].arn
   task_role_arn            = aws_iam_role.task["worker"].arn
 
@@ -305,37 +327,83 @@ resource "aws_ecs_task_definition" "worker" {
 
   # AGENT_ID and ADVERTISE_URL stay unset: each task generates its id and advertises the
   # address it reads from ECS_CONTAINER_METADATA_URI_V4.
-  container_definitions = jsonencode([
-    merge(local.container_base, {
-      name         = "worker"
-      image        = "${aws_ecr_repository.service["worker"].repository_url}:${var.image_tags["worker"]}"
-      portMappings = [{ containerPort = 5000, protocol = "tcp", name = "http" }]
-      environment = concat(local.common_env, local.redis_env, [
-        { name = "PORT", value = "5000" },
-        { name = "CAPABILITIES", value = jsonencode([each.key]) },
-        { name = "MAX_CONCURRENCY", value = tostring(each.value.max_concurrency) },
-        { name = "AGENT_KIND", value = "llm" },
-        { name = "MASTER_URL", value = local.master_url },
-        { name = "LLM_GATEWAY_URL", value = local.gateway_url },
-      ])
-      secrets = local.secrets["worker"]
-      healthCheck = {
-        command     = ["CMD", "curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:5000/health"]
-        interval    = 15
-        timeout     = 5
-        retries     = 3
-        startPeriod = 20
-      }
-      logConfiguration = {
-        logDriver = "awslogs"
-        options = {
-          awslogs-group         = aws_cloudwatch_log_group.service["worker-${each.key}"].name
-          awslogs-region        = var.region
-          awslogs-stream-prefix = "worker"
+  container_definitions = jsonencode(concat(
+    [
+      # Null entries (dependsOn without an agent) are left out, so a group without an agent
+      # renders exactly as before and the provider sees no change.
+      { for k, v in merge(local.container_base, {
+        name         = "worker"
+        image        = "${aws_ecr_repository.service["worker"].repository_url}:${var.image_tags["worker"]}"
+        portMappings = [{ containerPort = 5000, protocol = "tcp", name = "http" }]
+        environment = concat(local.common_env, local.redis_env, [
+          { name = "PORT", value = "5000" },
+          { name = "CAPABILITIES", value = jsonencode([each.key]) },
+          { name = "MAX_CONCURRENCY", value = tostring(each.value.max_concurrency) },
+          ], local.worker_agent_env[each.key], [
+          { name = "MASTER_URL", value = local.master_url },
+          { name = "LLM_GATEWAY_URL", value = local.gateway_url },
+        ])
+        secrets = local.secrets["worker"]
+        # HEALTHY rather than START: the worker registers only once its agent answers, so a
+        # task whose agent never comes up fails its deployment (and rolls back) instead of
+        # running a worker that stays unavailable. ECS also stops containers in reverse
+        # dependency order: on SIGTERM the worker drains first, its in-flight steps still
+        # reaching the agent, and the agent stops after it.
+        dependsOn = each.value.agent == null ? null : [{ containerName = "agent", condition = "HEALTHY" }]
+        healthCheck = {
+          command     = ["CMD", "curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:5000/health"]
+          interval    = 15
+          timeout     = 5
+          retries     = 3
+          startPeriod = 20
         }
-      }
-    }),
-  ])
+        logConfiguration = {
+          logDriver = "awslogs"
+          options = {
+            awslogs-group         = aws_cloudwatch_log_group.service["worker-${each.key}"].name
+            awslogs-region        = var.region
+            awslogs-stream-prefix = "worker"
+          }
+        }
+      }) : k => v if v != null },
+    ],
+    [
+      # The agent: the same hardening as every container (uid 10001, read-only root with a
+      # scratch /tmp, init, 40 s to stop). It calls models through the llm-gateway's
+      # OpenAI-compatible /v1 with the workers' GATEWAY_TOKEN, as the workers do.
+      for agent in local.worker_agents[each.key] : merge(local.container_base, {
+        name   = "agent"
+        image  = agent.image
+        cpu    = agent.cpu
+        memory = agent.memory
+        environment = concat([
+          { name = "PORT", value = tostring(agent.port) },
+          { name = "OPENAI_BASE_URL", value = "${local.gateway_url}/v1" },
+        ], [for name, value in agent.environment : { name = name, value = value }])
+        secrets = concat([
+          { name = "OPENAI_API_KEY", valueFrom = local.secret_arns["GATEWAY_TOKEN"] },
+        ], [for name, arn in agent.secrets : { name = name, valueFrom = arn }])
+        # Python's urllib, not curl: agent images (python:3.12-slim for examples/ag2-agent)
+        # need not carry curl, so the image must have python3 on its PATH. urlopen raises,
+        # and the check fails, on a refused connection or any status of 400 or more.
+        healthCheck = {
+          command     = ["CMD", "python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:${agent.port}${agent.health_path}', timeout=4)"]
+          interval    = 10
+          timeout     = 5
+          retries     = 3
+          startPeriod = 30
+        }
+        logConfiguration = {
+          logDriver = "awslogs"
+          options = {
+            awslogs-group         = aws_cloudwatch_log_group.service["worker-${each.key}"].name
+            awslogs-region        = var.region
+            awslogs-stream-prefix = "agent"
+          }
+        }
+      })
+    ],
+  ))
 }
 
 resource "aws_ecs_service" "worker" {

@@ -88,3 +88,40 @@ resource "aws_iam_role_policy" "gateway_bedrock" {
     }]
   })
 }
+
+# Agent sidecars' own secrets (worker_groups[*].agent.secrets): the worker execution role,
+# which every worker group shares, may read exactly those. Their OPENAI_API_KEY is the
+# workers' GATEWAY_TOKEN, already readable above. A secret or parameter encrypted with a
+# customer managed key other than this stack's needs kms:Decrypt granted in that key's
+# policy; the AWS managed keys (aws/secretsmanager, aws/ssm) need nothing more.
+locals {
+  agent_secret_arns = distinct(flatten([
+    for g in values(var.worker_groups) : values(g.agent.secrets) if g.agent != null
+  ]))
+  agent_secretsmanager_arns = [for arn in local.agent_secret_arns : arn if can(regex("^arn:[^:]+:secretsmanager:", arn))]
+  agent_ssm_arns            = [for arn in local.agent_secret_arns : arn if can(regex("^arn:[^:]+:ssm:", arn))]
+}
+
+resource "aws_iam_role_policy" "execution_agent_secrets" {
+  count = length(local.agent_secret_arns) > 0 ? 1 : 0
+
+  name = "read-agent-secrets"
+  role = aws_iam_role.execution["worker"].id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = concat(
+      length(local.agent_secretsmanager_arns) == 0 ? [] : [{
+        Sid      = "ReadAgentSecrets"
+        Effect   = "Allow"
+        Action   = ["secretsmanager:GetSecretValue"]
+        Resource = local.agent_secretsmanager_arns
+      }],
+      length(local.agent_ssm_arns) == 0 ? [] : [{
+        Sid      = "ReadAgentParameters"
+        Effect   = "Allow"
+        Action   = ["ssm:GetParameters"]
+        Resource = local.agent_ssm_arns
+      }],
+    )
+  })
+}

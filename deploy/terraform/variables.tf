@@ -125,13 +125,32 @@ variable "bedrock_model_arns" {
 }
 
 variable "worker_groups" {
-  description = "One worker service per capability: sizes, counts and MAX_CONCURRENCY (autoscaling aims at that many queued or running steps per task)."
+  description = "One worker service per capability: sizes, counts and MAX_CONCURRENCY (autoscaling aims at that many queued or running steps per task), and optionally an agent sidecar (see deploy/README.md, \"An agent beside the worker\")."
   type = map(object({
+    # The worker container's share; with an agent, the task gets the sum of both.
     cpu             = number
     memory          = number
     min_count       = number
     max_count       = number
     max_concurrency = number
+    # A second container in the same task, the agent the worker forwards each step to
+    # (AGENT_KIND=http). It shares the task's network namespace, listens on 127.0.0.1:port
+    # and is reachable by nothing but the worker. Unset: the built-in llm agent.
+    agent = optional(object({
+      # A full image URI with a pushed tag or a digest (your team's ECR repository).
+      image = string
+      # Where the agent listens, and its routes: the worker POSTs steps to `path` and polls
+      # `health_path`; the container health check asks `health_path` too.
+      port        = optional(number, 9000)
+      path        = optional(string, "/step")
+      health_path = optional(string, "/health")
+      cpu         = optional(number, 256)
+      memory      = optional(number, 512)
+      # Plain settings (never credentials: those go in `secrets`).
+      environment = optional(map(string), {})
+      # Env name => ARN of a Secrets Manager secret or an SSM SecureString parameter.
+      secrets = optional(map(string), {})
+    }), null)
   }))
   default = {
     plan     = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8 }
@@ -143,6 +162,90 @@ variable "worker_groups" {
   validation {
     condition     = alltrue([for g in values(var.worker_groups) : g.min_count >= 1 && g.max_count >= g.min_count])
     error_message = "Every worker group needs min_count >= 1 (so queued work always has a worker) and max_count >= min_count."
+  }
+
+  # Fargate offers fixed CPU sizes, each with its own memory range; the task gets the
+  # worker's share plus the agent's.
+  validation {
+    condition = alltrue([
+      for g in values(var.worker_groups) : contains(lookup({
+        "256"   = [512, 1024, 2048]
+        "512"   = [1024, 2048, 3072, 4096]
+        "1024"  = [for gb in range(2, 9) : gb * 1024]
+        "2048"  = [for gb in range(4, 17) : gb * 1024]
+        "4096"  = [for gb in range(8, 31) : gb * 1024]
+        "8192"  = [for gb in range(16, 61, 4) : gb * 1024]
+        "16384" = [for gb in range(32, 121, 8) : gb * 1024]
+        }, tostring(g.cpu + (g.agent == null ? 0 : g.agent.cpu)), []),
+      g.memory + (g.agent == null ? 0 : g.agent.memory))
+    ])
+    error_message = "A worker group's task size (cpu and memory, plus the agent's when it has one) must be a Fargate size: cpu 256 (memory 512, 1024 or 2048), 512 (1024-4096), 1024 (2048-8192), 2048 (4096-16384), 4096 (8192-30720) and so on, memory in steps of 1024 MiB."
+  }
+
+  # The agent's image: ECR repositories here are immutable, and a moving tag would let a
+  # task that ECS replaces run different code from its siblings.
+  validation {
+    condition = alltrue([
+      for g in values(var.worker_groups) :
+      can(regex("^[a-z0-9.-]+(:[0-9]+)?/[a-z0-9._/-]+(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})$", g.agent.image))
+      && !endswith(g.agent.image, ":latest")
+      if g.agent != null
+    ])
+    error_message = "agent.image must be a full image URI with a pushed tag or a digest, e.g. 123456789012.dkr.ecr.us-west-2.amazonaws.com/team/critique-agent:3f2a9c1b7d4e (not untagged, not :latest)."
+  }
+
+  validation {
+    condition = alltrue([
+      for g in values(var.worker_groups) :
+      g.agent.port == floor(g.agent.port) && g.agent.port >= 1024 && g.agent.port <= 65535 && g.agent.port != 5000
+      if g.agent != null
+    ])
+    error_message = "agent.port must be a whole number from 1024 to 65535 and not 5000, the worker's own port in the same task (the image runs as uid 10001, which cannot bind below 1024)."
+  }
+
+  validation {
+    condition = alltrue([
+      for g in values(var.worker_groups) :
+      can(regex("^/[A-Za-z0-9._~/-]*$", g.agent.path)) && can(regex("^/[A-Za-z0-9._~/-]*$", g.agent.health_path))
+      if g.agent != null
+    ])
+    error_message = "agent.path and agent.health_path must be URL paths starting with / (letters, digits, . _ ~ - and /), e.g. \"/step\" and \"/health\"."
+  }
+
+  validation {
+    condition = alltrue([
+      for g in values(var.worker_groups) : g.agent.cpu >= 128 && g.agent.memory >= 128
+      if g.agent != null
+    ])
+    error_message = "agent.cpu and agent.memory must be at least 128 (CPU units, MiB)."
+  }
+
+  validation {
+    condition = alltrue(flatten([
+      for g in values(var.worker_groups) : [
+        for name in concat(keys(g.agent.environment), keys(g.agent.secrets)) :
+        !contains(["PORT", "OPENAI_BASE_URL", "OPENAI_API_KEY"], name)
+      ] if g.agent != null
+    ]))
+    error_message = "agent.environment and agent.secrets must not set PORT, OPENAI_BASE_URL or OPENAI_API_KEY: the module sets them (PORT from agent.port, the others to the llm-gateway and its GATEWAY_TOKEN)."
+  }
+
+  validation {
+    condition = alltrue(flatten([
+      for g in values(var.worker_groups) : [
+        for name in keys(g.agent.environment) : !can(regex("(_PASSWORD|_TOKEN|_KEY|_KEYS|_SECRET)$", name))
+      ] if g.agent != null
+    ]))
+    error_message = "agent.environment holds what looks like a credential (a name ending in _PASSWORD, _TOKEN, _KEY, _KEYS or _SECRET): put it in agent.secrets as an ARN, so it does not show in the task definition."
+  }
+
+  validation {
+    condition = alltrue(flatten([
+      for g in values(var.worker_groups) : [
+        for arn in values(g.agent.secrets) : can(regex("^arn:aws[a-z-]*:(secretsmanager|ssm):[a-z0-9-]+:[0-9]{12}:(secret:|parameter/)", arn))
+      ] if g.agent != null
+    ]))
+    error_message = "agent.secrets maps an env name to the ARN of a Secrets Manager secret (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME) or of an SSM parameter (arn:aws:ssm:REGION:ACCOUNT:parameter/NAME)."
   }
 }
 
