@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_yaml::Value;
 
 use crate::helpers::{
-    Container, Problems, check_container, repo_root, services, spec_for, url_host_port,
+    Container, Problems, check_container, is_loopback, repo_root, services, spec_for, url_host_port,
 };
 
 const FILE: &str = "docker-compose.yml";
@@ -129,6 +129,28 @@ fn containers(doc: &Value) -> Vec<Container> {
         .collect()
 }
 
+/// Sidecars: services that join another service's network namespace
+/// (`network_mode: service:NAME`), as an agent beside its worker does. `(name, definition,
+/// NAME)`.
+fn sidecars(doc: &Value) -> Vec<(String, Value, String)> {
+    compose_services(doc)
+        .into_iter()
+        .filter_map(|(name, def)| {
+            let host = def
+                .get("network_mode")
+                .and_then(Value::as_str)?
+                .strip_prefix("service:")?
+                .to_string();
+            Some((name, def, host))
+        })
+        .collect()
+}
+
+/// The port a sidecar listens on: its `PORT`.
+fn sidecar_port(def: &Value) -> Option<u16> {
+    environment(def).get("PORT")?.parse().ok()
+}
+
 #[test]
 fn every_container_sets_only_what_its_service_reads_and_all_it_requires() {
     let specs = services();
@@ -225,24 +247,55 @@ fn urls_between_services_name_a_service_and_its_port() {
             Some((c.who.strip_prefix("service ")?, c.listen_port(spec)?))
         })
         .collect();
+    let doc = compose();
+    let sidecars = sidecars(&doc);
+    // Every container's URLs, the sidecars' too: (service name, variable, value).
+    let mut urls: Vec<(String, String, String)> = Vec::new();
     for c in &containers {
+        let name = c.who.strip_prefix("service ").unwrap_or(&c.who);
         for (var, value) in &c.env {
-            let Some((host, port)) = url_host_port(value) else {
-                continue;
-            };
-            match listening.get(host) {
-                None => problems.add(
-                    &c.file,
-                    &c.who,
-                    format!("{var}={value}: `{host}` is not an Ensemble compose service"),
-                ),
-                Some(&p) if p != port => problems.add(
-                    &c.file,
-                    &c.who,
-                    format!("{var}={value}: `{host}` listens on {p}, not {port}"),
-                ),
-                Some(_) => {}
+            urls.push((name.to_string(), var.clone(), value.clone()));
+        }
+    }
+    for (name, def, _) in &sidecars {
+        for (var, value) in environment(def) {
+            urls.push((name.clone(), var, value));
+        }
+    }
+    for (name, var, value) in urls {
+        let who = format!("service {name}");
+        let Some((host, port)) = url_host_port(&value) else {
+            continue;
+        };
+        // 127.0.0.1 is the container's own network namespace: a sidecar that joins it
+        // (network_mode: service:<this one>) must listen on that port.
+        if is_loopback(host) {
+            let reached = sidecars
+                .iter()
+                .any(|(_, def, joins)| *joins == name && sidecar_port(def) == Some(port));
+            if !reached {
+                problems.add(
+                    FILE,
+                    &who,
+                    format!(
+                        "{var}={value}: no service with network_mode service:{name} sets PORT={port}"
+                    ),
+                );
             }
+            continue;
+        }
+        match listening.get(host) {
+            None => problems.add(
+                FILE,
+                &who,
+                format!("{var}={value}: `{host}` is not an Ensemble compose service"),
+            ),
+            Some(&p) if p != port => problems.add(
+                FILE,
+                &who,
+                format!("{var}={value}: `{host}` listens on {p}, not {port}"),
+            ),
+            Some(_) => {}
         }
     }
     problems.assert_none("service URLs in docker-compose.yml");
@@ -388,4 +441,103 @@ fn local_secrets_stay_out_of_git_and_the_build_context() {
             .any(|l| l == ".env" || l == "/.env"),
         ".gitignore must ignore .env (local secrets)"
     );
+}
+
+#[test]
+fn the_ag2_profile_runs_a_critique_worker_beside_its_agent() {
+    // `docker-compose --profile ag2 up` adds a worker whose steps an AG2 agent serves over
+    // its localhost, as an ECS task's sidecar; plain `docker-compose up` is left unchanged.
+    let doc = compose();
+    let all = compose_services(&doc);
+    let profiles = |def: &Value| -> Vec<String> {
+        def.get("profiles")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter_map(scalar)
+            .collect()
+    };
+    let in_profiles: Vec<(&String, Vec<String>)> = all
+        .iter()
+        .map(|(name, def)| (name, profiles(def)))
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
+    assert_eq!(
+        in_profiles,
+        [
+            (&"agent-critique".to_string(), vec!["ag2".to_string()]),
+            (&"worker-critique".to_string(), vec!["ag2".to_string()]),
+        ],
+        "{FILE}: only the ag2 pair is in a profile, so plain `up` starts what it did before"
+    );
+
+    let worker = &all["worker-critique"];
+    let agent = &all["agent-critique"];
+    let (worker_env, agent_env) = (environment(worker), environment(agent));
+    assert_eq!(image_service(worker).as_deref(), Some("worker"));
+    assert_eq!(
+        worker_env
+            .get("CAPABILITIES")
+            .map(|v| v.replace(' ', ""))
+            .as_deref(),
+        Some(r#"["critique"]"#)
+    );
+    assert_eq!(
+        worker_env.get("AGENT_KIND").map(String::as_str),
+        Some("http")
+    );
+    assert_eq!(
+        worker_env.get("AGENT_URL").map(String::as_str),
+        Some("http://127.0.0.1:9000/step"),
+        "examples/ag2-agent serves POST /step on PORT 9000"
+    );
+
+    assert_eq!(
+        agent.get("network_mode").and_then(Value::as_str),
+        Some("service:worker-critique"),
+        "{FILE}: agent-critique must share worker-critique's localhost"
+    );
+    assert_eq!(
+        agent
+            .get("build")
+            .and_then(|b| b.get("context"))
+            .and_then(scalar)
+            .as_deref(),
+        Some("examples/ag2-agent")
+    );
+    let gateway = worker_env
+        .get("LLM_GATEWAY_URL")
+        .expect("workers reach the gateway");
+    assert_eq!(
+        agent_env.get("OPENAI_BASE_URL"),
+        Some(&format!("{gateway}/v1")),
+        "the agent calls the gateway the workers call, at its OpenAI-compatible /v1"
+    );
+    assert_eq!(
+        agent_env.get("OPENAI_API_KEY"),
+        worker_env.get("GATEWAY_TOKEN"),
+        "the agent's key is the workers' GATEWAY_TOKEN"
+    );
+    let health = health(agent).join(" ");
+    assert!(
+        health.contains("http://127.0.0.1:9000/health"),
+        "{FILE}: agent-critique's health check must ask its /health: {health}"
+    );
+    assert!(
+        agent
+            .get("depends_on")
+            .and_then(|d| d.get("worker-critique"))
+            .is_some(),
+        "{FILE}: agent-critique starts after the worker whose namespace it joins"
+    );
+    // The same hardening as the Ensemble containers (x-service).
+    for (name, def) in [("worker-critique", worker), ("agent-critique", agent)] {
+        for key in ["read_only", "init"] {
+            assert_eq!(
+                def.get(key).and_then(Value::as_bool),
+                Some(true),
+                "{FILE}: {name}: {key}: true"
+            );
+        }
+    }
 }

@@ -3,21 +3,40 @@
 //!
 //! Container definitions are `jsonencode([...])` expressions; [`Resolver`] evaluates the
 //! small part of HCL they use (literals, `local.*`, `concat`, `merge`, `for` expressions over known
-//! collections, `tostring`) and leaves the rest (`var.*`, resource attributes, `each.*`) as
-//! opaque `${...}` text, which is all the names and ports need.
+//! collections, `tostring`, conditionals, `==`, `+`, string templates) and leaves the rest
+//! (resource attributes, and `var.*` unless a test gives it a value) as opaque `${...}` text,
+//! which is all the names and ports need. Task definitions with `for_each` are read once per
+//! key, with `each` bound; `var.worker_groups` always has a value (its default plus
+//! [`AGENT_GROUP`]), so every check also covers a worker task with an agent sidecar.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use hcl::expr::{BinaryOperator, Operation};
-use hcl::{Block, Body, Expression, ObjectKey, TraversalOperator};
+use hcl::template::{Element, Template};
+use hcl::{Block, Body, Expression, ObjectKey, Traversal, TraversalOperator};
 use serde_json::{Map, Value};
 
 use crate::helpers::{
-    Container, Problems, ServiceSpec, check_container, repo_root, services, spec_for, url_host_port,
+    Container, Problems, ServiceSpec, check_container, is_loopback, repo_root, services, spec_for,
+    url_host_port,
 };
 
 const DIR: &str = "deploy/terraform";
+
+/// A worker group with an agent sidecar, the example deploy/README.md gives, added to
+/// `var.worker_groups`' default for every check: a sidecar must pass what every container
+/// passes (hardening, credentials from Secrets Manager, URLs that reach something).
+const AGENT_GROUP: &str = r#"{
+  cpu = 256, memory = 512, min_count = 1, max_count = 2, max_concurrency = 4
+  agent = {
+    image       = "123456789012.dkr.ecr.us-west-2.amazonaws.com/team/ag2-agent:3f2a9c1b7d4e"
+    environment = { AG2_MODEL = "default" }
+  }
+}"#;
+
+/// The name of the agent sidecar's container in a worker task.
+const AGENT_CONTAINER: &str = "agent";
 
 /// A Terraform file, parsed.
 struct TfFile {
@@ -77,13 +96,33 @@ fn block<'a>(body: &'a Body, ident: &str) -> Option<&'a Block> {
 /// Evaluates the literal part of HCL expressions, with every `locals` block in scope.
 struct Resolver {
     locals: BTreeMap<String, Expression>,
-    /// `var.NAME` → its default, only in [`Resolver::with_defaults`]: what a plan without
-    /// `-var` sees. Empty otherwise, so `var.*` stays opaque.
-    vars: BTreeMap<String, Expression>,
+    /// `var.NAME` → its value, as Terraform would see it after applying the variable's type
+    /// (optional attributes filled in): every default in [`Resolver::with_defaults`], what a
+    /// plan without `-var` sees; otherwise only what [`Resolver::with_var`] sets, so the
+    /// rest of `var.*` stays opaque.
+    vars: BTreeMap<String, Value>,
+    /// `var.NAME` → its `type` expression, to fill in optional attributes.
+    types: BTreeMap<String, Expression>,
 }
 
 impl Resolver {
+    /// A resolver with `var.worker_groups` set to its default plus [`AGENT_GROUP`] as
+    /// `critique`, and every other variable opaque.
     fn new(files: &[TfFile]) -> Self {
+        let groups = variable_default(files, "worker_groups");
+        let groups = format!("merge({groups}, {{ critique = {AGENT_GROUP} }})");
+        Self::bare(files).with_var("worker_groups", &groups)
+    }
+
+    /// A resolver that knows the locals and no variable.
+    fn bare(files: &[TfFile]) -> Self {
+        let variables = || {
+            files
+                .iter()
+                .flat_map(|f| f.body.blocks())
+                .filter(|b| b.identifier.as_str() == "variable")
+                .filter_map(|b| Some((b.labels.first()?.as_str().to_string(), &b.body)))
+        };
         let locals = files
             .iter()
             .flat_map(|f| f.body.blocks())
@@ -91,26 +130,94 @@ impl Resolver {
             .flat_map(|b| b.body.attributes())
             .map(|a| (a.key.to_string(), a.expr.clone()))
             .collect();
+        let types = variables()
+            .filter_map(|(name, body)| Some((name, attr(body, "type")?.clone())))
+            .collect();
         Self {
             locals,
             vars: BTreeMap::new(),
+            types,
         }
     }
 
-    /// A resolver that also reads `var.NAME` as the variable's default, where it has one.
+    /// A resolver that reads `var.NAME` as the variable's default, where it has one.
     fn with_defaults(files: &[TfFile]) -> Self {
-        let vars = files
+        let mut resolver = Self::bare(files);
+        for b in files
             .iter()
             .flat_map(|f| f.body.blocks())
             .filter(|b| b.identifier.as_str() == "variable")
-            .filter_map(|b| {
-                let name = b.labels.first()?.as_str().to_string();
-                Some((name, attr(&b.body, "default")?.clone()))
-            })
-            .collect();
-        Self {
-            vars,
-            ..Self::new(files)
+        {
+            let (Some(name), Some(default)) = (b.labels.first(), attr(&b.body, "default")) else {
+                continue;
+            };
+            let value = resolver.resolve(default);
+            resolver.set(name.as_str(), value);
+        }
+        resolver
+    }
+
+    /// This resolver with `var.NAME` set to `value`, an HCL expression (as in a `.tfvars`
+    /// file), converted through the variable's type as Terraform does.
+    fn with_var(mut self, name: &str, value: &str) -> Self {
+        let value = self.resolve(&expression(value));
+        self.set(name, value);
+        self
+    }
+
+    fn set(&mut self, name: &str, value: Value) {
+        let value = match self.types.get(name) {
+            Some(ty) => self.conform(ty, value),
+            None => value,
+        };
+        self.vars.insert(name.to_string(), value);
+    }
+
+    /// `value` as a variable of type `ty` holds it: `optional(T, default)` attributes that
+    /// are missing or null take their default (null without one), recursively, through
+    /// `map`, `list`, `set` and `object`.
+    fn conform(&self, ty: &Expression, value: Value) -> Value {
+        let Expression::FuncCall(call) = ty else {
+            return value;
+        };
+        match (call.name.name.as_str(), call.args.first(), value) {
+            ("map", Some(inner), Value::Object(map)) => Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| (k, self.conform(inner, v)))
+                    .collect(),
+            ),
+            ("list" | "set", Some(inner), Value::Array(items)) => {
+                Value::Array(items.into_iter().map(|v| self.conform(inner, v)).collect())
+            }
+            ("object", Some(Expression::Object(attributes)), Value::Object(mut map)) => {
+                let mut out = Map::new();
+                for (key, attribute_type) in attributes {
+                    let key = match key {
+                        ObjectKey::Identifier(id) => id.to_string(),
+                        ObjectKey::Expression(e) => text(&self.resolve(e)),
+                        other => format!("{other:?}"),
+                    };
+                    let given = map.remove(&key).unwrap_or(Value::Null);
+                    let value = match attribute_type {
+                        Expression::FuncCall(o) if o.name.name.as_str() == "optional" => {
+                            let given = if given.is_null() {
+                                o.args.get(1).map_or(Value::Null, |d| self.resolve(d))
+                            } else {
+                                given
+                            };
+                            match (given, o.args.first()) {
+                                (Value::Null, _) => Value::Null,
+                                (given, Some(inner)) => self.conform(inner, given),
+                                (given, None) => given,
+                            }
+                        }
+                        other => self.conform(other, given),
+                    };
+                    out.insert(key, value);
+                }
+                Value::Object(out)
+            }
+            (_, _, value) => value,
         }
     }
 
@@ -152,10 +259,7 @@ impl Resolver {
                         match t.operators.first() {
                             Some(TraversalOperator::GetAttr(name)) => {
                                 match self.vars.get(name.as_str()) {
-                                    Some(default) => (
-                                        self.eval(default, &BTreeMap::new(), next),
-                                        &t.operators[1..],
-                                    ),
+                                    Some(value) => (value.clone(), &t.operators[1..]),
                                     None => return opaque(expr),
                                 }
                             }
@@ -183,9 +287,9 @@ impl Resolver {
                     _ => return opaque(expr),
                 };
                 for op in rest {
-                    value = self.apply(value, op, scope, next);
-                    if value.is_null() {
-                        return opaque(expr);
+                    match self.apply(&value, op, scope, next) {
+                        Some(v) => value = v,
+                        None => return opaque(&self.with_known_indexes(t, scope, next)),
                     }
                 }
                 value
@@ -257,47 +361,105 @@ impl Resolver {
                     Value::Array(array)
                 }
             }
-            // `==` and `!=` between known values, as in a `for` expression's `if`.
+            // `==` and `!=` between known values, as in a `for` expression's `if`, and `+`
+            // between known numbers, as in a task's size.
             Expression::Operation(op) => match op.as_ref() {
                 Operation::Binary(b)
-                    if matches!(b.operator, BinaryOperator::Eq | BinaryOperator::NotEq) =>
+                    if matches!(
+                        b.operator,
+                        BinaryOperator::Eq | BinaryOperator::NotEq | BinaryOperator::Plus
+                    ) =>
                 {
                     let lhs = self.eval(&b.lhs_expr, scope, next);
                     let rhs = self.eval(&b.rhs_expr, scope, next);
                     if contains_opaque(&lhs) || contains_opaque(&rhs) {
                         return opaque(expr);
                     }
-                    Value::Bool((lhs == rhs) == (b.operator == BinaryOperator::Eq))
+                    match b.operator {
+                        BinaryOperator::Plus => match (lhs.as_i64(), rhs.as_i64()) {
+                            (Some(l), Some(r)) => Value::from(l + r),
+                            _ => opaque(expr),
+                        },
+                        operator => Value::Bool((lhs == rhs) == (operator == BinaryOperator::Eq)),
+                    }
                 }
                 _ => opaque(expr),
             },
-            // Templates stay as their source text: `http://master.${local.namespace}:8000`.
-            Expression::TemplateExpr(t) => Value::String(t.to_string()),
+            Expression::Conditional(c) => match self.eval(&c.cond_expr, scope, next) {
+                Value::Bool(true) => self.eval(&c.true_expr, scope, next),
+                Value::Bool(false) => self.eval(&c.false_expr, scope, next),
+                _ => opaque(expr),
+            },
+            // Interpolations of known strings and numbers are filled in; the rest keep their
+            // source text: `http://master.${var.name}.local:8000` without a value for var.name.
+            Expression::TemplateExpr(t) => {
+                let Ok(template) = Template::from_expr(t) else {
+                    return Value::String(t.to_string());
+                };
+                let mut out = String::new();
+                for element in template.elements() {
+                    match element {
+                        Element::Literal(literal) => out.push_str(literal),
+                        Element::Interpolation(i) => match self.eval(&i.expr, scope, next) {
+                            Value::String(s) => out.push_str(&s),
+                            Value::Number(n) => out.push_str(&n.to_string()),
+                            Value::Bool(b) => out.push_str(&b.to_string()),
+                            _ => out.push_str(&text(&opaque(&i.expr))),
+                        },
+                        Element::Directive(_) => return Value::String(t.to_string()),
+                    }
+                }
+                Value::String(out)
+            }
             _ => opaque(expr),
         }
     }
 
-    /// One `.name` or `[index]` step; `Null` when it does not apply.
+    /// `t` with each `[index]` that evaluates to a string or a number written as that
+    /// literal: `local.secret_arns[name]` with `name` bound reads
+    /// `local.secret_arns["GATEWAY_TOKEN"]`, so two opaque values compare by what they name.
+    fn with_known_indexes(
+        &self,
+        t: &Traversal,
+        scope: &BTreeMap<String, Value>,
+        depth: usize,
+    ) -> Expression {
+        let operators = t
+            .operators
+            .iter()
+            .map(|op| match op {
+                TraversalOperator::Index(index) => match self.eval(index, scope, depth) {
+                    Value::String(key) if !key.contains("${") => {
+                        TraversalOperator::Index(Expression::String(key))
+                    }
+                    Value::Number(n) => TraversalOperator::Index(Expression::Number(
+                        hcl::Number::from(n.as_u64().unwrap_or_default()),
+                    )),
+                    _ => op.clone(),
+                },
+                other => other.clone(),
+            })
+            .collect::<Vec<_>>();
+        Expression::Traversal(Box::new(Traversal::new(t.expr.clone(), operators)))
+    }
+
+    /// One `.name` or `[index]` step; `None` when it does not apply (a missing key, or a
+    /// value that is opaque or null).
     fn apply(
         &self,
-        value: Value,
+        value: &Value,
         op: &TraversalOperator,
         scope: &BTreeMap<String, Value>,
         depth: usize,
-    ) -> Value {
+    ) -> Option<Value> {
         match op {
-            TraversalOperator::GetAttr(name) => {
-                value.get(name.as_str()).cloned().unwrap_or(Value::Null)
-            }
+            TraversalOperator::GetAttr(name) => value.get(name.as_str()).cloned(),
             TraversalOperator::Index(index) => match self.eval(index, scope, depth) {
-                Value::String(key) => value.get(&key).cloned().unwrap_or(Value::Null),
-                Value::Number(n) => n
-                    .as_u64()
-                    .and_then(|i| value.get(usize::try_from(i).ok()?).cloned())
-                    .unwrap_or(Value::Null),
-                _ => Value::Null,
+                Value::String(key) => value.get(&key).cloned(),
+                Value::Number(n) => value.get(usize::try_from(n.as_u64()?).ok()?).cloned(),
+                _ => None,
             },
-            _ => Value::Null,
+            _ => None,
         }
     }
 }
@@ -306,6 +468,28 @@ impl Resolver {
 fn opaque(expr: &Expression) -> Value {
     let source = hcl::format::to_string(expr).unwrap_or_else(|_| "?".into());
     Value::String(format!("${{{source}}}"))
+}
+
+/// An HCL expression from its source text, e.g. a variable's value.
+fn expression(source: &str) -> Expression {
+    let body: Body = hcl::from_str(&format!("value = {source}"))
+        .unwrap_or_else(|e| panic!("not an HCL expression: {e}\n{source}"));
+    attr(&body, "value").cloned().expect("one attribute")
+}
+
+/// A variable's default, as source text.
+fn variable_default(files: &[TfFile], name: &str) -> String {
+    let variable = files
+        .iter()
+        .flat_map(|f| f.body.blocks())
+        .find(|b| {
+            b.identifier.as_str() == "variable"
+                && b.labels.first().map(|l| l.as_str()) == Some(name)
+        })
+        .unwrap_or_else(|| panic!("{DIR} declares no variable {name}"));
+    attr(&variable.body, "default")
+        .map(source)
+        .unwrap_or_else(|| panic!("variable {name} has no default"))
 }
 
 fn contains_opaque(v: &Value) -> bool {
@@ -327,6 +511,9 @@ fn text(v: &Value) -> String {
 /// A container definition, resolved, with where it comes from.
 struct Definition {
     file: String,
+    /// The task definition, with its `for_each` key: containers with the same `task` share
+    /// a network namespace (awsvpc), so they reach each other on 127.0.0.1.
+    task: String,
     who: String,
     json: Value,
 }
@@ -335,40 +522,79 @@ fn definitions(files: &[TfFile]) -> Vec<Definition> {
     definitions_with(files, &Resolver::new(files))
 }
 
-/// The container definitions, as `resolver` reads them.
+/// The container definitions, as `resolver` reads them: a task definition with `for_each`
+/// once per key of its collection, with `each.key` and `each.value` bound.
 fn definitions_with(files: &[TfFile], resolver: &Resolver) -> Vec<Definition> {
     let mut out = Vec::new();
     for (file, address, block) in resources(files, "aws_ecs_task_definition") {
-        let Some(expr) = attr(&block.body, "container_definitions") else {
-            panic!("{file}: {address} has no container_definitions");
-        };
-        let Expression::FuncCall(call) = expr else {
-            panic!(
-                "{file}: {address}: container_definitions must be jsonencode([...]) so it can be checked"
+        for (task, scope) in instances(resolver, &address, &block.body) {
+            let Some(expr) = attr(&block.body, "container_definitions") else {
+                panic!("{file}: {address} has no container_definitions");
+            };
+            let Expression::FuncCall(call) = expr else {
+                panic!(
+                    "{file}: {address}: container_definitions must be jsonencode([...]) so it can be checked"
+                );
+            };
+            assert_eq!(
+                call.name.name.as_str(),
+                "jsonencode",
+                "{file}: {address}: container_definitions must be jsonencode([...])"
             );
-        };
-        assert_eq!(
-            call.name.name.as_str(),
-            "jsonencode",
-            "{file}: {address}: container_definitions must be jsonencode([...])"
-        );
-        let list = resolver.resolve(&call.args[0]);
-        let list = list.as_array().unwrap_or_else(|| {
-            panic!("{file}: {address}: container_definitions is not a list: {list}")
-        });
-        for json in list {
-            let name = json.get("name").and_then(Value::as_str).unwrap_or_else(|| {
-                panic!("{file}: {address}: a container has no literal name: {json}")
+            let list = resolver.eval(&call.args[0], &scope, 0);
+            let list = list.as_array().unwrap_or_else(|| {
+                panic!("{file}: {task}: container_definitions is not a list: {list}")
             });
-            out.push(Definition {
-                file: file.to_string(),
-                who: format!("{address}, container {name}"),
-                json: json.clone(),
-            });
+            for json in list {
+                let name = json.get("name").and_then(Value::as_str).unwrap_or_else(|| {
+                    panic!("{file}: {task}: a container has no literal name: {json}")
+                });
+                out.push(Definition {
+                    file: file.to_string(),
+                    task: task.clone(),
+                    who: format!("{task}, container {name}"),
+                    json: json.clone(),
+                });
+            }
         }
     }
     assert!(!out.is_empty(), "{DIR} defines no ECS task definitions");
     out
+}
+
+/// The instances of a resource: `(address, scope)`, one per key of its `for_each` with
+/// `each` bound (`address["key"]`), or the resource alone.
+fn instances(
+    resolver: &Resolver,
+    address: &str,
+    body: &Body,
+) -> Vec<(String, BTreeMap<String, Value>)> {
+    let Some(for_each) = attr(body, "for_each") else {
+        return vec![(address.to_string(), BTreeMap::new())];
+    };
+    match resolver.resolve(for_each) {
+        Value::Object(map) => map
+            .into_iter()
+            .map(|(key, value)| {
+                let each = serde_json::json!({ "key": key, "value": value });
+                (
+                    format!("{address}[\"{key}\"]"),
+                    BTreeMap::from([("each".to_string(), each)]),
+                )
+            })
+            .collect(),
+        Value::Array(keys) => keys
+            .into_iter()
+            .map(|key| {
+                let each = serde_json::json!({ "key": key, "value": key });
+                (
+                    format!("{address}[\"{}\"]", text(&key)),
+                    BTreeMap::from([("each".to_string(), each)]),
+                )
+            })
+            .collect(),
+        _ => vec![(address.to_string(), BTreeMap::new())],
+    }
 }
 
 fn named(list: Option<&Value>, value_key: &str) -> BTreeMap<String, String> {
@@ -419,7 +645,8 @@ fn every_container_sets_only_what_its_service_reads_and_all_it_requires() {
     let specs = services();
     let mut problems = Problems::default();
     let containers: Vec<Container> = definitions(&files).iter().map(container).collect();
-    for c in &containers {
+    // An agent sidecar runs someone else's image: a_worker_group_with_an_agent_runs_it_beside_the_worker checks it.
+    for c in containers.iter().filter(|c| c.service != AGENT_CONTAINER) {
         if let Some(spec) = spec_for(&specs, c, &mut problems) {
             check_container(spec, c, &mut problems);
         }
@@ -582,7 +809,8 @@ fn service_urls_name_a_cloud_map_service_and_its_port() {
             }
         })
         .collect();
-    let containers: Vec<Container> = definitions(&files).iter().map(container).collect();
+    let defs = definitions(&files);
+    let containers: Vec<Container> = defs.iter().map(container).collect();
     // service → the port its containers listen on.
     let listening: BTreeMap<&str, u16> = containers
         .iter()
@@ -591,11 +819,31 @@ fn service_urls_name_a_cloud_map_service_and_its_port() {
             Some((spec.name, c.listen_port(spec)?))
         })
         .collect();
-    for c in &containers {
+    for (d, c) in defs.iter().zip(&containers) {
         for (var, value) in &c.env {
             let Some((host, port)) = url_host_port(value) else {
                 continue;
             };
+            // 127.0.0.1 is the task's own network namespace (awsvpc): another container of
+            // the same task, a sidecar, must listen on that port (its PORT).
+            if is_loopback(host) {
+                let sidecar = defs.iter().zip(&containers).any(|(other, o)| {
+                    other.task == d.task
+                        && other.who != d.who
+                        && o.env.get("PORT").and_then(|p| p.parse().ok()) == Some(port)
+                });
+                if !sidecar {
+                    problems.add(
+                        &c.file,
+                        &c.who,
+                        format!(
+                            "{var}={value}: no other container of {} listens on {port}",
+                            d.task
+                        ),
+                    );
+                }
+                continue;
+            }
             let name = host.split('.').next().unwrap_or(host);
             if !registered.contains(name) {
                 problems.add(
@@ -1236,5 +1484,176 @@ fn worker_autoscaling_counts_in_flight_steps_and_does_not_flap() {
     assert!(
         reversals(&counts) <= 1,
         "one way out, one way back: {counts:?}"
+    );
+}
+
+/// The containers of one worker task, by container name, for `worker_groups` set to
+/// `groups` (HCL).
+fn worker_task(files: &[TfFile], groups: &str, group: &str) -> BTreeMap<String, Value> {
+    let resolver = Resolver::bare(files).with_var("worker_groups", groups);
+    let task = format!("aws_ecs_task_definition.worker[\"{group}\"]");
+    definitions_with(files, &resolver)
+        .into_iter()
+        .filter(|d| d.task == task)
+        .map(|d| (d.json["name"].as_str().unwrap().to_string(), d.json))
+        .collect()
+}
+
+/// A task definition attribute (`cpu`, `memory`) of one worker group's task.
+fn worker_task_size(files: &[TfFile], groups: &str, group: &str, key: &str) -> Value {
+    let resolver = Resolver::bare(files).with_var("worker_groups", groups);
+    let (_, address, block) = resources(files, "aws_ecs_task_definition")
+        .into_iter()
+        .find(|(_, a, _)| a == "aws_ecs_task_definition.worker")
+        .expect("ecs.tf has the worker task definition");
+    let (_, scope) = instances(&resolver, &address, &block.body)
+        .into_iter()
+        .find(|(task, _)| task.ends_with(&format!("[\"{group}\"]")))
+        .unwrap_or_else(|| panic!("no worker task for {group}"));
+    resolver.eval(attr(&block.body, key).unwrap(), &scope, 0)
+}
+
+#[test]
+fn a_worker_group_with_an_agent_runs_it_beside_the_worker() {
+    // What the sidecar pattern rests on: the worker reaches its agent on 127.0.0.1 at the
+    // configured port and paths, waits for it to be healthy, and the agent reaches the
+    // gateway with the workers' own token; a group without an agent is left as it was.
+    let files = files();
+    let groups = r#"{
+      plan = { cpu = 256, memory = 512, min_count = 1, max_count = 4, max_concurrency = 8 }
+      critique = {
+        cpu = 256, memory = 512, min_count = 1, max_count = 2, max_concurrency = 4
+        agent = {
+          image       = "123456789012.dkr.ecr.us-west-2.amazonaws.com/team/ag2-agent:3f2a9c1b7d4e"
+          port        = 9100
+          path        = "/v1/step"
+          health_path = "/healthz"
+          cpu         = 768
+          memory      = 1536
+          environment = { AG2_MODEL = "critic" }
+          secrets     = { SEARCH_API_KEY = "arn:aws:secretsmanager:us-west-2:123456789012:secret:search-AbCdEf" }
+        }
+      }
+    }"#;
+    let task = worker_task(&files, groups, "critique");
+    assert_eq!(
+        task.keys().collect::<Vec<_>>(),
+        ["agent", "worker"],
+        "a group with an agent runs two containers"
+    );
+    let (worker, agent) = (&task["worker"], &task[AGENT_CONTAINER]);
+    let env = |c: &Value| named(c.get("environment"), "value");
+    let secrets = |c: &Value| named(c.get("secrets"), "valueFrom");
+    let (worker_env, agent_env) = (env(worker), env(agent));
+
+    // The worker: the names the worker's http agent reads (AGENT_URL and AGENT_HEALTH_URL
+    // are held against worker::Config by the check of every container, once it reads them).
+    for (name, value) in [
+        ("AGENT_KIND", "http"),
+        ("AGENT_URL", "http://127.0.0.1:9100/v1/step"),
+        ("AGENT_HEALTH_URL", "http://127.0.0.1:9100/healthz"),
+    ] {
+        assert_eq!(
+            worker_env.get(name).map(String::as_str),
+            Some(value),
+            "worker env: {worker_env:?}"
+        );
+    }
+    assert_eq!(
+        worker["dependsOn"],
+        serde_json::json!([{ "containerName": "agent", "condition": "HEALTHY" }]),
+        "the worker starts once its agent is healthy, and stops before it"
+    );
+
+    // The agent: essential, reachable only inside the task, on the port the worker calls.
+    assert_eq!(
+        agent["essential"],
+        Value::Bool(true),
+        "the agent is essential"
+    );
+    assert!(
+        agent.get("portMappings").is_none(),
+        "the agent maps no ports: only the worker, in its task, reaches it"
+    );
+    assert_eq!(agent_env.get("PORT").map(String::as_str), Some("9100"));
+    assert_eq!(
+        agent_env.get("AG2_MODEL").map(String::as_str),
+        Some("critic")
+    );
+    let gateway = worker_env
+        .get("LLM_GATEWAY_URL")
+        .expect("workers reach the gateway");
+    assert_eq!(
+        agent_env.get("OPENAI_BASE_URL"),
+        Some(&format!("{gateway}/v1")),
+        "the agent calls the gateway the workers call, at its OpenAI-compatible /v1"
+    );
+    let (worker_secrets, agent_secrets) = (secrets(worker), secrets(agent));
+    assert_eq!(
+        agent_secrets.get("OPENAI_API_KEY"),
+        worker_secrets.get("GATEWAY_TOKEN"),
+        "the agent's OPENAI_API_KEY is the workers' GATEWAY_TOKEN secret"
+    );
+    assert_eq!(
+        agent_secrets.get("SEARCH_API_KEY").map(String::as_str),
+        Some("arn:aws:secretsmanager:us-west-2:123456789012:secret:search-AbCdEf")
+    );
+    let health = agent["healthCheck"]["command"].to_string();
+    assert!(
+        health.contains("http://127.0.0.1:9100/healthz"),
+        "the agent's health check asks its health_path: {health}"
+    );
+    assert_eq!(
+        agent["logConfiguration"]["options"]["awslogs-group"],
+        worker["logConfiguration"]["options"]["awslogs-group"],
+        "the agent logs to its group's log group"
+    );
+    assert_eq!(
+        agent["logConfiguration"]["options"]["awslogs-stream-prefix"],
+        "agent"
+    );
+    assert_eq!(
+        (agent["cpu"].as_u64(), agent["memory"].as_u64()),
+        (Some(768), Some(1536))
+    );
+    // Fargate sizes the task: the worker's share plus the agent's.
+    assert_eq!(worker_task_size(&files, groups, "critique", "cpu"), 1024);
+    assert_eq!(worker_task_size(&files, groups, "critique", "memory"), 2048);
+
+    // A group without an agent: one container, the llm agent, no dependency, as before.
+    let plain = worker_task(&files, groups, "plan");
+    assert_eq!(plain.keys().collect::<Vec<_>>(), ["worker"]);
+    let plain_env = env(&plain["worker"]);
+    assert_eq!(plain_env.get("AGENT_KIND").map(String::as_str), Some("llm"));
+    assert!(!plain_env.contains_key("AGENT_URL"), "{plain_env:?}");
+    assert!(
+        plain["worker"].get("dependsOn").is_none(),
+        "no dependsOn (not even null) without an agent: {}",
+        plain["worker"]
+    );
+    assert_eq!(worker_task_size(&files, groups, "plan", "cpu"), 256);
+}
+
+#[test]
+fn an_agent_left_at_its_defaults_listens_on_9000_and_serves_step() {
+    // The defaults are what examples/ag2-agent serves (PORT 9000, POST /step, GET /health).
+    let files = files();
+    let groups = format!("{{ critique = {AGENT_GROUP} }}");
+    let task = worker_task(&files, &groups, "critique");
+    let worker_env = named(task["worker"].get("environment"), "value");
+    let agent_env = named(task[AGENT_CONTAINER].get("environment"), "value");
+    assert_eq!(
+        worker_env.get("AGENT_URL").map(String::as_str),
+        Some("http://127.0.0.1:9000/step")
+    );
+    assert_eq!(
+        worker_env.get("AGENT_HEALTH_URL").map(String::as_str),
+        Some("http://127.0.0.1:9000/health")
+    );
+    assert_eq!(agent_env.get("PORT").map(String::as_str), Some("9000"));
+    assert_eq!(worker_task_size(&files, &groups, "critique", "cpu"), 512);
+    assert_eq!(
+        worker_task_size(&files, &groups, "critique", "memory"),
+        1024
     );
 }
