@@ -22,6 +22,7 @@ use crate::redis::{NotReady, RedisPool};
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
 /// `{"error": {"code", "message"}}`: every error any service answers.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ErrorBody {
     /// The error.
@@ -29,9 +30,15 @@ pub struct ErrorBody {
 }
 
 /// The inside of [`ErrorBody`].
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ErrorDetail {
-    /// A stable, machine-readable code (`invalid_json`, `not_found`, `unavailable`, …).
+    /// A stable, machine-readable code. Every service: `invalid_json`, `bad_request`,
+    /// `unauthorized`, `forbidden`, `not_found`, `method_not_allowed`, `payload_too_large`,
+    /// `unsupported_media_type`, `invalid`, `unavailable`, `internal`. The master also:
+    /// `conflict`, `rate_limited`, `too_many_concurrent`, `overloaded`, `storage_full`. A
+    /// worker's `POST /work` also: `capability_not_served`, `misdirected`, `at_capacity`,
+    /// `draining`, `degraded`. A client should treat an unknown code by its HTTP status.
     pub code: String,
     /// What was wrong, for a person.
     pub message: String,

@@ -130,6 +130,56 @@ id_type!(
     "only letters, digits, `-`, `_`, `.` and `:` are allowed"
 );
 
+/// Hand-written JSON Schemas for the ids: their `Deserialize` checks the value, so the
+/// schema states the same rule (every allowed character is ASCII, so the schema's length in
+/// code points is the check's length in bytes). `checks/tests/protocol_schemas.rs` holds the
+/// two together over every ASCII character and the length limits.
+#[cfg(feature = "schema")]
+macro_rules! id_schema {
+    ($name:ident, $pattern:literal, $max:literal, $description:literal) => {
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                let serde_json::Value::Object(map) = serde_json::json!({
+                    "type": "string",
+                    "description": $description,
+                    "pattern": $pattern,
+                    "minLength": 1,
+                    "maxLength": $max,
+                }) else {
+                    unreachable!("a JSON object literal is an object")
+                };
+                schemars::Schema::from(map)
+            }
+        }
+    };
+}
+
+#[cfg(feature = "schema")]
+id_schema!(
+    TaskId,
+    "^[A-Za-z0-9_-]{1,64}$",
+    64,
+    "A task id: 1 to 64 of `A-Z a-z 0-9 - _` (a UUIDv7 when the master makes it)."
+);
+#[cfg(feature = "schema")]
+id_schema!(
+    Capability,
+    "^[a-z0-9._-]{1,64}$",
+    64,
+    "A capability (`plan`, `retrieve`, …): 1 to 64 of lower-case letters, digits, `-`, `_` and `.`."
+);
+#[cfg(feature = "schema")]
+id_schema!(
+    WorkerId,
+    "^[A-Za-z0-9_.:-]{1,128}$",
+    128,
+    "A worker's id (`AGENT_ID`): 1 to 128 of letters, digits and `-`, `_`, `.`, `:`."
+);
+
 impl TaskId {
     /// A new, time-ordered task id.
     pub fn generate() -> Self {

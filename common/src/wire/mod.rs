@@ -13,7 +13,7 @@ pub use task::{
 };
 pub use work::{
     AckStatus, PriorOutput, ReportStatus, ResultAck, ResultReport, StepContext, StepError, StepRef,
-    WorkRequest, WorkerRecord,
+    WorkAccepted, WorkRequest, WorkerRecord,
 };
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp on the wire.

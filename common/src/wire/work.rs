@@ -9,6 +9,7 @@ use super::{Capability, TaskId, WorkerId};
 
 /// One step, leased to one worker for one attempt. Sent as the body of `POST /work` with
 /// `Authorization: Bearer <WORKER_TOKEN>` and `x-request-id`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkRequest {
     /// The task.
@@ -16,6 +17,7 @@ pub struct WorkRequest {
     /// The step's index in the task, from 0.
     pub step: u32,
     /// The attempt number, from 1. The report must carry it back: it is the fencing token.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub attempt: u32,
     /// The capability the step needs.
     pub capability: Capability,
@@ -24,6 +26,7 @@ pub struct WorkRequest {
     /// What the step may also look at.
     pub context: StepContext,
     /// When the step must be finished (ms since the epoch); the worker's timeout.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub deadline_ms: u64,
     /// The worker this attempt is leased to. A worker that is someone else refuses the
     /// request (`421 misdirected`): an address shared by several workers (a name that DNS
@@ -45,6 +48,7 @@ impl WorkRequest {
 }
 
 /// Everything a step may look at besides its input.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StepContext {
     /// The task's original input.
@@ -66,7 +70,8 @@ pub struct StepContext {
     pub element_index: Option<u32>,
 }
 
-/// A needed step's outcome, in a [`StepContext`].
+/// A needed step's outcome, in a `StepContext`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PriorOutput {
     /// The step's index.
@@ -92,6 +97,7 @@ fn succeeded() -> super::StepStatus {
 }
 
 /// A step's outcome, as a worker reports it.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ReportStatus {
@@ -102,6 +108,7 @@ pub enum ReportStatus {
 }
 
 /// Why a step failed.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepError {
     /// What went wrong.
@@ -135,15 +142,19 @@ impl StepError {
     }
 }
 
-/// `POST /result`: a worker reports one attempt's outcome.
+/// `POST /result`: a worker reports one attempt's outcome. `output` goes with `succeeded`
+/// (absent means `null`); `error` is required with `failed` and must be absent with
+/// `succeeded` (else `422 invalid`).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResultReport {
     /// The task.
     pub task_id: TaskId,
     /// The step's index.
     pub step: u32,
-    /// The attempt from the [`WorkRequest`]; a report for an attempt that is no longer
+    /// The attempt from the `WorkRequest`, from 1; a report for an attempt that is no longer
     /// current is acknowledged and discarded.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub attempt: u32,
     /// The reporting worker.
     pub worker_id: WorkerId,
@@ -162,6 +173,7 @@ pub struct ResultReport {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "milliseconds"
     )]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "milliseconds_schema"))]
     pub duration_ms: Option<u64>,
 }
 
@@ -186,6 +198,20 @@ fn milliseconds<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<u64>, 
     }
 }
 
+/// What [`milliseconds`] accepts: any non-negative number, or `null` (as if absent).
+#[cfg(feature = "schema")]
+fn milliseconds_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let serde_json::Value::Object(map) = serde_json::json!({
+        "type": ["number", "null"],
+        "minimum": 0,
+        "description": "How long the agent ran, in milliseconds: any non-negative JSON number \
+            (a fraction is rounded to the nearest millisecond).",
+    }) else {
+        unreachable!("a JSON object literal is an object")
+    };
+    schemars::Schema::from(map)
+}
+
 impl ResultReport {
     /// Checks that the report is consistent (an output with success, an error with failure).
     pub fn validate(&self) -> Result<(), String> {
@@ -202,14 +228,30 @@ impl ResultReport {
     }
 }
 
-/// The master's answer to `POST /result` (always `200` for a well-formed report).
+/// The master's answer to `POST /result` (always `200` for a well-formed report from a
+/// worker with the right token).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResultAck {
     /// Recorded, or discarded because the attempt was not current.
     pub status: AckStatus,
 }
 
+/// The worker's answer to `POST /work` when it takes the step (`202`): the step runs in the
+/// background and its outcome comes later as a `ResultReport` on `POST /result`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkAccepted {
+    /// Always `true`.
+    pub accepted: bool,
+    /// `true` when the worker already held this attempt (the same task, step and attempt):
+    /// it is not run a second time, and one report comes for it. Absent means `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
 /// What the master did with a report.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AckStatus {
@@ -220,7 +262,8 @@ pub enum AckStatus {
     Discarded,
 }
 
-/// One step attempt, as a worker lists it in flight.
+/// One step attempt, as a worker lists it in `in_flight`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct StepRef {
     /// The task.
@@ -231,7 +274,9 @@ pub struct StepRef {
     pub attempt: u32,
 }
 
-/// A worker's record in Redis, refreshed by its heartbeat.
+/// A worker's record in Redis, refreshed by its heartbeat: the JSON value of
+/// `{prefix}:{registry}:worker:{id}`, written with a TTL of three heartbeat intervals.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkerRecord {
     /// The worker's id.
@@ -242,20 +287,22 @@ pub struct WorkerRecord {
     pub capabilities: Vec<Capability>,
     /// How many steps it runs at once.
     pub max_concurrency: u32,
-    /// The steps it is running now; the master extends their leases.
+    /// The steps it holds now (running, or delivering their result); the master extends
+    /// their leases. Absent means none.
     #[serde(default)]
     pub in_flight: Vec<StepRef>,
     /// Its software version.
     pub version: String,
     /// When it started (ms since the epoch).
     pub started_at_ms: u64,
-    /// Whether it is draining (finishing in-flight work, taking none).
+    /// Whether it is draining (finishing in-flight work, taking none). Absent means `false`.
     #[serde(default)]
     pub draining: bool,
-    /// When this record was written (ms since the epoch), set by [`crate::registry::Registry::heartbeat`].
-    /// A lease is extended only from the heartbeat that listed its step, so a dead worker's
-    /// steps lapse `LEASE_MS` after its last beat, not after its record expires. `0` (a
-    /// record from a worker that does not send it) means "now".
+    /// When this record was written (ms since the epoch, the worker's clock; the Rust
+    /// worker's `Registry::heartbeat` sets it). A lease is extended only from the heartbeat
+    /// that listed its step, so a dead worker's steps lapse `LEASE_MS` after its last beat,
+    /// not after its record expires. `0` or absent (a worker that does not send it) means
+    /// "now", as the master reads the record.
     #[serde(default)]
     pub heartbeat_at_ms: u64,
     /// Why the worker takes no new steps although it is alive (for example: it cannot

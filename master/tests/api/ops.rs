@@ -286,5 +286,24 @@ async fn openapi_describes_every_route() {
             "{method} {path} missing from openapi.json"
         );
     }
+    // `POST /work` is served by workers, so it is a webhook (OpenAPI 3.1), not a path; every
+    // answer the dispatcher treats differently must be described.
+    let work = &spec["webhooks"]["work"]["post"];
+    assert_eq!(
+        work["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/WorkRequest"
+    );
+    for status in ["202", "401", "413", "421", "422", "429", "503"] {
+        assert!(
+            work["responses"][status].is_object(),
+            "the /work webhook does not describe {status}"
+        );
+    }
+    for name in ["WorkRequest", "WorkAccepted", "ResultReport", "WorkerRecord", "ErrorBody"] {
+        assert!(
+            spec["components"]["schemas"][name].is_object(),
+            "the schema {name} is missing from openapi.json"
+        );
+    }
     master.stop().await;
 }
