@@ -21,7 +21,8 @@ import json
 import logging
 import os
 import time
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +31,10 @@ import openai
 import uvicorn
 from ag2 import Agent
 from ag2.config.openai import OpenAIConfig
+from ag2.events.types import ModelMessageChunk
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 log = logging.getLogger("ag2-agent")
@@ -171,8 +173,9 @@ class Critic:
             default_headers={"x-request-id": request_id} if request_id else None,
         )
 
-    async def critique(self, step: Step, request_id: str | None) -> dict[str, Any]:
-        """Critique the step's input, or raise `StepFailed` saying why not."""
+    def message_for(self, step: Step) -> str:
+        """The critic's message for a step, or `StepFailed` (422) when the step is not one
+        this agent can take."""
         if step.capability != CAPABILITY:
             raise StepFailed(422, f"this agent serves only `{CAPABILITY}`, not `{step.capability}`")
         work = text_of(step.input).strip()
@@ -184,29 +187,76 @@ class Critic:
             )
         # The work comes first: it is what the critic is asked about. The task follows for
         # context, when it is not the work itself (a first step gets the task as input).
-        message = work
         task = step.context.get("task_input")
         if task is not None and task != step.input:
-            message += f"\n\nThe task this serves:\n{text_of(task)}"
+            return f"{work}\n\nThe task this serves:\n{text_of(task)}"
+        return work
+
+    def output(self, text: str, model: str | None, usage: Any = None) -> dict[str, Any]:
+        """The step's output: the critique and who wrote it (with the token counts once known)."""
+        output: dict[str, Any] = {"text": text, "agent": AGENT_NAME, "model": model or self.settings.model}
+        if usage is not None:
+            output["usage"] = {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+            }
+        return output
+
+    @contextmanager
+    def gateway_errors(self) -> Iterator[None]:
+        """Turn the OpenAI client's errors into `StepFailed`, sorted by what the master
+        should do with the step."""
         try:
-            reply = await self.agent.ask(message, config=self.model_config(request_id))
+            yield
         except openai.APIConnectionError as e:  # includes the client's own timeout
             raise StepFailed(503, f"the LLM gateway at {self.settings.base_url} cannot be reached: {e}")
         except openai.APIStatusError as e:
             raise self.gateway_error(e)
+        except openai.APIError as e:  # an error event in the middle of a stream
+            raise StepFailed(503, f"the LLM gateway's stream failed: {e.message}")
+
+    def finished(self, reply: Any) -> dict[str, Any]:
+        """The output of a finished turn; a turn without text is an error worth retrying."""
         if not reply.body:
             raise StepFailed(503, "the model answered no text (its finish reason may say it was filtered)")
-        usage = reply.response.usage
-        return {
-            "text": reply.body,
-            "agent": AGENT_NAME,
-            "model": reply.response.model or self.settings.model,
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total_tokens,
-            },
-        }
+        return self.output(reply.body, reply.response.model, reply.response.usage)
+
+    async def critique(self, step: Step, request_id: str | None) -> dict[str, Any]:
+        """Critique the step's input, or raise `StepFailed` saying why not."""
+        message = self.message_for(step)
+        with self.gateway_errors():
+            reply = await self.agent.ask(message, config=self.model_config(request_id))
+        return self.finished(reply)
+
+    async def critique_stream(self, step: Step, request_id: str | None) -> AsyncIterator[dict[str, Any]]:
+        """The same, streamed: the output so far after each piece of text from the model,
+        then the whole output (with `usage`) last. Raises `StepFailed` like `critique`."""
+        message = self.message_for(step)
+        config = self.model_config(request_id).copy(streaming=True)
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+
+        async def on_piece(event: ModelMessageChunk) -> None:
+            await pieces.put(event.content)
+
+        async with self.agent.run(message, config=config) as run:
+            run.stream.where(ModelMessageChunk).subscribe(on_piece)
+            turn = asyncio.ensure_future(run.result())
+            text = ""
+            try:
+                while True:
+                    piece = asyncio.ensure_future(pieces.get())
+                    await asyncio.wait({piece, turn}, return_when=asyncio.FIRST_COMPLETED)
+                    if not piece.done():
+                        piece.cancel()
+                        break
+                    text += piece.result()
+                    yield self.output(text, None)
+                with self.gateway_errors():
+                    reply = turn.result()
+            finally:
+                turn.cancel()
+        yield self.finished(reply)
 
     def gateway_error(self, e: openai.APIStatusError) -> StepFailed:
         """Sort a gateway error into what the master should do with the step."""
@@ -223,6 +273,71 @@ class Critic:
             return StepFailed(503, f"{detail} (check AG2_MODEL={self.settings.model!r}: the gateway has no such alias)")
         # 400, 413, 422: the request made from this step's input is refused, and would be again.
         return StepFailed(422, detail)
+
+
+def timed_out(budget: float | None) -> StepFailed:
+    """The failure of a step whose deadline came first: retried by the master."""
+    return StepFailed(504, f"the critique did not finish within the step's deadline ({budget or 0:.1f} s)")
+
+
+def prefers_event_stream(accept: str) -> bool:
+    """Whether an `accept` header ranks `text/event-stream` above `application/json`."""
+    ranks: dict[str, float] = {}
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        ranks[media.lower()] = q
+    stream = ranks.get("text/event-stream", 0.0)
+    json_rank = max(ranks.get("application/json", 0.0), ranks.get("*/*", 0.0))
+    return stream > 0 and stream > json_rank
+
+
+async def next_before(
+    outputs: AsyncIterator[dict[str, Any]], deadline: float | None, budget: float | None
+) -> dict[str, Any]:
+    """The next output of a stream, or `StepFailed` (504) when the deadline comes first."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await anext(outputs)
+    except TimeoutError:
+        await outputs.aclose()
+        raise timed_out(budget)
+
+
+async def event_stream(
+    first: dict[str, Any], outputs: AsyncIterator[dict[str, Any]], deadline: float | None, budget: float | None
+) -> AsyncIterator[str]:
+    """Server-Sent Events: one `data:` message per output so far, the last one the whole
+    output; a failure after the first is an `event: error` with `{"message", "retryable"}`."""
+    try:
+        yield f"data: {json.dumps(first)}\n\n"
+        while True:
+            try:
+                output = await next_before(outputs, deadline, budget)
+            except StopAsyncIteration:
+                return
+            except StepFailed as e:
+                level = logging.WARNING if e.status < 500 else logging.ERROR
+                log.log(level, "stream failed (%d): %s", e.status, e.message)
+                error = {"message": e.message, "retryable": e.status >= 500}
+                yield f"event: error\ndata: {json.dumps(error)}\n\n"
+                return
+            except Exception:
+                log.exception("the streamed critique failed")
+                error = {"message": "the agent failed unexpectedly (see its log)", "retryable": True}
+                yield f"event: error\ndata: {json.dumps(error)}\n\n"
+                return
+            yield f"data: {json.dumps(output)}\n\n"
+    finally:
+        # The reader may have gone (the worker gave up): stop the model turn too.
+        await outputs.aclose()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -260,17 +375,25 @@ def create_app(settings: Settings) -> FastAPI:
         log.exception("the critique failed [request %s]", request.headers.get("x-request-id"))
         return JSONResponse({"detail": "the agent failed unexpectedly (see its log)"}, status_code=500)
 
-    @app.post("/step")
-    async def step(body: Step, request: Request) -> dict[str, Any]:
+    @app.post("/step", response_model=None)
+    async def step(body: Step, request: Request) -> dict[str, Any] | StreamingResponse:
         request_id = request.headers.get("x-request-id") or body.request_id
         budget = seconds_left(body, request.headers.get("x-ensemble-timeout-ms"))
         if budget is not None and budget <= 0:
             raise StepFailed(504, "the step's deadline had passed when it arrived")
+        critic: Critic = request.app.state.critic
+        deadline = None if budget is None else asyncio.get_running_loop().time() + budget
+        if prefers_event_stream(request.headers.get("accept", "")):
+            outputs = critic.critique_stream(body, request_id)
+            # The first output is awaited here, so a step refused before any text (a bad
+            # input, the gateway down) gets its HTTP status rather than a stream's error.
+            first = await next_before(outputs, deadline, budget)
+            return StreamingResponse(event_stream(first, outputs, deadline, budget), media_type="text/event-stream")
         try:
-            async with asyncio.timeout(budget):
-                return await request.app.state.critic.critique(body, request_id)
+            async with asyncio.timeout_at(deadline):
+                return await critic.critique(body, request_id)
         except TimeoutError:
-            raise StepFailed(504, f"the critique did not finish within the step's deadline ({budget:.1f} s)")
+            raise timed_out(budget)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

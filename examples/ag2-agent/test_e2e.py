@@ -8,6 +8,8 @@ user message>" (<its word count> words, ref <hash of the conversation>).`, so ea
 shows what its step was given.
 """
 
+import json
+import urllib.request
 from typing import Any
 
 from conftest import CRITIQUE_WORKER, FINALIZE_SUFFIX, LLM_WORKER, OPERATOR_KEY, Cluster, http, status_of, wait_for
@@ -131,3 +133,26 @@ def test_a_failing_model_is_retried_then_fails_the_step(cluster: Cluster) -> Non
     critique = step_of(view, "critique")
     assert critique["attempts"] == 2, critique
     assert "the LLM gateway answered 503" in critique["error"]["message"], critique
+
+
+def test_the_agent_streams_when_asked_and_ends_with_the_same_output(cluster: Cluster) -> None:
+    # Straight to the service, as a worker that asks for Server-Sent Events would.
+    step = {"task_id": "stream-test", "step": 1, "attempt": 1, "capability": "critique",
+            "input": {"text": "1. Containerise the service. 2. Move it to ECS.", "queries": []},
+            "context": {"task_input": {"question": QUESTION}}}
+    request = urllib.request.Request(f"{cluster.agent}/step", data=json.dumps(step).encode(), method="POST")
+    request.add_header("content-type", "application/json")
+    request.add_header("accept", "text/event-stream")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    events = [e for e in body.split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events), body
+    outputs = [json.loads(e[len("data: "):]) for e in events]
+    assert len(outputs) > 2, outputs
+    # Each message is the output so far; the last is the whole output, as a plain answer.
+    texts = [o["text"] for o in outputs]
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:])), texts
+    status, plain = http("POST", f"{cluster.agent}/step", step)
+    assert status == 200, plain
+    assert outputs[-1] == plain, (outputs[-1], plain)
