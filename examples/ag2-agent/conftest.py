@@ -168,7 +168,7 @@ class Cluster:
             {},
         )
         wait_for("redis-server to answer PING", self.redis_ping, 20, self)
-        rust = {"RUST_LOG": "info", "HOST": "127.0.0.1"}
+        rust = {"RUST_LOG": "info", "HOST": "127.0.0.1", "NO_COLOR": "1"}
         self.spawn(
             "gateway",
             [BIN / "llm-gateway"],
@@ -209,7 +209,7 @@ class Cluster:
 
     def spawn_worker(self, agent_id: str, port: str, env: dict[str, str]) -> None:
         self.spawn(agent_id, [BIN / "worker"], {
-            "RUST_LOG": "info", **self.redis_env(),
+            "RUST_LOG": "info", "NO_COLOR": "1", **self.redis_env(),
             "HOST": "127.0.0.1",
             "PORT": str(self.ports[port]),
             "ADVERTISE_URL": f"http://127.0.0.1:{self.ports[port]}",
