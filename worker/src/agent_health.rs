@@ -148,3 +148,61 @@ impl AgentHealth {
         outcome
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn health(urls: &[&str]) -> AgentHealth {
+        AgentHealth::new(
+            urls.iter().map(|u| u.to_string()).collect(),
+            Duration::from_millis(50),
+            reqwest::Client::new(),
+            InFlight::new(1, "w"),
+            Arc::new(Notify::new()),
+            Arc::new(Notify::new()),
+        )
+    }
+
+    #[test]
+    fn unavailable_until_all_pass_then_only_after_two_failures_in_a_row() {
+        let health = health(&["http://a/health", "http://b/health"]);
+        let unavailable = || health.in_flight.unavailable();
+        assert!(
+            unavailable().unwrap().contains("http://a/health"),
+            "from the start"
+        );
+        let mut failures = vec![0, 0];
+        let down = || Err("answered 503".to_string());
+
+        health.judge(&[Ok(()), down()], &mut failures);
+        assert_eq!(
+            unavailable().as_deref(),
+            Some("the agent's health check at http://b/health failed: answered 503"),
+            "not every URL has passed yet; the reason names the failing one"
+        );
+        health.judge(&[Ok(()), Ok(())], &mut failures);
+        assert_eq!(unavailable(), None, "every URL passed");
+
+        health.judge(&[down(), Ok(())], &mut failures);
+        assert_eq!(unavailable(), None, "one failure may be a blip");
+        health.judge(&[Ok(()), Ok(())], &mut failures);
+        health.judge(&[down(), Ok(())], &mut failures);
+        assert_eq!(unavailable(), None, "a success in between resets the count");
+        health.judge(&[down(), Ok(())], &mut failures);
+        assert!(
+            unavailable().unwrap().contains("http://a/health"),
+            "two in a row"
+        );
+        health.judge(&[Ok(()), Ok(())], &mut failures);
+        assert_eq!(unavailable(), None, "one round of successes brings it back");
+    }
+
+    #[test]
+    fn a_worker_without_http_agents_is_never_unavailable() {
+        let health = health(&[]);
+        assert_eq!(health.in_flight.unavailable(), None);
+    }
+}
