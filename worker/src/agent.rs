@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use common::wire::{Capability, StepError, WorkRequest};
 use serde_json::Value;
 
-use crate::agents::{EchoAgent, LlmAgent};
+use tokio::sync::Notify;
+
+use crate::agents::{EchoAgent, HttpAgent, LlmAgent};
 use crate::config::{AgentKind, Config};
 
 /// Does the work of a step. The worker calls `handle` once per accepted step attempt, under
@@ -37,6 +39,48 @@ pub fn current_request_id() -> Option<String> {
 /// Runs `fut` with `request_id` visible to [`current_request_id`].
 pub(crate) async fn with_request_id<F: Future>(request_id: String, fut: F) -> F::Output {
     REQUEST_ID.scope(request_id, fut).await
+}
+
+/// Where an agent sends *partial output*: messages it has before its final answer (the
+/// `http` agent's stream events before the last). Today they are counted and logged
+/// ([`CountPartials`]); an event stream to clients can implement this trait and be put in
+/// place with [`with_progress`] around the step, without any agent changing.
+pub trait Progress: Send + Sync {
+    /// One partial message of `step`, in the order the agent produced them.
+    fn partial(&self, step: &WorkRequest, message: &Value);
+}
+
+/// The default [`Progress`]: counts partial messages per capability
+/// (`ensemble_worker_agent_partials_total`) and logs each at debug.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CountPartials;
+
+impl Progress for CountPartials {
+    fn partial(&self, step: &WorkRequest, message: &Value) {
+        ::metrics::counter!(
+            crate::metrics::AGENT_PARTIALS,
+            "capability" => step.capability.to_string(),
+        )
+        .increment(1);
+        tracing::debug!(partial = %message, "partial output");
+    }
+}
+
+tokio::task_local! {
+    static PROGRESS: Arc<dyn Progress>;
+}
+
+/// Where the step being handled sends partial output: what [`with_progress`] set, else
+/// [`CountPartials`].
+pub fn current_progress() -> Arc<dyn Progress> {
+    PROGRESS
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| Arc::new(CountPartials))
+}
+
+/// Runs `fut` with `progress` as its [`current_progress`].
+pub async fn with_progress<F: Future>(progress: Arc<dyn Progress>, fut: F) -> F::Output {
+    PROGRESS.scope(progress, fut).await
 }
 
 /// Which agent serves each capability.
@@ -85,9 +129,17 @@ impl Agents {
 
     /// The built-in agents for the configured capabilities (`AGENT_KIND`, `[agents]`).
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        Self::from_config_with(config, Arc::new(Notify::new()))
+    }
+
+    /// [`Self::from_config`], with `http` agents that wake `recheck` when their service
+    /// refuses a connection, so the health task looks at once rather than at its next tick.
+    pub(crate) fn from_config_with(config: &Config, recheck: Arc<Notify>) -> anyhow::Result<Self> {
         let mut agents = Self::new();
         let mut llm: Option<Arc<dyn Agent>> = None;
         let echo: Arc<dyn Agent> = Arc::new(EchoAgent);
+        // One connection pool for every `http` capability.
+        let http_client = crate::agents::http::client()?;
         for capability in config.capability_list()? {
             let agent = match config.agent_kind_for(capability.as_str()) {
                 AgentKind::Echo => echo.clone(),
@@ -99,6 +151,10 @@ impl Agents {
                         agent
                     }
                 },
+                AgentKind::Http => Arc::new(
+                    HttpAgent::from_config(config, capability.as_str(), http_client.clone())?
+                        .with_recheck(recheck.clone()),
+                ),
             };
             agents.insert(capability, agent);
         }

@@ -11,7 +11,12 @@
 //! A worker whose results cannot reach the master is *degraded* (see `delivery`): its
 //! record says so, `/work` answers `503 degraded`, `/ready` answers `503` with the reason,
 //! and it probes the master until it answers again.
+//!
+//! A worker with `http` agents is *unavailable* while an agent service fails its health
+//! check (see `agent_health`): its record says so, `/work` answers `503 agent_unavailable`
+//! and `/ready` `503`, but the master keeps extending the leases of the steps it holds.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -21,9 +26,11 @@ use common::redis::{NotReady, RedisPool};
 use common::registry::Registry;
 use common::wire::WorkerRecord;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agents;
+use crate::agent_health::AgentHealth;
 use crate::config::Config;
 use crate::delivery::{Delivery, MasterLink};
 use crate::heartbeat::Heartbeat;
@@ -67,7 +74,19 @@ pub async fn serve_with_agents(
     // Install the metrics recorder before the first step records anything.
     common::telemetry::metrics();
     let worker_id = config.worker_id()?;
-    let agents = Agents::from_config(&config)?.overridden_by(agents);
+    let recheck = Arc::new(Notify::new());
+    // The agent services to watch: those of `http` capabilities not replaced by the
+    // caller's own agents.
+    let own = agents.capabilities();
+    let health_urls: Vec<String> = config
+        .http_capabilities()?
+        .iter()
+        .filter(|c| !own.contains(c))
+        .filter_map(|c| config.agent_health_url_for(c.as_str()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let agents = Agents::from_config_with(&config, recheck.clone())?.overridden_by(agents);
     let bound = listener
         .local_addr()
         .context("the listener has no local address")?;
@@ -100,6 +119,14 @@ pub async fn serve_with_agents(
         config.heartbeat_interval(),
         config.heartbeat_ttl(),
     );
+    let agent_health = AgentHealth::new(
+        health_urls,
+        config.agent_health_interval(),
+        crate::agents::http::client()?,
+        in_flight.clone(),
+        heartbeat.waker(),
+        recheck,
+    );
     let delivery = Delivery::new(
         &config.master_url,
         config.worker_token.clone(),
@@ -129,6 +156,7 @@ pub async fn serve_with_agents(
     let beats_stop = CancellationToken::new();
     let beats = tokio::spawn(heartbeat.clone().run(beats_stop.clone()));
     let probe = tokio::spawn(delivery.probe_while_degraded(beats_stop.clone()));
+    let health = tokio::spawn(agent_health.run(beats_stop.clone()));
 
     let server_failed = tokio::select! {
         () = shutdown.cancelled() => None,
@@ -139,6 +167,7 @@ pub async fn serve_with_agents(
     beats_stop.cancel();
     let _ = beats.await;
     let _ = probe.await;
+    let _ = health.await;
     heartbeat.deregister().await;
     server_stop.cancel();
     let served = match server_failed {
@@ -153,18 +182,26 @@ pub async fn serve_with_agents(
 }
 
 /// `/ready`: `503 degraded` (with the reason as the message) while results cannot reach
-/// the master, else Redis's verdict.
+/// the master, `503 agent_unavailable` while an agent service fails its health check, else
+/// Redis's verdict.
 fn ready_check(in_flight: Arc<InFlight>, pool: RedisPool) -> ReadyCheck {
     let redis = common::http::redis_ready(pool);
     Arc::new(move || {
-        let degraded = in_flight.degraded();
+        let not_ready = match (in_flight.degraded(), in_flight.unavailable()) {
+            (Some(message), _) => Some(NotReady {
+                reason: "degraded",
+                message,
+            }),
+            (None, Some(message)) => Some(NotReady {
+                reason: "agent_unavailable",
+                message,
+            }),
+            (None, None) => None,
+        };
         let redis = redis.clone();
         Box::pin(async move {
-            match degraded {
-                Some(message) => Err(NotReady {
-                    reason: "degraded",
-                    message,
-                }),
+            match not_ready {
+                Some(not_ready) => Err(not_ready),
                 None => redis().await,
             }
         })

@@ -18,6 +18,9 @@ pub enum AgentKind {
     Llm,
     /// Returns the step's input as its output (tests, benchmarks).
     Echo,
+    /// POSTs the step to an agent service of the team's own, in any language
+    /// (`AGENT_URL`, `[agent_urls]`); see `agents::http`.
+    Http,
 }
 
 /// The worker's configuration: defaults, then `--config`/`ENSEMBLE_CONFIG` TOML, then the
@@ -63,12 +66,33 @@ pub struct Config {
     /// `ADVERTISE_URL` is not set.
     #[serde(deserialize_with = "common::config::lenient_opt_string")]
     pub ecs_container_metadata_uri_v4: Option<String>,
-    /// `AGENT_KIND`: `llm` (default) or `echo`; `echo` serves every capability with the echo
-    /// agent, whatever `[agents]` says.
+    /// `AGENT_KIND`: `llm` (default), `echo` or `http`; `echo` and `http` serve every
+    /// capability with that agent, whatever `[agents]` says.
     pub agent_kind: AgentKind,
-    /// `[agents]` (TOML): capability → `llm` | `echo`, for a worker that mixes them.
-    /// Capabilities not listed use `llm`.
+    /// `[agents]` (TOML): capability → `llm` | `echo` | `http`, for a worker that mixes
+    /// them. Capabilities not listed use `llm`.
     pub agents: BTreeMap<String, AgentKind>,
+    /// `AGENT_URL`: where the `http` agent POSTs each step, for every `http` capability that
+    /// `[agent_urls]` does not name. Required when an `http` capability has no other URL.
+    #[serde(deserialize_with = "common::config::lenient_opt_string")]
+    pub agent_url: Option<String>,
+    /// `[agent_urls]` (TOML): capability → URL, for a worker whose capabilities are served
+    /// by different agent services (or different paths of one).
+    pub agent_urls: BTreeMap<String, String>,
+    /// `AGENT_HEALTH_URL`: what the health task GETs for the capabilities served at
+    /// `AGENT_URL`. Unset: `AGENT_URL`'s scheme, host and port with the path `/health`.
+    #[serde(deserialize_with = "common::config::lenient_opt_string")]
+    pub agent_health_url: Option<String>,
+    /// `[agent_health_urls]` (TOML): capability → health URL, for a capability in
+    /// `[agent_urls]` whose service answers health somewhere other than `/health` on its
+    /// own origin.
+    pub agent_health_urls: BTreeMap<String, String>,
+    /// `AGENT_HEALTH_INTERVAL_MS`: how often every agent health URL is checked. Two failures
+    /// in a row make the worker unavailable, so an outage is seen within about two of these.
+    pub agent_health_interval_ms: u64,
+    /// `AGENT_TIMEOUT_MS`: the longest one `http` agent call may take. Unset, the step's own
+    /// deadline is the only bound, which is what a pipeline's `timeout_ms` already says.
+    pub agent_timeout_ms: Option<u64>,
     /// `[prompts]` (TOML): capability → prompt template for the `llm` agent, overriding the
     /// built-in ones. Placeholders: see `agents::prompt`.
     pub prompts: BTreeMap<String, String>,
@@ -114,6 +138,12 @@ impl Default for Config {
             ecs_container_metadata_uri_v4: None,
             agent_kind: AgentKind::Llm,
             agents: BTreeMap::new(),
+            agent_url: None,
+            agent_urls: BTreeMap::new(),
+            agent_health_url: None,
+            agent_health_urls: BTreeMap::new(),
+            agent_health_interval_ms: 1_000,
+            agent_timeout_ms: None,
             prompts: BTreeMap::new(),
             llm_model: "default".into(),
             llm_temperature: None,
@@ -169,12 +199,112 @@ impl Config {
     pub fn agent_kind_for(&self, capability: &str) -> AgentKind {
         match self.agent_kind {
             AgentKind::Echo => AgentKind::Echo,
+            AgentKind::Http => AgentKind::Http,
             AgentKind::Llm => self
                 .agents
                 .get(capability)
                 .copied()
                 .unwrap_or(AgentKind::Llm),
         }
+    }
+
+    /// `AGENT_HEALTH_INTERVAL_MS` as a duration.
+    pub fn agent_health_interval(&self) -> Duration {
+        Duration::from_millis(self.agent_health_interval_ms)
+    }
+
+    /// `AGENT_TIMEOUT_MS` as a duration, when set.
+    pub fn agent_timeout(&self) -> Option<Duration> {
+        self.agent_timeout_ms.map(Duration::from_millis)
+    }
+
+    /// The URL the `http` agent POSTs `capability`'s steps to (`[agent_urls]`, else
+    /// `AGENT_URL`), and the name of the setting it came from, for errors.
+    pub fn agent_url_for(&self, capability: &str) -> Option<(&str, String)> {
+        match self.agent_urls.get(capability) {
+            Some(url) => Some((url.as_str(), format!("agent_urls.{capability}"))),
+            None => self
+                .agent_url
+                .as_deref()
+                .map(|url| (url, "AGENT_URL".to_string())),
+        }
+    }
+
+    /// The health URL for an `http` capability: `[agent_health_urls]`, else
+    /// `AGENT_HEALTH_URL` when the capability is served at `AGENT_URL`, else `/health` on
+    /// the origin of its URL. `None` when it has no URL (which validation refuses).
+    pub fn agent_health_url_for(&self, capability: &str) -> Option<String> {
+        if let Some(url) = self.agent_health_urls.get(capability) {
+            return Some(url.clone());
+        }
+        if !self.agent_urls.contains_key(capability)
+            && let Some(url) = &self.agent_health_url
+        {
+            return Some(url.clone());
+        }
+        let (url, _) = self.agent_url_for(capability)?;
+        let mut health = reqwest::Url::parse(url).ok()?;
+        health.set_path("/health");
+        health.set_query(None);
+        health.set_fragment(None);
+        Some(health.to_string())
+    }
+
+    /// The capabilities (checked) that the `http` agent serves.
+    pub fn http_capabilities(&self) -> Result<Vec<Capability>, ConfigError> {
+        Ok(self
+            .capability_list()?
+            .into_iter()
+            .filter(|c| self.agent_kind_for(c.as_str()) == AgentKind::Http)
+            .collect())
+    }
+
+    /// Checks the `http` agent's settings: every `http` capability has a URL, and every URL
+    /// is http(s).
+    fn validate_http_agents(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.agent_url {
+            check_url("AGENT_URL", url)?;
+        }
+        if let Some(url) = &self.agent_health_url {
+            check_url("AGENT_HEALTH_URL", url)?;
+        }
+        for (table, urls) in [
+            ("agent_urls", &self.agent_urls),
+            ("agent_health_urls", &self.agent_health_urls),
+        ] {
+            for (capability, url) in urls {
+                let setting = format!("{table}.{capability}");
+                Capability::new(capability.as_str())
+                    .map_err(|e| ConfigError::invalid(&setting, e))?;
+                check_url(&setting, url)?;
+            }
+        }
+        for capability in self.http_capabilities()? {
+            if self.agent_url_for(capability.as_str()).is_none() {
+                return Err(ConfigError::invalid(
+                    "AGENT_URL",
+                    format!(
+                        "is required: capability `{capability}` is served by the http agent \
+                         (set AGENT_URL, or agent_urls.{capability} in the config file)"
+                    ),
+                ));
+            }
+        }
+        if !(50..=MAX_DURATION_MS).contains(&self.agent_health_interval_ms) {
+            return Err(ConfigError::invalid(
+                "AGENT_HEALTH_INTERVAL_MS",
+                format!("must be at least 50 and at most {MAX_DURATION_MS} (one day)"),
+            ));
+        }
+        if let Some(ms) = self.agent_timeout_ms
+            && !(1..=MAX_DURATION_MS).contains(&ms)
+        {
+            return Err(ConfigError::invalid(
+                "AGENT_TIMEOUT_MS",
+                format!("must be at least 1 and at most {MAX_DURATION_MS} (one day)"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -206,6 +336,10 @@ impl Settings for Config {
             "ADVERTISE_URL",
             "ECS_CONTAINER_METADATA_URI_V4",
             "AGENT_KIND",
+            "AGENT_URL",
+            "AGENT_HEALTH_URL",
+            "AGENT_HEALTH_INTERVAL_MS",
+            "AGENT_TIMEOUT_MS",
             "LLM_MODEL",
             "LLM_TEMPERATURE",
             "LLM_MAX_TOKENS",
@@ -298,6 +432,7 @@ impl Settings for Config {
             Capability::new(capability.as_str())
                 .map_err(|e| ConfigError::invalid(&format!("agents.{capability}"), e))?;
         }
+        self.validate_http_agents()?;
         for (capability, template) in &self.prompts {
             Capability::new(capability.as_str())
                 .map_err(|e| ConfigError::invalid(&format!("prompts.{capability}"), e))?;
@@ -471,6 +606,82 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("prompts.plan"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_http_agent_needs_a_url_and_takes_one_per_capability_from_toml() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WORKER_TOKEN", "t0ken");
+            jail.set_env("CAPABILITIES", "research,write");
+            jail.set_env("AGENT_KIND", "http");
+            let err = load("").unwrap_err().to_string();
+            assert!(
+                err.contains("AGENT_URL") && err.contains("research"),
+                "{err}"
+            );
+            jail.set_env("AGENT_URL", "ftp://agent:9000/step");
+            let err = load("").unwrap_err().to_string();
+            assert!(
+                err.contains("AGENT_URL") && err.contains("http://"),
+                "{err}"
+            );
+
+            jail.set_env("AGENT_URL", "http://agent:9000/step?v=1");
+            let config = load("").unwrap();
+            assert_eq!(config.agent_kind_for("write"), AgentKind::Http);
+            assert_eq!(
+                config.agent_health_url_for("write").as_deref(),
+                Some("http://agent:9000/health")
+            );
+            assert_eq!(config.agent_health_interval(), Duration::from_secs(1));
+            assert_eq!(config.agent_timeout(), None);
+
+            let config = load(
+                "[agent_urls]\nwrite = \"https://writer.internal/v1/write\"\n\
+                 [agent_health_urls]\nwrite = \"https://writer.internal/v1/ready\"\n",
+            )
+            .unwrap();
+            assert_eq!(
+                config.agent_url_for("write").map(|(url, _)| url),
+                Some("https://writer.internal/v1/write")
+            );
+            assert_eq!(
+                config.agent_url_for("research").map(|(url, _)| url),
+                Some("http://agent:9000/step?v=1")
+            );
+            assert_eq!(
+                config.agent_health_url_for("write").as_deref(),
+                Some("https://writer.internal/v1/ready")
+            );
+            let err = load("[agent_urls]\nwrite = \"writer:80\"\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("agent_urls.write"), "{err}");
+
+            // Per capability, with no AGENT_URL: each listed one needs its own.
+            jail.set_env("AGENT_URL", "");
+            jail.set_env("AGENT_KIND", "llm");
+            jail.set_env("AGENT_HEALTH_INTERVAL_MS", "10");
+            let err = load("[agents]\nwrite = \"http\"\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("AGENT_URL") && err.contains("write"), "{err}");
+            let err = load("[agents]\nwrite = \"http\"\n[agent_urls]\nwrite = \"http://w/x\"\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("AGENT_HEALTH_INTERVAL_MS"), "{err}");
+            jail.set_env("AGENT_HEALTH_INTERVAL_MS", "250");
+            jail.set_env("AGENT_TIMEOUT_MS", "5000");
+            let config =
+                load("[agents]\nwrite = \"http\"\n[agent_urls]\nwrite = \"http://w/x\"\n").unwrap();
+            assert_eq!(config.agent_kind_for("research"), AgentKind::Llm);
+            assert_eq!(
+                config.http_capabilities().unwrap(),
+                vec![Capability::new("write").unwrap()]
+            );
+            assert_eq!(config.agent_timeout(), Some(Duration::from_secs(5)));
             Ok(())
         });
     }

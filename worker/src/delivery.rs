@@ -310,7 +310,7 @@ impl Delivery {
 
 /// What went wrong with a request, in words a person can act on: reqwest's own message is
 /// "error sending request"; the cause at the bottom of the chain says "Connection refused".
-fn describe(error: &reqwest::Error) -> String {
+pub(crate) fn describe(error: &reqwest::Error) -> String {
     if error.is_timeout() {
         return "timed out".into();
     }

@@ -27,6 +27,10 @@ pub enum WorkError {
     /// now would only wait for its lease to lapse.
     #[error("the worker is degraded and takes no new work: {0}")]
     Degraded(String),
+    /// An agent service the worker forwards steps to fails its health check (the reason):
+    /// a step given to it now would only fail. The master tries another worker.
+    #[error("the worker's agent is unavailable, so it takes no new work: {0}")]
+    AgentUnavailable(String),
     /// The step is leased to another worker (the id it names): this worker's address also
     /// reaches that one's, and running it here would run it where the master did not lease it.
     #[error(
@@ -45,6 +49,7 @@ impl WorkError {
             Self::AtCapacity => "at_capacity",
             Self::Draining => "draining",
             Self::Degraded(_) => "degraded",
+            Self::AgentUnavailable(_) => "agent_unavailable",
             Self::Misdirected(..) => "misdirected",
         }
     }
@@ -72,6 +77,13 @@ impl IntoResponse for WorkError {
             Self::Degraded(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "degraded", message).retry_after(1)
             }
+            // Retry after about one health check: by then the agent may be back.
+            Self::AgentUnavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agent_unavailable",
+                message,
+            )
+            .retry_after(1),
             Self::Misdirected(..) => {
                 ApiError::new(StatusCode::MISDIRECTED_REQUEST, "misdirected", message)
             }

@@ -20,8 +20,8 @@ use crate::metrics;
 #[derive(Clone)]
 pub struct Heartbeat {
     registry: Registry,
-    /// The record's fixed part (id, URL, capabilities, …); `in_flight`, `draining` and
-    /// `degraded` are filled in on every beat.
+    /// The record's fixed part (id, URL, capabilities, …); `in_flight`, `draining`,
+    /// `degraded` and `unavailable` are filled in on every beat.
     record: WorkerRecord,
     /// The steps to list.
     in_flight: Arc<InFlight>,
@@ -29,8 +29,8 @@ pub struct Heartbeat {
     interval: Duration,
     /// How long a record outlives its last beat.
     ttl: Duration,
-    /// Wakes the loop for a beat now (the drain publishes `draining: true` at once, and a
-    /// failed delivery `degraded`).
+    /// Wakes the loop for a beat now (the drain publishes `draining: true` at once, a
+    /// failed delivery `degraded`, and the agent health task `unavailable`).
     wake: Arc<Notify>,
 }
 
@@ -73,6 +73,7 @@ impl Heartbeat {
                 in_flight: self.in_flight.snapshot(),
                 draining: self.in_flight.is_draining(),
                 degraded: self.in_flight.degraded(),
+                unavailable: self.in_flight.unavailable(),
                 ..self.record.clone()
             };
             match self.registry.heartbeat(&record, self.ttl).await {

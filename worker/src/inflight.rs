@@ -1,7 +1,8 @@
 //! The steps this worker holds: admitted on `POST /work`, released once their result is
 //! delivered or given up. The heartbeat lists them, so the master keeps their leases alive;
-//! admission enforces `MAX_CONCURRENCY`, drops duplicates, and refuses work while draining
-//! or degraded (results cannot reach the master).
+//! admission enforces `MAX_CONCURRENCY`, drops duplicates, and refuses work while draining,
+//! degraded (results cannot reach the master) or unavailable (an `http` agent's service
+//! fails its health check).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +23,9 @@ pub enum Admission {
     /// The worker cannot deliver results (the reason): a step taken now would only sit
     /// here until its lease lapsed.
     Degraded(String),
+    /// An agent service this worker forwards steps to is down (the reason): a step taken
+    /// now would only fail.
+    Unavailable(String),
 }
 
 /// The in-flight table.
@@ -42,6 +46,9 @@ struct State {
     /// Why results cannot reach the master, while they cannot. Kept here, beside
     /// `draining`, so that admission checks it under the same lock.
     degraded: Option<String>,
+    /// Why an agent service is down, while it is. Unlike `degraded`, the master keeps the
+    /// leases of the steps held: their results can still be delivered.
+    unavailable: Option<String>,
 }
 
 impl InFlight {
@@ -71,6 +78,9 @@ impl InFlight {
         }
         if let Some(reason) = &state.degraded {
             return Admission::Degraded(reason.clone());
+        }
+        if let Some(reason) = &state.unavailable {
+            return Admission::Unavailable(reason.clone());
         }
         if state.steps.len() >= self.max {
             return Admission::Full;
@@ -111,6 +121,27 @@ impl InFlight {
     /// Why the worker is degraded, if it is.
     pub fn degraded(&self) -> Option<String> {
         self.lock().degraded.clone()
+    }
+
+    /// Marks the worker unavailable (`Some(reason)`: an agent service is down, so it takes
+    /// no new steps) or available again (`None`). Returns whether that changed anything; a
+    /// new reason while already unavailable replaces the old one but is no change.
+    pub fn set_unavailable(&self, reason: Option<String>) -> bool {
+        let available = reason.is_none();
+        let changed = {
+            let mut state = self.lock();
+            let changed = state.unavailable.is_none() != available;
+            state.unavailable = reason;
+            changed
+        };
+        metrics::gauge!(crate::metrics::AGENT_UNAVAILABLE, "worker" => self.worker.clone())
+            .set(if available { 0.0 } else { 1.0 });
+        changed
+    }
+
+    /// Why the worker is unavailable, if it is.
+    pub fn unavailable(&self) -> Option<String> {
+        self.lock().unavailable.clone()
     }
 
     /// The steps held now, for the heartbeat record.
@@ -209,6 +240,24 @@ mod tests {
             "a step already held is still acknowledged"
         );
         assert!(table.set_degraded(None));
+        assert!(matches!(table.admit(step(1)), Admission::New(_)));
+        drop(held);
+    }
+
+    #[test]
+    fn an_unavailable_worker_admits_nothing_new_but_keeps_what_it_holds() {
+        let table = InFlight::new(2, "w");
+        let held = table.admit(step(0));
+        assert!(table.set_unavailable(Some("agent down".into())));
+        assert!(!table.set_unavailable(Some("agent still down".into())));
+        assert_eq!(table.unavailable().as_deref(), Some("agent still down"));
+        assert!(
+            matches!(table.admit(step(1)), Admission::Unavailable(r) if r == "agent still down")
+        );
+        assert!(matches!(table.admit(step(0)), Admission::Duplicate));
+        assert_eq!(table.snapshot(), vec![step(0)], "still held");
+        assert!(table.set_unavailable(None));
+        assert!(!table.set_unavailable(None));
         assert!(matches!(table.admit(step(1)), Admission::New(_)));
         drop(held);
     }

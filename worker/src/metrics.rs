@@ -7,7 +7,7 @@ pub const STEPS_SUCCEEDED: &str = "ensemble_worker_steps_succeeded_total";
 /// Counter: steps that failed (agent error or timeout), by `capability` and `kind`.
 pub const STEPS_FAILED: &str = "ensemble_worker_steps_failed_total";
 /// Counter: `POST /work` refused, by `reason` (`at_capacity`, `draining`, `degraded`,
-/// `capability_not_served`, `unauthorized`, `invalid`).
+/// `agent_unavailable`, `capability_not_served`, `unauthorized`, `invalid`, `misdirected`).
 pub const STEPS_REJECTED: &str = "ensemble_worker_steps_rejected_total";
 /// Histogram: how long agents ran, by `capability`.
 pub const STEP_DURATION: &str = "ensemble_worker_step_duration_seconds";
@@ -26,3 +26,11 @@ pub const DEGRADED: &str = "ensemble_worker_degraded";
 pub const MASTER_PROBES: &str = "ensemble_worker_master_probes_total";
 /// Counter: heartbeats that could not be written.
 pub const HEARTBEAT_FAILURES: &str = "ensemble_worker_heartbeat_failures_total";
+/// Counter: partial messages agents produced before their output (the `http` agent's
+/// stream events before the last), by `capability`.
+pub const AGENT_PARTIALS: &str = "ensemble_worker_agent_partials_total";
+/// Gauge: 1 while the worker takes no new steps because an `http` agent's service fails its
+/// health check (or has not passed one yet), else 0; by `worker`.
+pub const AGENT_UNAVAILABLE: &str = "ensemble_worker_agent_unavailable";
+/// Counter: agent health checks, by `outcome` (`ok`, `failed`).
+pub const AGENT_HEALTH_CHECKS: &str = "ensemble_worker_agent_health_checks_total";

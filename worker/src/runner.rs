@@ -96,6 +96,7 @@ impl Runner {
             Admission::Full => return Err(WorkError::AtCapacity),
             Admission::Draining => return Err(WorkError::Draining),
             Admission::Degraded(reason) => return Err(WorkError::Degraded(reason)),
+            Admission::Unavailable(reason) => return Err(WorkError::AgentUnavailable(reason)),
         };
         ::metrics::counter!(metrics::STEPS_RECEIVED, "capability" => step.capability.to_string())
             .increment(1);

@@ -7,6 +7,7 @@ mod delivery;
 mod drain;
 mod heartbeat;
 mod helpers;
+mod http_agent;
 mod llm;
 mod metadata;
 mod work;
