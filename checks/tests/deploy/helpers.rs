@@ -15,13 +15,6 @@ const READ_BY_EVERY_SERVICE: &[&str] = &["LOG_FORMAT", "RUST_LOG", "ENSEMBLE_CON
 /// Read by the gateway's AWS SDK (the Bedrock provider), not by its `Config`.
 const READ_BY_AWS_SDK: &[&str] = &["AWS_REGION", "AWS_DEFAULT_REGION"];
 
-/// The worker's settings for the `http` agent kind (a sidecar it POSTs each step to), by
-/// their agreed names, for as long as `worker::Config` does not read them yet: the
-/// deployment files set them before the worker change lands. Once `worker::Config` reads
-/// `AGENT_URL`, these are no longer added, so its real list is what the checks hold the
-/// files against (and a name that differs there fails them); then delete this.
-const HTTP_AGENT_SETTINGS: &[&str] = &["AGENT_URL", "AGENT_HEALTH_URL", "AGENT_HEALTH_INTERVAL_MS"];
-
 /// One service as its code describes it.
 pub struct ServiceSpec {
     /// The crate, image (`SERVICE` build argument) and container name.
@@ -63,19 +56,9 @@ impl ServiceSpec {
 pub fn services() -> Vec<ServiceSpec> {
     vec![
         ServiceSpec::of::<master::Config>("master", &[]),
-        ServiceSpec::of::<worker::Config>("worker", worker_pending_settings()),
+        ServiceSpec::of::<worker::Config>("worker", &[]),
         ServiceSpec::of::<llm_gateway::Config>("llm-gateway", READ_BY_AWS_SDK),
     ]
-}
-
-/// [`HTTP_AGENT_SETTINGS`] while `worker::Config` does not read `AGENT_URL`; nothing after.
-fn worker_pending_settings() -> &'static [&'static str] {
-    let reads = <worker::Config as Settings>::env_vars();
-    if reads.contains(&"AGENT_URL") {
-        &[]
-    } else {
-        HTTP_AGENT_SETTINGS
-    }
 }
 
 /// Whether `host` (from a URL) is this container's own network namespace: a sidecar's.

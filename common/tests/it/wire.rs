@@ -261,6 +261,9 @@ fn a_report_s_duration_is_any_non_negative_number_of_milliseconds() {
     assert_eq!(report(serde_json::Value::Null).unwrap().duration_ms, None);
     for bad in [json!(-1), json!(-0.5), json!("12")] {
         let err = report(bad.clone()).unwrap_err().to_string();
-        assert!(err.contains("duration_ms") || err.contains("number"), "{bad}: {err}");
+        assert!(
+            err.contains("duration_ms") || err.contains("number"),
+            "{bad}: {err}"
+        );
     }
 }
