@@ -218,10 +218,17 @@ fn openapi_with_components(openapi: &str) -> Result<String> {
             None => {
                 let close = object_end(&text, schemas)? - 1;
                 let before = text[..close].trim_end_matches(char::is_whitespace).len();
-                let comma = if text[..before].ends_with('{') { "" } else { "," };
+                let comma = if text[..before].ends_with('{') {
+                    ""
+                } else {
+                    ","
+                };
                 text.replace_range(
                     before..close,
-                    &format!("{comma}\n      {}: {rendered}\n    ", Value::from(name.as_str())),
+                    &format!(
+                        "{comma}\n      {}: {rendered}\n    ",
+                        Value::from(name.as_str())
+                    ),
                 );
             }
         }

@@ -96,7 +96,10 @@ fn id_patterns_accept_exactly_what_their_validation_accepts() {
 
 /// For each key in `full`: dropping it must fail to parse exactly when the schema lists it
 /// as required.
-fn assert_required_is_what_serde_requires<T: serde::de::DeserializeOwned>(name: &str, full: Value) {
+fn assert_required_is_what_serde_requires<T: serde::de::DeserializeOwned + std::fmt::Debug>(
+    name: &str,
+    full: Value,
+) {
     let schema = schema(name);
     let required: Vec<&str> = schema["required"]
         .as_array()

@@ -299,7 +299,13 @@ async fn openapi_describes_every_route() {
             "the /work webhook does not describe {status}"
         );
     }
-    for name in ["WorkRequest", "WorkAccepted", "ResultReport", "WorkerRecord", "ErrorBody"] {
+    for name in [
+        "WorkRequest",
+        "WorkAccepted",
+        "ResultReport",
+        "WorkerRecord",
+        "ErrorBody",
+    ] {
         assert!(
             spec["components"]["schemas"][name].is_object(),
             "the schema {name} is missing from openapi.json"
