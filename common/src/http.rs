@@ -38,7 +38,7 @@ pub struct ErrorDetail {
     /// `unsupported_media_type`, `invalid`, `unavailable`, `internal`. The master also:
     /// `conflict`, `rate_limited`, `too_many_concurrent`, `overloaded`, `storage_full`. A
     /// worker's `POST /work` also: `capability_not_served`, `misdirected`, `at_capacity`,
-    /// `draining`, `degraded`. A client should treat an unknown code by its HTTP status.
+    /// `draining`, `degraded`, `agent_unavailable`. A client should treat an unknown code by its HTTP status.
     pub code: String,
     /// What was wrong, for a person.
     pub message: String,
