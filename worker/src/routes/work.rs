@@ -8,8 +8,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use common::http::JsonBody;
 use common::telemetry::RequestId;
-use common::wire::WorkRequest;
-use serde_json::json;
+use common::wire::{WorkAccepted, WorkRequest};
 
 use crate::app::AppState;
 use crate::error::WorkError;
@@ -41,9 +40,9 @@ pub async fn accept(
     JsonBody(step): JsonBody<WorkRequest>,
 ) -> Result<Response, WorkError> {
     let request_id = request_id.map(|r| r.0.0).unwrap_or_default();
-    let body = match state.runner.accept(step, request_id)? {
-        Accepted::New => json!({"accepted": true}),
-        Accepted::Duplicate => json!({"accepted": true, "duplicate": true}),
+    let body = WorkAccepted {
+        accepted: true,
+        duplicate: state.runner.accept(step, request_id)? == Accepted::Duplicate,
     };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
