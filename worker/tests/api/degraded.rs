@@ -4,24 +4,12 @@
 
 use std::time::Duration;
 
-use common::http::ErrorBody;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 use testkit::eventually;
 use worker::Agents;
 
 use crate::helpers::*;
-
-/// `GET /ready`: its status and body.
-async fn ready(worker: &TestWorker) -> (StatusCode, Value) {
-    let r = worker
-        .client
-        .get(format!("{}/ready", worker.url))
-        .send()
-        .await
-        .unwrap();
-    (r.status(), r.json().await.unwrap())
-}
 
 /// Waits until the worker's record says it is degraded; returns the reason.
 async fn wait_degraded(redis: &TestRedis, worker: &TestWorker) -> String {
@@ -78,21 +66,7 @@ async fn an_unreachable_master_makes_the_worker_degraded_and_refuse_work() {
         "still held, not lost"
     );
 
-    let (status, body) = ready(&worker).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(body["reason"], "degraded");
-    assert_eq!(body["message"], json!(reason));
-
-    let refused = worker.post_work(&work_request("echo", json!(2))).await;
-    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(refused.headers()["retry-after"], "1");
-    let body: ErrorBody = refused.json().await.unwrap();
-    assert_eq!(body.error.code, "degraded");
-    assert!(
-        body.error.message.contains(&reason),
-        "{}",
-        body.error.message
-    );
+    assert_takes_no_new_work(&worker, "echo", "degraded", &reason).await;
     let duplicate = worker.post_work(&held).await;
     assert_eq!(
         duplicate.status(),

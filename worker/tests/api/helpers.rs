@@ -310,3 +310,41 @@ pub fn binary_env(redis: &TestRedis, id: &str, master: &FakeMaster) -> Vec<(&'st
         ("HEARTBEAT_INTERVAL_MS", "200".into()),
     ]
 }
+
+/// `GET /ready`: its status and body.
+pub async fn ready(worker: &TestWorker) -> (reqwest::StatusCode, Value) {
+    let r = worker
+        .client
+        .get(format!("{}/ready", worker.url))
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+/// Asserts that the worker is alive but takes no new step, for `reason` under `code`
+/// (`degraded`, `agent_unavailable`): `/ready` answers `503` with that reason and message,
+/// and a new step of `capability` gets `503`, `Retry-After: 1`, the code and the reason.
+pub async fn assert_takes_no_new_work(
+    worker: &TestWorker,
+    capability: &str,
+    code: &str,
+    reason: &str,
+) {
+    let (status, body) = ready(worker).await;
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["reason"], code);
+    assert_eq!(body["message"], json!(reason));
+    let refused = worker
+        .post_work(&work_request(capability, json!("new")))
+        .await;
+    assert_eq!(refused.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: common::http::ErrorBody = refused.json().await.unwrap();
+    assert_eq!(body.error.code, code);
+    assert!(
+        body.error.message.contains(reason),
+        "{}",
+        body.error.message
+    );
+}

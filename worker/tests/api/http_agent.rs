@@ -14,7 +14,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use common::http::ErrorBody;
 use common::wire::{ReportStatus, ResultReport, StepError, now_ms};
 use serde_json::{Value, json};
 use testkit::eventually;
@@ -207,16 +206,6 @@ async fn wait_available(redis: &TestRedis, worker: &TestWorker) {
 /// The `n`th report (from 1) the master accepted.
 async fn report(master: &FakeMaster, n: usize) -> ResultReport {
     master.wait_for_reports(n).await.remove(n - 1).body
-}
-
-async fn ready(worker: &TestWorker) -> (StatusCode, Value) {
-    let r = worker
-        .client
-        .get(format!("{}/ready", worker.url))
-        .send()
-        .await
-        .unwrap();
-    (r.status(), r.json().await.unwrap())
 }
 
 #[tokio::test]
@@ -600,20 +589,7 @@ async fn the_worker_takes_no_new_steps_while_its_agent_fails_health_checks() {
         vec![held.step_ref()],
         "its lease is still listed"
     );
-    let (status, body) = ready(&worker).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(body["reason"], "agent_unavailable");
-    assert_eq!(body["message"], json!(reason));
-    let refused = worker.post_work(&work_request("answer", json!(1))).await;
-    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(refused.headers()["retry-after"], "1");
-    let body: ErrorBody = refused.json().await.unwrap();
-    assert_eq!(body.error.code, "agent_unavailable");
-    assert!(
-        body.error.message.contains(&reason),
-        "{}",
-        body.error.message
-    );
+    assert_takes_no_new_work(&worker, "answer", "agent_unavailable", &reason).await;
     assert_eq!(
         worker.post_work(&held).await.status(),
         StatusCode::ACCEPTED,
