@@ -10,6 +10,7 @@ pub mod redis;
 pub mod registry;
 pub mod shutdown;
 pub mod telemetry;
+pub mod usage;
 pub mod wire;
 
 /// The version every service reports (in `/health`, worker records and logs).

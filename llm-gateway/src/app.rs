@@ -10,10 +10,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use common::config::{Secret, Settings};
+use common::redis::RedisPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_KEY};
 use crate::error::GatewayError;
 use crate::providers::{Overrides, Providers};
 use crate::routes;
@@ -29,10 +30,14 @@ pub const BODY_LIMIT: usize = 8 * 1024 * 1024;
 pub struct AppState {
     /// Aliases, targets, retry policy, concurrency caps.
     pub router: routing::Router,
-    /// `GATEWAY_TOKEN`.
-    pub token: Secret,
+    /// The gateway keys: `GATEWAY_TOKEN` as [`DEFAULT_KEY`], then `[keys]`.
+    pub keys: Vec<(Caller, Secret)>,
+    /// `GATEWAY_OPERATOR_TOKEN`.
+    pub operator_token: Secret,
     /// `AUTH_DISABLED`.
     pub auth_disabled: bool,
+    /// With `USE_REDIS`: the pool the ledger, budgets, cache and replay use.
+    pub redis: Option<RedisPool>,
     /// Unix seconds at start, the `created` of every model in `/v1/models`.
     pub started_at: u64,
 }
@@ -79,10 +84,24 @@ pub async fn serve_with(
 pub fn build(config: &Config, providers: &Providers) -> anyhow::Result<Router> {
     // The recorder must exist before the router caches its metric handles.
     common::telemetry::metrics();
+    let redis = if config.use_redis {
+        Some(RedisPool::new(&config.redis).context("the Redis settings are invalid")?)
+    } else {
+        None
+    };
+    let mut keys = vec![(Caller::new(DEFAULT_KEY), config.gateway_token.clone())];
+    keys.extend(
+        config
+            .keys
+            .iter()
+            .map(|(name, key)| (Caller::new(name), key.token.clone())),
+    );
     let state = Arc::new(AppState {
         router: routing::Router::new(config, providers)?,
-        token: config.gateway_token.clone(),
+        keys,
+        operator_token: config.gateway_operator_token.clone(),
         auth_disabled: config.auth_disabled,
+        redis: redis.clone(),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -98,11 +117,12 @@ pub fn build(config: &Config, providers: &Providers) -> anyhow::Result<Router> {
             require_token,
         ))
         .with_state(state);
-    // The configuration was validated at start, so readiness needs no further check.
-    let router = api.merge(common::http::ops_routes(
-        SERVICE,
-        common::http::always_ready(),
-    ));
+    // The configuration was validated at start: readiness is Redis's, when it is used.
+    let ready = match redis {
+        Some(pool) => common::http::redis_ready(pool),
+        None => common::http::always_ready(),
+    };
+    let router = api.merge(common::http::ops_routes(SERVICE, ready));
     let router = common::http::finish_router_with(
         router,
         SERVICE,
@@ -115,13 +135,52 @@ pub fn build(config: &Config, providers: &Providers) -> anyhow::Result<Router> {
     Ok(router)
 }
 
-/// Lets a request through with the right bearer token (or with auth disabled).
-async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// The gateway key a request came with: its name in the ledger, budgets and replay records.
+/// Handlers take it as an `Extension<Caller>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller(pub Arc<str>);
+
+impl Caller {
+    fn new(name: &str) -> Self {
+        Self(Arc::from(name))
+    }
+
+    /// The key's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Lets a request through with a known key's bearer token (any caller with auth disabled,
+/// counted as [`DEFAULT_KEY`]), and tells the handler which key it was.
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let presented = common::auth::bearer(req.headers());
-    if state.auth_disabled || presented.is_some_and(|t| common::auth::matches(&state.token, t)) {
-        next.run(req).await
-    } else {
-        crate::metrics::rejected("invalid_api_key");
-        GatewayError::Unauthorized.into_response()
+    let caller = presented.and_then(|presented| {
+        // Every key is compared, so the time taken does not tell which one matched.
+        let mut found = None;
+        for (caller, token) in &state.keys {
+            if !token.is_empty() && common::auth::matches(token, presented) && found.is_none() {
+                found = Some(caller.clone());
+            }
+        }
+        found
+    });
+    match caller {
+        Some(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        None if state.auth_disabled => {
+            req.extensions_mut().insert(state.keys[0].0.clone());
+            next.run(req).await
+        }
+        None => {
+            crate::metrics::rejected("invalid_api_key");
+            GatewayError::Unauthorized.into_response()
+        }
     }
 }

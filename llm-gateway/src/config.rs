@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use common::config::{ConfigError, Secret, Settings};
+use common::redis::{REDIS_ENV_VARS, RedisSettings};
 use serde::{Deserialize, Serialize};
 
 /// The alias served when nothing else is configured; built from `LLM_PROVIDER`/`LLM_MODEL`
@@ -30,6 +31,20 @@ pub struct Config {
     /// `AUTH_DISABLED`: accept every caller (local use only; logged loudly). Without it the
     /// gateway refuses to start with no `GATEWAY_TOKEN`.
     pub auth_disabled: bool,
+    /// `[keys.<name>]` in TOML: more gateway keys, each with its own token (and budget).
+    /// `GATEWAY_TOKEN` is the key named `default`.
+    pub keys: BTreeMap<String, KeyConfig>,
+    /// `GATEWAY_OPERATOR_TOKEN`: the bearer token of `GET /v1/usage`. Empty: that route
+    /// answers `401` to everyone (unless `AUTH_DISABLED`).
+    pub gateway_operator_token: Secret,
+
+    /// `USE_REDIS`: keep the usage ledger, budgets, the response cache and
+    /// `Idempotency-Key` replay in Redis (`[redis]`/`REDIS_*`). Off, the gateway needs no
+    /// Redis and those features are off.
+    pub use_redis: bool,
+    /// `[redis]` / `REDIS_*`: where the ledger, cache and replay records live (the same
+    /// Redis and `REDIS_KEY_PREFIX` as the master, so the master can show a task's usage).
+    pub redis: RedisSettings,
 
     /// `LLM_PROVIDER`: the provider behind the `default` alias (`mock`, `gemini`, `bedrock`).
     pub llm_provider: ProviderKind,
@@ -79,6 +94,10 @@ impl Default for Config {
             port: 7000,
             gateway_token: Secret::default(),
             auth_disabled: false,
+            keys: BTreeMap::new(),
+            gateway_operator_token: Secret::default(),
+            use_redis: false,
+            redis: RedisSettings::default(),
             llm_provider: ProviderKind::Mock,
             llm_model: String::new(),
             models: BTreeMap::new(),
@@ -104,6 +123,8 @@ const ENV_VARS: &[&str] = &[
     "PORT",
     "GATEWAY_TOKEN",
     "AUTH_DISABLED",
+    "GATEWAY_OPERATOR_TOKEN",
+    "USE_REDIS",
     "LLM_PROVIDER",
     "LLM_MODEL",
     "REQUEST_TIMEOUT_MS",
@@ -122,7 +143,7 @@ const ENV_VARS: &[&str] = &[
 
 impl Settings for Config {
     fn env_vars() -> Vec<&'static str> {
-        ENV_VARS.to_vec()
+        ENV_VARS.iter().chain(REDIS_ENV_VARS).copied().collect()
     }
 
     fn required_env_vars() -> Vec<&'static str> {
@@ -142,6 +163,10 @@ impl Settings for Config {
         }
         if self.host.trim().is_empty() {
             return Err(ConfigError::invalid("HOST", "must not be empty"));
+        }
+        self.validate_keys()?;
+        if self.use_redis {
+            self.redis.validate()?;
         }
         if self.request_timeout_ms == 0 {
             return Err(ConfigError::invalid(
@@ -212,6 +237,46 @@ impl Settings for Config {
 }
 
 impl Config {
+    /// `[keys]`: names that fit a Redis field and a metric label, non-empty tokens that
+    /// differ from each other and from `GATEWAY_TOKEN`.
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        let mut tokens: Vec<&str> = Vec::new();
+        if !self.gateway_token.is_empty() {
+            tokens.push(self.gateway_token.expose());
+        }
+        for (name, key) in &self.keys {
+            let setting = format!("keys.{name}");
+            let fits = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if name == DEFAULT_KEY || !fits {
+                return Err(ConfigError::invalid(
+                    &setting,
+                    format!(
+                        "a key's name is 1 to 64 letters, digits, `-` and `_`, and not \
+                         `{DEFAULT_KEY}` (that is GATEWAY_TOKEN)"
+                    ),
+                ));
+            }
+            if key.token.is_empty() {
+                return Err(ConfigError::invalid(
+                    &format!("{setting}.token"),
+                    "must not be empty",
+                ));
+            }
+            if tokens.contains(&key.token.expose()) {
+                return Err(ConfigError::invalid(
+                    &format!("{setting}.token"),
+                    "is the same as another key's token",
+                ));
+            }
+            tokens.push(key.token.expose());
+        }
+        Ok(())
+    }
+
     /// Every alias the gateway serves with its targets: the `[models]` table plus
     /// `default` from `LLM_PROVIDER`/`LLM_MODEL` when the table does not define it.
     pub fn aliases(&self) -> BTreeMap<String, Vec<Target>> {
@@ -247,6 +312,17 @@ impl Config {
     pub fn retry_max(&self) -> Duration {
         Duration::from_millis(self.retry_max_ms)
     }
+}
+
+/// The name of the key `GATEWAY_TOKEN` is, in the ledger and in `/v1/usage`.
+pub const DEFAULT_KEY: &str = "default";
+
+/// One gateway key in `[keys.<name>]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The bearer token callers present.
+    pub token: Secret,
 }
 
 /// One alias in `[models.<alias>]`.

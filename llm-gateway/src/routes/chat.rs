@@ -12,6 +12,7 @@ use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 
 use crate::app::AppState;
 use crate::error::GatewayError;
@@ -20,8 +21,14 @@ use crate::openai::{
     FunctionDelta, FunctionKind, ResponseFunction, ResponseMessage, ResponseToolCall,
     ToolCallDelta, Usage,
 };
-use crate::providers::{ChatRequest, EventStream, FinishReason, StreamEvent};
+use crate::providers::{ChatRequest, Completion, EventStream, FinishReason, StreamEvent, ToolCall};
 use crate::routes::{parse, respond, served_headers};
+use crate::routing::Served;
+
+/// Work done once an answer is complete, before its last bytes go out (so a caller that
+/// has the whole answer can rely on it): the ledger records it; replay and the cache keep
+/// it. A streamed answer that fails midway runs none of them.
+pub type AfterAnswer = Box<dyn FnOnce(Arc<Completion>, Served) -> BoxFuture<'static, ()> + Send>;
 
 /// The handler.
 pub async fn chat_completions(
@@ -41,9 +48,16 @@ async fn answer(
     let alias = request.model.clone();
     let stream = request.stream;
     let chat = ChatRequest::from_openai(request)?;
+    let after: Vec<AfterAnswer> = Vec::new();
     if stream {
         let routed = state.router.stream(&alias, &chat).await?;
-        let mut response = sse(routed.events, alias, chat.single_tool_call).into_response();
+        let mut response = sse(
+            routed.events,
+            alias,
+            chat.single_tool_call,
+            After::new(after, routed.served.clone()),
+        )
+        .into_response();
         served_headers(&mut response, &routed.served);
         Ok(response)
     } else {
@@ -51,6 +65,7 @@ async fn answer(
         if chat.single_tool_call {
             completion.tool_calls.truncate(1);
         }
+        let completion = After::new(after, served.clone()).run(completion).await;
         let id = completion_id();
         let tool_calls = completion
             .tool_calls
@@ -96,6 +111,73 @@ async fn answer(
     }
 }
 
+/// The [`AfterAnswer`] hooks of one answer, and (streaming) the answer they are given,
+/// gathered from the events only when there is a hook to give it to.
+struct After {
+    hooks: Vec<AfterAnswer>,
+    served: Served,
+    collected: Completion,
+}
+
+impl After {
+    fn new(hooks: Vec<AfterAnswer>, served: Served) -> Self {
+        Self {
+            hooks,
+            served,
+            collected: empty_completion(),
+        }
+    }
+
+    /// Notes what a streamed event adds to the answer.
+    fn collect(&mut self, event: &StreamEvent) {
+        if self.hooks.is_empty() {
+            return;
+        }
+        let answer = &mut self.collected;
+        match event {
+            StreamEvent::Delta(text) => answer.text.push_str(text),
+            StreamEvent::ToolCallStart { id, name, .. } => answer.tool_calls.push(ToolCall {
+                id: id.clone(),
+                name: name.clone(),
+                arguments: String::new(),
+            }),
+            StreamEvent::ToolCallArguments { index, fragment } => {
+                if let Some(call) = answer.tool_calls.get_mut(*index as usize) {
+                    call.arguments.push_str(fragment);
+                }
+            }
+            StreamEvent::Finish(finish) => answer.finish = *finish,
+            StreamEvent::Usage(usage) => answer.usage = *usage,
+        }
+    }
+
+    /// Runs the hooks on the gathered answer (streaming).
+    async fn finish(&mut self) {
+        if !self.hooks.is_empty() {
+            let collected = std::mem::replace(&mut self.collected, empty_completion());
+            self.run(collected).await;
+        }
+    }
+
+    /// Runs the hooks, one after the other, on `completion`, and gives it back.
+    async fn run(&mut self, completion: Completion) -> Arc<Completion> {
+        let completion = Arc::new(completion);
+        for hook in self.hooks.drain(..) {
+            hook(completion.clone(), self.served.clone()).await;
+        }
+        completion
+    }
+}
+
+fn empty_completion() -> Completion {
+    Completion {
+        text: String::new(),
+        tool_calls: Vec::new(),
+        finish: FinishReason::Stop,
+        usage: Usage::default(),
+    }
+}
+
 /// Where the SSE answer is.
 enum Phase {
     /// The role chunk goes first.
@@ -119,6 +201,8 @@ struct Chunks {
     usage: Option<Usage>,
     /// `parallel_tool_calls: false`: calls after the first are not relayed.
     single_tool_call: bool,
+    /// Run when the answer is complete, before its final chunk.
+    after: After,
 }
 
 impl Chunks {
@@ -150,71 +234,84 @@ impl Chunks {
                     };
                     self.chunk(delta, None, None)
                 }
-                Phase::Body => match self.events.next().await {
-                    Some(Ok(StreamEvent::Delta(text))) => {
-                        let delta = Delta {
-                            content: Some(&text),
-                            ..Delta::default()
-                        };
-                        self.chunk(delta, None, None)
-                    }
-                    Some(Ok(StreamEvent::ToolCallStart { index, .. }))
-                    | Some(Ok(StreamEvent::ToolCallArguments { index, .. }))
-                        if self.single_tool_call && index > 0 =>
+                Phase::Body => {
+                    let event = match self.events.next().await {
+                        Some(Ok(event)) => event,
+                        Some(Err(error)) => {
+                            // Bytes have gone out: no fallback now, the stream ends with
+                            // the error.
+                            self.phase = Phase::Done;
+                            let body = GatewayError::Upstream(error).body_json();
+                            return Some((Ok(Event::default().data(body)), self));
+                        }
+                        None => {
+                            self.phase = Phase::Finishing;
+                            self.after.finish().await;
+                            let usage = Some(self.usage.unwrap_or_default());
+                            let chunk = self.chunk(Delta::default(), Some(self.finish), usage);
+                            return Some((Ok(chunk), self));
+                        }
+                    };
+                    if self.single_tool_call
+                        && matches!(
+                            event,
+                            StreamEvent::ToolCallStart { index: 1.., .. }
+                                | StreamEvent::ToolCallArguments { index: 1.., .. }
+                        )
                     {
                         continue;
                     }
-                    Some(Ok(StreamEvent::ToolCallStart { index, id, name })) => {
-                        let call = ToolCallDelta {
-                            index,
-                            id: Some(&id),
-                            kind: Some(FunctionKind::Function),
-                            function: FunctionDelta {
-                                name: Some(&name),
-                                arguments: "",
-                            },
-                        };
-                        let delta = Delta {
-                            tool_calls: Some([call]),
-                            ..Delta::default()
-                        };
-                        self.chunk(delta, None, None)
+                    self.after.collect(&event);
+                    match event {
+                        StreamEvent::Delta(text) => {
+                            let delta = Delta {
+                                content: Some(&text),
+                                ..Delta::default()
+                            };
+                            self.chunk(delta, None, None)
+                        }
+                        StreamEvent::ToolCallStart { index, id, name } => {
+                            let call = ToolCallDelta {
+                                index,
+                                id: Some(&id),
+                                kind: Some(FunctionKind::Function),
+                                function: FunctionDelta {
+                                    name: Some(&name),
+                                    arguments: "",
+                                },
+                            };
+                            let delta = Delta {
+                                tool_calls: Some([call]),
+                                ..Delta::default()
+                            };
+                            self.chunk(delta, None, None)
+                        }
+                        StreamEvent::ToolCallArguments { index, fragment } => {
+                            let call = ToolCallDelta {
+                                index,
+                                id: None,
+                                kind: None,
+                                function: FunctionDelta {
+                                    name: None,
+                                    arguments: &fragment,
+                                },
+                            };
+                            let delta = Delta {
+                                tool_calls: Some([call]),
+                                ..Delta::default()
+                            };
+                            self.chunk(delta, None, None)
+                        }
+                        StreamEvent::Finish(finish) => {
+                            self.finish = finish;
+                            continue;
+                        }
+                        StreamEvent::Usage(usage) => {
+                            self.usage = Some(usage);
+                            continue;
+                        }
                     }
-                    Some(Ok(StreamEvent::ToolCallArguments { index, fragment })) => {
-                        let call = ToolCallDelta {
-                            index,
-                            id: None,
-                            kind: None,
-                            function: FunctionDelta {
-                                name: None,
-                                arguments: &fragment,
-                            },
-                        };
-                        let delta = Delta {
-                            tool_calls: Some([call]),
-                            ..Delta::default()
-                        };
-                        self.chunk(delta, None, None)
-                    }
-                    Some(Ok(StreamEvent::Finish(finish))) => {
-                        self.finish = finish;
-                        continue;
-                    }
-                    Some(Ok(StreamEvent::Usage(usage))) => {
-                        self.usage = Some(usage);
-                        continue;
-                    }
-                    Some(Err(error)) => {
-                        // Bytes have gone out: no fallback now, the stream ends with the error.
-                        self.phase = Phase::Done;
-                        Event::default().data(GatewayError::Upstream(error).body_json())
-                    }
-                    None => {
-                        self.phase = Phase::Finishing;
-                        let usage = Some(self.usage.unwrap_or_default());
-                        self.chunk(Delta::default(), Some(self.finish), usage)
-                    }
-                },
+                }
                 Phase::Finishing => {
                     self.phase = Phase::Done;
                     Event::default().data("[DONE]")
@@ -230,6 +327,7 @@ fn sse(
     events: EventStream,
     alias: String,
     single_tool_call: bool,
+    after: After,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let chunks = Chunks {
         events,
@@ -240,6 +338,7 @@ fn sse(
         finish: FinishReason::Stop,
         usage: None,
         single_tool_call,
+        after,
     };
     // Comments keep idle connections (and load balancers) open while a model thinks.
     Sse::new(futures::stream::unfold(chunks, Chunks::next))

@@ -1,7 +1,11 @@
 """The gateway the Python SDK tests talk to: the `llm-gateway` binary over the Rust test
 fakes of Gemini and Bedrock (`examples/fake_upstreams.rs`), one per test session, with
 chat aliases (`mock`, `gemini`, `bedrock`) and embedding aliases (`mock-embed`,
-`gemini-embed`, `titan`, `cohere`, `embed-fallback`).
+`gemini-embed`, `titan`, `cohere`, `embed-fallback`). It keeps its ledger, cache and
+replay records in a `redis-server` of its own (`redis_url`), started on a free port.
+
+Each feature's test module may add TOML to the gateway's configuration: the
+`GATEWAY_TOML` fragments below are joined into one file.
 """
 
 import json
@@ -35,8 +39,54 @@ def read_line(process: subprocess.Popen, timeout: float) -> str:
     return process.stdout.readline()
 
 
+GATEWAY_TOML = {
+    "aliases": (
+        '[models.mock]\ntargets = [{ provider = "mock", model = "mock-1" }]\n'
+        '[models.gemini]\ntargets = [{ provider = "gemini", model = "gemini-2.5-flash" }]\n'
+        '[models.bedrock]\ntargets = [{ provider = "bedrock", model = "anthropic.claude-test" }]\n'
+        # Embedding models (test_embeddings.py).
+        '[models.mock-embed]\ntargets = [{ provider = "mock", model = "mock-embed" }]\n'
+        '[models.gemini-embed]\ntargets = [{ provider = "gemini", model = "gemini-embedding-001" }]\n'
+        '[models.titan]\ntargets = [{ provider = "bedrock", model = "amazon.titan-embed-text-v2:0" }]\n'
+        '[models.cohere]\ntargets = [{ provider = "bedrock", model = "cohere.embed-english-v3" }]\n'
+        '[models.embed-fallback]\ntargets = [{ provider = "gemini", model = "gemini-embedding-001" },'
+        ' { provider = "bedrock", model = "amazon.titan-embed-text-v2:0" },'
+        ' { provider = "mock", model = "mock-embed" }]\n'
+    ),
+}
+
+
 @pytest.fixture(scope="session")
-def base_url():
+def redis_url():
+    """A `redis-server` of the session's own on a free loopback port, keeping nothing on
+    disk. Fails (never skips) when `redis-server` is missing."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def base_url(redis_url):
     subprocess.run(
         ["cargo", "build", "-q", "-p", "llm-gateway", "--bin", "llm-gateway",
          "--example", "fake_upstreams"],
@@ -51,19 +101,7 @@ def base_url():
     try:
         upstreams = json.loads(read_line(fakes, 30))
         config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-        config.write(
-            '[models.mock]\ntargets = [{ provider = "mock", model = "mock-1" }]\n'
-            '[models.gemini]\ntargets = [{ provider = "gemini", model = "gemini-2.5-flash" }]\n'
-            '[models.bedrock]\ntargets = [{ provider = "bedrock", model = "anthropic.claude-test" }]\n'
-            # Embedding models (test_embeddings.py).
-            '[models.mock-embed]\ntargets = [{ provider = "mock", model = "mock-embed" }]\n'
-            '[models.gemini-embed]\ntargets = [{ provider = "gemini", model = "gemini-embedding-001" }]\n'
-            '[models.titan]\ntargets = [{ provider = "bedrock", model = "amazon.titan-embed-text-v2:0" }]\n'
-            '[models.cohere]\ntargets = [{ provider = "bedrock", model = "cohere.embed-english-v3" }]\n'
-            '[models.embed-fallback]\ntargets = [{ provider = "gemini", model = "gemini-embedding-001" },'
-            ' { provider = "bedrock", model = "amazon.titan-embed-text-v2:0" },'
-            ' { provider = "mock", model = "mock-embed" }]\n'
-        )
+        config.write("".join(GATEWAY_TOML.values()))
         config.close()
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -80,6 +118,9 @@ def base_url():
             "AWS_SECRET_ACCESS_KEY": upstreams["aws_secret_access_key"],
             "AWS_EC2_METADATA_DISABLED": "true",
             "MAX_RETRIES": "0",
+            "USE_REDIS": "true",
+            "REDIS_URL": redis_url,
+            "REDIS_KEY_PREFIX": "pytest",
             "RUST_LOG": "warn",
         })
         gateway = subprocess.Popen([TARGET / "debug" / "llm-gateway"], env=env)
