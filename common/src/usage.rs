@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The header that names the Ensemble task a model call serves.
 pub const TASK_ID_HEADER: &str = "x-ensemble-task-id";
@@ -74,7 +74,7 @@ pub fn nanos_to_usd(nanos: i64) -> f64 {
 }
 
 /// Tokens and cost of some model calls.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     /// Prompt tokens.
     pub prompt_tokens: u64,
@@ -88,27 +88,39 @@ pub struct Usage {
     pub calls: u64,
 }
 
-/// A task's budget, as given at submit.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+/// A task's budget for model calls, given at submit (`"budget"` in `POST /task`). The
+/// llm-gateway refuses a call of the task once either is spent (`429 budget_exceeded`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Budget {
     /// Most tokens (prompt and completion) the task's model calls may use.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
-    /// Most dollars they may cost.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Most dollars they may cost, by the gateway's price table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost_usd: Option<f64>,
 }
 
-/// What the task view shows: totals, per step, and the budget.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+/// The task's model usage as the ledger has it: totals, per step, and the budget.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TaskUsage {
     /// Every call of the task.
-    #[serde(flatten)]
     pub total: Usage,
     /// Per step id.
     pub steps: BTreeMap<String, Usage>,
     /// The budget given at submit, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+/// `usage` in `GET /task/{id}`: the task's totals and its budget (each step's figures are
+/// in its own `usage`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageSummary {
+    /// Every model call the task made.
+    #[serde(flatten)]
+    pub total: Usage,
+    /// The budget given at submit, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
 }
 

@@ -179,6 +179,9 @@ impl Tasks {
             ));
             }
         }
+        if let Some(budget) = &body.budget {
+            check_budget(budget, self.store.keeps_ledger())?;
+        }
         if json_depth(&body.input) > MAX_JSON_DEPTH {
             return Err(ServiceError::Invalid(format!(
                 "`input` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
@@ -202,6 +205,7 @@ impl Tasks {
             idempotency_key: key,
             callback_url: body.callback_url,
             request_id,
+            budget: body.budget,
         };
         let limit = RateLimit {
             per_sec: self.config.rate_limit_per_sec,
@@ -302,6 +306,17 @@ impl Tasks {
             ))),
             None => Ok(()),
         }
+    }
+
+    /// `GET /task/{id}`: a task the client owns, with its model usage from the
+    /// llm-gateway's ledger per step and in total.
+    pub(crate) async fn view(&self, client: &str, id: &str) -> Result<TaskView, ServiceError> {
+        let mut view = self.owned(client, id).await?.view;
+        if self.store.keeps_ledger() {
+            let usage = self.store.usage(&view.task_id).await?;
+            attach_usage(&mut view, usage);
+        }
+        Ok(view)
     }
 
     /// A task the client owns (another client's task is `404`, as if it did not exist).
@@ -642,6 +657,69 @@ fn capabilities_to_wake(steps: &[PlannedStep]) -> (Vec<Capability>, Vec<Capabili
 }
 
 /// A graph the planner refused, as the `422` of `POST /task`.
+/// The most tokens a budget may name (a trillion: far above any task, far below overflow).
+const MAX_BUDGET_TOKENS: u64 = 1_000_000_000_000;
+/// The most dollars a budget may name.
+const MAX_BUDGET_USD: f64 = 1_000_000.0;
+
+/// A budget names at least one limit, each positive and in range, and needs a store the
+/// llm-gateway shares (otherwise nothing could enforce it).
+fn check_budget(budget: &common::usage::Budget, keeps_ledger: bool) -> Result<(), ServiceError> {
+    if budget.max_tokens.is_none() && budget.max_cost_usd.is_none() {
+        return Err(ServiceError::Invalid(
+            "`budget` needs `max_tokens`, `max_cost_usd` or both".into(),
+        ));
+    }
+    if let Some(tokens) = budget.max_tokens
+        && !(1..=MAX_BUDGET_TOKENS).contains(&tokens)
+    {
+        return Err(ServiceError::Invalid(format!(
+            "`budget.max_tokens` must be between 1 and {MAX_BUDGET_TOKENS}"
+        )));
+    }
+    if let Some(usd) = budget.max_cost_usd
+        && !(usd.is_finite() && usd > 0.0 && usd <= MAX_BUDGET_USD)
+    {
+        return Err(ServiceError::Invalid(format!(
+            "`budget.max_cost_usd` must be above 0 and at most {MAX_BUDGET_USD}"
+        )));
+    }
+    if !keeps_ledger {
+        return Err(ServiceError::Invalid(
+            "`budget` needs the Redis store, shared with the llm-gateway (USE_REDIS), to be \
+             enforced; this master runs on the in-memory store"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Puts the ledger's figures in the view: each step's under the step (by id, a chain's
+/// steps by index), the totals with the budget in `usage`.
+fn attach_usage(view: &mut TaskView, usage: common::usage::TaskUsage) {
+    let common::usage::TaskUsage {
+        total,
+        mut steps,
+        budget,
+    } = usage;
+    let mut attach = |step: &mut common::wire::StepView| {
+        let by_id = (!step.id.is_empty())
+            .then(|| steps.remove(&step.id))
+            .flatten();
+        step.usage = by_id.or_else(|| steps.remove(&step.index.to_string()));
+    };
+    for step in &mut view.steps {
+        attach(step);
+        for instance in &mut step.instances {
+            attach(instance);
+        }
+    }
+    if total.calls > 0 || budget.is_some() {
+        let budget = budget.or_else(|| view.usage.take().and_then(|u| u.budget));
+        view.usage = Some(common::usage::UsageSummary { total, budget });
+    }
+}
+
 fn invalid_steps(e: &GraphError) -> ServiceError {
     ServiceError::Invalid(format!("`steps`: {e}"))
 }

@@ -33,6 +33,7 @@ fn step(index: u32, id: &str, capability: &str, needs: &[&str], status: StepStat
         queued_at_ms: None,
         dispatched_at_ms: None,
         finished_at_ms: None,
+        usage: None,
     }
 }
 
@@ -60,6 +61,7 @@ fn task(status: TaskStatus, steps: Vec<StepView>) -> TaskView {
         started_at_ms: Some(NOW - 4_900),
         finished_at_ms: None,
         callback: None,
+        usage: None,
     }
 }
 

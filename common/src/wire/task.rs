@@ -28,6 +28,9 @@ pub struct SubmitTask {
     /// A URL the master POSTs the final task view to when the task finishes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// A budget for the task's model calls, enforced by the llm-gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::usage::Budget>,
 }
 
 /// One step as written in `POST /task` `steps` and in a pipeline's TOML: a capability
@@ -368,6 +371,10 @@ pub struct StepView {
     pub dispatched_at_ms: Option<u64>,
     /// When it finished.
     pub finished_at_ms: Option<u64>,
+    /// Its model calls' tokens and cost, from the llm-gateway's ledger (`GET /task/{id}`
+    /// only, when there were any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
 }
 
 /// `GET /task/{id}`: the task's full status.
@@ -400,6 +407,10 @@ pub struct TaskView {
     /// The completion callback's delivery, for a task submitted with a `callback_url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<CallbackView>,
+    /// Its model calls' tokens and cost in total, and its budget (`GET /task/{id}` only,
+    /// when it has either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::UsageSummary>,
 }
 
 /// The delivery of a task's completion callback, in `GET /task/{id}`.

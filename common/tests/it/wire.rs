@@ -60,6 +60,10 @@ fn protocol_types_round_trip() {
         priority: 5,
         idempotency_key: Some("k-1".into()),
         callback_url: None,
+        budget: Some(common::usage::Budget {
+            max_tokens: Some(10_000),
+            max_cost_usd: Some(0.5),
+        }),
     });
     round_trip(&TaskView {
         task_id: task_id.clone(),
@@ -104,6 +108,13 @@ fn protocol_types_round_trip() {
                     queued_at_ms: Some(1),
                     dispatched_at_ms: Some(2),
                     finished_at_ms: None,
+                    usage: Some(common::usage::Usage {
+                        prompt_tokens: 10,
+                        completion_tokens: 2,
+                        total_tokens: 12,
+                        cost_usd: 0.0001,
+                        calls: 1,
+                    }),
                 }],
                 element_index: None,
                 wait: None,
@@ -117,6 +128,7 @@ fn protocol_types_round_trip() {
                 queued_at_ms: Some(1),
                 dispatched_at_ms: None,
                 finished_at_ms: None,
+                usage: None,
             },
             StepView {
                 index: 1,
@@ -144,6 +156,7 @@ fn protocol_types_round_trip() {
                 queued_at_ms: None,
                 dispatched_at_ms: None,
                 finished_at_ms: None,
+                usage: None,
             },
         ],
         result: None,
@@ -156,6 +169,19 @@ fn protocol_types_round_trip() {
             status: CallbackStatus::Pending,
             attempts: 0,
             last_error: None,
+        }),
+        usage: Some(common::usage::UsageSummary {
+            total: common::usage::Usage {
+                prompt_tokens: 10,
+                completion_tokens: 2,
+                total_tokens: 12,
+                cost_usd: 0.0001,
+                calls: 1,
+            },
+            budget: Some(common::usage::Budget {
+                max_tokens: None,
+                max_cost_usd: Some(1.0),
+            }),
         }),
     });
 }

@@ -58,7 +58,7 @@ pub(super) async fn status(
     Client(client): Client,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    Ok(Json(tasks.owned(&client, &id).await?.view))
+    Ok(Json(tasks.view(&client, &id).await?))
 }
 
 /// `?wait=SECONDS` on `GET /result/{id}`.

@@ -80,6 +80,8 @@ struct State {
 struct Task {
     id: TaskId,
     client: String,
+    /// The budget given at submit, shown in the view (the in-memory store keeps no ledger).
+    budget: Option<common::usage::Budget>,
     pipeline: Option<String>,
     priority: i32,
     input: Value,
@@ -905,6 +907,7 @@ impl TaskStore for MemoryStore {
                 error: None,
                 callback_url: task.callback_url,
                 request_id: task.request_id,
+                budget: task.budget,
                 created: now,
                 started: None,
                 finished: None,
@@ -1728,6 +1731,7 @@ fn step_view(t: &Task, slot: u32) -> StepView {
         queued_at_ms: st.queued,
         dispatched_at_ms: st.dispatched,
         finished_at_ms: st.finished,
+        usage: None,
     }
 }
 
@@ -1762,6 +1766,10 @@ fn record(t: &Task) -> TaskRecord {
         created_at_ms: t.created,
         started_at_ms: t.started,
         finished_at_ms: t.finished,
+        usage: t.budget.clone().map(|budget| common::usage::UsageSummary {
+            total: common::usage::Usage::default(),
+            budget: Some(budget),
+        }),
         callback: t.callback_url.as_ref().map(|url| {
             let d = t.delivery.as_ref();
             CallbackView {

@@ -220,6 +220,8 @@ pub struct NewTask {
     pub callback_url: Option<String>,
     /// The submitting request's id, passed on to workers.
     pub request_id: String,
+    /// A budget for its model calls.
+    pub budget: Option<common::usage::Budget>,
 }
 
 /// Per-client submission rate limit (GCRA).
@@ -636,6 +638,17 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether the llm-gateway can share this store's ledger (the same Redis): only then
+    /// can a task's budget be enforced and its usage shown.
+    fn keeps_ledger(&self) -> bool {
+        false
+    }
+
+    /// A task's model usage from the llm-gateway's ledger (nothing in a store without one).
+    async fn usage(&self, _id: &TaskId) -> Result<common::usage::TaskUsage, StoreError> {
+        Ok(common::usage::TaskUsage::default())
+    }
 }
 
 /// The error recorded when a lease lapses.

@@ -339,6 +339,21 @@ impl TaskStore for RedisStore {
         Reply::parse(SUBMIT.file, value)?.submit()
     }
 
+    fn keeps_ledger(&self) -> bool {
+        true
+    }
+
+    async fn usage(&self, id: &TaskId) -> Result<common::usage::TaskUsage, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(keys::usage(self.prefix(), id.as_str()))
+            .query_async(&mut conn)
+            .await?;
+        Ok(common::usage::TaskUsage::from_fields(
+            fields.iter().map(|(f, v)| (f.as_str(), v.as_str())),
+        ))
+    }
+
     async fn get(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
         let mut conn = self.pool.get().await?;
         let fields: HashMap<String, String> = redis::cmd("HGETALL")
@@ -757,6 +772,15 @@ fn submit_fields(task: &NewTask) -> SubmitFields {
     if let Some(url) = &task.callback_url {
         fields.push((task_field::CALLBACK_URL.into(), url.clone()));
     }
+    if let Some(budget) = &task.budget {
+        if let Some(tokens) = budget.max_tokens {
+            fields.push((task_field::BUDGET_TOKENS.into(), tokens.to_string()));
+        }
+        if let Some(usd) = budget.max_cost_usd {
+            let nanos = common::usage::usd_to_nanos(usd);
+            fields.push((task_field::BUDGET_COST_NANOS.into(), nanos.to_string()));
+        }
+    }
     let mut capabilities: Vec<Capability> = Vec::new();
     let mut listens = Vec::new();
     for (i, step) in task.steps.iter().enumerate() {
@@ -966,6 +990,7 @@ mod tests {
             idempotency_key: None,
             callback_url: None,
             request_id: "r".into(),
+            budget: None,
         };
         let limit = RateLimit {
             per_sec: 0.0,
@@ -1067,6 +1092,7 @@ mod tests {
                 idempotency_key: None,
                 callback_url: None,
                 request_id: "r".into(),
+                budget: None,
             };
             let submitted = store.submit(task, no_limit, retention).await.unwrap();
             assert_eq!(submitted, SubmitOutcome::Created);

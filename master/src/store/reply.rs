@@ -494,6 +494,7 @@ pub(super) fn record(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRec
             queued_at_ms: num(&at(step_field::QUEUED_AT)),
             dispatched_at_ms: num(&at(step_field::DISPATCHED_AT)),
             finished_at_ms: num(&at(step_field::FINISHED_AT)),
+            usage: None,
         });
     }
     // Map instances (slots after the declared ones) go under their map step, in element
@@ -526,6 +527,10 @@ pub(super) fn record(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRec
             created_at_ms: num(task_field::CREATED_AT).unwrap_or(0),
             started_at_ms: num(task_field::STARTED_AT),
             finished_at_ms: num(task_field::FINISHED_AT),
+            usage: budget(
+                num(task_field::BUDGET_TOKENS),
+                num(task_field::BUDGET_COST_NANOS),
+            ),
             callback: callback_url.as_ref().map(|url| CallbackView {
                 url: url.clone(),
                 status: match get(task_field::CALLBACK_STATUS) {
@@ -543,6 +548,21 @@ pub(super) fn record(id: &TaskId, f: &HashMap<String, String>) -> Result<TaskRec
     };
     super::derive_waiting(&mut record.view);
     Ok(record)
+}
+
+/// The usage summary of a task with a budget (the figures come later, from the ledger).
+fn budget(tokens: Option<u64>, cost_nanos: Option<u64>) -> Option<common::usage::UsageSummary> {
+    if tokens.is_none() && cost_nanos.is_none() {
+        return None;
+    }
+    Some(common::usage::UsageSummary {
+        total: common::usage::Usage::default(),
+        budget: Some(common::usage::Budget {
+            max_tokens: tokens,
+            max_cost_usd: cost_nanos
+                .map(|n| common::usage::nanos_to_usd(i64::try_from(n).unwrap_or(i64::MAX))),
+        }),
+    })
 }
 
 #[cfg(test)]

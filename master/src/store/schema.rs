@@ -75,6 +75,12 @@ pub mod keys {
         format!("{prefix}:timers")
     }
 
+    /// A task's model usage, written by the llm-gateway ([`common::usage`]); submit puts a
+    /// budget in it, and a task with a budget gives it its retention when it ends.
+    pub fn usage(prefix: &str, id: &str) -> String {
+        common::usage::task_usage_key(prefix, id)
+    }
+
     /// What separates a [`member`]'s task id from its step. Task ids cannot contain it.
     pub const MEMBER_SEPARATOR: char = ':';
 
@@ -139,6 +145,11 @@ fields! {
         CALLBACK_ATTEMPTS = "cbn",
         /// The last delivery error: callback_claim, callback_finish.
         CALLBACK_ERROR = "cbe",
+        /// The task's token budget (`budget.max_tokens`), also written to its usage hash
+        /// for the gateway: submit.
+        BUDGET_TOKENS = "bt",
+        /// The task's cost budget in nano-dollars (`budget.max_cost_usd`), likewise: submit.
+        BUDGET_COST_NANOS = "bcn",
         /// How many steps were declared (slots before the map instances): submit.
         DECLARED = "dn",
         /// Declared steps not finished yet; the task has succeeded when it reaches 0:
@@ -274,6 +285,11 @@ pub(super) fn lua_prelude(guarded: bool) -> String {
         lua += &lua_function(name, params, build);
     }
     lua += &format!(
+        "local USAGE_BUDGET_TOKENS = {}\nlocal USAGE_BUDGET_COST_NANOS = {}\n",
+        lua_string(common::usage::BUDGET_TOKENS),
+        lua_string(common::usage::BUDGET_COST_NANOS)
+    );
+    lua += &format!(
         "local MEMBER_SEPARATOR = {}\n",
         lua_string(&keys::MEMBER_SEPARATOR.to_string())
     );
@@ -292,7 +308,7 @@ pub(super) fn lua_prelude(guarded: bool) -> String {
 type Builder = fn(&[String]) -> String;
 
 /// The key (and field) builders the scripts use, with their Lua names and parameters.
-fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 13] {
+fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 14] {
     [
         ("task_key", &["prefix", "id"], |a| keys::task(&a[0], &a[1])),
         ("queue_key", &["prefix", "cap"], |a| {
@@ -311,6 +327,9 @@ fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 13] {
             common::registry::keys::events(&a[0])
         }),
         ("timers_key", &["prefix"], |a| keys::timers(&a[0])),
+        ("usage_key", &["prefix", "id"], |a| {
+            keys::usage(&a[0], &a[1])
+        }),
         ("signal_field", &["name"], |a| signal_field(&a[0])),
         ("buffered_field", &["name"], |a| buffered_field(&a[0])),
         ("member", &["id", "step"], |a| keys::member(&a[0], &a[1])),

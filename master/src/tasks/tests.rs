@@ -788,3 +788,17 @@ async fn repeated_submissions_naming_unknown_capabilities_share_one_registry_rea
     );
     assert_eq!(workers.0.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
+
+#[tokio::test]
+async fn a_budget_is_refused_on_the_in_memory_store_which_no_gateway_can_share() {
+    let store: Arc<dyn TaskStore> = Arc::new(MemoryStore::new());
+    let tasks = service(Config::default(), store.clone());
+    let submission = body(json!({"steps": ["plan"], "budget": {"max_cost_usd": 0.5}}));
+    let Err(err) = tasks.submit("alice", submission, None, String::new()).await else {
+        panic!("a budget nothing can enforce is refused");
+    };
+    assert!(err.to_string().contains("needs the Redis store"), "{err}");
+    let plan = Capability::new("plan").expect("a valid capability");
+    let stats = store.stats(&[plan], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(stats[0].1.queued, 0, "nothing was queued");
+}

@@ -420,6 +420,7 @@ async fn a_callback_claimed_by_a_replica_that_died_is_delivered_by_another() {
         idempotency_key: None,
         callback_url: Some(hook.clone()),
         request_id: "req-died".into(),
+        budget: None,
     };
     let id = task.id.clone();
     let no_limit = RateLimit {

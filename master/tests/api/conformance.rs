@@ -58,6 +58,7 @@ fn task(caps: &[&str], priority: i32, max_attempts: u32) -> NewTask {
         idempotency_key: None,
         callback_url: None,
         request_id: "req-1".into(),
+        budget: None,
     }
 }
 

@@ -16,4 +16,5 @@ mod longpoll;
 mod model;
 mod ops;
 mod storage;
+mod usage;
 mod workflows;

@@ -944,6 +944,7 @@ fn step_view(t: &ModelTask, i: usize) -> StepView {
         queued_at_ms: in_window(s.queued),
         dispatched_at_ms: in_window(s.dispatched),
         finished_at_ms: in_window(s.finished),
+        usage: None,
     }
 }
 
@@ -1885,6 +1886,7 @@ impl Model {
             started_at_ms: None,
             finished_at_ms: None,
             callback: None,
+            usage: None,
         };
         derive_waiting(&mut shown);
         RecordView {
@@ -1909,6 +1911,7 @@ impl Model {
                         last_error: d.and_then(|d| d.last_error.clone()),
                     }
                 }),
+                usage: None,
             },
             client: CLIENTS[t.client].to_string(),
             callback_url: t.callback.then(|| callback_url(&t.id)),
@@ -2066,6 +2069,7 @@ fn norm_step(s: StepView, t: &ModelTask) -> StepView {
         queued_at_ms,
         dispatched_at_ms,
         finished_at_ms,
+        usage,
     } = s;
     let want = t.steps.get(index as usize);
     StepView {
@@ -2090,6 +2094,7 @@ fn norm_step(s: StepView, t: &ModelTask) -> StepView {
         queued_at_ms: opt_stamp(queued_at_ms, want.and_then(|m| m.queued)),
         dispatched_at_ms: opt_stamp(dispatched_at_ms, want.and_then(|m| m.dispatched)),
         finished_at_ms: opt_stamp(finished_at_ms, want.and_then(|m| m.finished)),
+        usage,
     }
 }
 
@@ -2113,6 +2118,7 @@ fn norm_record(record: TaskRecord, t: &ModelTask) -> RecordView {
         started_at_ms,
         finished_at_ms,
         callback,
+        usage,
     } = view;
     let steps = steps.into_iter().map(|s| norm_step(s, t)).collect();
     RecordView {
@@ -2129,6 +2135,7 @@ fn norm_record(record: TaskRecord, t: &ModelTask) -> RecordView {
             started_at_ms: opt_stamp(started_at_ms, t.started),
             finished_at_ms: opt_stamp(finished_at_ms, t.finished),
             callback,
+            usage,
         },
         client,
         callback_url,
@@ -2870,6 +2877,7 @@ impl Run<'_> {
             idempotency_key: key.map(|k| format!("k{k}")),
             callback_url: callback.then(|| callback_url(&id)),
             request_id: format!("req-{}", self.submitted),
+            budget: None,
         };
         let limit = if *client == RATED { RATE } else { NO_LIMIT };
         // Queues a step now: away from backoffs ending; and from the rate limit's edge.

@@ -179,6 +179,8 @@ pub struct Received<T> {
     pub body: T,
     pub authorization: Option<String>,
     pub request_id: Option<String>,
+    /// Every header, for the ones a test checks by name ([`Received::header`]).
+    pub headers: HeaderMap,
 }
 
 impl<T> Received<T> {
@@ -187,7 +189,13 @@ impl<T> Received<T> {
             body,
             authorization: header(headers, "authorization").map(String::from),
             request_id: header(headers, "x-request-id").map(String::from),
+            headers: headers.clone(),
         }
+    }
+
+    /// A header's value, if it was sent as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
     }
 }
 

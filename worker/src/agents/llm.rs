@@ -124,7 +124,23 @@ impl Agent for LlmAgent {
             response_format: self.response_format(step.capability.as_str()),
             stream: false,
         };
-        let mut request = self.client.post(&self.endpoint).json(&body);
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| StepError::permanent("template", format!("unencodable request: {e}")))?;
+        let ledger_step = ledger_step(step);
+        let mut request = self
+            .client
+            .post(&self.endpoint)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(common::usage::TASK_ID_HEADER, step.task_id.as_str())
+            .header(common::usage::STEP_HEADER, step.step)
+            .header(
+                "idempotency-key",
+                idempotency_key(step.task_id.as_str(), &ledger_step, &body),
+            );
+        if let Ok(value) = reqwest::header::HeaderValue::from_str(&ledger_step) {
+            request = request.header(common::usage::STEP_ID_HEADER, value);
+        }
+        let mut request = request.body(body);
         if !self.settings.token.is_empty() {
             request = request.bearer_auth(self.settings.token.expose());
         }
@@ -193,16 +209,46 @@ fn json_object(text: &str) -> Option<Value> {
     }
 }
 
+/// The step as the gateway's ledger names it: its id (a map instance's is
+/// `<id>[<element>]`), else its index.
+fn ledger_step(step: &WorkRequest) -> String {
+    step.context
+        .step_id
+        .clone()
+        .filter(|id| common::usage::valid_step(id))
+        .unwrap_or_else(|| step.step.to_string())
+}
+
+/// The `Idempotency-Key` of the step's model call: the task, the step and a digest of the
+/// request. Every attempt of the step sends the same request, so a step retried after a
+/// worker died (or its report was lost) gets the recorded answer back from the gateway
+/// instead of paying for the same completion again. A request that differs (the
+/// worker's prompt template changed in between) is a new call, not a refusal.
+fn idempotency_key(task_id: &str, step: &str, body: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body);
+    let hex: String = digest.as_ref()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("ensemble/{task_id}/{step}/{hex}")
+}
+
 /// Sorts a gateway error into retryable (429, 408, 5xx: the gateway already retried and
-/// fell back, but a later attempt may find the provider healthy) or permanent (any other
-/// 4xx: the same request would fail again).
+/// fell back, but a later attempt may find the provider healthy; 409: the same call is
+/// still in progress elsewhere) or permanent (any other 4xx: the same request would fail
+/// again, and `budget_exceeded`: the task's or the key's budget is spent).
 fn handle_gateway_error(status: StatusCode, body: &str) -> StepError {
-    let detail = serde_json::from_str::<ErrorBody>(body)
-        .map(|e| e.error.message)
-        .unwrap_or_else(|_| body.chars().take(300).collect());
+    let (detail, code) = match serde_json::from_str::<ErrorBody>(body) {
+        Ok(e) => (e.error.message, e.error.code),
+        Err(_) => (body.chars().take(300).collect(), None),
+    };
     let message = format!("llm-gateway answered {}: {detail}", status.as_u16());
+    if code.as_deref() == Some("budget_exceeded") {
+        return StepError::permanent("budget_exceeded", message);
+    }
     let retryable = status == StatusCode::TOO_MANY_REQUESTS
         || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::CONFLICT
         || status.is_server_error();
     if retryable {
         StepError::retryable("upstream", message)
@@ -266,6 +312,9 @@ struct ErrorBody {
 #[derive(Deserialize)]
 struct ErrorDetail {
     message: String,
+    /// `budget_exceeded`, `idempotency_in_progress`, …
+    #[serde(default)]
+    code: Option<String>,
 }
 
 #[cfg(test)]
@@ -274,7 +323,7 @@ mod tests {
 
     #[test]
     fn gateway_statuses_sort_into_retryable_and_permanent() {
-        for status in [429, 408, 500, 502, 503, 504] {
+        for status in [429, 408, 409, 500, 502, 503, 504] {
             let e = handle_gateway_error(StatusCode::from_u16(status).unwrap_or_default(), "");
             assert!(e.retryable, "{status} should be retryable");
         }
@@ -288,6 +337,27 @@ mod tests {
         );
         assert_eq!(e.message, "llm-gateway answered 400: unknown model `x`");
         assert_eq!(e.kind.as_deref(), Some("upstream"));
+    }
+
+    #[test]
+    fn a_spent_budget_fails_the_step_for_good() {
+        let e = handle_gateway_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            r#"{"error":{"message":"the task's budget is spent","type":"insufficient_quota","code":"budget_exceeded"}}"#,
+        );
+        assert!(!e.retryable);
+        assert_eq!(e.kind.as_deref(), Some("budget_exceeded"));
+        assert!(e.message.contains("budget is spent"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_idempotency_key_is_the_same_for_every_attempt_of_one_request() {
+        let a = idempotency_key("t1", "plan", b"{\"x\":1}");
+        assert_eq!(a, idempotency_key("t1", "plan", b"{\"x\":1}"));
+        assert!(a.starts_with("ensemble/t1/plan/"), "{a}");
+        assert_ne!(a, idempotency_key("t1", "plan", b"{\"x\":2}"));
+        assert_ne!(a, idempotency_key("t1", "search[1]", b"{\"x\":1}"));
+        assert_ne!(a, idempotency_key("t2", "plan", b"{\"x\":1}"));
     }
 
     #[test]

@@ -169,3 +169,86 @@ async fn a_bad_template_stops_the_worker_at_start_naming_the_setting() {
     assert!(err.contains("prompts.plan"), "{err}");
     assert!(err.contains("the_task"), "{err}");
 }
+
+#[tokio::test]
+async fn the_llm_agent_names_the_task_and_step_and_keys_the_call_the_same_on_every_attempt() {
+    let fakes = Fakes::start().await;
+    let (master, gateway) = (&fakes.master, &fakes.gateway);
+    let worker = fakes.worker(fakes.config()).await;
+
+    let mut step = work_request("plan", json!("the same question"));
+    step.step = 2;
+    step.context.step_id = Some("search[3]".into());
+    worker.post_work(&step).await;
+    master.wait_for_reports(1).await;
+    // The step again, as a later attempt after a lost report.
+    step.attempt = 2;
+    worker.post_work(&step).await;
+    master.wait_for_reports(2).await;
+    // Another step of the same task.
+    let mut other = step.clone();
+    other.step = 3;
+    other.context.step_id = Some("judge".into());
+    worker.post_work(&other).await;
+    master.wait_for_reports(3).await;
+
+    let calls = gateway.calls();
+    assert_eq!(calls.len(), 3);
+    let first = &calls[0];
+    assert_eq!(
+        first.header("x-ensemble-task-id"),
+        Some(step.task_id.as_str())
+    );
+    assert_eq!(first.header("x-ensemble-step-id"), Some("search[3]"));
+    assert_eq!(first.header("x-ensemble-step"), Some("2"));
+    let key = first.header("idempotency-key").expect("an Idempotency-Key");
+    assert!(
+        key.starts_with(&format!("ensemble/{}/search[3]/", step.task_id)),
+        "{key}"
+    );
+    assert_eq!(calls[1].header("idempotency-key"), Some(key), "the retry");
+    assert_eq!(calls[2].header("x-ensemble-step-id"), Some("judge"));
+    assert_ne!(calls[2].header("idempotency-key"), Some(key));
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_spent_budget_fails_the_step_for_good_and_a_call_in_progress_is_retried() {
+    let fakes = Fakes::start().await;
+    let (master, gateway) = (&fakes.master, &fakes.gateway);
+    gateway.script([
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"error": {"message": "the task's budget of 100 tokens is spent",
+                "type": "insufficient_quota", "code": "budget_exceeded"}}),
+        ),
+        (
+            StatusCode::CONFLICT,
+            json!({"error": {"message": "a call with this Idempotency-Key is in progress",
+                "type": "invalid_request_error", "code": "idempotency_in_progress"}}),
+        ),
+    ]);
+    let worker = fakes.worker(fakes.config()).await;
+    worker.post_work(&work_request("plan", json!(1))).await;
+    let spent = master
+        .wait_for_reports(1)
+        .await
+        .remove(0)
+        .body
+        .error
+        .unwrap();
+    assert!(!spent.retryable, "{spent:?}");
+    assert_eq!(spent.kind.as_deref(), Some("budget_exceeded"));
+    assert!(spent.message.contains("budget of 100 tokens"), "{spent:?}");
+
+    worker.post_work(&work_request("plan", json!(2))).await;
+    let busy = master
+        .wait_for_reports(2)
+        .await
+        .remove(1)
+        .body
+        .error
+        .unwrap();
+    assert!(busy.retryable, "{busy:?}");
+    worker.stop().await.unwrap();
+}

@@ -498,7 +498,7 @@ end
 -- `before_write`, if given, is called with them before the hash is written (to add fields
 -- to the same HSET).
 local function g_end(reported, retention, before_write)
-  local t = g_read({F.status, F.open, F.callback_url})
+  local t = g_read({F.status, F.open, F.callback_url, F.budget_tokens, F.budget_cost_nanos})
   local done = nil
   if G.failed then
     stop_all(reported or -1, cjson.encode({message =
@@ -535,6 +535,9 @@ local function g_end(reported, retention, before_write)
   if done then
     if t[3] then queue_callback(G.prefix, G.key, G.id, G.now) end
     redis.call('PEXPIRE', G.key, retention)
+    -- A budgeted task's usage hash was made at submit, with no expiry: it goes with the
+    -- task. (Otherwise the gateway made it, with an expiry of its own.)
+    if t[4] or t[5] then redis.call('PEXPIRE', usage_key(G.prefix, G.id), retention) end
     redis.call('PUBLISH', events_channel(G.prefix), 'done:' .. G.id)
   end
   return out

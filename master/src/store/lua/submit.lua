@@ -44,7 +44,15 @@ G.complete = true
 -- The hash as given is written with the transition's one HSET, and read from the cache.
 g_set(F.status, 'queued')
 g_set(F.created_at, int(now))
-for i = 10 + k + r, #ARGV, 2 do g_set(ARGV[i], ARGV[i + 1]) end
+for i = 10 + k + r, #ARGV, 2 do
+  g_set(ARGV[i], ARGV[i + 1])
+  -- The budget also goes where the llm-gateway checks it: the task's usage hash.
+  if ARGV[i] == F.budget_tokens then
+    redis.call('HSET', usage_key(ARGV[1], ARGV[2]), USAGE_BUDGET_TOKENS, ARGV[i + 1])
+  elseif ARGV[i] == F.budget_cost_nanos then
+    redis.call('HSET', usage_key(ARGV[1], ARGV[2]), USAGE_BUDGET_COST_NANOS, ARGV[i + 1])
+  end
+end
 for i = 10 + k, 9 + k + r do ready(tonumber(ARGV[i])) end
 local reply = {'outcome', 'created'}
 for _, x in ipairs(g_end(nil, ARGV[5])) do reply[#reply + 1] = x end
