@@ -31,8 +31,11 @@ locals {
   # drops empty values when it reads a task definition back, so they would show as a
   # change on every plan, and an unset variable means the same to the gateway.
   gateway_env = [
-    for e in concat(local.common_env, [
+    for e in concat(local.common_env, local.redis_env, [
       { name = "PORT", value = "7000" },
+      # The usage ledger, budgets, cache and Idempotency-Key replay live in the same
+      # Redis as the tasks, so the master shows each task's model usage.
+      { name = "USE_REDIS", value = "true" },
       { name = "LLM_PROVIDER", value = var.llm_provider },
       { name = "LLM_MODEL", value = var.llm_model },
       # Bedrock's region; credentials come from the task role.

@@ -8,7 +8,7 @@ locals {
   service_secrets = {
     master        = ["REDIS_PASSWORD", "WORKER_TOKEN", "API_KEYS", "OPERATOR_API_KEYS", "CALLBACK_SECRET"]
     worker        = ["REDIS_PASSWORD", "WORKER_TOKEN", "GATEWAY_TOKEN"]
-    "llm-gateway" = ["GATEWAY_TOKEN", "GEMINI_API_KEY"]
+    "llm-gateway" = ["REDIS_PASSWORD", "GATEWAY_TOKEN", "GEMINI_API_KEY"]
   }
 }
 

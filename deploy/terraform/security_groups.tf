@@ -1,7 +1,7 @@
 # Security groups, as in the deployment guide: ALB → master 8000; master → workers 5000;
 # workers → master 8000 (results go to MASTER_URL); master and workers → gateway 7000;
-# only master and workers → Redis 6379 (the gateway keeps no state and has no Redis
-# settings). Tasks reach AWS APIs, ECR and Gemini over HTTPS through the NAT gateway.
+# master, workers and gateway → Redis 6379 (the gateway keeps its usage ledger, budgets,
+# cache and replay records there). Tasks reach AWS APIs, ECR and Gemini over HTTPS through the NAT gateway.
 
 resource "aws_security_group" "alb" {
   name        = "${local.prefix}-alb"
@@ -97,6 +97,15 @@ resource "aws_vpc_security_group_egress_rule" "master_to_gateway" {
   ip_protocol                  = "tcp"
   from_port                    = 7000
   to_port                      = 7000
+}
+
+resource "aws_vpc_security_group_egress_rule" "gateway_to_redis" {
+  security_group_id            = aws_security_group.gateway.id
+  description                  = "Redis"
+  referenced_security_group_id = aws_security_group.redis.id
+  ip_protocol                  = "tcp"
+  from_port                    = 6379
+  to_port                      = 6379
 }
 
 resource "aws_vpc_security_group_egress_rule" "master_to_redis" {
@@ -196,6 +205,15 @@ resource "aws_vpc_security_group_ingress_rule" "redis_from_master" {
   security_group_id            = aws_security_group.redis.id
   description                  = "Redis from master tasks"
   referenced_security_group_id = aws_security_group.master.id
+  ip_protocol                  = "tcp"
+  from_port                    = 6379
+  to_port                      = 6379
+}
+
+resource "aws_vpc_security_group_ingress_rule" "redis_from_gateway" {
+  security_group_id            = aws_security_group.redis.id
+  description                  = "Redis from llm-gateway tasks"
+  referenced_security_group_id = aws_security_group.gateway.id
   ip_protocol                  = "tcp"
   from_port                    = 6379
   to_port                      = 6379

@@ -557,6 +557,17 @@ impl Wiring {
         config.host = "127.0.0.1".into();
         config.port = port_of(url);
         config.gateway_token = Secret::new(self.gateway_token.clone());
+        // On the system's Redis the gateway keeps its ledger, cache and replay records
+        // beside the tasks (same prefix), so the master shows each task's model usage.
+        let shares_redis = match &self.store {
+            Store::OwnRedis(_) => true,
+            Store::Url(url) => !url.is_empty(),
+            Store::Memory => false,
+        };
+        if shares_redis {
+            config.use_redis = true;
+            self.redis_into(&mut config.redis);
+        }
         if let Some(f) = customise {
             f(&mut config);
         }
