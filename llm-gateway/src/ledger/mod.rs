@@ -461,17 +461,17 @@ pub async fn admit(
     }
     let key_budget = key_budget.unwrap_or_default();
     let figures = ledger.figures(caller.name(), charge.task.as_ref()).await?;
-    if key_budget.cost_nanos.is_some() || figures.task_budget_cost_nanos.is_some() {
-        if let Some((provider, model)) = targets
+    let cost_budget = key_budget.cost_nanos.is_some() || figures.task_budget_cost_nanos.is_some();
+    if cost_budget
+        && let Some((provider, model)) = targets
             .into_iter()
             .find(|(_, model)| !ledger.prices.contains_key(*model))
-        {
-            return Err(GatewayError::ModelUnpriced {
-                alias: alias.to_string(),
-                target: keys::model(provider.as_str(), model),
-                model: model.to_string(),
-            });
-        }
+    {
+        return Err(GatewayError::ModelUnpriced {
+            alias: alias.to_string(),
+            target: keys::model(provider.as_str(), model),
+            model: model.to_string(),
+        });
     }
     let refuse = |scope: &'static str, message: String, retry_after: Option<Duration>| {
         metrics::counter!(REFUSALS_METRIC, "scope" => scope).increment(1);
