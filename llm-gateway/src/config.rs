@@ -586,6 +586,78 @@ targets = [{provider = "mock", model = "a"}, {provider = "mock", model = "b"}]
     }
 
     #[test]
+    fn prices_and_budgets_load_from_toml_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            r#"
+auth_disabled = true
+use_redis = true
+daily_max_cost_usd = 2.5
+[keys.team]
+token = "t"
+daily_max_tokens = 1000
+[prices."gemini-2.5-flash"]
+input_usd_per_mtok = 0.3
+output_usd_per_mtok = 2.5
+"#,
+        )
+        .unwrap();
+        let config: Config = common::config::load_from(Some(&path)).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.keys["team"].daily_max_tokens, Some(1000));
+        assert_eq!(config.daily_max_cost_usd, Some(2.5));
+        assert_eq!(config.prices["gemini-2.5-flash"].output_usd_per_mtok, 2.5);
+
+        for (config, setting) in [
+            (
+                Config {
+                    daily_max_tokens: Some(0),
+                    use_redis: true,
+                    ..open()
+                },
+                "DAILY_MAX_TOKENS",
+            ),
+            (
+                Config {
+                    daily_max_cost_usd: Some(f64::NAN),
+                    use_redis: true,
+                    ..open()
+                },
+                "DAILY_MAX_COST_USD",
+            ),
+            (
+                Config {
+                    daily_max_cost_usd: Some(1.0),
+                    ..open()
+                },
+                "DAILY_MAX_COST_USD",
+            ),
+            (
+                Config {
+                    usage_retention_days: 0,
+                    ..open()
+                },
+                "USAGE_RETENTION_DAYS",
+            ),
+        ] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(setting), "{setting}: {err}");
+        }
+
+        std::fs::write(
+            &path,
+            "auth_disabled = true\n[prices.m]\ninput_usd_per_mtok = 1\noutput_usd_per_mtk = 1\n",
+        )
+        .unwrap();
+        let err = common::config::load_from::<Config>(Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("output_usd_per_mtk"), "{err}");
+    }
+
+    #[test]
     fn a_mistyped_key_is_refused_with_the_nearest_known_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gw.toml");

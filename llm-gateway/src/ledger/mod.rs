@@ -222,15 +222,17 @@ impl Ledger {
         };
         if let Err(error) = outcome {
             metrics::counter!(ERRORS_METRIC).increment(1);
+            // The alarm on Redis outages counts exactly this message.
             tracing::warn!(
-                message = common::redis::UNAVAILABLE_LOG,
-                during = "ledger record",
                 %error,
+                during = "ledger record",
+                effect = "the answer went out but its usage was not recorded",
                 key,
                 model = %served.model,
                 prompt,
                 completion,
-                "the answer went out but its usage was not recorded"
+                "{}",
+                common::redis::UNAVAILABLE_LOG
             );
         }
     }
@@ -248,11 +250,11 @@ impl Ledger {
             .pool
             .get()
             .await
-            .map_err(|e| GatewayError::StoreUnavailable(e.message))?;
+            .map_err(|e| unavailable("budget check", e.message))?;
         let reply: Vec<String> = invocation
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| GatewayError::StoreUnavailable(common::redis::describe(&e)))?;
+            .map_err(|e| unavailable("budget check", common::redis::describe(&e)))?;
         let n = |i: usize| reply.get(i).and_then(|v| v.parse::<i64>().ok());
         // A budget field the master wrote that is not a non-negative integer is no budget.
         let budget = |i: usize| n(i).filter(|b| *b >= 0);
@@ -283,11 +285,11 @@ impl Ledger {
             .pool
             .get()
             .await
-            .map_err(|e| GatewayError::StoreUnavailable(e.message))?;
+            .map_err(|e| unavailable("usage report", e.message))?;
         let hashes: Vec<HashMap<String, i64>> = pipe
             .query_async(&mut conn)
             .await
-            .map_err(|e| GatewayError::StoreUnavailable(common::redis::describe(&e)))?;
+            .map_err(|e| unavailable("usage report", common::redis::describe(&e)))?;
         let mut rows: BTreeMap<(Day, String, String), (i64, Usage)> = BTreeMap::new();
         for (day, hash) in days.iter().zip(hashes) {
             for (field, value) in hash {
@@ -338,6 +340,13 @@ impl Ledger {
             total,
         })
     }
+}
+
+/// Logs a Redis outage with the message the outage alarm counts, and makes it the
+/// request's `503`.
+fn unavailable(during: &'static str, error: String) -> GatewayError {
+    tracing::warn!(%error, during, "{}", common::redis::UNAVAILABLE_LOG);
+    GatewayError::StoreUnavailable(error)
 }
 
 /// What the budgets are checked against.
