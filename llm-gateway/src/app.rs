@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DEFAULT_KEY};
 use crate::error::GatewayError;
+use crate::ledger::Ledger;
 use crate::providers::{Overrides, Providers};
 use crate::routes;
 use crate::routing;
@@ -38,6 +39,9 @@ pub struct AppState {
     pub auth_disabled: bool,
     /// With `USE_REDIS`: the pool the ledger, budgets, cache and replay use.
     pub redis: Option<RedisPool>,
+    /// With `USE_REDIS`: the usage ledger and budgets (shared by the hooks that record
+    /// answers after the handler returned, hence the `Arc`).
+    pub ledger: Option<Arc<Ledger>>,
     /// Unix seconds at start, the `created` of every model in `/v1/models`.
     pub started_at: u64,
 }
@@ -102,6 +106,9 @@ pub fn build(config: &Config, providers: &Providers) -> anyhow::Result<Router> {
         operator_token: config.gateway_operator_token.clone(),
         auth_disabled: config.auth_disabled,
         redis: redis.clone(),
+        ledger: redis
+            .clone()
+            .map(|pool| Arc::new(Ledger::new(config, pool))),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -116,13 +123,23 @@ pub fn build(config: &Config, providers: &Providers) -> anyhow::Result<Router> {
             state.clone(),
             require_token,
         ))
+        .with_state(state.clone());
+    // The operators' report: its own token, not the callers' keys.
+    let operator = Router::new()
+        .route("/v1/usage", get(routes::usage::usage))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_operator,
+        ))
         .with_state(state);
     // The configuration was validated at start: readiness is Redis's, when it is used.
     let ready = match redis {
         Some(pool) => common::http::redis_ready(pool),
         None => common::http::always_ready(),
     };
-    let router = api.merge(common::http::ops_routes(SERVICE, ready));
+    let router = api
+        .merge(operator)
+        .merge(common::http::ops_routes(SERVICE, ready));
     let router = common::http::finish_router_with(
         router,
         SERVICE,
@@ -182,5 +199,23 @@ async fn require_token(
             crate::metrics::rejected("invalid_api_key");
             GatewayError::Unauthorized.into_response()
         }
+    }
+}
+
+/// Lets a request through with `GATEWAY_OPERATOR_TOKEN` (compared in constant time), or
+/// anyone with auth disabled. An empty operator token lets no one in.
+async fn require_operator(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = common::auth::bearer(req.headers());
+    let operator = !state.operator_token.is_empty()
+        && presented.is_some_and(|p| common::auth::matches(&state.operator_token, p));
+    if operator || state.auth_disabled {
+        next.run(req).await
+    } else {
+        crate::metrics::rejected("invalid_api_key");
+        GatewayError::Unauthorized.into_response()
     }
 }

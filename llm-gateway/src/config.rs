@@ -46,6 +46,21 @@ pub struct Config {
     /// Redis and `REDIS_KEY_PREFIX` as the master, so the master can show a task's usage).
     pub redis: RedisSettings,
 
+    /// `[prices."<provider model>"]` in TOML: what a model's tokens cost, keyed by the
+    /// provider's model name (a target's `model`). A model without a price costs 0 in the
+    /// ledger, and a call a dollar budget applies to is refused on it.
+    pub prices: BTreeMap<String, Price>,
+    /// `DAILY_MAX_TOKENS`: the `default` key's (`GATEWAY_TOKEN`'s) token budget per UTC day.
+    /// `[keys.<name>]` have their own.
+    pub daily_max_tokens: Option<u64>,
+    /// `DAILY_MAX_COST_USD`: the `default` key's dollar budget per UTC day.
+    pub daily_max_cost_usd: Option<f64>,
+    /// `USAGE_RETENTION_DAYS`: how many days after its date a day of the ledger is kept.
+    pub usage_retention_days: u32,
+    /// `USAGE_TASK_TTL_S`: the lifetime of a task's usage hash the gateway creates (one the
+    /// master created at submit keeps the master's retention instead).
+    pub usage_task_ttl_s: u64,
+
     /// `LLM_PROVIDER`: the provider behind the `default` alias (`mock`, `gemini`, `bedrock`).
     pub llm_provider: ProviderKind,
     /// `LLM_MODEL`: the model behind the `default` alias; empty means the provider's usual
@@ -98,6 +113,11 @@ impl Default for Config {
             gateway_operator_token: Secret::default(),
             use_redis: false,
             redis: RedisSettings::default(),
+            prices: BTreeMap::new(),
+            daily_max_tokens: None,
+            daily_max_cost_usd: None,
+            usage_retention_days: 400,
+            usage_task_ttl_s: 7 * 24 * 3600,
             llm_provider: ProviderKind::Mock,
             llm_model: String::new(),
             models: BTreeMap::new(),
@@ -125,6 +145,10 @@ const ENV_VARS: &[&str] = &[
     "AUTH_DISABLED",
     "GATEWAY_OPERATOR_TOKEN",
     "USE_REDIS",
+    "DAILY_MAX_TOKENS",
+    "DAILY_MAX_COST_USD",
+    "USAGE_RETENTION_DAYS",
+    "USAGE_TASK_TTL_S",
     "LLM_PROVIDER",
     "LLM_MODEL",
     "REQUEST_TIMEOUT_MS",
@@ -165,6 +189,7 @@ impl Settings for Config {
             return Err(ConfigError::invalid("HOST", "must not be empty"));
         }
         self.validate_keys()?;
+        self.validate_ledger()?;
         if self.use_redis {
             self.redis.validate()?;
         }
@@ -277,6 +302,80 @@ impl Config {
         Ok(())
     }
 
+    /// Prices and budgets: finite non-negative prices, budgets above zero, and no budget
+    /// without the Redis that keeps the figures it is checked against.
+    fn validate_ledger(&self) -> Result<(), ConfigError> {
+        for (model, price) in &self.prices {
+            for (field, value) in [
+                ("input_usd_per_mtok", price.input_usd_per_mtok),
+                ("output_usd_per_mtok", price.output_usd_per_mtok),
+            ] {
+                if !value.is_finite() || value < 0.0 {
+                    return Err(ConfigError::invalid(
+                        &format!("prices.\"{model}\".{field}"),
+                        "must be a finite number of dollars, zero or more",
+                    ));
+                }
+            }
+        }
+        let mut budgets = vec![(
+            "DAILY_MAX_TOKENS".to_string(),
+            "DAILY_MAX_COST_USD".to_string(),
+            self.daily_max_tokens,
+            self.daily_max_cost_usd,
+        )];
+        budgets.extend(self.keys.iter().map(|(name, key)| {
+            (
+                format!("keys.{name}.daily_max_tokens"),
+                format!("keys.{name}.daily_max_cost_usd"),
+                key.daily_max_tokens,
+                key.daily_max_cost_usd,
+            )
+        }));
+        for (tokens_setting, cost_setting, tokens, cost) in budgets {
+            if tokens == Some(0) {
+                return Err(ConfigError::invalid(
+                    &tokens_setting,
+                    "must be above zero (leave it out for no budget)",
+                ));
+            }
+            if let Some(cost) = cost
+                && (!cost.is_finite() || cost <= 0.0)
+            {
+                return Err(ConfigError::invalid(
+                    &cost_setting,
+                    "must be a finite number of dollars above zero (leave it out for no budget)",
+                ));
+            }
+            if !self.use_redis {
+                let set = match (tokens, cost) {
+                    (Some(_), _) => Some(tokens_setting),
+                    (None, Some(_)) => Some(cost_setting),
+                    (None, None) => None,
+                };
+                if let Some(setting) = set {
+                    return Err(ConfigError::invalid(
+                        &setting,
+                        "a budget needs the usage ledger: set USE_REDIS=true (and REDIS_*)",
+                    ));
+                }
+            }
+        }
+        if self.usage_retention_days == 0 {
+            return Err(ConfigError::invalid(
+                "USAGE_RETENTION_DAYS",
+                "must be at least 1",
+            ));
+        }
+        if self.usage_task_ttl_s == 0 {
+            return Err(ConfigError::invalid(
+                "USAGE_TASK_TTL_S",
+                "must be above zero",
+            ));
+        }
+        Ok(())
+    }
+
     /// Every alias the gateway serves with its targets: the `[models]` table plus
     /// `default` from `LLM_PROVIDER`/`LLM_MODEL` when the table does not define it.
     pub fn aliases(&self) -> BTreeMap<String, Vec<Target>> {
@@ -323,6 +422,20 @@ pub const DEFAULT_KEY: &str = "default";
 pub struct KeyConfig {
     /// The bearer token callers present.
     pub token: Secret,
+    /// Most tokens (prompt and completion) this key's calls may use per UTC day.
+    pub daily_max_tokens: Option<u64>,
+    /// Most dollars (from `[prices]`) this key's calls may cost per UTC day.
+    pub daily_max_cost_usd: Option<f64>,
+}
+
+/// What one model's tokens cost, in `[prices."<provider model>"]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// US dollars per million prompt tokens.
+    pub input_usd_per_mtok: f64,
+    /// US dollars per million completion tokens.
+    pub output_usd_per_mtok: f64,
 }
 
 /// One alias in `[models.<alias>]`.
@@ -470,6 +583,78 @@ targets = [{provider = "mock", model = "a"}, {provider = "mock", model = "b"}]
             .unwrap_err()
             .to_string();
         assert!(err.contains("MODELS"), "{err}");
+    }
+
+    #[test]
+    fn prices_and_budgets_load_from_toml_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            r#"
+auth_disabled = true
+use_redis = true
+daily_max_cost_usd = 2.5
+[keys.team]
+token = "t"
+daily_max_tokens = 1000
+[prices."gemini-2.5-flash"]
+input_usd_per_mtok = 0.3
+output_usd_per_mtok = 2.5
+"#,
+        )
+        .unwrap();
+        let config: Config = common::config::load_from(Some(&path)).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.keys["team"].daily_max_tokens, Some(1000));
+        assert_eq!(config.daily_max_cost_usd, Some(2.5));
+        assert_eq!(config.prices["gemini-2.5-flash"].output_usd_per_mtok, 2.5);
+
+        for (config, setting) in [
+            (
+                Config {
+                    daily_max_tokens: Some(0),
+                    use_redis: true,
+                    ..open()
+                },
+                "DAILY_MAX_TOKENS",
+            ),
+            (
+                Config {
+                    daily_max_cost_usd: Some(f64::NAN),
+                    use_redis: true,
+                    ..open()
+                },
+                "DAILY_MAX_COST_USD",
+            ),
+            (
+                Config {
+                    daily_max_cost_usd: Some(1.0),
+                    ..open()
+                },
+                "DAILY_MAX_COST_USD",
+            ),
+            (
+                Config {
+                    usage_retention_days: 0,
+                    ..open()
+                },
+                "USAGE_RETENTION_DAYS",
+            ),
+        ] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(setting), "{setting}: {err}");
+        }
+
+        std::fs::write(
+            &path,
+            "auth_disabled = true\n[prices.m]\ninput_usd_per_mtok = 1\noutput_usd_per_mtk = 1\n",
+        )
+        .unwrap();
+        let err = common::config::load_from::<Config>(Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("output_usd_per_mtk"), "{err}");
     }
 
     #[test]

@@ -42,6 +42,36 @@ pub enum GatewayError {
     /// Every target failed; the last failure decides the status.
     #[error("upstream failure: {0}")]
     Upstream(ProviderError),
+    /// A budget that applies to the call is spent (key daily or task); the message says
+    /// which and the figures.
+    #[error("{message}")]
+    BudgetExceeded {
+        /// Which budget and its figures.
+        message: String,
+        /// Until the budget resets (UTC midnight for a key's daily budget); `None` for a
+        /// task's budget, which never resets.
+        retry_after: Option<Duration>,
+    },
+    /// A dollar budget applies to the call but a model the alias may be served by has no
+    /// price, so the budget could not be enforced.
+    #[error(
+        "a dollar budget applies to this call, but model alias `{alias}` may be served by \
+         `{target}`, which has no price: add [prices.\"{model}\"] to the gateway's configuration"
+    )]
+    ModelUnpriced {
+        /// The alias asked for.
+        alias: String,
+        /// `<provider>/<model>` of the unpriced target.
+        target: String,
+        /// The provider model name, as `[prices]` keys it.
+        model: String,
+    },
+    /// The ledger's Redis cannot be read or written (logged; the client is told to retry).
+    #[error("the usage ledger's Redis is unavailable: {0}")]
+    StoreUnavailable(String),
+    /// `GET /v1/usage` without `USE_REDIS`.
+    #[error("the usage ledger is off: USE_REDIS is not set on this gateway")]
+    LedgerDisabled,
     /// A fault of the gateway itself (logged; the client sees a generic message).
     #[error("internal error: {0}")]
     Internal(String),
@@ -91,6 +121,26 @@ impl GatewayError {
                 "payload_too_large",
             ),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal"),
+            Self::BudgetExceeded { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "budget_exceeded",
+            ),
+            Self::ModelUnpriced { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "model_unpriced",
+            ),
+            Self::StoreUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "store_unavailable",
+            ),
+            Self::LedgerDisabled => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "ledger_disabled",
+            ),
             Self::Upstream(e) => match e.kind {
                 ErrorKind::InvalidRequest => (
                     StatusCode::BAD_REQUEST,
@@ -131,6 +181,11 @@ impl GatewayError {
     fn public_message(&self) -> String {
         match self {
             Self::Internal(_) => "internal error; see the gateway's log".into(),
+            Self::StoreUnavailable(_) => {
+                "the usage ledger's store is unavailable, so this call's budget cannot be \
+                 checked; retry shortly"
+                    .into()
+            }
             Self::Upstream(e) => match e.kind {
                 ErrorKind::InvalidRequest => {
                     format!("{} rejected the request: {}", e.provider, e.message)
@@ -165,6 +220,8 @@ impl GatewayError {
                 }
                 _ => None,
             },
+            Self::BudgetExceeded { retry_after, .. } => *retry_after,
+            Self::StoreUnavailable(_) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -176,6 +233,7 @@ impl GatewayError {
         let param = match self {
             Self::InvalidRequest { param, .. } => param.as_deref(),
             Self::Upstream(e) => e.param.as_deref(),
+            Self::ModelUnpriced { .. } => Some("model"),
             _ => None,
         };
         let body = ErrorBody {

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod ledger;
 pub mod metrics;
 pub mod openai;
 pub mod providers;

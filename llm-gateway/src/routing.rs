@@ -148,6 +148,14 @@ impl Router {
         })
     }
 
+    /// The provider and model of each of `alias`'s targets, in order; `None` for an unknown
+    /// alias. The ledger asks before a call whether each has a price.
+    pub fn targets(&self, alias: &str) -> Option<Vec<(ProviderKind, &str)>> {
+        self.aliases
+            .get(alias)
+            .map(|targets| targets.iter().map(|t| (t.kind, &*t.model)).collect())
+    }
+
     /// Every alias with the provider of its first target, in name order.
     pub fn aliases(&self) -> &[(String, ProviderKind)] {
         &self.listing

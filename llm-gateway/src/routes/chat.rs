@@ -5,16 +5,17 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use crate::app::AppState;
+use crate::app::{AppState, Caller};
 use crate::error::GatewayError;
 use crate::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
@@ -33,14 +34,18 @@ pub type AfterAnswer = Box<dyn FnOnce(Arc<Completion>, Served) -> BoxFuture<'sta
 /// The handler.
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    respond(answer(&state, body, started).await)
+    respond(answer(&state, &caller, &headers, body, started).await)
 }
 
 async fn answer(
     state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     started: Instant,
 ) -> Result<Response, GatewayError> {
@@ -48,7 +53,11 @@ async fn answer(
     let alias = request.model.clone();
     let stream = request.stream;
     let chat = ChatRequest::from_openai(request)?;
-    let after: Vec<AfterAnswer> = Vec::new();
+    let mut after: Vec<AfterAnswer> = Vec::new();
+    // Budgets are checked before any provider is called; the answer is recorded once whole.
+    if let Some(charge) = crate::ledger::admit(state, caller, headers, &alias).await? {
+        after.push(charge.after_answer());
+    }
     if stream {
         let routed = state.router.stream(&alias, &chat).await?;
         let mut response = sse(

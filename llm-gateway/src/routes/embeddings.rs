@@ -4,13 +4,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
+use crate::app::{AppState, Caller};
 use crate::error::GatewayError;
 use crate::openai::{
     EmbeddingData, EmbeddingList, EmbeddingUsage, EmbeddingVector, EmbeddingsRequest,
@@ -22,21 +23,29 @@ use crate::routes::{parse, respond, served_headers};
 /// The handler.
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    respond(answer(&state, body, started).await)
+    respond(answer(&state, &caller, &headers, body, started).await)
 }
 
 async fn answer(
     state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     started: Instant,
 ) -> Result<Response, GatewayError> {
     let request: EmbeddingsRequest = parse(body)?;
     let embed = EmbeddingRequest::from_openai(&request)?;
     let format = request.encoding_format.unwrap_or_default();
+    let charge = crate::ledger::admit(state, caller, headers, &request.model).await?;
     let (embeddings, served) = state.router.embed(&request.model, &embed).await?;
+    if let Some(charge) = &charge {
+        charge.embedded(&served, embeddings.prompt_tokens).await;
+    }
     let data = (0u32..)
         .zip(embeddings.vectors)
         .map(|(index, vector)| EmbeddingData {

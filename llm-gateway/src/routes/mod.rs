@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod embeddings;
 pub mod models;
+pub mod usage;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

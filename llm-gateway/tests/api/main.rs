@@ -8,6 +8,7 @@ mod embeddings;
 mod errors;
 mod gemini;
 mod helpers;
+mod ledger;
 mod openai_client;
 mod routing;
 mod tools;

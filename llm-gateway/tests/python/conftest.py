@@ -53,7 +53,19 @@ GATEWAY_TOML = {
         ' { provider = "bedrock", model = "amazon.titan-embed-text-v2:0" },'
         ' { provider = "mock", model = "mock-embed" }]\n'
     ),
+    # The usage ledger (test_ledger.py): keys of its own, so other modules' calls do not
+    # disturb its figures, one with a daily budget of one token; prices for the chat models.
+    "ledger": (
+        '[keys.ledger-test]\ntoken = "ledger-test-token"\n'
+        '[keys.ledger-capped]\ntoken = "ledger-capped-token"\ndaily_max_tokens = 1\n'
+        '[prices."mock-1"]\ninput_usd_per_mtok = 0.5\noutput_usd_per_mtok = 1.5\n'
+        '[prices."gemini-2.5-flash"]\ninput_usd_per_mtok = 0.3\noutput_usd_per_mtok = 2.5\n'
+        '[prices."anthropic.claude-test"]\ninput_usd_per_mtok = 0.8\noutput_usd_per_mtok = 4.0\n'
+    ),
 }
+
+# `GET /v1/usage`'s bearer token (test_ledger.py).
+OPERATOR_TOKEN = "python-sdk-operator-token"
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +133,7 @@ def base_url(redis_url):
             "USE_REDIS": "true",
             "REDIS_URL": redis_url,
             "REDIS_KEY_PREFIX": "pytest",
+            "GATEWAY_OPERATOR_TOKEN": OPERATOR_TOKEN,
             "RUST_LOG": "warn",
         })
         gateway = subprocess.Popen([TARGET / "debug" / "llm-gateway"], env=env)
