@@ -5,6 +5,7 @@
 
 mod helpers;
 
+mod budget;
 mod client;
 mod demo;
 mod e2e;
