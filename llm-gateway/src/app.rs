@@ -38,6 +38,10 @@ pub struct AppState {
     pub auth_disabled: bool,
     /// With `USE_REDIS`: the pool the ledger, budgets, cache and replay use.
     pub redis: Option<RedisPool>,
+    /// With `USE_REDIS`: `Idempotency-Key` replay (without it the header is ignored).
+    pub replay: Option<crate::replay::Replay>,
+    /// With `USE_REDIS`: the response cache of aliases with `cache_ttl_s`.
+    pub cache: Option<crate::cache::Cache>,
     /// Unix seconds at start, the `created` of every model in `/v1/models`.
     pub started_at: u64,
 }
@@ -102,6 +106,12 @@ pub fn build(config: &Config, providers: &Providers) -> anyhow::Result<Router> {
         operator_token: config.gateway_operator_token.clone(),
         auth_disabled: config.auth_disabled,
         redis: redis.clone(),
+        replay: redis
+            .clone()
+            .map(|pool| crate::replay::Replay::new(pool, config)),
+        cache: redis
+            .clone()
+            .map(|pool| crate::cache::Cache::new(pool, config)),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

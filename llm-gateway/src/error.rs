@@ -39,6 +39,18 @@ pub enum GatewayError {
     /// The body is over the limit.
     #[error("request body is larger than the limit")]
     PayloadTooLarge,
+    /// The `Idempotency-Key` was first used with a different request.
+    #[error(
+        "the Idempotency-Key was already used with a different request; a new request needs a new key"
+    )]
+    IdempotencyKeyReused,
+    /// The first request with this `Idempotency-Key` is still being answered.
+    #[error("a request with this Idempotency-Key is still in progress; retry once it has finished")]
+    IdempotencyInProgress,
+    /// The replay store (Redis) could not be asked whether a keyed request was answered
+    /// already, so the provider is not called (it could answer twice).
+    #[error("the replay store is unavailable: {0}")]
+    StoreUnavailable(String),
     /// Every target failed; the last failure decides the status.
     #[error("upstream failure: {0}")]
     Upstream(ProviderError),
@@ -90,6 +102,21 @@ impl GatewayError {
                 "invalid_request_error",
                 "payload_too_large",
             ),
+            Self::IdempotencyKeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "idempotency_key_reused",
+            ),
+            Self::IdempotencyInProgress => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "idempotency_in_progress",
+            ),
+            Self::StoreUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "store_unavailable",
+            ),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal"),
             Self::Upstream(e) => match e.kind {
                 ErrorKind::InvalidRequest => (
@@ -131,6 +158,11 @@ impl GatewayError {
     fn public_message(&self) -> String {
         match self {
             Self::Internal(_) => "internal error; see the gateway's log".into(),
+            Self::StoreUnavailable(_) => {
+                "the gateway's replay store is unavailable, so a request with an \
+                 Idempotency-Key cannot be checked; retry shortly"
+                    .into()
+            }
             Self::Upstream(e) => match e.kind {
                 ErrorKind::InvalidRequest => {
                     format!("{} rejected the request: {}", e.provider, e.message)
@@ -165,6 +197,7 @@ impl GatewayError {
                 }
                 _ => None,
             },
+            Self::IdempotencyInProgress | Self::StoreUnavailable(_) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -515,6 +515,7 @@ mod tests {
                             model: "m".into(),
                         },
                     ],
+                    cache_ttl_s: None,
                 },
             )]
             .into(),

@@ -1189,6 +1189,7 @@ mod tests {
                     provider: llm_gateway::config::ProviderKind::Mock,
                     model: "m".into(),
                 }],
+                cache_ttl_s: None,
             },
         );
         same(&through_env(&gateway), &gateway);

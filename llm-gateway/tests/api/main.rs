@@ -4,10 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bedrock;
+mod cache;
 mod embeddings;
 mod errors;
 mod gemini;
 mod helpers;
 mod openai_client;
+mod replay;
 mod routing;
 mod tools;
