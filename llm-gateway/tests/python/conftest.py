@@ -53,6 +53,11 @@ GATEWAY_TOML = {
         ' { provider = "bedrock", model = "amazon.titan-embed-text-v2:0" },'
         ' { provider = "mock", model = "mock-embed" }]\n'
     ),
+    # Response cache (test_replay.py).
+    "replay": (
+        '[models.gemini-cached]\ntargets = [{ provider = "gemini", model = "gemini-2.5-flash" }]\n'
+        'cache_ttl_s = 60\n'
+    ),
 }
 
 
