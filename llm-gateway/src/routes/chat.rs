@@ -70,6 +70,7 @@ async fn answer(
         },
         None => None,
     };
+    // Admission (the budget check) goes here: after replay, before the cache and provider.
     let cached = match &state.cache {
         Some(cache) => cache.entry(&alias, &raw)?,
         None => None,
