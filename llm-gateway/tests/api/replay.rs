@@ -163,9 +163,9 @@ async fn a_streamed_answer_is_replayed_as_the_same_stream_and_as_json() {
         let rest = chunks
             .iter()
             .filter(|c| {
-                !c["choices"][0]["delta"]["content"]
+                c["choices"][0]["delta"]["content"]
                     .as_str()
-                    .is_some_and(|t| !t.is_empty())
+                    .is_none_or(str::is_empty)
             })
             .cloned()
             .collect();
