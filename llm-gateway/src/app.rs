@@ -42,6 +42,10 @@ pub struct AppState {
     /// With `USE_REDIS`: the usage ledger and budgets (shared by the hooks that record
     /// answers after the handler returned, hence the `Arc`).
     pub ledger: Option<Arc<Ledger>>,
+    /// With `USE_REDIS`: `Idempotency-Key` replay (without it the header is ignored).
+    pub replay: Option<crate::replay::Replay>,
+    /// With `USE_REDIS`: the response cache of aliases with `cache_ttl_s`.
+    pub cache: Option<crate::cache::Cache>,
     /// Unix seconds at start, the `created` of every model in `/v1/models`.
     pub started_at: u64,
 }
@@ -109,6 +113,12 @@ pub fn build(config: &Config, providers: &Providers) -> anyhow::Result<Router> {
         ledger: redis
             .clone()
             .map(|pool| Arc::new(Ledger::new(config, pool))),
+        replay: redis
+            .clone()
+            .map(|pool| crate::replay::Replay::new(pool, config)),
+        cache: redis
+            .clone()
+            .map(|pool| crate::cache::Cache::new(pool, config)),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -45,6 +45,10 @@ pub struct Config {
     /// `[redis]` / `REDIS_*`: where the ledger, cache and replay records live (the same
     /// Redis and `REDIS_KEY_PREFIX` as the master, so the master can show a task's usage).
     pub redis: RedisSettings,
+    /// `IDEMPOTENCY_TTL_S`: how long a chat completion made with an `Idempotency-Key` is
+    /// kept for replay (with `USE_REDIS`). A day covers a worker retrying a step after a
+    /// restart; longer keeps answers no retry will ask for.
+    pub idempotency_ttl_s: u64,
 
     /// `[prices."<provider model>"]` in TOML: what a model's tokens cost, keyed by the
     /// provider's model name (a target's `model`). A model without a price costs 0 in the
@@ -118,6 +122,7 @@ impl Default for Config {
             daily_max_cost_usd: None,
             usage_retention_days: 400,
             usage_task_ttl_s: 7 * 24 * 3600,
+            idempotency_ttl_s: 86_400,
             llm_provider: ProviderKind::Mock,
             llm_model: String::new(),
             models: BTreeMap::new(),
@@ -149,6 +154,7 @@ const ENV_VARS: &[&str] = &[
     "DAILY_MAX_COST_USD",
     "USAGE_RETENTION_DAYS",
     "USAGE_TASK_TTL_S",
+    "IDEMPOTENCY_TTL_S",
     "LLM_PROVIDER",
     "LLM_MODEL",
     "REQUEST_TIMEOUT_MS",
@@ -193,6 +199,12 @@ impl Settings for Config {
         if self.use_redis {
             self.redis.validate()?;
         }
+        if !(1..=MAX_STORE_TTL_S).contains(&self.idempotency_ttl_s) {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_TTL_S",
+                format!("must be between 1 and {MAX_STORE_TTL_S} seconds (30 days)"),
+            ));
+        }
         if self.request_timeout_ms == 0 {
             return Err(ConfigError::invalid(
                 "REQUEST_TIMEOUT_MS",
@@ -232,6 +244,21 @@ impl Settings for Config {
                     &format!("models.{alias}.targets"),
                     format!("a `{}` target has an empty model", t.provider),
                 ));
+            }
+            if let Some(ttl) = config.cache_ttl_s {
+                let setting = format!("models.{alias}.cache_ttl_s");
+                if !(1..=MAX_STORE_TTL_S).contains(&ttl) {
+                    return Err(ConfigError::invalid(
+                        &setting,
+                        format!("must be between 1 and {MAX_STORE_TTL_S} seconds (30 days)"),
+                    ));
+                }
+                if !self.use_redis {
+                    return Err(ConfigError::invalid(
+                        &setting,
+                        "needs USE_REDIS=true: the cache is kept in Redis",
+                    ));
+                }
             }
         }
         let used = self.aliases();
@@ -413,6 +440,10 @@ impl Config {
     }
 }
 
+/// The longest `IDEMPOTENCY_TTL_S` and `cache_ttl_s`: 30 days. Past that a record is more
+/// likely a forgotten setting than a wish.
+pub const MAX_STORE_TTL_S: u64 = 30 * 86_400;
+
 /// The name of the key `GATEWAY_TOKEN` is, in the ledger and in `/v1/usage`.
 pub const DEFAULT_KEY: &str = "default";
 
@@ -444,6 +475,11 @@ pub struct Price {
 pub struct AliasConfig {
     /// Tried in order: a retryable failure of one falls back to the next.
     pub targets: Vec<Target>,
+    /// Seconds an answer is kept in the exact-match response cache (1 to 30 days; needs
+    /// `USE_REDIS`). Unset: this alias is never cached, since an owner who wants fresh
+    /// samples for the same prompt must not get a stored one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_ttl_s: Option<u64>,
 }
 
 /// A provider and the model name it knows.

@@ -39,6 +39,14 @@ pub enum GatewayError {
     /// The body is over the limit.
     #[error("request body is larger than the limit")]
     PayloadTooLarge,
+    /// The `Idempotency-Key` was first used with a different request.
+    #[error(
+        "the Idempotency-Key was already used with a different request; a new request needs a new key"
+    )]
+    IdempotencyKeyReused,
+    /// The first request with this `Idempotency-Key` is still being answered.
+    #[error("a request with this Idempotency-Key is still in progress; retry once it has finished")]
+    IdempotencyInProgress,
     /// Every target failed; the last failure decides the status.
     #[error("upstream failure: {0}")]
     Upstream(ProviderError),
@@ -66,8 +74,10 @@ pub enum GatewayError {
         /// The provider model name, as `[prices]` keys it.
         model: String,
     },
-    /// The ledger's Redis cannot be read or written (logged; the client is told to retry).
-    #[error("the usage ledger's Redis is unavailable: {0}")]
+    /// The gateway's Redis cannot be read or written where an answer depends on it: a
+    /// budget that applies, or whether a keyed request was answered already (the provider
+    /// is not called: it could answer twice). Logged; the client is told to retry.
+    #[error("the gateway's Redis is unavailable: {0}")]
     StoreUnavailable(String),
     /// `GET /v1/usage` without `USE_REDIS`.
     #[error("the usage ledger is off: USE_REDIS is not set on this gateway")]
@@ -119,6 +129,16 @@ impl GatewayError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 "payload_too_large",
+            ),
+            Self::IdempotencyKeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "idempotency_key_reused",
+            ),
+            Self::IdempotencyInProgress => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "idempotency_in_progress",
             ),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal"),
             Self::BudgetExceeded { .. } => (
@@ -182,8 +202,8 @@ impl GatewayError {
         match self {
             Self::Internal(_) => "internal error; see the gateway's log".into(),
             Self::StoreUnavailable(_) => {
-                "the usage ledger's store is unavailable, so this call's budget cannot be \
-                 checked; retry shortly"
+                "the gateway's Redis store is unavailable, so this call's budget or its \
+                 Idempotency-Key cannot be checked; retry shortly"
                     .into()
             }
             Self::Upstream(e) => match e.kind {
@@ -221,7 +241,7 @@ impl GatewayError {
                 _ => None,
             },
             Self::BudgetExceeded { retry_after, .. } => *retry_after,
-            Self::StoreUnavailable(_) => Some(Duration::from_secs(1)),
+            Self::IdempotencyInProgress | Self::StoreUnavailable(_) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -3,12 +3,14 @@
 //! fallback across providers, per-provider concurrency caps and Prometheus metrics.
 
 pub mod app;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod ledger;
 pub mod metrics;
 pub mod openai;
 pub mod providers;
+pub mod replay;
 pub mod routes;
 pub mod routing;
 

@@ -30,6 +30,13 @@ pub const FALLBACKS: &str = "ensemble_gateway_fallbacks_total";
 /// (`unary`, `stream`).
 pub const OVERHEAD: &str = "ensemble_gateway_overhead_seconds";
 
+/// `Idempotency-Key` requests by outcome: `replayed`, `recorded`, `reused` (422),
+/// `in_progress` (409), `too_large` (served, not recorded), `unavailable` (Redis failed).
+pub const REPLAYS: &str = "ensemble_gateway_replays_total";
+/// Response-cache lookups and stores of cached aliases, by alias and outcome: `hit`,
+/// `miss`, `store_error` (Redis failed; a lookup then misses), `too_large` (not stored).
+pub const CACHE: &str = "ensemble_gateway_cache_total";
+
 /// Cached handles for one provider+model target.
 #[derive(Debug)]
 pub struct TargetMetrics {
@@ -149,4 +156,15 @@ pub fn overhead(mode: Mode, total: Duration, outside: Duration) {
         Mode::Stream => STREAM.get_or_init(|| metrics::histogram!(OVERHEAD, "mode" => "stream")),
     };
     histogram.record(total.saturating_sub(outside).as_secs_f64());
+}
+
+/// An `Idempotency-Key` request ended in `outcome` (see [`REPLAYS`]).
+pub fn replay(outcome: &'static str) {
+    metrics::counter!(REPLAYS, "outcome" => outcome).increment(1);
+}
+
+/// A cache lookup or store for `alias` ended in `outcome` (see [`CACHE`]). Only aliases
+/// with `cache_ttl_s` get here, so the label is bounded by the configuration.
+pub fn cache(alias: &str, outcome: &'static str) {
+    metrics::counter!(CACHE, "alias" => alias.to_string(), "outcome" => outcome).increment(1);
 }

@@ -523,6 +523,7 @@ mod tests {
                             model: "m".into(),
                         },
                     ],
+                    cache_ttl_s: None,
                 },
             )]
             .into(),

@@ -1200,6 +1200,7 @@ mod tests {
                     provider: llm_gateway::config::ProviderKind::Mock,
                     model: "m".into(),
                 }],
+                cache_ttl_s: None,
             },
         );
         same(&through_env(&gateway), &gateway);

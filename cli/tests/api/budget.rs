@@ -80,8 +80,12 @@ async fn the_task_view_shows_each_steps_model_spend_and_a_budget_stops_the_task(
     for step in &view.steps {
         let usage = step.usage.as_ref().expect("each step's model call");
         assert_eq!(usage.calls, 1, "{step:?}");
-        assert!(usage.prompt_tokens > 0 && usage.completion_tokens > 0, "{usage:?}");
-        let priced = (usage.prompt_tokens as f64 * 2.0 + usage.completion_tokens as f64 * 8.0) / 1e6;
+        assert!(
+            usage.prompt_tokens > 0 && usage.completion_tokens > 0,
+            "{usage:?}"
+        );
+        let priced =
+            (usage.prompt_tokens as f64 * 2.0 + usage.completion_tokens as f64 * 8.0) / 1e6;
         assert!((usage.cost_usd - priced).abs() < 1e-9, "{usage:?}");
         tokens += usage.total_tokens;
         cost += usage.cost_usd;

@@ -9,13 +9,14 @@ use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use crate::app::{AppState, Caller};
+use crate::cache;
 use crate::error::GatewayError;
 use crate::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
@@ -23,6 +24,7 @@ use crate::openai::{
     ToolCallDelta, Usage,
 };
 use crate::providers::{ChatRequest, Completion, EventStream, FinishReason, StreamEvent, ToolCall};
+use crate::replay::{self, Begin};
 use crate::routes::{parse, respond, served_headers};
 use crate::routing::Served;
 
@@ -49,16 +51,46 @@ async fn answer(
     body: Result<Bytes, BytesRejection>,
     started: Instant,
 ) -> Result<Response, GatewayError> {
+    // Replay and the cache key on the body as received (cheap: `Bytes` is shared).
+    let raw = body.as_ref().map(Bytes::clone).unwrap_or_default();
     let request: ChatCompletionRequest = parse(body)?;
     let alias = request.model.clone();
     let stream = request.stream;
     let chat = ChatRequest::from_openai(request)?;
-    let mut after: Vec<AfterAnswer> = Vec::new();
-    // Budgets are checked before any provider is called; the answer is recorded once whole.
-    if let Some(charge) = crate::ledger::admit(state, caller, headers, &alias).await? {
-        after.push(charge.after_answer());
+    // Before admission: a replay calls no provider, so it is neither checked nor counted.
+    let claim = match &state.replay {
+        Some(replay) => match replay.begin(caller, headers, &raw).await? {
+            Begin::Replayed(answer) => {
+                let (completion, served) = *answer;
+                let header = replay::replayed_header();
+                return recorded(completion, &served, alias, stream, header);
+            }
+            Begin::Claimed(claim) => Some(claim),
+            Begin::Unkeyed => None,
+        },
+        None => None,
+    };
+    // Budgets are checked before any provider is called (a refusal drops the replay
+    // claim, which frees the key); the answer is recorded once whole.
+    let charge = crate::ledger::admit(state, caller, headers, &alias).await?;
+    let cached = match &state.cache {
+        Some(cache) => cache.entry(&alias, &raw)?,
+        None => None,
+    };
+    if let Some(entry) = &cached
+        && let Some((completion, served)) = entry.get().await
+    {
+        if let Some(claim) = claim {
+            claim.record(&completion, &served).await;
+        }
+        return recorded(completion, &served, alias, stream, cache_header("hit"));
     }
-    if stream {
+    let mut after: Vec<AfterAnswer> = Vec::new();
+    after.extend(charge.map(|charge| charge.after_answer()));
+    after.extend(claim.map(replay::Claim::hook));
+    let cache_miss = cached.is_some().then(|| cache_header("miss"));
+    after.extend(cached.map(cache::Entry::hook));
+    let mut response = if stream {
         let routed = state.router.stream(&alias, &chat).await?;
         let mut response = sse(
             routed.events,
@@ -68,56 +100,122 @@ async fn answer(
         )
         .into_response();
         served_headers(&mut response, &routed.served);
-        Ok(response)
+        response
     } else {
         let (mut completion, served) = state.router.complete(&alias, &chat).await?;
         if chat.single_tool_call {
             completion.tool_calls.truncate(1);
         }
         let completion = After::new(after, served.clone()).run(completion).await;
-        let id = completion_id();
-        let tool_calls = completion
-            .tool_calls
-            .iter()
-            .map(|call| ResponseToolCall {
-                id: &call.id,
-                kind: FunctionKind::Function,
-                function: ResponseFunction {
-                    name: &call.name,
-                    arguments: &call.arguments,
-                },
-            })
-            .collect::<Vec<_>>();
-        // OpenAI answers `content: null` when the model only called tools.
-        let content = (!completion.text.is_empty() || tool_calls.is_empty())
-            .then_some(completion.text.as_str());
-        let body = ChatCompletion {
-            id: &id,
-            object: "chat.completion",
-            created: unix_now(),
-            model: &alias,
-            choices: [Choice {
-                index: 0,
-                message: ResponseMessage {
-                    role: "assistant",
-                    content,
-                    tool_calls,
-                },
-                finish_reason: completion.finish.as_openai(),
-            }],
-            usage: completion.usage,
-        };
-        let json = serde_json::to_vec(&body)
-            .map_err(|e| GatewayError::Internal(format!("unencodable reply: {e}")))?;
-        let mut response = ([(header::CONTENT_TYPE, "application/json")], json).into_response();
+        let mut response = unary(&completion, &alias)?;
         served_headers(&mut response, &served);
         crate::metrics::overhead(
             crate::metrics::Mode::Unary,
             started.elapsed(),
             served.outside,
         );
-        Ok(response)
+        response
+    };
+    response.headers_mut().extend(cache_miss);
+    Ok(response)
+}
+
+/// A recorded answer (a replay or a cache hit) shaped exactly as a live one, JSON or SSE,
+/// with `header` saying where it came from.
+fn recorded(
+    completion: Completion,
+    served: &Served,
+    alias: String,
+    stream: bool,
+    header: (HeaderName, HeaderValue),
+) -> Result<Response, GatewayError> {
+    let mut response = if stream {
+        let events = futures::stream::iter(recorded_events(completion).into_iter().map(Ok));
+        sse(
+            events.boxed(),
+            alias,
+            false,
+            After::new(Vec::new(), served.clone()),
+        )
+        .into_response()
+    } else {
+        unary(&completion, &alias)?
+    };
+    served_headers(&mut response, served);
+    response.headers_mut().insert(header.0, header.1);
+    Ok(response)
+}
+
+/// A complete answer as the events a provider would have streamed: the text, each tool
+/// call's start then its arguments, the finish and the usage.
+fn recorded_events(completion: Completion) -> Vec<StreamEvent> {
+    let mut events = Vec::new();
+    if !completion.text.is_empty() {
+        events.push(StreamEvent::Delta(completion.text));
     }
+    for (index, call) in (0u32..).zip(completion.tool_calls) {
+        events.push(StreamEvent::ToolCallStart {
+            index,
+            id: call.id,
+            name: call.name,
+        });
+        if !call.arguments.is_empty() {
+            events.push(StreamEvent::ToolCallArguments {
+                index,
+                fragment: call.arguments,
+            });
+        }
+    }
+    events.push(StreamEvent::Finish(completion.finish));
+    events.push(StreamEvent::Usage(completion.usage));
+    events
+}
+
+/// `x-ensemble-cache: hit` or `miss` (only on aliases with `cache_ttl_s`).
+fn cache_header(outcome: &'static str) -> (HeaderName, HeaderValue) {
+    (CACHE_HEADER.clone(), HeaderValue::from_static(outcome))
+}
+
+/// Whether the answer came from the response cache.
+static CACHE_HEADER: HeaderName = HeaderName::from_static("x-ensemble-cache");
+
+/// The JSON answer of `completion`.
+fn unary(completion: &Completion, alias: &str) -> Result<Response, GatewayError> {
+    let id = completion_id();
+    let tool_calls = completion
+        .tool_calls
+        .iter()
+        .map(|call| ResponseToolCall {
+            id: &call.id,
+            kind: FunctionKind::Function,
+            function: ResponseFunction {
+                name: &call.name,
+                arguments: &call.arguments,
+            },
+        })
+        .collect::<Vec<_>>();
+    // OpenAI answers `content: null` when the model only called tools.
+    let content =
+        (!completion.text.is_empty() || tool_calls.is_empty()).then_some(completion.text.as_str());
+    let body = ChatCompletion {
+        id: &id,
+        object: "chat.completion",
+        created: unix_now(),
+        model: alias,
+        choices: [Choice {
+            index: 0,
+            message: ResponseMessage {
+                role: "assistant",
+                content,
+                tool_calls,
+            },
+            finish_reason: completion.finish.as_openai(),
+        }],
+        usage: completion.usage,
+    };
+    let json = serde_json::to_vec(&body)
+        .map_err(|e| GatewayError::Internal(format!("unencodable reply: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }
 
 /// The [`AfterAnswer`] hooks of one answer, and (streaming) the answer they are given,

@@ -48,6 +48,7 @@ pub fn with_alias(mut config: Config, alias: &str, targets: &[(ProviderKind, &st
                     model: model.to_string(),
                 })
                 .collect(),
+            cache_ttl_s: None,
         },
     );
     config

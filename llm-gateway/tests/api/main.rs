@@ -4,11 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bedrock;
+mod cache;
 mod embeddings;
 mod errors;
 mod gemini;
 mod helpers;
 mod ledger;
 mod openai_client;
+mod replay;
 mod routing;
 mod tools;

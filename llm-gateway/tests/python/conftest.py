@@ -62,6 +62,11 @@ GATEWAY_TOML = {
         '[prices."gemini-2.5-flash"]\ninput_usd_per_mtok = 0.3\noutput_usd_per_mtok = 2.5\n'
         '[prices."anthropic.claude-test"]\ninput_usd_per_mtok = 0.8\noutput_usd_per_mtok = 4.0\n'
     ),
+    # Response cache (test_replay.py).
+    "replay": (
+        '[models.gemini-cached]\ntargets = [{ provider = "gemini", model = "gemini-2.5-flash" }]\n'
+        'cache_ttl_s = 60\n'
+    ),
 }
 
 # `GET /v1/usage`'s bearer token (test_ledger.py).
