@@ -114,7 +114,11 @@ async fn the_task_view_shows_each_steps_model_spend_and_a_budget_stops_the_task(
     let error = refused.error.as_ref().unwrap();
     assert_eq!(error.kind.as_deref(), Some("budget_exceeded"), "{error:?}");
     assert!(!error.retryable);
-    assert_eq!(view.steps[2].status, StepStatus::Pending, "the step after never ran");
+    assert_eq!(
+        view.steps[2].status,
+        StepStatus::Pending,
+        "the step after never ran"
+    );
     assert_eq!(view.steps[2].attempts, 0);
     let usage = view.usage.expect("the budget and the spend");
     assert_eq!(usage.total.calls, 1, "only the first call was made");

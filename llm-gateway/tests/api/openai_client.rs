@@ -8,6 +8,7 @@ use async_openai::types::chat::{
 };
 use futures::StreamExt;
 use llm_gateway::config::ProviderKind;
+use testkit::fakes::gemini::{FakeGemini, GEMINI_KEY, Reply, reply_json};
 
 use crate::helpers::{TOKEN, TestApp, spawn_app, test_config, with_alias};
 
@@ -331,4 +332,99 @@ async fn embeddings_plain_base64_and_refused() {
         }
         other => panic!("expected an API error, got {other:?}"),
     }
+}
+
+/// A client that names an Ensemble task and step and keys its calls, as the worker's `llm`
+/// agent does, through `async-openai`'s extra headers.
+fn keyed_client(app: &TestApp, task: &str, key: &str) -> Client<OpenAIConfig> {
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{}/v1", app.address))
+            .with_api_key(TOKEN)
+            .with_header("x-ensemble-task-id", task)
+            .unwrap()
+            .with_header("x-ensemble-step-id", "plan")
+            .unwrap()
+            .with_header("idempotency-key", key)
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn replay_ledger_and_a_task_budget_through_async_openai() {
+    use common::redis::client as redis;
+    let server = testkit::RedisServer::start();
+    let fake = FakeGemini::start().await;
+    fake.push(Reply::Json(200, reply_json("Paris.", "STOP", 12, 3)));
+    let settings = server.settings();
+    let mut config = test_config();
+    config.llm_provider = ProviderKind::Gemini;
+    config.llm_model = "gemini-2.5-flash".into();
+    config.gemini_api_key = common::config::Secret::new(GEMINI_KEY);
+    config.gemini_base_url = fake.url.clone();
+    config.use_redis = true;
+    config.redis = settings.clone();
+    let app = spawn_app(config).await;
+    let request = || {
+        CreateChatCompletionRequestArgs::default()
+            .model("default")
+            .messages([ChatCompletionRequestUserMessage::from("Capital of France?").into()])
+            .build()
+            .unwrap()
+    };
+
+    // The same key twice: one provider call, the same answer, one call in the ledger.
+    let client = keyed_client(&app, "task-a", "task-a/plan");
+    let first = client.chat().create(request()).await.unwrap();
+    let again = client.chat().create(request()).await.unwrap();
+    assert_eq!(again.choices[0].message.content.as_deref(), Some("Paris."));
+    assert_eq!(
+        first.choices[0].message.content,
+        again.choices[0].message.content
+    );
+    assert_eq!(fake.requests().len(), 1, "the replay called the provider");
+    let pool = common::redis::RedisPool::new(&settings).unwrap();
+    let mut conn = pool.get().await.unwrap();
+    let usage_key = common::usage::task_usage_key(&settings.key_prefix, "task-a");
+    let calls: Option<u64> = redis::cmd("HGET")
+        .arg(&usage_key)
+        .arg("step:plan:calls")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(calls, Some(1), "a replay is not spent again");
+
+    // A task whose budget is spent: the SDK sees a 429 with code `budget_exceeded`.
+    let _: () = redis::cmd("HSET")
+        .arg(common::usage::task_usage_key(
+            &settings.key_prefix,
+            "task-b",
+        ))
+        .arg(common::usage::BUDGET_TOKENS)
+        .arg(10)
+        .arg(common::usage::IN)
+        .arg(15)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = keyed_client(&app, "task-b", "task-b/plan")
+        .chat()
+        .create(request())
+        .await
+        .unwrap_err();
+    match err {
+        async_openai::error::OpenAIError::ApiError(e) => {
+            assert_eq!(
+                e.api_error.code.as_deref(),
+                Some("budget_exceeded"),
+                "{e:?}"
+            );
+        }
+        other => panic!("expected the gateway's 429: {other:?}"),
+    }
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "a refused call reaches no provider"
+    );
 }
