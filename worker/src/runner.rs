@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::agent::{Agent, Agents, with_request_id};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, Outcome};
 use crate::error::WorkError;
 use crate::inflight::{Admission, InFlight, InFlightGuard};
 use crate::metrics;
@@ -204,9 +204,43 @@ impl StepJob {
             error,
             duration_ms: Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)),
         };
-        self.delivery
+        let outcome = self
+            .delivery
             .deliver(&report, &self.request_id, &self.abort)
             .await;
+        // A success the master refuses for good (an output over its body limit, or nested
+        // deeper than it accepts) would otherwise wait out its lease and fail the same way
+        // on every attempt: report the step failed for good instead, which the master can
+        // record.
+        if let Outcome::Rejected(status) = outcome
+            && report.status == ReportStatus::Succeeded
+            && matches!(
+                status,
+                reqwest::StatusCode::PAYLOAD_TOO_LARGE | reqwest::StatusCode::UNPROCESSABLE_ENTITY
+            )
+        {
+            let error = StepError::permanent(
+                "output_refused",
+                format!(
+                    "the master refused the step's output ({}): larger than its body limit or \
+                     nested deeper than it accepts (see the worker's log)",
+                    status.as_u16()
+                ),
+            );
+            tracing::error!(
+                status = status.as_u16(),
+                "the master refused the step's output; reporting the step failed"
+            );
+            let refused = ResultReport {
+                status: ReportStatus::Failed,
+                output: None,
+                error: Some(error),
+                ..report
+            };
+            self.delivery
+                .deliver(&refused, &self.request_id, &self.abort)
+                .await;
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use common::wire::ReportStatus;
 use reqwest::StatusCode;
 use serde_json::json;
 use worker::Agents;
@@ -80,10 +81,59 @@ async fn a_discarded_ack_or_a_permanent_refusal_ends_delivery_at_once() {
         redis
             .wait_for_record(&worker.id, |r| r.in_flight.is_empty())
             .await;
+        // A refused output (422) is followed by one failure report (see below).
+        let expected = if answer.0 == StatusCode::UNPROCESSABLE_ENTITY {
+            2
+        } else {
+            1
+        };
         assert_eq!(
             master.attempts(),
-            1,
+            expected,
             "answer {answer:?} must not be retried"
+        );
+        worker.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_output_the_master_refuses_for_good_becomes_a_permanent_failure_of_the_step() {
+    for refusal in [
+        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    ] {
+        let redis = TestRedis::start();
+        let master = FakeMaster::start().await;
+        master.script([(
+            refusal,
+            json!({"error": {"code": "invalid", "message": "output nests too deep"}}),
+        )]);
+        let worker = spawn_worker(&redis, test_config(&redis, &master), Agents::new()).await;
+        worker
+            .post_work(&work_request("echo", json!([[[1]]])))
+            .await;
+        // The fake master keeps what it accepted: the refused success is not among them.
+        let reports = master.wait_for_reports(1).await;
+        let second = &reports[0].body;
+        assert_eq!(
+            master.attempts(),
+            2,
+            "the refused success, then the failure"
+        );
+        assert_eq!(second.status, ReportStatus::Failed, "{refusal}");
+        assert_eq!((second.step, second.attempt), (0, 1), "the same attempt");
+        assert_eq!(second.output, None);
+        let error = second.error.as_ref().unwrap();
+        assert_eq!(error.kind.as_deref(), Some("output_refused"));
+        assert!(!error.retryable);
+        assert!(error.message.contains(refusal.as_str()), "{error:?}");
+        redis
+            .wait_for_record(&worker.id, |r| r.in_flight.is_empty())
+            .await;
+        assert_eq!(
+            master.attempts(),
+            2,
+            "nothing more after the failure report"
         );
         worker.stop().await.unwrap();
     }
