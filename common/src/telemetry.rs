@@ -215,3 +215,44 @@ fn http_series(
         .push((service, method, status, made.clone()));
     made
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invented_methods_share_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        for invented in ["BREW", "get", "X-ANYTHING"] {
+            let method = Method::from_bytes(invented.as_bytes()).expect("a valid token");
+            assert_eq!(method_label(&method), "OTHER", "{invented}");
+        }
+    }
+
+    #[test]
+    fn one_series_is_made_once_and_found_again() {
+        metrics();
+        let route = || None;
+        let (a, _) = http_series("telemetry-test", "GET", route(), StatusCode::OK);
+        let (b, _) = http_series("telemetry-test", "GET", route(), StatusCode::OK);
+        let (other, _) = http_series("telemetry-test", "GET", route(), StatusCode::NOT_FOUND);
+        a.increment(2);
+        b.increment(3);
+        other.increment(7);
+        let text = render_metrics();
+        let line = |status: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("ensemble_http_requests_total")
+                        && l.contains("service=\"telemetry-test\"")
+                        && l.contains(&format!("status=\"{status}\""))
+                })
+                .unwrap_or_else(|| panic!("no {status} series in\n{text}"))
+                .to_string()
+        };
+        assert!(line("200").ends_with(" 5"), "{text}");
+        assert!(line("404").ends_with(" 7"), "{text}");
+        assert!(line("200").contains("route=\"unmatched\""), "{text}");
+    }
+}
