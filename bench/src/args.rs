@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 /// Ensemble's benchmark: queue throughput (Q1), latency (Q2), scaling (Q3), a workflow's
-/// fan-out (F1) and the llm-gateway's overhead (G1). Prints one table; each figure is the median of `--runs`.
+/// fan-out (F1), the llm-gateway's overhead (G1) and its memory under sustained load
+/// (soak). Prints one table; each figure is the median of `--runs`.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "ensemble-bench", version)]
 pub struct Args {
@@ -14,8 +15,8 @@ pub struct Args {
     /// one run.
     #[arg(long)]
     pub quick: bool,
-    /// Benchmarks to run, comma separated: q1, q2, q3, f1, g1.
-    #[arg(long, value_delimiter = ',', default_value = "q1,q2,q3,f1,g1")]
+    /// Benchmarks to run, comma separated: q1, q2, q3, f1, g1, soak.
+    #[arg(long, value_delimiter = ',', default_value = "q1,q2,q3,f1,g1,soak")]
     pub only: Vec<Bench>,
     /// Runs per figure (the table shows the median and the spread). Default 3, 1 with
     /// `--quick`.
@@ -58,6 +59,15 @@ pub struct Args {
     /// G1: connection counts.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     pub connections: Vec<usize>,
+    /// Soak: seconds of the G1 request through the gateway. Default 90, 12 with `--quick`.
+    #[arg(long)]
+    pub soak_secs: Option<u64>,
+    /// Soak: seconds between two samples of the gateway's RSS.
+    #[arg(long, default_value_t = 5)]
+    pub soak_every: u64,
+    /// Soak: connections sending the G1 request.
+    #[arg(long, default_value_t = 64)]
+    pub soak_connections: usize,
     /// Start master, workers and gateway as separate processes (the `master`, `worker` and
     /// `llm-gateway` binaries of `--bin-dir`), so peak RSS and CPU are per service.
     /// Without it they run inside this process.
@@ -113,6 +123,8 @@ pub enum Bench {
     F1,
     /// Gateway overhead against a direct call.
     G1,
+    /// The gateway's RSS over a long G1 run at 64 connections: flat or growing.
+    Soak,
 }
 
 impl Args {
@@ -151,5 +163,10 @@ impl Args {
     /// G1's duration per measurement in seconds.
     pub fn gateway_secs(&self) -> u64 {
         self.gateway_secs.unwrap_or(if self.quick { 3 } else { 15 })
+    }
+
+    /// The soak's duration in seconds.
+    pub fn soak_secs(&self) -> u64 {
+        self.soak_secs.unwrap_or(if self.quick { 12 } else { 90 })
     }
 }

@@ -91,6 +91,8 @@ fn usage(service: &Service) -> Option<Usage> {
 pub struct Usage {
     /// Peak resident set size (`VmHWM`), in MiB.
     pub peak_rss_mb: f64,
+    /// Resident set size now (`VmRSS`), in MiB: what the soak samples over time.
+    pub rss_mb: f64,
     /// User + system CPU time so far, in seconds.
     pub cpu_secs: f64,
 }
@@ -99,14 +101,17 @@ impl Usage {
     /// For `/proc/{pid}` (`self` for this process); `None` off Linux or once it is gone.
     pub fn of(pid: &str) -> Option<Self> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let hwm_kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
+        let kb = |field: &str| -> Option<f64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        };
+        let (hwm_kb, rss_kb) = (kb("VmHWM:")?, kb("VmRSS:")?);
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // Fields after the command name (which may hold spaces) start at field 3;
         // utime and stime are fields 14 and 15, in USER_HZ ticks (100 per second on Linux).
@@ -115,6 +120,7 @@ impl Usage {
         let ticks = |i: usize| fields.get(i - 3)?.parse::<f64>().ok();
         Some(Self {
             peak_rss_mb: hwm_kb / 1024.0,
+            rss_mb: rss_kb / 1024.0,
             cpu_secs: (ticks(14)? + ticks(15)?) / 100.0,
         })
     }
@@ -366,6 +372,14 @@ impl Gateway {
         self.system.gateway.as_ref().and_then(usage)
     }
 
+    /// Whether it is a child process (so its usage is its own, not this whole process's).
+    pub fn per_process(&self) -> bool {
+        self.system
+            .gateway
+            .as_ref()
+            .is_some_and(|g| g.pid().is_some())
+    }
+
     /// Stops it.
     pub async fn stop(self) {
         self.system.stop().await;
@@ -399,5 +413,6 @@ mod tests {
     fn own_usage_is_readable() {
         let usage = Usage::of("self").expect("Linux /proc");
         assert!(usage.peak_rss_mb > 0.0);
+        assert!(usage.rss_mb > 0.0 && usage.rss_mb <= usage.peak_rss_mb);
     }
 }

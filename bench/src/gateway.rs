@@ -137,3 +137,81 @@ pub async fn load(call: &Call, connections: usize, duration: Duration) -> anyhow
         errors,
     })
 }
+
+/// One soak: the gateway's RSS sampled while the G1 request runs for a long while.
+#[derive(Clone, Debug)]
+pub struct SoakRun {
+    /// `(seconds since the soak started, RSS in MiB)`, the first before any request, the
+    /// last after the load stopped.
+    pub samples: Vec<(f64, f64)>,
+    /// The load itself (requests/s, latency).
+    pub load: LoadRun,
+}
+
+impl SoakRun {
+    /// The RSS at the end of the warm-up plateau: the first sample at or after `at`
+    /// seconds (10 s by default: connections, pools and buffers are allocated by then).
+    pub fn plateau_mb(&self, at: f64) -> f64 {
+        self.samples
+            .iter()
+            .find(|(t, _)| *t >= at)
+            .or(self.samples.last())
+            .map_or(f64::NAN, |s| s.1)
+    }
+
+    /// The RSS at the end.
+    pub fn end_mb(&self) -> f64 {
+        self.samples.last().map_or(f64::NAN, |s| s.1)
+    }
+
+    /// Growth from the plateau at `at` seconds to the end, in MiB.
+    pub fn growth_mb(&self, at: f64) -> f64 {
+        self.end_mb() - self.plateau_mb(at)
+    }
+
+    /// The series on one line: `0 s 9.8, 5 s 24.1, …` (MiB).
+    pub fn series(&self) -> String {
+        self.samples
+            .iter()
+            .map(|(t, mb)| format!("{t:.0} s {mb:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Sends `call` on `connections` connections for `duration` (as [`load`]) and reads
+/// `rss()` (MiB) before, every `every` while it runs, and after.
+pub async fn soak(
+    call: &Call,
+    connections: usize,
+    duration: Duration,
+    every: Duration,
+    rss: impl Fn() -> Option<f64>,
+) -> anyhow::Result<SoakRun> {
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    let sample = |samples: &mut Vec<(f64, f64)>| {
+        if let Some(mb) = rss() {
+            samples.push((start.elapsed().as_secs_f64(), mb));
+        }
+    };
+    sample(&mut samples);
+    let call = call.clone();
+    let mut running = tokio::spawn(async move { load(&call, connections, duration).await });
+    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: the baseline above stands for it.
+    ticks.tick().await;
+    let load = loop {
+        tokio::select! {
+            done = &mut running => break done.context("the soak's load panicked")??,
+            _ = ticks.tick() => sample(&mut samples),
+        }
+    };
+    sample(&mut samples);
+    anyhow::ensure!(
+        samples.len() >= 2,
+        "the gateway's RSS could not be read (is it still running?)"
+    );
+    Ok(SoakRun { samples, load })
+}

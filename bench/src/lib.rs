@@ -1,7 +1,8 @@
 //! `ensemble-bench`: Ensemble's own benchmark. It starts what it needs (a redis-server on a
 //! free port, the master, echo workers, the llm-gateway and a fake Gemini upstream), in
 //! this process or as child processes, or targets running services by URL, and prints one
-//! table: Q1 throughput, Q2 latency, Q3 scaling, F1 fan-out, G1 gateway overhead.
+//! table: Q1 throughput, Q2 latency, Q3 scaling, F1 fan-out, G1 gateway overhead, and the
+//! gateway's RSS over a soak.
 
 pub mod args;
 pub mod client;
@@ -60,6 +61,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     if args.selected(Bench::G1) {
         g1(args, &launch, &mut report).await?;
         loads.push(format!("after G1: {}", load_average()));
+    }
+    if args.selected(Bench::Soak) {
+        soak(args, &launch, &mut report).await?;
+        loads.push(format!("after the soak: {}", load_average()));
     }
     report.note("Load average (1, 5, 15 min):", loads);
     Ok(report)
@@ -507,4 +512,93 @@ fn g1_rows(report: &mut Report, connections: usize, pairs: &[(LoadRun, LoadRun)]
         of(&|p| p.1.rps / p.0.rps * 100.0),
         (connections >= 64).then_some(Target::AtLeast(50.0)),
     );
+}
+
+/// Where the soak's plateau ends: by 10 s the connections, pools and buffers exist, so
+/// growth after it is what sustained load adds.
+const SOAK_PLATEAU_SECS: f64 = 10.0;
+
+/// The most the gateway's RSS may grow from the plateau to the end of the soak and still
+/// count as flat. Allocator noise at 64 connections is a few MiB; a leak of even one small
+/// allocation per request (~1,000,000 requests in 90 s) is tens.
+const SOAK_FLAT_MIB: f64 = 4.0;
+
+/// Soak: the G1 request through a fresh gateway per run, at `--soak-connections` for
+/// `--soak-secs`, its RSS sampled every `--soak-every` seconds.
+async fn soak(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
+    if args.gateway_url.is_some() {
+        report.note(
+            "Soak skipped:",
+            vec!["it reads the RSS of a gateway it starts, so it cannot use --gateway-url".into()],
+        );
+        return Ok(());
+    }
+    let secs = args.soak_secs();
+    // A short soak (`--quick`) has its plateau a third of the way in.
+    let plateau = SOAK_PLATEAU_SECS.min(secs as f64 / 3.0);
+    let mut runs = Vec::new();
+    let mut per_process = true;
+    for _ in 0..args.runs() {
+        let mut upstream = FakeGemini::start_on(0)
+            .await
+            .context("the fake Gemini could not listen")?;
+        upstream.stop_recording();
+        let gateway = Gateway::start(launch, &upstream.url).await?;
+        per_process &= gateway.per_process();
+        let call = Call::gateway(&gateway.url, &args.model);
+        let run = gateway::soak(
+            &call,
+            args.soak_connections,
+            Duration::from_secs(secs),
+            Duration::from_secs(args.soak_every),
+            || gateway.usage().map(|u| u.rss_mb),
+        )
+        .await;
+        gateway.stop().await;
+        upstream.stop().await;
+        let run = run?;
+        if run.load.errors > 0 {
+            anyhow::bail!("soak: {} gateway requests failed", run.load.errors);
+        }
+        runs.push(run);
+    }
+    let whose = if per_process {
+        "gateway RSS"
+    } else {
+        "RSS of the whole bench process (in-process; use --processes)"
+    };
+    let c = format!("{} conn, {secs} s", args.soak_connections);
+    let of = |f: &dyn Fn(&gateway::SoakRun) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+    report.add(
+        format!("Soak gateway, {c}"),
+        "req/s",
+        of(&|r| r.load.rps),
+        None,
+    );
+    report.add(
+        format!("Soak {whose} at {plateau:.0} s"),
+        "MiB",
+        of(&|r| r.plateau_mb(plateau)),
+        None,
+    );
+    report.add(
+        format!("Soak {whose} at the end"),
+        "MiB",
+        of(&|r| r.end_mb()),
+        None,
+    );
+    report.add(
+        format!("Soak {whose} growth, {plateau:.0} s to the end"),
+        "MiB",
+        of(&|r| r.growth_mb(plateau)),
+        per_process.then_some(Target::AtMost(SOAK_FLAT_MIB)),
+    );
+    report.note(
+        format!("Soak {whose} (MiB) every {} s, per run:", args.soak_every),
+        runs.iter()
+            .enumerate()
+            .map(|(i, r)| format!("run {}: {}", i + 1, r.series()))
+            .collect(),
+    );
+    Ok(())
 }

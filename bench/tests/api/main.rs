@@ -60,3 +60,40 @@ async fn quick_q3_and_g1_run_with_tiny_numbers() {
         assert!(f.median().is_finite(), "{row}: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_soak_samples_the_rss_and_reports_its_growth() {
+    let args = tiny_args(&[
+        "--only",
+        "soak",
+        "--soak-secs",
+        "2",
+        "--soak-every",
+        "1",
+        "--soak-connections",
+        "4",
+    ]);
+    let report = bench::run(&args).await.expect("the bench runs");
+    let text = report.render();
+    let rps = report
+        .figures
+        .iter()
+        .find(|f| f.name.starts_with("Soak gateway, 4 conn, 2 s"))
+        .unwrap_or_else(|| panic!("no soak req/s row in\n{text}"));
+    assert!(rps.runs[0] > 0.0, "{text}");
+    let growth = report
+        .figures
+        .iter()
+        .find(|f| f.name.contains("growth"))
+        .unwrap_or_else(|| panic!("no growth row in\n{text}"));
+    assert!(growth.median().is_finite(), "{text}");
+    // In-process the whole bench's RSS is sampled: the label must say so.
+    assert!(growth.name.contains("whole bench process"), "{text}");
+    // A sample before the load, one a second while it runs, one after it.
+    let series = report
+        .notes
+        .iter()
+        .find(|(title, _)| title.starts_with("Soak"))
+        .unwrap_or_else(|| panic!("no soak series in\n{text}"));
+    assert!(series.1[0].split(", ").count() >= 3, "{text}");
+}
