@@ -188,16 +188,18 @@ async fn a_budget_that_names_nothing_or_is_out_of_range_is_a_400_and_creates_not
         assert!(status == 400 || status == 422, "{budget}: {status} {text}");
         assert!(text.contains(says), "{budget}: {text}");
     }
-    let queues: Value = master
-        .get("/queues", OPERATOR)
-        .send()
-        .await
-        .unwrap()
-        .json()
+    // Nothing was created: no task hash, no usage hash.
+    let pool = RedisPool::new(&redis.settings()).unwrap();
+    let mut conn = pool.get().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
         .await
         .unwrap();
     assert!(
-        !queues.to_string().contains("\"queued\":1"),
-        "nothing was queued: {queues}"
+        !keys
+            .iter()
+            .any(|k| k.contains(":task:{") || k.contains(":usage:{")),
+        "{keys:?}"
     );
 }
