@@ -1,10 +1,14 @@
 //! Types every service exchanges: ids that check themselves, the client API's task types,
 //! and the master ↔ worker protocol (`POST /work`, `POST /result`, worker records).
 
+mod events;
 mod ids;
 mod task;
 mod work;
 
+pub use events::{
+    MAX_EVENT_VALUE_BYTES, MAX_PROGRESS_BYTES, MAX_PROGRESS_EVENTS, StepProgress, TaskEvent, kinds,
+};
 pub use ids::{Capability, IdError, TaskId, WorkerId};
 pub use task::{
     CallbackStatus, CallbackView, MapDef, MapView, OnTimeout, SignalRequest, SignalResponse,
