@@ -35,7 +35,7 @@ impl Backends {
     pub fn redis(settings: &RedisSettings) -> anyhow::Result<Self> {
         let pool = RedisPool::new(settings)?;
         Ok(Self {
-            store: Arc::new(RedisStore::new(pool.clone())),
+            store: Arc::new(RedisStore::new(pool.clone()).with_event_tail(settings.clone())),
             workers: Arc::new(Registry::new(pool)),
             events: Some(settings.clone()),
         })
@@ -101,6 +101,7 @@ pub async fn serve_with(
         )),
         auth: Arc::new(auth),
         long_polls: crate::limits::long_polls(&config),
+        event_streams: Arc::new(routes::EventStreams(crate::limits::event_streams(&config))),
     };
     let store = backends.store;
     let ready: common::http::ReadyCheck = Arc::new(move || {

@@ -79,6 +79,12 @@ pub struct Config {
     /// together (`503` beyond). Kept to at most half the open-file limit at start, so
     /// `/health` and `POST /task` still get a connection when it is reached.
     pub long_poll_max_total: usize,
+    /// `EVENT_STREAMS_MAX_PER_CLIENT`: event streams (`GET /task/{id}/events`) one client
+    /// may hold open at once (`429` beyond). Operators share one count for `GET /events`.
+    pub event_streams_max_per_client: usize,
+    /// `EVENT_STREAMS_MAX_TOTAL`: event streams this process holds open at once (`503`
+    /// beyond), kept to at most half the open-file limit like `LONG_POLL_MAX_TOTAL`.
+    pub event_streams_max_total: usize,
 
     /// `WORK_BODY_LIMIT_BYTES`: the largest `POST {worker}/work` body the master sends.
     /// Keep it at or below the workers' `BODY_LIMIT_BYTES`: a step whose request would be
@@ -191,6 +197,8 @@ impl Default for Config {
             metrics_emf: false,
             long_poll_max_per_client: 100,
             long_poll_max_total: 2_000,
+            event_streams_max_per_client: 20,
+            event_streams_max_total: 1_000,
             work_body_limit_bytes: 8 * 1024 * 1024,
             worker_heartbeat_ms: 2_000,
             callback_secret: Secret::default(),
@@ -325,6 +333,18 @@ impl Settings for Config {
             return Err(ConfigError::invalid(
                 "LONG_POLL_MAX_TOTAL",
                 "must be at least LONG_POLL_MAX_PER_CLIENT",
+            ));
+        }
+        if self.event_streams_max_per_client == 0 {
+            return Err(ConfigError::invalid(
+                "EVENT_STREAMS_MAX_PER_CLIENT",
+                "must be at least 1 (a client needs one stream to follow a task)",
+            ));
+        }
+        if self.event_streams_max_total < self.event_streams_max_per_client {
+            return Err(ConfigError::invalid(
+                "EVENT_STREAMS_MAX_TOTAL",
+                "must be at least EVENT_STREAMS_MAX_PER_CLIENT",
             ));
         }
         for (name, pipeline) in &self.pipelines {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::registry::MalformedRecord;
 use common::wire::{
     Capability, MAX_JSON_DEPTH, ResultReport, SignalRequest, SignalResponse, SignalStatus,
-    SubmitTask, TaskId, TaskResult, TaskStatus, TaskView, WorkerRecord, json_depth, now_ms,
+    StepProgress, SubmitTask, TaskEvent, TaskId, TaskResult, TaskStatus, TaskView, WorkerRecord,
+    json_depth, now_ms,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +24,8 @@ use crate::graph::{self, GraphError};
 use crate::hub::Hub;
 use crate::metrics::publish_queue_gauges;
 use crate::store::{
-    CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, RateLimit, RedriveOutcome, ReportOutcome,
-    SignalOutcome, SubmitOutcome, TaskRecord, TaskStore,
+    CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, ProgressOutcome, RateLimit, RedriveOutcome,
+    ReportOutcome, SignalOutcome, SubmitOutcome, TaskRecord, TaskStore, events::EventCursor,
 };
 
 /// Longest `?wait=` on `GET /result/{id}`, in seconds.
@@ -322,6 +323,85 @@ impl Tasks {
     /// A task the client owns (another client's task is `404`, as if it did not exist).
     pub(crate) async fn owned(&self, client: &str, id: &str) -> Result<TaskRecord, ServiceError> {
         self.visible(&Caller::Client(client.to_string()), id).await
+    }
+
+    /// Events of a task the caller may see, after `after` (docs/events.md).
+    pub(crate) async fn events(
+        &self,
+        caller: &Caller,
+        id: &str,
+        after: Option<&EventCursor>,
+        limit: usize,
+    ) -> Result<(TaskId, Vec<TaskEvent>), ServiceError> {
+        let record = self.visible(caller, id).await?;
+        let id = record.view.task_id;
+        let events = self.store.events(&id, after, limit).await?;
+        Ok((id, events))
+    }
+
+    /// Events of a task, with no owner check: a stream already opened by [`Self::events`]
+    /// goes on with it.
+    pub(crate) async fn more_events(
+        &self,
+        id: &TaskId,
+        after: Option<&EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<TaskEvent>, ServiceError> {
+        Ok(self.store.events(id, after, limit).await?)
+    }
+
+    /// Every task's events but partial output, for operators.
+    pub(crate) async fn all_events(
+        &self,
+        after: Option<&EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<TaskEvent>, ServiceError> {
+        Ok(self.store.all_events(after, limit).await?)
+    }
+
+    /// Where an operators' stream that starts now begins.
+    pub(crate) async fn latest_event(&self) -> Result<Option<EventCursor>, ServiceError> {
+        Ok(self.store.latest_event().await?)
+    }
+
+    /// Waits until the stream may have more after `after`, `timeout` at most, or shutdown.
+    pub(crate) async fn wait_events(
+        &self,
+        id: Option<&TaskId>,
+        after: Option<&EventCursor>,
+        timeout: std::time::Duration,
+    ) {
+        tokio::select! {
+            () = self.store.wait_events(id, after, timeout) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
+    /// Whether the master is shutting down (event streams end, so the drain is not held).
+    pub(crate) fn stopping(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Records a worker's partial output (`POST /progress`).
+    pub(crate) async fn progress(
+        &self,
+        progress: &StepProgress,
+    ) -> Result<ProgressOutcome, ServiceError> {
+        if progress.messages.is_empty() {
+            return Err(ServiceError::Invalid(
+                "`messages` must hold at least one message".into(),
+            ));
+        }
+        if progress
+            .messages
+            .iter()
+            .any(|m| json_depth(m) > MAX_JSON_DEPTH)
+        {
+            return Err(ServiceError::Invalid(format!(
+                "a progress message nests deeper than {MAX_JSON_DEPTH} levels"
+            )));
+        }
+        Ok(self.store.progress(progress).await?)
     }
 
     /// A task the caller may see: its client's, or any for an operator.

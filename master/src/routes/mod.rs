@@ -3,6 +3,7 @@
 //! (`/dispatch`, `/workers`, `/queues`) and `/openapi.json`.
 
 mod client;
+mod events;
 mod operator;
 mod worker;
 
@@ -30,7 +31,11 @@ pub(crate) struct AppState {
     /// Caps on long polls held open at once, per client and in total, so one client cannot
     /// use up the process's connections (file descriptors).
     pub(crate) long_polls: Arc<Concurrency>,
+    /// Caps on event streams held open, per client and in total.
+    pub(crate) event_streams: Arc<events::EventStreams>,
 }
+
+pub(crate) use events::EventStreams;
 
 /// The master's API routes.
 pub(crate) fn router(state: AppState) -> Router {
@@ -38,6 +43,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/task", post(client::submit))
         .route("/task/{id}", get(client::status).delete(client::cancel))
         .route("/task/{id}/signal", post(client::signal))
+        .route("/task/{id}/events", get(events::task_events))
+        .route("/events", get(events::all_events))
+        .route("/progress", post(events::progress))
         .route("/result", post(worker::report))
         .route("/result/{id}", get(client::result))
         .route("/dispatch", post(operator::dispatch))

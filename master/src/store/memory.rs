@@ -14,7 +14,11 @@ use common::wire::{
     ResultReport, StepContext, StepError, StepKind, StepRef, StepStatus, StepView, TaskId,
     TaskStatus, TaskView, WaitView, WorkRequest, WorkerId, now_ms,
 };
+use common::wire::{MAX_EVENT_VALUE_BYTES, MAX_PROGRESS_EVENTS, StepProgress, TaskEvent, kinds};
 use serde_json::Value;
+
+use super::events::{EntryId, EventCursor};
+use super::{FIREHOSE_EVENTS, MAX_TASK_EVENTS, ProgressOutcome};
 
 use super::{
     Advance, CALLBACK_ABANDONED, CallbackClaim, CallbackResult, CancelOutcome, Claimed,
@@ -26,9 +30,19 @@ use super::{
 };
 
 /// The in-memory [`TaskStore`].
-#[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// Bumped after every call that added events: SSE connections wait on it.
+    events: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            events: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -48,7 +62,14 @@ impl MemoryStore {
             .state
             .lock()
             .map_err(|_| StoreError::Unavailable("memory store lock poisoned".into()))?;
-        Ok(f(&mut state))
+        let before = state.last_entry;
+        let out = f(&mut state);
+        if state.last_entry != before {
+            let last = state.last_entry;
+            drop(state);
+            self.events.send_replace(last.ms ^ last.seq.rotate_left(32));
+        }
+        Ok(out)
     }
 }
 
@@ -75,6 +96,10 @@ struct State {
     /// Wait and sleep timers: (due, member `task_id:slot`, task id, slot), so they fire in
     /// the order of the Redis sorted set (score, then member).
     timers: BTreeSet<(u64, String, String, u32)>,
+    /// The operators' stream of every task's events but progress (`keys::firehose`).
+    firehose: std::collections::VecDeque<(EntryId, TaskId, Vec<Value>)>,
+    /// The id of the last event entry made, so ids only grow.
+    last_entry: EntryId,
 }
 
 struct Task {
@@ -107,6 +132,16 @@ struct Task {
     /// The callback's delivery since the task last finished; `None` before that (the
     /// Redis hash has no `CALLBACK_STATUS` then).
     delivery: Option<Delivery>,
+    /// Its event stream: one entry per transition (`keys::events`).
+    events: std::collections::VecDeque<(EntryId, Vec<Value>)>,
+    /// `step.progress` events recorded.
+    progress_events: u32,
+}
+
+/// What events are made from: the statuses before a transition (see [`State::emit`]).
+struct Snapshot {
+    status: TaskStatus,
+    steps: Vec<StepStatus>,
 }
 
 /// Where a finished task's completion callback stands (the `CALLBACK_*` fields of
@@ -279,10 +314,138 @@ impl State {
         f: impl FnOnce(&mut State, &mut Task) -> T,
     ) -> Option<T> {
         self.task(id, now)?;
+        let before = self.snapshot(id);
         let mut task = self.tasks.remove(id)?;
         let out = f(self, &mut task);
         self.tasks.insert(id.to_string(), task);
+        self.emit(id, before, now);
         Some(out)
+    }
+
+    /// The statuses events are made from.
+    fn snapshot(&self, id: &str) -> Option<Snapshot> {
+        self.tasks.get(id).map(|t| Snapshot {
+            status: t.status,
+            steps: t.steps.iter().map(|s| s.status).collect(),
+        })
+    }
+
+    /// Adds the events of what changed since `before` (`None`: the task was just
+    /// submitted) to the task's stream and the operators', as graph.lua's `g_events` does:
+    /// the task's start first, each step whose status changed in slot order, the task's end
+    /// last.
+    fn emit(&mut self, id: &str, before: Option<Snapshot>, now: u64) {
+        let Some(t) = self.tasks.get(id) else { return };
+        let mut list = Vec::new();
+        match &before {
+            None => list.push(serde_json::json!({"type": kinds::TASK_SUBMITTED})),
+            Some(b) if b.status == TaskStatus::Failed && !t.status.is_terminal() => {
+                list.push(serde_json::json!({"type": kinds::TASK_REDRIVEN}));
+            }
+            Some(_) => {}
+        }
+        for (i, st) in t.steps.iter().enumerate() {
+            let was = before
+                .as_ref()
+                .and_then(|b| b.steps.get(i).copied())
+                .unwrap_or(StepStatus::Pending);
+            if st.status == was {
+                continue;
+            }
+            let mut e = serde_json::Map::new();
+            let mut kind = match st.status {
+                StepStatus::Queued => kinds::STEP_QUEUED,
+                StepStatus::Dispatched => kinds::STEP_DISPATCHED,
+                StepStatus::Succeeded => kinds::STEP_SUCCEEDED,
+                StepStatus::Failed => kinds::STEP_FAILED,
+                StepStatus::Waiting => kinds::STEP_WAITING,
+                StepStatus::Skipped => kinds::STEP_SKIPPED,
+                StepStatus::Cancelled => kinds::STEP_CANCELLED,
+                _ => continue,
+            };
+            e.insert("step".into(), st.id.clone().into());
+            e.insert("slot".into(), i.into());
+            match st.status {
+                StepStatus::Queued if st.queued.is_some_and(|q| q > now) => {
+                    kind = kinds::STEP_RETRYING;
+                    e.insert("attempt".into(), st.attempt.into());
+                    e.insert("due_at_ms".into(), st.queued.unwrap_or(now).into());
+                    insert_json(&mut e, "error", st.error.as_ref());
+                }
+                StepStatus::Queued => {}
+                StepStatus::Dispatched => {
+                    e.insert("attempt".into(), st.attempt.into());
+                    if let Some(w) = &st.worker {
+                        e.insert("worker_id".into(), w.as_str().into());
+                    }
+                }
+                StepStatus::Waiting => {
+                    e.insert("due_at_ms".into(), st.wakes_at.unwrap_or(now).into());
+                }
+                other => {
+                    if st.attempt > 0 {
+                        e.insert("attempt".into(), st.attempt.into());
+                    }
+                    match other {
+                        StepStatus::Succeeded => insert_json(&mut e, "output", st.output.as_ref()),
+                        StepStatus::Failed | StepStatus::Cancelled => {
+                            insert_json(&mut e, "error", st.error.as_ref());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            e.insert("type".into(), kind.into());
+            list.push(Value::Object(e));
+        }
+        let ended = t.status.is_terminal() && before.as_ref().is_none_or(|b| b.status != t.status);
+        if ended {
+            let mut e = serde_json::Map::new();
+            let kind = match t.status {
+                TaskStatus::Succeeded => {
+                    let result = graph_result(&declared_views(t));
+                    insert_json(&mut e, "output", Some(&result));
+                    kinds::TASK_SUCCEEDED
+                }
+                TaskStatus::Failed => {
+                    insert_json(&mut e, "error", t.error.as_ref());
+                    kinds::TASK_FAILED
+                }
+                _ => kinds::TASK_CANCELLED,
+            };
+            e.insert("type".into(), kind.into());
+            list.push(Value::Object(e));
+        }
+        self.append(id, list, true, now);
+    }
+
+    /// Adds one entry of events to a task's stream (and the operators', `firehose`).
+    fn append(&mut self, id: &str, list: Vec<Value>, firehose: bool, now: u64) {
+        if list.is_empty() {
+            return;
+        }
+        let entry = if now > self.last_entry.ms {
+            EntryId { ms: now, seq: 0 }
+        } else {
+            EntryId {
+                ms: self.last_entry.ms,
+                seq: self.last_entry.seq + 1,
+            }
+        };
+        self.last_entry = entry;
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        if firehose {
+            self.firehose.push_back((entry, t.id.clone(), list.clone()));
+            while self.firehose.len() > FIREHOSE_EVENTS as usize {
+                self.firehose.pop_front();
+            }
+        }
+        t.events.push_back((entry, list));
+        while t.events.len() > MAX_TASK_EVENTS as usize {
+            t.events.pop_front();
+        }
     }
 
     fn release_load(&mut self, worker: Option<&WorkerId>) {
@@ -918,6 +1081,8 @@ impl TaskStore for MemoryStore {
                 sinks,
                 buffered: HashMap::new(),
                 delivery: None,
+                events: std::collections::VecDeque::new(),
+                progress_events: 0,
             };
             let mut tx = Tx::new(s, &mut t, now);
             for root in roots {
@@ -925,6 +1090,7 @@ impl TaskStore for MemoryStore {
             }
             tx.end(None, Some(ms(retention)));
             s.tasks.insert(task.id.to_string(), t);
+            s.emit(task.id.as_str(), None, now);
             Ok(SubmitOutcome::Created)
         })?
     }
@@ -955,6 +1121,7 @@ impl TaskStore for MemoryStore {
                 else {
                     break;
                 };
+                let before = s.snapshot(&id);
                 let Some(task) = s.task(&id, now) else {
                     continue;
                 };
@@ -993,6 +1160,7 @@ impl TaskStore for MemoryStore {
                     worker: worker.clone(),
                     request_id,
                 });
+                s.emit(&id, before, now);
             }
             claimed
         })
@@ -1005,42 +1173,10 @@ impl TaskStore for MemoryStore {
     ) -> Result<ReleaseOutcome, StoreError> {
         let now = now_ms();
         self.with(|s| {
-            let Some(task) = s.task(step.task_id.as_str(), now) else {
-                return ReleaseOutcome::Stale;
-            };
-            let priority = task.priority;
-            let Some(st) = task.steps.get_mut(step.step as usize) else {
-                return ReleaseOutcome::Stale;
-            };
-            if task.status.is_terminal()
-                || st.status != StepStatus::Dispatched
-                || st.attempt != step.attempt
-            {
-                return ReleaseOutcome::Stale;
-            }
-            let Some(cap) = st.capability.clone() else {
-                return ReleaseOutcome::Stale;
-            };
-            if why == ReleaseReason::Failure {
-                st.free_failures += 1;
-                if st.free_failures > MAX_FREE_DISPATCH_FAILURES {
-                    st.free_failures = 0;
-                    return ReleaseOutcome::OverLimit;
-                }
-            }
-            st.status = StepStatus::Queued;
-            st.tries = st.tries.saturating_sub(1);
-            let (worker, queued) = (st.worker.clone(), st.queued);
-            s.remove_lease(&cap, step.task_id.as_str(), step.step);
-            s.release_load(worker.as_ref());
-            s.enqueue(
-                &cap,
-                priority,
-                queued.unwrap_or(now),
-                step.task_id.as_str(),
-                step.step,
-            );
-            ReleaseOutcome::Released
+            let before = s.snapshot(step.task_id.as_str());
+            let outcome = release(s, step, why, now);
+            s.emit(step.task_id.as_str(), before, now);
+            outcome
         })
     }
 
@@ -1614,6 +1750,117 @@ impl TaskStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.with(|_| ())
     }
+
+    async fn events(
+        &self,
+        id: &TaskId,
+        after: Option<&EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let now = now_ms();
+        let entries: Vec<(EntryId, Vec<Value>)> = self.with(|s| {
+            s.task(id.as_str(), now).map_or_else(Vec::new, |t| {
+                t.events
+                    .iter()
+                    .filter(|(e, _)| after.is_none_or(|a| *e >= a.entry))
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            })
+        })?;
+        let mut out = Vec::new();
+        for (entry, list) in entries {
+            out.extend(super::events::expand_values(id, entry, list, after)?);
+        }
+        Ok(out)
+    }
+
+    async fn all_events(
+        &self,
+        after: Option<&EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let entries: Vec<(EntryId, TaskId, Vec<Value>)> = self.with(|s| {
+            s.firehose
+                .iter()
+                .filter(|(e, _, _)| after.is_none_or(|a| *e >= a.entry))
+                .take(limit)
+                .cloned()
+                .collect()
+        })?;
+        let mut out = Vec::new();
+        for (entry, id, list) in entries {
+            out.extend(super::events::expand_values(&id, entry, list, after)?);
+        }
+        Ok(out)
+    }
+
+    async fn latest_event(&self) -> Result<Option<EventCursor>, StoreError> {
+        self.with(|s| {
+            s.firehose.back().map(|(entry, _, list)| EventCursor {
+                entry: *entry,
+                index: u32::try_from(list.len().saturating_sub(1)).unwrap_or(u32::MAX),
+            })
+        })
+    }
+
+    async fn wait_events(
+        &self,
+        id: Option<&TaskId>,
+        after: Option<&EventCursor>,
+        timeout: Duration,
+    ) {
+        // Subscribed before looking, so an entry added after the look still wakes it.
+        let mut changed = self.events.subscribe();
+        let now = now_ms();
+        let newest = self.with(|s| match id {
+            Some(id) => s
+                .task(id.as_str(), now)
+                .and_then(|t| t.events.back().map(|e| e.0)),
+            None => s.firehose.back().map(|e| e.0),
+        });
+        if let Ok(Some(newest)) = newest
+            && after.is_none_or(|a| newest > a.entry)
+        {
+            return;
+        }
+        let _ = tokio::time::timeout(timeout, changed.changed()).await;
+    }
+
+    async fn progress(&self, p: &StepProgress) -> Result<ProgressOutcome, StoreError> {
+        let messages = serde_json::to_value(&p.messages)
+            .map_err(|e| StoreError::Corrupt(format!("progress messages: {e}")))?;
+        let now = now_ms();
+        self.with(|s| {
+            let Some(t) = s.task(p.task_id.as_str(), now) else {
+                return ProgressOutcome::Discarded;
+            };
+            let Some(st) = t.steps.get(p.step as usize) else {
+                return ProgressOutcome::Discarded;
+            };
+            if t.status.is_terminal()
+                || st.status != StepStatus::Dispatched
+                || st.attempt != p.attempt
+                || st.worker.as_ref() != Some(&p.worker_id)
+            {
+                return ProgressOutcome::Discarded;
+            }
+            if t.progress_events >= MAX_PROGRESS_EVENTS {
+                return ProgressOutcome::Limited;
+            }
+            t.progress_events += 1;
+            let event = serde_json::json!({
+                "type": kinds::STEP_PROGRESS,
+                "step": st.id,
+                "slot": p.step,
+                "attempt": p.attempt,
+                "worker_id": p.worker_id,
+                "messages": messages,
+            });
+            s.append(p.task_id.as_str(), vec![event], false, now);
+            ProgressOutcome::Recorded
+        })
+    }
 }
 
 /// What a claimed slot is sent (rule 11): its input, and the outcomes of the steps it
@@ -1749,6 +1996,66 @@ fn declared_views(t: &Task) -> Vec<StepView> {
             view
         })
         .collect()
+}
+
+/// `release` on the state (its events are made around it).
+fn release(s: &mut State, step: &StepRef, why: ReleaseReason, now: u64) -> ReleaseOutcome {
+    {
+        let Some(task) = s.task(step.task_id.as_str(), now) else {
+            return ReleaseOutcome::Stale;
+        };
+        let priority = task.priority;
+        let Some(st) = task.steps.get_mut(step.step as usize) else {
+            return ReleaseOutcome::Stale;
+        };
+        if task.status.is_terminal()
+            || st.status != StepStatus::Dispatched
+            || st.attempt != step.attempt
+        {
+            return ReleaseOutcome::Stale;
+        }
+        let Some(cap) = st.capability.clone() else {
+            return ReleaseOutcome::Stale;
+        };
+        if why == ReleaseReason::Failure {
+            st.free_failures += 1;
+            if st.free_failures > MAX_FREE_DISPATCH_FAILURES {
+                st.free_failures = 0;
+                return ReleaseOutcome::OverLimit;
+            }
+        }
+        st.status = StepStatus::Queued;
+        st.tries = st.tries.saturating_sub(1);
+        let (worker, queued) = (st.worker.clone(), st.queued);
+        s.remove_lease(&cap, step.task_id.as_str(), step.step);
+        s.release_load(worker.as_ref());
+        s.enqueue(
+            &cap,
+            priority,
+            queued.unwrap_or(now),
+            step.task_id.as_str(),
+            step.step,
+        );
+        ReleaseOutcome::Released
+    }
+}
+
+/// Puts `value` in an event as `name`, or `truncated` when its JSON is over
+/// [`MAX_EVENT_VALUE_BYTES`] (what `lib.lua`'s `ev_value` does).
+fn insert_json<T: serde::Serialize>(
+    e: &mut serde_json::Map<String, Value>,
+    name: &str,
+    value: Option<&T>,
+) {
+    let Some(value) = value else { return };
+    let Ok(v) = serde_json::to_value(value) else {
+        return;
+    };
+    if v.to_string().len() > MAX_EVENT_VALUE_BYTES {
+        e.insert("truncated".into(), true.into());
+    } else {
+        e.insert(name.into(), v);
+    }
 }
 
 fn record(t: &Task) -> TaskRecord {

@@ -2,6 +2,7 @@
 //! Redis implementation (Lua scripts, one round trip per transition) and an in-memory one
 //! (the all-in-one launcher without Redis, and a reference for the conformance tests).
 
+pub mod events;
 pub mod memory;
 pub mod redis;
 mod reply;
@@ -198,6 +199,14 @@ pub const MAX_MAP_WIDTH: usize = 1_000;
 /// `map_output_too_large`): it is kept in one hash field and sent whole to the steps that
 /// need it.
 pub const MAX_MAP_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Most entries a task's event stream keeps (`XADD … MAXLEN ~`): every transition of the
+/// widest map task allowed, with room for its progress, fits; the oldest go first beyond.
+pub const MAX_TASK_EVENTS: u32 = 20_000;
+
+/// Entries the operators' stream of every task's events keeps (`GET /events`): a window of
+/// recent history to resume within, not an archive.
+pub const FIREHOSE_EVENTS: u32 = 10_000;
 
 /// A task about to be submitted (already validated).
 #[derive(Debug, Clone)]
@@ -467,6 +476,17 @@ pub enum CallbackResult {
 pub const CALLBACK_ABANDONED: &str =
     "the delivery attempt was never finished (master replica stopped)";
 
+/// What `progress` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressOutcome {
+    /// A `step.progress` event was added.
+    Recorded,
+    /// The attempt is not current, the worker does not hold it, or the task finished.
+    Discarded,
+    /// The task has [`MAX_PROGRESS_EVENTS`](common::wire::MAX_PROGRESS_EVENTS) already.
+    Limited,
+}
+
 /// What `redrive` did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RedriveOutcome {
@@ -638,6 +658,43 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// A task's events after `after` (from its first without), oldest first: those of at
+    /// most `limit` transitions. Nothing for an unknown or expired task.
+    async fn events(
+        &self,
+        id: &TaskId,
+        after: Option<&events::EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<common::wire::TaskEvent>, StoreError>;
+
+    /// Every task's events but partial output, after `after` (the newest
+    /// [`FIREHOSE_EVENTS`] entries are kept), oldest first: at most `limit` transitions'.
+    async fn all_events(
+        &self,
+        after: Option<&events::EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<common::wire::TaskEvent>, StoreError>;
+
+    /// The id of the newest event in the operators' stream, where a reader that wants only
+    /// what happens from now on starts.
+    async fn latest_event(&self) -> Result<Option<events::EventCursor>, StoreError>;
+
+    /// Returns once the task's stream (every task's, with `None`) may have events after
+    /// `after`, or after `timeout`. A reader calls it when it has read everything.
+    async fn wait_events(
+        &self,
+        id: Option<&TaskId>,
+        after: Option<&events::EventCursor>,
+        timeout: Duration,
+    );
+
+    /// Records a worker's partial output of a step attempt it holds as a `step.progress`
+    /// event.
+    async fn progress(
+        &self,
+        progress: &common::wire::StepProgress,
+    ) -> Result<ProgressOutcome, StoreError>;
 
     /// Whether the llm-gateway can share this store's ledger (the same Redis): only then
     /// can a task's budget be enforced and its usage shown.

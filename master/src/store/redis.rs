@@ -11,6 +11,7 @@ use common::redis::RedisPool;
 use common::wire::{Capability, ReportStatus, ResultReport, StepError, StepRef, TaskId, WorkerId};
 use redis::Value;
 
+use super::events::{self, EventCursor, Tailer};
 use super::reply::{self, Reply, corrupt};
 use super::schema::{self, at_step, keys, step_field, task_field};
 use super::{
@@ -19,7 +20,7 @@ use super::{
     ReleaseReason, ReportOutcome, RetryPolicy, StoreError, SubmitOutcome, TaskRecord, TaskStore,
     lost_on_worker,
 };
-use super::{FiredTimer, PlannedKind, SignalOutcome};
+use super::{FiredTimer, PlannedKind, ProgressOutcome, SignalOutcome};
 
 /// The helpers every script starts with: the names generated from `schema.rs`, then
 /// `lua/lib.lua` (guarded names, for scripts run alone by `EVAL` in tests).
@@ -42,7 +43,7 @@ pub(super) fn graph_source(script: &str) -> String {
 
 /// Every script, by file: (file, its source). The store runs them as the functions of one
 /// Redis library ([`LIBRARY`]).
-const SCRIPTS: [(&str, &str); 14] = [
+const SCRIPTS: [(&str, &str); 15] = [
     ("submit.lua", include_str!("lua/submit.lua")),
     ("claim.lua", include_str!("lua/claim.lua")),
     ("release.lua", include_str!("lua/release.lua")),
@@ -54,6 +55,7 @@ const SCRIPTS: [(&str, &str); 14] = [
     ("redrive.lua", include_str!("lua/redrive.lua")),
     ("signal.lua", include_str!("lua/signal.lua")),
     ("timers.lua", include_str!("lua/timers.lua")),
+    ("progress.lua", include_str!("lua/progress.lua")),
     ("stats.lua", include_str!("lua/stats.lua")),
     ("callback_claim.lua", include_str!("lua/callback_claim.lua")),
     (
@@ -255,6 +257,7 @@ script!(CANCEL, "cancel.lua");
 script!(REDRIVE, "redrive.lua");
 script!(SIGNAL, "signal.lua");
 script!(TIMERS, "timers.lua");
+script!(PROGRESS, "progress.lua");
 script!(STATS, "stats.lua");
 script!(CALLBACK_CLAIM, "callback_claim.lua");
 script!(CALLBACK_FINISH, "callback_finish.lua");
@@ -265,7 +268,12 @@ pub struct RedisStore {
     pool: RedisPool,
     /// Its Redis has no Functions (older than 7.0): the scripts run with `EVALSHA`.
     no_functions: Arc<std::sync::atomic::AtomicBool>,
+    /// Wakes readers of event streams ([`Self::with_event_tail`]); without it they poll.
+    tail: Option<Arc<Tailer>>,
 }
+
+/// How often a reader of events looks again when no tail reader wakes it.
+const EVENT_POLL: Duration = Duration::from_millis(200);
 
 impl RedisStore {
     /// A store on a pool; keys go under the pool's prefix.
@@ -273,7 +281,49 @@ impl RedisStore {
         Self {
             pool,
             no_functions: Arc::default(),
+            tail: None,
         }
+    }
+
+    /// Readers of event streams are woken by one blocking `XREAD` over all of them, on a
+    /// connection of its own made with `settings` (the pool's), instead of polling.
+    #[must_use]
+    pub fn with_event_tail(mut self, settings: common::redis::RedisSettings) -> Self {
+        self.tail = Some(Arc::new(Tailer::new(settings)));
+        self
+    }
+
+    /// Events of the stream at `key` after `after`, at most `limit` entries; `task`: the
+    /// task of a task's stream (an operators' entry names its own in `t`).
+    async fn read_events(
+        &self,
+        key: String,
+        task: Option<&TaskId>,
+        after: Option<&EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<common::wire::TaskEvent>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let value: Value = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(events::range_start(after))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut conn)
+            .await?;
+        let mut out = Vec::new();
+        for (entry, fields) in events::entries(value)? {
+            let id = match task {
+                Some(id) => id.clone(),
+                None => TaskId::new(fields.get("t").map_or("", String::as_str))
+                    .map_err(|e| corrupt(format!("operators' event entry {entry}: {e}")))?,
+            };
+            let list = fields
+                .get("e")
+                .ok_or_else(|| corrupt(format!("event entry {entry} has no `e`")))?;
+            out.extend(events::expand(&id, entry, list, after)?);
+        }
+        Ok(out)
     }
 
     fn prefix(&self) -> &str {
@@ -722,6 +772,86 @@ impl TaskStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(self.pool.ping().await?)
+    }
+
+    async fn events(
+        &self,
+        id: &TaskId,
+        after: Option<&EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<common::wire::TaskEvent>, StoreError> {
+        let key = keys::events(self.prefix(), id.as_str());
+        self.read_events(key, Some(id), after, limit).await
+    }
+
+    async fn all_events(
+        &self,
+        after: Option<&EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<common::wire::TaskEvent>, StoreError> {
+        let key = keys::firehose(self.prefix());
+        self.read_events(key, None, after, limit).await
+    }
+
+    async fn latest_event(&self) -> Result<Option<EventCursor>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let value: Value = redis::cmd("XREVRANGE")
+            .arg(keys::firehose(self.prefix()))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        let Some((entry, fields)) = events::entries(value)?.into_iter().next() else {
+            return Ok(None);
+        };
+        let id = TaskId::new(fields.get("t").map_or("", String::as_str))
+            .map_err(|e| corrupt(format!("operators' event entry {entry}: {e}")))?;
+        let list = fields.get("e").map_or("[]", String::as_str);
+        let last = events::expand(&id, entry, list, None)?.len();
+        Ok(Some(EventCursor {
+            entry,
+            index: u32::try_from(last.saturating_sub(1)).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn wait_events(
+        &self,
+        id: Option<&TaskId>,
+        after: Option<&EventCursor>,
+        timeout: Duration,
+    ) {
+        let key = id.map_or_else(
+            || keys::firehose(self.prefix()),
+            |id| keys::events(self.prefix(), id.as_str()),
+        );
+        match &self.tail {
+            Some(tail) => tail.wait(key, after.map(|a| a.entry), timeout).await,
+            None => tokio::time::sleep(timeout.min(EVENT_POLL)).await,
+        }
+    }
+
+    async fn progress(
+        &self,
+        progress: &common::wire::StepProgress,
+    ) -> Result<ProgressOutcome, StoreError> {
+        let p = self.prefix();
+        let messages = serde_json::to_string(&progress.messages)
+            .map_err(|e| StoreError::Corrupt(format!("progress messages: {e}")))?;
+        let mut conn = self.pool.get().await?;
+        let value: Value = PROGRESS
+            .call(self)
+            .key(keys::task(p, progress.task_id.as_str()))
+            .arg(p)
+            .arg(progress.task_id.as_str())
+            .arg(progress.step)
+            .arg(progress.attempt)
+            .arg(progress.worker_id.as_str())
+            .arg(messages)
+            .invoke_async(&mut conn)
+            .await?;
+        Reply::parse(PROGRESS.file, value)?.progress()
     }
 }
 

@@ -130,6 +130,16 @@ impl Reply {
         }
     }
 
+    pub(super) fn progress(&self) -> Result<super::ProgressOutcome, StoreError> {
+        use super::ProgressOutcome;
+        match self.text("outcome")?.as_str() {
+            "recorded" => Ok(ProgressOutcome::Recorded),
+            "discarded" => Ok(ProgressOutcome::Discarded),
+            "limited" => Ok(ProgressOutcome::Limited),
+            _ => self.unexpected(),
+        }
+    }
+
     pub(super) fn release(&self) -> Result<ReleaseOutcome, StoreError> {
         match self.text("outcome")?.as_str() {
             "released" => Ok(ReleaseOutcome::Released),

@@ -81,6 +81,21 @@ pub mod keys {
         common::usage::task_usage_key(prefix, id)
     }
 
+    /// A task's events (docs/events.md): a stream, one entry per transition whose `e` field
+    /// is a JSON array of the events it made, capped at
+    /// [`MAX_TASK_EVENTS`](crate::store::MAX_TASK_EVENTS) entries and given the task's
+    /// retention when it ends. Same hash tag as the task.
+    pub fn events(prefix: &str, id: &str) -> String {
+        format!("{prefix}:ev:{{{id}}}")
+    }
+
+    /// Every task's events but partial output, for operators (`GET /events`): a stream
+    /// capped at [`FIREHOSE_EVENTS`](crate::store::FIREHOSE_EVENTS) entries, `t` the task
+    /// id and `e` as in [`events`].
+    pub fn firehose(prefix: &str) -> String {
+        format!("{prefix}:evlog")
+    }
+
     /// What separates a [`member`]'s task id from its step. Task ids cannot contain it.
     pub const MEMBER_SEPARATOR: char = ':';
 
@@ -158,6 +173,9 @@ fields! {
         /// The declared steps no other step needs (the result's steps), comma-separated
         /// slots: submit.
         SINKS = "sk",
+        /// `step.progress` events recorded for the task, held under
+        /// [`MAX_PROGRESS_EVENTS`](common::wire::MAX_PROGRESS_EVENTS): progress.
+        PROGRESS_EVENTS = "pge",
     }
 }
 
@@ -295,11 +313,16 @@ pub(super) fn lua_prelude(guarded: bool) -> String {
     );
     lua += &format!(
         "local PRIORITY_WEIGHT = {}\nlocal SCORE_EPOCH_MS = {}\nlocal MAX_MAP_WIDTH = {}\n\
-         local MAX_MAP_OUTPUT_BYTES = {}\n",
+         local MAX_MAP_OUTPUT_BYTES = {}\nlocal MAX_TASK_EVENTS = {}\nlocal FIREHOSE_EVENTS = {}\n\
+         local MAX_EVENT_VALUE_BYTES = {}\nlocal MAX_PROGRESS_EVENTS = {}\n",
         super::PRIORITY_WEIGHT,
         super::SCORE_EPOCH_MS,
         super::MAX_MAP_WIDTH,
-        super::MAX_MAP_OUTPUT_BYTES
+        super::MAX_MAP_OUTPUT_BYTES,
+        super::MAX_TASK_EVENTS,
+        super::FIREHOSE_EVENTS,
+        common::wire::MAX_EVENT_VALUE_BYTES,
+        common::wire::MAX_PROGRESS_EVENTS
     );
     lua
 }
@@ -308,7 +331,7 @@ pub(super) fn lua_prelude(guarded: bool) -> String {
 type Builder = fn(&[String]) -> String;
 
 /// The key (and field) builders the scripts use, with their Lua names and parameters.
-fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 14] {
+fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 16] {
     [
         ("task_key", &["prefix", "id"], |a| keys::task(&a[0], &a[1])),
         ("queue_key", &["prefix", "cap"], |a| {
@@ -327,6 +350,10 @@ fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 14] {
             common::registry::keys::events(&a[0])
         }),
         ("timers_key", &["prefix"], |a| keys::timers(&a[0])),
+        ("events_key", &["prefix", "id"], |a| {
+            keys::events(&a[0], &a[1])
+        }),
+        ("firehose_key", &["prefix"], |a| keys::firehose(&a[0])),
         ("usage_key", &["prefix", "id"], |a| {
             keys::usage(&a[0], &a[1])
         }),

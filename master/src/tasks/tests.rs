@@ -716,6 +716,43 @@ impl TaskStore for FailingRedrive {
         self.inner.cancel(id, retention).await
     }
 
+    async fn events(
+        &self,
+        id: &TaskId,
+        after: Option<&crate::store::events::EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<common::wire::TaskEvent>, StoreError> {
+        self.inner.events(id, after, limit).await
+    }
+
+    async fn all_events(
+        &self,
+        after: Option<&crate::store::events::EventCursor>,
+        limit: usize,
+    ) -> Result<Vec<common::wire::TaskEvent>, StoreError> {
+        self.inner.all_events(after, limit).await
+    }
+
+    async fn latest_event(&self) -> Result<Option<crate::store::events::EventCursor>, StoreError> {
+        self.inner.latest_event().await
+    }
+
+    async fn wait_events(
+        &self,
+        id: Option<&TaskId>,
+        after: Option<&crate::store::events::EventCursor>,
+        timeout: Duration,
+    ) {
+        self.inner.wait_events(id, after, timeout).await;
+    }
+
+    async fn progress(
+        &self,
+        progress: &common::wire::StepProgress,
+    ) -> Result<crate::store::ProgressOutcome, StoreError> {
+        self.inner.progress(progress).await
+    }
+
     async fn dead_letters(
         &self,
         capability: &Capability,

@@ -18,5 +18,6 @@ g_flush()
 if v[3] then queue_callback(ARGV[1], KEYS[1], ARGV[2], now) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if v[4] or v[5] then redis.call('PEXPIRE', usage_key(ARGV[1], ARGV[2]), ARGV[3]) end
+redis.call('PEXPIRE', events_key(ARGV[1], ARGV[2]), ARGV[3])
 redis.call('PUBLISH', events_channel(ARGV[1]), 'done:' .. ARGV[2])
 return {'outcome', 'cancelled'}

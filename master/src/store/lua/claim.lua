@@ -68,6 +68,8 @@ while #claimed < #pool do
       redis.call('HSET', tkey, unpack(update))
       redis.call('ZADD', KEYS[2], lease_until, m)
       redis.call('HINCRBY', KEYS[3], worker, 1)
+      emit_events(ARGV[1], id, {ev_step('step.dispatched', v[13], step) .. ',"attempt":' ..
+        attempt .. ',"worker_id":' .. cjson.encode(worker) .. '}'}, true)
       local row = {'task_id', id, 'step', step, 'attempt', attempt, 'worker', worker,
         'timeout_ms', v[5] or '0', 'total_steps', v[7] or v[8] or '1',
         'request_id', v[9] or '', 'input', v[10] or 'null', 'step_id', v[13] or ''}

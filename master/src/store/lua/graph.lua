@@ -58,8 +58,73 @@ local function g_del(field)
   G.dels[field] = true
 end
 
--- Writes what the transition changed.
+-- The events of what the transition wrote (docs/events.md), in the order it first wrote
+-- each status: the task's first (submitted, redriven), its end last.
+local STATUS_SUFFIX = ':' .. S.status
+local STEP_EVENT = {queued = 'step.queued', succeeded = 'step.succeeded',
+  failed = 'step.failed', waiting = 'step.waiting', skipped = 'step.skipped',
+  cancelled = 'step.cancelled'}
+local function g_events()
+  local slots, task_status = {}, nil
+  for _, f in ipairs(G.order) do
+    local v = G.writes[f]
+    if v == nil then
+    elseif f == F.status then
+      task_status = v
+    elseif STEP_EVENT[v] and string.sub(f, -#STATUS_SUFFIX) == STATUS_SUFFIX then
+      local slot = string.sub(f, 1, #f - #STATUS_SUFFIX)
+      if string.find(slot, '^%d+$') then slots[#slots + 1] = {slot, v} end
+    end
+  end
+  local list = {}
+  if G.complete then
+    list[1] = '{"type":"task.submitted"}'
+  elseif G.redriven then
+    list[1] = '{"type":"task.redriven"}'
+  end
+  -- Step ids and attempts: read with what the transition read (one HMGET for the rest).
+  local fields = {}
+  for _, s in ipairs(slots) do
+    fields[#fields + 1] = at_step(s[1], S.id)
+    fields[#fields + 1] = at_step(s[1], S.attempt)
+  end
+  local known = g_read(fields)
+  for i, s in ipairs(slots) do
+    local slot, st = s[1], s[2]
+    local id, attempt = known[2 * i - 1], known[2 * i]
+    local w = function(name) return G.writes[at_step(slot, S[name])] end
+    local kind = STEP_EVENT[st]
+    local extra = ''
+    if st == 'queued' and tonumber(w('queued_at') or '0') > G.now then
+      kind = 'step.retrying'
+      extra = ',"due_at_ms":' .. w('queued_at') .. ev_value('error', w('error'))
+    elseif st == 'succeeded' then
+      extra = ev_value('output', w('output'))
+    elseif st == 'failed' or st == 'cancelled' then
+      extra = ev_value('error', w('error'))
+    elseif st == 'waiting' then
+      extra = ',"due_at_ms":' .. (w('wakes_at') or '0')
+    end
+    if attempt and st ~= 'queued' or kind == 'step.retrying' then
+      extra = ',"attempt":' .. (attempt or '0') .. extra
+    end
+    list[#list + 1] = ev_step(kind, id, slot) .. extra .. '}'
+  end
+  if task_status and terminal(task_status) then
+    local extra = ''
+    if task_status == 'succeeded' then
+      extra = ev_value('output', G.result)
+    elseif task_status == 'failed' then
+      extra = ev_value('error', G.writes[F.error])
+    end
+    list[#list + 1] = '{"type":"task.' .. task_status .. '"' .. extra .. '}'
+  end
+  emit_events(G.prefix, G.id, list, true)
+end
+
+-- Writes what the transition changed, and its events.
 local function g_flush()
+  g_events()
   local args, seen = {}, {}
   for _, f in ipairs(G.order) do
     local v = G.writes[f]
@@ -89,7 +154,7 @@ end
 
 -- Queues a worker step (or map instance) of the task.
 local function g_queue(slot)
-  local v = g_read({at(slot, 'capability'), F.priority})
+  local v = g_read({at(slot, 'capability'), F.priority, at(slot, 'id'), at(slot, 'attempt')})
   local cap = v[1]
   g_set(at(slot, 'status'), 'queued')
   g_set(at(slot, 'queued_at'), int(G.now))
@@ -517,6 +582,7 @@ local function g_end(reported, retention, before_write)
     out = {'status', done, 'callback', callback}
     if done == 'succeeded' then
       local result = g_result(reported)
+      G.result = result or G.cache[at(reported, 'output')] or nil
       if result then
         out[#out + 1] = 'result'
         out[#out + 1] = result
@@ -538,6 +604,7 @@ local function g_end(reported, retention, before_write)
     -- A budgeted task's usage hash was made at submit, with no expiry: it goes with the
     -- task. (Otherwise the gateway made it, with an expiry of its own.)
     if t[4] or t[5] then redis.call('PEXPIRE', usage_key(G.prefix, G.id), retention) end
+    redis.call('PEXPIRE', events_key(G.prefix, G.id), retention)
     redis.call('PUBLISH', events_channel(G.prefix), 'done:' .. G.id)
   end
   return out

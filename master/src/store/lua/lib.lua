@@ -44,3 +44,21 @@ local function queue_callback(prefix, task, id, now)
   redis.call('HDEL', task, F.callback_error)
   redis.call('ZADD', callbacks_key(prefix), int(now), id)
 end
+-- Task events (docs/events.md). An event is a JSON object as text; one transition's events
+-- go to the task's stream as one entry, and (but partial output) to the operators' stream.
+local function ev_value(name, text)
+  if not text then return '' end
+  if #text > MAX_EVENT_VALUE_BYTES then return ',"truncated":true' end
+  return ',"' .. name .. '":' .. text
+end
+local function ev_step(kind, id, slot)
+  return '{"type":"' .. kind .. '","step":' .. cjson.encode(id or '') .. ',"slot":' .. slot
+end
+local function emit_events(prefix, id, list, firehose)
+  if #list == 0 then return end
+  local e = '[' .. table.concat(list, ',') .. ']'
+  redis.call('XADD', events_key(prefix, id), 'MAXLEN', '~', MAX_TASK_EVENTS, '*', 'e', e)
+  if firehose then
+    redis.call('XADD', firehose_key(prefix), 'MAXLEN', '~', FIREHOSE_EVENTS, '*', 't', id, 'e', e)
+  end
+end

@@ -45,6 +45,8 @@ g_del(F.callback_error)
 redis.call('ZREM', callbacks_key(ARGV[1]), ARGV[2])
 redis.call('PERSIST', KEYS[1])
 if v[4] or v[5] then redis.call('PERSIST', usage_key(ARGV[1], ARGV[2])) end
+redis.call('PERSIST', events_key(ARGV[1], ARGV[2]))
+G.redriven = true
 for _, i in ipairs(again) do
   local b = i * 8
   g_del(at(i, 'finished_at'))

@@ -12,7 +12,7 @@
 local step = ARGV[3]
 local k = step_fields(step)
 local v = redis.call('HMGET', KEYS[1], F.status, k.status, k.attempt, k.capability,
-  k.worker, k.tries, F.priority, k.queued_at, k.free_failures)
+  k.worker, k.tries, F.priority, k.queued_at, k.free_failures, k.id)
 if not v[1] or terminal(v[1]) or v[2] ~= 'dispatched' or v[3] ~= ARGV[4] then
   return {'outcome', 'stale'}
 end
@@ -32,4 +32,5 @@ if tries < 0 then tries = 0 end
 redis.call('HSET', KEYS[1], k.status, 'queued', k.tries, tostring(tries),
   k.free_failures, tostring(failures))
 redis.call('ZADD', queue_key(ARGV[1], v[4]), score(v[7], v[8]), m)
+emit_events(ARGV[1], ARGV[2], {ev_step('step.queued', v[10], step) .. '}'}, true)
 return {'outcome', 'released'}
