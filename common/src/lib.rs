@@ -9,6 +9,7 @@ pub mod limits;
 pub mod redis;
 pub mod registry;
 pub mod shutdown;
+pub mod sse;
 pub mod telemetry;
 pub mod usage;
 pub mod wire;

@@ -25,6 +25,7 @@ pub mod events;
 pub mod fakes;
 pub mod redis;
 pub mod service;
+pub mod sse;
 pub mod system;
 
 use std::net::TcpListener;

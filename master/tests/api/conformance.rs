@@ -2140,3 +2140,315 @@ async fn a_map_whose_outputs_are_too_large_together_fails(store: Arc<dyn TaskSto
     );
     assert_eq!(v.steps[0].output, None);
 }
+
+both_stores!(events {
+    a_chains_events_tell_its_whole_story_in_order,
+    resuming_after_any_event_gives_exactly_the_rest,
+    retries_failures_redrives_and_cancels_are_events,
+    progress_is_fenced_by_attempt_and_worker_and_bounded,
+    outputs_over_the_bound_are_left_out_of_events,
+    waits_and_signals_are_events,
+});
+
+/// Every event of a task, read in pages of one transition to show that paging loses none.
+async fn all_events(s: &dyn TaskStore, id: &TaskId) -> Vec<common::wire::TaskEvent> {
+    let mut out: Vec<common::wire::TaskEvent> = Vec::new();
+    loop {
+        let after = out.last().map(|e| e.id.parse().unwrap());
+        let page = s.events(id, after.as_ref(), 1).await.unwrap();
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
+}
+
+fn kinds(events: &[common::wire::TaskEvent]) -> Vec<(String, Option<String>)> {
+    events
+        .iter()
+        .map(|e| (e.kind.clone(), e.step.clone()))
+        .collect()
+}
+
+fn k(list: &[(&str, Option<&str>)]) -> Vec<(String, Option<String>)> {
+    list.iter()
+        .map(|(kind, step)| (kind.to_string(), step.map(str::to_string)))
+        .collect()
+}
+
+async fn a_chains_events_tell_its_whole_story_in_order(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(s, task(&["plan", "finalize"], 0, 1)).await;
+    let w = claim_one(s, "plan").await;
+    report(s, done(&w, json!({"plan": 1}))).await;
+    let w = claim_one(s, "finalize").await;
+    report(s, done(&w, json!({"answer": 42}))).await;
+    let events = all_events(s, &id).await;
+    assert_eq!(
+        kinds(&events),
+        k(&[
+            ("task.submitted", None),
+            ("step.queued", Some("plan")),
+            ("step.dispatched", Some("plan")),
+            ("step.succeeded", Some("plan")),
+            ("step.queued", Some("finalize")),
+            ("step.dispatched", Some("finalize")),
+            ("step.succeeded", Some("finalize")),
+            ("task.succeeded", None),
+        ])
+    );
+    let cursors: Vec<master::store::events::EventCursor> =
+        events.iter().map(|e| e.id.parse().unwrap()).collect();
+    assert!(
+        cursors.windows(2).all(|w| w[0] < w[1]),
+        "ids grow: {cursors:?}"
+    );
+    assert!(events.iter().all(|e| e.task_id == id && e.at_ms > 0));
+    assert_eq!(events[2].attempt, Some(1));
+    assert_eq!(events[2].worker_id.as_ref().map(|w| w.as_str()), Some("w1"));
+    assert_eq!(events[2].slot, Some(0));
+    assert_eq!(events[3].output, Some(json!({"plan": 1})));
+    assert_eq!(events[6].slot, Some(1));
+    assert_eq!(events[7].output, Some(json!({"answer": 42})));
+    assert!(events[7].is_final());
+    // The operators' stream has the same events, progress aside, in the same order.
+    let everyone: Vec<_> = s
+        .all_events(None, 1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.task_id == id)
+        .collect();
+    assert_eq!(everyone, events);
+    let latest = s.latest_event().await.unwrap().unwrap();
+    assert_eq!(latest.to_string(), events[7].id);
+    assert!(s.all_events(Some(&latest), 10).await.unwrap().is_empty());
+}
+
+async fn resuming_after_any_event_gives_exactly_the_rest(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(s, task(&["plan", "retrieve", "finalize"], 0, 1)).await;
+    for capability in ["plan", "retrieve", "finalize"] {
+        let w = claim_one(s, capability).await;
+        report(s, done(&w, json!({"by": capability}))).await;
+    }
+    let all = s.events(&id, None, 1_000).await.unwrap();
+    assert_eq!(
+        all,
+        all_events(s, &id).await,
+        "pages of one transition lose nothing"
+    );
+    assert_eq!(all.len(), 11);
+    for (i, e) in all.iter().enumerate() {
+        let after = e.id.parse().unwrap();
+        assert_eq!(
+            s.events(&id, Some(&after), 1_000).await.unwrap(),
+            all[i + 1..],
+            "after event {i} ({})",
+            e.kind
+        );
+    }
+    // Another task's stream is its own.
+    let other = submit(s, task(&["plan"], 0, 1)).await;
+    assert_eq!(
+        kinds(&s.events(&other, None, 1_000).await.unwrap()),
+        k(&[("task.submitted", None), ("step.queued", Some("plan"))])
+    );
+    assert!(
+        s.events(&TaskId::generate(), None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "an unknown task has no events"
+    );
+}
+
+async fn retries_failures_redrives_and_cancels_are_events(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let plan = cap("plan");
+    let id = submit(s, task(&["plan"], 0, 2)).await;
+    let w = claim_one(s, "plan").await;
+    report(s, failed(&id, 0, w.attempt, true)).await;
+    let events = s.events(&id, None, 100).await.unwrap();
+    let retry = events.last().unwrap();
+    assert_eq!(retry.kind, "step.retrying");
+    assert_eq!(retry.attempt, Some(1));
+    assert_eq!(retry.error.as_ref().unwrap().message, "boom");
+    assert!(retry.due_at_ms.unwrap() > retry.at_ms, "{retry:?}");
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    s.promote_due(&plan).await.unwrap();
+    let w = claim_one(s, "plan").await;
+    assert_eq!(w.attempt, 2);
+    report(s, failed(&id, 0, 2, true)).await;
+    s.redrive(&id, RETENTION).await.unwrap();
+    let w = claim_one(s, "plan").await;
+    s.cancel(&id, RETENTION).await.unwrap();
+    let events = all_events(s, &id).await;
+    assert_eq!(
+        kinds(&events),
+        k(&[
+            ("task.submitted", None),
+            ("step.queued", Some("plan")),
+            ("step.dispatched", Some("plan")),
+            ("step.retrying", Some("plan")),
+            ("step.dispatched", Some("plan")),
+            ("step.failed", Some("plan")),
+            ("task.failed", None),
+            ("task.redriven", None),
+            ("step.queued", Some("plan")),
+            ("step.dispatched", Some("plan")),
+            ("step.cancelled", Some("plan")),
+            ("task.cancelled", None),
+        ])
+    );
+    assert_eq!(events[5].attempt, Some(2));
+    assert_eq!(events[6].error.as_ref().unwrap().message, "boom");
+    assert_eq!(events[9].attempt, Some(w.attempt));
+    assert!(events[10].error.is_some());
+    assert!(events[6].is_final() && events[11].is_final());
+}
+
+fn progress_of(
+    w: &WorkRequest,
+    worker_id: &str,
+    attempt: u32,
+    text: &str,
+) -> common::wire::StepProgress {
+    common::wire::StepProgress {
+        task_id: w.task_id.clone(),
+        step: w.step,
+        attempt,
+        worker_id: worker(worker_id),
+        messages: vec![json!({"delta": text})],
+    }
+}
+
+async fn progress_is_fenced_by_attempt_and_worker_and_bounded(store: Arc<dyn TaskStore>) {
+    use master::store::ProgressOutcome::{Discarded, Limited, Recorded};
+    let s = store.as_ref();
+    let id = submit(s, task(&["plan"], 0, 2)).await;
+    let w = claim_one(s, "plan").await;
+    assert_eq!(
+        s.progress(&progress_of(&w, "w1", 1, "Hel")).await.unwrap(),
+        Recorded
+    );
+    assert_eq!(
+        s.progress(&progress_of(&w, "w2", 1, "x")).await.unwrap(),
+        Discarded
+    );
+    assert_eq!(
+        s.progress(&progress_of(&w, "w1", 2, "x")).await.unwrap(),
+        Discarded
+    );
+    assert_eq!(
+        s.progress(&progress_of(&w, "w1", 1, "lo")).await.unwrap(),
+        Recorded
+    );
+    let events = s.events(&id, None, 100).await.unwrap();
+    let progress: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "step.progress")
+        .collect();
+    assert_eq!(progress.len(), 2);
+    assert_eq!(progress[0].messages, vec![json!({"delta": "Hel"})]);
+    assert_eq!(progress[1].messages, vec![json!({"delta": "lo"})]);
+    assert_eq!((progress[0].attempt, progress[0].slot), (Some(1), Some(0)));
+    assert_eq!(progress[0].step.as_deref(), Some("plan"));
+    assert!(
+        !s.all_events(None, 10_000)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "step.progress"),
+        "partial output stays out of the operators' stream"
+    );
+    // The attempt's stale once retried: its progress is dropped.
+    report(s, failed(&id, 0, 1, true)).await;
+    assert_eq!(
+        s.progress(&progress_of(&w, "w1", 1, "late")).await.unwrap(),
+        Discarded
+    );
+    // A task's progress is bounded.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    s.promote_due(&cap("plan")).await.unwrap();
+    let w = claim_one(s, "plan").await;
+    let left = common::wire::MAX_PROGRESS_EVENTS - 2;
+    for i in 0..left {
+        assert_eq!(
+            s.progress(&progress_of(&w, "w1", w.attempt, "t"))
+                .await
+                .unwrap(),
+            Recorded,
+            "progress {i}"
+        );
+    }
+    assert_eq!(
+        s.progress(&progress_of(&w, "w1", w.attempt, "t"))
+            .await
+            .unwrap(),
+        Limited
+    );
+    // Orchestration events still go in, and the task finishes.
+    report(s, done(&w, json!("fine"))).await;
+    let last = s.events(&id, None, 100_000).await.unwrap();
+    assert_eq!(last.last().unwrap().kind, "task.succeeded");
+    assert_eq!(
+        s.progress(&progress_of(&w, "w1", w.attempt, "t"))
+            .await
+            .unwrap(),
+        Discarded
+    );
+}
+
+async fn outputs_over_the_bound_are_left_out_of_events(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(s, task(&["plan"], 0, 1)).await;
+    let w = claim_one(s, "plan").await;
+    let big = "x".repeat(common::wire::MAX_EVENT_VALUE_BYTES);
+    report(s, done(&w, json!(big))).await;
+    let events = s.events(&id, None, 100).await.unwrap();
+    let succeeded: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "step.succeeded" || e.kind == "task.succeeded")
+        .collect();
+    assert_eq!(succeeded.len(), 2);
+    for e in succeeded {
+        assert!(e.truncated && e.output.is_none(), "{e:?}");
+    }
+    // The task view still has it whole.
+    assert_eq!(view(s, &id).await.result, Some(json!(big)));
+}
+
+async fn waits_and_signals_are_events(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let id = submit(
+        s,
+        graph(
+            vec![
+                wait_step("approval", "approve", 60_000, OnTimeout::Fail, &[]),
+                work("ship", "finalize", &[0]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let events = s.events(&id, None, 100).await.unwrap();
+    assert_eq!(
+        kinds(&events),
+        k(&[("task.submitted", None), ("step.waiting", Some("approval"))])
+    );
+    assert!(events[1].due_at_ms.unwrap() >= events[1].at_ms + 59_000);
+    s.signal(&id, "approve", r#"{"ok":true}"#, RETENTION)
+        .await
+        .unwrap();
+    let after: master::store::events::EventCursor = events[1].id.parse().unwrap();
+    let events = s.events(&id, Some(&after), 100).await.unwrap();
+    assert_eq!(
+        kinds(&events),
+        k(&[
+            ("step.succeeded", Some("approval")),
+            ("step.queued", Some("ship")),
+        ])
+    );
+    assert_eq!(events[0].output, Some(json!({"ok": true})));
+}
