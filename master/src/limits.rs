@@ -254,6 +254,30 @@ fn headroom(configured: usize, file_limit: Option<u64>) -> usize {
     }
 }
 
+/// The limiter for event streams (`GET /task/{id}/events`, `GET /events`), from
+/// `EVENT_STREAMS_MAX_PER_CLIENT` and `EVENT_STREAMS_MAX_TOTAL`, with the same headroom
+/// rule as [`long_polls`].
+pub fn event_streams(config: &crate::Config) -> Arc<Concurrency> {
+    let configured = config.event_streams_max_total;
+    let total = headroom(configured, common::limits::nofile().map(|l| l.soft));
+    if total < configured {
+        tracing::warn!(
+            event_streams_max_total = configured,
+            effective = total,
+            "EVENT_STREAMS_MAX_TOTAL is more than half the open-file limit (RLIMIT_NOFILE); \
+             holding at most {total} event streams"
+        );
+    }
+    Concurrency::new(Caps {
+        kind: "event_stream",
+        noun: "event streams",
+        per_client: config.event_streams_max_per_client.min(total),
+        per_client_setting: "EVENT_STREAMS_MAX_PER_CLIENT",
+        total,
+        total_setting: "EVENT_STREAMS_MAX_TOTAL",
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -338,28 +362,4 @@ mod tests {
         assert!(total.retry_after.is_some());
         assert!(total.message.contains("TOTAL"), "{}", total.message);
     }
-}
-
-/// The limiter for event streams (`GET /task/{id}/events`, `GET /events`), from
-/// `EVENT_STREAMS_MAX_PER_CLIENT` and `EVENT_STREAMS_MAX_TOTAL`, with the same headroom
-/// rule as [`long_polls`].
-pub fn event_streams(config: &crate::Config) -> Arc<Concurrency> {
-    let configured = config.event_streams_max_total;
-    let total = headroom(configured, common::limits::nofile().map(|l| l.soft));
-    if total < configured {
-        tracing::warn!(
-            event_streams_max_total = configured,
-            effective = total,
-            "EVENT_STREAMS_MAX_TOTAL is more than half the open-file limit (RLIMIT_NOFILE); \
-             holding at most {total} event streams"
-        );
-    }
-    Concurrency::new(Caps {
-        kind: "event_stream",
-        noun: "event streams",
-        per_client: config.event_streams_max_per_client.min(total),
-        per_client_setting: "EVENT_STREAMS_MAX_PER_CLIENT",
-        total,
-        total_setting: "EVENT_STREAMS_MAX_TOTAL",
-    })
 }

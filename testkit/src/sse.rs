@@ -73,9 +73,10 @@ impl EventStream {
                 return None;
             }
             match self.body.next().await {
-                Some(Ok(chunk)) => self
-                    .ready
-                    .extend(self.reader.push(&chunk).expect("message within 1 MiB")),
+                Some(Ok(chunk)) => match self.reader.push(&chunk) {
+                    Ok(messages) => self.ready.extend(messages),
+                    Err(e) => panic!("event stream message too large: {e}"),
+                },
                 Some(Err(e)) => panic!("event stream broke: {e}"),
                 None => self.ended = true,
             }

@@ -1,7 +1,6 @@
 //! Task events in the stores (docs/events.md): cursors, the stored form of a transition's
-//! events, and, for Redis, one blocking reader per master process that wakes the SSE
-//! connections of every watched stream (so a thousand watchers cost one `XREAD`, not a
-//! thousand polls).
+//! events, and, for Redis, the wake-ups of a process's readers: one subscription for every
+//! followed task and one blocking `XREAD` for the operators' stream, however many readers.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,6 +10,7 @@ use std::time::Duration;
 
 use common::redis::RedisSettings;
 use common::wire::{TaskEvent, TaskId};
+use futures::StreamExt;
 use redis::Value;
 use tokio::sync::{Notify, oneshot};
 
@@ -120,7 +120,9 @@ pub(crate) fn expand_values(
         };
         let index = u32::try_from(i).unwrap_or(u32::MAX);
         let cursor = EventCursor { entry, index };
-        if after.is_some_and(|a| cursor <= *a) {
+        // Entries come from the cursor's own on (its start is inclusive): of that one,
+        // only the events after the cursor.
+        if after.is_some_and(|a| a.entry == entry && index <= a.index) {
             continue;
         }
         event.insert("id".into(), cursor.to_string().into());
@@ -134,15 +136,18 @@ pub(crate) fn expand_values(
     Ok(out)
 }
 
-/// The entries of an `XRANGE` reply: (id, fields).
-pub(crate) fn entries(value: Value) -> Result<Vec<(EntryId, HashMap<String, String>)>, StoreError> {
+/// A stream entry: its id and fields.
+pub(crate) type StreamEntry = (EntryId, HashMap<String, String>);
+
+/// The entries of an `XRANGE` reply.
+pub(crate) fn entries(value: Value) -> Result<Vec<StreamEntry>, StoreError> {
     let Value::Array(rows) = value else {
         return Err(super::reply::corrupt("XRANGE did not answer an array"));
     };
     rows.into_iter().map(entry).collect()
 }
 
-fn entry(row: Value) -> Result<(EntryId, HashMap<String, String>), StoreError> {
+fn entry(row: Value) -> Result<StreamEntry, StoreError> {
     let bad = || super::reply::corrupt("an event stream entry is not [id, [field, value, …]]");
     let Value::Array(mut parts) = row else {
         return Err(bad());
@@ -163,13 +168,34 @@ pub(crate) fn range_start(after: Option<&EventCursor>) -> String {
     after.map_or_else(|| "-".to_string(), |a| a.entry.to_string())
 }
 
-/// How long one blocking read waits before the watched set is read again (a stream
-/// watched since it began is included by the next read).
+/// Entries to read for `limit` transitions after `after`: one more with a cursor, whose
+/// own entry comes first (inclusive start) and may hold nothing after it.
+pub(crate) fn range_count(after: Option<&EventCursor>, limit: usize) -> usize {
+    limit.max(1).saturating_add(usize::from(after.is_some()))
+}
+
+/// How long one blocking read of the operators' stream waits before it reads the set of
+/// waiters again.
 const BLOCK: Duration = Duration::from_millis(100);
 
-/// One process's reader of the event streams someone waits on: a dedicated connection
-/// that runs `XREAD BLOCK` over all of them and wakes the waiters of a stream when an
-/// entry after theirs appears.
+/// Longest wait between two looks at a task's events, should a wake-up be lost (the
+/// subscription reconnecting).
+pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(2);
+
+/// How long a mark that a task is followed lasts ([`WATCHED_UNTIL`]), and how often a
+/// follower renews it.
+///
+/// [`WATCHED_UNTIL`]: super::schema::task_field::WATCHED_UNTIL
+pub(crate) const WATCH_FOR: Duration = Duration::from_secs(60);
+pub(crate) const WATCH_RENEW: Duration = Duration::from_secs(20);
+
+/// The waiters' key for the operators' stream (task ids never contain a NUL).
+const FIREHOSE: &str = "\u{0}firehose";
+
+/// One process's wake-ups for readers of event streams. A task's transitions announce
+/// `ev:<task>` on the events channel while the task is followed, and one subscription per
+/// process wakes that task's readers; the operators' stream is a Redis stream, read by one
+/// blocking `XREAD` per process. Readers that are woken read the events themselves.
 pub(crate) struct Tailer {
     inner: Arc<Inner>,
 }
@@ -183,19 +209,24 @@ impl fmt::Debug for Tailer {
 struct Inner {
     settings: RedisSettings,
     state: Mutex<TailState>,
-    /// Woken when the watched set gains a stream.
+    /// Woken when the operators' stream gains a waiter.
     changed: Notify,
 }
 
 #[derive(Default)]
 struct TailState {
-    /// Waiters per stream key: (id, last entry seen, wake-up).
+    /// Waiters per task id (or [`FIREHOSE`]): (id, last entry seen, wake-up).
     waiters: HashMap<String, Vec<(u64, EntryId, oneshot::Sender<()>)>>,
     next_id: u64,
-    running: bool,
+    /// The subscription runs.
+    subscribed: bool,
+    /// The operators' stream reader runs.
+    tailing: bool,
+    /// When this process last marked each task followed.
+    marked: HashMap<String, std::time::Instant>,
 }
 
-/// Removes a waiter that stopped waiting (timed out, or its client left).
+/// Removes a waiter that stopped waiting (woken, timed out, or its client left).
 struct Registration<'a> {
     inner: &'a Inner,
     key: String,
@@ -214,6 +245,19 @@ impl Drop for Registration<'_> {
     }
 }
 
+/// A registered waiter: resolves when woken.
+pub(crate) struct Waiting<'a> {
+    _registration: Registration<'a>,
+    woken: oneshot::Receiver<()>,
+}
+
+impl Waiting<'_> {
+    /// Waits until woken, or `timeout`.
+    pub(crate) async fn until(self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.woken).await;
+    }
+}
+
 impl Tailer {
     pub(crate) fn new(settings: RedisSettings) -> Self {
         Self {
@@ -225,54 +269,171 @@ impl Tailer {
         }
     }
 
-    /// Waits until stream `key` has an entry after `after` (`None`: any entry), or
-    /// `timeout` passes.
-    pub(crate) async fn wait(&self, key: String, after: Option<EntryId>, timeout: Duration) {
+    /// Whether task `id` should be marked followed now (not marked by this process within
+    /// [`WATCH_RENEW`]); records the mark as made.
+    pub(crate) fn needs_mark(&self, id: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state
+            .marked
+            .get(id)
+            .is_some_and(|at| now.duration_since(*at) < WATCH_RENEW)
+        {
+            return false;
+        }
+        state
+            .marked
+            .retain(|_, at| now.duration_since(*at) < WATCH_FOR);
+        state.marked.insert(id.to_string(), now);
+        true
+    }
+
+    /// Registers a waiter for task `id`'s events after `after` (`None`: the operators'
+    /// stream), starting the reader it needs.
+    pub(crate) fn register(&self, id: Option<&str>, after: Option<EntryId>) -> Waiting<'_> {
+        let key = id.unwrap_or(FIREHOSE).to_string();
         let (tx, rx) = oneshot::channel();
-        let id = {
+        let waiter_id = {
             let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
             state.next_id += 1;
-            let id = state.next_id;
-            state
-                .waiters
-                .entry(key.clone())
-                .or_default()
-                .push((id, after.unwrap_or_default(), tx));
-            if !state.running {
-                state.running = true;
-                tokio::spawn(run(Arc::downgrade(&self.inner)));
+            let waiter_id = state.next_id;
+            state.waiters.entry(key.clone()).or_default().push((
+                waiter_id,
+                after.unwrap_or_default(),
+                tx,
+            ));
+            if id.is_some() && !state.subscribed {
+                state.subscribed = true;
+                tokio::spawn(subscribe(Arc::downgrade(&self.inner)));
             }
-            id
+            if id.is_none() && !state.tailing {
+                state.tailing = true;
+                tokio::spawn(tail(Arc::downgrade(&self.inner)));
+            }
+            waiter_id
         };
-        let _registered = Registration {
-            inner: &self.inner,
-            key,
-            id,
-        };
-        self.inner.changed.notify_one();
-        let _ = tokio::time::timeout(timeout, rx).await;
+        if id.is_none() {
+            self.inner.changed.notify_one();
+        }
+        Waiting {
+            _registration: Registration {
+                inner: &self.inner,
+                key,
+                id: waiter_id,
+            },
+            woken: rx,
+        }
     }
 }
 
-/// The reading loop: runs while the store exists, reconnecting after errors.
-async fn run(inner: Weak<Inner>) {
+/// Wakes the waiters of `key` whose last entry is before `newest` (all, with `None`).
+fn wake(inner: &Inner, key: &str, newest: Option<EntryId>) {
+    let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(waiters) = state.waiters.get_mut(key) {
+        let mut kept = Vec::with_capacity(waiters.len());
+        for (id, seen, tx) in waiters.drain(..) {
+            if newest.is_none_or(|n| n > seen) {
+                let _ = tx.send(());
+            } else {
+                kept.push((id, seen, tx));
+            }
+        }
+        *waiters = kept;
+    }
+}
+
+/// Wakes every waiter (after a reconnect: announcements may have been missed).
+fn wake_all(inner: &Inner) {
+    let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, waiters) in state.waiters.iter_mut() {
+        for (_, _, tx) in waiters.drain(..) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The subscription to the events channel: `ev:<task>` wakes that task's waiters. Runs
+/// while the store exists, reconnecting after errors.
+async fn subscribe(inner: Weak<Inner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let channel = common::registry::keys::events(&strong.settings.key_prefix);
+        let client = common::redis::dedicated_client(&strong.settings).await;
+        drop(strong);
+        let pubsub = match client {
+            Ok(client) => {
+                let subscribed = async {
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.subscribe(&channel).await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                };
+                tokio::time::timeout(Duration::from_secs(5), subscribed).await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "event wake-ups cannot be configured");
+                return;
+            }
+        };
+        match pubsub {
+            Ok(Ok(pubsub)) => {
+                backoff = Duration::from_millis(100);
+                if let Some(strong) = inner.upgrade() {
+                    wake_all(&strong);
+                }
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    // Look up now and then whether the store is gone.
+                    let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
+                    let Some(strong) = inner.upgrade() else {
+                        return;
+                    };
+                    match next {
+                        Ok(Some(msg)) => {
+                            if let Ok(payload) = msg.get_payload::<String>()
+                                && let Some(task) =
+                                    payload.strip_prefix(super::schema::keys::ANNOUNCEMENT_PREFIX)
+                            {
+                                wake(&strong, task, None);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(_) => {}
+                    }
+                }
+                tracing::debug!("event wake-up subscription lost; reconnecting");
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %common::redis::describe(&e), "event wake-up subscription failed");
+            }
+            Err(_) => tracing::debug!("event wake-up subscription timed out"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The reader of the operators' stream: one blocking `XREAD` from the oldest entry its
+/// waiters have seen. Runs while the store exists.
+async fn tail(inner: Weak<Inner>) {
     let mut conn = None;
     let mut backoff = Duration::from_millis(100);
     loop {
         let Some(inner) = inner.upgrade() else { return };
-        let watched: Vec<(String, EntryId)> = {
+        let from = {
             let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
             state
                 .waiters
-                .iter()
-                .filter_map(|(k, list)| list.iter().map(|w| w.1).min().map(|c| (k.clone(), c)))
-                .collect()
+                .get(FIREHOSE)
+                .and_then(|list| list.iter().map(|w| w.1).min())
         };
-        if watched.is_empty() {
-            // Idle: wait for a watcher, but let go of the store meanwhile now and then.
+        let Some(from) = from else {
+            // Idle: wait for a waiter, letting go of the store now and then.
             let _ = tokio::time::timeout(Duration::from_secs(5), inner.changed.notified()).await;
             continue;
-        }
+        };
         if conn.is_none() {
             conn = connect(&inner.settings).await;
             if conn.is_none() {
@@ -283,28 +444,29 @@ async fn run(inner: Weak<Inner>) {
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
+        let key = super::schema::keys::firehose(&inner.settings.key_prefix);
+        let reply: Result<Value, redis::RedisError> = redis::cmd("XREAD")
+            .arg("COUNT")
             .arg(1)
             .arg("BLOCK")
             .arg(u64::try_from(BLOCK.as_millis()).unwrap_or(100))
-            .arg("STREAMS");
-        for (k, _) in &watched {
-            cmd.arg(k);
-        }
-        for (_, c) in &watched {
-            cmd.arg(c.to_string());
-        }
-        let reply: Result<Value, redis::RedisError> = cmd.query_async(c).await;
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(from.to_string())
+            .query_async(c)
+            .await;
         match reply {
+            Ok(Value::Nil) => backoff = Duration::from_millis(100),
             Ok(value) => {
                 backoff = Duration::from_millis(100);
-                wake(&inner, value);
+                let newest = read_ids(value).into_iter().max();
+                if newest.is_some() {
+                    wake(&inner, FIREHOSE, newest);
+                }
             }
             Err(e) => {
-                tracing::debug!(error = %common::redis::describe(&e), "event tail read failed");
+                tracing::debug!(error = %common::redis::describe(&e), "operators' event stream read failed");
                 conn = None;
-                // Waiters fall back to their own timeouts meanwhile.
                 drop(inner);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -328,57 +490,31 @@ async fn connect(settings: &RedisSettings) -> Option<redis::aio::MultiplexedConn
     {
         Ok(c) => Some(c),
         Err(e) => {
-            tracing::debug!(error = %common::redis::describe(&e), "event tail cannot connect");
+            tracing::debug!(error = %common::redis::describe(&e), "operators' event stream reader cannot connect");
             None
         }
     }
 }
 
-/// Wakes the waiters of every stream in an `XREAD` reply whose entry is after theirs.
-fn wake(inner: &Inner, value: Value) {
-    // Nil: the block timed out. Else [[key, [[id, fields]…]]…] (RESP2) or a map (RESP3).
-    let streams: Vec<(String, Value)> = match value {
+/// The entry ids of an `XREAD` reply (RESP2 arrays or a RESP3 map).
+fn read_ids(value: Value) -> Vec<EntryId> {
+    let streams: Vec<Value> = match value {
         Value::Array(items) => items
             .into_iter()
             .filter_map(|item| match item {
-                Value::Array(mut kv) if kv.len() == 2 => {
-                    let entries = kv.pop()?;
-                    let key: String = redis::from_redis_value(kv.pop()?).ok()?;
-                    Some((key, entries))
-                }
+                Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
                 _ => None,
             })
             .collect(),
-        Value::Map(pairs) => pairs
-            .into_iter()
-            .filter_map(|(k, v)| Some((redis::from_redis_value(k).ok()?, v)))
-            .collect(),
-        _ => return,
+        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
+        _ => Vec::new(),
     };
-    let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-    for (key, entries) in streams {
-        let Ok(list) = entries_ids(entries) else {
-            continue;
-        };
-        let Some(newest) = list.into_iter().max() else {
-            continue;
-        };
-        if let Some(waiters) = state.waiters.get_mut(&key) {
-            let mut kept = Vec::with_capacity(waiters.len());
-            for (id, seen, tx) in waiters.drain(..) {
-                if newest > seen {
-                    let _ = tx.send(());
-                } else {
-                    kept.push((id, seen, tx));
-                }
-            }
-            *waiters = kept;
-        }
-    }
-}
-
-fn entries_ids(value: Value) -> Result<Vec<EntryId>, StoreError> {
-    Ok(entries(value)?.into_iter().map(|(id, _)| id).collect())
+    streams
+        .into_iter()
+        .filter_map(|entries| super::events::entries(entries).ok())
+        .flatten()
+        .map(|(id, _)| id)
+        .collect()
 }
 
 #[cfg(test)]

@@ -136,6 +136,8 @@ struct Task {
     events: std::collections::VecDeque<(EntryId, Vec<Value>)>,
     /// `step.progress` events recorded.
     progress_events: u32,
+    /// Entries its events ever had (they are numbered from 1).
+    event_count: u64,
 }
 
 /// What events are made from: the statuses before a transition (see [`State::emit`]).
@@ -424,7 +426,9 @@ impl State {
         if list.is_empty() {
             return;
         }
-        let entry = if now > self.last_entry.ms {
+        // The operators' stream numbers entries like a Redis stream (`<ms>-<seq>`); a
+        // task numbers its own from 1, like the entries of its hash.
+        let global = if now > self.last_entry.ms {
             EntryId { ms: now, seq: 0 }
         } else {
             EntryId {
@@ -432,16 +436,22 @@ impl State {
                 seq: self.last_entry.seq + 1,
             }
         };
-        self.last_entry = entry;
+        self.last_entry = global;
         let Some(t) = self.tasks.get_mut(id) else {
             return;
         };
         if firehose {
-            self.firehose.push_back((entry, t.id.clone(), list.clone()));
+            self.firehose
+                .push_back((global, t.id.clone(), list.clone()));
             while self.firehose.len() > FIREHOSE_EVENTS as usize {
                 self.firehose.pop_front();
             }
         }
+        t.event_count += 1;
+        let entry = EntryId {
+            ms: now,
+            seq: t.event_count,
+        };
         t.events.push_back((entry, list));
         while t.events.len() > MAX_TASK_EVENTS as usize {
             t.events.pop_front();
@@ -1083,6 +1093,7 @@ impl TaskStore for MemoryStore {
                 delivery: None,
                 events: std::collections::VecDeque::new(),
                 progress_events: 0,
+                event_count: 0,
             };
             let mut tx = Tx::new(s, &mut t, now);
             for root in roots {
@@ -1762,8 +1773,8 @@ impl TaskStore for MemoryStore {
             s.task(id.as_str(), now).map_or_else(Vec::new, |t| {
                 t.events
                     .iter()
-                    .filter(|(e, _)| after.is_none_or(|a| *e >= a.entry))
-                    .take(limit)
+                    .filter(|(e, _)| after.is_none_or(|a| e.seq >= a.entry.seq))
+                    .take(super::events::range_count(after, limit))
                     .cloned()
                     .collect()
             })
@@ -1784,7 +1795,7 @@ impl TaskStore for MemoryStore {
             s.firehose
                 .iter()
                 .filter(|(e, _, _)| after.is_none_or(|a| *e >= a.entry))
-                .take(limit)
+                .take(super::events::range_count(after, limit))
                 .cloned()
                 .collect()
         })?;
@@ -1819,8 +1830,12 @@ impl TaskStore for MemoryStore {
                 .and_then(|t| t.events.back().map(|e| e.0)),
             None => s.firehose.back().map(|e| e.0),
         });
+        let later = |newest: EntryId, a: &EventCursor| match id {
+            Some(_) => newest.seq > a.entry.seq,
+            None => newest > a.entry,
+        };
         if let Ok(Some(newest)) = newest
-            && after.is_none_or(|a| newest > a.entry)
+            && after.is_none_or(|a| later(newest, a))
         {
             return;
         }
@@ -2000,44 +2015,42 @@ fn declared_views(t: &Task) -> Vec<StepView> {
 
 /// `release` on the state (its events are made around it).
 fn release(s: &mut State, step: &StepRef, why: ReleaseReason, now: u64) -> ReleaseOutcome {
+    let Some(task) = s.task(step.task_id.as_str(), now) else {
+        return ReleaseOutcome::Stale;
+    };
+    let priority = task.priority;
+    let Some(st) = task.steps.get_mut(step.step as usize) else {
+        return ReleaseOutcome::Stale;
+    };
+    if task.status.is_terminal()
+        || st.status != StepStatus::Dispatched
+        || st.attempt != step.attempt
     {
-        let Some(task) = s.task(step.task_id.as_str(), now) else {
-            return ReleaseOutcome::Stale;
-        };
-        let priority = task.priority;
-        let Some(st) = task.steps.get_mut(step.step as usize) else {
-            return ReleaseOutcome::Stale;
-        };
-        if task.status.is_terminal()
-            || st.status != StepStatus::Dispatched
-            || st.attempt != step.attempt
-        {
-            return ReleaseOutcome::Stale;
-        }
-        let Some(cap) = st.capability.clone() else {
-            return ReleaseOutcome::Stale;
-        };
-        if why == ReleaseReason::Failure {
-            st.free_failures += 1;
-            if st.free_failures > MAX_FREE_DISPATCH_FAILURES {
-                st.free_failures = 0;
-                return ReleaseOutcome::OverLimit;
-            }
-        }
-        st.status = StepStatus::Queued;
-        st.tries = st.tries.saturating_sub(1);
-        let (worker, queued) = (st.worker.clone(), st.queued);
-        s.remove_lease(&cap, step.task_id.as_str(), step.step);
-        s.release_load(worker.as_ref());
-        s.enqueue(
-            &cap,
-            priority,
-            queued.unwrap_or(now),
-            step.task_id.as_str(),
-            step.step,
-        );
-        ReleaseOutcome::Released
+        return ReleaseOutcome::Stale;
     }
+    let Some(cap) = st.capability.clone() else {
+        return ReleaseOutcome::Stale;
+    };
+    if why == ReleaseReason::Failure {
+        st.free_failures += 1;
+        if st.free_failures > MAX_FREE_DISPATCH_FAILURES {
+            st.free_failures = 0;
+            return ReleaseOutcome::OverLimit;
+        }
+    }
+    st.status = StepStatus::Queued;
+    st.tries = st.tries.saturating_sub(1);
+    let (worker, queued) = (st.worker.clone(), st.queued);
+    s.remove_lease(&cap, step.task_id.as_str(), step.step);
+    s.release_load(worker.as_ref());
+    s.enqueue(
+        &cap,
+        priority,
+        queued.unwrap_or(now),
+        step.task_id.as_str(),
+        step.step,
+    );
+    ReleaseOutcome::Released
 }
 
 /// Puts `value` in an event as `name`, or `truncated` when its JSON is over

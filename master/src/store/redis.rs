@@ -43,7 +43,7 @@ pub(super) fn graph_source(script: &str) -> String {
 
 /// Every script, by file: (file, its source). The store runs them as the functions of one
 /// Redis library ([`LIBRARY`]).
-const SCRIPTS: [(&str, &str); 15] = [
+const SCRIPTS: [(&str, &str); 16] = [
     ("submit.lua", include_str!("lua/submit.lua")),
     ("claim.lua", include_str!("lua/claim.lua")),
     ("release.lua", include_str!("lua/release.lua")),
@@ -56,6 +56,7 @@ const SCRIPTS: [(&str, &str); 15] = [
     ("signal.lua", include_str!("lua/signal.lua")),
     ("timers.lua", include_str!("lua/timers.lua")),
     ("progress.lua", include_str!("lua/progress.lua")),
+    ("watch.lua", include_str!("lua/watch.lua")),
     ("stats.lua", include_str!("lua/stats.lua")),
     ("callback_claim.lua", include_str!("lua/callback_claim.lua")),
     (
@@ -258,6 +259,7 @@ script!(REDRIVE, "redrive.lua");
 script!(SIGNAL, "signal.lua");
 script!(TIMERS, "timers.lua");
 script!(PROGRESS, "progress.lua");
+script!(WATCH, "watch.lua");
 script!(STATS, "stats.lua");
 script!(CALLBACK_CLAIM, "callback_claim.lua");
 script!(CALLBACK_FINISH, "callback_finish.lua");
@@ -293,42 +295,58 @@ impl RedisStore {
         self
     }
 
-    /// Events of the stream at `key` after `after`, at most `limit` entries; `task`: the
-    /// task of a task's stream (an operators' entry names its own in `t`).
-    async fn read_events(
+    fn prefix(&self) -> &str {
+        self.pool.prefix()
+    }
+
+    /// Events of the operators' stream after `after`, at most `limit` entries.
+    async fn read_firehose(
         &self,
-        key: String,
-        task: Option<&TaskId>,
         after: Option<&EventCursor>,
         limit: usize,
     ) -> Result<Vec<common::wire::TaskEvent>, StoreError> {
         let mut conn = self.pool.get().await?;
         let value: Value = redis::cmd("XRANGE")
-            .arg(key)
+            .arg(keys::firehose(self.prefix()))
             .arg(events::range_start(after))
             .arg("+")
             .arg("COUNT")
-            .arg(limit.max(1))
+            .arg(events::range_count(after, limit))
             .query_async(&mut conn)
             .await?;
         let mut out = Vec::new();
         for (entry, fields) in events::entries(value)? {
-            let id = match task {
-                Some(id) => id.clone(),
-                None => TaskId::new(fields.get("t").map_or("", String::as_str))
-                    .map_err(|e| corrupt(format!("operators' event entry {entry}: {e}")))?,
-            };
+            let id = TaskId::new(fields.get(keys::FIREHOSE_TASK).map_or("", String::as_str))
+                .map_err(|e| corrupt(format!("operators' event entry {entry}: {e}")))?;
             let list = fields
-                .get("e")
-                .ok_or_else(|| corrupt(format!("event entry {entry} has no `e`")))?;
+                .get(keys::FIREHOSE_EVENTS)
+                .ok_or_else(|| corrupt(format!("event entry {entry} has no events")))?;
             out.extend(events::expand(&id, entry, list, after)?);
         }
         Ok(out)
     }
 
-    fn prefix(&self) -> &str {
-        self.pool.prefix()
+    /// How many event entries task `id` has made (0 for none, or no such task).
+    async fn event_count(&self, id: &TaskId) -> Result<u64, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let count: Option<u64> = redis::cmd("HGET")
+            .arg(keys::task(self.prefix(), id.as_str()))
+            .arg(task_field::EVENT_COUNT)
+            .query_async(&mut conn)
+            .await?;
+        Ok(count.unwrap_or(0))
     }
+}
+
+/// One stored entry of a task's events: `<ms> <JSON array>`.
+fn task_entry(n: u64, text: &str) -> Result<(events::EntryId, &str), StoreError> {
+    let (ms, list) = text
+        .split_once(' ')
+        .ok_or_else(|| corrupt(format!("event entry {n} is not `<ms> <events>`")))?;
+    let ms = ms
+        .parse()
+        .map_err(|_| corrupt(format!("event entry {n} has no time")))?;
+    Ok((events::EntryId { ms, seq: n }, list))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -780,8 +798,39 @@ impl TaskStore for RedisStore {
         after: Option<&EventCursor>,
         limit: usize,
     ) -> Result<Vec<common::wire::TaskEvent>, StoreError> {
-        let key = keys::events(self.prefix(), id.as_str());
-        self.read_events(key, Some(id), after, limit).await
+        // Entries are numbered from 1; the cursor's own comes first (inclusive start).
+        let mut from = after.map_or(1, |a| a.entry.seq.max(1));
+        let count = events::range_count(after, limit) as u64;
+        let key = keys::task(self.prefix(), id.as_str());
+        let mut conn = self.pool.get().await?;
+        // Twice at most: a cursor from before the kept window jumps to its start.
+        for _ in 0..2 {
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(&key).arg(task_field::EVENT_COUNT);
+            for n in from..from.saturating_add(count) {
+                cmd.arg(schema::event_field(n));
+            }
+            let values: Vec<Option<String>> = cmd.query_async(&mut conn).await?;
+            let made: u64 = values
+                .first()
+                .cloned()
+                .flatten()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let mut out = Vec::new();
+            for (n, text) in (from..).zip(values.iter().skip(1)) {
+                if let Some(text) = text {
+                    let (entry, list) = task_entry(n, text)?;
+                    out.extend(events::expand(id, entry, list, after)?);
+                }
+            }
+            let oldest_kept = made.saturating_sub(u64::from(super::MAX_TASK_EVENTS)) + 1;
+            if !out.is_empty() || from >= oldest_kept || made < from {
+                return Ok(out);
+            }
+            from = oldest_kept;
+        }
+        Ok(Vec::new())
     }
 
     async fn all_events(
@@ -789,8 +838,7 @@ impl TaskStore for RedisStore {
         after: Option<&EventCursor>,
         limit: usize,
     ) -> Result<Vec<common::wire::TaskEvent>, StoreError> {
-        let key = keys::firehose(self.prefix());
-        self.read_events(key, None, after, limit).await
+        self.read_firehose(after, limit).await
     }
 
     async fn latest_event(&self) -> Result<Option<EventCursor>, StoreError> {
@@ -806,9 +854,11 @@ impl TaskStore for RedisStore {
         let Some((entry, fields)) = events::entries(value)?.into_iter().next() else {
             return Ok(None);
         };
-        let id = TaskId::new(fields.get("t").map_or("", String::as_str))
+        let id = TaskId::new(fields.get(keys::FIREHOSE_TASK).map_or("", String::as_str))
             .map_err(|e| corrupt(format!("operators' event entry {entry}: {e}")))?;
-        let list = fields.get("e").map_or("[]", String::as_str);
+        let list = fields
+            .get(keys::FIREHOSE_EVENTS)
+            .map_or("[]", String::as_str);
         let last = events::expand(&id, entry, list, None)?.len();
         Ok(Some(EventCursor {
             entry,
@@ -822,14 +872,40 @@ impl TaskStore for RedisStore {
         after: Option<&EventCursor>,
         timeout: Duration,
     ) {
-        let key = id.map_or_else(
-            || keys::firehose(self.prefix()),
-            |id| keys::events(self.prefix(), id.as_str()),
-        );
-        match &self.tail {
-            Some(tail) => tail.wait(key, after.map(|a| a.entry), timeout).await,
-            None => tokio::time::sleep(timeout.min(EVENT_POLL)).await,
+        let Some(tail) = &self.tail else {
+            tokio::time::sleep(timeout.min(EVENT_POLL)).await;
+            return;
+        };
+        let Some(id) = id else {
+            tail.register(None, after.map(|a| a.entry))
+                .until(timeout)
+                .await;
+            return;
+        };
+        // Followed tasks announce their transitions; the first wait marks it (and its
+        // caller reads once more: a transition just before the mark was not announced).
+        if tail.needs_mark(id.as_str()) {
+            let until = common::wire::now_ms() + ms(events::WATCH_FOR);
+            if let Ok(mut conn) = self.pool.get().await {
+                let marked: Result<Value, _> = WATCH
+                    .call(self)
+                    .key(keys::task(self.prefix(), id.as_str()))
+                    .arg(until)
+                    .invoke_async(&mut conn)
+                    .await;
+                if let Err(e) = marked {
+                    tracing::debug!(error = %e, "a followed task could not be marked");
+                }
+            }
+            return;
         }
+        let waiting = tail.register(Some(id.as_str()), after.map(|a| a.entry));
+        // Registered before this look, so what is announced after it wakes the waiter.
+        let seen = after.map_or(0, |a| a.entry.seq);
+        if self.event_count(id).await.is_ok_and(|made| made > seen) {
+            return;
+        }
+        waiting.until(timeout.min(events::FALLBACK_POLL)).await;
     }
 
     async fn progress(
@@ -1188,12 +1264,15 @@ mod tests {
             .sum()
     }
 
-    /// What one task costs in Redis commands (DESIGN §11 counts them per task): submit 4,
-    /// claim 7, report 9 (with the worker-load `HDEL`), the result's `HGETALL` 1. Reading
-    /// replies by name must not add any. Lower the budget when it drops.
+    /// What one task costs in Redis commands (DESIGN §11 counts them per task): submit 5,
+    /// claim 8, report 10 (with the worker-load `HDEL`), the result's `HGETALL` 1. Reading
+    /// replies by name must not add any. Of those, the task's events cost 3: its own are
+    /// fields of the hash each transition writes anyway (none), and each of its 3
+    /// transitions adds one entry to the operators' stream (`XADD`); a task nobody follows
+    /// announces nothing (no `PUBLISH`). Lower the budget when it drops.
     #[tokio::test]
     async fn a_one_step_task_runs_a_fixed_budget_of_redis_commands() {
-        const BUDGET: u64 = 21;
+        const BUDGET: u64 = 24;
         let server = testkit::RedisServer::start();
         let store = RedisStore::new(RedisPool::new(&server.settings()).unwrap());
         let cap = Capability::new("echo").unwrap();

@@ -81,20 +81,26 @@ pub mod keys {
         common::usage::task_usage_key(prefix, id)
     }
 
-    /// A task's events (docs/events.md): a stream, one entry per transition whose `e` field
-    /// is a JSON array of the events it made, capped at
-    /// [`MAX_TASK_EVENTS`](crate::store::MAX_TASK_EVENTS) entries and given the task's
-    /// retention when it ends. Same hash tag as the task.
-    pub fn events(prefix: &str, id: &str) -> String {
-        format!("{prefix}:ev:{{{id}}}")
-    }
-
     /// Every task's events but partial output, for operators (`GET /events`): a stream
     /// capped at [`FIREHOSE_EVENTS`](crate::store::FIREHOSE_EVENTS) entries, `t` the task
     /// id and `e` as in [`events`].
     pub fn firehose(prefix: &str) -> String {
         format!("{prefix}:evlog")
     }
+
+    /// What a transition of a followed task publishes on the events channel.
+    pub fn announcement(task: &str) -> String {
+        format!("{ANNOUNCEMENT_PREFIX}{task}")
+    }
+
+    /// The start of an [`announcement`], before the task id.
+    pub const ANNOUNCEMENT_PREFIX: &str = "ev:";
+
+    /// The field of a [`firehose`] entry naming its task.
+    pub const FIREHOSE_TASK: &str = "t";
+
+    /// The field of a [`firehose`] entry holding its events (a JSON array).
+    pub const FIREHOSE_EVENTS: &str = "e";
 
     /// What separates a [`member`]'s task id from its step. Task ids cannot contain it.
     pub const MEMBER_SEPARATOR: char = ':';
@@ -176,6 +182,14 @@ fields! {
         /// `step.progress` events recorded for the task, held under
         /// [`MAX_PROGRESS_EVENTS`](common::wire::MAX_PROGRESS_EVENTS): progress.
         PROGRESS_EVENTS = "pge",
+        /// Entries in the task's events ([`event_field`](super::event_field) 1 to this):
+        /// every transition that made events.
+        EVENT_COUNT = "evn",
+        /// Until when (ms since the epoch) someone follows the task's events: set by a
+        /// master serving its stream, refreshed while it does. A transition announces its
+        /// events (`ev:<id>` on the events channel) only before then, so tasks nobody
+        /// watches pay nothing for live streams.
+        WATCHED_UNTIL = "evw",
     }
 }
 
@@ -275,6 +289,13 @@ pub fn signal_field(name: &str) -> String {
     format!("g:{name}")
 }
 
+/// The task field holding the `n`-th entry of its events (from 1): `<ms> <JSON array of the
+/// events of one transition>` (docs/events.md). Written in the transition's own `HSET`,
+/// so a task's events cost no command of their own and expire with it.
+pub fn event_field(n: impl std::fmt::Display) -> String {
+    format!("ev:{n}")
+}
+
 /// The task field keeping a signal's payload that arrived before its wait step was reached.
 pub fn buffered_field(name: &str) -> String {
     format!("b:{name}")
@@ -308,6 +329,11 @@ pub(super) fn lua_prelude(guarded: bool) -> String {
         lua_string(common::usage::BUDGET_COST_NANOS)
     );
     lua += &format!(
+        "local FIREHOSE_TASK = {}\nlocal FIREHOSE_FIELD = {}\n",
+        lua_string(keys::FIREHOSE_TASK),
+        lua_string(keys::FIREHOSE_EVENTS)
+    );
+    lua += &format!(
         "local MEMBER_SEPARATOR = {}\n",
         lua_string(&keys::MEMBER_SEPARATOR.to_string())
     );
@@ -331,7 +357,7 @@ pub(super) fn lua_prelude(guarded: bool) -> String {
 type Builder = fn(&[String]) -> String;
 
 /// The key (and field) builders the scripts use, with their Lua names and parameters.
-fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 16] {
+fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 17] {
     [
         ("task_key", &["prefix", "id"], |a| keys::task(&a[0], &a[1])),
         ("queue_key", &["prefix", "cap"], |a| {
@@ -350,15 +376,14 @@ fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 16] {
             common::registry::keys::events(&a[0])
         }),
         ("timers_key", &["prefix"], |a| keys::timers(&a[0])),
-        ("events_key", &["prefix", "id"], |a| {
-            keys::events(&a[0], &a[1])
-        }),
         ("firehose_key", &["prefix"], |a| keys::firehose(&a[0])),
+        ("announcement", &["id"], |a| keys::announcement(&a[0])),
         ("usage_key", &["prefix", "id"], |a| {
             keys::usage(&a[0], &a[1])
         }),
         ("signal_field", &["name"], |a| signal_field(&a[0])),
         ("buffered_field", &["name"], |a| buffered_field(&a[0])),
+        ("event_field", &["n"], |a| event_field(&a[0])),
         ("member", &["id", "step"], |a| keys::member(&a[0], &a[1])),
         ("at_step", &["step", "field"], |a| at_step(&a[0], &a[1])),
     ]
@@ -464,8 +489,8 @@ pub(super) mod tests {
         files.sort();
         assert_eq!(
             files.len(),
-            16,
-            "lib.lua, graph.lua and the fourteen scripts"
+            18,
+            "lib.lua, graph.lua and the sixteen scripts"
         );
         files
     }

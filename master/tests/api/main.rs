@@ -16,5 +16,6 @@ mod longpoll;
 mod model;
 mod ops;
 mod storage;
+mod streams;
 mod usage;
 mod workflows;

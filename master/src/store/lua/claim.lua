@@ -48,7 +48,7 @@ while #claimed < #pool do
     for _, name in ipairs(CLAIM_FIELDS) do k[name] = at_step(step, S[name]) end
     local fields = {F.status, k.status, k.attempt, k.tries, k.timeout_ms, F.pipeline,
       F.declared, F.step_count, F.request_id, F.input, k.avoid_worker, k.needs, k.id,
-      k.element, k.element_index}
+      k.element, k.element_index, F.event_count, F.watched_until}
     if s > 0 then
       for _, name in ipairs({'id', 'capability', 'status', 'output', 'error'}) do
         fields[#fields + 1] = at_step(s - 1, S[name])
@@ -65,11 +65,14 @@ while #claimed < #pool do
         update[#update + 1] = F.started_at
         update[#update + 1] = int(now)
       end
+      local events = {ev_step('step.dispatched', v[13], step) .. ',"attempt":' .. attempt ..
+        ',"worker_id":' .. cjson.encode(worker) .. '}'}
+      local n = ev_fields(update, v[16], events, now)
       redis.call('HSET', tkey, unpack(update))
+      ev_trim(tkey, n)
+      ev_announce(ARGV[1], id, events, v[17], now, true)
       redis.call('ZADD', KEYS[2], lease_until, m)
       redis.call('HINCRBY', KEYS[3], worker, 1)
-      emit_events(ARGV[1], id, {ev_step('step.dispatched', v[13], step) .. ',"attempt":' ..
-        attempt .. ',"worker_id":' .. cjson.encode(worker) .. '}'}, true)
       local row = {'task_id', id, 'step', step, 'attempt', attempt, 'worker', worker,
         'timeout_ms', v[5] or '0', 'total_steps', v[7] or v[8] or '1',
         'request_id', v[9] or '', 'input', v[10] or 'null', 'step_id', v[13] or ''}
@@ -89,8 +92,8 @@ while #claimed < #pool do
       if #needs > 0 then
         local rows = {}
         if #needs == 1 and tonumber(needs[1]) == s - 1 then
-          rows[1] = {tostring(s - 1), v[16] or '', v[17] or '', v[18] or 'pending',
-            v[19] or '', v[20] or ''}
+          rows[1] = {tostring(s - 1), v[18] or '', v[19] or '', v[20] or 'pending',
+            v[21] or '', v[22] or ''}
         else
           local nf = {}
           for _, n in ipairs(needs) do

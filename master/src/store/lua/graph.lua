@@ -60,7 +60,7 @@ end
 
 -- The events of what the transition wrote (docs/events.md), in the order it first wrote
 -- each status: the task's first (submitted, redriven), its end last.
-local STATUS_SUFFIX = ':' .. S.status
+local STATUS_SUFFIX = at_step('', S.status)
 local STEP_EVENT = {queued = 'step.queued', succeeded = 'step.succeeded',
   failed = 'step.failed', waiting = 'step.waiting', skipped = 'step.skipped',
   cancelled = 'step.cancelled'}
@@ -82,8 +82,9 @@ local function g_events()
   elseif G.redriven then
     list[1] = '{"type":"task.redriven"}'
   end
-  -- Step ids and attempts: read with what the transition read (one HMGET for the rest).
-  local fields = {}
+  -- Step ids and attempts, the entry count and the watch: read with what the transition
+  -- read (one HMGET for what it did not).
+  local fields = {F.event_count, F.watched_until}
   for _, s in ipairs(slots) do
     fields[#fields + 1] = at_step(s[1], S.id)
     fields[#fields + 1] = at_step(s[1], S.attempt)
@@ -91,7 +92,7 @@ local function g_events()
   local known = g_read(fields)
   for i, s in ipairs(slots) do
     local slot, st = s[1], s[2]
-    local id, attempt = known[2 * i - 1], known[2 * i]
+    local id, attempt = known[2 * i + 1], known[2 * i + 2]
     local w = function(name) return G.writes[at_step(slot, S[name])] end
     local kind = STEP_EVENT[st]
     local extra = ''
@@ -119,7 +120,12 @@ local function g_events()
     end
     list[#list + 1] = '{"type":"task.' .. task_status .. '"' .. extra .. '}'
   end
-  emit_events(G.prefix, G.id, list, true)
+  if #list == 0 then return end
+  local n = tonumber(known[1] or '0') + 1
+  g_set(event_field(n), ev_entry(list, G.now))
+  g_set(F.event_count, tostring(n))
+  if n > MAX_TASK_EVENTS then g_del(event_field(n - MAX_TASK_EVENTS)) end
+  ev_announce(G.prefix, G.id, list, known[2], G.now, true)
 end
 
 -- Writes what the transition changed, and its events.
@@ -563,7 +569,8 @@ end
 -- `before_write`, if given, is called with them before the hash is written (to add fields
 -- to the same HSET).
 local function g_end(reported, retention, before_write)
-  local t = g_read({F.status, F.open, F.callback_url, F.budget_tokens, F.budget_cost_nanos})
+  local t = g_read({F.status, F.open, F.callback_url, F.budget_tokens, F.budget_cost_nanos,
+    F.event_count, F.watched_until})
   local done = nil
   if G.failed then
     stop_all(reported or -1, cjson.encode({message =
@@ -604,7 +611,6 @@ local function g_end(reported, retention, before_write)
     -- A budgeted task's usage hash was made at submit, with no expiry: it goes with the
     -- task. (Otherwise the gateway made it, with an expiry of its own.)
     if t[4] or t[5] then redis.call('PEXPIRE', usage_key(G.prefix, G.id), retention) end
-    redis.call('PEXPIRE', events_key(G.prefix, G.id), retention)
     redis.call('PUBLISH', events_channel(G.prefix), 'done:' .. G.id)
   end
   return out

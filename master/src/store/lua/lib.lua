@@ -54,11 +54,33 @@ end
 local function ev_step(kind, id, slot)
   return '{"type":"' .. kind .. '","step":' .. cjson.encode(id or '') .. ',"slot":' .. slot
 end
-local function emit_events(prefix, id, list, firehose)
-  if #list == 0 then return end
-  local e = '[' .. table.concat(list, ',') .. ']'
-  redis.call('XADD', events_key(prefix, id), 'MAXLEN', '~', MAX_TASK_EVENTS, '*', 'e', e)
+-- One transition's events as the task's hash keeps them: `<ms> [event, …]`.
+local function ev_entry(list, now)
+  return int(now) .. ' [' .. table.concat(list, ',') .. ']'
+end
+-- Adds the next entry of the task's events (its count was `count`) to `update`, a list of
+-- HSET field/value arguments; returns the entry's number.
+local function ev_fields(update, count, list, now)
+  local n = tonumber(count or '0') + 1
+  update[#update + 1] = event_field(n)
+  update[#update + 1] = ev_entry(list, now)
+  update[#update + 1] = F.event_count
+  update[#update + 1] = tostring(n)
+  return n
+end
+-- Beyond MAX_TASK_EVENTS entries, the oldest goes.
+local function ev_trim(key, n)
+  if n > MAX_TASK_EVENTS then redis.call('HDEL', key, event_field(n - MAX_TASK_EVENTS)) end
+end
+-- Hands a transition's events on: to the operators' stream (unless `firehose` is false),
+-- and a wake-up on the events channel while someone follows the task (`watched`: until
+-- when, from F.watched_until).
+local function ev_announce(prefix, id, list, watched, now, firehose)
   if firehose then
-    redis.call('XADD', firehose_key(prefix), 'MAXLEN', '~', FIREHOSE_EVENTS, '*', 't', id, 'e', e)
+    redis.call('XADD', firehose_key(prefix), 'MAXLEN', '~', FIREHOSE_EVENTS, '*',
+      FIREHOSE_TASK, id, FIREHOSE_FIELD, '[' .. table.concat(list, ',') .. ']')
+  end
+  if watched and tonumber(watched) and tonumber(watched) > now then
+    redis.call('PUBLISH', events_channel(prefix), announcement(id))
   end
 end

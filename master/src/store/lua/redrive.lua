@@ -9,7 +9,8 @@
 local now = now_ms()
 g_begin(ARGV[1], ARGV[2], KEYS[1], now)
 g_legacy()
-local v = g_read({F.status, F.step_count, F.started_at, F.budget_tokens, F.budget_cost_nanos})
+local v = g_read({F.status, F.step_count, F.started_at, F.budget_tokens, F.budget_cost_nanos,
+  F.event_count, F.watched_until})
 if not v[1] then return {'outcome', 'missing'} end
 if v[1] ~= 'failed' then return {'outcome', 'not_failed', 'status', v[1]} end
 local n = tonumber(v[2] or '0')
@@ -45,7 +46,6 @@ g_del(F.callback_error)
 redis.call('ZREM', callbacks_key(ARGV[1]), ARGV[2])
 redis.call('PERSIST', KEYS[1])
 if v[4] or v[5] then redis.call('PERSIST', usage_key(ARGV[1], ARGV[2])) end
-redis.call('PERSIST', events_key(ARGV[1], ARGV[2]))
 G.redriven = true
 for _, i in ipairs(again) do
   local b = i * 8

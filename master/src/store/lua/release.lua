@@ -12,7 +12,8 @@
 local step = ARGV[3]
 local k = step_fields(step)
 local v = redis.call('HMGET', KEYS[1], F.status, k.status, k.attempt, k.capability,
-  k.worker, k.tries, F.priority, k.queued_at, k.free_failures, k.id)
+  k.worker, k.tries, F.priority, k.queued_at, k.free_failures, k.id, F.event_count,
+  F.watched_until)
 if not v[1] or terminal(v[1]) or v[2] ~= 'dispatched' or v[3] ~= ARGV[4] then
   return {'outcome', 'stale'}
 end
@@ -29,8 +30,13 @@ redis.call('ZREM', lease_key(ARGV[1], v[4]), m)
 release_load(ARGV[1], v[5])
 local tries = tonumber(v[6] or '1') - 1
 if tries < 0 then tries = 0 end
-redis.call('HSET', KEYS[1], k.status, 'queued', k.tries, tostring(tries),
-  k.free_failures, tostring(failures))
+local now = now_ms()
+local events = {ev_step('step.queued', v[10], step) .. '}'}
+local update = {k.status, 'queued', k.tries, tostring(tries), k.free_failures,
+  tostring(failures)}
+local n = ev_fields(update, v[11], events, now)
+redis.call('HSET', KEYS[1], unpack(update))
+ev_trim(KEYS[1], n)
+ev_announce(ARGV[1], ARGV[2], events, v[12], now, true)
 redis.call('ZADD', queue_key(ARGV[1], v[4]), score(v[7], v[8]), m)
-emit_events(ARGV[1], ARGV[2], {ev_step('step.queued', v[10], step) .. '}'}, true)
 return {'outcome', 'released'}
