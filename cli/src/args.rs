@@ -40,6 +40,21 @@ pub enum Command {
     Workers(Target),
     /// Queue depths per capability (`GET /queues`, operator), as JSON.
     Queues(Target),
+    /// Follows a task live from its event stream: its steps as a tree, and agents' partial
+    /// output (tokens) as it arrives; exits as `result` does (`status ID --watch` does the
+    /// same).
+    Watch(WatchArgs),
+}
+
+/// `watch`'s arguments.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The task.
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Give up after this many seconds (exit code 4).
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
 }
 
 /// How `up` and `demo` start the system.
@@ -117,8 +132,9 @@ pub struct SubmitArgs {
     /// The task's input: JSON, `@file` for a file's JSON, `@-` for standard input.
     #[arg(long)]
     pub input: String,
-    /// Follow the task and print its result; exit code 0 succeeded, 3 failed.
-    #[arg(long)]
+    /// Follow the task live (its steps as a tree on stderr, agents' tokens as they come)
+    /// and print its result; exit code 0 succeeded, 3 failed. `--follow` is the same.
+    #[arg(long, visible_alias = "follow")]
     pub wait: bool,
     /// With `--wait`: give up after this many seconds (exit code 4).
     #[arg(long, default_value_t = 600)]

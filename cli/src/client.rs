@@ -90,6 +90,29 @@ impl Client {
         .await
     }
 
+    /// `GET /task/{id}/events` (after event `after`, if given): the open stream, or the
+    /// master's error answer (`404` from a master without event streams, too).
+    pub async fn events(&self, id: &str, after: Option<&str>) -> anyhow::Result<Response> {
+        let mut request = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/task/{}/events", path_segment(id)?),
+            )
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            // A stream lasts as long as the task; its keep-alives show it is alive.
+            .timeout(Duration::from_secs(24 * 3600));
+        if let Some(after) = after {
+            request = request.header("last-event-id", after);
+        }
+        let response = self.send(request).await?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.bytes().await.unwrap_or_default();
+            return Err(failure(status, &body).into());
+        }
+        Ok(response)
+    }
+
     /// `POST /task/{id}/signal`.
     pub async fn signal(&self, id: &str, signal: &SignalRequest) -> anyhow::Result<SignalResponse> {
         self.call(

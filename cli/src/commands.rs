@@ -117,14 +117,16 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!("task {id} submitted");
-    let mut tree = TreeView::new(Stream::Stderr);
+    let tree = std::cell::RefCell::new(TreeView::new(Stream::Stderr));
     let watched = follow(
         &client,
         &id,
         Duration::from_secs(args.timeout),
-        |_, view| tree.show(view),
+        |_, view| tree.borrow_mut().show(view),
+        |step, text| tree.borrow_mut().partial(step, text),
     )
     .await?;
+    let tree = tree.into_inner();
     let view = match watched {
         Watched::Finished(view) => {
             tree.finish(&view);
@@ -151,11 +153,16 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(&args.task.target);
     let id = &args.task.id;
     if args.watch {
-        let mut tree = TreeView::new(Stream::Stdout);
-        let watched = follow(&client, id, Duration::from_secs(args.timeout), |_, view| {
-            tree.show(view);
-        })
+        let tree = std::cell::RefCell::new(TreeView::new(Stream::Stdout));
+        let watched = follow(
+            &client,
+            id,
+            Duration::from_secs(args.timeout),
+            |_, view| tree.borrow_mut().show(view),
+            |step, text| tree.borrow_mut().partial(step, text),
+        )
         .await?;
+        let tree = tree.into_inner();
         let (Watched::Finished(view) | Watched::TimedOut(view)) = watched;
         tree.finish(&view);
         say!("task {}", view.status.as_str());

@@ -63,14 +63,21 @@ async fn run_task(system: &System, input: Value, timeout: Duration) -> anyhow::R
         .submit(&json!({ "pipeline": "default", "input": input }))
         .await?;
     let id = submitted.task_id.to_string();
-    let mut tree = TreeView::new(Stream::Stdout);
-    let watched = follow(&client, &id, timeout, |before, now| {
-        if before.is_none() {
-            say!("task {id}: pipeline `default`: {}", describe(now));
-        }
-        tree.show(now);
-    })
+    let tree = std::cell::RefCell::new(TreeView::new(Stream::Stdout));
+    let watched = follow(
+        &client,
+        &id,
+        timeout,
+        |before, now| {
+            if before.is_none() {
+                say!("task {id}: pipeline `default`: {}", describe(now));
+            }
+            tree.borrow_mut().show(now);
+        },
+        |step, text| tree.borrow_mut().partial(step, text),
+    )
     .await?;
+    let tree = tree.into_inner();
     let view = match watched {
         Watched::Finished(view) => {
             tree.finish(&view);

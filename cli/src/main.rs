@@ -57,6 +57,16 @@ async fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args).await,
         Command::Submit(args) => commands::submit(args).await,
         Command::Status(args) => commands::status(args).await,
+        Command::Watch(args) => {
+            commands::status(args::StatusArgs {
+                task: args.task,
+                json: false,
+                tree: false,
+                watch: true,
+                timeout: args.timeout,
+            })
+            .await
+        }
         Command::Signal(args) => commands::signal(args).await,
         Command::Result(args) => commands::result(args).await,
         Command::Workers(target) => commands::operator_view(target, "/workers").await,

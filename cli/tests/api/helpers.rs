@@ -47,7 +47,8 @@ pub fn run(mut command: Command, limit: Duration) -> Output {
         let _ = child.kill();
         let _ = child.wait();
         let stderr = text(&err.join().unwrap());
-        panic!("{command:?} did not finish within {limit:?}; stderr:\n{stderr}");
+        let stdout = text(&out.join().unwrap());
+        panic!("{command:?} did not finish within {limit:?}; stdout:\n{stdout}\nstderr:\n{stderr}");
     };
     Output {
         status,

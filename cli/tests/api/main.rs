@@ -9,3 +9,4 @@ mod budget;
 mod client;
 mod demo;
 mod e2e;
+mod watch;
