@@ -483,3 +483,136 @@ async fn progress_from_the_worker_holding_the_step_reaches_the_stream_and_nothin
     assert_eq!(kinds(&rest), ["step.cancelled think", "task.cancelled"]);
     master.stop().await;
 }
+
+/// The resident memory of a process, in bytes (`VmRSS` of `/proc/<pid>/status`).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_holds_a_page_not_the_backlog_and_then_gets_it_all() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PIECES: usize = 2_000;
+    const PIECE_BYTES: usize = 30_000;
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    // The master as a process of its own, so its memory can be read.
+    let port = testkit::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_master"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("REDIS_URL", redis.url())
+        .env("REDIS_KEY_PREFIX", &settings.key_prefix)
+        .env("API_KEYS", format!("alice:{ALICE}"))
+        .env("WORKER_TOKEN", WORKER_TOKEN)
+        .env(
+            "WORKER_HEARTBEAT_MS",
+            testkit::fakes::worker::HEARTBEAT.as_millis().to_string(),
+        )
+        .env("LEASE_MS", "1500")
+        .env("RUST_LOG", "warn");
+    let mut service = testkit::service::Service::child("master", &url, command, None).unwrap();
+    service
+        .wait_ready("/ready", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let pid = service.pid().unwrap();
+    let _worker = TestWorker::start("w-hold", &["plan"], 2, Behavior::Hang, &settings, &url).await;
+    let http = reqwest::Client::new();
+    let id: String = http
+        .post(format!("{url}/task"))
+        .bearer_auth(ALICE)
+        .json(&json!({"steps": [{"id": "think", "capability": "plan"}], "input": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A reader with a small receive buffer that reads the answer's head and then nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    reader
+        .write_all(
+            format!(
+                "GET /task/{id}/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {ALICE}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 256];
+    let n = reader.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    let attempt = loop {
+        let view: Value = http
+            .get(format!("{url}/task/{id}"))
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["steps"][0]["status"] == "dispatched" {
+            break view["steps"][0]["attempts"].as_u64().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let before = rss(pid);
+    // 60 MB of partial output while the reader reads nothing.
+    let piece = "x".repeat(PIECE_BYTES);
+    for _ in 0..PIECES {
+        let r = http
+            .post(format!("{url}/progress"))
+            .bearer_auth(WORKER_TOKEN)
+            .json(
+                &json!({"task_id": id, "step": 0, "attempt": attempt, "worker_id": "w-hold",
+                          "messages": [{"delta": piece}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let grown = rss(pid).saturating_sub(before);
+    assert!(
+        grown < 20 << 20,
+        "the master grew {} MiB for a reader that reads nothing ({} MiB were published)",
+        grown >> 20,
+        (PIECES * PIECE_BYTES) >> 20
+    );
+    // The reader catches up: every piece arrives, then the end.
+    let r = http
+        .delete(format!("{url}/task/{id}"))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), reader.read_to_end(&mut body))
+        .await
+        .expect("the stream ends after the task's final event")
+        .unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(text.matches("event: step.progress").count(), PIECES);
+    assert!(text.contains("event: task.cancelled"));
+    service.stop().await;
+}
