@@ -477,3 +477,70 @@ async fn with_progress_flush_ms_zero_the_streamed_answer_posts_no_progress() {
     worker.stop().await.unwrap();
     real.system.stop().await;
 }
+
+#[tokio::test]
+async fn a_master_streams_the_tokens_as_progress_events_before_the_step_succeeds() {
+    let system = System::builder()
+        .store(Store::OwnRedis(testkit::RedisOptions::default()))
+        .workers(1)
+        .worker_config(|_, worker| {
+            worker.capabilities = vec!["summarize".into()];
+            worker
+                .prompts
+                .insert("summarize".into(), "Summarize: {{input}}".into());
+        })
+        .start()
+        .await
+        .expect("start a master, a gateway and a worker");
+    let http = reqwest::Client::new();
+    let submitted: Value = http
+        .post(format!("{}/task", system.master_url()))
+        .bearer_auth(&system.api_key)
+        .json(&json!({"steps": ["summarize"], "input": "tell me about the sea and the sky"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["task_id"].as_str().expect("a task id");
+    let mut stream = testkit::sse::EventStream::open(
+        http.get(format!("{}/task/{id}/events", system.master_url()))
+            .bearer_auth(&system.api_key),
+    )
+    .await
+    .expect("the task's events");
+    let events: Vec<common::wire::TaskEvent> = stream
+        .rest(WAIT)
+        .await
+        .iter()
+        .map(|m| serde_json::from_str(&m.data).expect("a task event"))
+        .collect();
+
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let succeeded = kinds
+        .iter()
+        .position(|k| *k == "step.succeeded")
+        .unwrap_or_else(|| panic!("{kinds:?}"));
+    let progress: Vec<&common::wire::TaskEvent> = events
+        .iter()
+        .filter(|e| e.kind == "step.progress")
+        .collect();
+    assert!(!progress.is_empty(), "{kinds:?}");
+    assert!(
+        kinds[succeeded..].iter().all(|k| *k != "step.progress"),
+        "every token before the step's success: {kinds:?}"
+    );
+    let joined: String = progress
+        .iter()
+        .flat_map(|e| &e.messages)
+        .map(|m| m["delta"].as_str().expect("a delta"))
+        .collect();
+    let output = events[succeeded]
+        .output
+        .as_ref()
+        .expect("the step's output");
+    assert_eq!(output["text"].as_str(), Some(joined.as_str()));
+    assert_eq!(progress[0].attempt, Some(1));
+    system.stop().await;
+}
