@@ -42,9 +42,10 @@ pub(crate) async fn with_request_id<F: Future>(request_id: String, fut: F) -> F:
 }
 
 /// Where an agent sends *partial output*: messages it has before its final answer (the
-/// `http` agent's stream events before the last). Today they are counted and logged
-/// ([`CountPartials`]); an event stream to clients can implement this trait and be put in
-/// place with [`with_progress`] around the step, without any agent changing.
+/// `llm` agent's tokens as `{"delta": "<text>"}`, the `http` agent's stream events before
+/// the last). The runner puts a [`crate::progress::AttemptProgress`] in place around each
+/// step attempt, which counts them and forwards them to the master's `POST /progress`;
+/// with `PROGRESS_FLUSH_MS=0` (or outside a step) they are only counted ([`CountPartials`]).
 pub trait Progress: Send + Sync {
     /// One partial message of `step`, in the order the agent produced them.
     fn partial(&self, step: &WorkRequest, message: &Value);

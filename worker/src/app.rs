@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::delivery::{Delivery, MasterLink};
 use crate::heartbeat::Heartbeat;
 use crate::inflight::InFlight;
+use crate::progress::ProgressForwarder;
 use crate::runner::Runner;
 
 /// What the HTTP handlers share.
@@ -133,12 +134,17 @@ pub async fn serve_with_agents(
         config.result_delivery_timeout(),
         MasterLink::new(in_flight.clone(), heartbeat.waker()),
     );
-    let runner = Arc::new(Runner::new(
-        worker_id,
-        agents,
-        in_flight.clone(),
-        delivery.clone(),
-    ));
+    let progress = config.progress_flush().map(|flush| {
+        ProgressForwarder::new(
+            &config.master_url,
+            config.worker_token.clone(),
+            flush,
+            worker_id.clone(),
+        )
+    });
+    let runner = Arc::new(
+        Runner::new(worker_id, agents, in_flight.clone(), delivery.clone()).with_progress(progress),
+    );
 
     let state = AppState {
         runner: runner.clone(),

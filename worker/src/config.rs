@@ -115,10 +115,18 @@ pub struct Config {
     pub result_delivery_timeout_ms: u64,
     /// `BODY_LIMIT_BYTES`: largest `/work` body (a step carries every earlier output).
     pub body_limit_bytes: usize,
+    /// `PROGRESS_FLUSH_MS`: how long a step's partial output may wait to be batched before
+    /// it is posted to `{MASTER_URL}/progress`; `0` turns forwarding off (partial output is
+    /// then only counted). Longer batches cost the master fewer writes per token and show
+    /// the tokens later.
+    pub progress_flush_ms: u64,
 }
 
 /// The longest duration setting: one day.
 const MAX_DURATION_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// The longest `PROGRESS_FLUSH_MS`: partial output held longer than this is no longer live.
+const MAX_PROGRESS_FLUSH_MS: u64 = 10_000;
 
 impl Default for Config {
     fn default() -> Self {
@@ -152,6 +160,7 @@ impl Default for Config {
             shutdown_grace_ms: 25_000,
             result_delivery_timeout_ms: 120_000,
             body_limit_bytes: 8 * 1024 * 1024,
+            progress_flush_ms: 50,
         }
     }
 }
@@ -175,6 +184,11 @@ impl Config {
     /// `RESULT_DELIVERY_TIMEOUT_MS` as a duration.
     pub fn result_delivery_timeout(&self) -> Duration {
         Duration::from_millis(self.result_delivery_timeout_ms)
+    }
+
+    /// `PROGRESS_FLUSH_MS` as a duration; `None` when forwarding is off.
+    pub fn progress_flush(&self) -> Option<Duration> {
+        (self.progress_flush_ms > 0).then(|| Duration::from_millis(self.progress_flush_ms))
     }
 
     /// The configured capabilities, checked.
@@ -347,6 +361,7 @@ impl Settings for Config {
             "SHUTDOWN_GRACE_MS",
             "RESULT_DELIVERY_TIMEOUT_MS",
             "BODY_LIMIT_BYTES",
+            "PROGRESS_FLUSH_MS",
         ];
         vars.extend_from_slice(REDIS_ENV_VARS);
         vars
@@ -423,6 +438,12 @@ impl Settings for Config {
             return Err(ConfigError::invalid(
                 "BODY_LIMIT_BYTES",
                 "must be at least 1024",
+            ));
+        }
+        if self.progress_flush_ms > MAX_PROGRESS_FLUSH_MS {
+            return Err(ConfigError::invalid(
+                "PROGRESS_FLUSH_MS",
+                format!("must be at most {MAX_PROGRESS_FLUSH_MS} (0 turns forwarding off)"),
             ));
         }
         if self.llm_model.trim().is_empty() {
@@ -551,6 +572,29 @@ mod tests {
                 jail.set_env(name, MAX_DURATION_MS.to_string());
                 assert!(load("").is_ok(), "{name} of one day");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn progress_flush_ms_defaults_to_50_zero_turns_forwarding_off_and_is_bounded() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AUTH_DISABLED", "true");
+            assert_eq!(
+                load("").unwrap().progress_flush(),
+                Some(Duration::from_millis(50))
+            );
+            jail.set_env("PROGRESS_FLUSH_MS", "0");
+            assert_eq!(load("").unwrap().progress_flush(), None);
+            jail.set_env("PROGRESS_FLUSH_MS", "10001");
+            let err = load("").unwrap_err().to_string();
+            assert!(
+                err.contains("PROGRESS_FLUSH_MS") && err.contains("at most 10000"),
+                "{err}"
+            );
+            jail.set_env("PROGRESS_FLUSH_MS", "20ms");
+            let err = load("").unwrap_err().to_string();
+            assert!(err.contains("PROGRESS_FLUSH_MS"), "{err}");
             Ok(())
         });
     }

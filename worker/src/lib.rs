@@ -14,6 +14,7 @@ pub mod heartbeat;
 pub mod inflight;
 pub mod metadata;
 pub mod metrics;
+pub mod progress;
 mod routes;
 pub mod runner;
 

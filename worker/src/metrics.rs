@@ -34,3 +34,12 @@ pub const AGENT_PARTIALS: &str = "ensemble_worker_agent_partials_total";
 pub const AGENT_UNAVAILABLE: &str = "ensemble_worker_agent_unavailable";
 /// Counter: agent health checks, by `outcome` (`ok`, `failed`).
 pub const AGENT_HEALTH_CHECKS: &str = "ensemble_worker_agent_health_checks_total";
+/// Counter: `POST {MASTER_URL}/progress` batches of partial output, by `outcome`:
+/// `recorded`; `discarded` and `limited` (the master wants no more for that attempt);
+/// `too_large` (`413`), `rejected` (another `4xx`) and `failed` (`5xx`, connection error,
+/// timeout), whose messages are dropped.
+pub const PROGRESS_BATCHES: &str = "ensemble_worker_progress_batches_total";
+/// Counter: partial messages dropped before they were sent, by `reason`: `backlog` (more
+/// than `MAX_PROGRESS_BYTES` waiting while the master was slow), `too_large` (one message
+/// larger than a batch may be), `unsent` (still waiting when the step's report was due).
+pub const PROGRESS_DROPPED: &str = "ensemble_worker_progress_messages_dropped_total";

@@ -16,11 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::agent::{Agent, Agents, with_request_id};
+use crate::agent::{Agent, Agents, Progress, with_progress, with_request_id};
 use crate::delivery::{Delivery, Outcome};
 use crate::error::WorkError;
 use crate::inflight::{Admission, InFlight, InFlightGuard};
 use crate::metrics;
+use crate::progress::{AttemptProgress, ProgressForwarder};
 
 /// What `POST /work` did with an acceptable step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,9 @@ pub struct Runner {
     /// Fired when the drain's grace runs out: running steps and deliveries stop where
     /// they are and are left to lease expiry.
     abort: CancellationToken,
+    /// Where each attempt's partial output goes (`POST {MASTER_URL}/progress`); `None` when
+    /// `PROGRESS_FLUSH_MS=0`, and partial output is only counted.
+    progress: Option<Arc<ProgressForwarder>>,
 }
 
 impl Runner {
@@ -66,7 +70,14 @@ impl Runner {
             delivery,
             tracker: TaskTracker::new(),
             abort: CancellationToken::new(),
+            progress: None,
         }
+    }
+
+    /// The runner, forwarding each attempt's partial output with `forwarder`.
+    pub fn with_progress(mut self, forwarder: Option<ProgressForwarder>) -> Self {
+        self.progress = forwarder.map(Arc::new);
+        self
     }
 
     /// Checks and admits a step, and starts it in the background.
@@ -110,9 +121,14 @@ impl Runner {
             capability = %step.capability,
             request_id = %request_id,
         );
+        let progress = self
+            .progress
+            .as_ref()
+            .map(|forwarder| Arc::new(forwarder.attempt(&step, &request_id)));
         let job = StepJob {
             worker_id: self.worker_id.clone(),
             agent,
+            progress,
             step,
             request_id,
             delivery: self.delivery.clone(),
@@ -148,6 +164,8 @@ impl Runner {
 struct StepJob {
     worker_id: WorkerId,
     agent: Arc<dyn Agent>,
+    /// Forwards the agent's partial output, when forwarding is on.
+    progress: Option<Arc<AttemptProgress>>,
     step: WorkRequest,
     request_id: String,
     delivery: Delivery,
@@ -161,7 +179,7 @@ impl StepJob {
         let capability = self.step.capability.to_string();
         let started = Instant::now();
         let result = tokio::select! {
-            result = execute(&*self.agent, &self.step, &self.request_id) => result,
+            result = execute(&*self.agent, &self.step, &self.request_id, self.progress.clone()) => result,
             () = self.abort.cancelled() => {
                 tracing::warn!("step abandoned at the end of the drain; its lease will lapse");
                 return;
@@ -204,6 +222,11 @@ impl StepJob {
             error,
             duration_ms: Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)),
         };
+        // The last partial output goes before the report, so a client sees the final tokens
+        // before `step.succeeded`; bounded, so a slow master cannot hold the report back.
+        if let Some(progress) = &self.progress {
+            progress.finish().await;
+        }
         let outcome = self
             .delivery
             .deliver(&report, &self.request_id, &self.abort)
@@ -244,15 +267,23 @@ impl StepJob {
     }
 }
 
-/// Runs the agent until the step's deadline; a timeout and a panic become step errors.
+/// Runs the agent until the step's deadline, with `progress` (when forwarding is on) as its
+/// [`crate::current_progress`]; a timeout and a panic become step errors.
 async fn execute(
     agent: &dyn Agent,
     step: &WorkRequest,
     request_id: &str,
+    progress: Option<Arc<AttemptProgress>>,
 ) -> Result<Value, StepError> {
     let budget = Duration::from_millis(step.deadline_ms.saturating_sub(now_ms()));
-    let call = AssertUnwindSafe(with_request_id(request_id.to_string(), agent.handle(step)))
-        .catch_unwind();
+    let handle = with_request_id(request_id.to_string(), agent.handle(step));
+    let call = async move {
+        match progress {
+            Some(progress) => with_progress(progress as Arc<dyn Progress>, handle).await,
+            None => handle.await,
+        }
+    };
+    let call = AssertUnwindSafe(call).catch_unwind();
     match tokio::time::timeout(budget, call).await {
         Ok(Ok(result)) => result,
         Ok(Err(panic)) => {

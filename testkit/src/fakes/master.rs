@@ -1,13 +1,18 @@
 //! A fake master for the worker's tests: `POST /result` is recorded and answered from a
-//! script (by default `200 recorded`, as the master acknowledges a report), `GET /health`
-//! answers, and it can be stopped and restarted on its port, as a master redeploy is seen
-//! from a worker.
+//! script (by default `200 recorded`, as the master acknowledges a report), `POST /progress`
+//! likewise from a script of its own (or left unanswered, as a master that hangs),
+//! `GET /health` answers, and it can be stopped and restarted on its port, as a master
+//! redeploy is seen from a worker.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use common::wire::ResultReport;
+use common::wire::{ResultReport, StepProgress};
 use serde_json::{Value, json};
 
 use super::server::{Fake, Received, wait_for};
@@ -19,39 +24,135 @@ pub struct ReportCall {
     pub status: StatusCode,
 }
 
+/// A `POST /progress` the fake received, and the status it answered (`None`: it held the
+/// request without answering).
+#[derive(Clone, Debug)]
+pub struct ProgressCall {
+    pub progress: Received<StepProgress>,
+    pub status: Option<StatusCode>,
+}
+
+/// How long a hanging `/progress` holds a request before it answers after all.
+const HANG: Duration = Duration::from_secs(60);
+
+/// `/progress`'s own script and record, apart from the reports'.
+#[derive(Default)]
+struct ProgressLog {
+    answers: Mutex<VecDeque<(StatusCode, Value)>>,
+    /// Answer every `/progress` with this once `answers` is empty (else `200 recorded`).
+    always: Mutex<Option<(StatusCode, Value)>>,
+    /// Hold every `/progress` for [`HANG`] before answering.
+    hang: Mutex<bool>,
+    seen: Mutex<Vec<ProgressCall>>,
+}
+
+impl ProgressLog {
+    async fn answer(&self, headers: &axum::http::HeaderMap, body: &[u8]) -> Response {
+        let Ok(progress) = serde_json::from_slice::<StepProgress>(body) else {
+            return StatusCode::UNPROCESSABLE_ENTITY.into_response();
+        };
+        let received = Received::new(headers, progress);
+        if *self.hang.lock().unwrap() {
+            self.seen.lock().unwrap().push(ProgressCall {
+                progress: received,
+                status: None,
+            });
+            tokio::time::sleep(HANG).await;
+            return answer(StatusCode::OK, json!({"status": "recorded"}));
+        }
+        let queued = self.answers.lock().unwrap().pop_front();
+        let (status, body) = queued
+            .or_else(|| self.always.lock().unwrap().clone())
+            .unwrap_or_else(|| (StatusCode::OK, json!({"status": "recorded"})));
+        self.seen.lock().unwrap().push(ProgressCall {
+            progress: received,
+            status: Some(status),
+        });
+        answer(status, body)
+    }
+}
+
 /// The running fake master.
-pub struct FakeMaster(Fake<(StatusCode, Value), ReportCall>);
+pub struct FakeMaster(Fake<(StatusCode, Value), ReportCall>, Arc<ProgressLog>);
 
 impl FakeMaster {
     pub async fn start() -> Self {
+        let progress = Arc::new(ProgressLog::default());
+        let log = progress.clone();
         Self(
             Fake::serve(
                 0,
                 "",
-                |script, method, uri: Uri, headers, body: Bytes| async move {
-                    match (method, uri.path()) {
-                        // What a degraded worker probes to learn that the master is back.
-                        (Method::GET, "/health") => Json(json!({"status": "ok"})).into_response(),
-                        (Method::POST, "/result") => {
-                            let Ok(report) = serde_json::from_slice::<ResultReport>(&body) else {
-                                return StatusCode::UNPROCESSABLE_ENTITY.into_response();
-                            };
-                            let (status, body) = script
-                                .next()
-                                .unwrap_or_else(|| (StatusCode::OK, json!({"status": "recorded"})));
-                            script.record(ReportCall {
-                                report: Received::new(&headers, report),
-                                status,
-                            });
-                            answer(status, body)
+                move |script, method, uri: Uri, headers, body: Bytes| {
+                    let progress = log.clone();
+                    async move {
+                        match (method, uri.path()) {
+                            (Method::POST, "/progress") => progress.answer(&headers, &body).await,
+                            // What a degraded worker probes to learn that the master is back.
+                            (Method::GET, "/health") => {
+                                Json(json!({"status": "ok"})).into_response()
+                            }
+                            (Method::POST, "/result") => {
+                                let Ok(report) = serde_json::from_slice::<ResultReport>(&body)
+                                else {
+                                    return StatusCode::UNPROCESSABLE_ENTITY.into_response();
+                                };
+                                let (status, body) = script.next().unwrap_or_else(|| {
+                                    (StatusCode::OK, json!({"status": "recorded"}))
+                                });
+                                script.record(ReportCall {
+                                    report: Received::new(&headers, report),
+                                    status,
+                                });
+                                answer(status, body)
+                            }
+                            _ => StatusCode::NOT_FOUND.into_response(),
                         }
-                        _ => StatusCode::NOT_FOUND.into_response(),
                     }
                 },
             )
             .await
             .expect("bind a free loopback port"),
+            progress,
         )
+    }
+
+    /// Answers the next `/progress` posts with these statuses and bodies, then
+    /// [`Self::always_progress`]'s answer (by default `200 recorded`).
+    pub fn script_progress(&self, answers: impl IntoIterator<Item = (StatusCode, Value)>) {
+        self.1.answers.lock().unwrap().extend(answers);
+    }
+
+    /// Answers every `/progress` post with this once the script is empty.
+    pub fn always_progress(&self, status: StatusCode, body: Value) {
+        *self.1.always.lock().unwrap() = Some((status, body));
+    }
+
+    /// Holds every `/progress` post (a minute) before answering: a master that hangs.
+    pub fn hang_progress(&self) {
+        *self.1.hang.lock().unwrap() = true;
+    }
+
+    /// Every `/progress` post so far, in the order they came.
+    pub fn progress(&self) -> Vec<ProgressCall> {
+        self.1.seen.lock().unwrap().clone()
+    }
+
+    /// How many `/progress` posts have come so far, for an agent under test that paces
+    /// its partial output by what the master has seen.
+    pub fn progress_counter(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let log = self.1.clone();
+        move || log.seen.lock().unwrap().len()
+    }
+
+    /// Waits for `n` `/progress` posts.
+    pub async fn wait_for_progress(&self, n: usize) -> Vec<ProgressCall> {
+        wait_for(
+            n,
+            || self.progress(),
+            |seen| format!("progress posts, got {seen:?}"),
+        )
+        .await
     }
 
     pub fn url(&self) -> String {

@@ -4,7 +4,8 @@
 //!
 //! - [`worker`]: a worker following the protocol (registry heartbeat, `POST /work`,
 //!   `POST {master}/result`) whose behaviour per capability is scripted.
-//! - [`master`]: `POST /result` recorded and answered from a script; stops and restarts.
+//! - [`master`]: `POST /result` and `POST /progress` recorded and answered from scripts;
+//!   stops and restarts.
 //! - [`gateway`]: an llm-gateway's chat completions, recorded and scripted.
 //! - [`gemini`], [`bedrock`]: the providers' wire formats, checked as they check them.
 //!

@@ -1,5 +1,12 @@
 //! The `llm` agent: renders the capability's prompt template with the step and sends it to
-//! the llm-gateway's OpenAI-compatible `POST /v1/chat/completions`.
+//! the llm-gateway's OpenAI-compatible `POST /v1/chat/completions`, streamed
+//! (`chat.completion.chunk` events ending in `data: [DONE]`): each piece of the answer goes
+//! on as partial output, `{"delta": "<text>"}`, as it arrives (see `crate::progress`), and
+//! the output is built from the whole answer once the stream is done.
+//!
+//! Errors: an answer other than `2xx` is sorted as [`handle_gateway_error`] says; an error
+//! event in the stream (the gateway's upstream failed after the answer began) by its
+//! OpenAI `type` and `code` alike; a stream that breaks off before `[DONE]` is retryable.
 //!
 //! Output: `{"text", "model", "usage"}`, except when the model's answer is a JSON object
 //! (after trimming, and without a surrounding Markdown code fence such as a model may add,
@@ -17,13 +24,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::config::Secret;
+use common::sse::SseReader;
 use common::wire::{StepError, WorkRequest};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::prompt;
-use crate::agent::{Agent, current_request_id};
+use crate::agent::{Agent, Progress, current_progress, current_request_id};
 use crate::config::Config;
 
 /// What the `llm` agent needs to know.
@@ -55,6 +63,10 @@ pub struct LlmAgent {
 
 /// An upper bound per gateway call; the step's deadline normally ends it sooner.
 const GATEWAY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The largest one event of the gateway's stream may be: a chunk carries one piece of the
+/// answer, so this is far above any real one.
+const MAX_CHUNK_BYTES: usize = 1024 * 1024;
 
 impl LlmAgent {
     /// An agent with these settings; fails if a configured template does not parse.
@@ -122,7 +134,10 @@ impl Agent for LlmAgent {
             temperature: self.settings.temperature,
             max_tokens: self.settings.max_tokens,
             response_format: self.response_format(step.capability.as_str()),
-            stream: false,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
         };
         let body = serde_json::to_vec(&body)
             .map_err(|e| StepError::permanent("template", format!("unencodable request: {e}")))?;
@@ -147,7 +162,7 @@ impl Agent for LlmAgent {
         if let Some(id) = current_request_id() {
             request = request.header(&common::telemetry::REQUEST_ID, id);
         }
-        let response = request.send().await.map_err(|e| {
+        let mut response = request.send().await.map_err(|e| {
             StepError::retryable(
                 "upstream",
                 format!("llm-gateway unreachable: {}", without_url(e)),
@@ -158,25 +173,114 @@ impl Agent for LlmAgent {
             let text = response.text().await.unwrap_or_default();
             return Err(handle_gateway_error(status, &text));
         }
-        let reply: ChatResponse = response.json().await.map_err(|e| {
-            StepError::retryable(
-                "upstream",
-                format!(
-                    "llm-gateway sent an unreadable completion: {}",
-                    without_url(e)
-                ),
-            )
-        })?;
-        let text = reply
-            .choices
-            .into_iter()
-            .next()
-            .ok_or_else(|| StepError::retryable("upstream", "llm-gateway sent no choices"))?
-            .message
-            .content
-            .unwrap_or_default();
-        Ok(output_of(text, reply.model, reply.usage))
+        let streamed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !streamed {
+            return Err(unreadable("its answer is not an event stream"));
+        }
+        let mut answer = Answer::new(step, current_progress());
+        let mut reader = SseReader::new(MAX_CHUNK_BYTES);
+        // One turn per piece of body; the stream ends it (`[DONE]`, an error, or the
+        // connection), and the step's deadline bounds it.
+        loop {
+            let bytes = match response.chunk().await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return Err(broken_off("it ended before `data: [DONE]`")),
+                Err(e) => return Err(broken_off(&without_url(e))),
+            };
+            let events = reader
+                .push(&bytes)
+                .map_err(|e| unreadable(&e.to_string()))?;
+            for event in events {
+                if answer.read(&event.data)? == Read::Done {
+                    return Ok(answer.output());
+                }
+            }
+        }
     }
+}
+
+/// A streamed answer as it arrives.
+struct Answer<'a> {
+    step: &'a WorkRequest,
+    /// Told of each piece of text.
+    progress: std::sync::Arc<dyn Progress>,
+    text: String,
+    /// The model alias, from the chunks.
+    model: String,
+    /// The last chunk's `usage`.
+    usage: Option<Value>,
+}
+
+/// Whether the stream is done.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    More,
+    Done,
+}
+
+impl<'a> Answer<'a> {
+    fn new(step: &'a WorkRequest, progress: std::sync::Arc<dyn Progress>) -> Self {
+        Self {
+            step,
+            progress,
+            text: String::new(),
+            model: String::new(),
+            usage: None,
+        }
+    }
+
+    /// Takes one event's data: a chunk, an error, or `[DONE]`.
+    fn read(&mut self, data: &str) -> Result<Read, StepError> {
+        if data.trim() == "[DONE]" {
+            return Ok(Read::Done);
+        }
+        let value: Value = serde_json::from_str(data)
+            .map_err(|e| unreadable(&format!("an event is not JSON: {e}")))?;
+        if value.get("error").is_some() {
+            return Err(match serde_json::from_value::<ErrorBody>(value) {
+                Ok(body) => handle_stream_error(body.error),
+                Err(e) => unreadable(&format!("an error event is malformed: {e}")),
+            });
+        }
+        let chunk: Chunk = serde_json::from_value(value)
+            .map_err(|e| unreadable(&format!("a chunk is malformed: {e}")))?;
+        if self.model.is_empty()
+            && let Some(model) = chunk.model
+        {
+            self.model = model;
+        }
+        if let Some(usage) = chunk.usage.filter(|u| !u.is_null()) {
+            self.usage = Some(usage);
+        }
+        for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
+            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                self.progress.partial(self.step, &json!({ "delta": text }));
+                self.text.push_str(&text);
+            }
+        }
+        Ok(Read::More)
+    }
+
+    fn output(self) -> Value {
+        output_of(self.text, self.model, self.usage)
+    }
+}
+
+/// The gateway's stream could not be read: retryable, as an unreadable answer was.
+fn unreadable(why: &str) -> StepError {
+    StepError::retryable(
+        "upstream",
+        format!("llm-gateway sent an unreadable stream: {why}"),
+    )
+}
+
+/// The stream stopped before the answer was whole: another attempt may get all of it.
+fn broken_off(why: &str) -> StepError {
+    StepError::retryable("upstream", format!("llm-gateway's stream broke off: {why}"))
 }
 
 /// A step's output from the model's answer: the answer itself when it is a JSON object
@@ -257,6 +361,27 @@ fn handle_gateway_error(status: StatusCode, body: &str) -> StepError {
     }
 }
 
+/// Sorts an error event in the stream (the gateway's upstream failed after the answer had
+/// begun, so it could no longer fall back) as [`handle_gateway_error`] sorts a status: the
+/// event has no status, but its OpenAI `type` says which one it stands for.
+fn handle_stream_error(error: ErrorDetail) -> StepError {
+    let message = format!("llm-gateway's stream failed: {}", error.message);
+    if error.code.as_deref() == Some("budget_exceeded") {
+        return StepError::permanent("budget_exceeded", message);
+    }
+    match error.kind.as_deref() {
+        // 400, 401, 403, 404: the same request would fail again.
+        Some(
+            "invalid_request_error"
+            | "authentication_error"
+            | "permission_error"
+            | "not_found_error",
+        ) => StepError::permanent("upstream", message),
+        // `rate_limit_error` (429), `api_error` (5xx), anything else.
+        _ => StepError::retryable("upstream", message),
+    }
+}
+
 /// reqwest's errors include the URL; the gateway's URL is configuration, not a secret,
 /// but it is noise in a step's error.
 fn without_url(e: reqwest::Error) -> String {
@@ -274,6 +399,13 @@ struct ChatRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<Value>,
     stream: bool,
+    stream_options: StreamOptions,
+}
+
+/// OpenAI sends `usage` on a stream's last chunk only when asked; the gateway always does.
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
 }
 
 #[derive(Serialize)]
@@ -282,23 +414,28 @@ struct Message<'a> {
     content: &'a str,
 }
 
+/// One `chat.completion.chunk`.
 #[derive(Deserialize)]
-struct ChatResponse {
+struct Chunk {
     #[serde(default)]
-    model: String,
+    model: Option<String>,
     #[serde(default)]
-    choices: Vec<Choice>,
+    choices: Vec<ChunkChoice>,
+    /// On the last chunk.
     #[serde(default)]
     usage: Option<Value>,
 }
 
 #[derive(Deserialize)]
-struct Choice {
-    message: ReplyMessage,
+struct ChunkChoice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    delta: ChunkDelta,
 }
 
-#[derive(Deserialize)]
-struct ReplyMessage {
+#[derive(Default, Deserialize)]
+struct ChunkDelta {
     #[serde(default)]
     content: Option<String>,
 }
@@ -312,6 +449,9 @@ struct ErrorBody {
 #[derive(Deserialize)]
 struct ErrorDetail {
     message: String,
+    /// `invalid_request_error`, `rate_limit_error`, `api_error`, …
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
     /// `budget_exceeded`, `idempotency_in_progress`, …
     #[serde(default)]
     code: Option<String>,

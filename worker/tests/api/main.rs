@@ -10,4 +10,5 @@ mod helpers;
 mod http_agent;
 mod llm;
 mod metadata;
+mod progress;
 mod work;
