@@ -11,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use common::http::{ErrorBody, ErrorDetail};
 use common::wire::{
     AckStatus, Capability, PriorOutput, ReportStatus, ResultAck, ResultReport, StepContext,
-    StepError, StepRef, StepStatus, TaskId, WorkAccepted, WorkRequest, WorkerId, WorkerRecord,
+    StepError, StepProgress, StepRef, StepStatus, TaskId, WorkAccepted, WorkRequest, WorkerId,
+    WorkerRecord,
 };
 use schemars::generate::{SchemaGenerator, SchemaSettings};
 use schemars::{JsonSchema, Schema};
@@ -58,6 +59,7 @@ fn entries() -> Vec<Entry> {
         entry::<ResultReport>("ResultReport"),
         entry::<ReportStatus>("ReportStatus"),
         entry::<StepError>("StepError"),
+        entry::<StepProgress>("StepProgress"),
         entry::<ResultAck>("ResultAck"),
         entry::<AckStatus>("AckStatus"),
         entry::<ErrorBody>("ErrorBody"),

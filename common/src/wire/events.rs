@@ -125,6 +125,6 @@ pub struct StepProgress {
     /// The worker holding it.
     pub worker_id: WorkerId,
     /// The partial messages, oldest first (at least one; at most
-    /// [`MAX_PROGRESS_BYTES`] as JSON text).
+    /// 64 KiB as JSON text: `MAX_PROGRESS_BYTES`).
     pub messages: Vec<Value>,
 }
