@@ -16,6 +16,9 @@ use crate::auth::{Caller, Client};
 use crate::limits::Concurrency;
 use crate::tasks::{self, Tasks};
 
+/// `GET /task/{id}/events` (in `events.rs` with the other event streams).
+pub(super) use super::events::task_events as events;
+
 /// `POST /task`.
 pub(super) async fn submit(
     State(tasks): State<Arc<Tasks>>,

@@ -12,6 +12,9 @@ use serde_json::json;
 use crate::auth::Operator;
 use crate::tasks::{Tasks, WorkerList};
 
+/// `GET /events` (in `events.rs` with the other event streams).
+pub(super) use super::events::all_events as events;
+
 /// `POST /dispatch`: redrive one failed task, or the dead letters of a capability.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

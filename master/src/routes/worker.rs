@@ -1,4 +1,4 @@
-//! The worker route: `POST /result`.
+//! The worker routes: `POST /result`, and `POST /progress` (in `events.rs`).
 
 use std::sync::Arc;
 
@@ -9,6 +9,9 @@ use common::wire::{AckStatus, ResultAck, ResultReport};
 
 use crate::auth::Worker;
 use crate::tasks::Tasks;
+
+/// `POST /progress` (in `events.rs` with the event streams it feeds).
+pub(super) use super::events::progress;
 
 /// `POST /result`: always `200` for a well-formed report from a worker; `status` says
 /// whether it was recorded or discarded as stale.

@@ -171,8 +171,12 @@ pub(crate) fn range_start(after: Option<&EventCursor>) -> String {
 /// Entries to read for `limit` transitions after `after`: one more with a cursor, whose
 /// own entry comes first (inclusive start) and may hold nothing after it.
 pub(crate) fn range_count(after: Option<&EventCursor>, limit: usize) -> usize {
-    limit.max(1).saturating_add(usize::from(after.is_some()))
+    limit.clamp(1, MAX_PAGE) + usize::from(after.is_some())
 }
+
+/// Most transitions one read returns, whatever the caller asks: a read is one command
+/// with one argument per entry.
+pub const MAX_PAGE: usize = 1_000;
 
 /// How long one blocking read of the operators' stream waits before it reads the set of
 /// waiters again.

@@ -2152,10 +2152,15 @@ both_stores!(events {
 
 /// Every event of a task, read in pages of one transition to show that paging loses none.
 async fn all_events(s: &dyn TaskStore, id: &TaskId) -> Vec<common::wire::TaskEvent> {
+    paged_events(s, id, 1).await
+}
+
+/// Every event of a task, read in pages of `page` transitions.
+async fn paged_events(s: &dyn TaskStore, id: &TaskId, page: usize) -> Vec<common::wire::TaskEvent> {
     let mut out: Vec<common::wire::TaskEvent> = Vec::new();
     loop {
         let after = out.last().map(|e| e.id.parse().unwrap());
-        let page = s.events(id, after.as_ref(), 1).await.unwrap();
+        let page = s.events(id, after.as_ref(), page).await.unwrap();
         if page.is_empty() {
             return out;
         }
@@ -2399,7 +2404,14 @@ async fn progress_is_fenced_by_attempt_and_worker_and_bounded(store: Arc<dyn Tas
     );
     // Orchestration events still go in, and the task finishes.
     report(s, done(&w, json!("fine"))).await;
-    let last = s.events(&id, None, 100_000).await.unwrap();
+    // A read returns at most MAX_PAGE transitions, however many are asked for.
+    let first = s.events(&id, None, usize::MAX).await.unwrap();
+    assert_eq!(
+        first.len(),
+        master::store::events::MAX_PAGE + 1,
+        "the submit's two events and 999 more"
+    );
+    let last = paged_events(s, &id, usize::MAX).await;
     assert_eq!(last.last().unwrap().kind, "task.succeeded");
     assert_eq!(
         s.progress(&progress_of(&w, "w1", w.attempt, "t"))
@@ -2460,4 +2472,58 @@ async fn waits_and_signals_are_events(store: Arc<dyn TaskStore>) {
         ])
     );
     assert_eq!(events[0].output, Some(json!({"ok": true})));
+}
+
+/// A reader waiting on a task's events is woken by the task's next transition, well before
+/// its wait or the fallback poll would end it: in memory by the store itself, on Redis by
+/// the transition's announcement (once the first wait marked the task followed).
+async fn a_waiting_reader_is_woken_by_the_next_transition(store: Arc<dyn TaskStore>) {
+    let s = store.clone();
+    let id = submit(s.as_ref(), task(&["plan"], 0, 1)).await;
+    let events = s.events(&id, None, 100).await.unwrap();
+    let cursor: master::store::events::EventCursor = events.last().unwrap().id.parse().unwrap();
+    // The first wait may only mark the task followed and return, and the next one may be
+    // woken by the wake-up subscription starting (it wakes every reader when it connects,
+    // in case it missed something); from then on, waits last until something happens.
+    for _ in 0..2 {
+        s.wait_events(Some(&id), Some(&cursor), Duration::from_millis(300))
+            .await;
+    }
+    let waiter = {
+        let (s, id) = (s.clone(), id.clone());
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            s.wait_events(Some(&id), Some(&cursor), Duration::from_secs(30))
+                .await;
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "nothing happened yet: the reader still waits"
+    );
+    claim_one(s.as_ref(), "plan").await;
+    let waited = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the reader was woken")
+        .unwrap();
+    assert!(
+        waited < Duration::from_millis(300 + 1_500),
+        "woken by the transition, not a poll: {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_reader_is_woken_by_the_next_transition_in_memory() {
+    a_waiting_reader_is_woken_by_the_next_transition(Arc::new(master::store::MemoryStore::new()))
+        .await;
+}
+
+#[tokio::test]
+async fn a_waiting_reader_is_woken_by_the_next_transition_on_redis() {
+    let server = RedisServer::start();
+    let settings = server.settings();
+    let store = RedisStore::new(RedisPool::new(&settings).unwrap()).with_event_tail(settings);
+    a_waiting_reader_is_woken_by_the_next_transition(Arc::new(store)).await;
 }
