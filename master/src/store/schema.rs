@@ -88,6 +88,12 @@ pub mod keys {
         format!("{prefix}:evlog")
     }
 
+    /// Set (with an expiry) while a master serves the operators' stream: transitions add
+    /// to [`firehose`] only then (the key is passed to their scripts as their last key).
+    pub fn firehose_watched(prefix: &str) -> String {
+        format!("{prefix}:evlog:watched")
+    }
+
     /// What a transition of a followed task publishes on the events channel.
     pub fn announcement(task: &str) -> String {
         format!("{ANNOUNCEMENT_PREFIX}{task}")
@@ -357,7 +363,7 @@ pub(super) fn lua_prelude(guarded: bool) -> String {
 type Builder = fn(&[String]) -> String;
 
 /// The key (and field) builders the scripts use, with their Lua names and parameters.
-fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 17] {
+fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 16] {
     [
         ("task_key", &["prefix", "id"], |a| keys::task(&a[0], &a[1])),
         ("queue_key", &["prefix", "cap"], |a| {
@@ -376,7 +382,6 @@ fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 17] {
             common::registry::keys::events(&a[0])
         }),
         ("timers_key", &["prefix"], |a| keys::timers(&a[0])),
-        ("firehose_key", &["prefix"], |a| keys::firehose(&a[0])),
         ("announcement", &["id"], |a| keys::announcement(&a[0])),
         ("usage_key", &["prefix", "id"], |a| {
             keys::usage(&a[0], &a[1])

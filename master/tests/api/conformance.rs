@@ -2183,6 +2183,8 @@ fn k(list: &[(&str, Option<&str>)]) -> Vec<(String, Option<String>)> {
 
 async fn a_chains_events_tell_its_whole_story_in_order(store: Arc<dyn TaskStore>) {
     let s = store.as_ref();
+    // An operator follows every task's events: the operators' stream records from now on.
+    assert_eq!(s.latest_event().await.unwrap(), None);
     let id = submit(s, task(&["plan", "finalize"], 0, 1)).await;
     let w = claim_one(s, "plan").await;
     report(s, done(&w, json!({"plan": 1}))).await;

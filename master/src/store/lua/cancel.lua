@@ -1,12 +1,12 @@
 -- Cancels a task: every queued, running or waiting step (all branches) is taken out of its
 -- queue, lease and timer and marked cancelled, and the task's completion callback (if it
 -- has a callback URL) goes in the outbox.
--- KEYS[1] task hash
+-- KEYS[1] task hash   KEYS[2] the operators' event stream, while it records
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] retention ms   ARGV[4] the step error JSON
 -- Returns {'outcome', 'cancelled'} | {'outcome', 'finished', 'status', status}
 --       | {'outcome', 'missing'}
 local now = now_ms()
-g_begin(ARGV[1], ARGV[2], KEYS[1], now)
+g_begin(ARGV[1], ARGV[2], KEYS[1], now, KEYS[2])
 g_legacy()
 local v = g_read({F.status, F.step_count, F.callback_url, F.budget_tokens, F.budget_cost_nanos,
   F.event_count, F.watched_until})

@@ -3,6 +3,7 @@
 -- whose last attempt was lost on a worker (lease lapsed, dispatch refused) goes to another
 -- worker of the batch when there is one.
 -- KEYS[1] the capability's queue   KEYS[2] its lease set   KEYS[3] worker load hash
+-- KEYS[4] the operators' event stream, while it records (lib.lua: ev_announce)
 -- ARGV[1] prefix   ARGV[2] lease ms   ARGV[3 ..] worker ids, one per step wanted
 -- Returns one row per claimed step:
 --   {'task_id', id, 'step', n, 'attempt', n, 'worker', id, 'timeout_ms', ms,
@@ -70,7 +71,7 @@ while #claimed < #pool do
       local n = ev_fields(update, v[16], events, now)
       redis.call('HSET', tkey, unpack(update))
       ev_trim(tkey, n)
-      ev_announce(ARGV[1], id, events, v[17], now, true)
+      ev_announce(ARGV[1], id, events, v[17], now, KEYS[4])
       redis.call('ZADD', KEYS[2], lease_until, m)
       redis.call('HINCRBY', KEYS[3], worker, 1)
       local row = {'task_id', id, 'step', step, 'attempt', attempt, 'worker', worker,

@@ -8,10 +8,12 @@ local G = {}
 -- Most values given to one command: Lua's unpack stops at a few thousand.
 local CHUNK = 1000
 
--- Starts a transition on task `id` (hash `key`) at `now` (ms).
-local function g_begin(prefix, id, key, now)
+-- Starts a transition on task `id` (hash `key`) at `now` (ms). `firehose`: the operators'
+-- stream's key when it records (lib.lua: ev_announce), else nil.
+local function g_begin(prefix, id, key, now, firehose)
   G = {prefix = prefix, id = id, key = key, now = now, cache = {}, writes = {}, order = {},
-    dels = {}, queued = {}, queued_list = {}, failed = nil, succeeded = false}
+    dels = {}, queued = {}, queued_list = {}, failed = nil, succeeded = false,
+    firehose = firehose}
 end
 
 -- Values of `fields` (a list of names), missing ones as nil; what is not cached yet is
@@ -125,7 +127,7 @@ local function g_events()
   g_set(event_field(n), ev_entry(list, G.now))
   g_set(F.event_count, tostring(n))
   if n > MAX_TASK_EVENTS then g_del(event_field(n - MAX_TASK_EVENTS)) end
-  ev_announce(G.prefix, G.id, list, known[2], G.now, true)
+  ev_announce(G.prefix, G.id, list, known[2], G.now, G.firehose)
 end
 
 -- Writes what the transition changed, and its events.

@@ -72,12 +72,13 @@ end
 local function ev_trim(key, n)
   if n > MAX_TASK_EVENTS then redis.call('HDEL', key, event_field(n - MAX_TASK_EVENTS)) end
 end
--- Hands a transition's events on: to the operators' stream (unless `firehose` is false),
--- and a wake-up on the events channel while someone follows the task (`watched`: until
--- when, from F.watched_until).
+-- Hands a transition's events on: to the operators' stream `firehose` (its key, given to
+-- the script as its last key only while someone follows that stream; nil otherwise), and
+-- a wake-up on the events channel while someone follows the task (`watched`: until when,
+-- from F.watched_until).
 local function ev_announce(prefix, id, list, watched, now, firehose)
   if firehose then
-    redis.call('XADD', firehose_key(prefix), 'MAXLEN', '~', FIREHOSE_EVENTS, '*',
+    redis.call('XADD', firehose, 'MAXLEN', '~', FIREHOSE_EVENTS, '*',
       FIREHOSE_TASK, id, FIREHOSE_FIELD, '[' .. table.concat(list, ',') .. ']')
   end
   if watched and tonumber(watched) and tonumber(watched) > now then

@@ -22,5 +22,5 @@ local count = ev_fields(update, v[7], events, now)
 redis.call('HSET', KEYS[1], unpack(update))
 ev_trim(KEYS[1], count)
 -- Partial output stays out of the operators' stream; watchers are woken.
-ev_announce(ARGV[1], ARGV[2], events, v[8], now, false)
+ev_announce(ARGV[1], ARGV[2], events, v[8], now, nil)
 return {'outcome', 'recorded'}

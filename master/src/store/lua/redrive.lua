@@ -1,13 +1,13 @@
 -- Re-runs a failed task from its failed and stopped steps (docs/workflows.md, rule 10):
 -- attempts reset, steps that succeeded keep their outputs; out of the dead-letter set (and
 -- its callback out of the outbox: the next finish queues a fresh one).
--- KEYS[1] task hash
+-- KEYS[1] task hash   KEYS[2] the operators' event stream, while it records
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] retention ms (if a step it re-runs finishes the
 -- task at once)
 -- Returns {'outcome', 'redriven'[, 'queued', caps]}
 --       | {'outcome', 'not_failed', 'status', status} | {'outcome', 'missing'}
 local now = now_ms()
-g_begin(ARGV[1], ARGV[2], KEYS[1], now)
+g_begin(ARGV[1], ARGV[2], KEYS[1], now, KEYS[2])
 g_legacy()
 local v = g_read({F.status, F.step_count, F.started_at, F.budget_tokens, F.budget_cost_nanos,
   F.event_count, F.watched_until})

@@ -4,7 +4,7 @@
 -- ARGV[6] are free and the next one is not: the step is left dispatched, the count starts
 -- again, and the caller spends the attempt by reporting a failure (so a step no worker can
 -- take cannot loop). S.free_failures counts the free ones.
--- KEYS[1] task hash
+-- KEYS[1] task hash   KEYS[2] the operators' event stream, while it records
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] step   ARGV[4] attempt
 -- ARGV[5] 'capacity' | 'failure'   ARGV[6] free failed dispatches before one spends an attempt
 -- Returns {'outcome', 'released' | 'stale' (the attempt is not current)
@@ -37,6 +37,6 @@ local update = {k.status, 'queued', k.tries, tostring(tries), k.free_failures,
 local n = ev_fields(update, v[11], events, now)
 redis.call('HSET', KEYS[1], unpack(update))
 ev_trim(KEYS[1], n)
-ev_announce(ARGV[1], ARGV[2], events, v[12], now, true)
+ev_announce(ARGV[1], ARGV[2], events, v[12], now, KEYS[2])
 redis.call('ZADD', queue_key(ARGV[1], v[4]), score(v[7], v[8]), m)
 return {'outcome', 'released'}

@@ -6,7 +6,7 @@
 -- dies next. The reply is remembered with the step, so a repeat of the report that was
 -- recorded (its first reply was lost) gets the same reply again, marked `replayed`, instead
 -- of `discarded` (S.report_key who reported what, S.report_reply the reply).
--- KEYS[1] task hash
+-- KEYS[1] task hash   KEYS[2] the operators' event stream, while it records
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] step   ARGV[4] attempt
 -- ARGV[5] 'succeeded' | 'failed'   ARGV[6] output JSON, or error JSON when failed
 -- ARGV[7] '1' when the error is retryable   ARGV[8] retry base ms   ARGV[9] retry max ms
@@ -24,7 +24,7 @@
 local now = now_ms()
 local prefix, id, step = ARGV[1], ARGV[2], ARGV[3]
 local slot = tonumber(step)
-g_begin(prefix, id, KEYS[1], now)
+g_begin(prefix, id, KEYS[1], now, KEYS[2])
 local v = g_read({F.status, at(slot, 'status'), at(slot, 'attempt'), at(slot, 'capability'),
   at(slot, 'worker'), at(slot, 'dispatched_at'), at(slot, 'tries'), at(slot, 'max_attempts'),
   F.open, F.priority, F.callback_url, at(slot, 'report_key'), at(slot, 'report_reply'),

@@ -1,14 +1,14 @@
 -- Delivers a signal to the task's wait step that listens for it (docs/workflows.md,
 -- rule 12): a waiting step succeeds with the payload and the task goes on; a step not
 -- reached yet gets the payload when it is.
--- KEYS[1] task hash
+-- KEYS[1] task hash   KEYS[2] the operators' event stream, while it records
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] signal name   ARGV[4] payload JSON
 -- ARGV[5] retention ms
 -- Returns {'outcome', 'delivered'[, 'queued', caps][, 'status', s, 'callback', c, ...]}
 --       | {'outcome', 'buffered'} | {'outcome', 'unknown'} | {'outcome', 'already'}
 --       | {'outcome', 'finished', 'status', s} | {'outcome', 'missing'}
 local now = now_ms()
-g_begin(ARGV[1], ARGV[2], KEYS[1], now)
+g_begin(ARGV[1], ARGV[2], KEYS[1], now, KEYS[2])
 g_legacy()
 local name = ARGV[3]
 local v = g_read({F.status, signal_field(name), buffered_field(name), F.budget_tokens,

@@ -2,6 +2,7 @@
 -- that need nothing made ready (graph.lua: queued, waiting, or a map expanded).
 -- KEYS[1] task hash              KEYS[2] idempotency key (used when ARGV[6] == '1')
 -- KEYS[3] rate-limit key         KEYS[4] set of capabilities seen in inline steps
+-- KEYS[5] the operators' event stream, while it records (lib.lua: ev_announce)
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] rate per second (0 = no limit)   ARGV[4] burst
 -- ARGV[5] retention ms   ARGV[6] '1' with an idempotency key   ARGV[7] priority (unused:
 -- the hash's F.priority is read)
@@ -39,7 +40,7 @@ if k > 0 then
   redis.call('SADD', KEYS[4], unpack(caps))
 end
 local r = tonumber(ARGV[9 + k])
-g_begin(ARGV[1], ARGV[2], KEYS[1], now)
+g_begin(ARGV[1], ARGV[2], KEYS[1], now, KEYS[5])
 G.complete = true
 -- The hash as given is written with the transition's one HSET, and read from the cache.
 g_set(F.status, 'queued')

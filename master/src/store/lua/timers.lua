@@ -2,7 +2,7 @@
 -- sleep succeeds with null; a wait times out (fails for good, or succeeds with
 -- {"timed_out": true}). A timer whose step no longer waits (signalled, cancelled) or whose
 -- task is gone is dropped.
--- KEYS[1] the timers set
+-- KEYS[1] the timers set   KEYS[2] the operators' event stream, while it records
 -- ARGV[1] prefix   ARGV[2] most timers to fire   ARGV[3] retention ms
 -- Returns one row per timer that fired:
 --   {'task_id', id, 'step', n[, 'queued', caps][, 'status', s, 'callback', c, ...]}
@@ -14,7 +14,7 @@ for _, m in ipairs(due) do
   redis.call('ZREM', KEYS[1], m)
   local id, step = split_member(m)
   local slot = tonumber(step)
-  g_begin(ARGV[1], id, task_key(ARGV[1], id), now)
+  g_begin(ARGV[1], id, task_key(ARGV[1], id), now, KEYS[2])
   local v = g_read({F.status, at(slot, 'status'), at(slot, 'kind'), at(slot, 'on_timeout'),
     at(slot, 'signal'), at(slot, 'wait_ms'), F.budget_tokens, F.budget_cost_nanos,
     F.event_count, F.watched_until})
