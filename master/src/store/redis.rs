@@ -978,6 +978,9 @@ fn submit_fields(task: &NewTask) -> SubmitFields {
     if let Some(url) = &task.callback_url {
         fields.push((task_field::CALLBACK_URL.into(), url.clone()));
     }
+    if let Some(traceparent) = &task.traceparent {
+        fields.push((task_field::TRACEPARENT.into(), traceparent.clone()));
+    }
     if let Some(budget) = &task.budget {
         if let Some(tokens) = budget.max_tokens {
             fields.push((task_field::BUDGET_TOKENS.into(), tokens.to_string()));
@@ -1197,6 +1200,7 @@ mod tests {
             callback_url: None,
             request_id: "r".into(),
             budget: None,
+            traceparent: None,
         };
         let limit = RateLimit {
             per_sec: 0.0,
@@ -1269,10 +1273,12 @@ mod tests {
     /// replies by name must not add any. Of those, the task's events cost 3: its own are
     /// fields of the hash each transition writes anyway (none), and each of its 3
     /// transitions adds one entry to the operators' stream (`XADD`); a task nobody follows
-    /// announces nothing (no `PUBLISH`). Lower the budget when it drops.
+    /// announces nothing (no `PUBLISH`). A traced task costs the same: its `traceparent` is
+    /// one more field of submit's `HSET` and claim's `HMGET`. Lower the budget when it drops.
     #[tokio::test]
     async fn a_one_step_task_runs_a_fixed_budget_of_redis_commands() {
         const BUDGET: u64 = 24;
+        const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let server = testkit::RedisServer::start();
         let store = RedisStore::new(RedisPool::new(&server.settings()).unwrap());
         let cap = Capability::new("echo").unwrap();
@@ -1302,6 +1308,7 @@ mod tests {
                 callback_url: None,
                 request_id: "r".into(),
                 budget: None,
+                traceparent: Some(TRACEPARENT.into()),
             };
             let submitted = store.submit(task, no_limit, retention).await.unwrap();
             assert_eq!(submitted, SubmitOutcome::Created);
@@ -1310,6 +1317,7 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(claimed.len(), 1);
+            assert_eq!(claimed[0].traceparent.as_deref(), Some(TRACEPARENT));
             let report = ResultReport {
                 task_id: id.clone(),
                 step: 0,
