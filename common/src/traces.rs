@@ -4,7 +4,8 @@
 //! With the endpoint unset nothing here runs: no layer, no exporter, and every helper
 //! returns after one relaxed atomic load ([`enabled`]), so the hot paths (the benchmark's
 //! dispatch and gateway loops) pay for nothing they do not use. Spans made for traces
-//! (submit, step attempt, result delivery, model call) are made only when [`enabled`].
+//! (submit, step attempt, result delivery, model call) are made only when [`enabled`]. Only
+//! spans are exported, not log events, at `info` and above whatever `RUST_LOG` says.
 //!
 //! Spans carry coordinates (task id, step, attempt, capability, provider, model), never a
 //! task's input or output, a prompt or a completion.
@@ -24,6 +25,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::registry::LookupSpan;
 
 /// The W3C trace-context header.
@@ -96,7 +98,16 @@ where
     // init_tracing runs once per process, so this is the only provider.
     let _ = PROVIDER.set(provider);
     ENABLED.store(true, Ordering::Relaxed);
-    Some(tracing_opentelemetry::layer().with_tracer(tracer))
+    // Spans only, at `info` and above: log events stay in the log (an error message may
+    // quote what an agent said), and `RUST_LOG` does not decide what is traced.
+    let spans = tracing_subscriber::filter::filter_fn(|meta| {
+        meta.is_span() && *meta.level() <= tracing::Level::INFO
+    });
+    Some(
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(spans),
+    )
 }
 
 /// Exports the spans still queued and stops the exporter. Each binary calls it once, on

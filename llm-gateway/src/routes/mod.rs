@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use tracing::Span;
-use tracing::field::{Empty, display};
+use tracing::field::Empty;
 
 use crate::error::GatewayError;
 use crate::routing::Served;
@@ -58,7 +58,7 @@ fn model_call_span(headers: &HeaderMap, alias: &str, endpoint: &'static str) -> 
 /// Records on a [`model_call_span`] who answered.
 fn record_served(span: &Span, served: &Served) {
     if !span.is_disabled() {
-        span.record("provider", display(&served.provider));
+        span.record("provider", served.provider.as_str());
         span.record("model", &*served.model);
     }
 }
