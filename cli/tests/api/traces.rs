@@ -154,7 +154,7 @@ async fn one_task_is_one_trace_across_master_worker_gateway_and_provider() {
         testkit::fakes::gemini::chunk_json(MODEL_ANSWER, Some("STOP"), Some((3, 4))),
     ]));
     let gemini_url = gemini.url.clone();
-    let mut system = System::builder()
+    let system = System::builder()
         .store(Store::OwnRedis(Default::default()))
         .processes(Binaries::in_dir(bins))
         .masters(1)
