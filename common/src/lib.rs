@@ -11,6 +11,7 @@ pub mod registry;
 pub mod shutdown;
 pub mod sse;
 pub mod telemetry;
+pub mod traces;
 pub mod usage;
 pub mod wire;
 

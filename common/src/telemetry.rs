@@ -1,6 +1,8 @@
 //! Logs and metrics: `tracing` (JSON when `LOG_FORMAT=json`, readable otherwise, filtered by
 //! `RUST_LOG`), one Prometheus recorder per process rendered on `/metrics`, and the HTTP
 //! middleware that gives every request an `x-request-id`, a log span and request metrics.
+//! Traces (OTLP export, `traceparent`) are in [`crate::traces`]; this module installs their
+//! layer and joins each request's span to its caller's trace.
 
 use std::sync::{OnceLock, PoisonError, RwLock};
 use std::time::Instant;
@@ -11,22 +13,25 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::Instrument;
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// The header that carries a request id from client to master to worker to gateway.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Initializes logging once per process. `LOG_FORMAT=json` gives one JSON object a line
-/// (for CloudWatch); anything else gives readable lines. `RUST_LOG` filters (default
-/// `info`).
-pub fn init_tracing() {
+/// (for CloudWatch); anything else gives readable lines. `RUST_LOG` filters them (default
+/// `info`). With `OTEL_EXPORTER_OTLP_ENDPOINT` set (and called on a Tokio runtime), spans
+/// are also exported as `service` (or `OTEL_SERVICE_NAME`), whatever `RUST_LOG` says; the
+/// binary calls [`crate::traces::shutdown`] on its way out to flush them.
+pub fn init_tracing(service: &'static str) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-        let registry = tracing_subscriber::registry().with(filter);
+        // Each layer filters for itself: a quiet log (`RUST_LOG=warn`) still exports spans.
+        let registry = tracing_subscriber::registry().with(crate::traces::layer(service));
         // A second subscriber (tests, the all-in-one launcher) is not an error.
         let _ = if json {
             registry
@@ -35,11 +40,14 @@ pub fn init_tracing() {
                         .json()
                         .flatten_event(true)
                         .with_current_span(true)
-                        .with_span_list(false),
+                        .with_span_list(false)
+                        .with_filter(filter),
                 )
                 .try_init()
         } else {
-            registry.with(tracing_subscriber::fmt::layer()).try_init()
+            registry
+                .with(tracing_subscriber::fmt::layer().with_filter(filter))
+                .try_init()
         };
     });
 }
@@ -130,7 +138,18 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         method = %req.method(),
         path = %req.uri().path(),
         request_id = %id,
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
     );
+    if crate::traces::enabled() {
+        // Named for trace views (`POST /task`); the log line keeps `http`.
+        span.record(
+            "otel.name",
+            format!("{} {}", req.method(), req.uri().path()).as_str(),
+        );
+        span.record("otel.kind", "server");
+        crate::traces::adopt_headers(&span, req.headers());
+    }
     let mut response = next.run(req).instrument(span).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID.clone(), value);

@@ -11,12 +11,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    common::telemetry::init_tracing();
+    common::telemetry::init_tracing("llm-gateway");
     // Before listening: every connection is a file descriptor.
     common::limits::raise_nofile();
     let config: llm_gateway::Config =
         common::config::load().context("the llm-gateway's configuration is invalid")?;
     let listener = common::http::bind(&format!("{}:{}", config.host, config.port)).await?;
     let shutdown = common::shutdown::on_signal();
-    llm_gateway::serve(config, listener, shutdown).await
+    let served = llm_gateway::serve(config, listener, shutdown).await;
+    // The spans of the last requests, which the batch exporter may still hold.
+    common::traces::shutdown().await;
+    served
 }

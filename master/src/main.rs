@@ -4,12 +4,15 @@ use anyhow::Context;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    common::telemetry::init_tracing();
+    common::telemetry::init_tracing("master");
     // Before listening: every connection is a file descriptor.
     common::limits::raise_nofile();
     let config: master::Config =
         common::config::load().context("the master's configuration is invalid")?;
     let listener = common::http::bind(&format!("{}:{}", config.host, config.port)).await?;
     let shutdown = common::shutdown::on_signal();
-    master::serve(config, listener, shutdown).await
+    let served = master::serve(config, listener, shutdown).await;
+    // The spans of the last requests, which the batch exporter may still hold.
+    common::traces::shutdown().await;
+    served
 }

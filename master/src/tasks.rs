@@ -15,6 +15,7 @@ use common::wire::{
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::auth::Caller;
 use crate::config::{Config, PipelineConfig};
@@ -196,6 +197,13 @@ impl Tasks {
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let id = TaskId::generate();
         let (every, roots) = capabilities_to_wake(&steps);
+        // The submit's span: the parent, across the queue, of every step attempt's span.
+        let span = if common::traces::enabled() {
+            tracing::info_span!("task.submit", task_id = %id, steps = steps.len())
+        } else {
+            tracing::Span::none()
+        };
+        let traceparent = common::traces::traceparent(&span);
         let task = NewTask {
             id: id.clone(),
             client: client.to_string(),
@@ -207,6 +215,7 @@ impl Tasks {
             callback_url: body.callback_url,
             request_id,
             budget: body.budget,
+            traceparent,
         };
         let limit = RateLimit {
             per_sec: self.config.rate_limit_per_sec,
@@ -215,6 +224,7 @@ impl Tasks {
         match self
             .store
             .submit(task, limit, self.config.retention())
+            .instrument(span)
             .await?
         {
             SubmitOutcome::Created => {

@@ -27,9 +27,12 @@ impl Role {
 /// Loads the role's settings (defaults, `ENSEMBLE_CONFIG` TOML, environment), binds, and
 /// serves until SIGTERM or ctrl-c, like `master/src/main.rs` and `worker/src/main.rs`.
 pub async fn run(role: Role) -> anyhow::Result<()> {
-    common::telemetry::init_tracing();
+    common::telemetry::init_tracing(match role {
+        Role::Master => "master",
+        Role::Worker => "worker",
+    });
     let shutdown = common::shutdown::on_signal();
-    match role {
+    let served = match role {
         Role::Master => {
             let config: master::Config =
                 common::config::load().context("the master's configuration is invalid")?;
@@ -42,7 +45,9 @@ pub async fn run(role: Role) -> anyhow::Result<()> {
             let listener = common::http::bind(&format!("{}:{}", config.host, config.port)).await?;
             worker::serve(config, listener, shutdown).await
         }
-    }
+    };
+    common::traces::shutdown().await;
+    served
 }
 
 #[cfg(test)]

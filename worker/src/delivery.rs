@@ -19,6 +19,7 @@ use reqwest::StatusCode;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::inflight::InFlight;
 use crate::metrics;
@@ -191,6 +192,29 @@ impl Delivery {
         request_id: &str,
         abort: &CancellationToken,
     ) -> Outcome {
+        let span = if common::traces::enabled() {
+            tracing::info_span!(
+                "result.deliver",
+                task_id = %report.task_id,
+                step = report.step,
+                attempt = report.attempt,
+                status = ?report.status,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        self.deliver_attempts(report, request_id, abort)
+            .instrument(span)
+            .await
+    }
+
+    /// [`Self::deliver`]'s retries, inside its span.
+    async fn deliver_attempts(
+        &self,
+        report: &ResultReport,
+        request_id: &str,
+        abort: &CancellationToken,
+    ) -> Outcome {
         let give_up_at = Instant::now() + self.timeout;
         let backoff = common::backoff::Backoff {
             base: FIRST_BACKOFF,
@@ -262,6 +286,7 @@ impl Delivery {
             .timeout(remaining.clamp(Duration::from_secs(1), ATTEMPT_TIMEOUT))
             .header(&common::telemetry::REQUEST_ID, request_id)
             .json(report);
+        request = common::traces::propagate(request);
         if !self.token.is_empty() {
             request = request.bearer_auth(self.token.expose());
         }

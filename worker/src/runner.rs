@@ -121,6 +121,9 @@ impl Runner {
             capability = %step.capability,
             request_id = %request_id,
         );
+        // In the trace, though, it is the child of the `/work` request (whose parent is the
+        // master's step attempt), so the agent's calls nest under the dispatch.
+        common::traces::follow(&span, &tracing::Span::current());
         let progress = self
             .progress
             .as_ref()

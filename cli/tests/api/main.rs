@@ -9,4 +9,5 @@ mod budget;
 mod client;
 mod demo;
 mod e2e;
+mod traces;
 mod watch;

@@ -116,12 +116,13 @@ impl GeminiProvider {
         body: Vec<u8>,
     ) -> Result<reqwest::Response, ProviderError> {
         let url = self.url(model, method)?;
-        let response = self
+        let request = self
             .client
             .post(url)
             .header("x-goog-api-key", self.api_key.clone())
             .header(CONTENT_TYPE, "application/json")
-            .body(body)
+            .body(body);
+        let response = common::traces::propagate(request)
             .send()
             .await
             .map_err(transport_error)?;

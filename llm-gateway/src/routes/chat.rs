@@ -14,6 +14,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use tracing::Instrument;
 
 use crate::app::{AppState, Caller};
 use crate::cache;
@@ -90,10 +91,28 @@ async fn answer(
     after.extend(claim.map(replay::Claim::hook));
     let cache_miss = cached.is_some().then(|| cache_header("miss"));
     after.extend(cached.map(cache::Entry::hook));
+    let span = super::model_call_span(headers, &alias, "chat");
     let mut response = if stream {
-        let routed = state.router.stream(&alias, &chat).await?;
+        let routed = state
+            .router
+            .stream(&alias, &chat)
+            .instrument(span.clone())
+            .await?;
+        super::record_served(&span, &routed.served);
+        let events = if span.is_disabled() {
+            routed.events
+        } else {
+            // The span lasts as long as the stream: it ends when the relay is dropped.
+            routed
+                .events
+                .map(move |event| {
+                    let _call = &span;
+                    event
+                })
+                .boxed()
+        };
         let mut response = sse(
-            routed.events,
+            events,
             alias,
             chat.single_tool_call,
             After::new(after, routed.served.clone()),
@@ -102,7 +121,12 @@ async fn answer(
         served_headers(&mut response, &routed.served);
         response
     } else {
-        let (mut completion, served) = state.router.complete(&alias, &chat).await?;
+        let (mut completion, served) = state
+            .router
+            .complete(&alias, &chat)
+            .instrument(span.clone())
+            .await?;
+        super::record_served(&span, &served);
         if chat.single_tool_call {
             completion.tool_calls.truncate(1);
         }

@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
 
 use crate::app::{AppState, Caller};
 use crate::error::GatewayError;
@@ -42,7 +43,13 @@ async fn answer(
     let embed = EmbeddingRequest::from_openai(&request)?;
     let format = request.encoding_format.unwrap_or_default();
     let charge = crate::ledger::admit(state, caller, headers, &request.model).await?;
-    let (embeddings, served) = state.router.embed(&request.model, &embed).await?;
+    let span = super::model_call_span(headers, &request.model, "embeddings");
+    let (embeddings, served) = state
+        .router
+        .embed(&request.model, &embed)
+        .instrument(span.clone())
+        .await?;
+    super::record_served(&span, &served);
     if let Some(charge) = &charge {
         charge.embedded(&served, embeddings.prompt_tokens).await;
     }

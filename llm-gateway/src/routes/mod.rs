@@ -7,9 +7,11 @@ pub mod usage;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
+use tracing::Span;
+use tracing::field::Empty;
 
 use crate::error::GatewayError;
 use crate::routing::Served;
@@ -18,6 +20,48 @@ use crate::routing::Served;
 static PROVIDER_HEADER: HeaderName = HeaderName::from_static("x-ensemble-provider");
 /// Which provider model answered.
 static MODEL_HEADER: HeaderName = HeaderName::from_static("x-ensemble-model");
+
+/// The span of one model call (`endpoint`: `chat` or `embeddings`), when traces are
+/// exported: the provider clients send its `traceparent` upstream. It carries the task and
+/// step the caller named (`x-ensemble-task-id`, `x-ensemble-step`, `x-ensemble-step-id`),
+/// the alias, and once answered the provider and model; never the prompt or the answer.
+fn model_call_span(headers: &HeaderMap, alias: &str, endpoint: &'static str) -> Span {
+    if !common::traces::enabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        "model.call",
+        endpoint,
+        alias,
+        task_id = Empty,
+        step = Empty,
+        step_id = Empty,
+        provider = Empty,
+        model = Empty,
+        otel.kind = "client",
+    );
+    for (field, header) in [
+        ("task_id", common::usage::TASK_ID_HEADER),
+        ("step", common::usage::STEP_HEADER),
+        ("step_id", common::usage::STEP_ID_HEADER),
+    ] {
+        // Bounded: these are ids, and a caller's header is no reason for a large span.
+        if let Some(value) = headers.get(header).and_then(|v| v.to_str().ok())
+            && value.len() <= 256
+        {
+            span.record(field, value);
+        }
+    }
+    span
+}
+
+/// Records on a [`model_call_span`] who answered.
+fn record_served(span: &Span, served: &Served) {
+    if !span.is_disabled() {
+        span.record("provider", served.provider.as_str());
+        span.record("model", &*served.model);
+    }
+}
 
 /// Parses a JSON body: over the limit is `413`, a syntax error `400 invalid_json`, a wrong
 /// field `400` naming it.

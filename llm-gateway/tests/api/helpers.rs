@@ -61,7 +61,7 @@ pub async fn spawn_app(config: Config) -> TestApp {
 
 /// Like [`spawn_app`], with Bedrock signing with `aws_secret`.
 pub async fn spawn_app_with_aws_secret(config: Config, aws_secret: &str) -> TestApp {
-    common::telemetry::init_tracing();
+    common::telemetry::init_tracing("llm-gateway");
     let aws = aws_config::defaults(BehaviorVersion::latest())
         .credentials_provider(Credentials::new(
             AWS_ACCESS_KEY,

@@ -18,6 +18,7 @@ use common::wire::{
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::hub::Hub;
@@ -74,6 +75,28 @@ enum Sent {
     /// The worker will not take this step (`4xx` other than `429`), or no worker could:
     /// the attempt is spent with this error.
     Refused(StepError),
+}
+
+/// The span of one step attempt's dispatch, when traces are exported: a child of the
+/// task's submit (whose `traceparent` the claim read back from the store), since the
+/// dispatch happens later, on whichever replica claimed the step. Its own `traceparent`
+/// goes to the worker with the step.
+fn attempt_span(claimed: &Claimed) -> tracing::Span {
+    if !common::traces::enabled() {
+        return tracing::Span::none();
+    }
+    let work = &claimed.work;
+    let span = tracing::info_span!(
+        parent: None,
+        "step.attempt",
+        task_id = %work.task_id,
+        step = work.step,
+        attempt = work.attempt,
+        capability = %work.capability,
+        worker_id = %claimed.worker,
+    );
+    common::traces::adopt(&span, claimed.traceparent.as_deref());
+    span
 }
 
 /// The first part of a refusal's body (a worker's JSON error message, or its text).
@@ -371,7 +394,9 @@ impl Dispatcher {
         }
         for c in claimed {
             let me = self.clone();
-            self.tracker.spawn(async move { me.send(c).await });
+            let span = attempt_span(&c);
+            self.tracker
+                .spawn(async move { me.send(c).await }.instrument(span));
         }
         more
     }
@@ -463,9 +488,8 @@ impl Dispatcher {
             .bearer_auth(self.config.worker_token.expose())
             .header(&common::telemetry::REQUEST_ID, &claimed.request_id)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await;
+            .body(body);
+        let sent = common::traces::propagate(sent).send().await;
         let response = match sent {
             Ok(r) => r,
             Err(e) => return Sent::Failed(Duration::from_secs(2), format!("dispatch failed: {e}")),

@@ -114,6 +114,8 @@ struct Task {
     error: Option<StepError>,
     callback_url: Option<String>,
     request_id: String,
+    /// The submit span's `traceparent`, handed to every claim of its steps.
+    traceparent: Option<String>,
     created: u64,
     started: Option<u64>,
     finished: Option<u64>,
@@ -1080,6 +1082,7 @@ impl TaskStore for MemoryStore {
                 error: None,
                 callback_url: task.callback_url,
                 request_id: task.request_id,
+                traceparent: task.traceparent,
                 budget: task.budget,
                 created: now,
                 started: None,
@@ -1161,6 +1164,7 @@ impl TaskStore for MemoryStore {
                 st.dispatched = Some(now);
                 let work = work_request(task, step, capability, worker, now);
                 let request_id = task.request_id.clone();
+                let traceparent = task.traceparent.clone();
                 s.leases
                     .entry(capability.to_string())
                     .or_default()
@@ -1170,6 +1174,7 @@ impl TaskStore for MemoryStore {
                     work,
                     worker: worker.clone(),
                     request_id,
+                    traceparent,
                 });
                 s.emit(&id, before, now);
             }

@@ -231,6 +231,10 @@ pub struct NewTask {
     pub request_id: String,
     /// A budget for its model calls.
     pub budget: Option<common::usage::Budget>,
+    /// The W3C `traceparent` of the submit's span; `None` when traces are not exported.
+    /// Stored with the task so each step attempt's span, made later by whichever replica
+    /// claims it, has the submit as its parent.
+    pub traceparent: Option<String>,
 }
 
 /// Per-client submission rate limit (GCRA).
@@ -275,6 +279,9 @@ pub struct Claimed {
     pub worker: WorkerId,
     /// The task's request id.
     pub request_id: String,
+    /// The submit span's W3C `traceparent` ([`NewTask::traceparent`]), the parent of the
+    /// step attempt's span.
+    pub traceparent: Option<String>,
 }
 
 /// Retry timing: doubling from `base` to `max` with equal jitter (the formula `report.lua`

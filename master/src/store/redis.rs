@@ -1070,6 +1070,9 @@ fn submit_fields(task: &NewTask) -> SubmitFields {
     if let Some(url) = &task.callback_url {
         fields.push((task_field::CALLBACK_URL.into(), url.clone()));
     }
+    if let Some(traceparent) = &task.traceparent {
+        fields.push((task_field::TRACEPARENT.into(), traceparent.clone()));
+    }
     if let Some(budget) = &task.budget {
         if let Some(tokens) = budget.max_tokens {
             fields.push((task_field::BUDGET_TOKENS.into(), tokens.to_string()));
@@ -1289,6 +1292,7 @@ mod tests {
             callback_url: None,
             request_id: "r".into(),
             budget: None,
+            traceparent: None,
         };
         let limit = RateLimit {
             per_sec: 0.0,
@@ -1361,10 +1365,13 @@ mod tests {
     /// replies by name must not add any. The task's events cost none: they are fields of
     /// the hash each transition writes anyway; a task nobody follows announces nothing (no
     /// `PUBLISH`), and with nobody following the operators' stream nothing is added to it
-    /// (each transition adds one `XADD` while someone does). Lower the budget when it drops.
+    /// (each transition adds one `XADD` while someone does). A traced task costs the same:
+    /// its `traceparent` is one more field of submit's `HSET` and claim's `HMGET`. Lower
+    /// the budget when it drops.
     #[tokio::test]
     async fn a_one_step_task_runs_a_fixed_budget_of_redis_commands() {
         const BUDGET: u64 = 21;
+        const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let server = testkit::RedisServer::start();
         let store = RedisStore::new(RedisPool::new(&server.settings()).unwrap());
         let cap = Capability::new("echo").unwrap();
@@ -1394,6 +1401,7 @@ mod tests {
                 callback_url: None,
                 request_id: "r".into(),
                 budget: None,
+                traceparent: Some(TRACEPARENT.into()),
             };
             let submitted = store.submit(task, no_limit, retention).await.unwrap();
             assert_eq!(submitted, SubmitOutcome::Created);
@@ -1402,6 +1410,7 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(claimed.len(), 1);
+            assert_eq!(claimed[0].traceparent.as_deref(), Some(TRACEPARENT));
             let report = ResultReport {
                 task_id: id.clone(),
                 step: 0,

@@ -312,6 +312,7 @@ impl Reply {
             },
             worker,
             request_id: self.text("request_id")?,
+            traceparent: self.get("traceparent")?,
         })
     }
 

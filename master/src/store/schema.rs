@@ -159,6 +159,10 @@ fields! {
         CAPABILITIES = "caps",
         /// The submitting request's id, passed on to workers: submit.
         REQUEST_ID = "rq",
+        /// The W3C `traceparent` of the submit's span, when traces are exported: submit.
+        /// Claim reads it (with the fields it reads anyway) so each step attempt's span
+        /// joins the client's trace across the queue.
+        TRACEPARENT = "tp",
         /// Its pipeline's name, when it has one: submit.
         PIPELINE = "pl",
         /// Where to POST the final view, when set: submit.

@@ -421,6 +421,7 @@ async fn a_callback_claimed_by_a_replica_that_died_is_delivered_by_another() {
         callback_url: Some(hook.clone()),
         request_id: "req-died".into(),
         budget: None,
+        traceparent: None,
     };
     let id = task.id.clone();
     let no_limit = RateLimit {

@@ -59,6 +59,7 @@ fn task(caps: &[&str], priority: i32, max_attempts: u32) -> NewTask {
         callback_url: None,
         request_id: "req-1".into(),
         budget: None,
+        traceparent: None,
     }
 }
 
@@ -157,7 +158,72 @@ both_stores!(
     finished_tasks_with_a_callback_enter_the_outbox,
     a_callback_claim_never_finished_is_claimed_again_after_its_visibility,
     a_redriven_task_leaves_the_outbox,
+    every_claim_of_a_traced_task_carries_its_traceparent,
 );
+
+/// The submit's `traceparent` comes back with each claim of the task's steps, so each
+/// attempt's span joins the client's trace; an untraced task's claims carry none.
+async fn every_claim_of_a_traced_task_carries_its_traceparent(store: Arc<dyn TaskStore>) {
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let s = store.as_ref();
+    let traced = submit(
+        s,
+        NewTask {
+            traceparent: Some(TRACEPARENT.into()),
+            ..task(&["plan", "retrieve"], 1, 3)
+        },
+    )
+    .await;
+    let untraced = submit(s, task(&["plan"], 0, 3)).await;
+    let claimed = s
+        .claim(
+            &cap("plan"),
+            &[worker("w1"), worker("w1")],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let of = |id: &TaskId| {
+        claimed
+            .iter()
+            .find(|c| c.work.task_id == *id)
+            .unwrap_or_else(|| panic!("{id} claimed"))
+    };
+    assert_eq!(of(&traced).traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(of(&untraced).traceparent, None);
+    let attempt = of(&traced).work.attempt;
+    report(s, failed(&traced, 0, attempt, true)).await;
+    // The retry, once its backoff is over, and the next step carry it too.
+    let again = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            s.promote_due(&cap("plan")).await.unwrap();
+            let c = s
+                .claim(&cap("plan"), &[worker("w1")], Duration::from_secs(10))
+                .await
+                .unwrap();
+            if let Some(c) = c.into_iter().next() {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the retry is claimable after its backoff");
+    assert_eq!(again.work.attempt, 2);
+    assert_eq!(again.traceparent.as_deref(), Some(TRACEPARENT));
+    report(s, ok(&traced, 0, 2, json!("planned"))).await;
+    let next = s
+        .claim(&cap("retrieve"), &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(
+        next[0].work.input,
+        json!("planned"),
+        "the step before, read with it"
+    );
+}
 
 async fn failed_dispatches_are_free_only_a_few_times_in_a_row(store: Arc<dyn TaskStore>) {
     let s = store.as_ref();

@@ -1351,6 +1351,8 @@ impl Model {
                 work,
                 worker,
                 request_id: t.request_id.clone(),
+                // The model submits untraced tasks.
+                traceparent: None,
             };
             out.push((view, w.later(timeout_ms)));
         }
@@ -2042,6 +2044,7 @@ struct ClaimView {
     work: WorkRequest,
     worker: WorkerId,
     request_id: String,
+    traceparent: Option<String>,
 }
 
 /// A step view (and its instances) with timestamps checked against the model's windows.
@@ -2161,12 +2164,14 @@ fn norm_claims(claims: Vec<Claimed>, deadlines: &[Window]) -> Vec<ClaimView> {
                 mut work,
                 worker,
                 request_id,
+                traceparent,
             } = c;
             work.deadline_ms = stamp(work.deadline_ms, deadlines.get(i).copied());
             ClaimView {
                 work,
                 worker,
                 request_id,
+                traceparent,
             }
         })
         .collect()
@@ -2878,6 +2883,7 @@ impl Run<'_> {
             callback_url: callback.then(|| callback_url(&id)),
             request_id: format!("req-{}", self.submitted),
             budget: None,
+            traceparent: None,
         };
         let limit = if *client == RATED { RATE } else { NO_LIMIT };
         // Queues a step now: away from backoffs ending; and from the rate limit's edge.

@@ -41,6 +41,8 @@ pub struct Recorded {
     pub query: Option<String>,
     pub api_key: Option<String>,
     pub content_type: Option<String>,
+    /// The W3C `traceparent` the gateway sent, when it exports traces.
+    pub traceparent: Option<String>,
     pub body: Value,
     pub at: Instant,
 }
@@ -79,6 +81,7 @@ async fn handle(
         query: uri.query().map(String::from),
         api_key: header("x-goog-api-key"),
         content_type: header("content-type"),
+        traceparent: header("traceparent"),
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
         at: Instant::now(),
     };

@@ -192,8 +192,9 @@ impl Agent for HttpAgent {
     /// `accept` (JSON, SSE, NDJSON), `x-request-id`, `x-ensemble-task-id`,
     /// `x-ensemble-step`, `x-ensemble-step-id` (when the step has an id),
     /// `x-ensemble-attempt`, `x-ensemble-capability`, `x-ensemble-deadline-ms` (ms since the
-    /// epoch), `x-ensemble-timeout-ms` (ms left when sent) and `idempotency-key`
-    /// (`{task_id}/{step}`, the same for every attempt of the step).
+    /// epoch), `x-ensemble-timeout-ms` (ms left when sent), `idempotency-key`
+    /// (`{task_id}/{step}`, the same for every attempt of the step), and `traceparent`
+    /// when traces are exported (the agent's call joins the task's trace).
     async fn handle(&self, step: &WorkRequest) -> Result<Value, StepError> {
         let request_id = current_request_id().filter(|id| !id.is_empty());
         let left = Duration::from_millis(step.deadline_ms.saturating_sub(now_ms()));
@@ -232,7 +233,7 @@ impl Agent for HttpAgent {
         {
             request = request.header(&common::telemetry::REQUEST_ID, id);
         }
-        let request = request.json(&AgentRequest::new(step, request_id));
+        let request = common::traces::propagate(request.json(&AgentRequest::new(step, request_id)));
         let response = request
             .send()
             .await

@@ -162,6 +162,7 @@ impl Agent for LlmAgent {
         if let Some(id) = current_request_id() {
             request = request.header(&common::telemetry::REQUEST_ID, id);
         }
+        let request = common::traces::propagate(request);
         let mut response = request.send().await.map_err(|e| {
             StepError::retryable(
                 "upstream",

@@ -8,6 +8,7 @@
 -- Returns one row per claimed step:
 --   {'task_id', id, 'step', n, 'attempt', n, 'worker', id, 'timeout_ms', ms,
 --    'total_steps', n, 'request_id', id, 'input', json, 'step_id', id,
+--    ['traceparent', w3c,]
 --    ['pipeline', name,] ['element', json, 'element_index', n,]
 --    ['needs', {{slot, id, capability or '', status, output or '', error or ''}, ...}]}
 -- A step carries the task input and the outcomes of the steps it needs (a map instance:
@@ -49,7 +50,7 @@ while #claimed < #pool do
     for _, name in ipairs(CLAIM_FIELDS) do k[name] = at_step(step, S[name]) end
     local fields = {F.status, k.status, k.attempt, k.tries, k.timeout_ms, F.pipeline,
       F.declared, F.step_count, F.request_id, F.input, k.avoid_worker, k.needs, k.id,
-      k.element, k.element_index, F.event_count, F.watched_until}
+      k.element, k.element_index, F.event_count, F.watched_until, F.traceparent}
     if s > 0 then
       for _, name in ipairs({'id', 'capability', 'status', 'output', 'error'}) do
         fields[#fields + 1] = at_step(s - 1, S[name])
@@ -81,6 +82,10 @@ while #claimed < #pool do
         row[#row + 1] = 'pipeline'
         row[#row + 1] = v[6]
       end
+      if v[18] then
+        row[#row + 1] = 'traceparent'
+        row[#row + 1] = v[18]
+      end
       if v[14] then
         row[#row + 1] = 'element'
         row[#row + 1] = v[14]
@@ -93,8 +98,8 @@ while #claimed < #pool do
       if #needs > 0 then
         local rows = {}
         if #needs == 1 and tonumber(needs[1]) == s - 1 then
-          rows[1] = {tostring(s - 1), v[18] or '', v[19] or '', v[20] or 'pending',
-            v[21] or '', v[22] or ''}
+          rows[1] = {tostring(s - 1), v[19] or '', v[20] or '', v[21] or 'pending',
+            v[22] or '', v[23] or ''}
         else
           local nf = {}
           for _, n in ipairs(needs) do
