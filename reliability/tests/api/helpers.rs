@@ -212,24 +212,37 @@ impl Cluster {
             lb_url: lb.url(),
             options: options.clone(),
         };
-        let (for_masters, for_workers) = (settings.clone(), settings.clone());
-        let system = System::builder()
-            .processes(Binaries::from_fn(|role| {
-                let mut node = std::process::Command::new(env!("CARGO_BIN_EXE_ensemble-node"));
-                node.arg(role.binary());
-                node
-            }))
-            .store(Store::Url(redis.url()))
-            .gateway(false)
-            .masters(options.masters)
-            .master_ports(master_ports)
-            .workers(options.workers)
-            .master_config(move |_, config| for_masters.master(config))
-            .worker_config(move |i, config| for_workers.worker(i, config))
-            .child_env("RUST_LOG", "info")
-            .start()
-            .await
-            .expect("the cluster starts");
+        // A port picked free can be taken by another test's process before a child binds
+        // it ("Address already in use"): the cluster then starts again on other ports (the
+        // workers'; the masters' stay, behind the balancer), a few times at most.
+        let mut attempts = 0;
+        let system = loop {
+            attempts += 1;
+            let (for_masters, for_workers) = (settings.clone(), settings.clone());
+            let started = System::builder()
+                .processes(Binaries::from_fn(|role| {
+                    let mut node = std::process::Command::new(env!("CARGO_BIN_EXE_ensemble-node"));
+                    node.arg(role.binary());
+                    node
+                }))
+                .store(Store::Url(redis.url()))
+                .gateway(false)
+                .masters(options.masters)
+                .master_ports(master_ports.clone())
+                .workers(options.workers)
+                .master_config(move |_, config| for_masters.master(config))
+                .worker_config(move |i, config| for_workers.worker(i, config))
+                .child_env("RUST_LOG", "info")
+                .start()
+                .await;
+            match started {
+                Ok(system) => break system,
+                Err(e) if attempts < 3 && format!("{e:#}").contains("Address already in use") => {
+                    eprintln!("the cluster did not start ({e:#}); starting it again");
+                }
+                Err(e) => panic!("the cluster starts: {e:?}"),
+            }
+        };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
