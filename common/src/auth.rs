@@ -70,13 +70,24 @@ impl KeyRing {
     /// The client a presented key belongs to. Every configured key is compared, so the time
     /// taken does not reveal which one matched.
     pub fn client_for(&self, presented: &str) -> Option<&str> {
+        self.position(presented).map(|i| self.keys[i].0.as_str())
+    }
+
+    /// Where a presented key is in the ring (the order of the setting), compared like
+    /// [`KeyRing::client_for`].
+    pub fn position(&self, presented: &str) -> Option<usize> {
         let mut found = None;
-        for (client, key) in &self.keys {
+        for (i, (_, key)) in self.keys.iter().enumerate() {
             if constant_time_eq(key.expose().as_bytes(), presented.as_bytes()) {
-                found = Some(client.as_str());
+                found = Some(i);
             }
         }
         found
+    }
+
+    /// The keys, in the order of the setting (to derive other secrets from them).
+    pub fn keys(&self) -> impl Iterator<Item = &Secret> {
+        self.keys.iter().map(|(_, key)| key)
     }
 }
 

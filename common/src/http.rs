@@ -36,7 +36,8 @@ pub struct ErrorDetail {
     /// A stable, machine-readable code. Every service: `invalid_json`, `bad_request`,
     /// `unauthorized`, `forbidden`, `not_found`, `method_not_allowed`, `payload_too_large`,
     /// `unsupported_media_type`, `invalid`, `unavailable`, `internal`. The master also:
-    /// `conflict`, `rate_limited`, `too_many_concurrent`, `overloaded`, `storage_full`. A
+    /// `conflict`, `rate_limited`, `too_many_concurrent`, `overloaded`, `storage_full`,
+    /// `csrf` (a dashboard change without the session's CSRF token). A
     /// worker's `POST /work` also: `capability_not_served`, `misdirected`, `at_capacity`,
     /// `draining`, `degraded`, `agent_unavailable`. A client should treat an unknown code by its HTTP status.
     pub code: String,

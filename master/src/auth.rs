@@ -1,13 +1,14 @@
 //! Who is calling: clients (API keys from `API_KEYS`, or bearer JWTs — HS256 with
 //! `JWT_SECRET` or RS256 with `JWT_PUBLIC_KEY_FILE`, `sub` = client id, `exp` required,
-//! algorithm pinned), operators (`OPERATOR_API_KEYS`), workers (`WORKER_TOKEN`). Keys are
-//! compared in constant time; a credential of one kind never works as another.
+//! algorithm pinned), operators (`OPERATOR_API_KEYS`, or the dashboard's session cookie:
+//! `session.rs`), workers (`WORKER_TOKEN`). Keys are compared in constant time; a credential
+//! of one kind never works as another.
 
 use std::sync::Arc;
 
 use axum::extract::{FromRef, FromRequestParts};
-use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method};
 use common::auth::{KeyRing, bearer, matches};
 use common::config::{ConfigError, Secret};
 use common::http::ApiError;
@@ -15,6 +16,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 
 use crate::Config;
+use crate::session::{Session, Sessions};
 
 /// The client id used for every caller when auth is disabled.
 pub const ANONYMOUS: &str = "anonymous";
@@ -27,6 +29,8 @@ pub struct Auth {
     clients: KeyRing,
     /// `OPERATOR_API_KEYS`: a separate ring, so a client key never opens operator routes.
     operators: KeyRing,
+    /// The dashboard's sessions, signed with keys derived from `operators`.
+    sessions: Sessions,
     /// `WORKER_TOKEN`: only workers may report results.
     worker_token: Secret,
     /// `JWT_SECRET`, for clients whose identity provider signs HS256 tokens.
@@ -92,10 +96,12 @@ impl Auth {
             }
             None => None,
         };
+        let operators = KeyRing::parse("OPERATOR_API_KEYS", config.operator_api_keys.expose())?;
         Ok(Self {
             disabled: config.auth_disabled,
             clients: KeyRing::parse("API_KEYS", config.api_keys.expose())?,
-            operators: KeyRing::parse("OPERATOR_API_KEYS", config.operator_api_keys.expose())?,
+            sessions: Sessions::new(&operators),
+            operators,
             worker_token: config.worker_token.clone(),
             hs256,
             rs256,
@@ -159,16 +165,42 @@ impl Auth {
         Ok(sub.to_string())
     }
 
-    /// Checks an operator credential.
-    fn operator(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// Signs a dashboard user in: an operator key gets a session (`POST /ui/login`).
+    pub(crate) fn sign_in(&self, key: &str) -> Result<Session, ApiError> {
+        match self.operators.position(key) {
+            Some(index) => Ok(self.sessions.open(index, common::wire::now_ms() / 1000)),
+            None if self.clients.client_for(key).is_some() => Err(ApiError::forbidden(
+                "the dashboard needs an operator key, not a client key",
+            )),
+            None => Err(ApiError::unauthorized("invalid operator key")),
+        }
+    }
+
+    /// The dashboard session of a request (`Ok(None)` without a session cookie); see
+    /// [`Sessions::authorize`].
+    pub(crate) fn session(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Result<Option<Session>, ApiError> {
+        self.sessions
+            .authorize(method, headers, common::wire::now_ms() / 1000)
+    }
+
+    /// Checks an operator credential: an operator key as a bearer token, or else a dashboard
+    /// session.
+    fn operator(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
         if self.disabled {
             return Ok(());
         }
-        let token = bearer(headers).ok_or_else(|| {
-            ApiError::unauthorized(
-                "missing credentials: send `Authorization: Bearer <operator key>`",
-            )
-        })?;
+        let Some(token) = bearer(headers) else {
+            return match self.session(method, headers)? {
+                Some(_) => Ok(()),
+                None => Err(ApiError::unauthorized(
+                    "missing credentials: send `Authorization: Bearer <operator key>`",
+                )),
+            };
+        };
         if self.operators.client_for(token).is_some() {
             Ok(())
         } else if self.clients.client_for(token).is_some() {
@@ -236,7 +268,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         Arc::<Auth>::from_ref(state)
-            .operator(&parts.headers)
+            .operator(&parts.method, &parts.headers)
             .map(|()| Self)
     }
 }
@@ -262,10 +294,18 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let auth = Arc::<Auth>::from_ref(state);
-        if !auth.disabled()
-            && bearer(&parts.headers).is_some_and(|t| auth.operators.client_for(t).is_some())
-        {
-            return Ok(Self::Operator);
+        if !auth.disabled() {
+            let operator = match bearer(&parts.headers) {
+                Some(t) => auth.operators.client_for(t).is_some(),
+                // No bearer token or API key header: a dashboard session acts as an operator.
+                None if !parts.headers.contains_key("x-api-key") => {
+                    auth.session(&parts.method, &parts.headers)?.is_some()
+                }
+                None => false,
+            };
+            if operator {
+                return Ok(Self::Operator);
+            }
         }
         auth.client(&parts.headers).map(Self::Client)
     }

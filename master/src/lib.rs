@@ -13,6 +13,7 @@ pub(crate) mod hub;
 pub(crate) mod limits;
 pub mod metrics;
 pub(crate) mod routes;
+pub(crate) mod session;
 pub mod store;
 pub(crate) mod tasks;
 

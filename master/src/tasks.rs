@@ -321,8 +321,8 @@ impl Tasks {
 
     /// `GET /task/{id}`: a task the client owns, with its model usage from the
     /// llm-gateway's ledger per step and in total.
-    pub(crate) async fn view(&self, client: &str, id: &str) -> Result<TaskView, ServiceError> {
-        let mut view = self.owned(client, id).await?.view;
+    pub(crate) async fn view(&self, caller: &Caller, id: &str) -> Result<TaskView, ServiceError> {
+        let mut view = self.visible(caller, id).await?.view;
         if self.store.keeps_ledger() {
             let usage = self.store.usage(&view.task_id).await?;
             attach_usage(&mut view, usage);

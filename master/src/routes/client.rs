@@ -58,10 +58,10 @@ pub(super) async fn submit(
 /// `GET /task/{id}`.
 pub(super) async fn status(
     State(tasks): State<Arc<Tasks>>,
-    Client(client): Client,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    Ok(Json(tasks.view(&client, &id).await?))
+    Ok(Json(tasks.view(&caller, &id).await?))
 }
 
 /// `?wait=SECONDS` on `GET /result/{id}`.

@@ -1,10 +1,11 @@
 //! HTTP handlers: parse, call one function, map the result. Client routes (`/task`,
 //! `/task/{id}/signal`, `/result`), the worker route (`POST /result`), operator routes
-//! (`/dispatch`, `/workers`, `/queues`) and `/openapi.json`.
+//! (`/dispatch`, `/workers`, `/queues`), the dashboard (`/ui`) and `/openapi.json`.
 
 mod client;
 mod events;
 mod operator;
+mod ui;
 mod worker;
 
 use std::sync::Arc;
@@ -51,6 +52,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/workers", get(operator::workers))
         .route("/queues", get(operator::queues))
         .route("/events", get(operator::events))
+        .route("/ui", get(ui::page))
+        .route("/ui/", get(ui::page))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::style))
+        .route("/ui/login", post(ui::login))
+        .route("/ui/session", get(ui::current))
+        .route("/ui/logout", post(ui::logout))
         .route("/openapi.json", get(openapi))
         .with_state(state)
 }
