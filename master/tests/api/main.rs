@@ -7,6 +7,7 @@ mod helpers;
 
 mod callbacks;
 mod conformance;
+mod dashboard;
 mod degraded;
 mod e2e;
 mod errors;
