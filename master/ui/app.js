@@ -572,7 +572,7 @@ function tasks(main, { query }) {
 const FINAL = ["task.succeeded", "task.failed", "task.cancelled"];
 const EVENT_TYPES = [
   "task.submitted", "step.queued", "step.dispatched", "step.progress", "step.retrying", "step.succeeded",
-  "step.failed", "step.waiting", "step.skipped", "step.cancelled", "task.redriven", ...FINAL,
+  "step.failed", "step.waiting", "step.skipped", "step.cancelled", "signal.received", "task.redriven", ...FINAL,
 ];
 
 function taskPage(main, { args }) {
@@ -637,7 +637,8 @@ function taskPage(main, { args }) {
   const source = new EventSource(`/task/${encodeURIComponent(id)}/events`);
   const onEvent = (m) => {
     const e = JSON.parse(m.data);
-    const text = [e.step, e.attempt ? `attempt ${e.attempt}` : "", e.worker_id ? `on ${e.worker_id}` : "", e.error ? e.error.message : ""]
+    const signal = e.signal ? `signal “${e.signal}”${e.buffered ? ", kept until the step is reached" : ""}` : "";
+    const text = [e.step, signal, e.attempt ? `attempt ${e.attempt}` : "", e.worker_id ? `on ${e.worker_id}` : "", e.error ? e.error.message : ""]
       .filter(Boolean)
       .join(" · ");
     if (e.type === "step.progress") {

@@ -29,8 +29,8 @@ pub struct TaskEvent {
     pub id: String,
     /// What happened: `task.submitted`, `step.queued`, `step.dispatched`, `step.progress`,
     /// `step.retrying`, `step.succeeded`, `step.failed`, `step.waiting`, `step.skipped`,
-    /// `step.cancelled`, `task.succeeded`, `task.failed`, `task.cancelled`,
-    /// `task.redriven` (see [`kinds`]).
+    /// `step.cancelled`, `signal.received`, `task.succeeded`, `task.failed`,
+    /// `task.cancelled`, `task.redriven` (see [`kinds`]).
     #[serde(rename = "type")]
     pub kind: String,
     /// The task.
@@ -66,6 +66,13 @@ pub struct TaskEvent {
     /// agent's tokens come as `{"delta": "<text>"}`, consecutive ones joined.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Value>,
+    /// The signal's name (`signal.received`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// The signal came before its wait step was reached and is kept for it
+    /// (`signal.received`); the step's `step.succeeded` carries the payload when it is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub buffered: bool,
 }
 
 impl TaskEvent {
@@ -96,6 +103,9 @@ pub mod kinds {
     pub const STEP_FAILED: &str = "step.failed";
     /// A wait or sleep step started waiting.
     pub const STEP_WAITING: &str = "step.waiting";
+    /// A signal came for a wait step (`POST /task/{id}/signal`): it released the step, or,
+    /// with `buffered`, it is kept until the step is reached.
+    pub const SIGNAL_RECEIVED: &str = "signal.received";
     /// A step will not run (a router did not pick it).
     pub const STEP_SKIPPED: &str = "step.skipped";
     /// A step was stopped (the task was cancelled, or another step failed it).

@@ -100,6 +100,9 @@ struct State {
     firehose: std::collections::VecDeque<(EntryId, TaskId, Vec<Value>)>,
     /// The id of the last event entry made, so ids only grow.
     last_entry: EntryId,
+    /// Events a transition states itself because no status change shows them (a signal
+    /// received), taken by the next [`State::emit`].
+    stated: Vec<Value>,
 }
 
 struct Task {
@@ -348,6 +351,7 @@ impl State {
             }
             Some(_) => {}
         }
+        list.append(&mut self.stated);
         for (i, st) in t.steps.iter().enumerate() {
             let was = before
                 .as_ref()
@@ -1618,9 +1622,11 @@ impl TaskStore for MemoryStore {
                     }
                     StepStatus::Pending => {
                         task.buffered.insert(name.to_string(), payload);
+                        s.stated.push(signal_event(task, slot, name, true));
                         SignalOutcome::Buffered
                     }
                     StepStatus::Waiting => {
+                        s.stated.push(signal_event(task, slot, name, false));
                         let due = task.steps[slot as usize].wakes_at.take();
                         s.remove_timer(id.as_str(), slot, due);
                         let mut tx = Tx::new(s, task, now);
@@ -2056,6 +2062,20 @@ fn release(s: &mut State, step: &StepRef, why: ReleaseReason, now: u64) -> Relea
         step.step,
     );
     ReleaseOutcome::Released
+}
+
+/// A `signal.received` event (graph.lua: `G.signal`).
+fn signal_event(task: &Task, slot: u32, name: &str, buffered: bool) -> Value {
+    let mut e = serde_json::json!({
+        "type": kinds::SIGNAL_RECEIVED,
+        "step": task.steps[slot as usize].id,
+        "slot": slot,
+        "signal": name,
+    });
+    if buffered {
+        e["buffered"] = true.into();
+    }
+    e
 }
 
 /// Puts `value` in an event as `name`, or `truncated` when its JSON is over

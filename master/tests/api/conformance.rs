@@ -2535,11 +2535,49 @@ async fn waits_and_signals_are_events(store: Arc<dyn TaskStore>) {
     assert_eq!(
         kinds(&events),
         k(&[
+            ("signal.received", Some("approval")),
             ("step.succeeded", Some("approval")),
             ("step.queued", Some("ship")),
         ])
     );
-    assert_eq!(events[0].output, Some(json!({"ok": true})));
+    assert_eq!(events[0].signal.as_deref(), Some("approve"));
+    assert!(!events[0].buffered);
+    assert_eq!(events[1].output, Some(json!({"ok": true})));
+
+    // A signal that comes before its wait step is reached is an event when it comes, and
+    // the step's success carries its payload when the step is reached.
+    let id = submit(
+        s,
+        graph(
+            vec![
+                work("draft", "plan", &[]),
+                wait_step("review", "reviewed", 60_000, OnTimeout::Fail, &[0]),
+            ],
+            json!({}),
+        ),
+    )
+    .await;
+    let start = s.events(&id, None, 100).await.unwrap();
+    let outcome = s
+        .signal(&id, "reviewed", r#"{"by":"ana"}"#, RETENTION)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, SignalOutcome::Buffered), "{outcome:?}");
+    let after: master::store::events::EventCursor = start.last().unwrap().id.parse().unwrap();
+    let events = s.events(&id, Some(&after), 100).await.unwrap();
+    assert_eq!(kinds(&events), k(&[("signal.received", Some("review"))]));
+    assert_eq!(events[0].signal.as_deref(), Some("reviewed"));
+    assert!(events[0].buffered);
+    let w = claim_one(s, "plan").await;
+    report(s, done(&w, json!("text"))).await;
+    let after: master::store::events::EventCursor = events[0].id.parse().unwrap();
+    let events = s.events(&id, Some(&after), 100).await.unwrap();
+    let review = events
+        .iter()
+        .find(|e| e.kind == "step.succeeded" && e.step.as_deref() == Some("review"))
+        .unwrap_or_else(|| panic!("{:?}", kinds(&events)));
+    assert_eq!(review.output, Some(json!({"by": "ana"})));
+    assert!(events.last().unwrap().is_final());
 }
 
 /// A reader waiting on a task's events is woken by the task's next transition, well before

@@ -9,7 +9,8 @@ local G = {}
 local CHUNK = 1000
 
 -- Starts a transition on task `id` (hash `key`) at `now` (ms). `firehose`: the operators'
--- stream's key when it records (lib.lua: ev_announce), else nil.
+-- stream's key when it records (lib.lua: ev_announce), else nil. `G.signal`, set by
+-- signal.lua, is `{name, slot, buffered}` of a signal received, for its event.
 local function g_begin(prefix, id, key, now, firehose)
   G = {prefix = prefix, id = id, key = key, now = now, cache = {}, writes = {}, order = {},
     dels = {}, queued = {}, queued_list = {}, failed = nil, succeeded = false,
@@ -87,14 +88,22 @@ local function g_events()
   -- Step ids and attempts, the entry count and the watch: read with what the transition
   -- read (one HMGET for what it did not).
   local fields = {F.event_count, F.watched_until}
+  if G.signal then fields[#fields + 1] = at_step(G.signal.slot, S.id) end
   for _, s in ipairs(slots) do
     fields[#fields + 1] = at_step(s[1], S.id)
     fields[#fields + 1] = at_step(s[1], S.attempt)
   end
   local known = g_read(fields)
+  -- Before the step events: the signal is why its wait step succeeds.
+  if G.signal then
+    local g = G.signal
+    list[#list + 1] = ev_step('signal.received', known[3], g.slot) .. ',"signal":' ..
+      cjson.encode(g.name) .. (g.buffered and ',"buffered":true' or '') .. '}'
+  end
+  local base = G.signal and 3 or 2
   for i, s in ipairs(slots) do
     local slot, st = s[1], s[2]
-    local id, attempt = known[2 * i + 1], known[2 * i + 2]
+    local id, attempt = known[base + 2 * i - 1], known[base + 2 * i]
     local w = function(name) return G.writes[at_step(slot, S[name])] end
     local kind = STEP_EVENT[st]
     local extra = ''

@@ -20,10 +20,13 @@ local slot = tonumber(v[2])
 local status = g_read({at(slot, 'status')})[1]
 if status == 'pending' then
   if v[3] then return {'outcome', 'already'} end
-  redis.call('HSET', KEYS[1], buffered_field(name), ARGV[4])
+  g_set(buffered_field(name), ARGV[4])
+  G.signal = {name = name, slot = slot, buffered = true}
+  g_flush()
   return {'outcome', 'buffered'}
 end
 if status ~= 'waiting' then return {'outcome', 'already'} end
+G.signal = {name = name, slot = slot, buffered = false}
 redis.call('ZREM', timers_key(ARGV[1]), member(ARGV[2], slot))
 g_del(at(slot, 'wakes_at'))
 g_set(at(slot, 'status'), 'succeeded')
