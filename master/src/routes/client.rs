@@ -55,13 +55,13 @@ pub(super) async fn submit(
         .into_response())
 }
 
-/// `GET /task/{id}`.
+/// `GET /task/{id}`: by the task's client, or by an operator (any task).
 pub(super) async fn status(
     State(tasks): State<Arc<Tasks>>,
-    Client(client): Client,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    Ok(Json(tasks.view(&client, &id).await?))
+    Ok(Json(tasks.view(&caller, &id).await?))
 }
 
 /// `?wait=SECONDS` on `GET /result/{id}`.
