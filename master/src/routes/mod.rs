@@ -1,6 +1,6 @@
 //! HTTP handlers: parse, call one function, map the result. Client routes (`/task`,
 //! `/task/{id}/signal`, `/result`), the worker route (`POST /result`), operator routes
-//! (`/dispatch`, `/workers`, `/queues`) and `/openapi.json`.
+//! (`/dispatch`, `/workers`, `/queues`, `/tasks`, `/deadletters`) and `/openapi.json`.
 
 mod client;
 mod events;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::FromRef;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use common::http::ApiError;
 
 use crate::auth::Auth;
@@ -51,6 +51,12 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/workers", get(operator::workers))
         .route("/queues", get(operator::queues))
         .route("/events", get(operator::events))
+        .route("/tasks", get(operator::search))
+        .route("/deadletters", get(operator::dead_letters))
+        .route(
+            "/deadletters/{capability}",
+            delete(operator::purge_dead_letters),
+        )
         .route("/openapi.json", get(openapi))
         .with_state(state)
 }
