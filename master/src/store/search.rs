@@ -579,6 +579,6 @@ mod tests {
         // Byte order is time order within a part, and parts do not overlap.
         assert!(index::client("alice", &index::pad_ms(9), id) < client);
         assert!(client < part_end("C:alice:"));
-        assert!(index::client("alice2", &ms, id) < "C:alice:".to_string());
+        assert!(*index::client("alice2", &ms, id) < *"C:alice:");
     }
 }
