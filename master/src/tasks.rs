@@ -26,7 +26,9 @@ use crate::hub::Hub;
 use crate::metrics::publish_queue_gauges;
 use crate::store::{
     CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, ProgressOutcome, RateLimit, RedriveOutcome,
-    ReportOutcome, SignalOutcome, SubmitOutcome, TaskRecord, TaskStore, events::EventCursor,
+    ReportOutcome, SignalOutcome, SubmitOutcome, TaskRecord, TaskStore,
+    events::EventCursor,
+    search::{DeadLetterCursor, DeadLetterPage, TaskPage, TaskQuery},
 };
 
 /// Longest `?wait=` on `GET /result/{id}`, in seconds.
@@ -319,8 +321,8 @@ impl Tasks {
         }
     }
 
-    /// `GET /task/{id}`: a task the client owns, with its model usage from the
-    /// llm-gateway's ledger per step and in total.
+    /// `GET /task/{id}`: a task the caller may see (its client's, or any for an operator),
+    /// with its model usage from the llm-gateway's ledger per step and in total.
     pub(crate) async fn view(&self, caller: &Caller, id: &str) -> Result<TaskView, ServiceError> {
         let mut view = self.visible(caller, id).await?.view;
         if self.store.keeps_ledger() {
@@ -662,8 +664,51 @@ impl Tasks {
                 "task `{id}` is {}, not failed",
                 status.as_str()
             ))),
+            RedriveOutcome::Purged => Err(ServiceError::Conflict(format!(
+                "task `{id}` was purged from the dead letters; it stays failed and is not redriven"
+            ))),
             RedriveOutcome::NotFound => Err(ServiceError::NotFound(id.to_string())),
         }
+    }
+
+    /// One page of the task search (`GET /tasks`).
+    pub(crate) async fn search(&self, query: &TaskQuery) -> Result<TaskPage, ServiceError> {
+        Ok(self.store.search_tasks(query).await?)
+    }
+
+    /// One page of dead letters (`GET /deadletters`): of one capability, or of every
+    /// capability this master knows (its pipelines', its workers', and those inline steps
+    /// named).
+    pub(crate) async fn dead_letters(
+        &self,
+        capability: Option<Capability>,
+        after: Option<&DeadLetterCursor>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, ServiceError> {
+        let capabilities = match capability {
+            Some(c) => vec![c],
+            None => {
+                let mut all = self.dispatcher.capabilities();
+                all.extend(self.store.capabilities().await?);
+                all
+            }
+        };
+        Ok(self
+            .store
+            .dead_letter_page(&capabilities, after, limit)
+            .await?)
+    }
+
+    /// Purges a capability's dead letters, or one task of them (`DELETE
+    /// /deadletters/{capability}`): they stay failed, and are no longer redriven.
+    pub(crate) async fn purge_dead_letters(
+        &self,
+        capability: &Capability,
+        task: Option<&TaskId>,
+    ) -> Result<u64, ServiceError> {
+        let purged = self.store.purge_dead_letters(capability, task).await?;
+        tracing::info!(capability = %capability, task_id = ?task, purged, "dead letters purged");
+        Ok(purged)
     }
 
     /// The live workers with their loads, for `GET /workers`.

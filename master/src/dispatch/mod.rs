@@ -63,6 +63,10 @@ const REAP: Duration = Duration::from_millis(250);
 /// Most timers fired in one store call (the reaper calls again while it gets this many).
 const TIMERS_PER_ROUND: usize = 100;
 
+/// Task-index members the sweep looks at per metrics round (once a second by default):
+/// enough to keep up with 1,000 tasks expiring a second, one bounded pass of reads each.
+const INDEX_SWEEP_BUDGET: usize = 1_000;
+
 /// What became of one `POST {worker}/work`.
 enum Sent {
     /// The worker took the step.
@@ -788,6 +792,13 @@ impl Dispatcher {
                 metrics::redis_error();
                 continue;
             };
+            // The task index does not expire with the tasks: drop what expired (the dead
+            // letters are pruned by `stats` the same way).
+            let swept = self
+                .store
+                .sweep_task_index(self.config.retention(), INDEX_SWEEP_BUDGET)
+                .await;
+            self.store_result("sweeping the task index", swept);
             let workers = self.read_view().workers.clone();
             let rows = metrics::publish_queue_gauges(&stats, &workers, now_ms());
             if self.config.metrics_emf {

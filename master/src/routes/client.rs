@@ -55,7 +55,7 @@ pub(super) async fn submit(
         .into_response())
 }
 
-/// `GET /task/{id}`.
+/// `GET /task/{id}`: by the task's client, or by an operator (any task).
 pub(super) async fn status(
     State(tasks): State<Arc<Tasks>>,
     caller: Caller,

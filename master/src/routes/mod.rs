@@ -1,6 +1,7 @@
 //! HTTP handlers: parse, call one function, map the result. Client routes (`/task`,
 //! `/task/{id}/signal`, `/result`), the worker route (`POST /result`), operator routes
-//! (`/dispatch`, `/workers`, `/queues`), the dashboard (`/ui`) and `/openapi.json`.
+//! (`/dispatch`, `/workers`, `/queues`, `/tasks`, `/deadletters`), the dashboard (`/ui`) and
+//! `/openapi.json`.
 
 mod client;
 mod events;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::FromRef;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use common::http::ApiError;
 
 use crate::auth::Auth;
@@ -59,6 +60,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/ui/login", post(ui::login))
         .route("/ui/session", get(ui::current))
         .route("/ui/logout", post(ui::logout))
+        .route("/tasks", get(operator::search))
+        .route("/deadletters", get(operator::dead_letters))
+        .route("/deadletters/{capability}", delete(operator::purge))
         .route("/openapi.json", get(openapi))
         .with_state(state)
 }

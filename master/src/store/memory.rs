@@ -18,6 +18,8 @@ use common::wire::{MAX_EVENT_VALUE_BYTES, MAX_PROGRESS_EVENTS, StepProgress, Tas
 use serde_json::Value;
 
 use super::events::{EntryId, EventCursor};
+use super::schema::index;
+use super::search;
 use super::{FIREHOSE_EVENTS, MAX_TASK_EVENTS, ProgressOutcome};
 
 use super::{
@@ -103,6 +105,11 @@ struct State {
     /// Events a transition states itself because no status change shows them (a signal
     /// received), taken by the next [`State::emit`].
     stated: Vec<Value>,
+    /// The task search index, with the members the Redis store keeps
+    /// (`schema::keys::task_index`), in the same byte order.
+    index: BTreeSet<String>,
+    /// Where the next sweep of the index starts.
+    sweep_from: Option<String>,
 }
 
 struct Task {
@@ -143,6 +150,10 @@ struct Task {
     progress_events: u32,
     /// Entries its events ever had (they are numbered from 1).
     event_count: u64,
+    /// The step whose failure failed it (`task_field::FAILED_STEP`).
+    failed_step: Option<String>,
+    /// The dead-letter set it went to when it failed (`task_field::DEAD_CAPABILITY`).
+    dead_capability: Option<Capability>,
 }
 
 /// What events are made from: the statuses before a transition (see [`State::emit`]).
@@ -499,6 +510,13 @@ impl State {
             .is_some()
     }
 
+    /// A finished task's member of the index's status part (graph.lua's `g_end`).
+    fn index_status(&mut self, t: &Task, status: TaskStatus) {
+        let ms = index::pad_ms(t.created);
+        self.index
+            .insert(index::status(status.as_str(), &ms, t.id.as_str()));
+    }
+
     fn remove_timer(&mut self, id: &str, slot: u32, due: Option<u64>) {
         if let Some(due) = due {
             self.timers
@@ -766,6 +784,7 @@ impl<'a> Tx<'a> {
         st.error = Some(e.clone());
         st.finished = Some(now);
         let (parent, allowed, cap) = (st.parent, st.allow_failure, st.capability.clone());
+        let step_id = st.id.clone();
         if let Some(p) = parent {
             if self.step(p).allow_failure {
                 return self.instance_done(p);
@@ -774,17 +793,17 @@ impl<'a> Tx<'a> {
             map_step.status = StepStatus::Failed;
             map_step.error = Some(e.clone());
             map_step.finished = Some(now);
-            return self.fail_task(cap, e);
+            return self.fail_task(cap, e, step_id);
         }
         if allowed {
             return self.finish(slot, Outcome::Failed);
         }
-        self.fail_task(cap, e);
+        self.fail_task(cap, e, step_id);
     }
 
-    /// The task fails with `e` (the first failure counts): dead-lettered under `cap`; the
-    /// other branches are stopped by `end`.
-    fn fail_task(&mut self, cap: Option<Capability>, e: StepError) {
+    /// The task fails with `e` because step `step_id` failed (the first failure counts):
+    /// dead-lettered under `cap`; the other branches are stopped by `end`.
+    fn fail_task(&mut self, cap: Option<Capability>, e: StepError, step_id: String) {
         if self.failed.is_some() {
             return;
         }
@@ -792,6 +811,8 @@ impl<'a> Tx<'a> {
         self.t.status = TaskStatus::Failed;
         self.t.error = Some(e);
         self.t.finished = Some(self.now);
+        self.t.failed_step = Some(step_id);
+        self.t.dead_capability.clone_from(&cap);
         if let Some(cap) = cap {
             self.s
                 .dead
@@ -907,6 +928,7 @@ impl<'a> Tx<'a> {
         if callback {
             self.s.queue_callback(self.t, self.now);
         }
+        self.s.index_status(self.t, status);
         self.t.expires_at = retention.map(|r| self.now.saturating_add(r));
         let result = (status == TaskStatus::Succeeded)
             .then(|| {
@@ -1101,7 +1123,18 @@ impl TaskStore for MemoryStore {
                 events: std::collections::VecDeque::new(),
                 progress_events: 0,
                 event_count: 0,
+                failed_step: None,
+                dead_capability: None,
             };
+            let at = index::pad_ms(now);
+            let (id, client) = (task.id.as_str(), t.client.as_str());
+            let pipeline = t.pipeline.as_deref();
+            s.index
+                .insert(index::all(&at, id, client, pipeline.unwrap_or("")));
+            s.index.insert(index::client(client, &at, id));
+            if let Some(pipeline) = pipeline {
+                s.index.insert(index::pipeline(pipeline, &at, id));
+            }
             let mut tx = Tx::new(s, &mut t, now);
             for root in roots {
                 tx.ready(root);
@@ -1513,6 +1546,7 @@ impl TaskStore for MemoryStore {
                 task.status = TaskStatus::Cancelled;
                 task.finished = Some(now);
                 task.expires_at = Some(now + ms(retention));
+                s.index_status(task, TaskStatus::Cancelled);
                 if task.callback_url.is_some() {
                     s.queue_callback(task, now);
                 }
@@ -1546,9 +1580,25 @@ impl TaskStore for MemoryStore {
                             || (st.status == StepStatus::Failed && !allowed)
                     })
                     .collect();
+                if let Some(cap) = &task.dead_capability
+                    && !s
+                        .dead
+                        .get(cap.as_str())
+                        .is_some_and(|d| d.contains_key(id.as_str()))
+                {
+                    return RedriveOutcome::Purged;
+                }
                 if again.is_empty() {
                     return RedriveOutcome::NotFailed(task.status);
                 }
+                let at = index::pad_ms(task.created);
+                s.index.remove(&index::status(
+                    TaskStatus::Failed.as_str(),
+                    &at,
+                    id.as_str(),
+                ));
+                task.failed_step = None;
+                task.dead_capability = None;
                 for i in &again {
                     if let Some(cap) = &task.steps[*i as usize].capability
                         && let Some(d) = s.dead.get_mut(cap.as_str())
@@ -1721,6 +1771,54 @@ impl TaskStore for MemoryStore {
         })
     }
 
+    async fn dead_letter_page(
+        &self,
+        capabilities: &[Capability],
+        after: Option<&search::DeadLetterCursor>,
+        limit: usize,
+    ) -> Result<search::DeadLetterPage, StoreError> {
+        search::dead_letters(self, capabilities, after, limit).await
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        capability: &Capability,
+        task: Option<&TaskId>,
+    ) -> Result<u64, StoreError> {
+        self.with(|s| {
+            let Some(dead) = s.dead.get_mut(capability.as_str()) else {
+                return 0;
+            };
+            match task {
+                Some(id) => u64::from(dead.remove(id.as_str()).is_some()),
+                None => {
+                    let n = dead.len() as u64;
+                    dead.clear();
+                    n
+                }
+            }
+        })
+    }
+
+    async fn search_tasks(
+        &self,
+        query: &search::TaskQuery,
+    ) -> Result<search::TaskPage, StoreError> {
+        search::search(self, query).await
+    }
+
+    async fn sweep_task_index(
+        &self,
+        retention: Duration,
+        budget: usize,
+    ) -> Result<usize, StoreError> {
+        let from = self.with(|s| s.sweep_from.clone())?;
+        let cutoff = now_ms().saturating_sub(ms(retention));
+        let (removed, next) = search::sweep(self, from.as_deref(), cutoff, budget).await?;
+        self.with(|s| s.sweep_from = next)?;
+        Ok(removed)
+    }
+
     async fn stats(
         &self,
         capabilities: &[Capability],
@@ -1885,6 +1983,100 @@ impl TaskStore for MemoryStore {
             });
             s.append(p.task_id.as_str(), vec![event], false, now);
             ProgressOutcome::Recorded
+        })
+    }
+}
+
+#[async_trait]
+impl search::Lookup for MemoryStore {
+    async fn index_range(
+        &self,
+        lower: &str,
+        upper: &str,
+        rev: bool,
+        count: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        use std::ops::Bound::{Excluded, Included};
+        if lower >= upper {
+            return Ok(Vec::new());
+        }
+        self.with(|s| {
+            let range = s.index.range::<str, _>((Included(lower), Excluded(upper)));
+            if rev {
+                range.rev().take(count).cloned().collect()
+            } else {
+                range.take(count).cloned().collect()
+            }
+        })
+    }
+
+    async fn indexed(&self, ids: &[TaskId]) -> Result<Vec<Option<search::Indexed>>, StoreError> {
+        let now = now_ms();
+        self.with(|s| {
+            ids.iter()
+                .map(|id| {
+                    s.task(id.as_str(), now).map(|t| search::Indexed {
+                        client: t.client.clone(),
+                        status: t.status,
+                        pipeline: t.pipeline.clone(),
+                        created_at: t.created,
+                        finished_at: t.finished,
+                        steps: u32::try_from(t.declared).unwrap_or(u32::MAX),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn unindex(&self, members: &[String]) -> Result<(), StoreError> {
+        self.with(|s| {
+            for m in members {
+                s.index.remove(m);
+            }
+        })
+    }
+
+    async fn dead_range(
+        &self,
+        capability: &Capability,
+        max: u64,
+        offset: usize,
+        count: usize,
+    ) -> Result<Vec<(TaskId, u64)>, StoreError> {
+        self.with(|s| {
+            let mut entries: Vec<(u64, String)> = s
+                .dead
+                .get(capability.as_str())
+                .map(|d| {
+                    d.iter()
+                        .filter(|(_, at)| **at <= max)
+                        .map(|(id, at)| (*at, id.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            // As ZREVRANGEBYSCORE: newest first, equal times by member descending.
+            entries.sort_by(|a, b| b.cmp(a));
+            entries
+                .into_iter()
+                .skip(offset)
+                .take(count)
+                .filter_map(|(at, id)| Some((TaskId::new(id).ok()?, at)))
+                .collect()
+        })
+    }
+
+    async fn failures(&self, ids: &[TaskId]) -> Result<Vec<Option<search::Failure>>, StoreError> {
+        let now = now_ms();
+        self.with(|s| {
+            ids.iter()
+                .map(|id| {
+                    s.task(id.as_str(), now).map(|t| search::Failure {
+                        client: t.client.clone(),
+                        step: t.failed_step.clone(),
+                        error: t.error.clone(),
+                    })
+                })
+                .collect()
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod memory;
 pub mod redis;
 mod reply;
 pub mod schema;
+pub mod search;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -502,6 +503,9 @@ pub enum RedriveOutcome {
     Redriven(Vec<Capability>),
     /// The task is not failed.
     NotFailed(TaskStatus),
+    /// The task failed and was dead-lettered, but an operator purged it from the dead
+    /// letters since: it stays failed.
+    Purged,
     /// No such task.
     NotFound,
 }
@@ -648,6 +652,36 @@ pub trait TaskStore: Send + Sync + 'static {
         capability: &Capability,
         limit: usize,
     ) -> Result<Vec<TaskId>, StoreError>;
+
+    /// Dead-lettered tasks of these capabilities, newest failure first, after `after`, at
+    /// most `limit`, each with its client, failed step and error (`GET /deadletters`).
+    async fn dead_letter_page(
+        &self,
+        capabilities: &[Capability],
+        after: Option<&search::DeadLetterCursor>,
+        limit: usize,
+    ) -> Result<search::DeadLetterPage, StoreError>;
+
+    /// Removes a capability's dead letters (only `task` when given); the tasks stay failed
+    /// and can no longer be redriven. Returns how many were removed.
+    async fn purge_dead_letters(
+        &self,
+        capability: &Capability,
+        task: Option<&TaskId>,
+    ) -> Result<u64, StoreError>;
+
+    /// One page of the task search (`GET /tasks`), newest submit first.
+    async fn search_tasks(&self, query: &search::TaskQuery)
+    -> Result<search::TaskPage, StoreError>;
+
+    /// Looks at up to `budget` members of the task index submitted more than `retention`
+    /// ago, from where the last sweep stopped, and removes those of tasks that are gone.
+    /// Returns how many tasks it removed.
+    async fn sweep_task_index(
+        &self,
+        retention: Duration,
+        budget: usize,
+    ) -> Result<usize, StoreError>;
 
     /// Queue figures per capability (dead letters older than `retention` are pruned: their
     /// tasks have expired).

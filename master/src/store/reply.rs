@@ -198,6 +198,7 @@ impl Reply {
             "not_failed" => Ok(RedriveOutcome::NotFailed(serde_text(
                 &self.text("status")?,
             )?)),
+            "purged" => Ok(RedriveOutcome::Purged),
             "missing" => Ok(RedriveOutcome::NotFound),
             _ => self.unexpected(),
         }
@@ -401,7 +402,7 @@ fn prior_output(script: &str, row: &[String]) -> Result<PriorOutput, StoreError>
 }
 
 /// A status stored as its wire name.
-fn serde_text<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+pub(super) fn serde_text<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
     serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(corrupt)
 }
 

@@ -43,6 +43,32 @@ pub mod keys {
         format!("{prefix}:dead:{capability}")
     }
 
+    /// The task search index (`GET /tasks`): one sorted set whose members all score 0, so
+    /// Redis keeps them in byte order and `ZRANGE … BYLEX` walks any one part of it in time
+    /// order. Each member starts with what it indexes ([`index`] builds them):
+    ///
+    /// | member | written by | for |
+    /// |---|---|---|
+    /// | `A:<ms>:<id>:<client>:<pipeline>` | submit | every task |
+    /// | `C:<client>:<ms>:<id>` | submit | one client's tasks |
+    /// | `P:<pipeline>:<ms>:<id>` | submit (named pipelines only) | one pipeline's tasks |
+    /// | `S:<status>:<ms>:<id>` | the transition that ends the task (graph.lua's `g_end`, cancel); redrive removes it | finished tasks by status |
+    ///
+    /// `<ms>` is the submit time ([`task_field::CREATED_AT`](super::task_field::CREATED_AT)),
+    /// zero-padded to 13 digits ([`index::pad_ms`]), so byte order is time order. One key,
+    /// so submit writes its two or three members with one `ZADD` and a finished task adds one
+    /// more: two commands per task in all.
+    ///
+    /// Members do not expire with their task. A search drops the members it meets whose hash
+    /// is gone, and the master's periodic sweep (`TaskStore::sweep_task_index`) walks the
+    /// `A:` members submitted more than a retention ago, oldest first, and removes every
+    /// member of a task whose hash is gone: the `A:` member carries the client and pipeline
+    /// so the others can be named. Client ids cannot contain `:` (`auth.rs`); a pipeline name
+    /// may, so it comes last.
+    pub fn task_index(prefix: &str) -> String {
+        format!("{prefix}:ix")
+    }
+
     /// Steps in flight per worker: hash of worker id to count.
     pub fn worker_load(prefix: &str) -> String {
         format!("{prefix}:wload")
@@ -117,6 +143,53 @@ pub mod keys {
     }
 }
 
+/// The members of [`keys::task_index`]. `ms` is always [`index::pad_ms`]'s 13 digits.
+pub mod index {
+    /// Every task: the client and pipeline ride along so the sweep can name the task's
+    /// other members once its hash is gone.
+    pub fn all(ms: &str, id: &str, client: &str, pipeline: &str) -> String {
+        format!("{ALL}{ms}:{id}:{client}:{pipeline}")
+    }
+
+    /// One client's tasks.
+    pub fn client(client: &str, ms: &str, id: &str) -> String {
+        format!("{CLIENT}{client}:{ms}:{id}")
+    }
+
+    /// One named pipeline's tasks.
+    pub fn pipeline(pipeline: &str, ms: &str, id: &str) -> String {
+        format!("{PIPELINE}{pipeline}:{ms}:{id}")
+    }
+
+    /// Finished tasks with one final status (`succeeded`, `failed`, `cancelled`).
+    pub fn status(status: &str, ms: &str, id: &str) -> String {
+        format!("{STATUS}{status}:{ms}:{id}")
+    }
+
+    /// Where [`all`] members start.
+    pub const ALL: &str = "A:";
+    /// Where [`client`] members start (then the client and `:`).
+    pub const CLIENT: &str = "C:";
+    /// Where [`pipeline`] members start.
+    pub const PIPELINE: &str = "P:";
+    /// Where [`status`] members start.
+    pub const STATUS: &str = "S:";
+
+    // Upper-case, so no script's text (`'%s:%s'`) looks like one of them.
+
+    /// Digits of a padded time: milliseconds since the epoch have 13 until the year 2286.
+    pub const MS_DIGITS: usize = 13;
+
+    /// The largest time a member can hold.
+    pub const MAX_MS: u64 = 9_999_999_999_999;
+
+    /// `ms` zero-padded to [`MS_DIGITS`] (capped at [`MAX_MS`]), so that byte order is
+    /// time order; `lib.lua`'s `pad_ms` is the same.
+    pub fn pad_ms(ms: u64) -> String {
+        format!("{:013}", ms.min(MAX_MS))
+    }
+}
+
 /// Defines a module of field-name constants and `ALL`, the list of (constant name,
 /// stored name) that the Lua prelude and the tests read.
 macro_rules! fields {
@@ -148,6 +221,14 @@ fields! {
         ERROR = "er",
         /// The client that owns it: submit.
         CLIENT = "cl",
+        /// The capability whose dead-letter set ([`keys::dead`](super::keys::dead)) holds
+        /// the task, written when it fails for good with a worker step; removed by redrive.
+        /// Redrive refuses a task that has it but is no longer in that set: an operator
+        /// purged it (`DELETE /deadletters/{capability}`).
+        DEAD_CAPABILITY = "dlc",
+        /// The id of the step whose failure failed the task (a map instance's `map[i]`),
+        /// shown by `GET /deadletters`: written with [`ERROR`]; removed by redrive.
+        FAILED_STEP = "fst",
         /// Its priority, read to score every queueing of its steps: submit.
         PRIORITY = "pr",
         /// The task input (JSON text): submit.
@@ -367,7 +448,7 @@ pub(super) fn lua_prelude(guarded: bool) -> String {
 type Builder = fn(&[String]) -> String;
 
 /// The key (and field) builders the scripts use, with their Lua names and parameters.
-fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 16] {
+fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 21] {
     [
         ("task_key", &["prefix", "id"], |a| keys::task(&a[0], &a[1])),
         ("queue_key", &["prefix", "cap"], |a| {
@@ -394,6 +475,19 @@ fn lua_builders() -> [(&'static str, &'static [&'static str], Builder); 16] {
         ("buffered_field", &["name"], |a| buffered_field(&a[0])),
         ("event_field", &["n"], |a| event_field(&a[0])),
         ("member", &["id", "step"], |a| keys::member(&a[0], &a[1])),
+        ("index_key", &["prefix"], |a| keys::task_index(&a[0])),
+        ("ix_all", &["ms", "id", "client", "pipeline"], |a| {
+            index::all(&a[0], &a[1], &a[2], &a[3])
+        }),
+        ("ix_client", &["client", "ms", "id"], |a| {
+            index::client(&a[0], &a[1], &a[2])
+        }),
+        ("ix_pipeline", &["pipeline", "ms", "id"], |a| {
+            index::pipeline(&a[0], &a[1], &a[2])
+        }),
+        ("ix_status", &["status", "ms", "id"], |a| {
+            index::status(&a[0], &a[1], &a[2])
+        }),
         ("at_step", &["step", "field"], |a| at_step(&a[0], &a[1])),
     ]
 }

@@ -716,6 +716,40 @@ impl TaskStore for FailingRedrive {
         self.inner.cancel(id, retention).await
     }
 
+    async fn dead_letter_page(
+        &self,
+        capabilities: &[Capability],
+        after: Option<&crate::store::search::DeadLetterCursor>,
+        limit: usize,
+    ) -> Result<crate::store::search::DeadLetterPage, StoreError> {
+        self.inner
+            .dead_letter_page(capabilities, after, limit)
+            .await
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        capability: &Capability,
+        task: Option<&TaskId>,
+    ) -> Result<u64, StoreError> {
+        self.inner.purge_dead_letters(capability, task).await
+    }
+
+    async fn search_tasks(
+        &self,
+        query: &crate::store::search::TaskQuery,
+    ) -> Result<crate::store::search::TaskPage, StoreError> {
+        self.inner.search_tasks(query).await
+    }
+
+    async fn sweep_task_index(
+        &self,
+        retention: Duration,
+        budget: usize,
+    ) -> Result<usize, StoreError> {
+        self.inner.sweep_task_index(retention, budget).await
+    }
+
     async fn events(
         &self,
         id: &TaskId,

@@ -9,6 +9,7 @@ use common::wire::{
     CallbackStatus, CallbackView, Capability, OnTimeout, ReportStatus, ResultReport, StepError,
     StepStatus, TaskId, TaskStatus, TaskView, WorkRequest, WorkerId,
 };
+use master::store::search::{TaskCursor, TaskPage, TaskQuery, TaskSummary};
 use master::store::{
     Advance, CALLBACK_ABANDONED, CallbackResult, CancelOutcome, FiredTimer, MapPlan, NewTask,
     PlannedKind, PlannedStep, RateLimit, RedisStore, RedriveOutcome, ReleaseOutcome, ReleaseReason,
@@ -2632,4 +2633,401 @@ async fn a_waiting_reader_is_woken_by_the_next_transition_on_redis() {
     let settings = server.settings();
     let store = RedisStore::new(RedisPool::new(&settings).unwrap()).with_event_tail(settings);
     a_waiting_reader_is_woken_by_the_next_transition(Arc::new(store)).await;
+}
+
+// The operators' lists (`GET /tasks`, `GET /deadletters`): the same pages from both stores.
+both_stores!(lists {
+    the_search_pages_newest_first_through_every_filter,
+    the_search_and_the_sweep_forget_expired_tasks,
+    dead_letters_show_their_step_and_error_and_a_purge_stops_their_redrive,
+});
+
+/// A one-step task of `client` on its own capability, so a test claims exactly it.
+fn owned_by(client: &str, pipeline: Option<&str>, capability: &str) -> NewTask {
+    NewTask {
+        client: client.into(),
+        pipeline: pipeline.map(Into::into),
+        ..task(&[capability], 0, 1)
+    }
+}
+
+/// Claims the one step of `capability` and reports it succeeded, or failed for good.
+async fn run_one(s: &dyn TaskStore, id: &TaskId, capability: &str, succeed: bool) {
+    let c = s
+        .claim(&cap(capability), &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(c[0].work.task_id, *id);
+    let r = if succeed {
+        ok(id, 0, c[0].work.attempt, json!(1))
+    } else {
+        failed(id, 0, c[0].work.attempt, false)
+    };
+    assert!(matches!(report(s, r).await, ReportOutcome::Done { .. }));
+}
+
+fn page_ids(page: &TaskPage) -> Vec<TaskId> {
+    page.tasks.iter().map(|t| t.id.clone()).collect()
+}
+
+/// Submits one task per millisecond at least, so submit times differ.
+async fn submit_apart(s: &dyn TaskStore, t: NewTask) -> TaskId {
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    submit(s, t).await
+}
+
+async fn the_search_pages_newest_first_through_every_filter(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let a = submit_apart(s, owned_by("alice", Some("p1"), "s0")).await;
+    let b = submit_apart(s, owned_by("bob", None, "s1")).await;
+    let c = submit_apart(s, owned_by("alice", None, "s2")).await;
+    let d = submit_apart(s, owned_by("bob", Some("p1"), "s3")).await;
+    let e = submit_apart(s, owned_by("alice", Some("p1"), "s4")).await;
+    run_one(s, &a, "s0", true).await;
+    run_one(s, &b, "s1", false).await;
+    assert_eq!(
+        s.cancel(&c, RETENTION).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let created = |id: &TaskId| {
+        let id = id.clone();
+        async move { s.get(&id).await.unwrap().unwrap().view.created_at_ms }
+    };
+    let (cb, cc, cd) = (created(&b).await, created(&c).await, created(&d).await);
+
+    let q = |f: &dyn Fn(&mut TaskQuery)| {
+        let mut q = TaskQuery::all(50);
+        f(&mut q);
+        q
+    };
+    let cases: Vec<(&str, TaskQuery, Vec<&TaskId>)> = vec![
+        ("every task", q(&|_| {}), vec![&e, &d, &c, &b, &a]),
+        (
+            "alice",
+            q(&|q| q.client = Some("alice".into())),
+            vec![&e, &c, &a],
+        ),
+        ("bob", q(&|q| q.client = Some("bob".into())), vec![&d, &b]),
+        ("nobody", q(&|q| q.client = Some("carol".into())), vec![]),
+        (
+            "p1",
+            q(&|q| q.pipeline = Some("p1".into())),
+            vec![&e, &d, &a],
+        ),
+        (
+            "succeeded",
+            q(&|q| q.status = Some(TaskStatus::Succeeded)),
+            vec![&a],
+        ),
+        (
+            "failed",
+            q(&|q| q.status = Some(TaskStatus::Failed)),
+            vec![&b],
+        ),
+        (
+            "cancelled",
+            q(&|q| q.status = Some(TaskStatus::Cancelled)),
+            vec![&c],
+        ),
+        (
+            "queued",
+            q(&|q| q.status = Some(TaskStatus::Queued)),
+            vec![&e, &d],
+        ),
+        (
+            "running",
+            q(&|q| q.status = Some(TaskStatus::Running)),
+            vec![],
+        ),
+        (
+            "alice's failed",
+            q(&|q| {
+                q.client = Some("alice".into());
+                q.status = Some(TaskStatus::Failed);
+            }),
+            vec![],
+        ),
+        (
+            "alice's p1",
+            q(&|q| {
+                q.client = Some("alice".into());
+                q.pipeline = Some("p1".into());
+            }),
+            vec![&e, &a],
+        ),
+        ("since c", q(&|q| q.since = cc), vec![&e, &d, &c]),
+        ("until c", q(&|q| q.until = Some(cc)), vec![&b, &a]),
+        (
+            "b to d",
+            q(&|q| {
+                q.since = cb;
+                q.until = Some(cd);
+            }),
+            vec![&c, &b],
+        ),
+        (
+            "since after until",
+            q(&|q| {
+                q.since = cd;
+                q.until = Some(cb);
+            }),
+            vec![],
+        ),
+        ("since the end of time", q(&|q| q.since = u64::MAX), vec![]),
+        (
+            "until the end of time",
+            q(&|q| q.until = Some(u64::MAX)),
+            vec![&e, &d, &c, &b, &a],
+        ),
+    ];
+    for (name, query, want) in cases {
+        let page = s.search_tasks(&query).await.unwrap();
+        let want: Vec<TaskId> = want.into_iter().cloned().collect();
+        assert_eq!(page_ids(&page), want, "{name}");
+        assert_eq!(page.next, None, "{name}: one page holds it all");
+    }
+
+    // What a row shows.
+    let page = s.search_tasks(&TaskQuery::all(50)).await.unwrap();
+    let row = page.tasks.iter().find(|t| t.id == a).unwrap();
+    let view = s.get(&a).await.unwrap().unwrap().view;
+    assert_eq!(
+        *row,
+        TaskSummary {
+            id: a.clone(),
+            client: "alice".into(),
+            status: TaskStatus::Succeeded,
+            pipeline: Some("p1".into()),
+            created_at: view.created_at_ms,
+            finished_at: view.finished_at_ms,
+            steps: 1,
+        }
+    );
+    assert!(row.finished_at.is_some());
+    let queued = page.tasks.iter().find(|t| t.id == e).unwrap();
+    assert_eq!(
+        (queued.finished_at, queued.pipeline.as_deref()),
+        (None, Some("p1"))
+    );
+
+    // Pages of two, each from the cursor before it, give every task once, in order.
+    let mut seen = Vec::new();
+    let mut query = TaskQuery::all(2);
+    for round in 0.. {
+        assert!(round < 5, "the pages end");
+        let page = s.search_tasks(&query).await.unwrap();
+        assert!(page.tasks.len() <= 2);
+        seen.extend(page_ids(&page));
+        match page.next {
+            Some(next) => query.after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![e.clone(), d.clone(), c.clone(), b.clone(), a.clone()]
+    );
+
+    // A budget of one task a request: a page may hold fewer than asked, even none, and
+    // still go on; the pages together are the answer.
+    let mut query = q(&|q| {
+        q.client = Some("alice".into());
+        q.status = Some(TaskStatus::Queued);
+        q.budget = 1;
+    });
+    let mut pages = Vec::new();
+    loop {
+        let page = s.search_tasks(&query).await.unwrap();
+        pages.push(page_ids(&page));
+        match page.next {
+            Some(next) => query.after = Some(next),
+            None => break,
+        }
+        assert!(pages.len() < 10, "the pages end");
+    }
+    assert_eq!(pages.concat(), vec![e.clone()]);
+    assert!(pages.len() >= 3, "one task looked at per page: {pages:?}");
+
+    // A cursor for a task that never existed is a place like any other.
+    let forged = TaskCursor {
+        ms: cc,
+        id: TaskId::new("zzzz").unwrap(),
+    };
+    let page = s
+        .search_tasks(&TaskQuery {
+            after: Some(forged),
+            ..TaskQuery::all(50)
+        })
+        .await
+        .unwrap();
+    assert_eq!(page_ids(&page), vec![c.clone(), b.clone(), a.clone()]);
+
+    // A redriven task leaves its final status's part of the index.
+    assert!(matches!(
+        s.redrive(&b, RETENTION).await.unwrap(),
+        RedriveOutcome::Redriven(_)
+    ));
+    for (status, want) in [
+        (TaskStatus::Failed, vec![]),
+        (TaskStatus::Running, vec![b.clone()]),
+    ] {
+        let page = s
+            .search_tasks(&q(&|q| q.status = Some(status)))
+            .await
+            .unwrap();
+        assert_eq!(page_ids(&page), want, "{status:?}");
+    }
+}
+
+async fn the_search_and_the_sweep_forget_expired_tasks(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let short = Duration::from_millis(1);
+    let x = submit_apart(s, owned_by("alice", Some("p1"), "x0")).await;
+    let y = submit_apart(s, owned_by("alice", None, "x1")).await;
+    let z = submit_apart(s, owned_by("bob", None, "x2")).await;
+    for id in [&x, &y] {
+        assert_eq!(s.cancel(id, short).await.unwrap(), CancelOutcome::Cancelled);
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(s.get(&x).await.unwrap().is_none(), "expired");
+
+    // The sweep looks at one task a round, oldest first: x and y go, z (alive) stays,
+    // and the next round starts from the oldest again.
+    let mut removed = Vec::new();
+    for _ in 0..4 {
+        removed.push(s.sweep_task_index(Duration::ZERO, 1).await.unwrap());
+    }
+    assert_eq!(removed, [1, 1, 0, 0]);
+    assert_eq!(s.sweep_task_index(Duration::ZERO, 100).await.unwrap(), 0);
+    // A sweep only looks at tasks older than the retention.
+    let w = submit_apart(s, owned_by("bob", None, "x3")).await;
+    assert_eq!(s.cancel(&w, short).await.unwrap(), CancelOutcome::Cancelled);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(s.sweep_task_index(RETENTION, 100).await.unwrap(), 0);
+
+    // A search meets w's members and drops them; nothing expired is listed.
+    for query in [
+        TaskQuery::all(50),
+        TaskQuery {
+            status: Some(TaskStatus::Cancelled),
+            ..TaskQuery::all(50)
+        },
+        TaskQuery {
+            client: Some("alice".into()),
+            ..TaskQuery::all(50)
+        },
+        TaskQuery {
+            pipeline: Some("p1".into()),
+            ..TaskQuery::all(50)
+        },
+    ] {
+        let page = s.search_tasks(&query).await.unwrap();
+        let want = if query.client.is_none() && query.status.is_none() && query.pipeline.is_none() {
+            vec![z.clone()]
+        } else {
+            vec![]
+        };
+        assert_eq!(page_ids(&page), want, "{query:?}");
+    }
+    // w's `a:` member went with the search above: the sweep finds nothing left of it.
+    assert_eq!(s.sweep_task_index(Duration::ZERO, 100).await.unwrap(), 0);
+}
+
+async fn dead_letters_show_their_step_and_error_and_a_purge_stops_their_redrive(
+    store: Arc<dyn TaskStore>,
+) {
+    let s = store.as_ref();
+    let t1 = submit(s, owned_by("alice", None, "d1")).await;
+    let t2 = submit(s, owned_by("bob", None, "d2")).await;
+    let t3 = submit(s, owned_by("alice", None, "d1")).await;
+    for (id, capability) in [(&t1, "d1"), (&t2, "d2"), (&t3, "d1")] {
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        run_one(s, id, capability, false).await;
+    }
+    let caps = [cap("d1"), cap("d2"), cap("nothing")];
+    let page = s.dead_letter_page(&caps, None, 10).await.unwrap();
+    assert_eq!(page.next, None);
+    let listed: Vec<(&TaskId, &str, &str)> = page
+        .dead_letters
+        .iter()
+        .map(|d| (&d.task_id, d.capability.as_str(), d.client.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (&t3, "d1", "alice"),
+            (&t2, "d2", "bob"),
+            (&t1, "d1", "alice")
+        ]
+    );
+    let first = &page.dead_letters[0];
+    let view = s.get(&t3).await.unwrap().unwrap().view;
+    assert_eq!(first.step.as_deref(), Some(view.steps[0].id.as_str()));
+    assert_eq!(first.step.as_deref(), Some("d1"));
+    assert_eq!(first.error.as_deref(), Some("boom"));
+    assert_eq!(Some(first.failed_at), view.finished_at_ms);
+
+    // One at a time, each page from the last one's cursor.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.dead_letter_page(&caps, after.as_ref(), 1).await.unwrap();
+        seen.extend(page.dead_letters.iter().map(|d| d.task_id.clone()));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+        assert!(seen.len() <= 3, "the pages end");
+    }
+    assert_eq!(seen, [t3.clone(), t2.clone(), t1.clone()]);
+    let d1 = s.dead_letter_page(&[cap("d1")], None, 10).await.unwrap();
+    assert_eq!(d1.dead_letters.len(), 2);
+
+    // Purging one: out of the list, still failed, no longer redriven.
+    assert_eq!(
+        s.purge_dead_letters(&cap("d1"), Some(&t1)).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        s.purge_dead_letters(&cap("d1"), Some(&t1)).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        s.purge_dead_letters(&cap("d2"), Some(&t3)).await.unwrap(),
+        0
+    );
+    let d1 = s.dead_letter_page(&[cap("d1")], None, 10).await.unwrap();
+    assert_eq!(
+        d1.dead_letters
+            .iter()
+            .map(|d| &d.task_id)
+            .collect::<Vec<_>>(),
+        [&t3]
+    );
+    assert_eq!(
+        s.redrive(&t1, RETENTION).await.unwrap(),
+        RedriveOutcome::Purged
+    );
+    assert_eq!(
+        s.get(&t1).await.unwrap().unwrap().view.status,
+        TaskStatus::Failed
+    );
+    // Purging a capability: its count goes to 0; the other's stays and still redrives.
+    assert_eq!(s.purge_dead_letters(&cap("d1"), None).await.unwrap(), 1);
+    assert_eq!(
+        s.purge_dead_letters(&cap("nothing"), None).await.unwrap(),
+        0
+    );
+    let stats = s.stats(&[cap("d1"), cap("d2")], RETENTION).await.unwrap();
+    assert_eq!((stats[0].1.dead_lettered, stats[1].1.dead_lettered), (0, 1));
+    assert_eq!(
+        s.redrive(&t3, RETENTION).await.unwrap(),
+        RedriveOutcome::Purged
+    );
+    assert!(matches!(
+        s.redrive(&t2, RETENTION).await.unwrap(),
+        RedriveOutcome::Redriven(_)
+    ));
+    let left = s.dead_letter_page(&caps, None, 10).await.unwrap();
+    assert!(left.dead_letters.is_empty(), "{left:?}");
 }

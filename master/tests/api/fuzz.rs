@@ -175,7 +175,7 @@ async fn nasty_inputs_get_their_documented_status() {
     }
     // Unknown routes and methods.
     for (method, path, status) in [
-        (reqwest::Method::GET, "/tasks", 404),
+        (reqwest::Method::GET, "/taskz", 404),
         (reqwest::Method::PATCH, "/task/x", 405),
         (reqwest::Method::DELETE, "/result/x", 405),
         (reqwest::Method::GET, "/result", 405),

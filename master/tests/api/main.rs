@@ -13,6 +13,7 @@ mod e2e;
 mod errors;
 mod fuzz;
 mod hardening;
+mod lists;
 mod longpoll;
 mod model;
 mod ops;

@@ -2554,6 +2554,8 @@ impl Run<'_> {
                     self.count(match want {
                         RedriveOutcome::Redriven(_) => "redrive: redriven",
                         RedriveOutcome::NotFailed(_) => "redrive: not failed",
+                        // The model never purges dead letters.
+                        RedriveOutcome::Purged => "redrive: purged",
                         RedriveOutcome::NotFound => "redrive: not found",
                     });
                 }

@@ -9,7 +9,7 @@ local now = now_ms()
 g_begin(ARGV[1], ARGV[2], KEYS[1], now, KEYS[2])
 g_legacy()
 local v = g_read({F.status, F.step_count, F.callback_url, F.budget_tokens, F.budget_cost_nanos,
-  F.event_count, F.watched_until})
+  F.event_count, F.watched_until, F.created_at})
 if not v[1] then return {'outcome', 'missing'} end
 if terminal(v[1]) then return {'outcome', 'finished', 'status', v[1]} end
 stop_all(-1, ARGV[4])
@@ -19,5 +19,6 @@ g_flush()
 if v[3] then queue_callback(ARGV[1], KEYS[1], ARGV[2], now) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if v[4] or v[5] then redis.call('PEXPIRE', usage_key(ARGV[1], ARGV[2]), ARGV[3]) end
+redis.call('ZADD', index_key(ARGV[1]), 0, ix_status('cancelled', pad_ms(v[8]), ARGV[2]))
 redis.call('PUBLISH', events_channel(ARGV[1]), 'done:' .. ARGV[2])
 return {'outcome', 'cancelled'}

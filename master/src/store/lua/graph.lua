@@ -303,15 +303,19 @@ local function g_legacy()
   g_set(F.sinks, tostring(n - 1))
 end
 
--- The task fails with error `err` because slot `slot` (capability `cap`, if any) failed for
--- good: dead-lettered; the other running branches are stopped by g_end.
-local function fail_task(cap, err)
+-- The task fails with error `err` because step `step_id` (capability `cap`, if any) failed
+-- for good: dead-lettered; the other running branches are stopped by g_end.
+local function fail_task(cap, err, step_id)
   if G.failed then return end
   G.failed = {error = err}
   g_set(F.status, 'failed')
   g_set(F.error, err)
   g_set(F.finished_at, int(G.now))
-  if cap then redis.call('ZADD', dead_key(G.prefix, cap), int(G.now), G.id) end
+  if step_id then g_set(F.failed_step, step_id) end
+  if cap then
+    redis.call('ZADD', dead_key(G.prefix, cap), int(G.now), G.id)
+    g_set(F.dead_capability, cap)
+  end
 end
 
 -- A map instance finished: count it, queue the next one, and finish the map step when
@@ -361,17 +365,19 @@ fail_for_good = function(slot, err)
   g_set(at(slot, 'status'), 'failed')
   g_set(at(slot, 'error'), err)
   g_set(at(slot, 'finished_at'), int(G.now))
-  local v = g_read({at(slot, 'parent'), at(slot, 'allow_failure'), at(slot, 'capability')})
+  -- The step's id is read here with the rest (its event reads it from the cache).
+  local v = g_read({at(slot, 'parent'), at(slot, 'allow_failure'), at(slot, 'capability'),
+    at(slot, 'id')})
   if v[1] then
     local p = tonumber(v[1])
     if g_read({at(p, 'allow_failure')})[1] == '1' then return instance_done(p) end
     g_set(at(p, 'status'), 'failed')
     g_set(at(p, 'error'), err)
     g_set(at(p, 'finished_at'), int(G.now))
-    return fail_task(v[3], err)
+    return fail_task(v[3], err, v[4])
   end
   if v[2] == '1' then return finish(slot, 'failed') end
-  fail_task(v[3], err)
+  fail_task(v[3], err, v[4])
 end
 
 -- Expands map step `m` over its array (rule 7).
@@ -574,14 +580,15 @@ end
 
 -- Ends a transition: stops the other branches of a task that failed, or finishes a task
 -- with no open step; writes; queues the callback, sets the retention and announces a
--- finished task. `reported` is the slot a report was about (or nil). Returns the reply
+-- finished task and puts it in the search index's status part. `reported` is the slot a
+-- report was about (or nil). Returns the reply
 -- fields about the task: {['queued', caps]} or {'status', s, 'callback', c[, 'result', r]
 -- [, 'error', e]}; G.done is the task's final status, if it finished.
 -- `before_write`, if given, is called with them before the hash is written (to add fields
 -- to the same HSET).
 local function g_end(reported, retention, before_write)
   local t = g_read({F.status, F.open, F.callback_url, F.budget_tokens, F.budget_cost_nanos,
-    F.event_count, F.watched_until})
+    F.event_count, F.watched_until, F.created_at})
   local done = nil
   if G.failed then
     stop_all(reported or -1, cjson.encode({message =
@@ -622,6 +629,7 @@ local function g_end(reported, retention, before_write)
     -- A budgeted task's usage hash was made at submit, with no expiry: it goes with the
     -- task. (Otherwise the gateway made it, with an expiry of its own.)
     if t[4] or t[5] then redis.call('PEXPIRE', usage_key(G.prefix, G.id), retention) end
+    redis.call('ZADD', index_key(G.prefix), 0, ix_status(done, pad_ms(t[8]), G.id))
     redis.call('PUBLISH', events_channel(G.prefix), 'done:' .. G.id)
   end
   return out

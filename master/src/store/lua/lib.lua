@@ -6,6 +6,8 @@ local function now_ms()
 end
 -- Integers as exact decimal text (Lua's default formatting keeps only 14 digits).
 local function int(x) return string.format('%.0f', x) end
+-- A time as the task index keeps it (schema::index::pad_ms): 13 digits, zero-padded.
+local function pad_ms(ms) return string.format('%013.0f', math.min(tonumber(ms or '0'), 9999999999999)) end
 -- Higher priority first, then first queued first (store/mod.rs: queue_score).
 local function score(priority, queued)
   return int(-tonumber(priority or '0') * PRIORITY_WEIGHT + (tonumber(queued or '0') - SCORE_EPOCH_MS))

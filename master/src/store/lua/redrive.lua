@@ -4,15 +4,21 @@
 -- KEYS[1] task hash   KEYS[2] the operators' event stream, while it records
 -- ARGV[1] prefix   ARGV[2] task id   ARGV[3] retention ms (if a step it re-runs finishes the
 -- task at once)
+-- A task dead-lettered under a capability (F.dead_capability) that is no longer in that
+-- set was purged by an operator: it is not redriven.
 -- Returns {'outcome', 'redriven'[, 'queued', caps]}
---       | {'outcome', 'not_failed', 'status', status} | {'outcome', 'missing'}
+--       | {'outcome', 'not_failed', 'status', status} | {'outcome', 'purged'}
+--       | {'outcome', 'missing'}
 local now = now_ms()
 g_begin(ARGV[1], ARGV[2], KEYS[1], now, KEYS[2])
 g_legacy()
 local v = g_read({F.status, F.step_count, F.started_at, F.budget_tokens, F.budget_cost_nanos,
-  F.event_count, F.watched_until})
+  F.event_count, F.watched_until, F.dead_capability, F.created_at})
 if not v[1] then return {'outcome', 'missing'} end
 if v[1] ~= 'failed' then return {'outcome', 'not_failed', 'status', v[1]} end
+if v[8] and not redis.call('ZSCORE', dead_key(ARGV[1], v[8]), ARGV[2]) then
+  return {'outcome', 'purged'}
+end
 local n = tonumber(v[2] or '0')
 local fields = {}
 for i = 0, n - 1 do
@@ -39,6 +45,9 @@ if v[3] then status = 'running' end
 g_set(F.status, status)
 g_del(F.finished_at)
 g_del(F.error)
+g_del(F.failed_step)
+g_del(F.dead_capability)
+redis.call('ZREM', index_key(ARGV[1]), ix_status('failed', pad_ms(v[9]), ARGV[2]))
 -- The failure's callback, delivered or not, is superseded by the next finish's.
 g_del(F.callback_status)
 g_del(F.callback_attempts)

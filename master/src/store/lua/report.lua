@@ -30,7 +30,7 @@ local v = g_read({F.status, at(slot, 'status'), at(slot, 'attempt'), at(slot, 'c
   F.open, F.priority, F.callback_url, at(slot, 'report_key'), at(slot, 'report_reply'),
   at(slot, 'dependants'), at(slot, 'parent'), at(slot, 'router'), F.sinks, F.declared,
   F.step_count, F.budget_tokens, F.budget_cost_nanos, at(slot, 'id'), F.event_count,
-  F.watched_until})
+  F.watched_until, F.created_at})
 if not v[1] then return {'outcome', 'discarded'} end
 -- Who reported what: a repeat of exactly this report is a replay. The master's own
 -- reports for a lost attempt (ARGV[13]) are not remembered, so the worker's late report of

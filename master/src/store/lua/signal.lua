@@ -12,7 +12,7 @@ g_begin(ARGV[1], ARGV[2], KEYS[1], now, KEYS[2])
 g_legacy()
 local name = ARGV[3]
 local v = g_read({F.status, signal_field(name), buffered_field(name), F.budget_tokens,
-  F.budget_cost_nanos, F.event_count, F.watched_until})
+  F.budget_cost_nanos, F.event_count, F.watched_until, F.created_at})
 if not v[1] then return {'outcome', 'missing'} end
 if terminal(v[1]) then return {'outcome', 'finished', 'status', v[1]} end
 if not v[2] then return {'outcome', 'unknown'} end

@@ -1,5 +1,6 @@
 -- Submits a task: idempotency, per-client rate limit (GCRA), the task hash, and the steps
--- that need nothing made ready (graph.lua: queued, waiting, or a map expanded).
+-- that need nothing made ready (graph.lua: queued, waiting, or a map expanded), and the
+-- task's members of the search index.
 -- KEYS[1] task hash              KEYS[2] idempotency key (used when ARGV[6] == '1')
 -- KEYS[3] rate-limit key         KEYS[4] set of capabilities seen in inline steps
 -- KEYS[5] the operators' event stream, while it records (lib.lua: ev_announce)
@@ -54,6 +55,15 @@ for i = 10 + k + r, #ARGV, 2 do
     redis.call('HSET', usage_key(ARGV[1], ARGV[2]), USAGE_BUDGET_COST_NANOS, ARGV[i + 1])
   end
 end
+-- The task search index (schema::keys::task_index): every task, its client's, its pipeline's.
+local who = g_read({F.client, F.pipeline})
+local ms = pad_ms(now)
+local entries = {0, ix_all(ms, ARGV[2], who[1] or '', who[2] or ''), 0, ix_client(who[1] or '', ms, ARGV[2])}
+if who[2] then
+  entries[#entries + 1] = 0
+  entries[#entries + 1] = ix_pipeline(who[2], ms, ARGV[2])
+end
+redis.call('ZADD', index_key(ARGV[1]), unpack(entries))
 for i = 10 + k, 9 + k + r do ready(tonumber(ARGV[i])) end
 local reply = {'outcome', 'created'}
 for _, x in ipairs(g_end(nil, ARGV[5])) do reply[#reply + 1] = x end

@@ -17,7 +17,7 @@ for _, m in ipairs(due) do
   g_begin(ARGV[1], id, task_key(ARGV[1], id), now, KEYS[2])
   local v = g_read({F.status, at(slot, 'status'), at(slot, 'kind'), at(slot, 'on_timeout'),
     at(slot, 'signal'), at(slot, 'wait_ms'), F.budget_tokens, F.budget_cost_nanos,
-    F.event_count, F.watched_until})
+    F.event_count, F.watched_until, F.created_at})
   if v[1] and not terminal(v[1]) and v[2] == 'waiting' then
     g_del(at(slot, 'wakes_at'))
     if v[3] == 'sleep' or v[4] == 'continue' then
