@@ -216,6 +216,7 @@ async fn a_client_resumes_on_another_replica_and_after_a_restart_missing_and_rep
             "step.dispatched draft",
             "step.succeeded draft",
             "step.waiting approve",
+            "signal.received approve",
             "step.succeeded approve",
             "step.queued publish",
             "step.dispatched publish",
@@ -223,7 +224,8 @@ async fn a_client_resumes_on_another_replica_and_after_a_restart_missing_and_rep
             "task.succeeded",
         ]
     );
-    assert_eq!(got[5].output, Some(json!({"ok": true})));
+    assert_eq!(got[5].signal.as_deref(), Some("approval"));
+    assert_eq!(got[6].output, Some(json!({"ok": true})));
     b.stop().await;
     a2.stop().await;
 }
