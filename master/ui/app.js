@@ -482,7 +482,8 @@ function workers(main) {
 
 // ---- tasks ---------------------------------------------------------------------------------
 
-const STATUSES = ["queued", "running", "waiting", "succeeded", "failed", "cancelled"];
+// A waiting task is searched as running (the index keeps no "waiting" part).
+const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
 
 function toLocalInput(ms) {
   if (!ms) return "";
