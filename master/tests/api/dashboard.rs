@@ -409,6 +409,25 @@ async fn until(browser: &Client, what: &str, within: Duration, script: &str) -> 
     }
 }
 
+/// Clicks the element `css` selects.
+async fn click(browser: &Client, css: &str) {
+    let element = browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css} to click: {e}"));
+    element.click().await.unwrap();
+}
+
+/// Waits up to 10 s for an element `css` selects, and returns it.
+async fn appear(browser: &Client, css: &str) -> fantoccini::elements::Element {
+    browser
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css} did not appear: {e}"))
+}
+
 async fn go(browser: &Client, base: &str, hash: &str) {
     browser.goto(&format!("{base}/ui#{hash}")).await.unwrap();
 }
@@ -496,39 +515,17 @@ async fn an_operator_watches_tasks_run_and_redrives_a_dead_letter_in_a_real_brow
 
     // Sign in: a client key is refused on the page, an operator key opens the overview.
     go(&browser, &base, "/").await;
-    let key = browser
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("#key"))
-        .await
-        .unwrap();
+    let key = appear(&browser, "#key").await;
     shoot(&browser, "sign-in").await;
     key.send_keys(ALICE).await.unwrap();
-    browser
-        .find(Locator::Css("#login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "#login button").await;
     until(&browser, "a client key is refused", Duration::from_secs(10),
         "return document.querySelector('#login-error')?.textContent.includes('not an operator key')").await;
     let key = browser.find(Locator::Css("#key")).await.unwrap();
     key.clear().await.unwrap();
     key.send_keys(OPERATOR).await.unwrap();
-    browser
-        .find(Locator::Css("#login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    browser
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("#queues"))
-        .await
-        .unwrap();
+    click(&browser, "#login button").await;
+    appear(&browser, "#queues").await;
     // The session cookie is out of the page's reach (HttpOnly).
     let cookies = browser
         .execute("return document.cookie", vec![])
@@ -618,13 +615,7 @@ async fn an_operator_watches_tasks_run_and_redrives_a_dead_letter_in_a_real_brow
         true
     );
     // A step's detail: its worker, output and timing.
-    browser
-        .find(Locator::Css("#graph .step[data-step]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "#graph .step[data-step]").await;
     until(
         &browser,
         "the step's detail",
@@ -708,21 +699,12 @@ async fn an_operator_watches_tasks_run_and_redrives_a_dead_letter_in_a_real_brow
         &format!("return document.querySelector('tr[data-task=\"{dead}\"]')?.textContent.includes('the flaky agent is broken')")).await;
     shoot(&browser, "dead-letters").await;
     broken.store(false, Ordering::SeqCst);
-    browser
-        .find(Locator::Css(&format!(
-            "tr[data-task=\"{dead}\"] button.redrive"
-        )))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let link = browser
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("#redriven-link"))
-        .await
-        .unwrap();
+    click(
+        &browser,
+        &format!("tr[data-task=\"{dead}\"] button.redrive"),
+    )
+    .await;
+    let link = appear(&browser, "#redriven-link").await;
     link.click().await.unwrap();
     until(
         &browser,
@@ -734,19 +716,8 @@ async fn an_operator_watches_tasks_run_and_redrives_a_dead_letter_in_a_real_brow
     assert_eq!(master.view(&dead).await.status.as_str(), "succeeded");
 
     // Signing out ends the session: the page asks to sign in again.
-    browser
-        .find(Locator::Css("#signout"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    browser
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("#key"))
-        .await
-        .unwrap();
+    click(&browser, "#signout").await;
+    appear(&browser, "#key").await;
     let status = browser
         .execute_async(
             "const done = arguments[0]; fetch('/queues').then(r => done(r.status))",
