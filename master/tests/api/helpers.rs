@@ -110,16 +110,20 @@ impl TestMaster {
         self.view(id).await
     }
 
-    /// `GET /queues` (operator): the row of one capability.
-    pub async fn queue(&self, capability: &str) -> Value {
-        let queues: Value = self
-            .get("/queues", OPERATOR)
+    /// `GET path` with the operator key, as JSON.
+    pub async fn operator_json(&self, path: &str) -> Value {
+        self.get(path, OPERATOR)
             .send()
             .await
             .unwrap()
             .json()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `GET /queues` (operator): the row of one capability.
+    pub async fn queue(&self, capability: &str) -> Value {
+        let queues = self.operator_json("/queues").await;
         queues["queues"]
             .as_array()
             .unwrap()
