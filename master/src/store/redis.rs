@@ -1431,6 +1431,48 @@ mod tests {
         assert_eq!(by_score, by_rule);
     }
 
+    /// `int`, `pad_ms` and `at_step` keep what they made (lib.lua): what they answer is
+    /// still the Rust text, for a value seen before and after another, and for step names
+    /// after the name cache has started over.
+    #[tokio::test]
+    async fn the_lua_number_and_name_helpers_agree_with_rust_when_cached() {
+        let server = testkit::RedisServer::start();
+        let pool = RedisPool::new(&server.settings()).unwrap();
+        let now = common::wire::now_ms();
+        let lua = "local out = {}
+            local function add(x) out[#out + 1] = x end
+            local now = tonumber(ARGV[1])
+            add(int(now)); add(int(now + 1)); add(int(now)); add(int(-7)); add(int(2.75))
+            add(int(1e16)); add(int('12'))
+            add(pad_ms(0)); add(pad_ms(now)); add(pad_ms(now)); add(pad_ms(1e14))
+            for i = 0, 25000 do
+              local name = at_step(i, S.status)
+              if name ~= tostring(i) .. ':' .. S.status then return 'wrong name for ' .. i end
+            end
+            add(at_step(3, S.output)); add(at_step('3', S.output)); add(at_step(25000, S.status))
+            return out";
+        let got: Vec<String> =
+            redis::from_redis_value(eval(&pool, lua, &[now.to_string()]).await.unwrap()).unwrap();
+        let pad = schema::index::pad_ms;
+        let expected = [
+            now.to_string(),
+            (now + 1).to_string(),
+            now.to_string(),
+            "-7".into(),
+            "3".into(),
+            "10000000000000000".into(),
+            "12".into(),
+            pad(0),
+            pad(now),
+            pad(now),
+            pad(schema::index::MAX_MS),
+            at_step(3, step_field::OUTPUT),
+            at_step(3, step_field::OUTPUT),
+            at_step(25_000, step_field::STATUS),
+        ];
+        assert_eq!(got, expected);
+    }
+
     #[tokio::test]
     async fn every_script_compiles_and_an_unknown_field_name_is_an_error() {
         let server = testkit::RedisServer::start();

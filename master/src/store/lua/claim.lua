@@ -47,7 +47,10 @@ while #claimed < #pool do
     local tkey = task_key(ARGV[1], id)
     -- Only the fields a claim uses (step_fields would build all of them, per step).
     local k = {}
-    for _, name in ipairs(CLAIM_FIELDS) do k[name] = at_step(step, S[name]) end
+    for j = 1, #CLAIM_FIELDS do
+      local name = CLAIM_FIELDS[j]
+      k[name] = at_step(step, S[name])
+    end
     local fields = {F.status, k.status, k.attempt, k.tries, k.timeout_ms, F.pipeline,
       F.declared, F.step_count, F.request_id, F.input, k.avoid_worker, k.needs, k.id,
       k.element, k.element_index, F.event_count, F.watched_until, F.traceparent}

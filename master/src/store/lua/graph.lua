@@ -21,11 +21,12 @@ end
 -- read with one HMGET (unless G.complete: the cache holds the whole hash, at submit).
 local function g_read(fields)
   local missing = {}
-  for _, f in ipairs(fields) do
+  for i = 1, #fields do
+    local f = fields[i]
     if G.cache[f] == nil then missing[#missing + 1] = f end
   end
   if #missing > 0 and G.complete then
-    for _, f in ipairs(missing) do G.cache[f] = false end
+    for i = 1, #missing do G.cache[missing[i]] = false end
   elseif #missing > 0 then
     for first = 1, #missing, CHUNK do
       local last = math.min(first + CHUNK - 1, #missing)
@@ -34,8 +35,8 @@ local function g_read(fields)
     end
   end
   local out = {}
-  for i, f in ipairs(fields) do
-    local c = G.cache[f]
+  for i = 1, #fields do
+    local c = G.cache[fields[i]]
     if c ~= false then out[i] = c end
   end
   return out
@@ -43,7 +44,8 @@ end
 
 -- Seeds the cache with values read by the script itself (the same order as `fields`).
 local function g_seed(fields, values)
-  for i, f in ipairs(fields) do
+  for i = 1, #fields do
+    local f = fields[i]
     if G.cache[f] == nil then G.cache[f] = values[i] or false end
   end
 end
@@ -69,7 +71,9 @@ local STEP_EVENT = {queued = 'step.queued', succeeded = 'step.succeeded',
   cancelled = 'step.cancelled'}
 local function g_events()
   local slots, task_status = {}, nil
-  for _, f in ipairs(G.order) do
+  local order = G.order
+  for i = 1, #order do
+    local f = order[i]
     local v = G.writes[f]
     if v == nil then
     elseif f == F.status then
@@ -143,7 +147,9 @@ end
 local function g_flush()
   g_events()
   local args, seen = {}, {}
-  for _, f in ipairs(G.order) do
+  local order = G.order
+  for i = 1, #order do
+    local f = order[i]
     local v = G.writes[f]
     if v ~= nil and not seen[f] then
       seen[f] = true
