@@ -4,7 +4,8 @@
 //! `session.rs`), workers (`WORKER_TOKEN`). Keys are compared in constant time; a credential
 //! of one kind never works as another.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
@@ -31,6 +32,8 @@ pub struct Auth {
     operators: KeyRing,
     /// The dashboard's sessions, signed with keys derived from `operators`.
     sessions: Sessions,
+    /// Failed sign-ins on this master ([`SignInGate`]).
+    sign_ins: SignInGate,
     /// `WORKER_TOKEN`: only workers may report results.
     worker_token: Secret,
     /// `JWT_SECRET`, for clients whose identity provider signs HS256 tokens.
@@ -101,6 +104,7 @@ impl Auth {
             disabled: config.auth_disabled,
             clients: KeyRing::parse("API_KEYS", config.api_keys.expose())?,
             sessions: Sessions::new(&operators),
+            sign_ins: SignInGate::default(),
             operators,
             worker_token: config.worker_token.clone(),
             hs256,
@@ -166,14 +170,18 @@ impl Auth {
     }
 
     /// Signs a dashboard user in: an operator key gets a session (`POST /ui/login`).
+    /// Past [`SIGN_IN_FAILURES`] recent failures, every sign-in gets `429` for a while.
     pub(crate) fn sign_in(&self, key: &str) -> Result<Session, ApiError> {
-        match self.operators.position(key) {
-            Some(index) => Ok(self.sessions.open(index, common::wire::now_ms() / 1000)),
-            None if self.clients.client_for(key).is_some() => Err(ApiError::forbidden(
-                "the dashboard needs an operator key, not a client key",
-            )),
-            None => Err(ApiError::unauthorized("invalid operator key")),
-        }
+        self.sign_ins.admit()?;
+        let refused = match self.operators.position(key) {
+            Some(index) => return Ok(self.sessions.open(index, common::wire::now_ms() / 1000)),
+            None if self.clients.client_for(key).is_some() => {
+                ApiError::forbidden("the dashboard needs an operator key, not a client key")
+            }
+            None => ApiError::unauthorized("invalid operator key"),
+        };
+        self.sign_ins.failed();
+        Err(refused)
     }
 
     /// The dashboard session of a request (`Ok(None)` without a session cookie); see
@@ -308,5 +316,61 @@ where
             }
         }
         auth.client(&parts.headers).map(Self::Client)
+    }
+}
+
+/// Failed dashboard sign-ins one master allows in a burst; one more is allowed every
+/// [`SIGN_IN_REFILL`].
+pub(crate) const SIGN_IN_FAILURES: f64 = 10.0;
+/// How often one more failed sign-in is allowed: 10 a minute once the burst is spent.
+pub(crate) const SIGN_IN_REFILL: Duration = Duration::from_secs(6);
+
+/// Guesses at operator keys through `POST /ui/login`, slowed down: a bucket of failures
+/// per master (not per address, which a guesser can change or forge behind the load
+/// balancer). While it is empty every sign-in is refused with `429`, the right key too,
+/// so the answers tell a guesser nothing faster than the bucket refills. An operator
+/// locked out meanwhile still reaches every operator route with the key as a bearer token.
+#[derive(Debug)]
+struct SignInGate {
+    /// Failures still allowed now, and when that was worked out.
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Default for SignInGate {
+    fn default() -> Self {
+        Self {
+            bucket: Mutex::new((SIGN_IN_FAILURES, Instant::now())),
+        }
+    }
+}
+
+impl SignInGate {
+    /// Refills the bucket for the time gone by; returns what it holds.
+    fn refill(&self) -> std::sync::MutexGuard<'_, (f64, Instant)> {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let earned = now.duration_since(bucket.1).as_secs_f64() / SIGN_IN_REFILL.as_secs_f64();
+        *bucket = ((bucket.0 + earned).min(SIGN_IN_FAILURES), now);
+        bucket
+    }
+
+    /// `429` with `Retry-After` while no failure is allowed.
+    fn admit(&self) -> Result<(), ApiError> {
+        let bucket = self.refill();
+        if bucket.0 >= 1.0 {
+            return Ok(());
+        }
+        let wait = (1.0 - bucket.0) * SIGN_IN_REFILL.as_secs_f64();
+        Err(ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sign_ins",
+            "too many failed sign-ins on this master; wait, or use the key as a bearer token",
+        )
+        .retry_after(wait.ceil() as u64))
+    }
+
+    fn failed(&self) {
+        let mut bucket = self.refill();
+        bucket.0 = (bucket.0 - 1.0).max(0.0);
     }
 }

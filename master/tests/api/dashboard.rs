@@ -227,6 +227,47 @@ async fn a_dashboard_session_is_an_operator_credential_and_changes_need_its_csrf
     master.stop().await;
 }
 
+/// Guessing operator keys through the sign-in form is slowed down: after ten failures the
+/// master refuses every sign-in, the right key too, with `429` and `Retry-After`, so the
+/// answers stop telling a guess from the key. The key still works as a bearer token.
+#[tokio::test]
+async fn guessing_operator_keys_at_the_sign_in_is_refused_after_ten_failures() {
+    let redis = RedisServer::start();
+    let (master, _workers) = spawn_app(&redis).await;
+    let login = |key: String| {
+        master
+            .http
+            .post(format!("{}/ui/login", master.url))
+            .json(&json!({ "key": key }))
+            .send()
+    };
+    for guess in 0..10 {
+        let r = login(format!("guess-{guess}")).await.unwrap();
+        assert_eq!(r.status(), 401, "guess {guess}");
+    }
+    for key in ["guess-10".to_string(), OPERATOR.to_string()] {
+        let r = login(key.clone()).await.unwrap();
+        assert_eq!(r.status(), 429, "{key}");
+        assert!(r.headers().get(SET_COOKIE).is_none());
+        let wait: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=6).contains(&wait), "Retry-After {wait}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "too_many_sign_ins", "{body}");
+    }
+    let r = master
+        .http
+        .get(format!("{}/queues", master.url))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test]
 async fn the_page_allows_no_inline_script_no_framing_and_no_other_origin() {
     let redis = RedisServer::start();
