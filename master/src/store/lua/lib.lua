@@ -1,6 +1,17 @@
 -- Helpers prepended to every master script, after the names generated from
 -- store/schema.rs (`F`, `S`, the key builders; see schema::lua_prelude).
+-- The time of a call in ms: the master's clock, given as every call's last argument
+-- (store/redis.rs: Call) and taken off ARGV before the script runs (`call_begins`), so no
+-- script spends a command on TIME. The replicas' clocks are NTP-synced; what a few ms of
+-- skew could move (a lease of seconds, a retry's delay, the order of two submits in the
+-- search index) tolerates it. Without it (a test's snippet), Redis's clock.
+local call_now = nil
+local function call_begins(ARGV)
+  call_now = tonumber(ARGV[#ARGV])
+  ARGV[#ARGV] = nil
+end
 local function now_ms()
+  if call_now then return call_now end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
