@@ -113,6 +113,7 @@ async fn the_task_search_turns_away_bad_parameters_with_a_422_naming_them() {
         ("cursor=1.a:b".into(), "cursor"),
         ("cursor=99999999999999.abc".into(), "cursor"),
         ("cursor=-5.abc".into(), "cursor"),
+        (format!("cursor={}.abc", u64::MAX), "cursor"),
         (format!("client={long}"), "client"),
         (format!("pipeline={long}"), "pipeline"),
         ("stauts=failed".into(), "stauts"),
