@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use common::http::{ErrorBody, ErrorDetail};
 use common::wire::{
-    AckStatus, Capability, PriorOutput, ReportStatus, ResultAck, ResultReport, StepContext,
-    StepError, StepProgress, StepRef, StepStatus, TaskId, WorkAccepted, WorkRequest, WorkerId,
-    WorkerRecord,
+    AckStatus, Capability, PriorOutput, ReportStatus, ResultAck, ResultBatchAnswer,
+    ResultItemAnswer, ResultReport, StepContext, StepError, StepProgress, StepRef, StepStatus,
+    TaskId, WorkAccepted, WorkBatchAnswer, WorkItemAnswer, WorkRequest, WorkerId, WorkerRecord,
 };
 use schemars::generate::{SchemaGenerator, SchemaSettings};
 use schemars::{JsonSchema, Schema};
@@ -56,12 +56,16 @@ fn entries() -> Vec<Entry> {
         entry::<PriorOutput>("PriorOutput"),
         entry::<StepStatus>("StepStatus"),
         entry::<WorkAccepted>("WorkAccepted"),
+        entry::<WorkBatchAnswer>("WorkBatchAnswer"),
+        entry::<WorkItemAnswer>("WorkItemAnswer"),
         entry::<ResultReport>("ResultReport"),
         entry::<ReportStatus>("ReportStatus"),
         entry::<StepError>("StepError"),
         entry::<StepProgress>("StepProgress"),
         entry::<ResultAck>("ResultAck"),
         entry::<AckStatus>("AckStatus"),
+        entry::<ResultBatchAnswer>("ResultBatchAnswer"),
+        entry::<ResultItemAnswer>("ResultItemAnswer"),
         entry::<ErrorBody>("ErrorBody"),
         entry::<ErrorDetail>("ErrorDetail"),
         entry::<TaskId>("TaskId"),

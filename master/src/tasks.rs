@@ -567,17 +567,7 @@ impl Tasks {
 
     /// Records a worker's report.
     pub(crate) async fn record_report(&self, report: ResultReport) -> Result<bool, ServiceError> {
-        report.validate().map_err(ServiceError::Invalid)?;
-        if report
-            .output
-            .as_ref()
-            .is_some_and(|o| json_depth(o) > MAX_JSON_DEPTH)
-        {
-            // It would become the next step's input: refuse it like a task input that deep.
-            return Err(ServiceError::Invalid(format!(
-                "`output` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
-            )));
-        }
+        check_report(&report)?;
         let outcome = self
             .store
             .report(
@@ -587,15 +577,61 @@ impl Tasks {
                 self.config.retention(),
             )
             .await?;
-        let recorded = outcome != ReportOutcome::Discarded;
+        Ok(self.after_recorded(&report, &outcome))
+    }
+
+    /// Records a batch of reports (`POST /results`) with one store call, each as
+    /// [`Self::record_report`] would. Each entry is a report, or why it could not be read;
+    /// each answer is whether it was recorded, or why it was refused. A store failure is
+    /// the whole batch's: none is known to be settled, and the worker delivers them again.
+    pub(crate) async fn record_reports(
+        &self,
+        reports: Vec<Result<ResultReport, ServiceError>>,
+    ) -> Result<Vec<Result<bool, ServiceError>>, ServiceError> {
+        let mut answers: Vec<Option<Result<bool, ServiceError>>> = Vec::new();
+        let mut valid = Vec::new();
+        for report in reports {
+            match report.and_then(|r| check_report(&r).map(|()| r)) {
+                Ok(report) => {
+                    answers.push(None);
+                    valid.push(report);
+                }
+                Err(e) => answers.push(Some(Err(e))),
+            }
+        }
+        let outcomes = if valid.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .report_many(
+                    &valid,
+                    self.dispatcher.retry_policy(),
+                    self.config.retention(),
+                )
+                .await?
+        };
+        let mut recorded = valid
+            .iter()
+            .zip(&outcomes)
+            .map(|(report, outcome)| self.after_recorded(report, outcome));
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Ok(recorded.next().unwrap_or(false))))
+            .collect())
+    }
+
+    /// Frees the worker's slot, wakes the dispatchers and logs, after a report's outcome
+    /// was stored. Returns whether it was recorded (not discarded).
+    fn after_recorded(&self, report: &ResultReport, outcome: &ReportOutcome) -> bool {
+        let recorded = *outcome != ReportOutcome::Discarded;
         if matches!(
             outcome,
             ReportOutcome::Next { .. } | ReportOutcome::Retry { .. } | ReportOutcome::Done { .. }
         ) {
             self.dispatcher.step_done(&report.worker_id);
         }
-        self.dispatcher.after_report(&report, &outcome);
-        match &outcome {
+        self.dispatcher.after_report(report, outcome);
+        match outcome {
             ReportOutcome::Discarded => {
                 tracing::info!(task_id = %report.task_id, step = report.step,
             attempt = report.attempt, worker = %report.worker_id,
@@ -612,7 +648,7 @@ impl Tasks {
             }
             ReportOutcome::Next { .. } => {}
         }
-        Ok(recorded)
+        recorded
     }
 
     /// Redrives one failed task (`POST /dispatch` with `task_id`).
@@ -866,6 +902,22 @@ fn task_result(v: TaskView) -> TaskResult {
         result: v.result,
         error: v.error,
     }
+}
+
+/// Whether a report may be recorded: valid fields, and an output no deeper than a task
+/// input may be (it becomes the next step's input).
+fn check_report(report: &ResultReport) -> Result<(), ServiceError> {
+    report.validate().map_err(ServiceError::Invalid)?;
+    if report
+        .output
+        .as_ref()
+        .is_some_and(|o| json_depth(o) > MAX_JSON_DEPTH)
+    {
+        return Err(ServiceError::Invalid(format!(
+            "`output` nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

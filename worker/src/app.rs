@@ -110,12 +110,18 @@ pub async fn serve_with_agents(
     let in_flight = InFlight::new(config.max_concurrency as usize, worker_id.as_str());
     let heartbeat = Heartbeat::new(
         Registry::new(pool.clone()),
-        WorkerRecord::starting(
-            worker_id.clone(),
-            url,
-            agents.capabilities(),
-            config.max_concurrency,
-        ),
+        WorkerRecord {
+            // It takes as many steps in one request as it has slots (see routes/work.rs).
+            max_batch: config
+                .max_concurrency
+                .min(u32::try_from(common::wire::MAX_BATCH).unwrap_or(u32::MAX)),
+            ..WorkerRecord::starting(
+                worker_id.clone(),
+                url,
+                agents.capabilities(),
+                config.max_concurrency,
+            )
+        },
         in_flight.clone(),
         config.heartbeat_interval(),
         config.heartbeat_ttl(),

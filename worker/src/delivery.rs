@@ -2,6 +2,14 @@
 //! (honouring `Retry-After`) while the master is unreachable or busy, until it answers
 //! `2xx`, refuses the report for good, or `RESULT_DELIVERY_TIMEOUT_MS` passes.
 //!
+//! Reports that finish close together share a request: while [`BATCH_SENDERS`] requests
+//! are in flight, new reports wait, and the next request carries all that waited (at most
+//! 64, [`BATCH_BYTES`] in all) to `POST {MASTER_URL}/results`. Nothing waits on purpose: a
+//! report that finds a sender free goes at once. The batch is only the first attempt: a
+//! report the batch did not settle (the request failed, or the master asked to retry it)
+//! goes on alone, through the retries above. A master that does not know `/results` (an
+//! older one answers `404`) gets reports one by one for [`NO_BATCH_FOR`].
+//!
 //! Every attempt also tells the [`MasterLink`] whether the master could be reached. A
 //! worker whose results cannot reach it (connection error, timeout, `5xx`) is *degraded*:
 //! it publishes the reason in its registry record at once, so dispatchers pass it by,
@@ -10,11 +18,14 @@
 //! this, a worker with a wrong `MASTER_URL` (or cut off by a security group) would keep
 //! heartbeating free slots and swallow every step it was sent until its lease lapsed.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::config::Secret;
-use common::wire::{AckStatus, ResultAck, ResultReport};
+use common::wire::{
+    AckStatus, MAX_BATCH, ResultAck, ResultBatchAnswer, ResultItemAnswer, ResultReport,
+};
 use reqwest::StatusCode;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -35,6 +46,12 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// The longest one probe may take: `/health` answers at once when the master is there.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests of reports in flight at once, the first attempts (retries are not counted).
+pub const BATCH_SENDERS: usize = 2;
+/// The most bytes of reports one `POST /results` carries; a larger report goes alone.
+pub const BATCH_BYTES: usize = 256 * 1024;
+/// How long reports go one by one after the master answered `404` to `POST /results`.
+pub const NO_BATCH_FOR: Duration = Duration::from_secs(60);
 
 /// Whether results reach the master, as the latest delivery attempt or probe found.
 #[derive(Clone, Debug)]
@@ -121,9 +138,36 @@ pub struct Delivery {
     token: Secret,
     /// How long to keep trying one result.
     timeout: Duration,
+    /// `{MASTER_URL}/results`, for reports that finish close together.
+    batch_url: String,
+    /// The reports waiting for a sender, and the senders.
+    batch: Arc<Mutex<Batching>>,
+}
+
+/// What the first attempts of the reports share.
+#[derive(Debug, Default)]
+struct Batching {
+    /// Reports waiting for a sender, oldest first.
+    waiting: VecDeque<Waiting>,
+    /// Senders running (at most [`BATCH_SENDERS`]).
+    senders: usize,
+    /// Until when reports go one by one (the master has no `/results`).
+    off_until: Option<Instant>,
+}
+
+/// A report waiting for its first attempt.
+#[derive(Debug)]
+struct Waiting {
+    /// The report, encoded.
+    body: Vec<u8>,
+    /// Its request id (the request's header carries the first report's).
+    request_id: String,
+    /// Told how its attempt went, or `None`: not tried (to be delivered alone).
+    settled: tokio::sync::oneshot::Sender<Option<Attempt>>,
 }
 
 /// What one attempt ended with.
+#[derive(Debug, Clone)]
 enum Attempt {
     Done(Outcome),
     Retry {
@@ -145,6 +189,8 @@ impl Delivery {
             link,
             token,
             timeout,
+            batch_url: format!("{base}/results"),
+            batch: Arc::new(Mutex::new(Batching::default())),
         }
     }
 
@@ -192,6 +238,22 @@ impl Delivery {
         request_id: &str,
         abort: &CancellationToken,
     ) -> Outcome {
+        // The first attempt, shared with the reports that finish meanwhile; without traces
+        // (a delivery's span and `traceparent` belong to one report).
+        let mut first = None;
+        if !common::traces::enabled() {
+            first = tokio::select! {
+                first = self.first_attempt(report, request_id) => first,
+                () = abort.cancelled() => Some(Attempt::Done(Outcome::Aborted)),
+            };
+            if let Some(Attempt::Done(outcome)) = first {
+                if outcome != Outcome::Aborted {
+                    self.link.reached();
+                }
+                ::metrics::counter!(metrics::DELIVERIES, "outcome" => outcome.label()).increment(1);
+                return outcome;
+            }
+        }
         let span = if common::traces::enabled() {
             tracing::info_span!(
                 "result.deliver",
@@ -203,7 +265,7 @@ impl Delivery {
         } else {
             tracing::Span::none()
         };
-        self.deliver_attempts(report, request_id, abort)
+        self.deliver_attempts(report, request_id, abort, first)
             .instrument(span)
             .await
     }
@@ -214,6 +276,7 @@ impl Delivery {
         report: &ResultReport,
         request_id: &str,
         abort: &CancellationToken,
+        mut first: Option<Attempt>,
     ) -> Outcome {
         let give_up_at = Instant::now() + self.timeout;
         let backoff = common::backoff::Backoff {
@@ -223,9 +286,13 @@ impl Delivery {
         let mut failures = 0u32;
         let outcome = loop {
             let remaining = give_up_at.saturating_duration_since(Instant::now());
-            let attempt = tokio::select! {
-                attempt = self.attempt(report, request_id, remaining) => attempt,
-                () = abort.cancelled() => break Outcome::Aborted,
+            let attempt = match first.take() {
+                // Made in a batch; its failure counts as the first.
+                Some(attempt) => attempt,
+                None => tokio::select! {
+                    attempt = self.attempt(report, request_id, remaining) => attempt,
+                    () = abort.cancelled() => break Outcome::Aborted,
+                },
             };
             let (why, retry_after) = match attempt {
                 Attempt::Done(outcome) => {
@@ -274,6 +341,148 @@ impl Delivery {
         outcome
     }
 
+    /// The report's first attempt, in the next request of reports: how it went, or `None`
+    /// when it was not tried (too large to share a request; a master without `/results`).
+    async fn first_attempt(&self, report: &ResultReport, request_id: &str) -> Option<Attempt> {
+        let body = serde_json::to_vec(report).ok()?;
+        if body.len() > BATCH_BYTES {
+            return None;
+        }
+        let (settled, outcome) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+            if b.off_until.is_some_and(|until| until > Instant::now()) {
+                return None;
+            }
+            b.waiting.push_back(Waiting {
+                body,
+                request_id: request_id.to_string(),
+                settled,
+            });
+            let start = b.senders < BATCH_SENDERS;
+            if start {
+                b.senders += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(self.clone().send_waiting());
+        }
+        outcome.await.ok().flatten()
+    }
+
+    /// A sender: sends what waits, in requests of up to 64 reports, until nothing waits.
+    async fn send_waiting(self) {
+        loop {
+            let batch = {
+                let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+                let mut bytes = 0;
+                let mut batch = Vec::new();
+                while let Some(next) = b.waiting.front() {
+                    if batch.len() == MAX_BATCH
+                        || (!batch.is_empty() && bytes + next.body.len() > BATCH_BYTES)
+                    {
+                        break;
+                    }
+                    bytes += next.body.len() + 1;
+                    batch.extend(b.waiting.pop_front());
+                }
+                if batch.is_empty() {
+                    b.senders -= 1;
+                    return;
+                }
+                batch
+            };
+            let outcomes = if batch.len() == 1 {
+                vec![self.send_one(&batch[0]).await]
+            } else {
+                self.send_many(&batch).await
+            };
+            for (waiting, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = waiting.settled.send(outcome);
+            }
+        }
+    }
+
+    /// `POST /result` of one waiting report.
+    async fn send_one(&self, waiting: &Waiting) -> Option<Attempt> {
+        let sent = self
+            .post(&self.url, waiting.body.clone(), &waiting.request_id)
+            .await;
+        Some(match sent {
+            Ok(response) => self.judge(response).await,
+            Err(e) => unreachable(&e),
+        })
+    }
+
+    /// `POST /results` of several waiting reports: how each one's attempt went.
+    async fn send_many(&self, batch: &[Waiting]) -> Vec<Option<Attempt>> {
+        let all = |attempt: Option<Attempt>| batch.iter().map(|_| attempt.clone()).collect();
+        let mut body =
+            Vec::with_capacity(batch.iter().map(|w| w.body.len() + 1).sum::<usize>() + 1);
+        body.push(b'[');
+        for (i, waiting) in batch.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&waiting.body);
+        }
+        body.push(b']');
+        let response = match self.post(&self.batch_url, body, &batch[0].request_id).await {
+            Ok(response) => response,
+            Err(e) => return all(Some(unreachable(&e))),
+        };
+        let status = response.status();
+        if matches!(
+            status,
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+        ) {
+            tracing::info!(
+                status = status.as_u16(),
+                "the master does not take batches of reports; sending them one by one"
+            );
+            let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+            b.off_until = Some(Instant::now() + NO_BATCH_FOR);
+            return all(None);
+        }
+        if status != StatusCode::OK {
+            // The whole request failed (busy, down, or refused): each report as if it had
+            // been answered so alone; a refusal for good is not, since the request as a whole
+            // (its size, say) may be what was refused: those go again alone.
+            return match self.judge(response).await {
+                retry @ Attempt::Retry { .. } => all(Some(retry)),
+                Attempt::Done(_) => all(None),
+            };
+        }
+        match response.json::<ResultBatchAnswer>().await {
+            Ok(answer) if answer.results.len() == batch.len() => answer
+                .results
+                .into_iter()
+                .map(|a| Some(judged(a)))
+                .collect(),
+            _ => all(None),
+        }
+    }
+
+    /// A `POST` of a JSON body to the master, with the token and request id.
+    async fn post(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        request_id: &str,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let mut request = self
+            .client
+            .post(url)
+            .header(&common::telemetry::REQUEST_ID, request_id)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if !self.token.is_empty() {
+            request = request.bearer_auth(self.token.expose());
+        }
+        request.send().await
+    }
+
     async fn attempt(
         &self,
         report: &ResultReport,
@@ -290,16 +499,14 @@ impl Delivery {
         if !self.token.is_empty() {
             request = request.bearer_auth(self.token.expose());
         }
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(e) => {
-                return Attempt::Retry {
-                    why: describe(&e),
-                    retry_after: None,
-                    reached: false,
-                };
-            }
-        };
+        match request.send().await {
+            Ok(response) => self.judge(response).await,
+            Err(e) => unreachable(&e),
+        }
+    }
+
+    /// What the master's answer to a report means.
+    async fn judge(&self, response: reqwest::Response) -> Attempt {
         let status = response.status();
         if status.is_success() {
             let ack = response.json::<ResultAck>().await.ok().map(|a| a.status);
@@ -331,6 +538,40 @@ impl Delivery {
         );
         Attempt::Done(Outcome::Rejected(status))
     }
+}
+
+/// A failed request: the master was not reached.
+fn unreachable(error: &reqwest::Error) -> Attempt {
+    Attempt::Retry {
+        why: describe(error),
+        retry_after: None,
+        reached: false,
+    }
+}
+
+/// How a report's attempt went, from its answer in a batch: as [`Delivery::judge`] would
+/// have judged that answer to the report alone.
+fn judged(answer: ResultItemAnswer) -> Attempt {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status.is_success() {
+        return Attempt::Done(Outcome::Acknowledged(answer.ack));
+    }
+    if status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || !status.is_client_error()
+    {
+        return Attempt::Retry {
+            why: format!("master answered {} (in a batch)", status.as_u16()),
+            retry_after: None,
+            reached: !status.is_server_error(),
+        };
+    }
+    tracing::error!(
+        status = status.as_u16(),
+        error = ?answer.error,
+        "the master refused the result; not retrying"
+    );
+    Attempt::Done(Outcome::Rejected(status))
 }
 
 /// What went wrong with a request, in words a person can act on: reqwest's own message is

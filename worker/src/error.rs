@@ -55,11 +55,13 @@ impl WorkError {
     }
 }
 
-impl IntoResponse for WorkError {
-    fn into_response(self) -> Response {
+impl WorkError {
+    /// The error body this refusal answers with (also one step's answer in a batch), and
+    /// counts it.
+    pub fn api_error(self) -> ApiError {
         ::metrics::counter!(crate::metrics::STEPS_REJECTED, "reason" => self.reason()).increment(1);
         let message = self.to_string();
-        let error = match self {
+        match self {
             Self::Unauthorized => ApiError::unauthorized(message),
             Self::Invalid(_) => ApiError::invalid(message),
             Self::CapabilityNotServed(_) => ApiError::new(
@@ -87,7 +89,12 @@ impl IntoResponse for WorkError {
             Self::Misdirected(..) => {
                 ApiError::new(StatusCode::MISDIRECTED_REQUEST, "misdirected", message)
             }
-        };
-        error.into_response()
+        }
+    }
+}
+
+impl IntoResponse for WorkError {
+    fn into_response(self) -> Response {
+        self.api_error().into_response()
     }
 }

@@ -16,8 +16,9 @@ pub use task::{
     TaskResult, TaskStatus, TaskView, WaitDef, WaitView,
 };
 pub use work::{
-    AckStatus, PriorOutput, ReportStatus, ResultAck, ResultReport, StepContext, StepError, StepRef,
-    WorkAccepted, WorkRequest, WorkerRecord,
+    AckStatus, MAX_BATCH, PriorOutput, ReportStatus, ResultAck, ResultBatchAnswer,
+    ResultItemAnswer, ResultReport, StepContext, StepError, StepRef, WorkAccepted, WorkBatchAnswer,
+    WorkItemAnswer, WorkRequest, WorkerRecord,
 };
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp on the wire.

@@ -1,6 +1,11 @@
 //! The master ↔ worker protocol: `POST {worker}/work` carries a [`WorkRequest`]; the worker
 //! answers `202` at once and later `POST {master}/result` with a [`ResultReport`]; workers
 //! keep a [`WorkerRecord`] in Redis (see `registry`).
+//!
+//! Batches: a worker whose record has `max_batch` above 1 takes a JSON array of steps on
+//! `POST /work` and answers each ([`WorkBatchAnswer`]); a worker may send several reports
+//! in one `POST /results` ([`ResultBatchAnswer`]). Both are optional: single requests keep
+//! working, so workers in other languages need neither.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -34,6 +39,9 @@ pub struct WorkRequest {
     /// it to. Absent from older masters; then any worker takes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_id: Option<WorkerId>,
+    /// The step's request id, in a batch (a single request carries it in `x-request-id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl WorkRequest {
@@ -250,6 +258,60 @@ pub struct WorkAccepted {
     pub duplicate: bool,
 }
 
+/// Most steps in one batched `POST /work`, and most reports in one `POST /results`.
+pub const MAX_BATCH: usize = 64;
+
+/// One step's answer in a batched `POST /work`: what a `POST /work` of this step alone
+/// would have answered.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkItemAnswer {
+    /// The HTTP status of that answer: `202` taken, else the refusal's (`429` full, `503`
+    /// draining or degraded, `421` misdirected, `422` not served or invalid, …).
+    pub status: u16,
+    /// With `202`: the worker already held this attempt, and runs it once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    /// With any other status: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::http::ErrorDetail>,
+}
+
+/// The worker's answer to a batched `POST /work` (`200`): one answer per step, in the
+/// order of the request.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkBatchAnswer {
+    /// The answers, one per step.
+    pub steps: Vec<WorkItemAnswer>,
+}
+
+/// One report's answer in `POST /results`: what a `POST /result` of this report alone
+/// would have answered.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResultItemAnswer {
+    /// The HTTP status of that answer: `200` settled (see `ack`), `400`/`422` a report
+    /// that is not valid (not retried).
+    pub status: u16,
+    /// With `200`: recorded, or discarded as stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<AckStatus>,
+    /// With any other status: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::http::ErrorDetail>,
+}
+
+/// The master's answer to `POST /results` (`200`): one answer per report, in the order of
+/// the request. A failure of the whole request (`401`, `413`, `503`, …) is an ordinary
+/// error body, and settles none of the reports.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResultBatchAnswer {
+    /// The answers, one per report.
+    pub results: Vec<ResultItemAnswer>,
+}
+
 /// What the master did with a report.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -316,6 +378,14 @@ pub struct WorkerRecord {
     /// `degraded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
+    /// The most steps it takes in one `POST /work` (a JSON array of [`WorkRequest`]s,
+    /// answered with a [`WorkBatchAnswer`]). Absent, `0` or `1`: one step per request.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_batch: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl WorkerRecord {
@@ -339,6 +409,7 @@ impl WorkerRecord {
             heartbeat_at_ms: 0,
             degraded: None,
             unavailable: None,
+            max_batch: 0,
         }
     }
 

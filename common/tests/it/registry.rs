@@ -25,6 +25,7 @@ fn record(id: &str) -> WorkerRecord {
         heartbeat_at_ms: 0,
         degraded: None,
         unavailable: None,
+        max_batch: 0,
     }
 }
 

@@ -39,6 +39,7 @@ fn protocol_types_round_trip() {
         },
         deadline_ms: 1_700_000_000_000,
         worker_id: Some(WorkerId::new("worker-1").unwrap()),
+        request_id: None,
     });
     round_trip(&ResultReport {
         task_id: task_id.clone(),

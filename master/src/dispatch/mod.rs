@@ -103,6 +103,18 @@ fn attempt_span(claimed: &Claimed) -> tracing::Span {
     span
 }
 
+/// A step whose request would be over `WORK_BODY_LIMIT_BYTES`: no worker would take it, so
+/// it fails now rather than being offered forever.
+fn too_large(bytes: usize, limit: usize) -> Sent {
+    Sent::Refused(StepError::permanent(
+        "step_too_large",
+        format!(
+            "the step's request to a worker would be {bytes} bytes (task input plus the \
+             previous step's output), over WORK_BODY_LIMIT_BYTES ({limit})"
+        ),
+    ))
+}
+
 /// The first part of a refusal's body (a worker's JSON error message, or its text).
 async fn error_detail(response: reqwest::Response) -> String {
     let text = response.text().await.unwrap_or_default();
@@ -396,29 +408,94 @@ impl Dispatcher {
                 *v.load.entry(c.worker.to_string()).or_insert(0) += 1;
             }
         }
+        // One request per worker that takes batches (and no span per step to carry, when
+        // traces are exported); else one per step.
+        let batching = !common::traces::enabled();
+        let mut batches: Vec<(usize, Vec<Claimed>)> = Vec::new();
         for c in claimed {
+            let max_batch = if batching {
+                self.max_batch(&c.worker)
+            } else {
+                1
+            };
+            if max_batch <= 1 {
+                let me = self.clone();
+                let span = attempt_span(&c);
+                self.tracker
+                    .spawn(async move { me.send(c).await }.instrument(span));
+                continue;
+            }
+            match batches
+                .iter_mut()
+                .find(|(max, b)| b[0].worker == c.worker && b.len() < *max)
+            {
+                Some((_, batch)) => batch.push(c),
+                None => batches.push((max_batch, vec![c])),
+            }
+        }
+        for (_, mut batch) in batches {
             let me = self.clone();
-            let span = attempt_span(&c);
-            self.tracker
-                .spawn(async move { me.send(c).await }.instrument(span));
+            match batch.pop() {
+                Some(c) if batch.is_empty() => {
+                    self.tracker.spawn(async move { me.send(c).await });
+                }
+                Some(c) => {
+                    batch.push(c);
+                    self.tracker
+                        .spawn(async move { me.send_batch(batch).await });
+                }
+                None => {}
+            }
         }
         more
     }
 
+    /// The most steps `worker` takes in one request (its record's `max_batch`; 1 if it
+    /// takes one at a time or is gone).
+    fn max_batch(&self, worker: &WorkerId) -> usize {
+        let v = self.read_view();
+        v.workers.iter().find(|w| w.id == *worker).map_or(1, |w| {
+            (w.max_batch as usize).clamp(1, common::wire::MAX_BATCH)
+        })
+    }
+
+    /// The URL steps for `worker` go to, while it is in the view.
+    fn worker_url(&self, worker: &WorkerId) -> Option<String> {
+        let v = self.read_view();
+        v.workers
+            .iter()
+            .find(|w| w.id == *worker)
+            .map(|w| w.url.trim_end_matches('/').to_string())
+    }
+
     async fn send(self: Arc<Self>, claimed: Claimed) {
-        let url = {
-            let v = self.read_view();
-            v.workers
-                .iter()
-                .find(|w| w.id == claimed.worker)
-                .map(|w| w.url.trim_end_matches('/').to_string())
-        };
-        let cap = claimed.work.capability.clone();
-        let step = claimed.work.step_ref();
-        let outcome = match url {
+        let outcome = match self.worker_url(&claimed.worker) {
             None => Sent::Busy(Duration::from_secs(1), "worker is gone".into()),
             Some(url) => self.post_work(&url, &claimed).await,
         };
+        self.settle(claimed, outcome).await;
+    }
+
+    /// Sends steps claimed for one worker in one `POST /work` (a JSON array; each step is
+    /// answered on its own), and settles each as if it had been sent alone.
+    async fn send_batch(self: Arc<Self>, batch: Vec<Claimed>) {
+        let outcomes = match self.worker_url(&batch[0].worker) {
+            None => batch
+                .iter()
+                .map(|_| Sent::Busy(Duration::from_secs(1), "worker is gone".into()))
+                .collect(),
+            Some(url) => self.post_batch(&url, &batch).await,
+        };
+        for (claimed, outcome) in batch.into_iter().zip(outcomes) {
+            self.settle(claimed, outcome).await;
+        }
+    }
+
+    /// What follows a step's dispatch: counted when taken; otherwise back to the queue
+    /// (free, or counted against `MAX_FREE_DISPATCH_FAILURES`), or the attempt spent.
+    async fn settle(&self, claimed: Claimed, outcome: Sent) {
+        let cap = claimed.work.capability.clone();
+        let step = claimed.work.step_ref();
         let (skip, why, failure) = match outcome {
             Sent::Taken => {
                 metrics::step_dispatched(&cap);
@@ -476,15 +553,7 @@ impl Dispatcher {
         };
         let limit = self.config.work_body_limit_bytes;
         if body.len() > limit {
-            // No worker would take it: fail the step now rather than offer it forever.
-            return Sent::Refused(StepError::permanent(
-                "step_too_large",
-                format!(
-                    "the step's request to a worker would be {} bytes (task input plus the \
-                     previous step's output), over WORK_BODY_LIMIT_BYTES ({limit})",
-                    body.len()
-                ),
-            ));
+            return too_large(body.len(), limit);
         }
         let sent = self
             .http
@@ -502,15 +571,181 @@ impl Dispatcher {
         if status.is_success() {
             return Sent::Taken;
         }
+        let detail = if status.is_client_error() {
+            error_detail(response).await
+        } else {
+            String::new()
+        };
+        self.refusal(status, &detail, &claimed.worker, url)
+    }
+
+    /// `POST {url}/work` of a batch: a JSON array, in as many requests as
+    /// `WORK_BODY_LIMIT_BYTES` needs. Returns each step's outcome, in order.
+    async fn post_batch(&self, url: &str, batch: &[Claimed]) -> Vec<Sent> {
+        let limit = self.config.work_body_limit_bytes;
+        let mut outcomes: Vec<Option<Sent>> = batch.iter().map(|_| None).collect();
+        // Each step encoded with its own request id; the requests' bodies, as index lists.
+        let mut bodies: Vec<(Vec<usize>, Vec<u8>)> = Vec::new();
+        for (i, claimed) in batch.iter().enumerate() {
+            let mut work = claimed.work.clone();
+            work.request_id = Some(claimed.request_id.clone());
+            let encoded = match serde_json::to_vec(&work) {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    outcomes[i] = Some(Sent::Refused(StepError::permanent(
+                        "step_unencodable",
+                        format!("the step could not be encoded: {e}"),
+                    )));
+                    continue;
+                }
+            };
+            // Counted with the array's brackets, which a batch of one still has.
+            if encoded.len() + 2 > limit {
+                outcomes[i] = Some(too_large(encoded.len() + 2, limit));
+                continue;
+            }
+            match bodies.last_mut() {
+                Some((steps, body)) if body.len() + encoded.len() + 2 <= limit => {
+                    body.push(b',');
+                    body.extend_from_slice(&encoded);
+                    steps.push(i);
+                }
+                _ => {
+                    let mut body =
+                        Vec::with_capacity((encoded.len() * (batch.len() - i) + 2).min(limit));
+                    body.push(b'[');
+                    body.extend_from_slice(&encoded);
+                    bodies.push((vec![i], body));
+                }
+            }
+        }
+        let requests = bodies.into_iter().map(|(steps, mut body)| {
+            body.push(b']');
+            let request_id = batch[steps[0]].request_id.clone();
+            async move {
+                let answers =
+                    self.post_array(url, body, &request_id, &batch[steps[0]].worker, steps.len());
+                (steps, answers.await)
+            }
+        });
+        for (steps, answers) in futures::future::join_all(requests).await {
+            for (i, sent) in steps.into_iter().zip(answers) {
+                outcomes[i] = Some(sent);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Sent::Failed(Duration::ZERO, "not sent".into())))
+            .collect()
+    }
+
+    /// One `POST {url}/work` with an array of `count` steps: each step's outcome, read from
+    /// its answer; a failure of the whole request is every step's.
+    async fn post_array(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        request_id: &str,
+        worker: &WorkerId,
+        count: usize,
+    ) -> Vec<Sent> {
+        let all = |sent: &dyn Fn() -> Sent| (0..count).map(|_| sent()).collect::<Vec<_>>();
+        let sent = self
+            .http
+            .post(format!("{url}/work"))
+            .bearer_auth(self.config.worker_token.expose())
+            .header(&common::telemetry::REQUEST_ID, request_id)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("dispatch failed: {e}");
+                return all(&|| Sent::Failed(Duration::from_secs(2), why.clone()));
+            }
+        };
+        let status = response.status();
+        if status == reqwest::StatusCode::OK {
+            let answer = response
+                .bytes()
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice::<common::wire::WorkBatchAnswer>(&b).ok());
+            return match answer {
+                Some(answer) if answer.steps.len() == count => answer
+                    .steps
+                    .into_iter()
+                    .map(|a| self.answered(a, worker, url))
+                    .collect(),
+                // Not an answer per step: nothing is known to be taken. Free, like a lost
+                // connection; a step that was taken meanwhile is a duplicate next time.
+                _ => all(&|| {
+                    Sent::Failed(
+                        Duration::from_secs(2),
+                        "the worker's answer to a batch is not one answer per step".into(),
+                    )
+                }),
+            };
+        }
+        let detail = if status.is_client_error() {
+            error_detail(response).await
+        } else {
+            String::new()
+        };
+        match status.as_u16() {
+            // The batch itself was refused (a worker that says it takes batches but does
+            // not parse them): not the steps' fault. Free, like a failed connection.
+            400 | 404 | 405 | 413 | 415 | 422 => all(&|| {
+                Sent::Failed(
+                    Duration::from_secs(2),
+                    format!("worker {worker} refused a batch: {status}{detail}"),
+                )
+            }),
+            _ => all(&|| self.refusal(status, &detail, worker, url)),
+        }
+    }
+
+    /// One step's answer in a batch, sorted like the answer to a single request.
+    fn answered(&self, answer: common::wire::WorkItemAnswer, worker: &WorkerId, url: &str) -> Sent {
+        let Ok(status) = reqwest::StatusCode::from_u16(answer.status) else {
+            return Sent::Failed(
+                Duration::from_secs(2),
+                format!("worker answered status {} for a step", answer.status),
+            );
+        };
+        if status.is_success() {
+            return Sent::Taken;
+        }
+        let detail = answer
+            .error
+            .map(|e| {
+                let message: String = e.message.chars().take(300).collect();
+                format!(": {}", message.trim())
+            })
+            .unwrap_or_default();
+        self.refusal(status, &detail, worker, url)
+    }
+
+    /// What a refusal (any status but `2xx`) means for the step, and for the worker.
+    /// `detail` is `": message"` or empty.
+    fn refusal(
+        &self,
+        status: reqwest::StatusCode,
+        detail: &str,
+        worker: &WorkerId,
+        url: &str,
+    ) -> Sent {
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             // Full: its slots look taken until the next refresh, so others are tried.
             let mut v = self.write_view();
             let max = v
                 .workers
                 .iter()
-                .find(|w| w.id == claimed.worker)
+                .find(|w| w.id == *worker)
                 .map_or(0, |w| w.max_concurrency);
-            v.load.insert(claimed.worker.to_string(), max);
+            v.load.insert(worker.to_string(), max);
             return Sent::Busy(Duration::ZERO, "worker at capacity (429)".into());
         }
         if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
@@ -524,27 +759,24 @@ impl Dispatcher {
             // it refused a step not leased to it. Not the step's fault: free, like a failed
             // connection, and this worker is skipped for a while so the step goes elsewhere.
             tracing::error!(
-                worker_id = %claimed.worker,
+                worker_id = %worker,
                 url,
-                "another worker answers at this worker's advertised address; give each worker                  an address of its own (ADVERTISE_URL)"
+                "another worker answers at this worker's advertised address; give each worker \
+                 an address of its own (ADVERTISE_URL)"
             );
-            self.skip_worker(&claimed.worker, Duration::from_secs(10));
+            self.skip_worker(worker, Duration::from_secs(10));
             return Sent::Failed(
                 Duration::ZERO,
                 format!("another worker answers at {url} (421 misdirected)"),
             );
         }
         if status.is_client_error() {
-            let detail = error_detail(response).await;
-            let message = format!(
-                "worker {} refused the step: {status}{detail}",
-                claimed.worker
-            );
+            let message = format!("worker {worker} refused the step: {status}{detail}");
             if matches!(status.as_u16(), 401 | 403) {
                 // The worker's token differs from ours: the worker is the problem, not the
                 // step. Keep away from it, but the attempt is still spent, so a fleet of
                 // misconfigured workers cannot hold a step forever.
-                self.skip_worker(&claimed.worker, Duration::from_secs(10));
+                self.skip_worker(worker, Duration::from_secs(10));
             }
             return Sent::Refused(StepError::retryable("dispatch_refused", message));
         }

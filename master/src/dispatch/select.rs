@@ -90,6 +90,7 @@ mod tests {
             heartbeat_at_ms: 0,
             degraded: None,
             unavailable: None,
+            max_batch: 0,
         }
     }
 

@@ -47,6 +47,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/task/{id}/signal", post(client::signal))
         .route("/task/{id}/events", get(client::events))
         .route("/result", post(worker::report))
+        .route("/results", post(worker::reports))
         .route("/progress", post(worker::progress))
         .route("/result/{id}", get(client::result))
         .route("/dispatch", post(operator::dispatch))

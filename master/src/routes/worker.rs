@@ -1,11 +1,18 @@
-//! The worker routes: `POST /result`, and `POST /progress` (in `events.rs`).
+//! The worker routes: `POST /result`, `POST /results` (a batch of reports), and
+//! `POST /progress` (in `events.rs`).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
 use common::http::{ApiError, JsonBody};
-use common::wire::{AckStatus, ResultAck, ResultReport};
+use common::wire::{
+    AckStatus, MAX_BATCH, ResultAck, ResultBatchAnswer, ResultItemAnswer, ResultReport,
+};
+use serde::de::{Deserializer, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::error::ServiceError;
 
 use crate::auth::Worker;
 use crate::tasks::Tasks;
@@ -29,4 +36,84 @@ pub(super) async fn report(
             AckStatus::Discarded
         },
     }))
+}
+
+/// The body of `POST /results`: an array of reports, each parsed on its own so that one
+/// malformed report is refused alone; at most [`MAX_BATCH`].
+pub(super) struct Reports(Vec<Box<RawValue>>);
+
+impl<'de> serde::Deserialize<'de> for Reports {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Batch;
+        impl<'de> Visitor<'de> for Batch {
+            type Value = Reports;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of reports")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Reports, A::Error> {
+                let mut reports = Vec::new();
+                while let Some(report) = seq.next_element::<Box<RawValue>>()? {
+                    if reports.len() == MAX_BATCH {
+                        return Err(serde::de::Error::custom(format!(
+                            "a batch holds at most {MAX_BATCH} reports"
+                        )));
+                    }
+                    reports.push(report);
+                }
+                Ok(Reports(reports))
+            }
+        }
+        deserializer.deserialize_seq(Batch)
+    }
+}
+
+/// `POST /results`: several reports in one request, recorded with one store call. `200`
+/// with one answer per report, in order (`ResultBatchAnswer`): what `POST /result` of
+/// that report alone would have answered. A failure of the whole request (`401`, `413`,
+/// `422` for a body that is not an array of at most 64, `503`) settles none.
+pub(super) async fn reports(
+    State(tasks): State<Arc<Tasks>>,
+    _: Worker,
+    JsonBody(Reports(raw)): JsonBody<Reports>,
+) -> Result<Json<ResultBatchAnswer>, ApiError> {
+    if raw.is_empty() {
+        return Err(ApiError::invalid("the batch holds no report"));
+    }
+    let reports = raw
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            serde_json::from_str::<ResultReport>(raw.get())
+                .map_err(|e| ServiceError::Invalid(format!("report {i} of the batch: {e}")))
+        })
+        .collect();
+    let answers = tasks.record_reports(reports).await?;
+    let results = answers
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(recorded) => ResultItemAnswer {
+                status: 200,
+                ack: Some(if recorded {
+                    AckStatus::Recorded
+                } else {
+                    AckStatus::Discarded
+                }),
+                error: None,
+            },
+            Err(e) => {
+                let e = ApiError::from(e);
+                ResultItemAnswer {
+                    status: e.status.as_u16(),
+                    ack: None,
+                    error: Some(common::http::ErrorDetail {
+                        code: e.code.to_string(),
+                        message: e.message,
+                    }),
+                }
+            }
+        })
+        .collect();
+    Ok(Json(ResultBatchAnswer { results }))
 }

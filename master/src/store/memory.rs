@@ -2138,6 +2138,7 @@ fn work_request(
         },
         deadline_ms: now + st.timeout_ms,
         worker_id: Some(worker.clone()),
+        request_id: None,
     }
 }
 

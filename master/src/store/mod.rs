@@ -573,6 +573,26 @@ pub trait TaskStore: Send + Sync + 'static {
         retention: Duration,
     ) -> Result<ReportOutcome, StoreError>;
 
+    /// Records several reports, as [`TaskStore::report`] would one by one (each with a
+    /// jitter of its own), and answers each's outcome in order. The Redis store does it in
+    /// one script call. An error settles none of them for sure: some may have been
+    /// recorded, and a repeat of those is answered [`ReportOutcome::Replayed`].
+    async fn report_many(
+        &self,
+        reports: &[ResultReport],
+        retry: RetryPolicy,
+        retention: Duration,
+    ) -> Result<Vec<ReportOutcome>, StoreError> {
+        let mut outcomes = Vec::with_capacity(reports.len());
+        for report in reports {
+            outcomes.push(
+                self.report(report, retry, rand::random(), retention)
+                    .await?,
+            );
+        }
+        Ok(outcomes)
+    }
+
     /// Leases of a capability that have run out (at most `limit`).
     async fn expired_leases(
         &self,

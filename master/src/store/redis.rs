@@ -91,12 +91,24 @@ static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
     for (_, script) in SCRIPTS {
         std::hash::Hash::hash(script, &mut hasher);
     }
+    std::hash::Hash::hash(MANY, &mut hasher);
     let hash = format!("{:016x}", std::hash::Hasher::finish(&hasher));
     for (file, script) in SCRIPTS {
-        body += &format!(
-            "redis.register_function('{}', function(KEYS, ARGV)\n{CALL_BEGINS}{script}\nend)\n",
-            function_name(&hash, file)
-        );
+        let function = function_name(&hash, file);
+        if BATCHED.contains(&file) {
+            // The body once, as a local function; the script and its batch form call it.
+            body += &format!(
+                "local {ONE} = function(KEYS, ARGV)\n{script}\nend\n\
+                 redis.register_function('{function}', function(KEYS, ARGV)\n{CALL_BEGINS}\
+                 return {ONE}(KEYS, ARGV)\nend)\n\
+                 redis.register_function('{function}_many', function(KEYS, ARGV)\n{CALL_BEGINS}\
+                 local one = {ONE}\n{MANY}\nend)\n",
+            );
+        } else {
+            body += &format!(
+                "redis.register_function('{function}', function(KEYS, ARGV)\n{CALL_BEGINS}{script}\nend)\n",
+            );
+        }
     }
     let name = format!("ensemble_{hash}");
     Library {
@@ -104,6 +116,28 @@ static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
         name,
     }
 });
+
+/// Scripts that also have a batch form, the function `…_many` ([`Lua::many`]).
+const BATCHED: [&str; 1] = ["report.lua"];
+
+/// The name of a batched script's body in the library (each is defined, and used, right
+/// before the next one is).
+const ONE: &str = "ens_one";
+
+/// The body of a script's batch form, `one` being the script as a function: `KEYS` are
+/// the `n` calls' keys then an optional shared one (the operators' stream);
+/// `ARGV` is `prefix, n, width` then `width` arguments per call, each call getting
+/// `prefix` and its own. Returns the `n` replies, in order.
+const MANY: &str = r#"local n, width = tonumber(ARGV[2]), tonumber(ARGV[3])
+local shared = KEYS[n + 1]
+local replies = {}
+for i = 1, n do
+  local args = {ARGV[1]}
+  local base = 3 + (i - 1) * width
+  for j = 1, width do args[j + 1] = ARGV[base + j] end
+  replies[i] = one({KEYS[i], shared}, args)
+end
+return replies"#;
 
 /// The first line of every script's body: takes the call's time off `ARGV` (lib.lua's
 /// `call_begins`; [`Call`] adds it last).
@@ -137,6 +171,26 @@ impl Lua {
             function: function_name(hash, file),
             script: redis::Script::new(&format!(
                 "{}{}{}{CALL_BEGINS}{source}",
+                schema::lua_prelude(true),
+                include_str!("lua/lib.lua"),
+                include_str!("lua/graph.lua")
+            )),
+        }
+    }
+
+    /// The batch form of a script of [`BATCHED`] (see [`MANY`]).
+    fn many(file: &'static str) -> Self {
+        let hash = LIBRARY.name.trim_start_matches("ensemble_");
+        let source = SCRIPTS
+            .iter()
+            .find(|(f, _)| *f == file)
+            .map_or("", |(_, source)| source);
+        Self {
+            file,
+            function: format!("{}_many", function_name(hash, file)),
+            script: redis::Script::new(&format!(
+                "{}{}{}local {ONE} = function(KEYS, ARGV)\n{source}\nend\n\
+                 {CALL_BEGINS}local one = {ONE}\n{MANY}",
                 schema::lua_prelude(true),
                 include_str!("lua/lib.lua"),
                 include_str!("lua/graph.lua")
@@ -270,6 +324,7 @@ script!(SUBMIT, "submit.lua");
 script!(CLAIM, "claim.lua");
 script!(RELEASE, "release.lua");
 script!(REPORT, "report.lua");
+static REPORT_MANY: LazyLock<Lua> = LazyLock::new(|| Lua::many("report.lua"));
 script!(EXPIRED, "expired.lua");
 script!(EXTEND, "extend.lua");
 script!(PROMOTE, "promote.lua");
@@ -282,6 +337,46 @@ script!(WATCH, "watch.lua");
 script!(STATS, "stats.lua");
 script!(CALLBACK_CLAIM, "callback_claim.lua");
 script!(CALLBACK_FINISH, "callback_finish.lua");
+
+/// How many arguments of report.lua follow the prefix.
+const REPORT_ARGS: usize = 12;
+
+/// report.lua's arguments after the prefix (ARGV[2] to ARGV[13]), as text.
+fn report_args(
+    report: &ResultReport,
+    retry: RetryPolicy,
+    jitter: f64,
+    retention: Duration,
+) -> Result<[String; REPORT_ARGS], StoreError> {
+    let (status, payload, retryable) = match report.status {
+        ReportStatus::Succeeded => (
+            "succeeded",
+            serde_json::to_string(report.output.as_ref().unwrap_or(&serde_json::Value::Null)),
+            false,
+        ),
+        ReportStatus::Failed => {
+            let error = report.error.clone().unwrap_or_else(|| {
+                StepError::permanent("agent", "the worker reported a failure without error")
+            });
+            ("failed", serde_json::to_string(&error), error.retryable)
+        }
+    };
+    let flag = |on: bool| if on { "1" } else { "0" }.to_string();
+    Ok([
+        report.task_id.as_str().to_string(),
+        report.step.to_string(),
+        report.attempt.to_string(),
+        status.to_string(),
+        payload.map_err(corrupt)?,
+        flag(retryable),
+        ms(retry.base).to_string(),
+        ms(retry.max).to_string(),
+        jitter.clamp(0.0, 1.0).to_string(),
+        ms(retention).to_string(),
+        report.worker_id.as_str().to_string(),
+        flag(lost_on_worker(report)),
+    ])
+}
 
 /// The Redis-backed [`TaskStore`].
 #[derive(Clone, Debug)]
@@ -590,41 +685,58 @@ impl TaskStore for RedisStore {
         retention: Duration,
     ) -> Result<ReportOutcome, StoreError> {
         let p = self.prefix();
-        let (status, payload, retryable) = match report.status {
-            ReportStatus::Succeeded => (
-                "succeeded",
-                serde_json::to_string(report.output.as_ref().unwrap_or(&serde_json::Value::Null)),
-                false,
-            ),
-            ReportStatus::Failed => {
-                let error = report.error.clone().unwrap_or_else(|| {
-                    StepError::permanent("agent", "the worker reported a failure without error")
-                });
-                ("failed", serde_json::to_string(&error), error.retryable)
+        let args = report_args(report, retry, jitter, retention)?;
+        let mut conn = self.pool.get().await?;
+        let mut call = REPORT.call(self);
+        call.key(keys::task(p, report.task_id.as_str()))
+            .firehose(self)
+            .arg(p);
+        for arg in args {
+            call.arg(arg);
+        }
+        let value: Value = call.invoke_async(&mut conn).await?;
+        Reply::parse(REPORT.file, value)?.report()
+    }
+
+    async fn report_many(
+        &self,
+        reports: &[ResultReport],
+        retry: RetryPolicy,
+        retention: Duration,
+    ) -> Result<Vec<ReportOutcome>, StoreError> {
+        if reports.is_empty() {
+            return Ok(Vec::new());
+        }
+        let p = self.prefix();
+        let mut call = REPORT_MANY.call(self);
+        for report in reports {
+            call.key(keys::task(p, report.task_id.as_str()));
+        }
+        call.firehose(self)
+            .arg(p)
+            .arg(reports.len())
+            .arg(REPORT_ARGS);
+        for report in reports {
+            for arg in report_args(report, retry, rand::random(), retention)? {
+                call.arg(arg);
+            }
+        }
+        let mut conn = self.pool.get().await?;
+        let value: Value = call.invoke_async(&mut conn).await?;
+        let replies = match value {
+            Value::Array(replies) if replies.len() == reports.len() => replies,
+            other => {
+                return Err(corrupt(format!(
+                    "{} (batch of {}) answered {other:?}",
+                    REPORT_MANY.file,
+                    reports.len()
+                )));
             }
         };
-        let payload = payload.map_err(corrupt)?;
-        let mut conn = self.pool.get().await?;
-        let value: Value = REPORT
-            .call(self)
-            .key(keys::task(p, report.task_id.as_str()))
-            .firehose(self)
-            .arg(p)
-            .arg(report.task_id.as_str())
-            .arg(report.step)
-            .arg(report.attempt)
-            .arg(status)
-            .arg(payload)
-            .arg(if retryable { "1" } else { "0" })
-            .arg(ms(retry.base))
-            .arg(ms(retry.max))
-            .arg(jitter.clamp(0.0, 1.0))
-            .arg(ms(retention))
-            .arg(report.worker_id.as_str())
-            .arg(if lost_on_worker(report) { "1" } else { "0" })
-            .invoke_async(&mut conn)
-            .await?;
-        Reply::parse(REPORT.file, value)?.report()
+        replies
+            .into_iter()
+            .map(|reply| Reply::parse(REPORT_MANY.file, reply)?.report())
+            .collect()
     }
 
     async fn expired_leases(
@@ -1618,6 +1730,20 @@ mod tests {
         );
         let view = store.get(&id).await.unwrap().unwrap().view;
         assert_eq!(view.result, Some(serde_json::json!("done")));
+        // The batch form too: a repeat of the report and a stale one.
+        let stale = ResultReport {
+            attempt: 7,
+            ..report.clone()
+        };
+        let outcomes = store
+            .report_many(&[report, stale], retry, retention)
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcomes[0], ReportOutcome::Replayed(_)),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[1], ReportOutcome::Discarded);
     }
 
     /// Commands Redis has run, those inside scripts included (what the benchmark counts),

@@ -310,6 +310,7 @@ impl Reply {
                 },
                 deadline_ms: common::wire::now_ms() + timeout_ms,
                 worker_id: Some(worker.clone()),
+                request_id: None,
             },
             worker,
             request_id: self.text("request_id")?,

@@ -160,7 +160,83 @@ both_stores!(
     a_callback_claim_never_finished_is_claimed_again_after_its_visibility,
     a_redriven_task_leaves_the_outbox,
     every_claim_of_a_traced_task_carries_its_traceparent,
+    a_batch_of_reports_is_recorded_as_each_report_alone_would_be,
 );
+
+/// `report_many` (one script call in Redis) answers and records each report as `report`
+/// would, in order: a chain goes on, a repeat is a replay, a stale attempt is discarded,
+/// a retryable failure is retried and a permanent one fails its task.
+async fn a_batch_of_reports_is_recorded_as_each_report_alone_would_be(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let a = submit(s, task(&["plan", "retrieve"], 0, 3)).await;
+    let b = submit(s, task(&["plan"], 0, 3)).await;
+    let c = submit(s, task(&["plan"], 0, 1)).await;
+    let claimed = s
+        .claim(
+            &cap("plan"),
+            &[worker("w1"), worker("w1"), worker("w1")],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    let outcomes = s
+        .report_many(
+            &[
+                ok(&a, 0, 1, json!({"x": 1})),
+                ok(&a, 0, 1, json!({"x": 1})),
+                ok(&b, 0, 9, json!("stale")),
+                failed(&b, 0, 1, true),
+                failed(&c, 0, 1, false),
+            ],
+            RETRY,
+            RETENTION,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 5);
+    assert!(
+        matches!(&outcomes[0], ReportOutcome::Next { queued, .. } if queued == &vec![cap("retrieve")]),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes[1],
+        ReportOutcome::Replayed(Box::new(outcomes[0].clone()))
+    );
+    assert_eq!(outcomes[2], ReportOutcome::Discarded);
+    assert!(
+        matches!(outcomes[3], ReportOutcome::Retry { .. }),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(
+            outcomes[4],
+            ReportOutcome::Done {
+                status: TaskStatus::Failed,
+                ..
+            }
+        ),
+        "{outcomes:?}"
+    );
+    // What they recorded: a's next step has the output as its input, c failed.
+    let next = s
+        .claim(&cap("retrieve"), &[worker("w1")], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].work.task_id, a);
+    assert_eq!(next[0].work.input, json!({"x": 1}));
+    let view = s.get(&c).await.unwrap().unwrap().view;
+    assert_eq!(view.status, TaskStatus::Failed);
+    assert_eq!(view.steps[0].status, StepStatus::Failed);
+    // An empty batch records nothing and answers nothing.
+    assert!(
+        s.report_many(&[], RETRY, RETENTION)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
 
 /// The submit's `traceparent` comes back with each claim of the task's steps, so each
 /// attempt's span joins the client's trace; an untraced task's claims carry none.

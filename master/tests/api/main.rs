@@ -5,6 +5,7 @@
 
 mod helpers;
 
+mod batches;
 mod callbacks;
 mod conformance;
 mod dashboard;

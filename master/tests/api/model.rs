@@ -1344,6 +1344,7 @@ impl Model {
                 deadline_ms: IN_WINDOW,
                 // The lease holder, so another worker at the same address refuses it.
                 worker_id: Some(worker.clone()),
+                request_id: None,
             };
             let step = work.step_ref();
             self.handed_out.push((step, worker.clone()));

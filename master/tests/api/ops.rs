@@ -275,6 +275,7 @@ async fn openapi_describes_every_route() {
         ("/task/{id}/events", "get"),
         ("/result/{id}", "get"),
         ("/result", "post"),
+        ("/results", "post"),
         ("/progress", "post"),
         ("/events", "get"),
         ("/dispatch", "post"),
@@ -299,9 +300,13 @@ async fn openapi_describes_every_route() {
     // `POST /work` is served by workers, so it is a webhook (OpenAPI 3.1), not a path; every
     // answer the dispatcher treats differently must be described.
     let work = &spec["webhooks"]["work"]["post"];
+    // One step, or a batch of them.
+    let body = &work["requestBody"]["content"]["application/json"]["schema"]["oneOf"];
+    assert_eq!(body[0]["$ref"], "#/components/schemas/WorkRequest");
+    assert_eq!(body[1]["items"]["$ref"], "#/components/schemas/WorkRequest");
     assert_eq!(
-        work["requestBody"]["content"]["application/json"]["schema"]["$ref"],
-        "#/components/schemas/WorkRequest"
+        work["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/WorkBatchAnswer"
     );
     for status in ["202", "401", "413", "421", "422", "429", "503"] {
         assert!(

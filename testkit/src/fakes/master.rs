@@ -2,7 +2,9 @@
 //! script (by default `200 recorded`, as the master acknowledges a report), `POST /progress`
 //! likewise from a script of its own (or left unanswered, as a master that hangs),
 //! `GET /health` answers, and it can be stopped and restarted on its port, as a master
-//! redeploy is seen from a worker.
+//! redeploy is seen from a worker. Like an older master it has no `POST /results`, unless
+//! [`FakeMaster::take_batches`] is called: then each report of a batch is recorded and
+//! answered from the same script, and the batches' sizes are kept.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use common::wire::{ResultReport, StepProgress};
+use common::wire::{ResultBatchAnswer, ResultItemAnswer, ResultReport, StepProgress};
 use serde_json::{Value, json};
 
 use super::server::{Fake, Received, wait_for};
@@ -72,21 +74,68 @@ impl ProgressLog {
     }
 }
 
+/// `POST /results`: whether it is served, how long each answer waits, the sizes seen.
+#[derive(Default)]
+struct BatchLog {
+    on: std::sync::atomic::AtomicBool,
+    delay: Mutex<Duration>,
+    sizes: Mutex<Vec<usize>>,
+}
+
 /// The running fake master.
-pub struct FakeMaster(Fake<(StatusCode, Value), ReportCall>, Arc<ProgressLog>);
+pub struct FakeMaster(
+    Fake<(StatusCode, Value), ReportCall>,
+    Arc<ProgressLog>,
+    Arc<BatchLog>,
+);
 
 impl FakeMaster {
     pub async fn start() -> Self {
         let progress = Arc::new(ProgressLog::default());
         let log = progress.clone();
+        let batches = Arc::new(BatchLog::default());
+        let batch_log = batches.clone();
         Self(
             Fake::serve(
                 0,
                 "",
                 move |script, method, uri: Uri, headers, body: Bytes| {
                     let progress = log.clone();
+                    let batches = batch_log.clone();
                     async move {
+                        let delay = *batches.delay.lock().unwrap();
+                        tokio::time::sleep(delay).await;
                         match (method, uri.path()) {
+                            (Method::POST, "/results")
+                                if batches.on.load(std::sync::atomic::Ordering::Relaxed) =>
+                            {
+                                let Ok(reports) =
+                                    serde_json::from_slice::<Vec<ResultReport>>(&body)
+                                else {
+                                    return StatusCode::UNPROCESSABLE_ENTITY.into_response();
+                                };
+                                batches.sizes.lock().unwrap().push(reports.len());
+                                let results = reports
+                                    .into_iter()
+                                    .map(|report| {
+                                        let (status, body) = script.next().unwrap_or_else(|| {
+                                            (StatusCode::OK, json!({"status": "recorded"}))
+                                        });
+                                        script.record(ReportCall {
+                                            report: Received::new(&headers, report),
+                                            status,
+                                        });
+                                        ResultItemAnswer {
+                                            status: status.as_u16(),
+                                            ack: serde_json::from_value(body["status"].clone())
+                                                .ok(),
+                                            error: serde_json::from_value(body["error"].clone())
+                                                .ok(),
+                                        }
+                                    })
+                                    .collect();
+                                Json(ResultBatchAnswer { results }).into_response()
+                            }
                             (Method::POST, "/progress") => progress.answer(&headers, &body).await,
                             // What a degraded worker probes to learn that the master is back.
                             (Method::GET, "/health") => {
@@ -114,7 +163,23 @@ impl FakeMaster {
             .await
             .expect("bind a free loopback port"),
             progress,
+            batches,
         )
+    }
+
+    /// Serves `POST /results` from now on, as a master of this version does.
+    pub fn take_batches(&self) {
+        self.2.on.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waits this long before answering any request: a master far away, or busy.
+    pub fn answer_after(&self, delay: Duration) {
+        *self.2.delay.lock().unwrap() = delay;
+    }
+
+    /// How many reports each `POST /results` carried, in order.
+    pub fn batches(&self) -> Vec<usize> {
+        self.2.sizes.lock().unwrap().clone()
     }
 
     /// Answers the next `/progress` posts with these statuses and bodies, then

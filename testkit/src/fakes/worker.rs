@@ -5,12 +5,15 @@
 //! Or it answers what a closure says ([`Answer`]), after a delay, optionally holding chosen
 //! steps until the test opens a [`Gate`]. Everything it received, every answer the master
 //! gave and the most steps it ran at once are kept in a [`Journal`]; its master may be
-//! replaced ([`FakeWorker::set_master`]).
+//! replaced ([`FakeWorker::set_master`]). Started with [`FakeWorker::start_batching`], it
+//! advertises `max_batch` and takes arrays of steps on `POST /work`, answering each as it
+//! would have answered it alone (the sizes are in [`Journal::batches`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
@@ -18,8 +21,8 @@ use axum::{Json, Router};
 use common::redis::{RedisPool, RedisSettings};
 use common::registry::Registry;
 use common::wire::{
-    Capability, ReportStatus, ResultReport, StepError, StepRef, TaskId, WorkRequest, WorkerId,
-    WorkerRecord,
+    Capability, ReportStatus, ResultReport, StepError, StepRef, TaskId, WorkBatchAnswer,
+    WorkItemAnswer, WorkRequest, WorkerId, WorkerRecord,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -185,6 +188,9 @@ pub struct Journal {
     pub garbage: Vec<(String, u16, String)>,
     /// Steps the [`Behavior::LateOnce`] worker sits on, per task.
     held: HashMap<String, WorkRequest>,
+    /// How many steps each array sent to `POST /work` held, in order (a worker started
+    /// with [`FakeWorker::start_batching`]).
+    pub batches: Vec<usize>,
 }
 
 struct Shared {
@@ -225,11 +231,39 @@ impl FakeWorker {
         Self::start_mixed(name, &behaviors, max, redis, master_url).await
     }
 
+    /// Like [`FakeWorker::start`], taking up to `max_batch` steps in one `POST /work`.
+    pub async fn start_batching(
+        name: &str,
+        capabilities: &[&str],
+        max: u32,
+        max_batch: u32,
+        behavior: Behavior,
+        redis: &RedisSettings,
+        master_url: &str,
+    ) -> Self {
+        let behaviors: Vec<(&str, Behavior)> = capabilities
+            .iter()
+            .map(|c| (*c, behavior.clone()))
+            .collect();
+        Self::launch(name, &behaviors, max, max_batch, redis, master_url).await
+    }
+
     /// Like [`FakeWorker::start`], with a behaviour per capability.
     pub async fn start_mixed(
         name: &str,
         behaviors: &[(&str, Behavior)],
         max: u32,
+        redis: &RedisSettings,
+        master_url: &str,
+    ) -> Self {
+        Self::launch(name, behaviors, max, 0, redis, master_url).await
+    }
+
+    async fn launch(
+        name: &str,
+        behaviors: &[(&str, Behavior)],
+        max: u32,
+        max_batch: u32,
         redis: &RedisSettings,
         master_url: &str,
     ) -> Self {
@@ -262,6 +296,7 @@ impl FakeWorker {
         let registry = Registry::new(RedisPool::new(redis).unwrap());
         let mut record = WorkerRecord {
             version: "fake".into(),
+            max_batch,
             ..WorkerRecord::starting(
                 shared.id.clone(),
                 format!("http://{addr}"),
@@ -338,11 +373,35 @@ impl Drop for FakeWorker {
 async fn work(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    Json(step): Json<WorkRequest>,
-) -> StatusCode {
+    body: Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     if header(&headers, "authorization") != Some(&format!("Bearer {WORKER_TOKEN}")) {
-        return StatusCode::UNAUTHORIZED;
+        return StatusCode::UNAUTHORIZED.into_response();
     }
+    if body.first() == Some(&b'[') {
+        let Ok(steps) = serde_json::from_slice::<Vec<WorkRequest>>(&body) else {
+            return StatusCode::UNPROCESSABLE_ENTITY.into_response();
+        };
+        shared.journal.lock().unwrap().batches.push(steps.len());
+        let steps = steps
+            .into_iter()
+            .map(|step| WorkItemAnswer {
+                status: take(&shared, step).as_u16(),
+                duplicate: false,
+                error: None,
+            })
+            .collect();
+        return Json(WorkBatchAnswer { steps }).into_response();
+    }
+    match serde_json::from_slice::<WorkRequest>(&body) {
+        Ok(step) => take(&shared, step).into_response(),
+        Err(_) => StatusCode::UNPROCESSABLE_ENTITY.into_response(),
+    }
+}
+
+/// Takes one step (or refuses it), as its behaviour says: the status of the answer.
+fn take(shared: &Arc<Shared>, step: WorkRequest) -> StatusCode {
     // A step meant for another worker is refused, as a worker does.
     if step.worker_id.as_ref().is_some_and(|w| *w != shared.id) {
         return StatusCode::MISDIRECTED_REQUEST;

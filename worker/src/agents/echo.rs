@@ -44,6 +44,7 @@ mod tests {
             context: StepContext::default(),
             deadline_ms: u64::MAX,
             worker_id: None,
+            request_id: None,
         }
     }
 

@@ -347,6 +347,7 @@ mod tests {
             },
             deadline_ms: 0,
             worker_id: None,
+            request_id: None,
         }
     }
 

@@ -185,6 +185,7 @@ pub fn work_request(capability: &str, input: Value) -> WorkRequest {
         },
         deadline_ms: now_ms() + 30_000,
         worker_id: None,
+        request_id: None,
     }
 }
 

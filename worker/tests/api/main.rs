@@ -2,6 +2,7 @@
 //! master and a fake llm-gateway.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod batches;
 mod degraded;
 mod delivery;
 mod drain;
