@@ -168,7 +168,7 @@ async fn each_report_of_a_batch_is_answered_as_if_it_came_alone() {
     let (a, report_a) = held_task(&master, &holder, 1).await;
     let (b, report_b) = held_task(&master, &holder, 2).await;
     let (c, report_c) = held_task(&master, &holder, 3).await;
-    let (d, report_d) = held_task(&master, &holder, 4).await;
+    let (d, _) = held_task(&master, &holder, 4).await;
 
     let mut stale = report_b.clone();
     stale["attempt"] = json!(7);
