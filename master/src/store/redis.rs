@@ -143,6 +143,14 @@ return replies"#;
 /// `call_begins`; [`Call`] adds it last).
 const CALL_BEGINS: &str = "call_begins(ARGV)\n";
 
+/// The source of script `file` (empty for a name that is not one).
+fn source_of(file: &str) -> &'static str {
+    SCRIPTS
+        .iter()
+        .find(|(f, _)| *f == file)
+        .map_or("", |(_, source)| source)
+}
+
 /// The library function that runs `file`.
 fn function_name(hash: &str, file: &str) -> String {
     format!("ens_{hash}_{}", file.trim_end_matches(".lua"))
@@ -162,10 +170,7 @@ struct Lua {
 impl Lua {
     fn new(file: &'static str) -> Self {
         let hash = LIBRARY.name.trim_start_matches("ensemble_");
-        let source = SCRIPTS
-            .iter()
-            .find(|(f, _)| *f == file)
-            .map_or("", |(_, source)| source);
+        let source = source_of(file);
         Self {
             file,
             function: function_name(hash, file),
@@ -181,10 +186,7 @@ impl Lua {
     /// The batch form of a script of [`BATCHED`] (see [`MANY`]).
     fn many(file: &'static str) -> Self {
         let hash = LIBRARY.name.trim_start_matches("ensemble_");
-        let source = SCRIPTS
-            .iter()
-            .find(|(f, _)| *f == file)
-            .map_or("", |(_, source)| source);
+        let source = source_of(file);
         Self {
             file,
             function: format!("{}_many", function_name(hash, file)),

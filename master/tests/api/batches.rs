@@ -124,6 +124,22 @@ async fn steps_a_full_worker_refuses_inside_a_batch_go_back_at_no_cost() {
     }
 }
 
+/// A master, and a worker `holder` that takes `plan` steps and never reports.
+async fn master_and_holder(redis: &RedisServer) -> (TestMaster, TestWorker) {
+    let settings = redis.settings();
+    let master = TestMaster::start(test_config(&settings)).await;
+    let holder = TestWorker::start(
+        "holder",
+        &["plan"],
+        8,
+        Behavior::Hang,
+        &settings,
+        &master.url,
+    )
+    .await;
+    (master, holder)
+}
+
 /// A task whose step the hanging worker `holder` holds: (task id, its report's fields).
 async fn held_task(master: &TestMaster, holder: &TestWorker, i: u32) -> (String, Value) {
     let id = master
@@ -154,17 +170,7 @@ async fn post_results(master: &TestMaster, token: Option<&str>, body: &Value) ->
 #[tokio::test]
 async fn each_report_of_a_batch_is_answered_as_if_it_came_alone() {
     let redis = RedisServer::start();
-    let settings = redis.settings();
-    let master = TestMaster::start(test_config(&settings)).await;
-    let holder = TestWorker::start(
-        "holder",
-        &["plan"],
-        8,
-        Behavior::Hang,
-        &settings,
-        &master.url,
-    )
-    .await;
+    let (master, holder) = master_and_holder(&redis).await;
     let (a, report_a) = held_task(&master, &holder, 1).await;
     let (b, report_b) = held_task(&master, &holder, 2).await;
     let (c, report_c) = held_task(&master, &holder, 3).await;
@@ -251,17 +257,7 @@ async fn each_report_of_a_batch_is_answered_as_if_it_came_alone() {
 #[tokio::test]
 async fn a_batch_of_reports_that_is_not_one_is_refused_whole_and_settles_nothing() {
     let redis = RedisServer::start();
-    let settings = redis.settings();
-    let master = TestMaster::start(test_config(&settings)).await;
-    let holder = TestWorker::start(
-        "holder",
-        &["plan"],
-        8,
-        Behavior::Hang,
-        &settings,
-        &master.url,
-    )
-    .await;
+    let (master, holder) = master_and_holder(&redis).await;
     let (id, report) = held_task(&master, &holder, 1).await;
 
     for token in [None, Some("wrong"), Some(ALICE), Some(OPERATOR)] {

@@ -224,14 +224,11 @@ impl FakeWorker {
         redis: &RedisSettings,
         master_url: &str,
     ) -> Self {
-        let behaviors: Vec<(&str, Behavior)> = capabilities
-            .iter()
-            .map(|c| (*c, behavior.clone()))
-            .collect();
-        Self::start_mixed(name, &behaviors, max, redis, master_url).await
+        Self::start_batching(name, capabilities, max, 0, behavior, redis, master_url).await
     }
 
-    /// Like [`FakeWorker::start`], taking up to `max_batch` steps in one `POST /work`.
+    /// Like [`FakeWorker::start`], taking up to `max_batch` steps in one `POST /work` (`0`:
+    /// one step per request).
     pub async fn start_batching(
         name: &str,
         capabilities: &[&str],

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::wire::{ReportStatus, WorkerId};
+use common::wire::{ReportStatus, ResultReport, WorkRequest, WorkerId};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use worker::Agents;
@@ -18,6 +18,38 @@ async fn post_batch(worker: &TestWorker, token: Option<&str>, body: &Value) -> r
         request = request.bearer_auth(token);
     }
     request.json(body).send().await.unwrap()
+}
+
+/// An echo worker with `slots` slots, reporting to `master`, that was sent as many echo
+/// steps in one batch and took them all; the steps.
+async fn echo_batch(
+    redis: &TestRedis,
+    master: &FakeMaster,
+    slots: u32,
+) -> (TestWorker, Vec<WorkRequest>) {
+    let mut config = test_config(redis, master);
+    config.max_concurrency = slots;
+    let worker = spawn_worker(redis, config, Agents::new()).await;
+    let steps: Vec<_> = (0..slots)
+        .map(|i| work_request("echo", json!({"i": i})))
+        .collect();
+    let r = post_batch(&worker, Some(TOKEN), &json!(steps)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().await.unwrap();
+    assert!(
+        answer["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == 202),
+        "{answer}"
+    );
+    (worker, steps)
+}
+
+/// The distinct tasks the reports are about.
+fn tasks_of(reports: &[testkit::fakes::Received<ResultReport>]) -> HashSet<String> {
+    reports.iter().map(|r| r.body.task_id.to_string()).collect()
 }
 
 #[tokio::test]
@@ -100,7 +132,7 @@ async fn each_step_of_a_batch_is_answered_as_if_it_came_alone() {
 
     // The three taken steps report once each, with their own request ids.
     let reports = master.wait_for_reports(3).await;
-    let tasks: HashSet<String> = reports.iter().map(|r| r.body.task_id.to_string()).collect();
+    let tasks = tasks_of(&reports);
     let expected: HashSet<String> = [&a, &c, &d].iter().map(|s| s.task_id.to_string()).collect();
     assert_eq!(tasks, expected);
     let of_d = reports
@@ -156,17 +188,10 @@ async fn reports_that_finish_together_share_a_request_and_each_is_settled_once()
     master.take_batches();
     // A slow master: while the first reports are in flight, the others finish and wait.
     master.answer_after(Duration::from_millis(300));
-    let mut config = test_config(&redis, &master);
-    config.max_concurrency = 16;
-    let worker = spawn_worker(&redis, config, Agents::new()).await;
-    let steps: Vec<_> = (0..16)
-        .map(|i| work_request("echo", json!({"i": i})))
-        .collect();
-    let r = post_batch(&worker, Some(TOKEN), &json!(steps)).await;
-    assert_eq!(r.status(), StatusCode::OK);
+    let (worker, steps) = echo_batch(&redis, &master, 16).await;
 
     let reports = master.wait_for_reports(16).await;
-    let tasks: HashSet<String> = reports.iter().map(|r| r.body.task_id.to_string()).collect();
+    let tasks = tasks_of(&reports);
     assert_eq!(tasks.len(), 16, "a step reported twice or not at all");
     for report in &reports {
         assert_eq!(report.body.status, ReportStatus::Succeeded);
@@ -197,16 +222,9 @@ async fn a_master_without_batches_gets_every_report_alone() {
     // Like an older master: `POST /results` is 404.
     let master = FakeMaster::start().await;
     master.answer_after(Duration::from_millis(100));
-    let mut config = test_config(&redis, &master);
-    config.max_concurrency = 8;
-    let worker = spawn_worker(&redis, config, Agents::new()).await;
-    let steps: Vec<_> = (0..8)
-        .map(|i| work_request("echo", json!({"i": i})))
-        .collect();
-    let r = post_batch(&worker, Some(TOKEN), &json!(steps)).await;
-    assert_eq!(r.status(), StatusCode::OK);
+    let (worker, _) = echo_batch(&redis, &master, 8).await;
     let reports = master.wait_for_reports(8).await;
-    let tasks: HashSet<String> = reports.iter().map(|r| r.body.task_id.to_string()).collect();
+    let tasks = tasks_of(&reports);
     assert_eq!(tasks.len(), 8);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(master.attempts(), 8, "a report was delivered twice");
@@ -227,16 +245,9 @@ async fn a_report_the_batch_did_not_settle_is_delivered_alone_until_it_is() {
             json!({"error": {"code": "unavailable", "message": "storage is unavailable"}}),
         )
     }));
-    let mut config = test_config(&redis, &master);
-    config.max_concurrency = 8;
-    let worker = spawn_worker(&redis, config, Agents::new()).await;
-    let steps: Vec<_> = (0..8)
-        .map(|i| work_request("echo", json!({"i": i})))
-        .collect();
-    let r = post_batch(&worker, Some(TOKEN), &json!(steps)).await;
-    assert_eq!(r.status(), StatusCode::OK);
+    let (worker, _) = echo_batch(&redis, &master, 8).await;
     let reports = master.wait_for_reports(8).await;
-    let tasks: HashSet<String> = reports.iter().map(|r| r.body.task_id.to_string()).collect();
+    let tasks = tasks_of(&reports);
     assert_eq!(tasks.len(), 8, "each report recorded once");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(master.reports().len(), 8);
