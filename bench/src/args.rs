@@ -15,7 +15,7 @@ pub struct Args {
     /// one run.
     #[arg(long)]
     pub quick: bool,
-    /// Benchmarks to run, comma separated: q1, q2, q3, f1, g1, soak.
+    /// Benchmarks to run, comma separated: q1, q2, q3, f1, g1, soak, s1.
     #[arg(long, value_delimiter = ',', default_value = "q1,q2,q3,f1,g1,soak")]
     pub only: Vec<Bench>,
     /// Runs per figure (the table shows the median and the spread). Default 3, 1 with
@@ -65,6 +65,17 @@ pub struct Args {
     /// Soak: seconds between two samples of the gateway's RSS.
     #[arg(long, default_value_t = 5)]
     pub soak_every: u64,
+    /// S1: simulated workers heartbeating.
+    #[arg(long, default_value_t = 1_000)]
+    pub sim_workers: usize,
+    /// S1: seconds Redis's CPU is measured with only the heartbeats running. Default 30, 5
+    /// with `--quick`.
+    #[arg(long)]
+    pub scale_secs: Option<u64>,
+    /// S1: one-step tasks queued for the memory figure. Default 1,000,000, 5,000 with
+    /// `--quick`.
+    #[arg(long)]
+    pub scale_queued: Option<usize>,
     /// Soak: connections sending the G1 request.
     #[arg(long, default_value_t = 64)]
     pub soak_connections: usize,
@@ -125,6 +136,8 @@ pub enum Bench {
     G1,
     /// The gateway's RSS over a long G1 run at 64 connections: flat or growing.
     Soak,
+    /// What 1,000 heartbeating workers cost Redis, and the memory per queued task.
+    S1,
 }
 
 impl Args {
@@ -163,6 +176,17 @@ impl Args {
     /// G1's duration per measurement in seconds.
     pub fn gateway_secs(&self) -> u64 {
         self.gateway_secs.unwrap_or(if self.quick { 3 } else { 15 })
+    }
+
+    /// S1's measurement in seconds.
+    pub fn scale_secs(&self) -> u64 {
+        self.scale_secs.unwrap_or(if self.quick { 5 } else { 30 })
+    }
+
+    /// S1's queued tasks.
+    pub fn scale_queued(&self) -> usize {
+        self.scale_queued
+            .unwrap_or(if self.quick { 5_000 } else { 1_000_000 })
     }
 
     /// The soak's duration in seconds.

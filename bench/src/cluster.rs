@@ -270,6 +270,16 @@ impl QueueCluster {
             .await
     }
 
+    /// The Redis URL, when known.
+    pub fn redis_url(&self) -> Option<String> {
+        self.redis_url.clone()
+    }
+
+    /// The Redis settings the services got (`None` for a running master).
+    pub fn redis_settings(&self) -> Option<RedisSettings> {
+        self.system.as_ref().map(|s| s.redis_settings().clone())
+    }
+
     /// Redis's command counts and CPU time now (`None` without a Redis URL).
     pub async fn redis_stats(&self) -> anyhow::Result<Option<RedisStats>> {
         match &self.redis_url {

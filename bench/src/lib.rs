@@ -2,7 +2,8 @@
 //! free port, the master, echo workers, the llm-gateway and a fake Gemini upstream), in
 //! this process or as child processes, or targets running services by URL, and prints one
 //! table: Q1 throughput, Q2 latency, Q3 scaling, F1 fan-out, G1 gateway overhead, and the
-//! gateway's RSS over a soak.
+//! gateway's RSS over a soak; and, on request (`--only s1`), what 1,000 heartbeating
+//! workers cost Redis and the memory per queued task.
 
 pub mod args;
 pub mod client;
@@ -11,6 +12,7 @@ pub mod fanout;
 pub mod gateway;
 pub mod queue;
 pub mod report;
+pub mod scale;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -65,6 +67,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     if args.selected(Bench::Soak) {
         soak(args, &launch, &mut report).await?;
         loads.push(format!("after the soak: {}", load_average()));
+    }
+    if args.selected(Bench::S1) {
+        s1(args, &launch, &mut report).await?;
+        loads.push(format!("after S1: {}", load_average()));
     }
     report.note("Load average (1, 5, 15 min):", loads);
     Ok(report)
@@ -512,6 +518,57 @@ fn g1_rows(report: &mut Report, connections: usize, pairs: &[(LoadRun, LoadRun)]
         of(&|p| p.1.rps / p.0.rps * 100.0),
         (connections >= 64).then_some(Target::AtLeast(50.0)),
     );
+}
+
+/// S1: the Redis core share of `--sim-workers` heartbeating workers and the dispatcher's
+/// registry reads, then the Redis memory per queued one-step task.
+async fn s1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
+    if args.master_url.is_some() {
+        report.note(
+            "S1 skipped:",
+            vec!["it needs a master and Redis of its own, so it cannot use --master-url".into()],
+        );
+        return Ok(());
+    }
+    let mut runs = Vec::new();
+    for _ in 0..args.runs() {
+        runs.push(
+            scale::scale(
+                launch,
+                args.sim_workers,
+                args.scale_secs(),
+                args.scale_queued(),
+                args.clients,
+            )
+            .await?,
+        );
+    }
+    let of = |f: &dyn Fn(&scale::ScaleRun) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+    report.add(
+        format!(
+            "S1 Redis, {} workers heartbeating every 2 s + registry reads",
+            report::number(args.sim_workers as f64)
+        ),
+        "% of a core",
+        of(&|r| r.redis_core_pct),
+        Some(Target::Below(5.0)),
+    );
+    report.add(
+        "S1 heartbeats per second",
+        "beats/s",
+        of(&|r| r.beats as f64 / args.scale_secs().max(1) as f64),
+        None,
+    );
+    report.add(
+        format!(
+            "S1 Redis memory per queued one-step task, {} queued",
+            report::number(args.scale_queued() as f64)
+        ),
+        "bytes",
+        of(&|r| r.bytes_per_task),
+        Some(Target::AtMost(1024.0)),
+    );
+    Ok(())
 }
 
 /// Where the soak's plateau ends: by 10 s the connections, pools and buffers exist, so

@@ -1,0 +1,162 @@
+//! S1, the scale figures of issue 17: what 1,000 workers cost Redis, and what a queued task
+//! costs it in memory.
+//!
+//! A master with no real worker starts on its own Redis. `--sim-workers` simulated workers
+//! register and heartbeat as the Rust worker does (`Registry::heartbeat`, every 2 s, the
+//! default `HEARTBEAT_INTERVAL_MS`, with a TTL of three intervals), each with 8 slots, for a
+//! capability nothing is queued for; they never receive a step. The master's dispatcher
+//! reads the registry meanwhile, as it always does (every 250 ms). Over `--scale-secs`, the
+//! share of one core that Redis uses is its CPU time over the wall time.
+//!
+//! Then `--scale-queued` one-step tasks (the Q1 body, about 100 bytes of input) are queued
+//! for `echo`, which no worker serves, and Redis's `used_memory` grows by the memory per
+//! queued task times their number.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use common::redis::RedisPool;
+use common::registry::Registry;
+use common::wire::{Capability, WorkerId, WorkerRecord};
+
+use crate::client::MasterClient;
+use crate::cluster::{CAPABILITY, Launch, QueueCluster};
+
+/// What a simulated worker beats at: the Rust worker's default `HEARTBEAT_INTERVAL_MS`.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// The capability the simulated workers advertise: nothing is queued for it.
+const SIMULATED: &str = "simulated";
+
+/// One S1 run.
+#[derive(Clone, Debug)]
+pub struct ScaleRun {
+    /// Simulated workers.
+    pub workers: usize,
+    /// Heartbeats written during the measurement.
+    pub beats: usize,
+    /// Redis's CPU time over the wall time while only the workers and the master's
+    /// registry reads ran, in % of one core.
+    pub redis_core_pct: f64,
+    /// Tasks queued.
+    pub queued: usize,
+    /// Growth of Redis's `used_memory` per queued task, in bytes.
+    pub bytes_per_task: f64,
+}
+
+/// Runs S1 once on a cluster of its own.
+pub async fn scale(
+    launch: &Launch,
+    workers: usize,
+    secs: u64,
+    queued: usize,
+    clients: usize,
+) -> anyhow::Result<ScaleRun> {
+    let cluster = QueueCluster::start(launch).await?;
+    let run = measure(&cluster, workers, secs, queued, clients).await;
+    cluster.stop().await;
+    run
+}
+
+async fn measure(
+    cluster: &QueueCluster,
+    workers: usize,
+    secs: u64,
+    queued: usize,
+    clients: usize,
+) -> anyhow::Result<ScaleRun> {
+    let settings = cluster
+        .redis_settings()
+        .context("S1 needs the Redis this bench starts")?;
+    let url = cluster.redis_url().context("S1 needs a Redis URL")?;
+    let registry = Registry::new(RedisPool::new(&settings)?);
+    let beats = Arc::new(AtomicUsize::new(0));
+    let mut beaters = Vec::new();
+    for i in 0..workers {
+        let mut record = WorkerRecord::starting(
+            WorkerId::new(format!("sim-{i:04}"))?,
+            format!("http://127.0.0.1:9/sim-{i}"),
+            vec![Capability::new(SIMULATED)?],
+            8,
+        );
+        record.version = "simulated".into();
+        let (registry, beats) = (registry.clone(), beats.clone());
+        // Spread over the interval, as workers started at different times are.
+        let offset = HEARTBEAT.mul_f64(i as f64 / workers.max(1) as f64);
+        beaters.push(tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
+            let mut every = tokio::time::interval(HEARTBEAT);
+            loop {
+                every.tick().await;
+                record.heartbeat_at_ms = common::wire::now_ms();
+                if registry.heartbeat(&record, HEARTBEAT * 3).await.is_ok() {
+                    beats.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Every worker registered, and a few refreshes of the dispatcher's view.
+    tokio::time::sleep(HEARTBEAT * 2).await;
+    let before = crate::cluster::RedisStats::read(&url).await?;
+    let (beats_before, started) = (beats.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
+    let after = crate::cluster::RedisStats::read(&url).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let beats = beats.load(Ordering::Relaxed) - beats_before;
+    let redis_core_pct = 100.0 * (after.cpu_secs - before.cpu_secs) / wall;
+
+    let memory_before = used_memory(&url).await?;
+    let client = MasterClient::new(&cluster.master_url, &cluster.pipeline, clients);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut submitters = Vec::new();
+    for _ in 0..clients.max(1) {
+        let (client, next) = (client.clone(), next.clone());
+        submitters.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= queued {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                client.submit(client.body(n)).await?;
+            }
+        }));
+    }
+    for s in submitters {
+        s.await.context("a submitter panicked")??;
+    }
+    let (waiting, _) = client.queue_depth(CAPABILITY).await?;
+    anyhow::ensure!(
+        waiting as usize >= queued,
+        "only {waiting} of {queued} tasks are queued"
+    );
+    let memory_after = used_memory(&url).await?;
+    for b in beaters {
+        b.abort();
+    }
+    Ok(ScaleRun {
+        workers,
+        beats,
+        redis_core_pct,
+        queued,
+        bytes_per_task: (memory_after.saturating_sub(memory_before)) as f64 / queued.max(1) as f64,
+    })
+}
+
+/// `INFO memory`'s `used_memory`, in bytes.
+async fn used_memory(url: &str) -> anyhow::Result<u64> {
+    let client = redis::Client::open(url).context("bad Redis URL")?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .context("cannot connect to Redis")?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO memory has no used_memory")
+}
