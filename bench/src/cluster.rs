@@ -133,6 +133,15 @@ pub fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// A connection to the Redis at `url`, for the bench's own reads.
+pub async fn connect(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url).context("bad Redis URL")?;
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .context("cannot connect to Redis")
+}
+
 /// Redis figures at one moment: calls per command and the server's CPU time.
 #[derive(Clone, Debug, Default)]
 pub struct RedisStats {
@@ -145,11 +154,7 @@ pub struct RedisStats {
 impl RedisStats {
     /// Reads them from the server at `url`.
     pub async fn read(url: &str) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url).context("bad Redis URL")?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .context("cannot connect to Redis")?;
+        let mut conn = connect(url).await?;
         let commands: String = redis::cmd("INFO")
             .arg("commandstats")
             .query_async(&mut conn)

@@ -281,6 +281,29 @@ pub async fn deep_queue(
     })
 }
 
+/// Submits `count` tasks (the Q1 body) over `clients` connections, as fast as the master
+/// takes them.
+pub async fn submit_all(client: &MasterClient, count: usize, clients: usize) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut submitters = Vec::new();
+    for _ in 0..clients.max(1) {
+        let (client, next) = (client.clone(), next.clone());
+        submitters.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= count {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                client.submit(client.body(n)).await?;
+            }
+        }));
+    }
+    for s in submitters {
+        s.await.context("a submitter panicked")??;
+    }
+    Ok(())
+}
+
 /// Queues `depth` tasks with no worker, starts the workers, and samples the queue depth
 /// (`GET /queues`) until it is at or below `until` (and nothing is in flight, for 0).
 /// Returns the submit rate and the samples.
@@ -294,23 +317,7 @@ async fn drain(
 ) -> anyhow::Result<(f64, Vec<(Instant, u64)>)> {
     let client = MasterClient::new(&cluster.master_url, &cluster.pipeline, clients);
     let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut submitters = Vec::new();
-    for _ in 0..clients.max(1) {
-        let (client, next) = (client.clone(), next.clone());
-        submitters.push(tokio::spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= depth {
-                    return Ok::<_, anyhow::Error>(());
-                }
-                client.submit(client.body(n)).await?;
-            }
-        }));
-    }
-    for s in submitters {
-        s.await.context("a submitter panicked")??;
-    }
+    submit_all(&client, depth, clients).await?;
     let submit_rate = depth as f64 / started.elapsed().as_secs_f64();
     let (queued, _) = client.queue_depth(CAPABILITY).await?;
     if (queued as usize) < depth {

@@ -109,23 +109,7 @@ async fn measure(
 
     let memory_before = used_memory(&url).await?;
     let client = MasterClient::new(&cluster.master_url, &cluster.pipeline, clients);
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut submitters = Vec::new();
-    for _ in 0..clients.max(1) {
-        let (client, next) = (client.clone(), next.clone());
-        submitters.push(tokio::spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= queued {
-                    return Ok::<_, anyhow::Error>(());
-                }
-                client.submit(client.body(n)).await?;
-            }
-        }));
-    }
-    for s in submitters {
-        s.await.context("a submitter panicked")??;
-    }
+    crate::queue::submit_all(&client, queued, clients).await?;
     let (waiting, _) = client.queue_depth(CAPABILITY).await?;
     anyhow::ensure!(
         waiting as usize >= queued,
@@ -146,11 +130,7 @@ async fn measure(
 
 /// `INFO memory`'s `used_memory`, in bytes.
 async fn used_memory(url: &str) -> anyhow::Result<u64> {
-    let client = redis::Client::open(url).context("bad Redis URL")?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("cannot connect to Redis")?;
+    let mut conn = crate::cluster::connect(url).await?;
     let info: String = redis::cmd("INFO")
         .arg("memory")
         .query_async(&mut conn)
