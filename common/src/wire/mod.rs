@@ -18,7 +18,7 @@ pub use task::{
 pub use work::{
     AckStatus, MAX_BATCH, PriorOutput, ReportStatus, ResultAck, ResultBatchAnswer,
     ResultItemAnswer, ResultReport, StepContext, StepError, StepRef, WorkAccepted, WorkBatchAnswer,
-    WorkItemAnswer, WorkRequest, WorkerRecord,
+    WorkItemAnswer, WorkRequest, WorkerRecord, batch_elements,
 };
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp on the wire.

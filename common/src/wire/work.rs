@@ -261,6 +261,24 @@ pub struct WorkAccepted {
 /// Most steps in one batched `POST /work`, and most reports in one `POST /results`.
 pub const MAX_BATCH: usize = 64;
 
+/// Reads a batch body: a JSON array of at most [`MAX_BATCH`] `what`s, each left unparsed
+/// so that one malformed element is refused alone (`POST /work`, `POST /results`).
+pub fn batch_elements<'de, A: serde::de::SeqAccess<'de>>(
+    mut seq: A,
+    what: &str,
+) -> Result<Vec<Box<serde_json::value::RawValue>>, A::Error> {
+    let mut elements = Vec::new();
+    while let Some(element) = seq.next_element::<Box<serde_json::value::RawValue>>()? {
+        if elements.len() == MAX_BATCH {
+            return Err(serde::de::Error::custom(format!(
+                "a batch holds at most {MAX_BATCH} {what}"
+            )));
+        }
+        elements.push(element);
+    }
+    Ok(elements)
+}
+
 /// One step's answer in a batched `POST /work`: what a `POST /work` of this step alone
 /// would have answered.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

@@ -478,7 +478,11 @@ impl Dispatcher {
 
     /// Sends steps claimed for one worker in one `POST /work` (a JSON array; each step is
     /// answered on its own), and settles each as if it had been sent alone.
-    async fn send_batch(self: Arc<Self>, batch: Vec<Claimed>) {
+    async fn send_batch(self: Arc<Self>, mut batch: Vec<Claimed>) {
+        // In a batch, each step carries its own request id (one request has one header).
+        for claimed in &mut batch {
+            claimed.work.request_id = Some(claimed.request_id.clone());
+        }
         let outcomes = match self.worker_url(&batch[0].worker) {
             None => batch
                 .iter()
@@ -584,12 +588,10 @@ impl Dispatcher {
     async fn post_batch(&self, url: &str, batch: &[Claimed]) -> Vec<Sent> {
         let limit = self.config.work_body_limit_bytes;
         let mut outcomes: Vec<Option<Sent>> = batch.iter().map(|_| None).collect();
-        // Each step encoded with its own request id; the requests' bodies, as index lists.
+        // The requests' bodies, with the steps each carries.
         let mut bodies: Vec<(Vec<usize>, Vec<u8>)> = Vec::new();
         for (i, claimed) in batch.iter().enumerate() {
-            let mut work = claimed.work.clone();
-            work.request_id = Some(claimed.request_id.clone());
-            let encoded = match serde_json::to_vec(&work) {
+            let encoded = match serde_json::to_vec(&claimed.work) {
                 Ok(encoded) => encoded,
                 Err(e) => {
                     outcomes[i] = Some(Sent::Refused(StepError::permanent(

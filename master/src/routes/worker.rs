@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use common::http::{ApiError, JsonBody};
 use common::wire::{
-    AckStatus, MAX_BATCH, ResultAck, ResultBatchAnswer, ResultItemAnswer, ResultReport,
+    AckStatus, ResultAck, ResultBatchAnswer, ResultItemAnswer, ResultReport, batch_elements,
 };
 use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -39,7 +39,7 @@ pub(super) async fn report(
 }
 
 /// The body of `POST /results`: an array of reports, each parsed on its own so that one
-/// malformed report is refused alone; at most [`MAX_BATCH`].
+/// malformed report is refused alone; at most [`common::wire::MAX_BATCH`].
 pub(super) struct Reports(Vec<Box<RawValue>>);
 
 impl<'de> serde::Deserialize<'de> for Reports {
@@ -52,17 +52,8 @@ impl<'de> serde::Deserialize<'de> for Reports {
                 f.write_str("an array of reports")
             }
 
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Reports, A::Error> {
-                let mut reports = Vec::new();
-                while let Some(report) = seq.next_element::<Box<RawValue>>()? {
-                    if reports.len() == MAX_BATCH {
-                        return Err(serde::de::Error::custom(format!(
-                            "a batch holds at most {MAX_BATCH} reports"
-                        )));
-                    }
-                    reports.push(report);
-                }
-                Ok(Reports(reports))
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Reports, A::Error> {
+                Ok(Reports(batch_elements(seq, "reports")?))
             }
         }
         deserializer.deserialize_seq(Batch)

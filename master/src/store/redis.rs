@@ -343,13 +343,14 @@ script!(CALLBACK_FINISH, "callback_finish.lua");
 /// How many arguments of report.lua follow the prefix.
 const REPORT_ARGS: usize = 12;
 
-/// report.lua's arguments after the prefix (ARGV[2] to ARGV[13]), as text.
-fn report_args(
+/// Adds report.lua's arguments after the prefix (ARGV[2] to ARGV[13]) to `call`.
+fn add_report_args(
+    call: &mut Call<'_>,
     report: &ResultReport,
     retry: RetryPolicy,
     jitter: f64,
     retention: Duration,
-) -> Result<[String; REPORT_ARGS], StoreError> {
+) -> Result<(), StoreError> {
     let (status, payload, retryable) = match report.status {
         ReportStatus::Succeeded => (
             "succeeded",
@@ -363,21 +364,20 @@ fn report_args(
             ("failed", serde_json::to_string(&error), error.retryable)
         }
     };
-    let flag = |on: bool| if on { "1" } else { "0" }.to_string();
-    Ok([
-        report.task_id.as_str().to_string(),
-        report.step.to_string(),
-        report.attempt.to_string(),
-        status.to_string(),
-        payload.map_err(corrupt)?,
-        flag(retryable),
-        ms(retry.base).to_string(),
-        ms(retry.max).to_string(),
-        jitter.clamp(0.0, 1.0).to_string(),
-        ms(retention).to_string(),
-        report.worker_id.as_str().to_string(),
-        flag(lost_on_worker(report)),
-    ])
+    let flag = |on: bool| if on { "1" } else { "0" };
+    call.arg(report.task_id.as_str())
+        .arg(report.step)
+        .arg(report.attempt)
+        .arg(status)
+        .arg(payload.map_err(corrupt)?)
+        .arg(flag(retryable))
+        .arg(ms(retry.base))
+        .arg(ms(retry.max))
+        .arg(jitter.clamp(0.0, 1.0))
+        .arg(ms(retention))
+        .arg(report.worker_id.as_str())
+        .arg(flag(lost_on_worker(report)));
+    Ok(())
 }
 
 /// The Redis-backed [`TaskStore`].
@@ -687,15 +687,12 @@ impl TaskStore for RedisStore {
         retention: Duration,
     ) -> Result<ReportOutcome, StoreError> {
         let p = self.prefix();
-        let args = report_args(report, retry, jitter, retention)?;
-        let mut conn = self.pool.get().await?;
         let mut call = REPORT.call(self);
         call.key(keys::task(p, report.task_id.as_str()))
             .firehose(self)
             .arg(p);
-        for arg in args {
-            call.arg(arg);
-        }
+        add_report_args(&mut call, report, retry, jitter, retention)?;
+        let mut conn = self.pool.get().await?;
         let value: Value = call.invoke_async(&mut conn).await?;
         Reply::parse(REPORT.file, value)?.report()
     }
@@ -719,9 +716,7 @@ impl TaskStore for RedisStore {
             .arg(reports.len())
             .arg(REPORT_ARGS);
         for report in reports {
-            for arg in report_args(report, retry, rand::random(), retention)? {
-                call.arg(arg);
-            }
+            add_report_args(&mut call, report, retry, rand::random(), retention)?;
         }
         let mut conn = self.pool.get().await?;
         let value: Value = call.invoke_async(&mut conn).await?;

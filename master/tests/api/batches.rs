@@ -189,6 +189,13 @@ async fn each_report_of_a_batch_is_answered_as_if_it_came_alone() {
     }
     let mut too_deep = report_b.clone();
     too_deep["output"] = deep;
+    // Numeric extremes: a step and attempt no task has are discarded; past u32 they are
+    // not numbers a report may carry.
+    let mut far = report_c.clone();
+    far["step"] = json!(u32::MAX);
+    far["attempt"] = json!(u32::MAX);
+    let mut beyond = report_c.clone();
+    beyond["attempt"] = json!(u64::MAX);
     let body = json!([
         report_a,
         report_a,
@@ -199,6 +206,8 @@ async fn each_report_of_a_batch_is_answered_as_if_it_came_alone() {
         failed,
         report_b,
         42,
+        far,
+        beyond,
     ]);
     let r = post_results(&master, Some(WORKER_TOKEN), &body).await;
     assert_eq!(r.status(), 200);
@@ -220,6 +229,8 @@ async fn each_report_of_a_batch_is_answered_as_if_it_came_alone() {
             (422, Value::Null),
             (200, json!("recorded")),
             (200, json!("recorded")),
+            (422, Value::Null),
+            (200, json!("discarded")),
             (422, Value::Null),
         ],
         "{answer}"

@@ -9,7 +9,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use common::http::JsonBody;
 use common::telemetry::RequestId;
-use common::wire::{MAX_BATCH, WorkAccepted, WorkBatchAnswer, WorkItemAnswer, WorkRequest};
+use common::wire::{WorkAccepted, WorkBatchAnswer, WorkItemAnswer, WorkRequest, batch_elements};
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -61,17 +61,8 @@ impl<'de> serde::Deserialize<'de> for WorkBody {
                 Ok(WorkBody::One(Box::new(step)))
             }
 
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<WorkBody, A::Error> {
-                let mut steps = Vec::new();
-                while let Some(step) = seq.next_element::<Box<RawValue>>()? {
-                    if steps.len() == MAX_BATCH {
-                        return Err(serde::de::Error::custom(format!(
-                            "a batch holds at most {MAX_BATCH} steps"
-                        )));
-                    }
-                    steps.push(step);
-                }
-                Ok(WorkBody::Many(steps))
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<WorkBody, A::Error> {
+                Ok(WorkBody::Many(batch_elements(seq, "steps")?))
             }
         }
         deserializer.deserialize_any(Body)
