@@ -1750,6 +1750,11 @@ impl Model {
         let mut fired = Vec::new();
         for (_, _, ti, si) in due {
             let t = &mut self.tasks[ti];
+            // An earlier timer of this call may have ended the task (a wait that failed it
+            // stops its other waits): a timer of a step that no longer waits does not fire.
+            if t.status.is_terminal() || t.steps[si].status != StepStatus::Waiting {
+                continue;
+            }
             t.steps[si].wakes = None;
             let task_id = t.id.clone();
             let (wait, sleep) = (t.steps[si].wait.clone(), t.steps[si].sleep_ms);
