@@ -164,3 +164,111 @@ async fn malformed_records_are_named_with_their_key_and_problem_and_skipped() {
     assert!(bad[1].reason.contains("url"), "{}", bad[1].reason);
     assert_eq!(registry.live().await.unwrap().len(), 1);
 }
+
+/// `INFO stats`' `total_net_output_bytes`: what the server has sent its clients so far.
+async fn bytes_sent(pool: &RedisPool) -> u64 {
+    let mut conn = pool.get().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO stats has total_net_output_bytes")
+}
+
+/// The ids of what `changed` returns, in order.
+async fn changed_ids(registry: &Registry) -> Vec<String> {
+    let scan = registry.changed().await.unwrap();
+    scan.records.iter().map(|r| r.id.to_string()).collect()
+}
+
+#[tokio::test]
+async fn the_dispatchers_read_fetches_only_moved_records_and_misses_no_change() {
+    let server = RedisServer::start();
+    let pool = RedisPool::new(&server.settings()).unwrap();
+    let registry = Registry::new(pool.clone());
+    // A worker's record with a long URL (about 1 KiB), so records dominate what is sent.
+    let big = |id: &str| WorkerRecord {
+        url: format!("http://127.0.0.1:5001/{}", "p".repeat(1_000)),
+        ..record(id)
+    };
+    let ids: Vec<String> = (0..200).map(|i| format!("w-{i:03}")).collect();
+    for id in &ids {
+        registry
+            .heartbeat(&big(id), Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    // The first read is a full one.
+    let sent = bytes_sent(&pool).await;
+    assert_eq!(changed_ids(&registry).await, ids);
+    let full = bytes_sent(&pool).await - sent;
+    assert!(
+        full > 200_000,
+        "a full read of 200 1-KiB records sent {full} bytes"
+    );
+
+    // Two workers beat: the next read fetches their records, not the other 198.
+    for id in ["w-007", "w-100"] {
+        let mut again = big(id);
+        again.draining = id == "w-100";
+        registry
+            .heartbeat(&again, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let sent = bytes_sent(&pool).await;
+    let scan = registry.changed().await.unwrap();
+    let partial = bytes_sent(&pool).await - sent;
+    assert!(
+        partial < full / 10,
+        "a read after 2 of 200 beats sent {partial} bytes, a full read {full}"
+    );
+    let draining: Vec<&str> = scan
+        .records
+        .iter()
+        .filter(|r| r.draining)
+        .map(|r| r.id.as_str())
+        .collect();
+    assert_eq!(draining, ["w-100"], "a beat's new record is seen at once");
+    assert_eq!(scan.records.len(), 200);
+
+    // Nothing moved: nothing changes, and no record is sent.
+    let sent = bytes_sent(&pool).await;
+    assert_eq!(changed_ids(&registry).await, ids);
+    assert!(bytes_sent(&pool).await - sent < full / 10);
+
+    // Deregistered, new, malformed, and expired workers are all seen by the next read.
+    registry
+        .deregister(&WorkerId::new("w-050").unwrap())
+        .await
+        .unwrap();
+    registry
+        .heartbeat(&record("w-new"), Duration::from_millis(300))
+        .await
+        .unwrap();
+    let mut float = serde_json::to_value(record("w-float")).unwrap();
+    float["max_concurrency"] = serde_json::json!(4.5);
+    plant_record(&pool, "w-float", &float.to_string()).await;
+    let scan = registry.changed().await.unwrap();
+    let seen: Vec<&str> = scan.records.iter().map(|r| r.id.as_str()).collect();
+    assert!(
+        !seen.contains(&"w-050"),
+        "a deregistered worker drops out at once"
+    );
+    assert!(seen.contains(&"w-new"), "a new worker is seen at once");
+    assert_eq!(seen.len(), 200);
+    let bad: Vec<&str> = scan.malformed.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(bad, ["w-float"]);
+    let expired = eventually(Duration::from_secs(3), || async {
+        (!changed_ids(&registry).await.contains(&"w-new".to_string())).then_some(())
+    })
+    .await;
+    assert!(
+        expired.is_some(),
+        "a worker whose beats stopped drops out when its record expires"
+    );
+}

@@ -39,6 +39,12 @@ pub trait WorkerSource: Send + Sync + 'static {
     async fn scan(&self) -> Result<(Vec<WorkerRecord>, Vec<MalformedRecord>), StoreError> {
         Ok((self.live().await?, Vec::new()))
     }
+
+    /// The live workers' records for a reader that asks 4 times a second (the dispatcher's
+    /// view): as [`WorkerSource::live`], read as cheaply as the source can.
+    async fn changed(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+        self.live().await
+    }
 }
 
 #[async_trait]
@@ -50,6 +56,10 @@ impl WorkerSource for Registry {
     async fn scan(&self) -> Result<(Vec<WorkerRecord>, Vec<MalformedRecord>), StoreError> {
         let scan = Registry::scan(self).await?;
         Ok((scan.records, scan.malformed))
+    }
+
+    async fn changed(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+        Ok(Registry::changed(self).await?.records)
     }
 }
 
@@ -323,7 +333,7 @@ impl Dispatcher {
     }
 
     async fn refresh(self: &Arc<Self>) {
-        let workers = self.workers.live().await;
+        let workers = self.workers.changed().await;
         let Some(workers) = self.store_result("listing workers", workers) else {
             return;
         };
