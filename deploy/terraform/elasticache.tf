@@ -28,6 +28,16 @@ resource "aws_elasticache_parameter_group" "redis" {
     name  = "maxmemory-policy"
     value = "noeviction"
   }
+
+  # A task's hash holds its input, its events and each step's output. With Redis's default
+  # (64 bytes) any of them longer than 64 bytes turns the whole hash into a hashtable: 1,408
+  # bytes for a queued one-step task with a 100-byte input, against 552 as a listpack
+  # (BENCHMARKS.md, "The scale figures"). A hash with a value over 1,024 bytes (a large
+  # output) still converts, so lookups in the compact form stay short.
+  parameter {
+    name  = "hash-max-listpack-value"
+    value = "1024"
+  }
 }
 
 resource "aws_elasticache_replication_group" "redis" {

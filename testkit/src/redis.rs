@@ -225,6 +225,11 @@ impl RedisServer {
             "no".into(),
             "--protected-mode".into(),
             "no".into(),
+            // As deploy/terraform/elasticache.tf and docker-compose.yml set it: a task's
+            // hash keeps the compact encoding with its input in it (Redis 6 and 7 both take
+            // this older name of hash-max-listpack-value).
+            "--hash-max-ziplist-value".into(),
+            "1024".into(),
         ];
         if self.options.aof {
             args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(String::from));

@@ -337,6 +337,13 @@ fn redis_requires_a_password_and_syncs_its_append_only_file_on_every_write() {
         Some("always"),
         "{FILE}: redis: --appendfsync always, as README.md's Guarantees say"
     );
+    // A queued task's hash stays a listpack with its input in it (the scale figures in
+    // BENCHMARKS.md), as the ElastiCache parameter group sets it.
+    assert_eq!(
+        after("--hash-max-ziplist-value").as_deref(),
+        Some("1024"),
+        "{FILE}: redis: --hash-max-ziplist-value 1024, as deploy/terraform/elasticache.tf sets it"
+    );
     let health = health(redis).join(" ");
     assert!(
         health.contains("redis-cli") && health.contains("ping"),

@@ -163,3 +163,55 @@ async fn a_full_store_answers_507_storage_full_and_loses_nothing_it_accepted() {
     );
     master.stop().await;
 }
+
+/// `OBJECT ENCODING` of `key`.
+async fn encoding(pool: &RedisPool, key: &str) -> String {
+    let mut conn = pool.get().await.unwrap();
+    redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// On a Redis set up as deploy/ and compose set it up (`hash-max-listpack-value` 1024, as
+/// the test kit's redis-server has it), a queued task with a 100-byte input is a compact
+/// hash: about 550 bytes instead of 1,400 (BENCHMARKS.md, "The scale figures"). A task
+/// with a value over the limit (a large input) still works, in the other encoding.
+#[tokio::test]
+async fn a_queued_task_with_a_100_byte_input_keeps_the_compact_encoding() {
+    let redis = RedisServer::start();
+    let settings = redis.settings();
+    let pool = RedisPool::new(&settings).unwrap();
+    let prefix = settings.key_prefix.clone();
+    let master = TestMaster::start(test_config(&settings)).await;
+
+    let input = json!({"n": 1, "text": "x".repeat(90)});
+    assert!(input.to_string().len() >= 100);
+    let small = master
+        .submit(json!({"steps": ["plan"], "input": input}))
+        .await;
+    let key = master::store::schema::keys::task(&prefix, &small);
+    let compact = encoding(&pool, &key).await;
+    assert!(
+        compact == "listpack" || compact == "ziplist",
+        "a queued task's hash is {compact}"
+    );
+
+    let big = master
+        .submit(json!({"steps": ["plan"], "input": "y".repeat(5_000)}))
+        .await;
+    let key = master::store::schema::keys::task(&prefix, &big);
+    assert_eq!(encoding(&pool, &key).await, "hashtable");
+    let view: Value = master
+        .get(&format!("/task/{big}"), ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["input"], "y".repeat(5_000));
+    master.stop().await;
+}
