@@ -96,6 +96,11 @@ pub struct Args {
     /// start workers itself and is skipped.
     #[arg(long)]
     pub master_url: Option<String>,
+    /// An extra argument for the redis-server the bench starts (repeatable, passed last,
+    /// so it wins), to measure what a Redis setting changes, e.g.
+    /// `--redis-arg=--hash-max-ziplist-value --redis-arg=64` (Redis's default).
+    #[arg(long, allow_hyphen_values = true)]
+    pub redis_arg: Vec<String>,
     /// With `--master-url`: the master's Redis, for commands per task.
     #[arg(long)]
     pub redis_url: Option<String>,

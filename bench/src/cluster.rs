@@ -11,7 +11,7 @@ use common::redis::RedisSettings;
 use common::wire::{Capability, StepSpec};
 use master::config::PipelineConfig;
 use testkit::system::Builder;
-use testkit::{Binaries, Service, Store, System};
+use testkit::{Binaries, RedisOptions, Service, Store, System};
 
 /// The pipeline every queue benchmark submits: one `echo` step.
 pub const PIPELINE: &str = "bench";
@@ -26,6 +26,8 @@ pub struct Launch {
     binaries: Option<Binaries>,
     /// Extra environment for every child process (after the bench's own settings).
     extra_env: Vec<(String, String)>,
+    /// Extra arguments for the redis-server the bench starts.
+    redis_args: Vec<String>,
 }
 
 impl Launch {
@@ -34,6 +36,7 @@ impl Launch {
         processes: bool,
         bin_dir: Option<PathBuf>,
         extra_env: Vec<(String, String)>,
+        redis_args: Vec<String>,
     ) -> anyhow::Result<Self> {
         let binaries = if processes {
             let dir = match bin_dir {
@@ -56,6 +59,7 @@ impl Launch {
         Ok(Self {
             binaries,
             extra_env,
+            redis_args,
         })
     }
 
@@ -66,7 +70,10 @@ impl Launch {
 
     /// A system builder that starts services this way.
     fn builder(&self) -> Builder {
-        let mut builder = System::builder();
+        let mut builder = System::builder().store(Store::OwnRedis(RedisOptions {
+            extra_args: self.redis_args.clone(),
+            ..RedisOptions::default()
+        }));
         if let Some(binaries) = &self.binaries {
             builder = builder.processes(binaries.clone());
         }

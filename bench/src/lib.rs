@@ -38,6 +38,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         args.processes,
         args.bin_dir.clone(),
         args.service_env.clone(),
+        args.redis_arg.clone(),
     )?;
     let mut report = Report {
         header: header(args),
@@ -94,14 +95,18 @@ fn header(args: &Args) -> Vec<String> {
     } else {
         "services in this process"
     };
-    vec![
+    let mut lines = vec![
         format!("# ensemble-bench {}", env!("CARGO_PKG_VERSION")),
         format!(
             "machine: {cpu}, {cores} cores, Linux {}; {mode}; {} run(s) per figure",
             kernel.trim(),
             args.runs()
         ),
-    ]
+    ];
+    if !args.redis_arg.is_empty() {
+        lines.push(format!("redis-server with: {}", args.redis_arg.join(" ")));
+    }
+    lines
 }
 
 /// A started cluster with workers, or the running one given by URL.
@@ -568,6 +573,15 @@ async fn s1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result
         of(&|r| r.bytes_per_task),
         Some(Target::AtMost(1024.0)),
     );
+    if let Some(last) = runs.last() {
+        let mut lines = vec![format!("task hash encoding: {}", last.task_encoding)];
+        lines.extend(
+            last.breakdown
+                .iter()
+                .map(|(key, bytes)| format!("{key}: {bytes:.0} bytes per task")),
+        );
+        report.note("S1 memory by key (MEMORY USAGE, last run):", lines);
+    }
     Ok(())
 }
 

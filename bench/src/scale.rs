@@ -44,6 +44,11 @@ pub struct ScaleRun {
     pub queued: usize,
     /// Growth of Redis's `used_memory` per queued task, in bytes.
     pub bytes_per_task: f64,
+    /// Where it goes: `MEMORY USAGE` per queued task of each kind of key (task hashes
+    /// sampled, the rest whole), most first.
+    pub breakdown: Vec<(String, f64)>,
+    /// `OBJECT ENCODING` of a queued task's hash (`listpack` is the compact one).
+    pub task_encoding: String,
 }
 
 /// Runs S1 once on a cluster of its own.
@@ -119,13 +124,90 @@ async fn measure(
     for b in beaters {
         b.abort();
     }
+    let (breakdown, task_encoding) = breakdown(&url, queued).await?;
     Ok(ScaleRun {
         workers,
         beats,
         redis_core_pct,
         queued,
         bytes_per_task: (memory_after.saturating_sub(memory_before)) as f64 / queued.max(1) as f64,
+        breakdown,
+        task_encoding,
     })
+}
+
+/// Task hashes whose `MEMORY USAGE` is averaged.
+const SAMPLED_TASKS: usize = 100;
+
+/// `MEMORY USAGE` per queued task of each kind of key: task hashes (a sample, plus the
+/// main dictionary's entry, which `MEMORY USAGE` counts), and every other key (the queue,
+/// the task index, …) whole, named by its key with the prefix cut. Also the task hash's
+/// encoding.
+async fn breakdown(url: &str, queued: usize) -> anyhow::Result<(Vec<(String, f64)>, String)> {
+    let mut conn = crate::cluster::connect(url).await?;
+    let (mut cursor, mut tasks, mut others) = (0u64, Vec::new(), Vec::new());
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await?;
+        for key in keys {
+            if key.contains(":task:") {
+                if tasks.len() < SAMPLED_TASKS {
+                    tasks.push(key);
+                }
+            } else {
+                others.push(key);
+            }
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut rows = Vec::new();
+    let mut task_bytes = 0u64;
+    for key in &tasks {
+        let bytes: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .query_async(&mut conn)
+            .await?;
+        task_bytes += bytes.unwrap_or(0);
+    }
+    rows.push((
+        "task hash (key included)".to_string(),
+        task_bytes as f64 / tasks.len().max(1) as f64,
+    ));
+    for key in others {
+        let bytes: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut conn)
+            .await?;
+        let per_task = bytes.unwrap_or(0) as f64 / queued.max(1) as f64;
+        // Keys of a few bytes per million tasks (the rate limit, the capabilities) are noise.
+        if per_task >= 1.0 {
+            let name = key.split_once(':').map_or(key.as_str(), |(_, rest)| rest);
+            rows.push((name.to_string(), per_task));
+        }
+    }
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let encoding: String = match tasks.first() {
+        Some(key) => {
+            redis::cmd("OBJECT")
+                .arg("ENCODING")
+                .arg(key)
+                .query_async(&mut conn)
+                .await?
+        }
+        None => "none".into(),
+    };
+    Ok((rows, encoding))
 }
 
 /// `INFO memory`'s `used_memory`, in bytes.
