@@ -26,7 +26,7 @@ use crate::hub::Hub;
 use crate::metrics::publish_queue_gauges;
 use crate::store::{
     CancelOutcome, MAX_PRIORITY, NewTask, PlannedStep, ProgressOutcome, RateLimit, RedriveOutcome,
-    ReportOutcome, SignalOutcome, SubmitOutcome, TaskRecord, TaskStore,
+    ReportOutcome, SignalOutcome, StoreError, SubmitOutcome, TaskRecord, TaskStore,
     events::EventCursor,
     search::{DeadLetterCursor, DeadLetterPage, TaskPage, TaskQuery},
 };
@@ -49,6 +49,25 @@ pub(crate) struct Submitted {
     pub(crate) created: bool,
     /// The task's status now.
     pub(crate) task_status: TaskStatus,
+}
+
+/// A submission checked and planned, ready for the store.
+struct Prepared {
+    /// What the store keeps.
+    task: NewTask,
+    /// What its acceptance wakes.
+    wake: Wake,
+    /// The submit's span (none unless traces are exported).
+    span: tracing::Span,
+}
+
+/// What an accepted task wakes: its dispatch loops, and the queues its first steps join.
+struct Wake {
+    id: TaskId,
+    /// Every capability it uses.
+    every: Vec<Capability>,
+    /// The capabilities of the steps queued at once.
+    roots: Vec<Capability>,
 }
 
 /// What `GET /workers` shows.
@@ -147,10 +166,38 @@ impl Tasks {
     pub(crate) async fn submit(
         &self,
         client: &str,
-        mut body: SubmitTask,
+        body: SubmitTask,
         header_key: Option<String>,
         request_id: String,
     ) -> Result<Submitted, ServiceError> {
+        let Prepared { task, wake, span } =
+            self.prepare(client, body, header_key, request_id).await?;
+        let outcome = self
+            .store
+            .submit(task, self.rate_limit(), self.config.retention())
+            .instrument(span)
+            .await;
+        self.settle(client, wake, outcome.map_err(ServiceError::from))
+            .await
+    }
+
+    /// The rate limit every task counts against.
+    fn rate_limit(&self) -> RateLimit {
+        RateLimit {
+            per_sec: self.config.rate_limit_per_sec,
+            burst: self.config.rate_limit_burst,
+        }
+    }
+
+    /// Checks a submission and plans it into the task to store: everything of a submit
+    /// but the store's call.
+    async fn prepare(
+        &self,
+        client: &str,
+        mut body: SubmitTask,
+        header_key: Option<String>,
+        request_id: String,
+    ) -> Result<Prepared, ServiceError> {
         let key = match (header_key, body.idempotency_key.take()) {
             (Some(h), Some(b)) if h != b => {
                 return Err(ServiceError::Invalid(
@@ -219,16 +266,22 @@ impl Tasks {
             budget: body.budget,
             traceparent,
         };
-        let limit = RateLimit {
-            per_sec: self.config.rate_limit_per_sec,
-            burst: self.config.rate_limit_burst,
-        };
-        match self
-            .store
-            .submit(task, limit, self.config.retention())
-            .instrument(span)
-            .await?
-        {
+        Ok(Prepared {
+            task,
+            wake: Wake { id, every, roots },
+            span,
+        })
+    }
+
+    /// What the store's answer to a prepared submission means for the client.
+    async fn settle(
+        &self,
+        client: &str,
+        wake: Wake,
+        outcome: Result<SubmitOutcome, ServiceError>,
+    ) -> Result<Submitted, ServiceError> {
+        let Wake { id, every, roots } = wake;
+        match outcome? {
             SubmitOutcome::Created => {
                 crate::metrics::task_submitted();
                 for capability in &every {
@@ -260,6 +313,93 @@ impl Tasks {
                 Err(ServiceError::RateLimited { retry_after })
             }
         }
+    }
+
+    /// Submits a batch (`POST /tasks`): each element as [`Self::submit`] would, in order,
+    /// each with its own idempotency key, rate-limit token, checks and events. An element
+    /// that could not be read arrives as its error and is answered with it; one element's
+    /// refusal does not hold the others back. The elements are checked one by one, then
+    /// stored with one store call ([`TaskStore::submit_many`]: one round trip to Redis,
+    /// each task's script atomic on its own).
+    ///
+    /// A store failure (`Unavailable`, `StorageFull`) is the whole batch's answer when no
+    /// element of it was accepted: nothing was stored, so the client can send the same
+    /// batch again. When one was, the failure is the answer of each element it refused:
+    /// answering the whole batch with an error then would hide tasks that do exist. (An
+    /// idempotent repeat stores nothing, so it does not count as accepted.) The store
+    /// unreachable for the call itself is the whole answer, as for a single submit.
+    pub(crate) async fn submit_many<E: From<ServiceError>>(
+        &self,
+        client: &str,
+        items: Vec<Result<SubmitTask, E>>,
+        request_id: &str,
+    ) -> Result<Vec<Result<Submitted, E>>, ServiceError> {
+        let mut failure = None;
+        let mut noted = |e: ServiceError| {
+            if failure.is_none() {
+                failure = match e {
+                    ServiceError::Unavailable => Some(ServiceError::Unavailable),
+                    ServiceError::StorageFull => Some(ServiceError::StorageFull),
+                    _ => None,
+                };
+            }
+            E::from(e)
+        };
+        let mut checked: Vec<Result<Wake, E>> = Vec::with_capacity(items.len());
+        let mut tasks = Vec::new();
+        for item in items {
+            match item {
+                Err(e) => checked.push(Err(e)),
+                Ok(body) => match self
+                    .prepare(client, body, None, request_id.to_string())
+                    .await
+                {
+                    Ok(Prepared { task, wake, .. }) => {
+                        tasks.push(task);
+                        checked.push(Ok(wake));
+                    }
+                    Err(e) => checked.push(Err(noted(e))),
+                },
+            }
+        }
+        let mut outcomes = self
+            .store
+            .submit_many(tasks, self.rate_limit(), self.config.retention())
+            .await?
+            .into_iter();
+        let mut answers = Vec::with_capacity(checked.len());
+        let mut accepted = false;
+        for slot in checked {
+            let answer = match slot {
+                Err(e) => Err(e),
+                Ok(wake) => {
+                    let outcome = outcomes.next().unwrap_or_else(|| {
+                        Err(StoreError::Corrupt("the store answered fewer tasks".into()))
+                    });
+                    match self
+                        .settle(client, wake, outcome.map_err(ServiceError::from))
+                        .await
+                    {
+                        Ok(done) => {
+                            accepted |= done.created;
+                            Ok(done)
+                        }
+                        Err(e) => Err(noted(e)),
+                    }
+                }
+            };
+            answers.push(answer);
+        }
+        match failure {
+            Some(e) if !accepted => Err(e),
+            _ => Ok(answers),
+        }
+    }
+
+    /// `BODY_LIMIT_BYTES`: the routes bound a batch submit's body by a multiple of it, and
+    /// each of its tasks by it, as `POST /task` is.
+    pub(crate) fn body_limit(&self) -> usize {
+        self.config.body_limit_bytes
     }
 
     /// The pipeline name and steps of a submission, planned into a checked graph.

@@ -261,17 +261,19 @@ pub struct WorkAccepted {
 /// Most steps in one batched `POST /work`, and most reports in one `POST /results`.
 pub const MAX_BATCH: usize = 64;
 
-/// Reads a batch body: a JSON array of at most [`MAX_BATCH`] `what`s, each left unparsed
-/// so that one malformed element is refused alone (`POST /work`, `POST /results`).
+/// Reads a batch body: a JSON array of at most `max` `what`s (for `POST /work` and
+/// `POST /results`, [`MAX_BATCH`]), each left unparsed so that one malformed element is
+/// refused alone. Reading stops at the first element over `max`.
 pub fn batch_elements<'de, A: serde::de::SeqAccess<'de>>(
     mut seq: A,
     what: &str,
+    max: usize,
 ) -> Result<Vec<Box<serde_json::value::RawValue>>, A::Error> {
     let mut elements = Vec::new();
     while let Some(element) = seq.next_element::<Box<serde_json::value::RawValue>>()? {
-        if elements.len() == MAX_BATCH {
+        if elements.len() == max {
             return Err(serde::de::Error::custom(format!(
-                "a batch holds at most {MAX_BATCH} {what}"
+                "a batch holds at most {max} {what}"
             )));
         }
         elements.push(element);

@@ -1,4 +1,5 @@
-//! Client routes: submit, status, result (long-poll), cancel, signal.
+//! Client routes: submit (one task, or a batch), status, result (long-poll), cancel,
+//! signal.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,10 +8,15 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use common::http::{ApiError, JsonBody};
+use common::http::{ApiError, ErrorDetail, JsonBody};
 use common::telemetry::RequestId;
-use common::wire::{SignalRequest, SignalResponse, SubmitResponse, SubmitTask, TaskView};
-use serde::Deserialize;
+use common::wire::{
+    SignalRequest, SignalResponse, SubmitResponse, SubmitTask, TaskId, TaskStatus, TaskView,
+    batch_elements,
+};
+use serde::de::{Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::auth::{Caller, Client};
 use crate::limits::Concurrency;
@@ -53,6 +59,140 @@ pub(super) async fn submit(
         }),
     )
         .into_response())
+}
+
+/// Most tasks in one `POST /tasks`.
+pub(crate) const MAX_SUBMIT_BATCH: usize = 100;
+
+/// A `POST /tasks` body may be this many times `BODY_LIMIT_BYTES` (8 MiB by default), and
+/// each of its tasks at most `BODY_LIMIT_BYTES`, as on `POST /task`. Not 100 times: a
+/// batch of big inputs is better sent as several requests than held in memory at once.
+pub(crate) const SUBMIT_BATCH_BODY_FACTOR: usize = 8;
+
+/// The body of `POST /tasks`: `{"tasks": [...]}`, each element a `POST /task` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SubmitBatch {
+    /// Each left unparsed here, so that one malformed task is refused alone.
+    tasks: BatchTasks,
+}
+
+/// The `tasks` array, read without keeping more than [`MAX_SUBMIT_BATCH`] elements.
+struct BatchTasks(Vec<Box<RawValue>>);
+
+impl<'de> Deserialize<'de> for BatchTasks {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Batch;
+        impl<'de> Visitor<'de> for Batch {
+            type Value = BatchTasks;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of tasks")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<BatchTasks, A::Error> {
+                Ok(BatchTasks(batch_elements(seq, "tasks", MAX_SUBMIT_BATCH)?))
+            }
+        }
+        deserializer.deserialize_seq(Batch)
+    }
+}
+
+/// The answer to `POST /tasks` (`200`): one entry per task, in the order of the request.
+#[derive(Serialize)]
+pub(super) struct SubmitBatchAnswer {
+    tasks: Vec<SubmitItemAnswer>,
+}
+
+/// One task's entry: what `POST /task` of that task alone would have answered.
+#[derive(Serialize)]
+struct SubmitItemAnswer {
+    /// That answer's HTTP status: `202` new, `200` idempotent repeat, else the refusal's.
+    status: u16,
+    /// With `202` and `200`: the task (`task_id` of the `POST /task` body).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task_id: Option<TaskId>,
+    /// With `202` and `200`: its status now (`status` of the `POST /task` body, renamed
+    /// because `status` is taken by the HTTP status here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task_status: Option<TaskStatus>,
+    /// With any other status: why, as the error body of `POST /task` would say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorDetail>,
+    /// With `429` and `503`: the `Retry-After` of that answer, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
+}
+
+/// `POST /tasks`: 1 to [`MAX_SUBMIT_BATCH`] tasks in one request, each submitted in order
+/// as `POST /task` of it alone would be. `200` with one entry per task; one task's refusal
+/// does not hold back the others. The whole request is refused, submitting nothing, for
+/// `401`, `400` (malformed JSON, or an `Idempotency-Key` header: in a batch each task
+/// gives its own `idempotency_key`), `413` (body over [`SUBMIT_BATCH_BODY_FACTOR`] ×
+/// `BODY_LIMIT_BYTES`), `422` (not `{"tasks": [...]}` with 1 to 100 tasks), and for a store
+/// failure when no task was accepted (`503`/`507`; see [`Tasks::submit_many`]).
+pub(super) async fn submit_batch(
+    State(tasks): State<Arc<Tasks>>,
+    // Before the body: a caller without credentials never gets the body read.
+    Client(client): Client,
+    headers: HeaderMap,
+    request_id: Option<axum::Extension<RequestId>>,
+    JsonBody(SubmitBatch {
+        tasks: BatchTasks(raw),
+    }): JsonBody<SubmitBatch>,
+) -> Result<Json<SubmitBatchAnswer>, ApiError> {
+    if headers.contains_key("idempotency-key") {
+        return Err(ApiError::bad_request(
+            "the `Idempotency-Key` header is not taken by `POST /tasks`: give each task its own \
+             `idempotency_key` field",
+        ));
+    }
+    if raw.is_empty() {
+        return Err(ApiError::invalid("`tasks`: the batch holds no task"));
+    }
+    let limit = tasks.body_limit();
+    // Each element read as `POST /task` reads its body, so its refusal is the same one.
+    let items = raw
+        .iter()
+        .map(|raw| {
+            if raw.get().len() > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    // Word for word what `POST /task` says of it.
+                    "request body is larger than the limit",
+                ));
+            }
+            Json::<SubmitTask>::from_bytes(raw.get().as_bytes())
+                .map(|Json(task)| task)
+                .map_err(common::http::json_rejection)
+        })
+        .collect();
+    let request_id = request_id.map(|r| r.0.0).unwrap_or_default();
+    let answers = tasks.submit_many(&client, items, &request_id).await?;
+    let entries = answers
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(done) => SubmitItemAnswer {
+                status: if done.created { 202 } else { 200 },
+                task_id: Some(done.task_id),
+                task_status: Some(done.task_status),
+                error: None,
+                retry_after: None,
+            },
+            Err(e) => SubmitItemAnswer {
+                status: e.status.as_u16(),
+                task_id: None,
+                task_status: None,
+                error: Some(ErrorDetail {
+                    code: e.code.to_string(),
+                    message: e.message,
+                }),
+                retry_after: e.retry_after,
+            },
+        })
+        .collect();
+    Ok(Json(SubmitBatchAnswer { tasks: entries }))
 }
 
 /// `GET /task/{id}`: by the task's client, or by an operator (any task).

@@ -1,7 +1,7 @@
 //! HTTP handlers: parse, call one function, map the result. Client routes (`/task`,
-//! `/task/{id}/signal`, `/result`), the worker route (`POST /result`), operator routes
-//! (`/dispatch`, `/workers`, `/queues`, `/tasks`, `/deadletters`), the dashboard (`/ui`) and
-//! `/openapi.json`.
+//! `POST /tasks`, `/task/{id}/signal`, `/result`), the worker route (`POST /result`),
+//! operator routes (`/dispatch`, `/workers`, `/queues`, `GET /tasks`, `/deadletters`), the
+//! dashboard (`/ui`) and `/openapi.json`.
 
 mod client;
 mod events;
@@ -12,7 +12,8 @@ mod worker;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::FromRef;
+use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::handler::Handler;
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use common::http::ApiError;
@@ -41,6 +42,14 @@ pub(crate) use events::EventStreams;
 
 /// The master's API routes.
 pub(crate) fn router(state: AppState) -> Router {
+    // A batch submit carries up to 100 bodies of `POST /task`: it gets a larger limit than
+    // the service's (this inner layer wins over the one `finish_router` puts outside).
+    let batch_limit = DefaultBodyLimit::max(
+        state
+            .tasks
+            .body_limit()
+            .saturating_mul(client::SUBMIT_BATCH_BODY_FACTOR),
+    );
     Router::new()
         .route("/task", post(client::submit))
         .route("/task/{id}", get(client::status).delete(client::cancel))
@@ -61,7 +70,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/ui/login", post(ui::login))
         .route("/ui/session", get(ui::current))
         .route("/ui/logout", post(ui::logout))
-        .route("/tasks", get(operator::search))
+        .route(
+            "/tasks",
+            get(operator::search).post(client::submit_batch.layer(batch_limit)),
+        )
         .route("/deadletters", get(operator::dead_letters))
         .route("/deadletters/{capability}", delete(operator::purge))
         .route("/openapi.json", get(openapi))

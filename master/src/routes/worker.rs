@@ -53,7 +53,11 @@ impl<'de> serde::Deserialize<'de> for Reports {
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Reports, A::Error> {
-                Ok(Reports(batch_elements(seq, "reports")?))
+                Ok(Reports(batch_elements(
+                    seq,
+                    "reports",
+                    common::wire::MAX_BATCH,
+                )?))
             }
         }
         deserializer.deserialize_seq(Batch)

@@ -538,6 +538,25 @@ pub trait TaskStore: Send + Sync + 'static {
         retention: Duration,
     ) -> Result<SubmitOutcome, StoreError>;
 
+    /// Submits several tasks, in order, each as [`TaskStore::submit`] would (its own
+    /// idempotency key, rate-limit token and script call), and answers each's outcome. The
+    /// Redis store sends the calls in one pipeline: one round trip, each call atomic on
+    /// its own. An item's error (a full Redis, say) is that item's alone; the outer error
+    /// means the store could not be reached, and none of them may have been stored, or
+    /// some: a repeat with the same idempotency keys is safe.
+    async fn submit_many(
+        &self,
+        tasks: Vec<NewTask>,
+        limit: RateLimit,
+        retention: Duration,
+    ) -> Result<Vec<Result<SubmitOutcome, StoreError>>, StoreError> {
+        let mut outcomes = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            outcomes.push(self.submit(task, limit, retention).await);
+        }
+        Ok(outcomes)
+    }
+
     /// A task, if it exists.
     async fn get(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
 

@@ -242,6 +242,20 @@ impl Call<'_> {
         self
     }
 
+    /// The `FCALL` of this call at time `now`.
+    fn fcall(&self, now: u64) -> redis::Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.lua.function).arg(self.keys.len());
+        for key in &self.keys {
+            cmd.arg(key);
+        }
+        for arg in &self.args {
+            cmd.arg(arg);
+        }
+        cmd.arg(now);
+        cmd
+    }
+
     async fn invoke_async<T: redis::FromRedisValue>(
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
@@ -252,37 +266,81 @@ impl Call<'_> {
         if self.no_functions.load(Ordering::Relaxed) {
             return self.eval(conn, now).await;
         }
-        let fcall = || {
-            let mut cmd = redis::cmd("FCALL");
-            cmd.arg(&self.lua.function).arg(self.keys.len());
-            for key in &self.keys {
-                cmd.arg(key);
-            }
-            for arg in &self.args {
-                cmd.arg(arg);
-            }
-            cmd.arg(now);
-            cmd
-        };
-        match fcall().query_async(conn).await {
-            Err(e) if e.to_string().contains("Function not found") => {
+        match self.fcall(now).query_async(conn).await {
+            Err(e) if function_missing(&e) => {
                 load_library(conn).await?;
-                fcall().query_async(conn).await
+                self.fcall(now).query_async(conn).await
             }
-            Err(e)
-                if e.to_string()
-                    .to_ascii_lowercase()
-                    .contains("unknown command") =>
-            {
-                tracing::warn!(
-                    "this Redis has no Functions (it is older than 7.0): the store's scripts \
-                     run with EVALSHA, which costs more Redis time per transition"
-                );
-                self.no_functions.store(true, Ordering::Relaxed);
+            Err(e) if no_functions(&e) => {
+                self.note_no_functions();
                 self.eval(conn, now).await
             }
             other => other,
         }
+    }
+
+    /// Remembers that this Redis has no Functions, saying so once.
+    fn note_no_functions(&self) {
+        if !self
+            .no_functions
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "this Redis has no Functions (it is older than 7.0): the store's scripts \
+                 run with EVALSHA, which costs more Redis time per transition"
+            );
+        }
+    }
+
+    /// Runs `calls` in order in one pipeline (one round trip; each call atomic on its own),
+    /// and answers each call's reply or error. The outer error is the connection's. Calls
+    /// that found no library (a flushed or failed-over Redis) run again, in order, once it
+    /// is loaded; on a Redis without Functions they run one by one with `EVALSHA`.
+    async fn invoke_pipelined(
+        calls: &[&Call<'_>],
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
+        use std::sync::atomic::Ordering;
+        let Some(first) = calls.first() else {
+            return Ok(Vec::new());
+        };
+        let now = common::wire::now_ms();
+        let mut replies: Vec<redis::RedisResult<Value>> =
+            if first.no_functions.load(Ordering::Relaxed) {
+                calls.iter().map(|_| Err(unknown_command())).collect()
+            } else {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for call in calls {
+                    pipe.add_command(call.fcall(now));
+                }
+                pipe.query_async(conn).await?
+            };
+        if replies
+            .iter()
+            .any(|r| r.as_ref().is_err_and(function_missing))
+        {
+            load_library(conn).await?;
+            let again: Vec<usize> = (0..calls.len())
+                .filter(|&i| replies[i].as_ref().is_err_and(function_missing))
+                .collect();
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in &again {
+                pipe.add_command(calls[i].fcall(now));
+            }
+            let retried: Vec<redis::RedisResult<Value>> = pipe.query_async(conn).await?;
+            for (i, reply) in again.into_iter().zip(retried) {
+                replies[i] = reply;
+            }
+        }
+        for (call, reply) in calls.iter().zip(replies.iter_mut()) {
+            if reply.as_ref().is_err_and(no_functions) {
+                call.note_no_functions();
+                *reply = call.eval(conn, now).await;
+            }
+        }
+        Ok(replies)
     }
 
     /// The script run on its own, for a Redis without Functions.
@@ -301,6 +359,27 @@ impl Call<'_> {
         invocation.arg(now);
         invocation.invoke_async(conn).await
     }
+}
+
+/// Whether `FCALL` found no library function (the library is not loaded).
+fn function_missing(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+/// Whether `FCALL` is unknown: a Redis older than 7.0, without Functions.
+fn no_functions(e: &redis::RedisError) -> bool {
+    e.to_string()
+        .to_ascii_lowercase()
+        .contains("unknown command")
+}
+
+/// The error [`no_functions`] recognises, for calls known to need `EVALSHA`.
+fn unknown_command() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "unknown command",
+        "FCALL: this Redis has no Functions".to_string(),
+    ))
 }
 
 /// Loads the library (a replica or another master may have loaded it meanwhile: fine).
@@ -543,20 +622,21 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-#[async_trait]
-impl TaskStore for RedisStore {
-    async fn submit(
+impl RedisStore {
+    /// The submit script's call for `task` (keys and arguments; the time is added when it
+    /// runs).
+    fn submit_call(
         &self,
-        task: NewTask,
+        task: &NewTask,
         limit: RateLimit,
         retention: Duration,
-    ) -> Result<SubmitOutcome, StoreError> {
+    ) -> Result<Call<'_>, StoreError> {
         let p = self.prefix();
         let id = task.id.as_str();
         if task.steps.is_empty() {
             return Err(corrupt("a task needs at least one step"));
         }
-        let graph = submit_fields(&task);
+        let graph = submit_fields(task);
         let idem = task.idempotency_key.as_deref();
         let mut invocation = SUBMIT.call(self);
         invocation
@@ -593,9 +673,52 @@ impl TaskStore for RedisStore {
         for (field, value) in &graph.fields {
             invocation.arg(field).arg(value);
         }
+        Ok(invocation)
+    }
+}
+
+#[async_trait]
+impl TaskStore for RedisStore {
+    async fn submit(
+        &self,
+        task: NewTask,
+        limit: RateLimit,
+        retention: Duration,
+    ) -> Result<SubmitOutcome, StoreError> {
+        let invocation = self.submit_call(&task, limit, retention)?;
         let mut conn = self.pool.get().await?;
         let value: Value = invocation.invoke_async(&mut conn).await?;
         Reply::parse(SUBMIT.file, value)?.submit()
+    }
+
+    async fn submit_many(
+        &self,
+        tasks: Vec<NewTask>,
+        limit: RateLimit,
+        retention: Duration,
+    ) -> Result<Vec<Result<SubmitOutcome, StoreError>>, StoreError> {
+        let calls: Vec<Result<Call<'_>, StoreError>> = tasks
+            .iter()
+            .map(|task| self.submit_call(task, limit, retention))
+            .collect();
+        let ready: Vec<&Call<'_>> = calls.iter().filter_map(|c| c.as_ref().ok()).collect();
+        let mut replies = if ready.is_empty() {
+            Vec::new()
+        } else {
+            let mut conn = self.pool.get().await?;
+            Call::invoke_pipelined(&ready, &mut conn).await?
+        }
+        .into_iter();
+        Ok(calls
+            .into_iter()
+            .map(|call| {
+                call?;
+                let reply = replies
+                    .next()
+                    .ok_or_else(|| corrupt("the pipeline answered fewer calls than it had"))?;
+                Reply::parse(SUBMIT.file, reply?)?.submit()
+            })
+            .collect())
     }
 
     fn keeps_ledger(&self) -> bool {

@@ -161,7 +161,92 @@ both_stores!(
     a_redriven_task_leaves_the_outbox,
     every_claim_of_a_traced_task_carries_its_traceparent,
     a_batch_of_reports_is_recorded_as_each_report_alone_would_be,
+    a_batch_of_submits_is_stored_as_each_submit_alone_would_be,
 );
+
+/// `submit_many` (one pipeline in Redis) answers and stores each task as `submit` would,
+/// in order: new tasks are created and queued by priority, a key used earlier in the batch
+/// names the first task, the rate limit counts each task, another client has its own.
+async fn a_batch_of_submits_is_stored_as_each_submit_alone_would_be(store: Arc<dyn TaskStore>) {
+    let s = store.as_ref();
+    let limit = RateLimit {
+        per_sec: 0.01,
+        burst: 4,
+    };
+    let keyed = |key: &str| {
+        let mut t = task(&["plan"], 0, 1);
+        t.idempotency_key = Some(key.into());
+        t
+    };
+    let mut bob = task(&["plan"], 0, 1);
+    bob.client = "bob".into();
+    let batch = vec![
+        task(&["plan"], 0, 1),
+        keyed("k-1"),
+        keyed("k-1"),
+        task(&["plan", "retrieve"], 5, 1),
+        task(&["plan"], 0, 1),
+        task(&["plan"], 0, 1),
+        bob,
+    ];
+    let ids: Vec<TaskId> = batch.iter().map(|t| t.id.clone()).collect();
+    let outcomes: Vec<SubmitOutcome> = s
+        .submit_many(batch, limit, RETENTION)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(outcomes[0], SubmitOutcome::Created);
+    assert_eq!(outcomes[1], SubmitOutcome::Created);
+    assert_eq!(outcomes[2], SubmitOutcome::Existing(ids[1].clone()));
+    assert_eq!(outcomes[3], SubmitOutcome::Created);
+    // The fourth token of alice's burst went to the last task created: the one after is
+    // over it (a repeat of a key takes no token, as in `submit`).
+    assert_eq!(outcomes[4], SubmitOutcome::Created);
+    assert!(
+        matches!(outcomes[5], SubmitOutcome::RateLimited(_)),
+        "{:?}",
+        outcomes[5]
+    );
+    assert_eq!(outcomes[6], SubmitOutcome::Created, "limits are per client");
+    for i in [0, 1, 3, 4, 6] {
+        let record = s
+            .get(&ids[i])
+            .await
+            .unwrap()
+            .expect("a created task is stored");
+        assert_eq!(record.view.status, TaskStatus::Queued);
+    }
+    for i in [2, 5] {
+        assert!(
+            s.get(&ids[i]).await.unwrap().is_none(),
+            "task {i} was stored"
+        );
+    }
+    // Queued as five single submits would queue them: the higher priority first.
+    let claimed = s
+        .claim(&cap("plan"), &vec![worker("w"); 8], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut order: Vec<&TaskId> = claimed.iter().map(|c| &c.work.task_id).collect();
+    assert_eq!(
+        order.len(),
+        5,
+        "each created task queued its first step once"
+    );
+    assert_eq!(order.remove(0), &ids[3]);
+    order.sort();
+    let mut rest = vec![&ids[0], &ids[1], &ids[4], &ids[6]];
+    rest.sort();
+    assert_eq!(order, rest);
+    assert!(
+        s.submit_many(Vec::new(), limit, RETENTION)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
 
 /// `report_many` (one script call in Redis) answers and records each report as `report`
 /// would, in order: a chain goes on, a repeat is a replay, a stale attempt is discarded,

@@ -6,6 +6,7 @@
 mod helpers;
 
 mod batches;
+mod bulk;
 mod callbacks;
 mod conformance;
 mod dashboard;

@@ -286,6 +286,7 @@ async fn openapi_describes_every_route() {
         ("/ui/session", "get"),
         ("/ui/logout", "post"),
         ("/tasks", "get"),
+        ("/tasks", "post"),
         ("/deadletters", "get"),
         ("/deadletters/{capability}", "delete"),
         ("/health", "get"),

@@ -62,7 +62,11 @@ impl<'de> serde::Deserialize<'de> for WorkBody {
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<WorkBody, A::Error> {
-                Ok(WorkBody::Many(batch_elements(seq, "steps")?))
+                Ok(WorkBody::Many(batch_elements(
+                    seq,
+                    "steps",
+                    common::wire::MAX_BATCH,
+                )?))
             }
         }
         deserializer.deserialize_any(Body)
