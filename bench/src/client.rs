@@ -87,6 +87,40 @@ impl MasterClient {
         Ok(response.json::<Submitted>().await?.task_id)
     }
 
+    /// `POST /tasks` of the bodies of tasks `from .. from + count`; fails unless every one
+    /// was accepted (`202`).
+    pub async fn submit_batch(&self, from: usize, count: usize) -> anyhow::Result<()> {
+        let mut body = Vec::with_capacity(count * 140 + 16);
+        body.extend_from_slice(b"{\"tasks\":[");
+        for n in from..from + count {
+            if n > from {
+                body.push(b',');
+            }
+            body.extend_from_slice(&self.body(n));
+        }
+        body.extend_from_slice(b"]}");
+        let response = self
+            .http
+            .post(format!("{}/tasks", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .context("POST /tasks failed")?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            bail!("POST /tasks answered {status}: {text}");
+        }
+        let answer: serde_json::Value = response.json().await?;
+        let entries = answer["tasks"].as_array().map_or(&[][..], Vec::as_slice);
+        let accepted = entries.iter().filter(|e| e["status"] == 202).count();
+        if accepted != count {
+            bail!("POST /tasks accepted {accepted} of {count} tasks: {answer}");
+        }
+        Ok(())
+    }
+
     /// `GET /result/{id}?wait=…` until the task has finished.
     pub async fn wait(&self, id: &str) -> anyhow::Result<Outcome> {
         let url = format!("{}/result/{id}?wait={WAIT_SECS}", self.base);

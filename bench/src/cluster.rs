@@ -140,11 +140,14 @@ pub fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// A connection to the Redis at `url`, for the bench's own reads.
+/// A connection to the Redis at `url`, for the bench's own reads. Some take seconds (S1's
+/// `MEMORY USAGE … SAMPLES 0` of a sorted set of millions): no 500 ms response timeout.
 pub async fn connect(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(url).context("bad Redis URL")?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(120)));
     client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .context("cannot connect to Redis")
 }

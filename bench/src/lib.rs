@@ -6,6 +6,7 @@
 //! workers cost Redis and the memory per queued task.
 
 pub mod args;
+pub mod bulk;
 pub mod client;
 pub mod cluster;
 pub mod fanout;
@@ -72,6 +73,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     if args.selected(Bench::S1) {
         s1(args, &launch, &mut report).await?;
         loads.push(format!("after S1: {}", load_average()));
+    }
+    if args.selected(Bench::B1) {
+        b1(args, &launch, &mut report).await?;
+        loads.push(format!("after B1: {}", load_average()));
     }
     report.note("Load average (1, 5, 15 min):", loads);
     Ok(report)
@@ -581,6 +586,43 @@ async fn s1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result
                 .map(|(key, bytes)| format!("{key}: {bytes:.0} bytes per task")),
         );
         report.note("S1 memory by key (MEMORY USAGE, last run):", lines);
+    }
+    Ok(())
+}
+
+/// B1: `--tasks` tasks queued one per `POST /task`, then 100 per `POST /tasks`, each way on
+/// a master of its own with no worker; alternating, `--runs` times.
+async fn b1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result<()> {
+    if args.master_url.is_some() {
+        report.note(
+            "B1 skipped:",
+            vec!["it starts a master per run, so it cannot use --master-url".into()],
+        );
+        return Ok(());
+    }
+    let (mut single, mut batched) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs() {
+        single.push(bulk::submit_run(launch, args.tasks(), args.clients, 1).await?);
+        batched.push(bulk::submit_run(launch, args.tasks(), args.clients, bulk::BATCH).await?);
+    }
+    for (how, runs) in [
+        ("one per POST /task", &single),
+        ("100 per POST /tasks", &batched),
+    ] {
+        report.add(
+            format!("B1 submit rate, {how}"),
+            "tasks/s",
+            runs.iter().map(|r| r.rate).collect(),
+            None,
+        );
+        let master: Vec<f64> = runs.iter().filter_map(|r| r.master_us).collect();
+        if !master.is_empty() {
+            report.add(format!("B1 master CPU per task, {how}"), "µs", master, None);
+        }
+        let redis: Vec<f64> = runs.iter().filter_map(|r| r.redis_us).collect();
+        if !redis.is_empty() {
+            report.add(format!("B1 Redis CPU per task, {how}"), "µs", redis, None);
+        }
     }
     Ok(())
 }

@@ -97,3 +97,48 @@ async fn quick_soak_samples_the_rss_and_reports_its_growth() {
         .unwrap_or_else(|| panic!("no soak series in\n{text}"));
     assert!(series.1[0].split(", ").count() >= 3, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_b1_and_s1_queue_every_task_and_say_where_the_memory_goes() {
+    let args = tiny_args(&[
+        "--only",
+        "b1,s1",
+        "--tasks",
+        "250",
+        "--clients",
+        "4",
+        "--sim-workers",
+        "20",
+        "--scale-secs",
+        "1",
+        "--scale-queued",
+        "300",
+    ]);
+    let report = bench::run(&args).await.expect("the bench runs");
+    let text = report.render();
+    for row in [
+        "B1 submit rate, one per POST /task",
+        "B1 submit rate, 100 per POST /tasks",
+        "S1 heartbeats per second",
+    ] {
+        let f = report
+            .figure(row)
+            .unwrap_or_else(|| panic!("no `{row}` row in\n{text}"));
+        assert!(f.median() > 0.0, "{row}: {text}");
+    }
+    let memory = report
+        .figures
+        .iter()
+        .find(|f| {
+            f.name
+                .starts_with("S1 Redis memory per queued one-step task")
+        })
+        .unwrap_or_else(|| panic!("no S1 memory row in\n{text}"));
+    assert!(memory.median() > 0.0, "{text}");
+    // The test kit's redis-server keeps a queued task's hash compact.
+    assert!(text.contains("task hash encoding: listpack"), "{text}");
+    assert!(
+        text.contains("q:echo"),
+        "the breakdown names the queue: {text}"
+    );
+}
