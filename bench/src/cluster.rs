@@ -157,6 +157,9 @@ pub async fn connect(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnect
 pub struct RedisStats {
     /// `INFO commandstats`: command → calls.
     pub calls: BTreeMap<String, u64>,
+    /// `INFO commandstats`: command → µs spent running it (a script's own time includes the
+    /// commands it calls, which are also counted under their names).
+    pub usec: BTreeMap<String, u64>,
     /// `INFO cpu`: `used_cpu_user + used_cpu_sys`, in seconds.
     pub cpu_secs: f64,
 }
@@ -175,18 +178,20 @@ impl RedisStats {
 
     /// Parses `INFO commandstats` and `INFO cpu` text.
     pub fn parse(commands: &str, cpu: &str) -> Self {
-        let calls = commands
-            .lines()
-            .filter_map(|l| {
-                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix("calls="))?
-                    .parse()
-                    .ok()?;
-                Some((name.to_string(), calls))
-            })
-            .collect();
+        let stat = |key: &str| -> BTreeMap<String, u64> {
+            commands
+                .lines()
+                .filter_map(|l| {
+                    let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                    let value = rest
+                        .split(',')
+                        .find_map(|kv| kv.strip_prefix(key))?
+                        .parse()
+                        .ok()?;
+                    Some((name.to_string(), value))
+                })
+                .collect()
+        };
         let field = |name: &str| {
             cpu.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
@@ -194,9 +199,26 @@ impl RedisStats {
                 .unwrap_or(0.0)
         };
         Self {
-            calls,
+            calls: stat("calls="),
+            usec: stat("usec="),
             cpu_secs: field("used_cpu_user") + field("used_cpu_sys"),
         }
+    }
+
+    /// µs per command between `before` and `self`, most first, without the bench's `INFO`.
+    pub fn usec_since(&self, before: &Self) -> Vec<(String, u64)> {
+        let mut rows: Vec<(String, u64)> = self
+            .usec
+            .iter()
+            .filter(|(name, _)| name.as_str() != "info")
+            .map(|(name, n)| {
+                let was = before.usec.get(name).copied().unwrap_or(0);
+                (name.clone(), n.saturating_sub(was))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        rows.sort_by_key(|row| std::cmp::Reverse(row.1));
+        rows
     }
 
     /// Calls per command between `before` and `self`, without the `INFO` calls the bench

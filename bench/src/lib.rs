@@ -586,6 +586,17 @@ async fn s1(args: &Args, launch: &Launch, report: &mut Report) -> anyhow::Result
                 .map(|(key, bytes)| format!("{key}: {bytes:.0} bytes per task")),
         );
         report.note("S1 memory by key (MEMORY USAGE, last run):", lines);
+        report.note(
+            "S1 Redis time by command while the workers beat (INFO commandstats, last run; a \
+             script's time includes the commands it calls, listed too):",
+            last.commands
+                .iter()
+                .take(12)
+                .map(|(name, per_sec, pct)| {
+                    format!("{name}: {per_sec:.0}/s, {pct:.2} % of the wall time")
+                })
+                .collect(),
+        );
     }
     Ok(())
 }

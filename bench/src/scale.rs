@@ -49,6 +49,9 @@ pub struct ScaleRun {
     pub breakdown: Vec<(String, f64)>,
     /// `OBJECT ENCODING` of a queued task's hash (`listpack` is the compact one).
     pub task_encoding: String,
+    /// While only the workers and the registry reads ran: per command, calls per second and
+    /// the % of the wall time Redis spent in it (`INFO commandstats`), most first.
+    pub commands: Vec<(String, f64, f64)>,
 }
 
 /// Runs S1 once on a cluster of its own.
@@ -111,6 +114,15 @@ async fn measure(
     let wall = started.elapsed().as_secs_f64();
     let beats = beats.load(Ordering::Relaxed) - beats_before;
     let redis_core_pct = 100.0 * (after.cpu_secs - before.cpu_secs) / wall;
+    let calls = after.since(&before);
+    let commands = after
+        .usec_since(&before)
+        .into_iter()
+        .map(|(name, usec)| {
+            let per_sec = calls.get(&name).copied().unwrap_or(0) as f64 / wall;
+            (name, per_sec, usec as f64 / 1e4 / wall)
+        })
+        .collect();
 
     let memory_before = used_memory(&url).await?;
     let client = MasterClient::new(&cluster.master_url, &cluster.pipeline, clients);
@@ -133,6 +145,7 @@ async fn measure(
         bytes_per_task: (memory_after.saturating_sub(memory_before)) as f64 / queued.max(1) as f64,
         breakdown,
         task_encoding,
+        commands,
     })
 }
 
