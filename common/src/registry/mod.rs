@@ -44,8 +44,6 @@ static LIVE: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("lua/live.lua")));
 static DEREGISTER: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("lua/deregister.lua")));
-static SCORES: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("lua/scores.lua")));
 
 /// [`Registry::changed`] reads every record again once in this many calls (every 10 s at the
 /// dispatcher's 250 ms), and drops the expired from the live set on the way. In between it
@@ -191,10 +189,7 @@ impl Registry {
         let mut conn = self.pool.get().await?;
         // The scores first: a beat between the two calls makes the record newer than its
         // score, and the next call reads it again (never the other way round).
-        let scores: Vec<String> = SCORES
-            .key(keys::workers(prefix))
-            .invoke_async(&mut conn)
-            .await?;
+        let scores = live_scores(prefix, &mut conn).await?;
         let raw: Vec<String> = LIVE
             .key(keys::workers(prefix))
             .arg(keys::worker_prefix(prefix))
@@ -219,10 +214,7 @@ impl Registry {
     async fn read_changes(&self, kept: &mut Kept) -> Result<(), Unavailable> {
         let prefix = self.pool.prefix();
         let mut conn = self.pool.get().await?;
-        let scores: Vec<String> = SCORES
-            .key(keys::workers(prefix))
-            .invoke_async(&mut conn)
-            .await?;
+        let scores = live_scores(prefix, &mut conn).await?;
         let live: HashMap<&str, &str> = scores
             .chunks_exact(2)
             .map(|p| (p[0].as_str(), p[1].as_str()))
@@ -281,6 +273,23 @@ impl Registry {
             }
         }
     }
+}
+
+/// The live workers' ids and record expiries, without their records, as a flat list (id,
+/// expiry, id, expiry, …): a plain `ZRANGEBYSCORE` from now by this process's clock (NTP
+/// keeps it within milliseconds of Redis's, against a TTL of seconds; the full read,
+/// live.lua, goes by Redis's clock and drops the expired from the set).
+async fn live_scores(
+    prefix: &str,
+    conn: &mut impl redis::aio::ConnectionLike,
+) -> Result<Vec<String>, Unavailable> {
+    Ok(redis::cmd("ZRANGEBYSCORE")
+        .arg(keys::workers(prefix))
+        .arg(format!("({}", crate::wire::now_ms()))
+        .arg("+inf")
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await?)
 }
 
 /// A live record as read, or why it does not parse.
