@@ -1864,6 +1864,87 @@ mod tests {
             "{outcomes:?}"
         );
         assert_eq!(outcomes[1], ReportOutcome::Discarded);
+
+        // A batch submit as the first call of a store: its pipeline of `FCALL`s fails, and
+        // each task runs with `EVALSHA`, in order.
+        let fresh = RedisStore::new(RedisPool::new(&server.settings()).unwrap());
+        let keyed = |key: &str| NewTask {
+            id: TaskId::generate(),
+            idempotency_key: Some(key.into()),
+            ..one_step_task(&cap)
+        };
+        let (first, again) = (keyed("k"), keyed("k"));
+        let first_id = first.id.clone();
+        let outcomes: Vec<SubmitOutcome> = fresh
+            .submit_many(vec![first, again], limit, retention)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            outcomes,
+            [SubmitOutcome::Created, SubmitOutcome::Existing(first_id)]
+        );
+    }
+
+    /// A one-step task for `cap`, with a fresh id and no key.
+    fn one_step_task(cap: &Capability) -> NewTask {
+        NewTask {
+            id: TaskId::generate(),
+            client: "alice".into(),
+            pipeline: None,
+            steps: vec![PlannedStep::chain_link(0, "echo", cap.clone(), 3, 1_000)],
+            input: "{\"q\":1}".into(),
+            priority: 0,
+            idempotency_key: None,
+            callback_url: None,
+            request_id: "r".into(),
+            budget: None,
+            traceparent: None,
+        }
+    }
+
+    /// A Redis that lost the library (`FUNCTION FLUSH`, or a failover to a server that never
+    /// had it) between two batch submits: the second loads it again and stores every task,
+    /// once.
+    #[tokio::test]
+    async fn a_batch_submit_loads_the_library_again_when_redis_lost_it() {
+        let server = testkit::RedisServer::start();
+        let pool = RedisPool::new(&server.settings()).unwrap();
+        let store = RedisStore::new(pool.clone());
+        let cap = Capability::new("echo").unwrap();
+        let limit = RateLimit {
+            per_sec: 0.0,
+            burst: 1,
+        };
+        let retention = Duration::from_secs(60);
+        for round in 0..2 {
+            if round == 1 {
+                let mut conn = pool.get().await.unwrap();
+                let _: () = redis::cmd("FUNCTION")
+                    .arg("FLUSH")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            let tasks: Vec<NewTask> = (0..3).map(|_| one_step_task(&cap)).collect();
+            let ids: Vec<TaskId> = tasks.iter().map(|t| t.id.clone()).collect();
+            let outcomes = store.submit_many(tasks, limit, retention).await.unwrap();
+            for (id, outcome) in ids.iter().zip(outcomes) {
+                assert_eq!(outcome.unwrap(), SubmitOutcome::Created, "round {round}");
+                assert!(store.get(id).await.unwrap().is_some(), "round {round}");
+            }
+        }
+        let claimed = store
+            .claim(
+                &cap,
+                &vec![WorkerId::new("w1").unwrap(); 10],
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 6, "each task queued once");
     }
 
     /// Commands Redis has run, those inside scripts included (what the benchmark counts),
