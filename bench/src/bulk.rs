@@ -5,11 +5,7 @@
 //! Each way runs on a cluster of its own with no worker, so both fill an empty queue to the
 //! same depth: `--tasks` one-step tasks (the Q1 body), from `--clients` connections.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
-
-use anyhow::Context;
 
 use crate::client::MasterClient;
 use crate::cluster::{CAPABILITY, Launch, QueueCluster};
@@ -50,11 +46,7 @@ async fn measure(
     let client = MasterClient::new(&cluster.master_url, &cluster.pipeline, clients);
     let (master_before, redis_before) = (cluster.master_usage(), cluster.redis_stats().await?);
     let started = Instant::now();
-    if batch <= 1 {
-        crate::queue::submit_all(&client, tasks, clients).await?;
-    } else {
-        submit_batches(&client, tasks, clients, batch).await?;
-    }
+    crate::queue::submit_in_batches(&client, tasks, clients, batch).await?;
     let secs = started.elapsed().as_secs_f64();
     let (master_after, redis_after) = (cluster.master_usage(), cluster.redis_stats().await?);
     let (queued, _) = client.queue_depth(CAPABILITY).await?;
@@ -73,31 +65,4 @@ async fn measure(
             .zip(redis_after)
             .map(|(b, a)| per_task(a.cpu_secs - b.cpu_secs)),
     })
-}
-
-/// Submits tasks `0 .. count` in batches of `batch`, from `clients` loops.
-async fn submit_batches(
-    client: &MasterClient,
-    count: usize,
-    clients: usize,
-    batch: usize,
-) -> anyhow::Result<()> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut submitters = Vec::new();
-    for _ in 0..clients.max(1) {
-        let (client, next) = (client.clone(), next.clone());
-        submitters.push(tokio::spawn(async move {
-            loop {
-                let from = next.fetch_add(batch, Ordering::Relaxed);
-                if from >= count {
-                    return Ok::<_, anyhow::Error>(());
-                }
-                client.submit_batch(from, batch.min(count - from)).await?;
-            }
-        }));
-    }
-    for s in submitters {
-        s.await.context("a submitter panicked")??;
-    }
-    Ok(())
 }

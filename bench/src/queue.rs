@@ -282,19 +282,34 @@ pub async fn deep_queue(
 }
 
 /// Submits `count` tasks (the Q1 body) over `clients` connections, as fast as the master
-/// takes them.
+/// takes them: one per `POST /task`.
 pub async fn submit_all(client: &MasterClient, count: usize, clients: usize) -> anyhow::Result<()> {
+    submit_in_batches(client, count, clients, 1).await
+}
+
+/// [`submit_all`], `batch` tasks per request: with more than one, `POST /tasks`.
+pub async fn submit_in_batches(
+    client: &MasterClient,
+    count: usize,
+    clients: usize,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let batch = batch.max(1);
     let next = Arc::new(AtomicUsize::new(0));
     let mut submitters = Vec::new();
     for _ in 0..clients.max(1) {
         let (client, next) = (client.clone(), next.clone());
         submitters.push(tokio::spawn(async move {
             loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= count {
+                let from = next.fetch_add(batch, Ordering::Relaxed);
+                if from >= count {
                     return Ok::<_, anyhow::Error>(());
                 }
-                client.submit(client.body(n)).await?;
+                if batch == 1 {
+                    client.submit(client.body(from)).await?;
+                } else {
+                    client.submit_batch(from, batch.min(count - from)).await?;
+                }
             }
         }));
     }

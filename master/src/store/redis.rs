@@ -1794,25 +1794,9 @@ mod tests {
         let store = RedisStore::new(RedisPool::new(&server.settings()).unwrap());
         let cap = Capability::new("echo").unwrap();
         let worker = WorkerId::new("w1").unwrap();
-        let id = TaskId::generate();
-        let task = NewTask {
-            id: id.clone(),
-            client: "alice".into(),
-            pipeline: None,
-            steps: vec![PlannedStep::chain_link(0, "echo", cap.clone(), 3, 1_000)],
-            input: "{\"q\":1}".into(),
-            priority: 0,
-            idempotency_key: None,
-            callback_url: None,
-            request_id: "r".into(),
-            budget: None,
-            traceparent: None,
-        };
-        let limit = RateLimit {
-            per_sec: 0.0,
-            burst: 1,
-        };
-        let retention = Duration::from_secs(60);
+        let task = one_step_task(&cap);
+        let id = task.id.clone();
+        let (limit, retention) = (NO_LIMIT, Duration::from_secs(60));
         assert_eq!(
             store.submit(task, limit, retention).await.unwrap(),
             SubmitOutcome::Created
@@ -1888,6 +1872,12 @@ mod tests {
         );
     }
 
+    /// No rate limit.
+    const NO_LIMIT: RateLimit = RateLimit {
+        per_sec: 0.0,
+        burst: 1,
+    };
+
     /// A one-step task for `cap`, with a fresh id and no key.
     fn one_step_task(cap: &Capability) -> NewTask {
         NewTask {
@@ -1914,11 +1904,7 @@ mod tests {
         let pool = RedisPool::new(&server.settings()).unwrap();
         let store = RedisStore::new(pool.clone());
         let cap = Capability::new("echo").unwrap();
-        let limit = RateLimit {
-            per_sec: 0.0,
-            burst: 1,
-        };
-        let retention = Duration::from_secs(60);
+        let (limit, retention) = (NO_LIMIT, Duration::from_secs(60));
         for round in 0..2 {
             if round == 1 {
                 let mut conn = pool.get().await.unwrap();

@@ -386,34 +386,3 @@ async fn an_unreachable_store_answers_the_whole_batch_503() {
     assert_eq!(error["error"]["code"], "unavailable", "{error}");
     master.stop().await;
 }
-
-#[tokio::test]
-async fn openapi_describes_the_batch_submit() {
-    let redis = RedisServer::start();
-    let master = TestMaster::start(test_config(&redis.settings())).await;
-    let spec: Value = master
-        .http
-        .get(format!("{}/openapi.json", master.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let post = &spec["paths"]["/tasks"]["post"];
-    assert!(post.is_object(), "POST /tasks missing from openapi.json");
-    for status in ["200", "400", "401", "413", "422", "503"] {
-        assert!(post["responses"][status].is_object(), "{status}");
-    }
-    for name in ["SubmitBatch", "SubmitBatchAnswer", "SubmitItemAnswer"] {
-        assert!(
-            spec["components"]["schemas"][name].is_object(),
-            "the schema {name} is missing from openapi.json"
-        );
-    }
-    assert!(
-        spec["paths"]["/tasks"]["get"].is_object(),
-        "the search is still there"
-    );
-    master.stop().await;
-}

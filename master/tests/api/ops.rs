@@ -315,12 +315,23 @@ async fn openapi_describes_every_route() {
             "the /work webhook does not describe {status}"
         );
     }
+    // The batch submit: its body, its per-task answers, and every whole-request refusal.
+    let batch = &spec["paths"]["/tasks"]["post"];
+    for status in ["200", "400", "401", "413", "422", "503", "507"] {
+        assert!(
+            batch["responses"][status].is_object(),
+            "POST /tasks does not describe {status}"
+        );
+    }
     for name in [
         "WorkRequest",
         "WorkAccepted",
         "ResultReport",
         "WorkerRecord",
         "ErrorBody",
+        "SubmitBatch",
+        "SubmitBatchAnswer",
+        "SubmitItemAnswer",
     ] {
         assert!(
             spec["components"]["schemas"][name].is_object(),
