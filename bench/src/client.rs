@@ -69,21 +69,31 @@ impl MasterClient {
         Bytes::from(serde_json::json!({ "pipeline": self.pipeline, "input": input }).to_string())
     }
 
-    /// `POST /task`; the new task's id.
-    pub async fn submit(&self, body: Bytes) -> anyhow::Result<String> {
+    /// `POST {path}` of a JSON `body`; fails unless it answers `2xx`.
+    async fn post_json(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> anyhow::Result<reqwest::Response> {
         let response = self
             .http
-            .post(format!("{}/task", self.base))
+            .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
             .body(body)
             .send()
             .await
-            .context("POST /task failed")?;
+            .with_context(|| format!("POST {path} failed"))?;
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
-            bail!("POST /task answered {status}: {text}");
+            bail!("POST {path} answered {status}: {text}");
         }
+        Ok(response)
+    }
+
+    /// `POST /task`; the new task's id.
+    pub async fn submit(&self, body: Bytes) -> anyhow::Result<String> {
+        let response = self.post_json("/task", body).await?;
         Ok(response.json::<Submitted>().await?.task_id)
     }
 
@@ -99,20 +109,7 @@ impl MasterClient {
             body.extend_from_slice(&self.body(n));
         }
         body.extend_from_slice(b"]}");
-        let response = self
-            .http
-            .post(format!("{}/tasks", self.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .context("POST /tasks failed")?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            bail!("POST /tasks answered {status}: {text}");
-        }
-        let answer: serde_json::Value = response.json().await?;
+        let answer: serde_json::Value = self.post_json("/tasks", body).await?.json().await?;
         let entries = answer["tasks"].as_array().map_or(&[][..], Vec::as_slice);
         let accepted = entries.iter().filter(|e| e["status"] == 202).count();
         if accepted != count {
