@@ -2,6 +2,12 @@
 
 use anyhow::Context;
 
+/// mimalloc rather than glibc's malloc, as in the llm-gateway: a task makes many small allocations (request and reply bodies, Redis replies, JSON), freed on other threads as often as not; under Q1 glibc's malloc/free were about 15 % of the master's CPU. The binary only:
+/// the library (tests, the bench's in-process mode, the launcher) keeps its host's
+/// allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     common::telemetry::init_tracing("master");

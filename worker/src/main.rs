@@ -2,6 +2,12 @@
 
 use anyhow::Context;
 
+/// mimalloc rather than glibc's malloc, as in the llm-gateway: each step's request, agent call and report allocate and free on different threads. The binary only:
+/// the library (tests, the bench's in-process mode, the launcher) keeps its host's
+/// allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     common::telemetry::init_tracing("worker");
