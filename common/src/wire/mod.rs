@@ -16,7 +16,7 @@ pub use task::{
     TaskResult, TaskStatus, TaskView, WaitDef, WaitView,
 };
 pub use work::{
-    AckStatus, MAX_BATCH, PriorOutput, ReportStatus, ResultAck, ResultBatchAnswer,
+    AckStatus, MAX_BATCH, PriorOutput, RawBatch, ReportStatus, ResultAck, ResultBatchAnswer,
     ResultItemAnswer, ResultReport, StepContext, StepError, StepRef, WorkAccepted, WorkBatchAnswer,
     WorkItemAnswer, WorkRequest, WorkerRecord, batch_elements,
 };

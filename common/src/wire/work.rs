@@ -281,6 +281,32 @@ pub fn batch_elements<'de, A: serde::de::SeqAccess<'de>>(
     Ok(elements)
 }
 
+/// A batch body that is an array and nothing else (`POST /results`, `POST /tasks`): at most
+/// `MAX` elements, each left unparsed (see [`batch_elements`]).
+#[derive(Debug)]
+pub struct RawBatch<const MAX: usize>(pub Vec<Box<serde_json::value::RawValue>>);
+
+impl<'de, const MAX: usize> Deserialize<'de> for RawBatch<MAX> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Elements<const MAX: usize>;
+        impl<'de, const MAX: usize> serde::de::Visitor<'de> for Elements<MAX> {
+            type Value = RawBatch<MAX>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "an array of at most {MAX} elements")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                Ok(RawBatch(batch_elements(seq, "elements", MAX)?))
+            }
+        }
+        deserializer.deserialize_seq(Elements::<MAX>)
+    }
+}
+
 /// One step's answer in a batched `POST /work`: what a `POST /work` of this step alone
 /// would have answered.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

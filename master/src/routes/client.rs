@@ -11,12 +11,10 @@ use axum::response::{IntoResponse, Response};
 use common::http::{ApiError, ErrorDetail, JsonBody};
 use common::telemetry::RequestId;
 use common::wire::{
-    SignalRequest, SignalResponse, SubmitResponse, SubmitTask, TaskId, TaskStatus, TaskView,
-    batch_elements,
+    RawBatch, SignalRequest, SignalResponse, SubmitResponse, SubmitTask, TaskId, TaskStatus,
+    TaskView,
 };
-use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::auth::{Caller, Client};
 use crate::limits::Concurrency;
@@ -74,28 +72,7 @@ pub(crate) const SUBMIT_BATCH_BODY_FACTOR: usize = 8;
 #[serde(deny_unknown_fields)]
 pub(super) struct SubmitBatch {
     /// Each left unparsed here, so that one malformed task is refused alone.
-    tasks: BatchTasks,
-}
-
-/// The `tasks` array, read without keeping more than [`MAX_SUBMIT_BATCH`] elements.
-struct BatchTasks(Vec<Box<RawValue>>);
-
-impl<'de> Deserialize<'de> for BatchTasks {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Batch;
-        impl<'de> Visitor<'de> for Batch {
-            type Value = BatchTasks;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an array of tasks")
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<BatchTasks, A::Error> {
-                Ok(BatchTasks(batch_elements(seq, "tasks", MAX_SUBMIT_BATCH)?))
-            }
-        }
-        deserializer.deserialize_seq(Batch)
-    }
+    tasks: RawBatch<MAX_SUBMIT_BATCH>,
 }
 
 /// The answer to `POST /tasks` (`200`): one entry per task, in the order of the request.
@@ -138,7 +115,7 @@ pub(super) async fn submit_batch(
     headers: HeaderMap,
     request_id: Option<axum::Extension<RequestId>>,
     JsonBody(SubmitBatch {
-        tasks: BatchTasks(raw),
+        tasks: RawBatch(raw),
     }): JsonBody<SubmitBatch>,
 ) -> Result<Json<SubmitBatchAnswer>, ApiError> {
     if headers.contains_key("idempotency-key") {

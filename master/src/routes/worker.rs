@@ -7,10 +7,8 @@ use axum::Json;
 use axum::extract::State;
 use common::http::{ApiError, JsonBody};
 use common::wire::{
-    AckStatus, ResultAck, ResultBatchAnswer, ResultItemAnswer, ResultReport, batch_elements,
+    AckStatus, RawBatch, ResultAck, ResultBatchAnswer, ResultItemAnswer, ResultReport,
 };
-use serde::de::{Deserializer, SeqAccess, Visitor};
-use serde_json::value::RawValue;
 
 use crate::error::ServiceError;
 
@@ -40,29 +38,7 @@ pub(super) async fn report(
 
 /// The body of `POST /results`: an array of reports, each parsed on its own so that one
 /// malformed report is refused alone; at most [`common::wire::MAX_BATCH`].
-pub(super) struct Reports(Vec<Box<RawValue>>);
-
-impl<'de> serde::Deserialize<'de> for Reports {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Batch;
-        impl<'de> Visitor<'de> for Batch {
-            type Value = Reports;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an array of reports")
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Reports, A::Error> {
-                Ok(Reports(batch_elements(
-                    seq,
-                    "reports",
-                    common::wire::MAX_BATCH,
-                )?))
-            }
-        }
-        deserializer.deserialize_seq(Batch)
-    }
-}
+type Reports = RawBatch<{ common::wire::MAX_BATCH }>;
 
 /// `POST /results`: several reports in one request, recorded with one store call. `200`
 /// with one answer per report, in order (`ResultBatchAnswer`): what `POST /result` of
@@ -71,7 +47,7 @@ impl<'de> serde::Deserialize<'de> for Reports {
 pub(super) async fn reports(
     State(tasks): State<Arc<Tasks>>,
     _: Worker,
-    JsonBody(Reports(raw)): JsonBody<Reports>,
+    JsonBody(RawBatch(raw)): JsonBody<Reports>,
 ) -> Result<Json<ResultBatchAnswer>, ApiError> {
     if raw.is_empty() {
         return Err(ApiError::invalid("the batch holds no report"));
