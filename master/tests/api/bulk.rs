@@ -115,6 +115,9 @@ async fn each_task_of_a_mixed_batch_gets_the_answer_post_task_would_give_it() {
         json!({"pipeline": "default", "colour": "blue"}),
         json!({"steps": ["plan"], "input": "x".repeat(20 * 1024)}),
         json!({"steps": ["plan"], "input": {"n": 2}}),
+        // Numeric extremes: a priority past i32, a negative budget.
+        json!({"steps": ["plan"], "priority": 99_999_999_999_999_u64}),
+        json!({"steps": ["plan"], "budget": {"max_cost_usd": -1.0}}),
     ];
     let entries = batch_entries(&master, elements.clone()).await;
     let statuses: Vec<u64> = entries
@@ -123,7 +126,9 @@ async fn each_task_of_a_mixed_batch_gets_the_answer_post_task_would_give_it() {
         .collect();
     assert_eq!(
         statuses,
-        vec![202, 422, 422, 422, 400, 202, 200, 422, 422, 422, 413, 202],
+        vec![
+            202, 422, 422, 422, 400, 202, 200, 422, 422, 422, 413, 202, 422, 422
+        ],
         "{entries:#?}"
     );
     // The repeat of the key names the first task, as two single submits would.
